@@ -1,0 +1,31 @@
+"""strato: self-hostable serverless compute for Python, with Modal's API.
+
+``import strato as modal`` ports a Modal app. Names are imported lazily so that a
+container's cold start pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "App": "strato.sdk.app",
+    "Function": "strato.sdk.function",
+    "FunctionCall": "strato.sdk.function",
+    "Retries": "strato.sdk.options",
+    "exceptions": "strato.exceptions",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'strato' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith(name) else getattr(mod, name)
+    globals()[name] = value
+    return value

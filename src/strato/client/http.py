@@ -1,0 +1,166 @@
+"""A small keep-alive HTTP/1.1 client for the control plane's API.
+
+``http.client`` with one persistent connection per thread: a warm request costs one
+``send`` and one ``recv``. Connection failures are retried with backoff until
+``reconnect_timeout`` (a control plane that restarts is waited for); every request has a
+timeout; error bodies become the matching ``strato.exceptions`` class.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+from urllib.parse import urlencode, urlsplit
+
+import msgspec
+
+from strato import exceptions as exc
+from strato.protocol.messages import ErrorBody
+
+MSGPACK = "application/msgpack"
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+_error_decoder = msgspec.msgpack.Decoder(ErrorBody)
+
+
+def _decoder(typ: type) -> msgspec.msgpack.Decoder:
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
+    return dec
+
+
+class ApiClient:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 60.0,
+        reconnect_timeout: float = 30.0,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise exc.InvalidError(f"bad server URL {url!r}: expected http://host:port")
+        self.url = url.rstrip("/")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.token = token
+        self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
+        self._local = threading.local()
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": MSGPACK}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _conn(self, timeout: float) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.conn = conn
+        elif conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def close(self) -> None:
+        self._drop()
+
+    def request_raw(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        params: dict | None = None,
+        timeout: float | None = None,
+        content_type: str = MSGPACK,
+    ) -> bytes:
+        if params:
+            path = f"{path}?{urlencode(params)}"
+        timeout = self.timeout if timeout is None else timeout
+        headers = (
+            self._headers
+            if content_type == MSGPACK
+            else {**self._headers, "Content-Type": content_type}
+        )
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                conn = self._conn(timeout)
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                status = resp.status
+                if resp.will_close:
+                    self._drop()
+                break
+            except TimeoutError:
+                self._drop()
+                raise exc.TimeoutError(
+                    f"the control plane at {self.url} did not answer {method} {path} "
+                    f"within {timeout:g}s"
+                ) from None
+            except (OSError, http.client.HTTPException) as e:
+                self._drop()
+                if time.monotonic() + delay > deadline:
+                    raise exc.ConnectionError(
+                        f"cannot reach the strato control plane at {self.url} ({e}); "
+                        "start it with `strato server start` or set STRATO_SERVER_URL"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if status >= 400:
+            raise self._error(status, data)
+        return data
+
+    def _error(self, status: int, data: bytes) -> exc.Error:
+        try:
+            body = _error_decoder.decode(data)
+            cls = exc.ERRORS_BY_NAME.get(body.error, exc.Error)
+            return cls(body.message)
+        except (msgspec.DecodeError, TypeError):
+            return exc.Error(f"control plane answered HTTP {status}: {data[:300]!r}")
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        response: type | None = None,
+        *,
+        params: dict | None = None,
+        timeout: float | None = None,
+    ):
+        raw = self.request_raw(
+            method,
+            path,
+            None if body is None else _encoder.encode(body),
+            params=params,
+            timeout=timeout,
+        )
+        if response is None:
+            return None
+        return _decoder(response).decode(raw)
+
+    def get_blob(self, key: str) -> bytes:
+        return self.request_raw("GET", f"/blobs/{key}", timeout=max(self.timeout, 300.0))
+
+    def put_blob(self, key: str, data: bytes) -> None:
+        self.request_raw(
+            "PUT",
+            f"/blobs/{key}",
+            data,
+            timeout=max(self.timeout, 300.0),
+            content_type="application/octet-stream",
+        )

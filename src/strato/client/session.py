@@ -1,0 +1,113 @@
+"""A client session: the API connection plus what an app run needs around it (source
+upload, app creation, live logs, heartbeats)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from strato import exceptions as exc
+from strato.protocol import messages as m
+
+from .config import ensure_server
+from .http import ApiClient
+from .mounts import LocalMount
+
+HEARTBEAT_S = 5.0
+_session: ApiClient | None = None
+_lock = threading.Lock()
+
+
+def progress(text: str) -> None:
+    print(f"\u2022 {text}", file=sys.stderr, flush=True)
+
+
+def api(progress_cb: Callable[[str], None] | None = progress) -> ApiClient:
+    """The process-wide API client, starting the embedded control plane if none answers."""
+    global _session
+    with _lock:
+        if _session is None:
+            url, token = ensure_server(progress_cb)
+            _session = ApiClient(url, token)
+        return _session
+
+
+def reset() -> None:
+    """Forget the API client (tests, or after STRATO_SERVER_URL changed)."""
+    global _session
+    with _lock:
+        if _session is not None:
+            _session.close()
+        _session = None
+
+
+def upload_mount(client: ApiClient, mount: LocalMount) -> int:
+    """Upload the source files the control plane does not have yet; returns how many."""
+    shas = list(mount.files)
+    if not shas:
+        return 0
+    missing = client.call("POST", "/blobs/check", m.BlobCheck(shas), m.MissingBlobs).missing
+    for sha in missing:
+        with open(mount.files[sha], "rb") as f:
+            client.put_blob(sha, f.read())
+    return len(missing)
+
+
+class LogFollower:
+    """Prints an app's container output live, each line tagged with its container, and
+    keeps the app's heartbeat going. Stops with ``stop()``."""
+
+    def __init__(
+        self, client: ApiClient, app_id: str, *, quiet: bool = False, heartbeat: bool = True
+    ) -> None:
+        self.client = client
+        self.app_id = app_id
+        self.quiet = quiet
+        self.heartbeat = heartbeat
+        self.cursor = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="strato-logs", daemon=True)
+
+    def start(self) -> LogFollower:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        last_beat = 0.0
+        while not self._stop.is_set():
+            try:
+                if self.heartbeat and time.monotonic() - last_beat > HEARTBEAT_S:
+                    self.client.call("POST", f"/apps/{self.app_id}/heartbeat")
+                    last_beat = time.monotonic()
+                self.poll(timeout=HEARTBEAT_S / 2)
+            except exc.Error:
+                self._stop.wait(0.5)
+
+    def poll(self, timeout: float) -> int:
+        batch = self.client.call(
+            "GET",
+            f"/apps/{self.app_id}/logs",
+            None,
+            m.LogBatch,
+            params={"after": self.cursor, "timeout": timeout},
+            timeout=timeout + 30,
+        )
+        self.cursor = batch.cursor
+        if not self.quiet:
+            for line in batch.lines:
+                out = sys.stderr if line.stream != "stdout" else sys.stdout
+                print(f"[{line.container_id}] {line.text}", file=out, flush=True)
+        return len(batch.lines)
+
+    def stop(self, drain_s: float = 0.3) -> None:
+        """Stop following, after printing what arrived during the last ``drain_s``."""
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_S + 5)
+        deadline = time.monotonic() + drain_s
+        try:
+            while self.poll(timeout=max(0.0, deadline - time.monotonic())):
+                pass
+        except exc.Error:
+            pass

@@ -1,0 +1,3 @@
+from strato.container.runner import main
+
+main()

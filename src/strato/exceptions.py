@@ -1,0 +1,125 @@
+"""Errors a strato user can meet.
+
+Names follow Modal's ``modal.exception`` so that ported code catches the same classes.
+Every message says what to do next.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of every strato error."""
+
+
+class InvalidError(Error):
+    """An argument or definition is not valid; the message says which and why."""
+
+
+class NotFoundError(Error):
+    """A named object (app, function, call, blob) does not exist."""
+
+
+class AlreadyExistsError(Error):
+    """An object with that name exists already."""
+
+
+class AuthError(Error):
+    """The control plane refused the token."""
+
+
+class ConnectionError(Error):  # noqa: A001 - Modal's name
+    """The control plane cannot be reached."""
+
+
+class SerializationError(Error):
+    """A value could not be pickled to be sent."""
+
+
+class DeserializationError(Error):
+    """A value sent by the other side could not be unpickled here."""
+
+
+class ExecutionError(Error):
+    """Something went wrong running the function, outside the user's own code."""
+
+
+class ContainerDiedError(ExecutionError):
+    """The container running an input died (signal, crash, out of memory)."""
+
+
+class OutOfMemoryError(ContainerDiedError):
+    """The container exceeded its memory limit and was killed."""
+
+
+class ResourceUnavailableError(ExecutionError):
+    """No node of the cluster can ever satisfy the function's resources."""
+
+
+class ContainerStartError(ExecutionError):
+    """The worker agent could not start the container."""
+
+
+class RemoteError(Error):
+    """A remote exception whose type cannot be imported here.
+
+    ``type_name`` holds the remote type's qualified name.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_message = message
+
+
+class TimeoutError(Error):  # noqa: A001 - Modal's name
+    """A wait ran past its timeout."""
+
+
+class FunctionTimeoutError(TimeoutError):
+    """An input ran past the function's ``timeout``."""
+
+
+class OutputExpiredError(TimeoutError):
+    """The output of a call is no longer stored (past its retention)."""
+
+
+class RequestSizeError(InvalidError):
+    """A payload is larger than the configured limit."""
+
+
+class AppStoppedError(InvalidError):
+    """The function belongs to an app that has been stopped."""
+
+
+class InputCancellation(BaseException):
+    """The input was cancelled.
+
+    A ``BaseException``, as in Modal, so that a bare ``except Exception`` in user code does
+    not swallow a cancellation.
+    """
+
+
+ERRORS_BY_NAME: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        Error,
+        InvalidError,
+        NotFoundError,
+        AlreadyExistsError,
+        AuthError,
+        ConnectionError,
+        SerializationError,
+        DeserializationError,
+        ExecutionError,
+        ContainerDiedError,
+        OutOfMemoryError,
+        ResourceUnavailableError,
+        ContainerStartError,
+        TimeoutError,
+        FunctionTimeoutError,
+        OutputExpiredError,
+        RequestSizeError,
+        AppStoppedError,
+        InputCancellation,
+    )
+}

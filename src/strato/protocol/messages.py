@@ -1,0 +1,380 @@
+"""Wire types shared by every side of strato.
+
+HTTP bodies between the client and the control plane are msgpack-encoded structs from
+this module (``application/msgpack``). The channel between the control plane and worker
+agents / containers carries the tagged ``ChannelMessage`` union in length-prefixed frames
+(see ``strato.protocol.frames``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .mounts import MountManifest
+
+# --------------------------------------------------------------------------- functions
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    max_retries: int = 0
+    backoff_coefficient: float = 2.0
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds to wait before the attempt that follows ``failed_attempts`` failures."""
+        d = self.initial_delay * (self.backoff_coefficient ** max(0, failed_attempts - 1))
+        return min(d, self.max_delay)
+
+
+class Resources(msgspec.Struct, frozen=True):
+    cpu: float = 0.125
+    cpu_limit: float | None = None
+    memory_mb: int = 128
+    memory_limit_mb: int | None = None
+    gpu: list[str] = []  # ordered fallbacks, canonical "TYPE[:COUNT]" strings
+
+
+class ScalingConfig(msgspec.Struct, frozen=True):
+    min_containers: int = 0
+    max_containers: int | None = None
+    buffer_containers: int = 0
+    scaledown_window: float = 60.0
+
+
+class FunctionSpec(msgspec.Struct, frozen=True):
+    """Everything the control plane and a container need to know about one function."""
+
+    name: str  # tag inside the app (qualname)
+    module: str  # module to import in the container
+    qualname: str
+    serialized: bytes | None = None  # cloudpickled function when serialized=True
+    is_generator: bool = False
+    is_async: bool = False
+    mount_id: str | None = None
+    resources: Resources = Resources()
+    scaling: ScalingConfig = ScalingConfig()
+    timeout: float = 300.0
+    retries: RetryPolicy = RetryPolicy()
+    env: dict[str, str] = {}
+    python_version: str = ""
+
+
+# --------------------------------------------------------------------------- apps (HTTP)
+
+
+class CreateApp(msgspec.Struct):
+    name: str | None
+    functions: list[FunctionSpec]
+    deployed: bool = False
+    mount: MountManifest | None = None
+    detached: bool = False  # an ephemeral app that outlives its client (strato run --detach)
+
+
+class FunctionRef(msgspec.Struct):
+    function_id: str
+    name: str
+
+
+class AppInfo(msgspec.Struct):
+    app_id: str
+    name: str | None
+    state: str  # "ephemeral" | "deployed" | "stopped"
+    created_at: float
+    functions: list[FunctionRef] = []
+    n_containers: int = 0
+
+
+class AppList(msgspec.Struct):
+    apps: list[AppInfo]
+
+
+class MissingBlobs(msgspec.Struct):
+    missing: list[str]
+
+
+class BlobCheck(msgspec.Struct):
+    sha256s: list[str]
+
+
+# --------------------------------------------------------------------------- calls (HTTP)
+
+
+class InputItem(msgspec.Struct, array_like=True):
+    idx: int
+    args: bytes | None = None  # pickled (args, kwargs)
+    blob: str | None = None  # sha256 of a blob holding the pickled args
+
+
+class CreateCall(msgspec.Struct):
+    call_id: str  # chosen by the client, so that a retried request is idempotent
+    function_id: str
+    inputs: list[InputItem]
+    kind: str = "remote"  # remote | map | spawn | gen
+    closed: bool = True  # no more inputs will follow
+    wait: float = 0.0  # seconds to wait for the outputs before answering
+    method: str | None = None
+
+
+class AddInputs(msgspec.Struct):
+    inputs: list[InputItem]
+    closed: bool = False
+    total: int | None = None
+
+
+class OutputItem(msgspec.Struct, array_like=True):
+    idx: int
+    status: str  # success | failure | timeout | cancelled | died
+    data: bytes | None = None  # pickled value (success) or pickled exception (failure)
+    blob: str | None = None
+    error: str | None = None  # "TypeName: message" of the failure
+    traceback: str | None = None
+    seq: int = 0
+    gen_index: int | None = None  # for generators: item number; None = final
+
+
+class Outputs(msgspec.Struct):
+    outputs: list[OutputItem]
+    last_seq: int
+    done: bool = False  # every input has a final output
+    n_inputs: int | None = None
+
+
+class CallStatus(msgspec.Struct):
+    call_id: str
+    function_id: str
+    n_inputs: int
+    n_done: int
+    closed: bool
+    cancelled: bool
+
+
+class Cancel(msgspec.Struct):
+    terminate_containers: bool = False
+
+
+class FunctionStats(msgspec.Struct):
+    backlog: int
+    num_total_runners: int
+
+
+class UpdateAutoscaler(msgspec.Struct):
+    min_containers: int | None = None
+    max_containers: int | None = None
+    buffer_containers: int | None = None
+    scaledown_window: float | None = None
+
+
+# --------------------------------------------------------------------------- logs
+
+
+class LogLine(msgspec.Struct, array_like=True):
+    ts: float
+    container_id: str
+    stream: str  # stdout | stderr | system
+    text: str
+    seq: int = 0
+
+
+class LogBatch(msgspec.Struct):
+    lines: list[LogLine]
+    cursor: int
+    app_state: str = ""
+
+
+# --------------------------------------------------------------------------- nodes / containers
+
+
+class NodeInfo(msgspec.Struct):
+    name: str
+    provider: str
+    cpu: float
+    memory_mb: int
+    gpus: dict[str, list[int]] = {}
+    region: str | None = None
+    price_per_hour: float = 0.0
+    labels: dict[str, str] = {}
+
+
+class NodeStatus(msgspec.Struct):
+    node_id: str
+    info: NodeInfo
+    state: str
+    cpu_reserved: float
+    memory_reserved_mb: int
+    last_heartbeat: float
+
+
+class ContainerInfo(msgspec.Struct):
+    container_id: str
+    app_id: str
+    function_id: str
+    function_name: str
+    node_id: str
+    state: str
+    started_at: float
+    exit_reason: str | None = None
+
+
+class ContainerList(msgspec.Struct):
+    containers: list[ContainerInfo]
+
+
+class NodeList(msgspec.Struct):
+    nodes: list[NodeStatus]
+
+
+class ErrorBody(msgspec.Struct):
+    error: str  # class name in strato.exceptions
+    message: str
+
+
+class Health(msgspec.Struct):
+    version: str
+    epoch: str
+    pid: int
+    max_payload_bytes: int
+    blob_threshold_bytes: int
+
+
+# --------------------------------------------------------------------------- the channel
+
+# A container's and a worker agent's messages share one tagged union, so one reader
+# decodes every frame.
+
+
+class ChannelMsg(msgspec.Struct, tag=True, tag_field="t"):
+    pass
+
+
+# container -> control plane
+
+
+class ContainerHello(ChannelMsg, tag="hello"):
+    container_id: str
+    token: str
+
+
+class ContainerReady(ChannelMsg, tag="ready"):
+    pass
+
+
+class ContainerInitFailed(ChannelMsg, tag="initfail"):
+    error: str
+    traceback: str
+    exc: bytes | None = None
+
+
+class TaskInput(msgspec.Struct, array_like=True):
+    input_id: int
+    attempt: int
+    args: bytes
+    method: str | None = None
+
+
+class RunInputs(ChannelMsg, tag="inputs"):
+    inputs: list[TaskInput]
+
+
+class TaskOutput(msgspec.Struct, array_like=True):
+    input_id: int
+    attempt: int
+    status: str  # success | failure
+    data: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    gen_index: int | None = None  # generator item; None = final output of the input
+    duration: float = 0.0  # seconds the user code ran
+
+
+class TaskOutputs(ChannelMsg, tag="outputs"):
+    outputs: list[TaskOutput]
+
+
+class CancelInputs(ChannelMsg, tag="cancel"):
+    input_ids: list[int]
+
+
+class StopContainer(ChannelMsg, tag="stop"):
+    grace_s: float = 10.0
+
+
+# worker agent <-> control plane
+
+
+class WorkerHello(ChannelMsg, tag="whello"):
+    token: str
+    node: NodeInfo
+    worker_id: str
+    running: list[str] = []
+
+
+class WorkerWelcome(ChannelMsg, tag="welcome"):
+    node_id: str
+    epoch: str
+    http_url: str
+    kill: list[str] = []  # containers from an earlier epoch to kill
+
+
+class ContainerStart(ChannelMsg, tag="start"):
+    container_id: str
+    app_id: str
+    function_id: str
+    spec: FunctionSpec
+    mount: MountManifest | None
+    gpu_indices: list[int] = []
+    channel: str = ""  # address the container dials: "unix:/path" or "tcp:host:port"
+    runtime: str | None = None
+    token: str = ""  # the container's own secret for its ContainerHello
+
+
+class ContainerKill(ChannelMsg, tag="kill"):
+    container_id: str
+    grace_s: float = 0.0
+    reason: str = ""
+
+
+class ContainerStarted(ChannelMsg, tag="started"):
+    container_id: str
+    pid: int
+
+
+class ContainerExited(ChannelMsg, tag="exited"):
+    container_id: str
+    exit_code: int | None
+    signal: int | None
+    oom_killed: bool
+    description: str
+
+
+class ContainerStartFailed(ChannelMsg, tag="startfail"):
+    container_id: str
+    error: str
+
+
+class Logs(ChannelMsg, tag="logs"):
+    lines: list[LogLine]
+
+
+class Heartbeat(ChannelMsg, tag="hb"):
+    running: list[str] = []
+
+
+ChannelMessage = (
+    ContainerHello
+    | ContainerReady
+    | ContainerInitFailed
+    | RunInputs
+    | TaskOutputs
+    | CancelInputs
+    | StopContainer
+    | WorkerHello
+    | WorkerWelcome
+    | ContainerStart
+    | ContainerKill
+    | ContainerStarted
+    | ContainerExited
+    | ContainerStartFailed
+    | Logs
+    | Heartbeat
+)

@@ -1,0 +1,146 @@
+"""The runtime interface: start a container's process tree and watch it exit.
+
+A :class:`Runtime` turns a :class:`ContainerLaunch` into a :class:`RunningContainer`.
+Runtimes differ in what they can enforce, which they state in :class:`Capabilities`.
+This package imports only the standard library (and ``strato.exceptions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal as _signal
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+# Plain words for the signals that mean "the program crashed".
+_CRASH_SIGNALS: dict[int, str] = {
+    _signal.SIGSEGV: "segmentation fault",
+    _signal.SIGBUS: "bus error",
+    _signal.SIGFPE: "floating-point exception",
+    _signal.SIGILL: "illegal instruction",
+    _signal.SIGABRT: "aborted",
+    _signal.SIGTRAP: "trace trap",
+    _signal.SIGSYS: "bad system call",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can enforce on the processes it starts."""
+
+    isolation: bool
+    """Own filesystem and PID/mount/IPC/UTS namespaces."""
+    network_control: bool
+    """Can honour ``block_network``."""
+    cgroups: bool
+    """Enforces ``cpu``, ``memory_mb`` and ``pids_max`` and detects out-of-memory kills."""
+    gpu: bool
+    """Can hand a container only the GPUs assigned to it."""
+    snapshot: bool
+    """Can snapshot and restore a container's memory."""
+
+
+@dataclass
+class ContainerLaunch:
+    """Everything a runtime needs to start one container."""
+
+    container_id: str
+    argv: list[str]
+    env: dict[str, str]
+    """The complete environment of the process (nothing is inherited)."""
+    cwd: str
+    cpu: float | None = None
+    """CPU limit in cores."""
+    memory_mb: int | None = None
+    """Hard memory limit in MiB (no swap beyond it)."""
+    pids_max: int | None = None
+    """Most processes and threads the container may hold at once."""
+    gpu_indices: list[int] = field(default_factory=list)
+    block_network: bool = False
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a container's main process ended."""
+
+    exit_code: int | None
+    """``None`` when the process was killed by a signal."""
+    signal: int | None
+    oom_killed: bool
+    memory_mb: int | None = None
+    """The memory limit it ran under, for the message of an out-of-memory kill."""
+
+    @property
+    def description(self) -> str:
+        """A sentence fragment for logs and errors, e.g. ``"exited with code 3"``."""
+        if self.oom_killed:
+            limit = f" (limit {self.memory_mb} MiB)" if self.memory_mb is not None else ""
+            return f"ran out of memory{limit} and was killed"
+        if self.signal is not None:
+            name = signal_name(self.signal)
+            meaning = _CRASH_SIGNALS.get(self.signal)
+            return f"killed by signal {name}" + (f" ({meaning})" if meaning else "")
+        return f"exited with code {self.exit_code}"
+
+    @classmethod
+    def from_returncode(
+        cls, returncode: int, *, oom_killed: bool = False, memory_mb: int | None = None
+    ) -> ExitStatus:
+        """Build from a ``subprocess`` return code (negative = killed by that signal)."""
+        if returncode < 0:
+            return cls(None, -returncode, oom_killed, memory_mb)
+        return cls(returncode, None, oom_killed, memory_mb)
+
+
+def signal_name(sig: int) -> str:
+    """``"SIGKILL"`` for 9; ``"signal 99"`` for a number with no name."""
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+class RunningContainer(ABC):
+    """A started container. ``wait()`` must be safe to call repeatedly and concurrently.
+
+    Read ``stdout``/``stderr`` concurrently with ``wait()``: they reach EOF only when every
+    process holding the pipes has exited, and ``wait()`` is what kills leftovers. Always
+    ``wait()`` (or ``stop()``) a container, or its cgroup is not removed.
+    """
+
+    container_id: str
+    pid: int
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+
+    @abstractmethod
+    async def wait(self) -> ExitStatus:
+        """Wait for the main process to exit, detect an OOM kill, then clean up."""
+
+    @abstractmethod
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the container's processes; no error if they are gone."""
+
+    async def stop(self, grace_s: float) -> ExitStatus:
+        """Send SIGTERM, then SIGKILL if still running after ``grace_s`` seconds."""
+        self.signal(_signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.wait()), timeout=max(grace_s, 0))
+        except TimeoutError:
+            self.signal(_signal.SIGKILL)
+            return await self.wait()
+
+
+class Runtime(ABC):
+    """Starts containers. One instance serves a whole worker agent."""
+
+    name: str
+    capabilities: Capabilities
+
+    @abstractmethod
+    async def start(self, launch: ContainerLaunch) -> RunningContainer:
+        """Start the container's main process; returns once it is running."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs: the runtime and what it enforces here."""

@@ -1,0 +1,135 @@
+"""Validation of ``@app.function(...)`` arguments, at decoration time, with clear errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from strato.exceptions import InvalidError
+from strato.protocol import messages as m
+from strato.protocol.gpu import gpu_request_str, parse_gpu
+
+MAX_TIMEOUT_S = 24 * 3600
+MAX_RETRIES = 10
+
+
+@dataclass(frozen=True)
+class Retries:
+    """Modal's retry policy: ``Retries(max_retries, backoff_coefficient=2.0,
+    initial_delay=1.0, max_delay=60.0)``."""
+
+    max_retries: int
+    backoff_coefficient: float = 2.0
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= MAX_RETRIES:
+            raise InvalidError(
+                f"Retries(max_retries={self.max_retries!r}): use an int from 0 to {MAX_RETRIES}"
+            )
+        if not 1.0 <= self.backoff_coefficient <= 10.0:
+            raise InvalidError(
+                f"Retries(backoff_coefficient={self.backoff_coefficient!r}): use "
+                "a number from 1.0 to 10.0"
+            )
+        if not 0.0 <= self.initial_delay <= 60.0:
+            raise InvalidError(
+                f"Retries(initial_delay={self.initial_delay!r}): use 0 to 60 seconds"
+            )
+        if not 1.0 <= self.max_delay <= 60.0:
+            raise InvalidError(f"Retries(max_delay={self.max_delay!r}): use 1 to 60 seconds")
+
+    def to_policy(self) -> m.RetryPolicy:
+        return m.RetryPolicy(
+            self.max_retries, self.backoff_coefficient, self.initial_delay, self.max_delay
+        )
+
+
+def _pair(name: str, value, cast, unit: str):
+    """A number, or a ``(request, limit)`` pair, each positive."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise InvalidError(f"{name}={value!r}: use a number or a (request, limit) pair")
+        req, limit = value
+    else:
+        req, limit = value, None
+    for v in (req, limit):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise InvalidError(f"{name}={value!r}: {unit} must be a positive number")
+    if limit is not None and limit < req:
+        raise InvalidError(f"{name}={value!r}: the limit ({limit}) is below the request ({req})")
+    return cast(req), None if limit is None else cast(limit)
+
+
+def resources(cpu, memory, gpu) -> m.Resources:
+    cpu_req, cpu_limit = _pair("cpu", 0.125 if cpu is None else cpu, float, "CPU cores")
+    mem_req, mem_limit = _pair("memory", 128 if memory is None else memory, int, "memory (MiB)")
+    gpus = [gpu_request_str(g) for g in parse_gpu(gpu)] if gpu is not None else []
+    return m.Resources(
+        cpu=cpu_req, cpu_limit=cpu_limit, memory_mb=mem_req, memory_limit_mb=mem_limit, gpu=gpus
+    )
+
+
+def retry_policy(retries) -> m.RetryPolicy:
+    if retries is None:
+        return m.RetryPolicy()
+    if isinstance(retries, Retries):
+        return retries.to_policy()
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise InvalidError(f"retries={retries!r}: use an int or strato.Retries(...)")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise InvalidError(f"retries={retries}: use 0 to {MAX_RETRIES}")
+    # Modal: an int means that many retries, with a fixed 1 s delay
+    return m.RetryPolicy(retries, backoff_coefficient=1.0, initial_delay=1.0)
+
+
+def timeout(value) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (1 <= value <= MAX_TIMEOUT_S)
+    ):
+        raise InvalidError(f"timeout={value!r}: use 1 to {MAX_TIMEOUT_S} seconds (24 h)")
+    return float(value)
+
+
+def scaling(min_containers, max_containers, buffer_containers, scaledown_window) -> m.ScalingConfig:
+    for name, v, lo in (
+        ("min_containers", min_containers, 0),
+        ("buffer_containers", buffer_containers, 0),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InvalidError(f"{name}={v!r}: use an int >= {lo}")
+    if max_containers is not None and (
+        isinstance(max_containers, bool)
+        or not isinstance(max_containers, int)
+        or max_containers < 1
+    ):
+        raise InvalidError(f"max_containers={max_containers!r}: use an int >= 1, or None")
+    if max_containers is not None and min_containers > max_containers:
+        raise InvalidError(
+            f"min_containers={min_containers} exceeds max_containers={max_containers}"
+        )
+    window = 60.0 if scaledown_window is None else scaledown_window
+    if isinstance(window, bool) or not isinstance(window, int | float) or not 2 <= window <= 3600:
+        raise InvalidError(f"scaledown_window={scaledown_window!r}: use 2 to 3600 seconds")
+    return m.ScalingConfig(min_containers, max_containers, buffer_containers, float(window))
+
+
+def env(value) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidError("env= must be a dict of str to str")
+    bad = [k for k in value if not k or "=" in k or k.startswith("STRATO_")]
+    if bad:
+        raise InvalidError(
+            f"env= has names that cannot be set: {bad} (empty, containing '=', "
+            "or reserved STRATO_*)"
+        )
+    return dict(value)

@@ -1,0 +1,3 @@
+from strato.server.main import main
+
+main()

@@ -1,0 +1,605 @@
+"""Durable input queues, leases, retries, timeouts, cancellation and outputs.
+
+An input is written to the store before the API answers. In memory, each function has a
+queue of inputs ready to run; a ready container takes inputs under a lease (a dispatch
+token). A lease ends with an output, or with the container's death, a timeout or a
+cancellation; a failed attempt is retried per the function's ``RetryPolicy``. Each input
+gets exactly one final output in the store (``finish_inputs`` only updates pending rows),
+which clients read by a per-output sequence number, so a client that reconnects after a
+restart neither misses nor repeats outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from strato.exceptions import AppStoppedError, InvalidError, NotFoundError, RequestSizeError
+from strato.protocol import messages as m
+
+from ..store import Store
+from ..store.blobs import BlobStore
+
+log = logging.getLogger("strato.calls")
+
+MAX_PREFETCH = 256  # inputs in flight to one sequential container when the function is fast
+FAST_FUNCTION_S = 0.005
+
+
+@dataclass(eq=False)
+class Pending:
+    input_id: int
+    call_id: str
+    idx: int
+    function_id: str
+    args: bytes | None
+    args_blob: str | None
+    method: str | None
+    attempts: int = 0  # failed attempts so far
+    where: str = "queued"  # queued | leased | retry | done
+    session: ContainerRef | None = None
+
+
+@dataclass(eq=False)
+class Lease:
+    pending: Pending
+    token: int
+    dispatched_at: float
+
+
+class ContainerRef:
+    """What the call manager needs of a live container (implemented by the fleet)."""
+
+    container_id: str
+    function_id: str
+    state: str
+    inflight: dict[int, Lease]
+    last_progress: float
+    idle_since: float | None
+
+    def send(self, msg: object) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class FunctionState:
+    function_id: str
+    app_id: str
+    name: str
+    spec: m.FunctionSpec
+    app_state: str
+    queue: deque[Pending] = field(default_factory=deque)
+    sessions: dict[str, ContainerRef] = field(default_factory=dict)
+    ewma_duration: float | None = None
+    last_activity: float = field(default_factory=time.monotonic)
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(s.inflight) for s in self.sessions.values())
+
+
+_spec_decoder = msgspec.msgpack.Decoder(m.FunctionSpec)
+
+
+class CallManager:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        *,
+        blob_threshold: int,
+        max_payload: int,
+        retention_s: float,
+        kill_container: Callable[[str, str], None],
+        wake_scaler: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.blob_threshold = blob_threshold
+        self.max_payload = max_payload
+        self.retention_s = retention_s
+        self._kill_container = kill_container
+        self._wake_scaler = wake_scaler
+        self.functions: dict[str, FunctionState] = {}
+        self.live: dict[str, dict[int, Pending]] = {}  # call_id -> input_id -> Pending
+        self._events: dict[str, asyncio.Event] = {}
+        next_input, next_seq, _ = store.max_ids()
+        self._next_input = next_input + 1
+        self._next_seq = next_seq + 1
+        self._next_token = 1
+
+    # ------------------------------------------------------------------ functions
+
+    def function(self, function_id: str) -> FunctionState:
+        fn = self.functions.get(function_id)
+        if fn is None:
+            row = self.store.function(function_id)
+            if row is None:
+                raise NotFoundError(f"function {function_id} does not exist")
+            fn = FunctionState(
+                function_id=function_id,
+                app_id=row["app_id"],
+                name=row["name"],
+                spec=_spec_decoder.decode(row["spec"]),
+                app_state=row["app_state"],
+            )
+            self.functions[function_id] = fn
+        return fn
+
+    def replace_spec(self, function_id: str, spec: m.FunctionSpec) -> None:
+        self.function(function_id).spec = spec
+
+    # ------------------------------------------------------------------ accepting inputs
+
+    def _input_rows(self, fn: FunctionState, call_id: str, items: Iterable[m.InputItem]):
+        rows: list[dict] = []
+        pendings: list[Pending] = []
+        for it in items:
+            args, blob = it.args, it.blob
+            if args is None and blob is None:
+                raise InvalidError(f"input {it.idx} of call {call_id} carries no arguments")
+            if args is not None and len(args) > self.max_payload:
+                raise RequestSizeError(
+                    f"input {it.idx} is {len(args)} bytes, over the limit of {self.max_payload} "
+                    "bytes (STRATO_MAX_PAYLOAD); pass large data through a Volume or blob"
+                )
+            if args is not None and len(args) > self.blob_threshold:
+                blob, args = self.blobs.put(args), None
+            if blob is not None and not self.blobs.has(blob):
+                raise InvalidError(f"input {it.idx} names blob {blob}, which was never uploaded")
+            p = Pending(self._next_input, call_id, it.idx, fn.function_id, args, blob, None)
+            self._next_input += 1
+            rows.append(
+                {
+                    "input_id": p.input_id,
+                    "call_id": call_id,
+                    "idx": it.idx,
+                    "args": args,
+                    "args_blob": blob,
+                    "status": "pending",
+                    "attempts": 0,
+                }
+            )
+            pendings.append(p)
+        return rows, pendings
+
+    def _check_callable(self, fn: FunctionState) -> None:
+        if fn.app_state == "stopped":
+            raise AppStoppedError(
+                f"function {fn.name!r} belongs to an app that has been stopped; "
+                "run or deploy the app again to call it"
+            )
+
+    def create_call(self, req: m.CreateCall) -> None:
+        fn = self.function(req.function_id)
+        self._check_callable(fn)
+        existing = self.store.call(req.call_id)
+        if existing is not None:  # a retried request: add only what is missing
+            self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
+            return
+        rows, pendings = self._input_rows(fn, req.call_id, req.inputs)
+        for p in pendings:
+            p.method = req.method
+        now = time.time()
+        self.store.create_call(
+            {
+                "call_id": req.call_id,
+                "function_id": fn.function_id,
+                "kind": req.kind,
+                "method": req.method,
+                "n_inputs": len(rows),
+                "closed": req.closed,
+                "cancelled": False,
+                "created_at": now,
+                "expires_at": now + self.retention_s,
+            },
+            rows,
+        )
+        self._enqueue(fn, pendings)
+
+    def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
+        call = self.store.call(call_id)
+        if call is None:
+            raise NotFoundError(f"call {call_id} does not exist (or has expired)")
+        fn = self.function(call["function_id"])
+        self._check_callable(fn)
+        if call["cancelled"]:
+            raise InvalidError(f"call {call_id} was cancelled; it takes no more inputs")
+        items = req.inputs
+        if items:
+            have = self.store.existing_idx(
+                call_id, min(i.idx for i in items), max(i.idx for i in items)
+            )
+            items = [i for i in items if i.idx not in have]
+        rows, pendings = self._input_rows(fn, call_id, items)
+        for p in pendings:
+            p.method = call["method"]
+        n_inputs = call["n_inputs"] + len(rows)
+        if req.total is not None:
+            n_inputs = max(n_inputs, req.total)
+        self.store.add_inputs(call_id, rows, req.closed or None, n_inputs)
+        self._enqueue(fn, pendings)
+
+    def _enqueue(self, fn: FunctionState, pendings: list[Pending], front: bool = False) -> None:
+        for p in pendings:
+            self.live.setdefault(p.call_id, {})[p.input_id] = p
+            p.where = "queued"
+            p.session = None
+        if front:
+            fn.queue.extendleft(reversed(pendings))
+        else:
+            fn.queue.extend(pendings)
+        fn.last_activity = time.monotonic()
+        self._pump(fn)
+        if fn.queue:
+            self._wake_scaler()
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _capacity(self, fn: FunctionState, n_ready: int) -> int:
+        if fn.ewma_duration is None or fn.ewma_duration > FAST_FUNCTION_S:
+            return 1
+        share = math.ceil((len(fn.queue) + fn.inflight) / max(1, n_ready))
+        return max(1, min(MAX_PREFETCH, share))
+
+    def _args_of(self, p: Pending) -> bytes:
+        if p.args is not None:
+            return p.args
+        return self.blobs.get(p.args_blob)
+
+    def _pump(self, fn: FunctionState) -> None:
+        if not fn.queue:
+            return
+        ready = [s for s in fn.sessions.values() if s.state == "ready"]
+        if not ready:
+            return
+        ready.sort(key=lambda s: len(s.inflight))
+        cap = self._capacity(fn, len(ready))
+        now = time.monotonic()
+        for s in ready:
+            room = cap - len(s.inflight)
+            if room <= 0:
+                continue
+            batch: list[m.TaskInput] = []
+            while room > 0 and fn.queue:
+                p = fn.queue.popleft()
+                if p.where != "queued":
+                    continue
+                token = self._next_token
+                self._next_token += 1
+                p.where, p.session = "leased", s
+                if not s.inflight:
+                    s.last_progress = now
+                s.inflight[p.input_id] = Lease(p, token, now)
+                s.idle_since = None
+                batch.append(m.TaskInput(p.input_id, token, self._args_of(p), p.method))
+                room -= 1
+            if batch:
+                s.send(m.RunInputs(batch))
+            if not fn.queue:
+                break
+
+    def on_ready(self, fn_id: str) -> None:
+        fn = self.functions.get(fn_id)
+        if fn is not None:
+            self._pump(fn)
+
+    # ------------------------------------------------------------------ outputs
+
+    def _seq(self) -> int:
+        s = self._next_seq
+        self._next_seq += 1
+        return s
+
+    def _final_row(
+        self,
+        p: Pending,
+        status: str,
+        data: bytes | None = None,
+        error: str | None = None,
+        tb: str | None = None,
+    ) -> dict:
+        blob = None
+        if data is not None and len(data) > self.blob_threshold:
+            blob, data = self.blobs.put(data), None
+        p.where = "done"
+        live = self.live.get(p.call_id)
+        if live is not None:
+            live.pop(p.input_id, None)
+            if not live:
+                del self.live[p.call_id]
+        return {
+            "b_id": p.input_id,
+            "b_status": status,
+            "b_output": data,
+            "b_blob": blob,
+            "b_error": error,
+            "b_tb": tb,
+            "b_seq": self._seq(),
+            "b_at": time.time(),
+        }
+
+    def _flush(self, rows: list[dict], calls: Iterable[str]) -> None:
+        self.store.finish_inputs(rows)
+        for call_id in calls:
+            self._notify(call_id)
+
+    def on_outputs(self, session: ContainerRef, outputs: list[m.TaskOutput]) -> None:
+        fn = self.functions.get(session.function_id)
+        if fn is None:
+            return
+        now = time.monotonic()
+        finals: list[dict] = []
+        gens: list[dict] = []
+        touched: set[str] = set()
+        for o in outputs:
+            lease = session.inflight.get(o.input_id)
+            if lease is None or lease.token != o.attempt:
+                continue  # stale: the input was re-leased elsewhere or already ended
+            p = lease.pending
+            touched.add(p.call_id)
+            if o.gen_index is not None:
+                data, blob = o.data, None
+                if data is not None and len(data) > self.blob_threshold:
+                    blob, data = self.blobs.put(data), None
+                gens.append(
+                    {
+                        "seq": self._seq(),
+                        "call_id": p.call_id,
+                        "idx": p.idx,
+                        "gen_index": o.gen_index,
+                        "data": data,
+                        "blob": blob,
+                    }
+                )
+                continue
+            del session.inflight[o.input_id]
+            d = o.duration
+            fn.ewma_duration = d if fn.ewma_duration is None else 0.8 * fn.ewma_duration + 0.2 * d
+            if o.status == "success":
+                finals.append(self._final_row(p, "success", o.data))
+            else:
+                row = self._attempt_failed(fn, p, "failure", o.data, o.error, o.traceback)
+                if row:
+                    finals.append(row)
+        session.last_progress = now
+        if not session.inflight:
+            session.idle_since = now
+        fn.last_activity = now
+        if gens:
+            self.store.add_gen_items(gens)
+        self._flush(finals, touched)
+        self._pump(fn)
+
+    def _attempt_failed(
+        self,
+        fn: FunctionState,
+        p: Pending,
+        status: str,
+        data: bytes | None,
+        error: str | None,
+        tb: str | None,
+    ) -> dict | None:
+        """Retry per policy (returns None) or end the input (returns its final row)."""
+        p.attempts += 1
+        policy = fn.spec.retries
+        if p.attempts <= policy.max_retries and not fn.spec.is_generator:
+            delay = policy.delay(p.attempts)
+            self.store.set_attempts([(p.input_id, p.attempts, time.time() + delay)])
+            p.where, p.session = "retry", None
+            log.info(
+                "input %s of %s failed (%s); retry %d in %.1fs",
+                p.idx,
+                fn.name,
+                error,
+                p.attempts,
+                delay,
+            )
+            asyncio.get_running_loop().call_later(delay, self._retry_due, p)
+            return None
+        return self._final_row(p, status, data, error, tb)
+
+    def _retry_due(self, p: Pending) -> None:
+        if p.where != "retry":
+            return
+        fn = self.functions.get(p.function_id)
+        if fn is not None:
+            self._enqueue(fn, [p])
+
+    # ------------------------------------------------------------------ containers ending
+
+    def release_leases(self, session: ContainerRef, running: int, status: str, error: str) -> None:
+        """A container is gone (or being killed): its first ``running`` leases count as
+        failed attempts with ``status``; the rest never started and go back to the queue."""
+        fn = self.functions.get(session.function_id)
+        leases = list(session.inflight.values())
+        session.inflight.clear()
+        if fn is None or not leases:
+            return
+        finals: list[dict] = []
+        requeue: list[Pending] = []
+        for i, lease in enumerate(leases):
+            p = lease.pending
+            if p.where != "leased" or p.session is not session:
+                continue
+            if i < running:
+                row = self._attempt_failed(fn, p, status, None, error, None)
+                if row:
+                    finals.append(row)
+            else:
+                requeue.append(p)
+        self._flush(finals, {lease.pending.call_id for lease in leases})
+        if requeue:
+            self._enqueue(fn, requeue, front=True)
+
+    def fail_queued(
+        self,
+        function_id: str,
+        error: str,
+        data: bytes | None = None,
+        tb: str | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        """Fail (or retry) every queued input of a function: its containers cannot start."""
+        fn = self.functions.get(function_id)
+        if fn is None or not fn.queue:
+            return
+        queued = [p for p in fn.queue if p.where == "queued"]
+        fn.queue.clear()
+        finals = []
+        for p in queued:
+            if count_attempt:
+                row = self._attempt_failed(fn, p, "failure", data, error, tb)
+            else:
+                row = self._final_row(p, "failure", data, error, tb)
+            if row:
+                finals.append(row)
+        self._flush(finals, {p.call_id for p in queued})
+
+    def check_timeouts(self, now: float) -> None:
+        for fn in self.functions.values():
+            limit = fn.spec.timeout
+            for s in list(fn.sessions.values()):
+                if not s.inflight or s.state not in ("ready", "stopping"):
+                    continue
+                first = next(iter(s.inflight.values()))
+                started = max(first.dispatched_at, s.last_progress)
+                if now - started > limit:
+                    log.info(
+                        "input %s of %s timed out after %.0fs", first.pending.idx, fn.name, limit
+                    )
+                    s.state = "killing"
+                    self.release_leases(
+                        s,
+                        1,
+                        "timeout",
+                        f"FunctionTimeoutError: the input ran past the function's timeout of {limit:g}s",
+                    )
+                    self._kill_container(s.container_id, "an input ran past its timeout")
+
+    # ------------------------------------------------------------------ cancellation, apps
+
+    def cancel_call(self, call_id: str, terminate_containers: bool) -> None:
+        call = self.store.call(call_id)
+        if call is None:
+            raise NotFoundError(f"call {call_id} does not exist (or has expired)")
+        self.store.cancel_call(call_id)
+        self._cancel_inputs(
+            list(self.live.get(call_id, {}).values()),
+            terminate_containers,
+            "InputCancellation: the call was cancelled",
+        )
+
+    def _cancel_inputs(self, pendings: list[Pending], terminate: bool, error: str) -> None:
+        finals = []
+        by_session: dict[ContainerRef, list[int]] = {}
+        for p in pendings:
+            if p.where == "leased" and p.session is not None:
+                s = p.session
+                s.inflight.pop(p.input_id, None)
+                if not s.inflight:
+                    s.idle_since = time.monotonic()
+                by_session.setdefault(s, []).append(p.input_id)
+            if p.where != "done":
+                finals.append(self._final_row(p, "cancelled", None, error))
+        for s, ids in by_session.items():
+            if terminate:
+                s.state = "killing"
+                self.release_leases(s, 0, "cancelled", error)
+                self._kill_container(s.container_id, "its input was cancelled")
+            else:
+                s.send(m.CancelInputs(ids))
+        for fn_id in {p.function_id for p in pendings}:
+            fn = self.functions.get(fn_id)
+            if fn is not None:
+                fn.queue = deque(p for p in fn.queue if p.where == "queued")
+        self._flush(finals, {p.call_id for p in pendings})
+
+    def stop_app(self, app_id: str) -> None:
+        fns = [fn for fn in self.functions.values() if fn.app_id == app_id]
+        ids = {fn.function_id for fn in fns}
+        for fn in fns:
+            fn.app_state = "stopped"
+        pendings = [p for live in self.live.values() for p in live.values() if p.function_id in ids]
+        if pendings:
+            self._cancel_inputs(pendings, True, "AppStoppedError: the app was stopped")
+
+    # ------------------------------------------------------------------ reading outputs
+
+    def _notify(self, call_id: str) -> None:
+        ev = self._events.pop(call_id, None)
+        if ev is not None:
+            ev.set()
+
+    async def wait_outputs(self, call_id: str, after: int, timeout: float, limit: int) -> m.Outputs:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            ev = self._events.get(call_id)
+            if ev is None:
+                ev = self._events[call_id] = asyncio.Event()
+            rows = self.store.outputs_after(call_id, after, limit)
+            if rows:
+                return self._outputs(call_id, rows)
+            call = self.store.call(call_id)
+            if call is None:
+                raise NotFoundError(f"call {call_id} does not exist (or its outputs expired)")
+            done = call["closed"] and self.store.count_done(call_id) >= call["n_inputs"]
+            remaining = deadline - time.monotonic()
+            if done or remaining <= 0:
+                return m.Outputs([], after, done=done, n_inputs=call["n_inputs"])
+            try:
+                await asyncio.wait_for(ev.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _outputs(self, call_id: str, rows) -> m.Outputs:
+        items = [
+            m.OutputItem(r.idx, r.status, r.data, r.blob, r.error, r.traceback, r.seq, r.gen_index)
+            for r in rows
+        ]
+        return m.Outputs(items, items[-1].seq)
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> int:
+        """Re-queue every input the store holds without a final output (after a restart)."""
+        rows = self.store.pending_inputs()
+        now = time.time()
+        stopped_finals: list[dict] = []
+        by_fn: dict[str, list[Pending]] = {}
+        for r in rows:
+            try:
+                fn = self.function(r.function_id)
+            except NotFoundError:
+                continue
+            p = Pending(
+                r.input_id,
+                r.call_id,
+                r.idx,
+                r.function_id,
+                r.args,
+                r.args_blob,
+                r.method,
+                attempts=r.attempts,
+            )
+            self.live.setdefault(p.call_id, {})[p.input_id] = p
+            if fn.app_state == "stopped":
+                stopped_finals.append(
+                    self._final_row(p, "cancelled", None, "AppStoppedError: the app was stopped")
+                )
+            elif r.retry_at and r.retry_at > now:
+                p.where = "retry"
+                asyncio.get_running_loop().call_later(r.retry_at - now, self._retry_due, p)
+            else:
+                by_fn.setdefault(r.function_id, []).append(p)
+        self.store.finish_inputs(stopped_finals)
+        for fid, ps in by_fn.items():
+            self._enqueue(self.functions[fid], ps)
+        return len(rows)

@@ -1,0 +1,337 @@
+"""The control plane: wires the store, call manager, fleet and logs, serves the channel
+that worker agents and containers dial, and runs the background loops (autoscaling,
+timeouts, expiry, abandoned ephemeral apps). Every loop stops with ``close()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import msgspec
+
+from strato.exceptions import InvalidError, NotFoundError
+from strato.protocol import frames
+from strato.protocol import messages as m
+from strato.protocol.mounts import encode_manifest, mount_id, validate_manifest
+
+from .autoscaler import AutoscalerConfig, ContainerStat, FunctionStats, decide
+from .calls.manager import CallManager
+from .config import ServerConfig
+from .fleet import Fleet, Peer
+from .logs import LogHub
+from .store import Store
+from .store.blobs import BlobStore
+
+log = logging.getLogger("strato.control")
+
+SCALE_TICK_S = 0.25
+EXPIRY_EVERY_S = 60.0
+
+
+class ControlPlane:
+    def __init__(self, config: ServerConfig, http_url: str) -> None:
+        config.ensure_dirs()
+        self.config = config
+        self.http_url = http_url
+        self.token = config.load_or_create_token()
+        self.epoch = secrets.token_hex(6)
+        self.store = Store(config.database_url)
+        self.blobs = BlobStore(config.home / "blobs")
+        self.logs = LogHub(self.store)
+        self._wake = asyncio.Event()
+        self.calls = CallManager(
+            self.store,
+            self.blobs,
+            blob_threshold=config.blob_threshold,
+            max_payload=config.max_payload,
+            retention_s=config.output_retention_s,
+            kill_container=lambda cid, why: self.fleet.kill(cid, why),
+            wake_scaler=self._wake.set,
+        )
+        self.fleet = Fleet(
+            self.store,
+            self.calls,
+            token=self.token,
+            epoch=self.epoch,
+            http_url=http_url,
+            channel_address=lambda node_id: f"unix:{config.channel_socket}",
+            runtime=config.runtime,
+            on_change=self._wake.set,
+        )
+        self.app_heartbeats: dict[str, float] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        stale = self.store.stop_live_containers("the control plane restarted")
+        if stale:
+            log.info("marked %d containers of an earlier run as stopped", len(stale))
+        now = time.monotonic()
+        for app in self.store.apps():
+            if app["state"] == "ephemeral":
+                self.app_heartbeats[app["app_id"]] = now  # its client gets time to come back
+        recovered = self.calls.recover()
+        if recovered:
+            log.info("recovered %d inputs without outputs", recovered)
+        sock = self.config.channel_socket
+        if sock.exists():
+            sock.unlink()
+        self._servers.append(
+            await asyncio.start_unix_server(self._on_channel, path=str(sock), limit=1 << 20)
+        )
+        os.chmod(sock, 0o600)
+        self._tasks.append(asyncio.create_task(self._scale_loop(), name="scale-loop"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for srv in self._servers:
+            srv.close()
+        for node in self.fleet.nodes.values():
+            if node.peer is not None:
+                node.peer.close()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.store.close()
+
+    # ------------------------------------------------------------------ channel
+
+    async def _on_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        peer = Peer(writer)
+        try:
+            first = await asyncio.wait_for(frames.read_frame(reader), 10.0)
+            if isinstance(first, m.WorkerHello):
+                if first.token != self.token:
+                    return
+                await self._worker_loop(first, peer, reader)
+            elif isinstance(first, m.ContainerHello):
+                await self._container_loop(first, peer, reader)
+        except (TimeoutError, frames.FrameError, ConnectionError) as e:
+            log.debug("channel closed: %s", e)
+        finally:
+            peer.close()
+
+    async def _worker_loop(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
+        node_id = self.fleet.worker_hello(hello, peer)
+        try:
+            while (msg := await frames.read_frame(reader)) is not None:
+                if isinstance(msg, m.Logs):
+                    self._route_logs(msg.lines)
+                else:
+                    self.fleet.on_worker_message(node_id, msg)
+        finally:
+            if not self._closing:
+                self.fleet.worker_gone(node_id, peer)
+
+    def _route_logs(self, lines: list[m.LogLine]) -> None:
+        by_app: dict[str, list[m.LogLine]] = {}
+        for line in lines:
+            s = self.fleet.containers.get(line.container_id)
+            app_id = s.app_id if s is not None else self._app_of_container(line.container_id)
+            if app_id:
+                by_app.setdefault(app_id, []).append(line)
+        for app_id, ls in by_app.items():
+            self.logs.append(app_id, ls)
+
+    def _app_of_container(self, container_id: str) -> str | None:
+        for row in self.store.containers(live_only=False):
+            if row["container_id"] == container_id:
+                return row["app_id"]
+        return None
+
+    async def _container_loop(self, hello: m.ContainerHello, peer: Peer, reader) -> None:
+        s = self.fleet.container_hello(hello, peer)
+        if s is None:
+            peer.send(m.StopContainer(0.0))
+            return
+        try:
+            while (msg := await frames.read_frame(reader)) is not None:
+                if isinstance(msg, m.TaskOutputs):
+                    self.calls.on_outputs(s, msg.outputs)
+                elif isinstance(msg, m.ContainerReady):
+                    self.fleet.container_ready(s)
+                elif isinstance(msg, m.ContainerInitFailed):
+                    self.fleet.container_init_failed(s, msg)
+        finally:
+            if not self._closing:
+                self.fleet.channel_lost(s)
+
+    # ------------------------------------------------------------------ loops
+
+    async def _scale_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SCALE_TICK_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                self.scale_once(time.monotonic())
+            except Exception:  # a bug here must not stop scaling for everyone
+                log.exception("autoscaler tick failed")
+
+    def scale_once(self, now: float) -> None:
+        self.calls.check_timeouts(now)
+        self.fleet.check_startups(now)
+        for fn in list(self.calls.functions.values()):
+            if not fn.queue and not fn.sessions and fn.spec.scaling.min_containers == 0:
+                continue
+            if fn.app_state == "stopped":
+                continue
+            sc = fn.spec.scaling
+            config = AutoscalerConfig(
+                min_containers=sc.min_containers,
+                max_containers=sc.max_containers,
+                buffer_containers=sc.buffer_containers,
+                scaledown_window=sc.scaledown_window,
+            )
+            stats = FunctionStats(
+                now=now,
+                queued=len(fn.queue),
+                inflight=fn.inflight,
+                containers=[
+                    ContainerStat(
+                        container_id=s.container_id,
+                        state=s.state if s.state in ("starting", "ready") else "stopping",
+                        inflight=len(s.inflight),
+                        idle_since=s.idle_since if s.state == "ready" else None,
+                        started_at=s.started_at,
+                    )
+                    for s in fn.sessions.values()
+                ],
+            )
+            decision = decide(stats, config)
+            for _ in range(decision.start):
+                if self.fleet.start_container(fn) is None:
+                    break
+            for cid in decision.stop:
+                self.fleet.stop(cid)
+
+    async def _housekeeping(self) -> None:
+        last_expiry = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            try:
+                for app_id, seen in list(self.app_heartbeats.items()):
+                    if now - seen > self.config.ephemeral_app_timeout_s:
+                        log.info(
+                            "stopping app %s: its client has been silent for %.0fs",
+                            app_id,
+                            now - seen,
+                        )
+                        self.stop_app(app_id)
+                if now - last_expiry > EXPIRY_EVERY_S:
+                    last_expiry = now
+                    n = self.store.expire(time.time())
+                    if n:
+                        log.info("expired %d calls past their retention", n)
+            except Exception:
+                log.exception("housekeeping failed")
+
+    # ------------------------------------------------------------------ apps
+
+    def create_app(self, req: m.CreateApp) -> m.AppInfo:
+        mount = None
+        if req.mount is not None:
+            validate_manifest(req.mount)
+            missing = [
+                f.sha256 for root in req.mount.roots for f in root if not self.blobs.has(f.sha256)
+            ]
+            if missing:
+                raise InvalidError(
+                    f"the app's source files are not all uploaded ({len(missing)} "
+                    "missing); upload them to /blobs first"
+                )
+            mount = (mount_id(req.mount), encode_manifest(req.mount))
+        names = [f.name for f in req.functions]
+        if len(set(names)) != len(names):
+            raise InvalidError("two functions of the app share one name")
+        if req.deployed and not req.name:
+            raise InvalidError("a deployed app needs a name: strato.App('my-app')")
+        app_id = "ap-" + secrets.token_hex(8)
+        fns = []
+        for spec in req.functions:
+            if mount is not None:
+                spec = msgspec.structs.replace(spec, mount_id=mount[0])
+            fns.append(("fu-" + secrets.token_hex(8), spec.name, msgspec.msgpack.encode(spec)))
+        state = "deployed" if req.deployed else "ephemeral"
+        replaced = self.store.create_app(
+            app_id, req.name, state, fns, mount, replace_deployed=req.deployed
+        )
+        for old in replaced:
+            self._stop_in_memory(old)
+        if not req.deployed and not req.detached:
+            self.app_heartbeats[app_id] = time.monotonic()
+        return m.AppInfo(
+            app_id, req.name, state, time.time(), [m.FunctionRef(fid, name) for fid, name, _ in fns]
+        )
+
+    def app_info(self, row: dict) -> m.AppInfo:
+        fns = self.store.functions_of(row["app_id"])
+        n = sum(1 for s in self.fleet.containers.values() if s.app_id == row["app_id"])
+        return m.AppInfo(
+            row["app_id"],
+            row["name"],
+            row["state"],
+            row["created_at"],
+            [m.FunctionRef(f["function_id"], f["name"]) for f in fns],
+            n,
+        )
+
+    def find_app(self, ref: str) -> dict:
+        rows = self.store.apps([ref]) if ref.startswith("ap-") else []
+        row = rows[0] if rows else self.store.find_app(ref)
+        if row is None:
+            raise NotFoundError(
+                f"no running or deployed app named {ref!r}; deploy it with `strato deploy FILE`"
+            )
+        return row
+
+    def stop_app(self, app_id: str) -> None:
+        self.store.set_app_state(app_id, "stopped")
+        self._stop_in_memory(app_id)
+
+    def _stop_in_memory(self, app_id: str) -> None:
+        self.app_heartbeats.pop(app_id, None)
+        self.calls.stop_app(app_id)
+        self.fleet.stop_app(app_id)
+        self.logs.system(app_id, "app stopped")
+
+    def heartbeat(self, app_id: str) -> None:
+        if app_id in self.app_heartbeats:
+            self.app_heartbeats[app_id] = time.monotonic()
+
+    def update_autoscaler(self, function_id: str, req: m.UpdateAutoscaler) -> None:
+        fn = self.calls.function(function_id)
+        sc = fn.spec.scaling
+        changes = {k: v for k, v in msgspec.structs.asdict(req).items() if v is not None}
+        if "scaledown_window" in changes and not 2 <= changes["scaledown_window"] <= 3600:
+            raise InvalidError("scaledown_window must be between 2 and 3600 seconds")
+        scaling = msgspec.structs.replace(sc, **changes)
+        if scaling.max_containers is not None and scaling.min_containers > scaling.max_containers:
+            raise InvalidError("min_containers cannot exceed max_containers")
+        spec = msgspec.structs.replace(fn.spec, scaling=scaling)
+        self.store.update_function_spec(function_id, msgspec.msgpack.encode(spec))
+        self.calls.replace_spec(function_id, spec)
+        self._wake.set()
+
+
+def default_http_url(config: ServerConfig) -> str:
+    return f"http://{config.host}:{config.port}"
+
+
+def server_info_path(home: Path) -> Path:
+    return home / "server.json"

@@ -1,0 +1,366 @@
+"""Nodes, their worker agents, and the containers running on them.
+
+The fleet places a new container with the scheduler, reserves its resources, asks the
+node's worker agent to start it, and tracks it until the agent reports its exit. It owns
+the channel sessions of containers and workers; what runs inside a container (inputs,
+leases) belongs to the call manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from strato.protocol import frames
+from strato.protocol import messages as m
+from strato.protocol.gpu import parse_gpu
+from strato.protocol.mounts import MountManifest
+
+from .calls.manager import CallManager, FunctionState, Lease
+from .scheduler import ContainerRequest, NodeView, Placement, explain_unplaceable, place
+from .scheduler import release as release_resources
+from .scheduler import reserve as reserve_resources
+from .store import Store
+
+log = logging.getLogger("strato.fleet")
+
+EXIT_REPORT_GRACE_S = 3.0  # wait this long for the worker's exit report after a channel drops
+STARTUP_TIMEOUT_S = 300.0
+INIT_FAILURE_BACKOFF_S = (1.0, 30.0)
+
+
+class Peer:
+    """One channel connection; writes are buffered frames (asyncio transport)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def send(self, msg: object) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(frames.encode(msg))
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+@dataclass(eq=False)
+class Node:
+    view: NodeView
+    info: m.NodeInfo
+    peer: Peer | None
+    worker_id: str
+    last_heartbeat: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class ContainerSession:
+    container_id: str
+    function_id: str
+    app_id: str
+    node_id: str
+    request: ContainerRequest
+    placement: Placement
+    started_at: float = field(default_factory=time.monotonic)
+    state: str = "starting"  # starting | ready | stopping | killing | gone
+    peer: Peer | None = None
+    inflight: dict[int, Lease] = field(default_factory=dict)
+    last_progress: float = field(default_factory=time.monotonic)
+    idle_since: float | None = None
+    lost_handle: asyncio.TimerHandle | None = None
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    def send(self, msg: object) -> None:
+        if self.peer is not None:
+            self.peer.send(msg)
+
+
+class Fleet:
+    def __init__(
+        self,
+        store: Store,
+        calls: CallManager,
+        *,
+        token: str,
+        epoch: str,
+        http_url: str,
+        channel_address: Callable[[str], str],
+        runtime: str | None,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.calls = calls
+        self.token = token
+        self.epoch = epoch
+        self.http_url = http_url
+        self.channel_address = channel_address
+        self.runtime = runtime
+        self._on_change = on_change
+        self.nodes: dict[str, Node] = {}
+        self.containers: dict[str, ContainerSession] = {}
+        self.backoff: dict[str, tuple[float, float]] = {}  # function_id -> (until, next delay)
+        self._unplaceable_logged: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_hello(self, hello: m.WorkerHello, peer: Peer) -> str:
+        info = hello.node
+        node_id = "node-" + msgspec.msgpack.encode([info.provider, info.name]).hex()[-12:]
+        old = self.nodes.get(node_id)
+        view = NodeView(
+            node_id=node_id,
+            provider=info.provider,
+            region=info.region,
+            price_per_hour=info.price_per_hour,
+            cpu_total=info.cpu,
+            memory_mb=info.memory_mb,
+            gpus={k: list(v) for k, v in info.gpus.items()},
+        )
+        if old is not None:  # a reconnect: keep the reservations of its live containers
+            view.cpu_reserved = old.view.cpu_reserved
+            view.memory_reserved_mb = old.view.memory_reserved_mb
+            view.gpus_in_use = old.view.gpus_in_use
+            if old.peer is not None and old.peer is not peer:
+                old.peer.close()
+        self.nodes[node_id] = Node(view, info, peer, hello.worker_id)
+        self.store.upsert_node(
+            node_id, info.name, info.provider, msgspec.msgpack.encode(info), "ready"
+        )
+        kill = [cid for cid in hello.running if cid not in self.containers]
+        peer.send(
+            m.WorkerWelcome(node_id=node_id, epoch=self.epoch, http_url=self.http_url, kill=kill)
+        )
+        log.info(
+            "node %s (%s, %s CPU, %s MiB, GPUs %s) joined",
+            node_id,
+            info.name,
+            info.cpu,
+            info.memory_mb,
+            info.gpus or "none",
+        )
+        self._on_change()
+        return node_id
+
+    def worker_gone(self, node_id: str, peer: Peer) -> None:
+        node = self.nodes.get(node_id)
+        if node is None or node.peer is not peer:
+            return
+        node.peer = None
+        node.view.healthy = False
+        self.store.set_node_state(node_id, "lost")
+        log.warning("node %s lost its worker agent", node_id)
+        for s in [s for s in self.containers.values() if s.node_id == node_id]:
+            self._gone(s, "its node's worker agent disconnected", oom=False)
+
+    def on_worker_message(self, node_id: str, msg: object) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.last_heartbeat = time.monotonic()
+        if isinstance(msg, m.ContainerExited):
+            s = self.containers.get(msg.container_id)
+            if s is not None:
+                self._gone(s, msg.description, oom=msg.oom_killed)
+        elif isinstance(msg, m.ContainerStartFailed):
+            s = self.containers.get(msg.container_id)
+            if s is not None:
+                self._init_failed(s, f"ContainerStartError: {msg.error}", None, None)
+                self._gone(s, f"failed to start: {msg.error}", oom=False)
+        elif isinstance(msg, m.ContainerStarted):
+            s = self.containers.get(msg.container_id)
+            if s is not None:
+                self.store.set_container_state(s.container_id, "starting")
+
+    # ------------------------------------------------------------------ containers
+
+    def request_for(self, spec: m.FunctionSpec) -> ContainerRequest:
+        res = spec.resources
+        return ContainerRequest(
+            cpu=res.cpu, memory_mb=res.memory_mb, gpu=parse_gpu(res.gpu or None)
+        )
+
+    def start_container(self, fn: FunctionState) -> ContainerSession | None:
+        """Place and start one container for ``fn``; None when it cannot start now."""
+        until, _ = self.backoff.get(fn.function_id, (0.0, 0.0))
+        if time.monotonic() < until:
+            return None
+        request = self.request_for(fn.spec)
+        views = [n.view for n in self.nodes.values() if n.peer is not None]
+        placement = place(request, views)
+        if placement is None:
+            self._unplaceable(fn, request)
+            return None
+        self._unplaceable_logged.pop(fn.function_id, None)
+        node = self.nodes[placement.node_id]
+        reserve_resources(node.view, request, placement)
+        cid = "ct-" + secrets.token_hex(6)
+        s = ContainerSession(cid, fn.function_id, fn.app_id, node.view.node_id, request, placement)
+        self.containers[cid] = s
+        fn.sessions[cid] = s
+        self.store.insert_container(
+            {
+                "container_id": cid,
+                "app_id": fn.app_id,
+                "function_id": fn.function_id,
+                "node_id": s.node_id,
+                "state": "pending",
+                "started_at": time.time(),
+            }
+        )
+        mount = None
+        if fn.spec.mount_id:
+            raw = self.store.mount(fn.spec.mount_id)
+            mount = msgspec.msgpack.decode(raw, type=MountManifest) if raw else None
+        node.peer.send(
+            m.ContainerStart(
+                container_id=cid,
+                app_id=fn.app_id,
+                function_id=fn.function_id,
+                spec=fn.spec,
+                mount=mount,
+                gpu_indices=placement.gpu_indices,
+                channel=self.channel_address(node.view.node_id),
+                runtime=self.runtime,
+                token=s.token,
+            )
+        )
+        log.info("starting container %s for %s on %s", cid, fn.name, s.node_id)
+        return s
+
+    def _unplaceable(self, fn: FunctionState, request: ContainerRequest) -> None:
+        empty = [
+            NodeView(
+                n.view.node_id,
+                n.view.provider,
+                n.view.region,
+                n.view.price_per_hour,
+                n.view.cpu_total,
+                n.view.memory_mb,
+                n.view.gpus,
+            )
+            for n in self.nodes.values()
+            if n.peer is not None
+        ]
+        if empty and place(request, empty) is None:
+            # No node could ever run it: fail its inputs rather than let them wait forever.
+            why = explain_unplaceable(request, empty)
+            self.calls.fail_queued(
+                fn.function_id,
+                f"ResourceUnavailableError: no node of this cluster can run {fn.name}: {why}",
+                count_attempt=False,
+            )
+            return
+        why = explain_unplaceable(request, [n.view for n in self.nodes.values()])
+        if self._unplaceable_logged.get(fn.function_id) != why:
+            self._unplaceable_logged[fn.function_id] = why
+            log.info("%s waits for capacity: %s", fn.name, why)
+
+    def container_hello(self, hello: m.ContainerHello, peer: Peer) -> ContainerSession | None:
+        s = self.containers.get(hello.container_id)
+        if s is None or hello.token != s.token or s.state == "gone":
+            return None
+        s.peer = peer
+        return s
+
+    def container_ready(self, s: ContainerSession) -> None:
+        if s.state != "starting":
+            return
+        s.state = "ready"
+        s.idle_since = time.monotonic()
+        self.backoff.pop(s.function_id, None)
+        self.store.set_container_state(s.container_id, "ready")
+        self.calls.on_ready(s.function_id)
+
+    def container_init_failed(self, s: ContainerSession, msg: m.ContainerInitFailed) -> None:
+        self._init_failed(s, msg.error, msg.traceback, msg.exc)
+        self.kill(s.container_id, "its start-up code raised")
+
+    def _init_failed(
+        self, s: ContainerSession, error: str, tb: str | None, exc: bytes | None
+    ) -> None:
+        log.warning("container %s failed to start: %s", s.container_id, error)
+        _, delay = self.backoff.get(s.function_id, (0.0, INIT_FAILURE_BACKOFF_S[0]))
+        self.backoff[s.function_id] = (
+            time.monotonic() + delay,
+            min(delay * 2, INIT_FAILURE_BACKOFF_S[1]),
+        )
+        self.calls.fail_queued(s.function_id, error, exc, tb)
+
+    def channel_lost(self, s: ContainerSession) -> None:
+        """The container's channel closed: wait briefly for the worker's exit report."""
+        if s.state == "gone":
+            return
+        s.peer = None
+        loop = asyncio.get_running_loop()
+        s.lost_handle = loop.call_later(
+            EXIT_REPORT_GRACE_S, self._gone, s, "its channel closed unexpectedly", False
+        )
+
+    def stop(self, container_id: str, grace_s: float = 10.0) -> None:
+        """Graceful scale-down: the container finishes its current input and exits."""
+        s = self.containers.get(container_id)
+        if s is None or s.state in ("stopping", "killing", "gone"):
+            return
+        s.state = "stopping"
+        self.store.set_container_state(container_id, "stopping")
+        if s.peer is not None:
+            s.peer.send(m.StopContainer(grace_s))
+        node = self.nodes.get(s.node_id)
+        if node is not None and node.peer is not None:
+            # the worker enforces the grace period in case the container ignores the request
+            node.peer.send(m.ContainerKill(container_id, grace_s=grace_s + 5, reason="scale-down"))
+
+    def kill(self, container_id: str, reason: str) -> None:
+        s = self.containers.get(container_id)
+        if s is None or s.state == "gone":
+            return
+        if s.state != "killing":
+            s.state = "killing"
+        node = self.nodes.get(s.node_id)
+        if node is not None and node.peer is not None:
+            node.peer.send(m.ContainerKill(container_id, 0.0, reason))
+        else:
+            self._gone(s, f"killed ({reason}) while its node was unreachable", oom=False)
+
+    def _gone(self, s: ContainerSession, description: str, oom: bool) -> None:
+        if s.state == "gone":
+            return
+        if s.lost_handle is not None:
+            s.lost_handle.cancel()
+        prior = s.state
+        s.state = "gone"
+        status = "died"
+        error = f"ContainerDiedError: the container running this input {description}"
+        if oom:
+            error = f"OutOfMemoryError: the container running this input {description}"
+        self.calls.release_leases(s, 1 if prior != "killing" else 0, status, error)
+        fn = self.calls.functions.get(s.function_id)
+        if fn is not None:
+            fn.sessions.pop(s.container_id, None)
+        self.containers.pop(s.container_id, None)
+        node = self.nodes.get(s.node_id)
+        if node is not None:
+            release_resources(node.view, s.request, s.placement)
+        if s.peer is not None:
+            s.peer.close()
+        self.store.set_container_state(s.container_id, "stopped", description)
+        if prior == "starting" and fn is not None and fn.queue:
+            # died before it was ready (a crash at import): back off before the next try
+            self._init_failed(
+                s, f"ContainerDiedError: the container {description} while starting", None, None
+            )
+        self._on_change()
+
+    def check_startups(self, now: float) -> None:
+        for s in list(self.containers.values()):
+            if s.state == "starting" and now - s.started_at > STARTUP_TIMEOUT_S:
+                self.kill(s.container_id, f"not ready after {STARTUP_TIMEOUT_S:g}s")
+
+    def stop_app(self, app_id: str) -> None:
+        for s in [s for s in self.containers.values() if s.app_id == app_id]:
+            self.kill(s.container_id, "the app was stopped")

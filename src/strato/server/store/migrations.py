@@ -1,0 +1,47 @@
+"""Schema migrations: an ordered list of steps, each run once, recorded in schema_version.
+
+A new step is appended, never edited. Steps take a SQLAlchemy connection inside a
+transaction and must work on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, inspect, select
+
+from . import schema
+
+
+def _v1_initial(conn: Connection) -> None:
+    tables = [t for name, t in schema.metadata.tables.items() if name != "schema_version"]
+    schema.metadata.create_all(conn, tables=tables)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial]
+LATEST = len(MIGRATIONS)
+
+
+def current_version(conn: Connection) -> int:
+    if not inspect(conn).has_table("schema_version"):
+        return 0
+    row = conn.execute(select(schema.schema_version.c.version)).first()
+    return row[0] if row else 0
+
+
+def migrate(conn: Connection) -> int:
+    """Bring the schema to ``LATEST``; returns the version it started from."""
+    schema.schema_version.create(conn, checkfirst=True)
+    start = current_version(conn)
+    if start > LATEST:
+        raise RuntimeError(
+            f"the database schema is version {start}, newer than this strato ({LATEST}); "
+            "upgrade strato or point STRATO_DATABASE_URL at another database"
+        )
+    for version in range(start, LATEST):
+        MIGRATIONS[version](conn)
+    if start == 0:
+        conn.execute(schema.schema_version.insert().values(version=LATEST))
+    elif start < LATEST:
+        conn.execute(schema.schema_version.update().values(version=LATEST))
+    return start

@@ -1,0 +1,3 @@
+from strato.worker.agent import main
+
+main()

@@ -1,0 +1,303 @@
+"""The worker agent: one per node.
+
+It dials the control plane's channel, registers its node's resources, starts containers
+through a ``Runtime`` when asked, ships their stdout/stderr line by line (tagged with the
+container id, batched), and reports each exit with its cause (code, signal, out of
+memory). When the control plane goes away it keeps dialling; a local agent (started by the
+control plane) exits with its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from strato.client.config import strato_home
+from strato.client.http import ApiClient
+from strato.protocol import frames
+from strato.protocol import messages as m
+from strato.runtime import get_runtime
+from strato.runtime.base import ContainerLaunch, RunningContainer
+
+from .mounts import materialize
+from .resources import detect_inventory
+
+log = logging.getLogger("strato.worker")
+
+LOG_FLUSH_S = 0.02
+MAX_LOG_LINE = 16 << 10
+PIDS_MAX = 4096
+
+
+class WorkerAgent:
+    def __init__(
+        self,
+        channel: str,
+        token: str,
+        home: Path,
+        *,
+        name: str | None = None,
+        provider: str = "local",
+        parent_pid: int | None = None,
+    ) -> None:
+        self.channel = channel
+        self.token = token
+        self.home = home
+        self.cache = home / "worker"
+        self.name = name or socket.gethostname()
+        self.provider = provider
+        self.parent_pid = parent_pid
+        self.worker_id = "wk-" + secrets.token_hex(6)
+        self.runtime = get_runtime(os.environ.get("STRATO_RUNTIME") or None)
+        self.containers: dict[str, RunningContainer] = {}
+        self.starting: set[str] = set()
+        self.killed: set[str] = set()
+        self._writer: asyncio.StreamWriter | None = None
+        self._log_buf: list[m.LogLine] = []
+        self._log_flush: asyncio.TimerHandle | None = None
+        self._outbox: list[object] = []  # what could not be sent while disconnected
+        self._http: ApiClient | None = None
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ connection
+
+    def send(self, msg: object) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frames.encode(msg))
+        elif not isinstance(msg, m.Logs):
+            self._outbox.append(msg)
+
+    async def run(self) -> None:
+        inv = detect_inventory()
+        node = m.NodeInfo(
+            name=self.name,
+            provider=self.provider,
+            cpu=inv.cpu,
+            memory_mb=inv.memory_mb,
+            gpus=inv.gpus,
+            region=inv.region,
+            price_per_hour=inv.price_per_hour,
+            labels=inv.labels,
+        )
+        log.info(
+            "worker %s: %s CPU, %s MiB, GPUs %s, runtime %s",
+            self.worker_id,
+            node.cpu,
+            node.memory_mb,
+            node.gpus or "none",
+            self.runtime.describe(),
+        )
+        watch = asyncio.create_task(self._watch_parent())
+        delay = 0.1
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._session(node)
+                    delay = 0.1
+                except (OSError, frames.FrameError, asyncio.IncompleteReadError) as e:
+                    log.info("channel to the control plane unavailable (%s); retrying", e)
+                if self._stop.is_set():
+                    break
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 2.0)
+        finally:
+            watch.cancel()
+            await self.shutdown()
+
+    async def _session(self, node: m.NodeInfo) -> None:
+        family, addr = frames.parse_address(self.channel)
+        if family == "unix":
+            reader, writer = await asyncio.open_unix_connection(addr, limit=1 << 20)
+        else:
+            reader, writer = await asyncio.open_connection(*addr, limit=1 << 20)
+        writer.write(
+            frames.encode(m.WorkerHello(self.token, node, self.worker_id, list(self.containers)))
+        )
+        welcome = await asyncio.wait_for(frames.read_frame(reader), 10.0)
+        if not isinstance(welcome, m.WorkerWelcome):
+            writer.close()
+            raise frames.FrameError("the control plane refused this worker (bad token?)")
+        self._writer = writer
+        self._http = ApiClient(welcome.http_url, self.token)
+        log.info("registered as %s with control plane epoch %s", welcome.node_id, welcome.epoch)
+        for cid in welcome.kill:
+            self._kill(cid, 0.0)
+        outbox, self._outbox = self._outbox, []
+        for msg in outbox:
+            self.send(msg)
+        try:
+            while (msg := await frames.read_frame(reader)) is not None:
+                if isinstance(msg, m.ContainerStart):
+                    asyncio.create_task(self._start(msg))
+                elif isinstance(msg, m.ContainerKill):
+                    self._kill(msg.container_id, msg.grace_s)
+        finally:
+            self._writer = None
+            writer.close()
+
+    async def _watch_parent(self) -> None:
+        if not self.parent_pid:
+            return
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != self.parent_pid:
+                log.info("the control plane (pid %s) exited; stopping", self.parent_pid)
+                self._stop.set()
+                if self._writer is not None:
+                    self._writer.close()
+                return
+
+    # ------------------------------------------------------------------ containers
+
+    async def _start(self, msg: m.ContainerStart) -> None:
+        cid = msg.container_id
+        self.starting.add(cid)
+        try:
+            launch = await asyncio.to_thread(self._prepare, msg)
+            if cid in self.killed:
+                return
+            rc = await self.runtime.start(launch)
+        except Exception as e:  # noqa: BLE001 - reported to the control plane
+            log.exception("container %s failed to start", cid)
+            self.send(m.ContainerStartFailed(cid, f"{type(e).__name__}: {e}"))
+            return
+        finally:
+            self.starting.discard(cid)
+        self.containers[cid] = rc
+        self.send(m.ContainerStarted(cid, rc.pid))
+        if cid in self.killed:
+            rc.signal(signal.SIGKILL)
+        pumps = [
+            asyncio.create_task(self._pump_logs(cid, rc.stdout, "stdout")),
+            asyncio.create_task(self._pump_logs(cid, rc.stderr, "stderr")),
+        ]
+        status = await rc.wait()
+        await asyncio.wait(pumps, timeout=2.0)
+        self._flush_logs()
+        self.containers.pop(cid, None)
+        self.killed.discard(cid)
+        self.send(
+            m.ContainerExited(
+                cid, status.exit_code, status.signal, status.oom_killed, status.description
+            )
+        )
+
+    def _prepare(self, msg: m.ContainerStart) -> ContainerLaunch:
+        spec = msg.spec
+        workdir = self.cache / "containers" / msg.container_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec_path = workdir / "spec.msgpack"
+        spec_path.write_bytes(msgspec.msgpack.encode(spec))
+        paths: list[str] = []
+        if msg.mount is not None:
+            paths = materialize(msg.mount, str(self.cache), self._http.get_blob)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(workdir),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "STRATO_CONTAINER_ID": msg.container_id,
+            "STRATO_CHANNEL": msg.channel,
+            "STRATO_CONTAINER_TOKEN": msg.token,
+            "STRATO_CONTAINER_SPEC": str(spec_path),
+            "STRATO_MOUNT_PATHS": os.pathsep.join(paths),
+            "STRATO_FUNCTION_ID": msg.function_id,
+            "STRATO_APP_ID": msg.app_id,
+        }
+        env.update(spec.env)
+        res = spec.resources
+        return ContainerLaunch(
+            container_id=msg.container_id,
+            argv=[sys.executable, "-m", "strato.container"],
+            env=env,
+            cwd=str(workdir),
+            cpu=res.cpu_limit,
+            memory_mb=res.memory_limit_mb,
+            pids_max=PIDS_MAX,
+            gpu_indices=list(msg.gpu_indices),
+        )
+
+    def _kill(self, cid: str, grace_s: float) -> None:
+        self.killed.add(cid)
+        rc = self.containers.get(cid)
+        if rc is None:
+            return
+        if grace_s > 0:
+            asyncio.create_task(rc.stop(grace_s))
+        else:
+            rc.signal(signal.SIGKILL)
+
+    async def _pump_logs(self, cid: str, stream: asyncio.StreamReader, name: str) -> None:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the reader's limit
+                line = await stream.read(MAX_LOG_LINE)
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            self._log_buf.append(m.LogLine(time.time(), cid, name, text[:MAX_LOG_LINE]))
+            if len(self._log_buf) >= 500:
+                self._flush_logs()
+            elif self._log_flush is None:
+                self._log_flush = asyncio.get_running_loop().call_later(
+                    LOG_FLUSH_S, self._flush_logs
+                )
+
+    def _flush_logs(self) -> None:
+        if self._log_flush is not None:
+            self._log_flush.cancel()
+            self._log_flush = None
+        if self._log_buf:
+            lines, self._log_buf = self._log_buf, []
+            self.send(m.Logs(lines))
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        running = list(self.containers.values())
+        if running:
+            await asyncio.gather(*(rc.stop(grace_s) for rc in running), return_exceptions=True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("STRATO_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    home = strato_home()
+    channel = os.environ.get("STRATO_WORKER_CHANNEL") or f"unix:{home / 'run' / 'channel.sock'}"
+    token = os.environ.get("STRATO_TOKEN") or (home / "token").read_text().strip()
+    parent = os.environ.get("STRATO_WORKER_PARENT_PID")
+    agent = WorkerAgent(
+        channel,
+        token,
+        home,
+        name=os.environ.get("STRATO_NODE_NAME"),
+        provider=os.environ.get("STRATO_NODE_PROVIDER", "local"),
+        parent_pid=int(parent) if parent else None,
+    )
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.request_stop)
+        await agent.run()
+
+    asyncio.run(run())
