@@ -21,8 +21,10 @@ def load_module(path: Path) -> ModuleType:
         raise exc.InvalidError(f"{path} is not a Python file")
     name = path.stem
     if not name.isidentifier():
-        raise exc.InvalidError(f"{path.name} cannot be imported as a module: rename it to a "
-                               "valid Python identifier (letters, digits, underscores)")
+        raise exc.InvalidError(
+            f"{path.name} cannot be imported as a module: rename it to a "
+            "valid Python identifier (letters, digits, underscores)"
+        )
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -42,8 +44,9 @@ def load_app(target: str) -> tuple[App, ModuleType, str | None]:
         raise exc.InvalidError(f"{file} defines no strato.App: add `app = strato.App(...)`")
     if len(apps) > 1:
         if "app" not in apps:
-            raise exc.InvalidError(f"{file} defines several apps ({', '.join(apps)}); name one "
-                                   "`app`")
+            raise exc.InvalidError(
+                f"{file} defines several apps ({', '.join(apps)}); name one `app`"
+            )
         return apps["app"], module, name or None
     return next(iter(apps.values())), module, name or None
 
@@ -64,10 +67,14 @@ def pick_target(app: App, name: str | None):
     if len(entrypoints) == 1:
         return "entrypoint", next(iter(entrypoints.values()))
     if len(entrypoints) > 1:
-        raise exc.InvalidError("the app has several local entrypoints; pick one with "
-                               "FILE::NAME: " + ", ".join(entrypoints))
+        raise exc.InvalidError(
+            "the app has several local entrypoints; pick one with "
+            "FILE::NAME: " + ", ".join(entrypoints)
+        )
     if len(functions) == 1:
         fn: Function = next(iter(functions.values()))
         return "function", fn
-    raise exc.InvalidError("the app has no @app.local_entrypoint(); pick a function with "
-                           "FILE::NAME: " + ", ".join(functions))
+    raise exc.InvalidError(
+        "the app has no @app.local_entrypoint(); pick a function with "
+        "FILE::NAME: " + ", ".join(functions)
+    )

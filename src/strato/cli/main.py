@@ -53,14 +53,19 @@ def _entrypoint_kwargs(fn, args: tuple[str, ...]) -> dict:
             raise exc.InvalidError(f"unexpected argument {token!r}: pass --name value")
         name = token[2:].replace("-", "_")
         if name not in params:
-            raise exc.InvalidError(f"{fn.__name__}() has no parameter {name!r}; it takes "
-                                   + (", ".join(params) or "none"))
+            raise exc.InvalidError(
+                f"{fn.__name__}() has no parameter {name!r}; it takes "
+                + (", ".join(params) or "none")
+            )
         raw = next(it, None)
         if raw is None:
             raise exc.InvalidError(f"--{name} needs a value")
         ann = params[name].annotation
-        kind = ann if isinstance(ann, type) else {"int": int, "float": float, "bool": bool}.get(
-            str(ann), str)
+        kind = (
+            ann
+            if isinstance(ann, type)
+            else {"int": int, "float": float, "bool": bool}.get(str(ann), str)
+        )
         if kind is bool:
             kwargs[name] = raw.lower() in ("1", "true", "yes", "y")
         elif kind in (int, float):
@@ -140,8 +145,11 @@ def app_group() -> None:
 def app_list(show_all: bool) -> None:
     """List apps."""
     apps = session.api().call("GET", "/apps", None, m.AppList).apps
-    rows = [[a.app_id, a.name or "-", a.state, str(a.n_containers), _ago(a.created_at)]
-            for a in apps if show_all or a.state != "stopped"]
+    rows = [
+        [a.app_id, a.name or "-", a.state, str(a.n_containers), _ago(a.created_at)]
+        for a in apps
+        if show_all or a.state != "stopped"
+    ]
     _table(rows, ["APP ID", "NAME", "STATE", "CONTAINERS", "CREATED"])
 
 
@@ -161,8 +169,14 @@ def app_logs(app: str, follow: bool) -> None:
     client = session.api()
     cursor = 0
     while True:
-        batch = client.call("GET", f"/apps/{app}/logs", None, m.LogBatch,
-                            params={"after": cursor, "timeout": 10 if follow else 0}, timeout=45)
+        batch = client.call(
+            "GET",
+            f"/apps/{app}/logs",
+            None,
+            m.LogBatch,
+            params={"after": cursor, "timeout": 10 if follow else 0},
+            timeout=45,
+        )
         for line in batch.lines:
             stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
             click.echo(f"{stamp} [{line.container_id}] {line.text}")
@@ -187,8 +201,10 @@ def container_list(app: str | None) -> None:
     """List running containers."""
     params = {"app": app} if app else None
     cs = session.api().call("GET", "/containers", None, m.ContainerList, params=params)
-    rows = [[c.container_id, c.app_id, c.function_name, c.node_id, c.state, _ago(c.started_at)]
-            for c in cs.containers]
+    rows = [
+        [c.container_id, c.app_id, c.function_name, c.node_id, c.state, _ago(c.started_at)]
+        for c in cs.containers
+    ]
     _table(rows, ["CONTAINER ID", "APP ID", "FUNCTION", "NODE", "STATE", "STARTED"])
 
 
@@ -209,8 +225,9 @@ def _server_pid() -> int | None:
 
 
 @server_group.command("start")
-@click.option("--foreground", is_flag=True, help="Run in this terminal instead of in the "
-              "background.")
+@click.option(
+    "--foreground", is_flag=True, help="Run in this terminal instead of in the background."
+)
 def server_start(foreground: bool) -> None:
     """Start the control plane (and this machine's worker agent) if none answers."""
     url = config.server_url()
@@ -271,9 +288,11 @@ def server_status() -> None:
     click.echo(f"state in {config.strato_home()}")
     for n in nodes:
         gpus = ", ".join(f"{k} x{len(v)}" for k, v in n.info.gpus.items()) or "no GPUs"
-        click.echo(f"node {n.node_id} ({n.info.name}, {n.info.provider}): {n.state}, "
-                   f"{n.info.cpu:g} CPU ({n.cpu_reserved:g} reserved), {n.info.memory_mb} MiB "
-                   f"({n.memory_reserved_mb} reserved), {gpus}")
+        click.echo(
+            f"node {n.node_id} ({n.info.name}, {n.info.provider}): {n.state}, "
+            f"{n.info.cpu:g} CPU ({n.cpu_reserved:g} reserved), {n.info.memory_mb} MiB "
+            f"({n.memory_reserved_mb} reserved), {gpus}"
+        )
     click.echo(f"{len(containers)} containers running")
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger("strato.calls")
 
 MAX_PREFETCH = 256  # inputs in flight to one sequential container when the function is fast
 FAST_FUNCTION_S = 0.005
+UNKNOWN_SEQ = 1 << 62
 
 
 @dataclass(eq=False)
@@ -110,6 +111,9 @@ class CallManager:
         self.functions: dict[str, FunctionState] = {}
         self.live: dict[str, dict[int, Pending]] = {}  # call_id -> input_id -> Pending
         self._events: dict[str, asyncio.Event] = {}
+        # last output sequence number of each call with inputs in memory: lets a long-poll
+        # skip the store when it has seen everything already
+        self._last_seq: dict[str, int] = {}
         next_input, next_seq, _ = store.max_ids()
         self._next_input = next_input + 1
         self._next_seq = next_seq + 1
@@ -180,15 +184,11 @@ class CallManager:
     def create_call(self, req: m.CreateCall) -> None:
         fn = self.function(req.function_id)
         self._check_callable(fn)
-        existing = self.store.call(req.call_id)
-        if existing is not None:  # a retried request: add only what is missing
-            self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
-            return
         rows, pendings = self._input_rows(fn, req.call_id, req.inputs)
         for p in pendings:
             p.method = req.method
         now = time.time()
-        self.store.create_call(
+        created = self.store.create_call(
             {
                 "call_id": req.call_id,
                 "function_id": fn.function_id,
@@ -202,6 +202,10 @@ class CallManager:
             },
             rows,
         )
+        if not created:  # a retried request: add only what is missing
+            self._next_input -= len(rows)
+            self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
+            return
         self._enqueue(fn, pendings)
 
     def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
@@ -315,6 +319,8 @@ class CallManager:
             live.pop(p.input_id, None)
             if not live:
                 del self.live[p.call_id]
+        seq = self._seq()
+        self._last_seq[p.call_id] = seq
         return {
             "b_id": p.input_id,
             "b_status": status,
@@ -322,7 +328,7 @@ class CallManager:
             "b_blob": blob,
             "b_error": error,
             "b_tb": tb,
-            "b_seq": self._seq(),
+            "b_seq": seq,
             "b_at": time.time(),
         }
 
@@ -330,6 +336,8 @@ class CallManager:
         self.store.finish_inputs(rows)
         for call_id in calls:
             self._notify(call_id)
+            if call_id not in self.live:
+                self._last_seq.pop(call_id, None)
 
     def on_outputs(self, session: ContainerRef, outputs: list[m.TaskOutput]) -> None:
         fn = self.functions.get(session.function_id)
@@ -349,9 +357,11 @@ class CallManager:
                 data, blob = o.data, None
                 if data is not None and len(data) > self.blob_threshold:
                     blob, data = self.blobs.put(data), None
+                seq = self._seq()
+                self._last_seq[p.call_id] = seq
                 gens.append(
                     {
-                        "seq": self._seq(),
+                        "seq": seq,
                         "call_id": p.call_id,
                         "idx": p.idx,
                         "gen_index": o.gen_index,
@@ -544,22 +554,31 @@ class CallManager:
             ev = self._events.get(call_id)
             if ev is None:
                 ev = self._events[call_id] = asyncio.Event()
-            rows = self.store.outputs_after(call_id, after, limit)
-            if rows:
-                return self._outputs(call_id, rows)
-            call = self.store.call(call_id)
-            if call is None:
-                raise NotFoundError(f"call {call_id} does not exist (or its outputs expired)")
-            done = call["closed"] and self.store.count_done(call_id) >= call["n_inputs"]
-            remaining = deadline - time.monotonic()
-            if done or remaining <= 0:
-                return m.Outputs([], after, done=done, n_inputs=call["n_inputs"])
+            live = self.live.get(call_id)
+            if not live or self._last_seq.get(call_id, 0) > after:
+                gens = (
+                    not live
+                    or self.functions[next(iter(live.values())).function_id].spec.is_generator
+                )
+                rows = self.store.outputs_after(call_id, after, limit, with_gens=gens)
+                if rows:
+                    return self._outputs(rows)
+            done = False
+            if not live:  # nothing of it in memory: ask the store whether it is complete
+                call = self.store.call(call_id)
+                if call is None:
+                    raise NotFoundError(f"call {call_id} does not exist (or its outputs expired)")
+                done = call["closed"] and self.store.count_done(call_id) >= call["n_inputs"]
+                if done:
+                    return m.Outputs([], after, done=True, n_inputs=call["n_inputs"])
+            if time.monotonic() >= deadline:
+                return m.Outputs([], after)
             try:
-                await asyncio.wait_for(ev.wait(), remaining)
+                await asyncio.wait_for(ev.wait(), deadline - time.monotonic())
             except TimeoutError:
                 pass
 
-    def _outputs(self, call_id: str, rows) -> m.Outputs:
+    def _outputs(self, rows) -> m.Outputs:
         items = [
             m.OutputItem(r.idx, r.status, r.data, r.blob, r.error, r.traceback, r.seq, r.gen_index)
             for r in rows
@@ -590,6 +609,7 @@ class CallManager:
                 attempts=r.attempts,
             )
             self.live.setdefault(p.call_id, {})[p.input_id] = p
+            self._last_seq[p.call_id] = UNKNOWN_SEQ  # outputs may exist: read the store
             if fn.app_state == "stopped":
                 stopped_finals.append(
                     self._final_row(p, "cancelled", None, "AppStoppedError: the app was stopped")

@@ -88,7 +88,6 @@ inputs = Table(
     Column("done_at", Float, nullable=True),
     UniqueConstraint("call_id", "idx", name="uq_inputs_call_idx"),
     Index("ix_inputs_call_seq", "call_id", "done_seq"),
-    Index("ix_inputs_status", "status"),
 )
 
 gen_items = Table(

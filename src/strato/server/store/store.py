@@ -23,6 +23,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from . import schema as t
 from .migrations import migrate
@@ -69,6 +70,64 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=2, pool_pre_ping=True)
 
 
+class _Statements:
+    """Hot statements, built once: building a SQLAlchemy statement per call costs more
+    than running it."""
+
+    def __init__(self) -> None:
+        i, c, g, lg = t.inputs.c, t.calls.c, t.gen_items.c, t.logs.c
+        self.call = select(t.calls).where(c.call_id == bindparam("call_id"))
+        self.insert_call = t.calls.insert()
+        self.insert_inputs = t.inputs.insert()
+        self.finish = (
+            update(t.inputs)
+            .where(and_(i.input_id == bindparam("b_id"), i.status == "pending"))
+            .values(
+                status="done",
+                out_status=bindparam("b_status"),
+                output=bindparam("b_output"),
+                output_blob=bindparam("b_blob"),
+                error=bindparam("b_error"),
+                traceback=bindparam("b_tb"),
+                done_seq=bindparam("b_seq"),
+                done_at=bindparam("b_at"),
+            )
+        )
+        self.finals_after = (
+            select(i.idx, i.out_status, i.output, i.output_blob, i.error, i.traceback, i.done_seq)
+            .where(and_(i.call_id == bindparam("call_id"), i.done_seq > bindparam("after")))
+            .order_by(i.done_seq)
+            .limit(bindparam("limit"))
+        )
+        self.gens_after = (
+            select(g.idx, g.data, g.blob, g.seq, g.gen_index)
+            .where(and_(g.call_id == bindparam("call_id"), g.seq > bindparam("after")))
+            .order_by(g.seq)
+            .limit(bindparam("limit"))
+        )
+        self.count_done = (
+            select(func.count())
+            .select_from(t.inputs)
+            .where(and_(i.call_id == bindparam("call_id"), i.done_seq.is_not(None)))
+        )
+        self.existing_idx = select(i.idx).where(
+            and_(i.call_id == bindparam("call_id"), i.idx.between(bindparam("lo"), bindparam("hi")))
+        )
+        self.set_attempts = (
+            update(t.inputs)
+            .where(i.input_id == bindparam("b_id"))
+            .values(attempts=bindparam("b_attempts"), retry_at=bindparam("b_retry"))
+        )
+        self.insert_logs = t.logs.insert()
+        self.logs_after = (
+            select(t.logs)
+            .where(and_(lg.app_id == bindparam("app_id"), lg.seq > bindparam("after")))
+            .order_by(lg.seq)
+            .limit(bindparam("limit"))
+        )
+        self.insert_gens = t.gen_items.insert()
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -76,6 +135,7 @@ class Store:
         self.conn: Connection = self.engine.connect()
         with self.conn.begin():
             migrate(self.conn)
+        self.q = _Statements()
 
     def close(self) -> None:
         self.conn.close()
@@ -215,22 +275,27 @@ class Store:
 
     def call(self, call_id: str) -> dict | None:
         with self.conn.begin():
-            r = self.conn.execute(select(t.calls).where(t.calls.c.call_id == call_id)).first()
+            r = self.conn.execute(self.q.call, {"call_id": call_id}).first()
         return dict(r._mapping) if r else None
 
-    def create_call(self, row: dict, input_rows: list[dict]) -> None:
-        """Insert a call with its first inputs in one transaction."""
-        with self.conn.begin():
-            self.conn.execute(t.calls.insert().values(**row))
-            if input_rows:
-                self.conn.execute(t.inputs.insert(), input_rows)
+    def create_call(self, row: dict, input_rows: list[dict]) -> bool:
+        """Insert a call with its first inputs in one transaction; False when a call with
+        that id exists already (a retried request)."""
+        try:
+            with self.conn.begin():
+                self.conn.execute(self.q.insert_call, row)
+                if input_rows:
+                    self.conn.execute(self.q.insert_inputs, input_rows)
+        except IntegrityError:
+            if self.call(row["call_id"]) is None:
+                raise
+            return False
+        return True
 
     def existing_idx(self, call_id: str, lo: int, hi: int) -> set[int]:
         with self.conn.begin():
             rows = self.conn.execute(
-                select(t.inputs.c.idx).where(
-                    and_(t.inputs.c.call_id == call_id, t.inputs.c.idx.between(lo, hi))
-                )
+                self.q.existing_idx, {"call_id": call_id, "lo": lo, "hi": hi}
             ).all()
         return {r[0] for r in rows}
 
@@ -240,7 +305,7 @@ class Store:
         """Insert input rows and update the call's count in one transaction."""
         with self.conn.begin():
             if rows:
-                self.conn.execute(t.inputs.insert(), rows)
+                self.conn.execute(self.q.insert_inputs, rows)
             values: dict = {}
             if n_inputs is not None:
                 values["n_inputs"] = n_inputs
@@ -254,76 +319,41 @@ class Store:
     def finish_inputs(self, rows: list[dict]) -> None:
         """Record final outputs: rows of input_id, out_status, output, output_blob, error,
         traceback, done_seq, done_at. Only inputs still pending are updated."""
-        if not rows:
-            return
-        stmt = (
-            update(t.inputs)
-            .where(and_(t.inputs.c.input_id == bindparam("b_id"), t.inputs.c.status == "pending"))
-            .values(
-                status="done",
-                out_status=bindparam("b_status"),
-                output=bindparam("b_output"),
-                output_blob=bindparam("b_blob"),
-                error=bindparam("b_error"),
-                traceback=bindparam("b_tb"),
-                done_seq=bindparam("b_seq"),
-                done_at=bindparam("b_at"),
-            )
-        )
-        with self.conn.begin():
-            self.conn.execute(stmt, rows)
+        if rows:
+            with self.conn.begin():
+                self.conn.execute(self.q.finish, rows)
 
     def add_gen_items(self, rows: list[dict]) -> None:
         if rows:
             with self.conn.begin():
-                self.conn.execute(t.gen_items.insert(), rows)
+                self.conn.execute(self.q.insert_gens, rows)
 
     def set_attempts(self, rows: list[tuple[int, int, float | None]]) -> None:
         """(input_id, attempts, retry_at) after a failed attempt that will be retried."""
-        if not rows:
-            return
-        stmt = (
-            update(t.inputs)
-            .where(t.inputs.c.input_id == bindparam("b_id"))
-            .values(attempts=bindparam("b_attempts"), retry_at=bindparam("b_retry"))
-        )
-        with self.conn.begin():
-            self.conn.execute(
-                stmt, [{"b_id": i, "b_attempts": a, "b_retry": r} for i, a, r in rows]
-            )
-
-    def outputs_after(self, call_id: str, after: int, limit: int) -> list[OutputRow]:
-        i = t.inputs.c
-        g = t.gen_items.c
-        with self.conn.begin():
-            finals = self.conn.execute(
-                select(
-                    i.idx, i.out_status, i.output, i.output_blob, i.error, i.traceback, i.done_seq
+        if rows:
+            with self.conn.begin():
+                self.conn.execute(
+                    self.q.set_attempts,
+                    [{"b_id": i, "b_attempts": a, "b_retry": r} for i, a, r in rows],
                 )
-                .where(and_(i.call_id == call_id, i.done_seq > after))
-                .order_by(i.done_seq)
-                .limit(limit)
-            ).all()
-            gens = self.conn.execute(
-                select(g.idx, g.data, g.blob, g.seq, g.gen_index)
-                .where(and_(g.call_id == call_id, g.seq > after))
-                .order_by(g.seq)
-                .limit(limit)
-            ).all()
-        out = [OutputRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in finals]
-        out += [OutputRow(r[0], "success", r[1], r[2], None, None, r[3], r[4]) for r in gens]
+
+    def outputs_after(
+        self, call_id: str, after: int, limit: int, with_gens: bool = True
+    ) -> list[OutputRow]:
+        params = {"call_id": call_id, "after": after, "limit": limit}
+        with self.conn.begin():
+            finals = self.conn.execute(self.q.finals_after, params).all()
+            gens = self.conn.execute(self.q.gens_after, params).all() if with_gens else []
+        out = [OutputRow(*r) for r in finals]
         if gens:
+            out += [OutputRow(r[0], "success", r[1], r[2], None, None, r[3], r[4]) for r in gens]
             out.sort(key=lambda o: o.seq)
             out = out[:limit]
         return out
 
     def count_done(self, call_id: str) -> int:
         with self.conn.begin():
-            return self.conn.execute(
-                select(func.count())
-                .select_from(t.inputs)
-                .where(and_(t.inputs.c.call_id == call_id, t.inputs.c.status == "done"))
-            ).scalar()
+            return self.conn.execute(self.q.count_done, {"call_id": call_id}).scalar()
 
     def cancel_call(self, call_id: str) -> None:
         with self.conn.begin():
@@ -456,16 +486,13 @@ class Store:
     def add_logs(self, rows: list[dict]) -> None:
         if rows:
             with self.conn.begin():
-                self.conn.execute(t.logs.insert(), rows)
+                self.conn.execute(self.q.insert_logs, rows)
 
     def logs_after(self, app_id: str, after: int, limit: int = 1000) -> list[dict]:
         with self.conn.begin():
             return [
                 dict(r._mapping)
                 for r in self.conn.execute(
-                    select(t.logs)
-                    .where(and_(t.logs.c.app_id == app_id, t.logs.c.seq > after))
-                    .order_by(t.logs.c.seq)
-                    .limit(limit)
+                    self.q.logs_after, {"app_id": app_id, "after": after, "limit": limit}
                 )
             ]

@@ -1,0 +1,101 @@
+"""The store on SQLite and on PostgreSQL (the local server): same code, same behaviour."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+
+import psycopg
+import pytest
+
+from strato.server.store import Store
+from strato.server.store.migrations import LATEST, current_version
+
+PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+        yield s
+        s.close()
+        return
+    name = "strato_test_" + secrets.token_hex(4)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        s = Store(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+        yield s
+        s.close()
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _call(store: Store, call_id: str, n: int, first_id: int, expires_at: float | None = None):
+    store.create_call(
+        {"call_id": call_id, "function_id": "fu-1", "kind": "map", "method": None,
+         "n_inputs": n, "closed": True, "cancelled": False, "created_at": time.time(),
+         "expires_at": expires_at or time.time() + 3600},
+        [{"input_id": first_id + i, "call_id": call_id, "idx": i, "args": b"a%d" % i,
+          "args_blob": None, "status": "pending", "attempts": 0} for i in range(n)],
+    )
+
+
+def _finish(input_id: int, seq: int, value: bytes) -> dict:
+    return {"b_id": input_id, "b_status": "success", "b_output": value, "b_blob": None,
+            "b_error": None, "b_tb": None, "b_seq": seq, "b_at": time.time()}
+
+
+def test_schema_is_migrated_to_latest(store):
+    assert current_version(store.conn) == LATEST
+
+
+def test_inputs_are_pending_until_finished_once(store):
+    store.create_app("ap-1", "demo", "ephemeral", [("fu-1", "f", b"spec")], None, False)
+    _call(store, "fc-1", 3, 1)
+    assert [r.idx for r in store.pending_inputs()] == [0, 1, 2]
+    store.finish_inputs([_finish(2, 10, b"two")])
+    store.finish_inputs([_finish(2, 11, b"again")])  # a second output is ignored
+    outs = store.outputs_after("fc-1", 0, 100)
+    assert [(o.idx, o.data, o.seq) for o in outs] == [(1, b"two", 10)]
+    assert [r.idx for r in store.pending_inputs()] == [0, 2]
+    assert store.count_done("fc-1") == 1
+    assert store.max_ids()[:2] == (3, 10)
+
+
+def test_outputs_are_read_by_sequence(store):
+    store.create_app("ap-1", "demo", "ephemeral", [("fu-1", "f", b"spec")], None, False)
+    _call(store, "fc-1", 4, 1)
+    store.finish_inputs([_finish(4, 1, b"d"), _finish(1, 2, b"a")])
+    store.finish_inputs([_finish(3, 3, b"c")])
+    assert [o.idx for o in store.outputs_after("fc-1", 0, 2)] == [3, 0]
+    assert [o.idx for o in store.outputs_after("fc-1", 2, 100)] == [2]
+    assert store.existing_idx("fc-1", 1, 10) == {1, 2, 3}
+
+
+def test_deploy_replaces_the_app_of_the_same_name(store):
+    store.create_app("ap-1", "svc", "deployed", [("fu-1", "f", b"s1")], None, True)
+    stopped = store.create_app("ap-2", "svc", "deployed", [("fu-2", "f", b"s2")], None, True)
+    assert stopped == ["ap-1"]
+    assert store.find_app("svc")["app_id"] == "ap-2"
+    assert store.function("fu-1")["app_state"] == "stopped"
+
+
+def test_expired_calls_are_deleted(store):
+    store.create_app("ap-1", "demo", "ephemeral", [("fu-1", "f", b"spec")], None, False)
+    _call(store, "fc-old", 2, 1, expires_at=time.time() - 1)
+    _call(store, "fc-new", 2, 3)
+    assert store.expire(time.time()) == 1
+    assert store.call("fc-old") is None
+    assert store.call("fc-new") is not None
+    assert [r.call_id for r in store.pending_inputs()] == ["fc-new", "fc-new"]
+
+
+def test_logs_are_kept_per_app_in_order(store):
+    store.add_logs([{"seq": i, "app_id": "ap-1" if i % 2 else "ap-2", "ts": time.time(),
+                     "container_id": "ct-1", "stream": "stdout", "text": f"line {i}"}
+                    for i in range(1, 7)])
+    assert [r["text"] for r in store.logs_after("ap-1", 1)] == ["line 3", "line 5"]
