@@ -11,39 +11,59 @@ _DONE = object()
 
 
 class _Bound:
-    def __init__(self, fn, instance) -> None:
+    def __init__(self, fn, instance, iterates: bool) -> None:
         self._fn = fn
         self._instance = instance
+        self._iterates = iterates
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
         return self._fn(self._instance, *args, **kwargs)
 
     def aio(self, *args, **kwargs):
-        if inspect.isgeneratorfunction(self._fn):
-            return _agen(self._fn(self._instance, *args, **kwargs))
+        if self._iterates:
+            return _agen(self._fn, self._instance, args, kwargs)
         return asyncio.to_thread(self._fn, self._instance, *args, **kwargs)
 
 
-async def _agen(gen):
+async def _agen(fn, instance, args, kwargs):
+    # the call itself may do I/O (map looks its function up), so it runs in a thread too
+    it = await asyncio.to_thread(lambda: iter(fn(instance, *args, **kwargs)))
     try:
         while True:
-            item = await asyncio.to_thread(next, gen, _DONE)
+            item = await asyncio.to_thread(next, it, _DONE)
             if item is _DONE:
                 return
             yield item
     finally:
-        await asyncio.to_thread(gen.close)
+        close = getattr(it, "close", None)
+        if close is not None:
+            try:
+                await asyncio.to_thread(close)
+            except ValueError:  # still running in its thread (the task was cancelled)
+                pass
 
 
 class with_aio:  # noqa: N801 - used as a decorator
-    """Method decorator: the method stays blocking and gains ``.aio``."""
+    """Method decorator: the method stays blocking and gains ``.aio``.
 
-    def __init__(self, fn) -> None:
+    ``.aio`` of a generator method, or of one marked ``iterates=True`` (a method that
+    returns an iterator, like ``map``), is an async iterator; else it is a coroutine."""
+
+    def __init__(self, fn=None, *, iterates: bool = False) -> None:
         self._fn = fn
-        functools.update_wrapper(self, fn)
+        self._iterates = iterates
+        if fn is not None:
+            self._iterates = iterates or inspect.isgeneratorfunction(fn)
+            functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if self._fn is None:  # as @with_aio(iterates=True)
+            (fn,) = args
+            return with_aio(fn, iterates=self._iterates)
+        return self._fn(*args, **kwargs)  # called through the class: Function.map(f, xs)
 
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        return _Bound(self._fn, instance)
+        return _Bound(self._fn, instance, self._iterates)

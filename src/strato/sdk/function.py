@@ -177,14 +177,14 @@ class Function:
         client.call("POST", "/calls", req, m.Outputs)
         return FunctionCall(call_id)
 
-    @with_aio
+    @with_aio(iterates=True)
     def map(
         self, *iterables: Iterable, order_outputs: bool = True, return_exceptions: bool = False
     ) -> Iterator:
         """Run the function on every element (zipped across ``iterables``), in parallel."""
         return self._map(zip(*iterables), order_outputs, return_exceptions)
 
-    @with_aio
+    @with_aio(iterates=True)
     def starmap(
         self, iterable: Iterable[tuple], order_outputs: bool = True, return_exceptions: bool = False
     ) -> Iterator:

@@ -36,15 +36,17 @@ async def serve(config: ServerConfig) -> None:
     url = f"http://{config.host}:{port}"
     cp = ControlPlane(config, url)
     await cp.start()
-    asgi, _ = build_app(cp)
     server = uvicorn.Server(
         uvicorn.Config(
-            asgi,
+            build_app(cp),
             lifespan="off",
             log_level="warning",
             access_log=False,
             http="httptools",
             timeout_keep_alive=75,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
         )
     )
     info = server_info_path(config.home)

@@ -1,249 +1,197 @@
 """HTTP routes of the control plane.
 
 Bodies are msgpack-encoded structs from ``strato.protocol.messages``
-(``application/msgpack``); the OpenAPI description at ``/openapi.json`` lists their
-schemas. Every route but ``/health`` and the docs needs ``Authorization: Bearer <token>``.
+(``application/msgpack``); ``/openapi.json`` describes every route and body. Every route
+but ``/health`` and ``/openapi.json`` needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
 
 import msgspec
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store.blobs import check_key
 
 from ..control import ControlPlane
+from .router import Reply, Request, Router, reply
 
-MSGPACK = "application/msgpack"
 MAX_POLL_S = 55.0
 VERSION = "0.1.0"
 
-_STATUS = {
-    exc.InvalidError: 400,
-    exc.RequestSizeError: 413,
-    exc.AppStoppedError: 409,
-    exc.NotFoundError: 404,
-    exc.AuthError: 401,
-    exc.AlreadyExistsError: 409,
-}
 
-_decoders: dict[type, msgspec.msgpack.Decoder] = {}
-_encoder = msgspec.msgpack.Encoder()
+def build_app(cp: ControlPlane) -> Router:
+    api = Router("strato control plane", VERSION, cp.token, cp.config.max_payload + (1 << 20))
+    route = api.add
+    empty = reply({})
 
-
-def _reply(obj: object, status: int = 200) -> Response:
-    return Response(_encoder.encode(obj), status_code=status, media_type=MSGPACK)
-
-
-async def _body(request: Request, typ: type):
-    dec = _decoders.get(typ)
-    if dec is None:
-        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
-    try:
-        return dec.decode(await request.body())
-    except msgspec.DecodeError as e:
-        raise exc.InvalidError(f"bad request body for {typ.__name__}: {e}") from None
-
-
-def _schema_extra(request_type: type | None, response_type: type | None) -> dict:
-    extra: dict = {}
-    if request_type is not None:
-        extra["requestBody"] = {
-            "required": True,
-            "content": {
-                MSGPACK: {"schema": {"$ref": f"#/components/schemas/{request_type.__name__}"}}
-            },
-        }
-    if response_type is not None:
-        extra["responses"] = {
-            "200": {
-                "description": response_type.__name__,
-                "content": {
-                    MSGPACK: {"schema": {"$ref": f"#/components/schemas/{response_type.__name__}"}}
-                },
-            }
-        }
-    return extra
-
-
-class _Auth:
-    """Pure ASGI middleware: refuses requests without the control plane's token."""
-
-    OPEN = ("/health", "/openapi.json", "/docs", "/redoc")
-
-    def __init__(self, app, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not scope["path"].startswith(self.OPEN):
-            got = b""
-            for k, v in scope["headers"]:
-                if k == b"authorization":
-                    got = v
-                    break
-            if not hmac.compare_digest(got, self.expected):
-                body = _encoder.encode(
-                    m.ErrorBody(
-                        "AuthError",
-                        "missing or wrong token: set STRATO_TOKEN or use $STRATO_HOME/token",
-                    )
-                )
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [(b"content-type", MSGPACK.encode())],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
-def build_app(cp: ControlPlane) -> FastAPI:
-    api = FastAPI(title="strato control plane", version=VERSION)
-    used_types: list[type] = []
-
-    def route(method: str, path: str, req: type | None = None, resp: type | None = None):
-        used_types.extend(t for t in (req, resp) if t is not None)
-        return api.api_route(path, methods=[method], openapi_extra=_schema_extra(req, resp))
-
-    @api.exception_handler(exc.Error)
-    async def _error(_request: Request, e: exc.Error):
-        status = next((s for cls, s in _STATUS.items() if isinstance(e, cls)), 500)
-        return _reply(m.ErrorBody(type(e).__name__, str(e)), status)
-
-    @route("GET", "/health")
-    async def health() -> Response:
-        return JSONResponse(
-            msgspec.to_builtins(
-                m.Health(
-                    VERSION, cp.epoch, os.getpid(), cp.config.max_payload, cp.config.blob_threshold
-                )
-            )
+    @route("GET", "/health", "Liveness, version and payload limits", auth=False)
+    async def health(_: Request) -> Reply:
+        h = m.Health(
+            VERSION, cp.epoch, os.getpid(), cp.config.max_payload, cp.config.blob_threshold
         )
+        return Reply(msgspec.json.encode(h), content_type="application/json")
 
     # ---------------------------------------------------------------- apps
 
-    @route("POST", "/apps", m.CreateApp, m.AppInfo)
-    async def create_app(request: Request) -> Response:
-        return _reply(cp.create_app(await _body(request, m.CreateApp)))
+    @route("POST", "/apps", "Create (run or deploy) an app", body=m.CreateApp, response=m.AppInfo)
+    async def create_app(req: Request) -> Reply:
+        return reply(cp.create_app(req.decode(m.CreateApp)))
 
-    @route("GET", "/apps", None, m.AppList)
-    async def list_apps() -> Response:
-        return _reply(m.AppList([cp.app_info(r) for r in cp.store.apps()]))
+    @route("GET", "/apps", "List apps", response=m.AppList)
+    async def list_apps(_: Request) -> Reply:
+        return reply(m.AppList([cp.app_info(r) for r in cp.store.apps()]))
 
-    @route("GET", "/apps/{ref}", None, m.AppInfo)
-    async def get_app(ref: str) -> Response:
-        return _reply(cp.app_info(cp.find_app(ref)))
+    @route("GET", "/apps/{ref}", "An app by id or name", response=m.AppInfo)
+    async def get_app(req: Request) -> Reply:
+        return reply(cp.app_info(cp.find_app(req.path_params["ref"])))
 
-    @route("POST", "/apps/{ref}/stop")
-    async def stop_app(ref: str) -> Response:
-        cp.stop_app(cp.find_app(ref)["app_id"])
-        return _reply({})
+    @route("POST", "/apps/{ref}/stop", "Stop an app")
+    async def stop_app(req: Request) -> Reply:
+        cp.stop_app(cp.find_app(req.path_params["ref"])["app_id"])
+        return empty
 
-    @route("POST", "/apps/{app_id}/heartbeat")
-    async def heartbeat(app_id: str) -> Response:
-        cp.heartbeat(app_id)
-        return _reply({})
+    @route("POST", "/apps/{app_id}/heartbeat", "Keep an ephemeral app alive")
+    async def heartbeat(req: Request) -> Reply:
+        cp.heartbeat(req.path_params["app_id"])
+        return empty
 
-    @route("GET", "/apps/{ref}/logs", None, m.LogBatch)
-    async def app_logs(ref: str, after: int = 0, timeout: float = 0.0) -> Response:
-        app = cp.find_app(ref) if not ref.startswith("ap-") else {"app_id": ref}
-        batch = await cp.logs.wait(app["app_id"], after, min(timeout, MAX_POLL_S))
-        rows = cp.store.apps([app["app_id"]])
+    @route(
+        "GET",
+        "/apps/{ref}/logs",
+        "Long-poll an app's container logs",
+        response=m.LogBatch,
+        query={"after": int, "timeout": float},
+    )
+    async def app_logs(req: Request) -> Reply:
+        app_id = cp.find_app(req.path_params["ref"])["app_id"]
+        batch = await cp.logs.wait(
+            app_id, req.param("after", int, 0), min(req.param("timeout", float, 0.0), MAX_POLL_S)
+        )
+        rows = cp.store.apps([app_id])
         batch.app_state = rows[0]["state"] if rows else "stopped"
-        return _reply(batch)
+        return reply(batch)
 
-    @route("GET", "/apps/{app_ref}/functions/{name}", None, m.FunctionRef)
-    async def function_by_name(app_ref: str, name: str) -> Response:
-        app = cp.find_app(app_ref)
+    @route(
+        "GET",
+        "/apps/{ref}/functions/{name}",
+        "A function of a running or deployed app",
+        response=m.FunctionRef,
+    )
+    async def function_by_name(req: Request) -> Reply:
+        ref, name = req.path_params["ref"], req.path_params["name"]
+        app = cp.find_app(ref)
         for f in cp.store.functions_of(app["app_id"]):
             if f["name"] == name:
-                return _reply(m.FunctionRef(f["function_id"], name))
-        raise exc.NotFoundError(f"app {app_ref!r} has no function {name!r}")
+                return reply(m.FunctionRef(f["function_id"], name))
+        raise exc.NotFoundError(f"app {ref!r} has no function {name!r}")
 
     # ---------------------------------------------------------------- functions
 
-    @route("POST", "/functions/{function_id}/autoscaler", m.UpdateAutoscaler)
-    async def update_autoscaler(function_id: str, request: Request) -> Response:
-        cp.update_autoscaler(function_id, await _body(request, m.UpdateAutoscaler))
-        return _reply({})
+    @route(
+        "POST",
+        "/functions/{function_id}/autoscaler",
+        "Change a function's scaling",
+        body=m.UpdateAutoscaler,
+    )
+    async def update_autoscaler(req: Request) -> Reply:
+        cp.update_autoscaler(req.path_params["function_id"], req.decode(m.UpdateAutoscaler))
+        return empty
 
-    @route("GET", "/functions/{function_id}/stats", None, m.FunctionStats)
-    async def function_stats(function_id: str) -> Response:
-        fn = cp.calls.function(function_id)
-        return _reply(m.FunctionStats(len(fn.queue), len(fn.sessions)))
+    @route(
+        "GET",
+        "/functions/{function_id}/stats",
+        "Queue depth and containers",
+        response=m.FunctionStats,
+    )
+    async def function_stats(req: Request) -> Reply:
+        fn = cp.calls.function(req.path_params["function_id"])
+        return reply(m.FunctionStats(len(fn.queue), len(fn.sessions)))
 
     # ---------------------------------------------------------------- blobs
 
-    @route("POST", "/blobs/check", m.BlobCheck, m.MissingBlobs)
-    async def check_blobs(request: Request) -> Response:
-        req = await _body(request, m.BlobCheck)
-        return _reply(m.MissingBlobs([k for k in req.sha256s if not cp.blobs.has(check_key(k))]))
+    @route(
+        "POST",
+        "/blobs/check",
+        "Which of these blobs are missing",
+        body=m.BlobCheck,
+        response=m.MissingBlobs,
+    )
+    async def check_blobs(req: Request) -> Reply:
+        keys = req.decode(m.BlobCheck).sha256s
+        return reply(m.MissingBlobs([k for k in keys if not cp.blobs.has(check_key(k))]))
 
-    @route("PUT", "/blobs/{key}")
-    async def put_blob(key: str, request: Request) -> Response:
-        data = await request.body()
-        if len(data) > cp.config.max_payload:
+    @route("PUT", "/blobs/{key}", "Upload a blob (its key is its sha256)", raw_body=True)
+    async def put_blob(req: Request) -> Reply:
+        if len(req.body) > cp.config.max_payload:
             raise exc.RequestSizeError(
-                f"blob of {len(data)} bytes is over the limit of {cp.config.max_payload} bytes "
-                "(STRATO_MAX_PAYLOAD)"
+                f"blob of {len(req.body)} bytes is over the limit of {cp.config.max_payload} "
+                "bytes (STRATO_MAX_PAYLOAD)"
             )
-        cp.blobs.put(data, check_key(key))
-        return _reply({})
+        cp.blobs.put(req.body, check_key(req.path_params["key"]))
+        return empty
 
-    @route("GET", "/blobs/{key}")
-    async def get_blob(key: str) -> Response:
-        return Response(cp.blobs.get(key), media_type="application/octet-stream")
+    @route("GET", "/blobs/{key}", "Download a blob")
+    async def get_blob(req: Request) -> Reply:
+        return Reply(cp.blobs.get(req.path_params["key"]), content_type="application/octet-stream")
 
     # ---------------------------------------------------------------- calls
 
-    @route("POST", "/calls", m.CreateCall, m.Outputs)
-    async def create_call(request: Request) -> Response:
-        req = await _body(request, m.CreateCall)
-        cp.calls.create_call(req)
-        if req.wait > 0:
-            out = await cp.calls.wait_outputs(
-                req.call_id, 0, min(req.wait, MAX_POLL_S), len(req.inputs)
+    @route(
+        "POST",
+        "/calls",
+        "Create a call with its first inputs; optionally wait for outputs",
+        body=m.CreateCall,
+        response=m.Outputs,
+    )
+    async def create_call(req: Request) -> Reply:
+        call = req.decode(m.CreateCall)
+        cp.calls.create_call(call)
+        if call.wait > 0:
+            return reply(
+                await cp.calls.wait_outputs(
+                    call.call_id, 0, min(call.wait, MAX_POLL_S), max(1, len(call.inputs))
+                )
             )
-        else:
-            out = m.Outputs([], 0)
-        return _reply(out)
+        return reply(m.Outputs([], 0))
 
-    @route("POST", "/calls/{call_id}/inputs", m.AddInputs)
-    async def add_inputs(call_id: str, request: Request) -> Response:
-        cp.calls.add_inputs(call_id, await _body(request, m.AddInputs))
-        return _reply({})
+    @route("POST", "/calls/{call_id}/inputs", "Add inputs to a call", body=m.AddInputs)
+    async def add_inputs(req: Request) -> Reply:
+        cp.calls.add_inputs(req.path_params["call_id"], req.decode(m.AddInputs))
+        return empty
 
-    @route("GET", "/calls/{call_id}/outputs", None, m.Outputs)
-    async def outputs(
-        call_id: str, after: int = 0, timeout: float = 0.0, limit: int = 1000
-    ) -> Response:
-        out = await cp.calls.wait_outputs(
-            call_id, after, min(timeout, MAX_POLL_S), max(1, min(limit, 10000))
+    @route(
+        "GET",
+        "/calls/{call_id}/outputs",
+        "Long-poll a call's outputs after a sequence number",
+        response=m.Outputs,
+        query={"after": int, "timeout": float, "limit": int},
+    )
+    async def outputs(req: Request) -> Reply:
+        limit = max(1, min(req.param("limit", int, 1000), 10000))
+        return reply(
+            await cp.calls.wait_outputs(
+                req.path_params["call_id"],
+                req.param("after", int, 0),
+                min(req.param("timeout", float, 0.0), MAX_POLL_S),
+                limit,
+            )
         )
-        return _reply(out)
 
-    @route("POST", "/calls/{call_id}/cancel", m.Cancel)
-    async def cancel(call_id: str, request: Request) -> Response:
-        req = await _body(request, m.Cancel)
-        cp.calls.cancel_call(call_id, req.terminate_containers)
-        return _reply({})
+    @route("POST", "/calls/{call_id}/cancel", "Cancel a call", body=m.Cancel)
+    async def cancel(req: Request) -> Reply:
+        cp.calls.cancel_call(req.path_params["call_id"], req.decode(m.Cancel).terminate_containers)
+        return empty
 
-    @route("GET", "/calls/{call_id}", None, m.CallStatus)
-    async def call_status(call_id: str) -> Response:
+    @route("GET", "/calls/{call_id}", "A call's progress", response=m.CallStatus)
+    async def call_status(req: Request) -> Reply:
+        call_id = req.path_params["call_id"]
         call = cp.store.call(call_id)
         if call is None:
             raise exc.NotFoundError(f"call {call_id} does not exist (or has expired)")
-        return _reply(
+        return reply(
             m.CallStatus(
                 call_id,
                 call["function_id"],
@@ -256,10 +204,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
 
     # ---------------------------------------------------------------- fleet
 
-    @route("GET", "/containers", None, m.ContainerList)
-    async def containers(app: str | None = None) -> Response:
+    @route("GET", "/containers", "Running containers", response=m.ContainerList, query={"app": str})
+    async def containers(req: Request) -> Reply:
+        app = req.param("app")
         app_id = cp.find_app(app)["app_id"] if app else None
-        names = {}
+        names: dict[str, str] = {}
         out = []
         for r in cp.store.containers(app_id):
             fid = r["function_id"]
@@ -278,40 +227,24 @@ def build_app(cp: ControlPlane) -> FastAPI:
                     r["exit_reason"],
                 )
             )
-        return _reply(m.ContainerList(out))
+        return reply(m.ContainerList(out))
 
-    @route("GET", "/nodes", None, m.NodeList)
-    async def nodes() -> Response:
-        out = []
-        for n in cp.fleet.nodes.values():
-            out.append(
-                m.NodeStatus(
-                    n.view.node_id,
-                    n.info,
-                    "ready" if n.peer is not None else "lost",
-                    n.view.cpu_reserved,
-                    n.view.memory_reserved_mb,
-                    n.last_heartbeat,
-                )
+    @route("GET", "/nodes", "Nodes and their reservations", response=m.NodeList)
+    async def nodes(_: Request) -> Reply:
+        return reply(
+            m.NodeList(
+                [
+                    m.NodeStatus(
+                        n.view.node_id,
+                        n.info,
+                        "ready" if n.peer is not None else "lost",
+                        n.view.cpu_reserved,
+                        n.view.memory_reserved_mb,
+                        n.last_heartbeat,
+                    )
+                    for n in cp.fleet.nodes.values()
+                ]
             )
-        return _reply(m.NodeList(out))
-
-    _install_openapi(api, used_types)
-    return _Auth(api, cp.token), api
-
-
-def _install_openapi(api: FastAPI, types: list[type]) -> None:
-    base = api.openapi
-
-    def openapi() -> dict:
-        if api.openapi_schema:
-            return api.openapi_schema
-        schema = base()
-        _, components = msgspec.json.schema_components(
-            list(dict.fromkeys(types)), ref_template="#/components/schemas/{name}"
         )
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
-        api.openapi_schema = schema
-        return schema
 
-    api.openapi = openapi
+    return api

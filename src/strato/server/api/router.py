@@ -1,0 +1,244 @@
+"""A lean ASGI router with msgpack bodies and a generated OpenAPI description.
+
+The control plane's API sits on the hot path of every call, so routing is one dict lookup
+plus one regex match, bodies are decoded straight into msgspec structs, and nothing else
+runs per request (no per-request dependency injection or middleware stack). The route
+table also produces ``/openapi.json``, with msgspec's JSON schemas for every body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from strato import exceptions as exc
+from strato.protocol.messages import ErrorBody
+
+MSGPACK = "application/msgpack"
+_encoder = msgspec.msgpack.Encoder()
+_STATUS = [
+    (exc.RequestSizeError, 413),
+    (exc.AppStoppedError, 409),
+    (exc.InvalidError, 400),
+    (exc.NotFoundError, 404),
+    (exc.AuthError, 401),
+    (exc.AlreadyExistsError, 409),
+]
+
+
+@dataclass
+class Reply:
+    body: bytes
+    status: int = 200
+    content_type: str = MSGPACK
+
+
+def reply(obj: object, status: int = 200) -> Reply:
+    return Reply(_encoder.encode(obj), status)
+
+
+def error_reply(e: exc.Error) -> Reply:
+    status = next((s for cls, s in _STATUS if isinstance(e, cls)), 500)
+    return reply(ErrorBody(type(e).__name__, str(e)), status)
+
+
+@dataclass
+class Request:
+    path_params: dict[str, str]
+    query: dict[str, str]
+    body: bytes
+
+    def param(self, name: str, cast: type = str, default=None):
+        raw = self.query.get(name)
+        if raw is None:
+            return default
+        try:
+            return cast(raw)
+        except ValueError:
+            raise exc.InvalidError(f"query parameter {name}={raw!r} is not a {cast.__name__}")
+
+    def decode(self, typ: type):
+        try:
+            return msgspec.msgpack.decode(self.body, type=typ)
+        except msgspec.DecodeError as e:
+            raise exc.InvalidError(f"bad request body for {typ.__name__}: {e}") from None
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+@dataclass
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type | None = None
+    response: type | None = None
+    query: dict[str, type] = field(default_factory=dict)
+    raw_body: bool = False
+    auth: bool = True
+    regex: re.Pattern = field(init=False)
+    params: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = re.findall(r"{(\w+)}", self.path)
+        self.regex = re.compile("^" + re.sub(r"{(\w+)}", r"(?P<\1>[^/]+)", self.path) + "$")
+
+
+class Router:
+    def __init__(self, title: str, version: str, token: str, max_body: int) -> None:
+        self.title = title
+        self.version = version
+        self.routes: list[Route] = []
+        self._by_method: dict[str, list[Route]] = {}
+        self._auth = f"Bearer {token}".encode()
+        self.max_body = max_body
+        self._openapi: bytes | None = None
+
+    def add(self, method: str, path: str, summary: str, **kw) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            route = Route(method, path, fn, summary, **kw)
+            self.routes.append(route)
+            self._by_method.setdefault(method, []).append(route)
+            return fn
+
+        return register
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            out = await self._handle(scope, receive)
+        except exc.Error as e:
+            out = error_reply(e)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": out.status,
+                "headers": [(b"content-type", out.content_type.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": out.body})
+
+    async def _handle(self, scope, receive) -> Reply:
+        path = scope["path"]
+        if path == "/openapi.json" and scope["method"] == "GET":
+            return Reply(self.openapi(), content_type="application/json")
+        for route in self._by_method.get(scope["method"], ()):
+            match = route.regex.match(path)
+            if match is not None:
+                break
+        else:
+            if any(r.regex.match(path) for rs in self._by_method.values() for r in rs):
+                return error_reply(exc.InvalidError(f"{scope['method']} is not allowed on {path}"))
+            return error_reply(exc.NotFoundError(f"no route {scope['method']} {path}"))
+        if route.auth and not self._authorized(scope):
+            return error_reply(
+                exc.AuthError("missing or wrong token: set STRATO_TOKEN or use $STRATO_HOME/token")
+            )
+        body = await self._read_body(receive)
+        qs = scope.get("query_string") or b""
+        query = dict(parse_qsl(qs.decode())) if qs else {}
+        return await route.handler(Request(match.groupdict(), query, body))
+
+    def _authorized(self, scope) -> bool:
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                return hmac.compare_digest(v, self._auth)
+        return False
+
+    async def _read_body(self, receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise exc.InvalidError("the client disconnected")
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise exc.RequestSizeError(
+                        f"request body over {self.max_body} bytes (STRATO_MAX_PAYLOAD)"
+                    )
+                chunks.append(chunk)
+            if not msg.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # ------------------------------------------------------------------ OpenAPI
+
+    def openapi(self) -> bytes:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(self.openapi_dict())
+        return self._openapi
+
+    def openapi_dict(self) -> dict:
+        types = [t for r in self.routes for t in (r.body, r.response) if t is not None]
+        _, components = msgspec.json.schema_components(
+            list(dict.fromkeys(types)), ref_template="#/components/schemas/{name}"
+        )
+        paths: dict = {}
+        for r in self.routes:
+            op: dict = {"summary": r.summary, "operationId": r.handler.__name__}
+            params = [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                for p in r.params
+            ]
+            params += [
+                {"name": q, "in": "query", "required": False, "schema": msgspec.json.schema(t)}
+                for q, t in r.query.items()
+            ]
+            if params:
+                op["parameters"] = params
+            if r.body is not None:
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        MSGPACK: {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}
+                    },
+                }
+            elif r.raw_body:
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                }
+            resp: dict = {"description": "OK"}
+            if r.response is not None:
+                resp["content"] = {
+                    MSGPACK: {"schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}
+                }
+            op["responses"] = {
+                "200": resp,
+                "default": {
+                    "description": "an ErrorBody",
+                    "content": {MSGPACK: {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                },
+            }
+            if r.auth:
+                op["security"] = [{"bearer": []}]
+            paths.setdefault(r.path, {})[r.method.lower()] = op
+        _, err = msgspec.json.schema_components(
+            [ErrorBody], ref_template="#/components/schemas/{name}"
+        )
+        components.update(err)
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version},
+            "paths": paths,
+            "components": {
+                "schemas": components,
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            },
+        }
