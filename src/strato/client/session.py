@@ -97,7 +97,14 @@ class LogFollower:
         self.cursor = batch.cursor
         if not self.quiet:
             for line in batch.lines:
-                out = sys.stderr if line.stream != "stdout" else sys.stdout
+                if line.stream == "system":
+                    progress(
+                        f"{line.container_id}: {line.text}"
+                        if line.container_id != "-"
+                        else line.text
+                    )
+                    continue
+                out = sys.stderr if line.stream == "stderr" else sys.stdout
                 print(f"[{line.container_id}] {line.text}", file=out, flush=True)
         return len(batch.lines)
 

@@ -61,6 +61,7 @@ class ControlPlane:
             channel_address=lambda node_id: f"unix:{config.channel_socket}",
             runtime=config.runtime,
             on_change=self._wake.set,
+            tell=lambda app_id, text, cid: self.logs.system(app_id, text, cid),
         )
         self.app_heartbeats: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []

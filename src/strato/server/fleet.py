@@ -93,6 +93,7 @@ class Fleet:
         channel_address: Callable[[str], str],
         runtime: str | None,
         on_change: Callable[[], None],
+        tell: Callable[[str, str, str], None] = lambda app_id, text, container_id: None,
     ) -> None:
         self.store = store
         self.calls = calls
@@ -102,6 +103,7 @@ class Fleet:
         self.channel_address = channel_address
         self.runtime = runtime
         self._on_change = on_change
+        self._tell = tell  # (app_id, text, container_id): progress shown to the app's user
         self.nodes: dict[str, Node] = {}
         self.containers: dict[str, ContainerSession] = {}
         self.backoff: dict[str, tuple[float, float]] = {}  # function_id -> (until, next delay)
@@ -230,6 +232,7 @@ class Fleet:
             )
         )
         log.info("starting container %s for %s on %s", cid, fn.name, s.node_id)
+        self._tell(fn.app_id, f"starting a container for {fn.name} on {s.node_id}", cid)
         return s
 
     def _unplaceable(self, fn: FunctionState, request: ContainerRequest) -> None:
@@ -259,6 +262,7 @@ class Fleet:
         if self._unplaceable_logged.get(fn.function_id) != why:
             self._unplaceable_logged[fn.function_id] = why
             log.info("%s waits for capacity: %s", fn.name, why)
+            self._tell(fn.app_id, f"{fn.name} waits for capacity: {why}", "-")
 
     def container_hello(self, hello: m.ContainerHello, peer: Peer) -> ContainerSession | None:
         s = self.containers.get(hello.container_id)
@@ -274,6 +278,9 @@ class Fleet:
         s.idle_since = time.monotonic()
         self.backoff.pop(s.function_id, None)
         self.store.set_container_state(s.container_id, "ready")
+        self._tell(
+            s.app_id, f"container ready in {time.monotonic() - s.started_at:.2f}s", s.container_id
+        )
         self.calls.on_ready(s.function_id)
 
     def container_init_failed(self, s: ContainerSession, msg: m.ContainerInitFailed) -> None:
@@ -284,6 +291,7 @@ class Fleet:
         self, s: ContainerSession, error: str, tb: str | None, exc: bytes | None
     ) -> None:
         log.warning("container %s failed to start: %s", s.container_id, error)
+        self._tell(s.app_id, f"container failed to start: {error}", s.container_id)
         _, delay = self.backoff.get(s.function_id, (0.0, INIT_FAILURE_BACKOFF_S[0]))
         self.backoff[s.function_id] = (
             time.monotonic() + delay,
@@ -349,6 +357,8 @@ class Fleet:
         if s.peer is not None:
             s.peer.close()
         self.store.set_container_state(s.container_id, "stopped", description)
+        if prior not in ("stopping", "killing"):
+            self._tell(s.app_id, f"container {description}", s.container_id)
         if prior == "starting" and fn is not None and fn.queue:
             # died before it was ready (a crash at import): back off before the next try
             self._init_failed(
