@@ -79,7 +79,22 @@ def rss_kb(pid: int) -> dict:
     return out
 
 
-def _stop_server(home: Path, timeout: float = 15.0) -> None:
+def _alive(pid: int) -> bool:
+    """Whether pid runs; a zombie (the embedded control plane is this process's child,
+    started by the strato client and never waited for) counts as gone, and is reaped."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _stop_server(home: Path, timeout: float = 30.0) -> None:
     try:
         pid = server_pid(home)
     except (OSError, ValueError, KeyError):
@@ -90,9 +105,7 @@ def _stop_server(home: Path, timeout: float = 15.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.05)
     note(f"control plane {pid} still alive {timeout:g}s after SIGTERM; sending SIGKILL")
@@ -143,3 +156,83 @@ def ray_env():
         yield ray
     finally:
         ray.shutdown()
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+
+
+def descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            kids = [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            kids = []
+        out += kids
+        stack += kids
+    return out
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class CpuMeter:
+    """CPU seconds used by the control plane, its worker agent, its containers and this
+    client process between ``start()`` and ``stop()`` (containers that exit in between
+    are not counted)."""
+
+    def __init__(self, server: int) -> None:
+        self.server = server
+
+    def _sample(self) -> dict[str, float]:
+        out = {"control_plane": cpu_seconds(self.server), "worker": 0.0, "containers": 0.0}
+        for p in descendants(self.server):
+            kind = "containers" if "strato.container" in _cmd(p) else "worker"
+            out[kind] += cpu_seconds(p)
+        t = os.times()
+        out["client"] = t.user + t.system
+        return out
+
+    def start(self) -> None:
+        self._t0 = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        t1 = self._sample()
+        return {k: t1[k] - self._t0[k] for k in t1}
+
+    @staticmethod
+    def per_item_us(used: dict[str, float], n: int) -> dict[str, float]:
+        return {k: round(v / n * 1e6, 1) for k, v in used.items()}
+
+
+def wait_containers_settled(server: int, timeout: float = 20.0, quiet_cpu_s: float = 0.02) -> int:
+    """Wait until the control plane's containers stop burning CPU (the ones the autoscaler
+    started late are done importing); returns how many container processes there are."""
+    deadline = time.monotonic() + timeout
+
+    def ct_cpu() -> tuple[int, float]:
+        pids = [p for p in descendants(server) if "strato.container" in _cmd(p)]
+        return len(pids), sum(cpu_seconds(p) for p in pids)
+
+    n, before = ct_cpu()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        n, now = ct_cpu()
+        if now - before < quiet_cpu_s:
+            break
+        before = now
+    return n

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import strato
+from _common import CpuMeter, emit, latency_summary, note, ray_env, server_pid, strato_env
 
-from _common import emit, latency_summary, note, ray_env, strato_env
+import strato
 
 app = strato.App("bench-remote")
 
@@ -47,13 +47,17 @@ def bench_strato(calls: int, warmup: int, profile: str | None) -> dict:
 
                 prof = cProfile.Profile()
                 prof.enable()
+            meter = CpuMeter(server_pid())
+            meter.start()
             samples = time_calls(noop.remote, calls)
+            cpu = meter.stop()
             if profile:
                 prof.disable()
                 prof.dump_stats(profile)
                 note(f"client cProfile of the timed strato calls written to {profile}")
     res = latency_summary(samples)
     res["first_call_ms"] = round(cold * 1e3, 2)
+    res["cpu_us_per_call"] = CpuMeter.per_item_us(cpu, calls)
     return res
 
 
@@ -98,6 +102,7 @@ def main() -> None:
         if q == "p50":
             line["target"] = "<= 1.0"
             line["pass"] = None if ratio is None else ratio <= 1.0
+            line["strato_cpu_us_per_call"] = s["cpu_us_per_call"]
         emit(line)
 
 

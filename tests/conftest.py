@@ -81,6 +81,33 @@ def container_pids(home: Path) -> list[int]:
     return [pid for pid, cmd in processes_of(home) if "strato.container" in cmd]
 
 
+def container_pid(container_id: str) -> int | None:
+    """The pid of the process of container ``container_id`` (``STRATO_CONTAINER_ID``)."""
+    needle = f"STRATO_CONTAINER_ID={container_id}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle in environ and b"strato.container" in cmdline and pid_alive(int(entry)):
+            return int(entry)
+    return None
+
+
+def live_containers(app_id: str) -> list[str]:
+    """Ids of the containers of an app that the control plane counts as ready."""
+    from strato.client import session
+    from strato.protocol import messages as m
+
+    listing = session.api().call("GET", "/containers", None, m.ContainerList, params={"app": app_id})
+    return [c.container_id for c in listing.containers if c.state == "ready"]
+
+
 @dataclass
 class ServerHandle:
     home: Path

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,6 +113,8 @@ def start_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    # reap it when it exits, so a stopped server does not linger as our zombie
+    threading.Thread(target=proc.wait, name="strato-server-reaper", daemon=True).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ping(url, timeout=0.5) is not None:

@@ -115,7 +115,9 @@ class App:
                 try:
                     data = cloudpickle.dumps(f)
                 except Exception as e:
-                    raise exc.SerializationError(f"cannot pickle {tag} for serialized=True: {e}")
+                    raise exc.SerializationError(
+                        f"cannot pickle {tag} for serialized=True: {e}"
+                    ) from None
             spec = m.FunctionSpec(
                 name=tag,
                 module=f.__module__,

@@ -158,7 +158,9 @@ class Function:
             for o in out.outputs:
                 if o.gen_index is None:
                     final = o
-                else:
+                elif o.gen_index >= next_index:
+                    # (an input run again, after a control-plane restart, yields its items
+                    # again: those already yielded are skipped)
                     pending[o.gen_index] = o
             while next_index in pending:
                 yield _value(client, pending.pop(next_index))
@@ -182,7 +184,7 @@ class Function:
         self, *iterables: Iterable, order_outputs: bool = True, return_exceptions: bool = False
     ) -> Iterator:
         """Run the function on every element (zipped across ``iterables``), in parallel."""
-        return self._map(zip(*iterables), order_outputs, return_exceptions)
+        return self._map(zip(*iterables, strict=False), order_outputs, return_exceptions)
 
     @with_aio(iterates=True)
     def starmap(
@@ -193,7 +195,7 @@ class Function:
     @with_aio
     def for_each(self, *iterables: Iterable, ignore_exceptions: bool = False) -> None:
         """Like ``map``, discarding results."""
-        for _ in self._map(zip(*iterables), False, ignore_exceptions):
+        for _ in self._map(zip(*iterables, strict=False), False, ignore_exceptions):
             pass
 
     @with_aio
@@ -201,7 +203,7 @@ class Function:
         """Submit every input and return at once; results stay fetchable by call id."""
         client, fid = self._ensure()
         call_id = _new_call_id()
-        _MapSender(self, client, fid, call_id, zip(*iterables), "spawn_map").run()
+        _MapSender(self, client, fid, call_id, zip(*iterables, strict=False), "spawn_map").run()
         return FunctionCall(call_id)
 
     def _map(

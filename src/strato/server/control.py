@@ -197,6 +197,7 @@ class ControlPlane:
                 max_containers=sc.max_containers,
                 buffer_containers=sc.buffer_containers,
                 scaledown_window=sc.scaledown_window,
+                target_inputs=self.calls.target_inputs(fn),
             )
             stats = FunctionStats(
                 now=now,

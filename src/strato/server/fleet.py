@@ -158,7 +158,7 @@ class Fleet:
         self.store.set_node_state(node_id, "lost")
         log.warning("node %s lost its worker agent", node_id)
         for s in [s for s in self.containers.values() if s.node_id == node_id]:
-            self._gone(s, "its node's worker agent disconnected", oom=False)
+            self._gone(s, "lost its node's worker agent", oom=False)
 
     def on_worker_message(self, node_id: str, msg: object) -> None:
         node = self.nodes.get(node_id)
@@ -195,7 +195,8 @@ class Fleet:
         views = [n.view for n in self.nodes.values() if n.peer is not None]
         placement = place(request, views)
         if placement is None:
-            self._unplaceable(fn, request)
+            if not self._reclaim_idle(fn, request):
+                self._unplaceable(fn, request)
             return None
         self._unplaceable_logged.pop(fn.function_id, None)
         node = self.nodes[placement.node_id]
@@ -234,6 +235,68 @@ class Fleet:
         log.info("starting container %s for %s on %s", cid, fn.name, s.node_id)
         self._tell(fn.app_id, f"starting a container for {fn.name} on {s.node_id}", cid)
         return s
+
+    def _reclaim_idle(self, fn: FunctionState, request: ContainerRequest) -> bool:
+        """Make room for ``fn`` by stopping idle containers of other functions (those kept
+        warm only by their scale-down window). True when room is made or on its way."""
+        for node in self.nodes.values():
+            if node.peer is None:
+                continue
+            view = NodeView(
+                node.view.node_id,
+                node.view.provider,
+                node.view.region,
+                node.view.price_per_hour,
+                node.view.cpu_total,
+                node.view.memory_mb,
+                node.view.gpus,
+                node.view.cpu_reserved,
+                node.view.memory_reserved_mb,
+                set(node.view.gpus_in_use),
+                node.view.healthy,
+            )
+            on_node = [s for s in self.containers.values() if s.node_id == node.view.node_id]
+            for s in on_node:  # containers on their way out free their share soon
+                if s.state in ("stopping", "killing"):
+                    release_resources(view, s.request, s.placement)
+            if place(request, [view]) is not None:
+                return True
+            chosen: list[ContainerSession] = []
+            for s in sorted(on_node, key=lambda s: (s.idle_since or 0.0, s.container_id)):
+                taken = sum(1 for c in chosen if c.function_id == s.function_id)
+                if not self._reclaimable(s, fn, taken):
+                    continue
+                release_resources(view, s.request, s.placement)
+                chosen.append(s)
+                if place(request, [view]) is not None:
+                    for kept in list(chosen):  # keep those whose share is not needed
+                        reserve_resources(view, kept.request, kept.placement)
+                        if place(request, [view]) is not None:
+                            chosen.remove(kept)
+                        else:
+                            release_resources(view, kept.request, kept.placement)
+                    for victim in chosen:
+                        log.info(
+                            "stopping idle container %s to make room for %s",
+                            victim.container_id,
+                            fn.name,
+                        )
+                        self.stop(victim.container_id)
+                    return True
+        return False
+
+    def _reclaimable(self, s: ContainerSession, fn: FunctionState, taken: int) -> bool:
+        if s.function_id == fn.function_id or s.state != "ready" or s.inflight:
+            return False
+        if s.idle_since is None:
+            return False
+        owner = self.calls.functions.get(s.function_id)
+        if owner is None:
+            return True
+        if owner.queue:
+            return False
+        live = sum(1 for o in owner.sessions.values() if o.state in ("starting", "ready"))
+        return live - taken > owner.spec.scaling.min_containers  # keep warm pools whole
 
     def _unplaceable(self, fn: FunctionState, request: ContainerRequest) -> None:
         empty = [
@@ -306,7 +369,7 @@ class Fleet:
         s.peer = None
         loop = asyncio.get_running_loop()
         s.lost_handle = loop.call_later(
-            EXIT_REPORT_GRACE_S, self._gone, s, "its channel closed unexpectedly", False
+            EXIT_REPORT_GRACE_S, self._gone, s, "closed its channel unexpectedly", False
         )
 
     def stop(self, container_id: str, grace_s: float = 10.0) -> None:
@@ -343,9 +406,13 @@ class Fleet:
         prior = s.state
         s.state = "gone"
         status = "died"
-        error = f"ContainerDiedError: the container running this input {description}"
+        what = f"was {description}" if description.startswith("killed") else description
+        error = f"ContainerDiedError: the container running this input {what}"
         if oom:
-            error = f"OutOfMemoryError: the container running this input {description}"
+            error = (
+                f"OutOfMemoryError: the container running this input {what}; give the "
+                "function more memory (memory=...) or make it use less"
+            )
         self.calls.release_leases(s, 1 if prior != "killing" else 0, status, error)
         fn = self.calls.functions.get(s.function_id)
         if fn is not None:
@@ -362,7 +429,7 @@ class Fleet:
         if prior == "starting" and fn is not None and fn.queue:
             # died before it was ready (a crash at import): back off before the next try
             self._init_failed(
-                s, f"ContainerDiedError: the container {description} while starting", None, None
+                s, f"ContainerDiedError: the container {what} while starting", None, None
             )
         self._on_change()
 

@@ -117,3 +117,14 @@ def sleep_long(seconds: float, path: str) -> str:
     with open(path, "a") as f:
         f.write("finished\n")
     return "finished"
+
+
+@app.function(retries=0, timeout=3)
+def poison(x: int, bad: int, how: str) -> int:
+    """Fast (so that a container gets many inputs at once), except input ``bad``."""
+    if x == bad:
+        if how == "segfault":
+            ctypes.string_at(0)
+        elif how == "sleep":
+            time.sleep(60)
+    return x

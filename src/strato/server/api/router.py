@@ -60,7 +60,9 @@ class Request:
         try:
             return cast(raw)
         except ValueError:
-            raise exc.InvalidError(f"query parameter {name}={raw!r} is not a {cast.__name__}")
+            raise exc.InvalidError(
+                f"query parameter {name}={raw!r} is not a {cast.__name__}"
+            ) from None
 
     def decode(self, typ: type):
         try:
@@ -123,7 +125,10 @@ class Router:
             {
                 "type": "http.response.start",
                 "status": out.status,
-                "headers": [(b"content-type", out.content_type.encode())],
+                "headers": [
+                    (b"content-type", out.content_type.encode()),
+                    (b"content-length", str(len(out.body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": out.body})

@@ -32,6 +32,7 @@ log = logging.getLogger("strato.calls")
 MAX_PREFETCH = 256  # inputs in flight to one sequential container when the function is fast
 FAST_FUNCTION_S = 0.005
 UNKNOWN_SEQ = 1 << 62
+SCALE_DRAIN_S = 0.5  # a container is "full" when its share of the backlog takes this long
 
 
 @dataclass(eq=False)
@@ -253,6 +254,14 @@ class CallManager:
         share = math.ceil((len(fn.queue) + fn.inflight) / max(1, n_ready))
         return max(1, min(MAX_PREFETCH, share))
 
+    def target_inputs(self, fn: FunctionState) -> int:
+        """Inputs one container should carry, for the autoscaler: one for a function of
+        unknown or long run time; for fast ones, as many as it runs in ``SCALE_DRAIN_S``
+        (a no-op map needs a few containers, not one per input)."""
+        if fn.ewma_duration is None:
+            return 1
+        return max(1, int(SCALE_DRAIN_S / max(fn.ewma_duration, 1e-4)))
+
     def _args_of(self, p: Pending) -> bytes:
         if p.args is not None:
             return p.args
@@ -353,6 +362,11 @@ class CallManager:
                 continue  # stale: the input was re-leased elsewhere or already ended
             p = lease.pending
             touched.add(p.call_id)
+            if o.status == "success" and o.data is not None and len(o.data) > self.max_payload:
+                # a result over the limit ends its input (a generator's too) with an error
+                del session.inflight[o.input_id]
+                finals.append(self._final_row(p, "failure", None, self._too_big(fn, o)))
+                continue
             if o.gen_index is not None:
                 data, blob = o.data, None
                 if data is not None and len(data) > self.blob_threshold:
@@ -387,6 +401,14 @@ class CallManager:
             self.store.add_gen_items(gens)
         self._flush(finals, touched)
         self._pump(fn)
+
+    def _too_big(self, fn: FunctionState, o: m.TaskOutput) -> str:
+        what = "a value yielded" if o.gen_index is not None else "the value returned"
+        return (
+            f"RequestSizeError: {what} by {fn.name} pickles to {len(o.data)} bytes, over the "
+            f"limit of {self.max_payload} bytes (STRATO_MAX_PAYLOAD); return large data "
+            "through a Volume instead"
+        )
 
     def _attempt_failed(
         self,
@@ -490,7 +512,8 @@ class CallManager:
                         s,
                         1,
                         "timeout",
-                        f"FunctionTimeoutError: the input ran past the function's timeout of {limit:g}s",
+                        "FunctionTimeoutError: the input ran past the function's timeout of "
+                        f"{limit:g}s",
                     )
                     self._kill_container(s.container_id, "an input ran past its timeout")
 

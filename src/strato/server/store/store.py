@@ -7,6 +7,8 @@ connection serves it; every method is one short transaction.
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,10 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
+            # checkpoints run on a background thread (Checkpointer), not inside a commit on
+            # the event loop
+            cur.execute("PRAGMA wal_autocheckpoint=0")
+            cur.execute("PRAGMA journal_size_limit=67108864")
             cur.close()
 
         return engine
@@ -128,6 +134,36 @@ class _Statements:
         self.insert_gens = t.gen_items.insert()
 
 
+class Checkpointer:
+    """Copies SQLite's write-ahead log into the database from its own thread and
+    connection, so that the control plane's event loop never waits for a checkpoint."""
+
+    def __init__(self, path: str, every_s: float = 0.5) -> None:
+        self.path = path
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="strato-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=5.0)
+        try:
+            while not self._stop.wait(self.every_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # busy now: the next round catches up
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -136,10 +172,16 @@ class Store:
         with self.conn.begin():
             migrate(self.conn)
         self.q = _Statements()
+        db = self.engine.url.database
+        self._checkpointer = (
+            Checkpointer(db) if url.startswith("sqlite") and db and db != ":memory:" else None
+        )
 
     def close(self) -> None:
         self.conn.close()
         self.engine.dispose()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
 
     # ------------------------------------------------------------------ sequences
 
