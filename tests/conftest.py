@@ -5,7 +5,8 @@
 this process (``STRATO_HOME`` / ``STRATO_SERVER_URL``) at it, and stops it at the end,
 checking that no process of it is left behind. ``ServerHandle.restart()`` kills the control
 plane and starts it again on the same home and port. ``dedicated_server(env)`` runs a second,
-short-lived control plane with its own environment (GPU inventory, payload limits).
+short-lived control plane with its own environment (GPU inventory, payload limits). A
+stopped control plane's home is deleted unless STRATO_TEST_KEEP_HOME is set.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -76,11 +78,6 @@ def processes_of(home: Path) -> list[tuple[int, str]]:
     return found
 
 
-def container_pids(home: Path) -> list[int]:
-    """Pids of the container processes (``python -m strato.container``) of a control plane."""
-    return [pid for pid, cmd in processes_of(home) if "strato.container" in cmd]
-
-
 def container_pid(container_id: str) -> int | None:
     """The pid of the process of container ``container_id`` (``STRATO_CONTAINER_ID``)."""
     needle = f"STRATO_CONTAINER_ID={container_id}".encode()
@@ -104,7 +101,9 @@ def live_containers(app_id: str) -> list[str]:
     from strato.client import session
     from strato.protocol import messages as m
 
-    listing = session.api().call("GET", "/containers", None, m.ContainerList, params={"app": app_id})
+    listing = session.api().call(
+        "GET", "/containers", None, m.ContainerList, params={"app": app_id}
+    )
     return [c.container_id for c in listing.containers if c.state == "ready"]
 
 
@@ -181,9 +180,11 @@ class ServerHandle:
             with contextlib.suppress(OSError):
                 os.kill(stray, signal.SIGKILL)
         assert not left, f"processes left behind by the control plane: {left}"
+        if not os.environ.get("STRATO_TEST_KEEP_HOME"):
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
-def _new_server(env: dict[str, str] | None = None) -> ServerHandle:
+def _new_server() -> ServerHandle:
     home = Path(tempfile.mkdtemp(prefix="strato-test-"))
     port = free_port()
     return ServerHandle(home, f"http://127.0.0.1:{port}", port)
@@ -223,10 +224,15 @@ def dedicated_server(env: dict[str, str]) -> Iterator[ServerHandle]:
 
 @pytest.fixture(scope="session")
 def strato_server() -> Iterator[ServerHandle]:
-    """The session's control plane; the client of this process points at it."""
-    saved = {k: os.environ.get(k) for k in _SAVED_ENV}
+    """The session's control plane; the client of this process points at it.
+
+    Its containers use the ``process`` runtime unless ``STRATO_RUNTIME`` says otherwise:
+    the tests share files with their functions (attempt counters, progress markers) and
+    keep ``STRATO_HOME`` under /tmp, which an isolating runtime hides from containers."""
+    saved = {k: os.environ.get(k) for k in (*_SAVED_ENV, "PYTHONPATH", "STRATO_RUNTIME")}
+    os.environ.setdefault("STRATO_RUNTIME", "process")
     # subprocesses started by tests import the test apps from here
-    old_pp = os.environ.get("PYTHONPATH")
+    old_pp = saved["PYTHONPATH"]
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(INTEGRATION_DIR), *([old_pp] if old_pp else [])]
     )
@@ -248,10 +254,6 @@ def strato_server() -> Iterator[ServerHandle]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            if old_pp is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = old_pp
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ import sys
 import textwrap
 
 import pytest
+from apps import basic, deployed
+from conftest import INTEGRATION_DIR, wait_until
 
 import strato
-from apps import basic, deployed
 from strato import exceptions as exc
-
-from conftest import INTEGRATION_DIR, wait_until
 
 SUBPROCESS_TIMEOUT_S = 120
 
@@ -44,7 +43,9 @@ def test_script_run_as_main_streams_tagged_output(server):
     assert "RESULT hello world" in proc.stdout
     assert "MAP hello a,hello b,hello c" in proc.stdout
     # the container's prints reach the client, tagged with the container's id
-    tagged = re.findall(r"^\[(ct-[0-9a-f]+)\] greeting (\w+) from the container$", proc.stdout, re.M)
+    tagged = re.findall(
+        r"^\[(ct-[0-9a-f]+)\] greeting (\w+) from the container$", proc.stdout, re.M
+    )
     assert {name for _, name in tagged} == {"world", "a", "b", "c"}
     assert len(tagged) == 4
 

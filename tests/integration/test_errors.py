@@ -10,15 +10,14 @@ import urllib.error
 import urllib.request
 
 import pytest
+from apps import basic, failures
+from conftest import free_port, wait_until
 
 import strato
-from apps import basic, failures
 from strato import exceptions as exc
 from strato.client import session
 from strato.client.http import ApiClient
 from strato.protocol import messages as m
-
-from conftest import free_port, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +291,19 @@ def test_only_the_guilty_input_of_a_fast_map_fails(running_failures, how, error)
     assert list(failed) == [bad], {i: repr(e)[:120] for i, e in failed.items()}
     assert type(failed[bad]) is error
     assert [o for i, o in enumerate(out) if i != bad] == [i for i in range(n) if i != bad]
+
+
+# ---------------------------------------------------------------------- containers failing to start
+
+
+def test_module_failing_to_import_in_the_container(strato_server):
+    from apps import broken_import
+
+    strato_server.activate()
+    with broken_import.app.run(quiet=True):
+        with pytest.raises(RuntimeError, match="refuses to import in a container") as info:
+            broken_import.unreachable.remote(1)
+        assert "Remote traceback" in _remote_notes(info.value)
+        # a map fails the same way, without hanging
+        out = list(broken_import.unreachable.map(range(3), return_exceptions=True))
+        assert [type(o) for o in out] == [RuntimeError] * 3

@@ -10,9 +10,9 @@ import pickle
 
 import cloudpickle
 import pytest
+from apps import basic
 
 import strato
-from apps import basic
 from strato import exceptions as exc
 from strato.client import session
 from strato.protocol import messages as m
@@ -186,9 +186,7 @@ def test_aio_variants():
         results["spawn"] = await call.get.aio(timeout=60)
         results["async_fn"] = await basic.async_double.remote.aio(5)
         # several calls in flight at once on one event loop
-        results["gathered"] = await asyncio.gather(
-            *(basic.square.remote.aio(i) for i in range(4))
-        )
+        results["gathered"] = await asyncio.gather(*(basic.square.remote.aio(i) for i in range(4)))
         return results
 
     results = asyncio.run(asyncio.wait_for(main(), 120))

@@ -1,28 +1,32 @@
-"""Payload limits: a control plane with ``STRATO_MAX_PAYLOAD`` of 4 MiB refuses anything
-larger with an error that names the limit, at the SDK and at the API."""
+"""Server settings: a control plane with ``STRATO_MAX_PAYLOAD`` of 4 MiB refuses anything
+larger with an error that names the limit, at the SDK and at the API; and one with
+``STRATO_OUTPUT_RETENTION`` of a few seconds forgets outputs past it."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 
 import pytest
-
 from apps import limits
+from conftest import dedicated_server, wait_until
+
+import strato
 from strato import exceptions as exc
 from strato.client import session
 from strato.protocol import messages as m
 
-from conftest import dedicated_server
-
 LIMIT = 4 << 20
+RETENTION_S = 4.0
 
 
 @pytest.fixture(scope="module")
 def limits_app(strato_server):
-    with dedicated_server({"STRATO_MAX_PAYLOAD": str(LIMIT)}):
+    env = {"STRATO_MAX_PAYLOAD": str(LIMIT), "STRATO_OUTPUT_RETENTION": str(RETENTION_S)}
+    with dedicated_server(env) as server:
         with limits.app.run(quiet=True):
-            yield limits.app
+            yield server
     strato_server.activate()
 
 
@@ -77,3 +81,22 @@ def test_api_refuses_an_input_naming_a_missing_blob(limits_app):
     )
     with pytest.raises(exc.InvalidError, match="never uploaded"):
         session.api().call("POST", "/calls", req, m.Outputs)
+
+
+def test_outputs_are_forgotten_after_their_retention(limits_app):
+    call = limits.nbytes.spawn(b"abc")
+    assert call.get(timeout=60) == 3
+    time.sleep(RETENTION_S + 0.5)
+    # expiry runs once a minute, and a second after the control plane starts: restart it
+    limits_app.restart()
+
+    def forgotten():
+        try:
+            strato.FunctionCall.from_id(call.object_id).get(timeout=1)
+        except exc.NotFoundError as e:
+            return e
+        return None
+
+    e = wait_until(forgotten, 30, "the output to expire", every=0.5)
+    assert "expired" in str(e)
+    assert limits.nbytes.remote(b"abcd") == 4  # newer calls work

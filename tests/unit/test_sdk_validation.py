@@ -49,8 +49,9 @@ def test_int_retries_mean_fixed_delay():
 
 def test_retries_backoff_delays():
     policy = _decorate(
-        retries=strato.Retries(max_retries=5, backoff_coefficient=2.0, initial_delay=1.0,
-                               max_delay=5.0)
+        retries=strato.Retries(
+            max_retries=5, backoff_coefficient=2.0, initial_delay=1.0, max_delay=5.0
+        )
     )._spec.retries
     assert [policy.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
 

@@ -63,6 +63,7 @@ class ContainerRunner:
     def __init__(self, container_id: str, channel: str, token: str, spec: m.FunctionSpec) -> None:
         self.container_id = container_id
         self.spec = spec
+        self._send_lock = threading.Lock()
         self.sock = frames.connect(channel)
         self._send(m.ContainerHello(container_id, token))
         self.queue: deque[m.TaskInput] = deque()
@@ -72,9 +73,19 @@ class ContainerRunner:
         self.cancelled: set[int] = set()
         self._main_thread = threading.get_ident()
         self._loop = None
+        # outputs not sent yet; the flusher thread sends them once FLUSH_AFTER_S old, so
+        # that a fast input's output never waits for the (maybe long) input after it
+        self._out: list[m.TaskOutput] = []
+        self._out_first = 0.0
+        self._out_lock = threading.Lock()
+        self._out_cond = threading.Condition(self._out_lock)
+        self._flusher_idle = False  # waiting for outputs (not timing a batch)
+        self._serving = True
 
     def _send(self, msg: object) -> None:
-        self.sock.sendall(frames.encode(msg))
+        data = frames.encode(msg)
+        with self._send_lock:  # the main thread and the flusher both write
+            self.sock.sendall(data)
 
     # ------------------------------------------------------------------ reader thread
 
@@ -113,31 +124,65 @@ class ContainerRunner:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         threading.Thread(target=self._read, name="strato-channel", daemon=True).start()
+        threading.Thread(target=self._flush_loop, name="strato-flush", daemon=True).start()
         self._send(m.ContainerReady())
-        outputs: list[m.TaskOutput] = []
-        first_at = 0.0
-        while True:
-            item = None
-            with self.cond:
-                if self.queue:
-                    item = self.queue.popleft()
-                elif not outputs:
+        try:
+            while True:
+                with self.cond:
                     while not self.queue and not self.stopping:
                         self.cond.wait()
-                    if self.queue:
-                        item = self.queue.popleft()
-            if item is None:
-                if outputs:
-                    self._send(m.TaskOutputs(outputs))
-                    outputs = []
-                    continue
-                return  # stopping, nothing left
-            if not outputs:
-                first_at = time.monotonic()
-            outputs.append(self._run(fn, item))
-            if len(outputs) >= FLUSH_EVERY or time.monotonic() - first_at > FLUSH_AFTER_S:
-                self._send(m.TaskOutputs(outputs))
-                outputs = []
+                    if not self.queue:
+                        return  # stopping, nothing left
+                    item = self.queue.popleft()
+                self._output(self._run(fn, item))
+        finally:
+            with self._out_cond:
+                self._serving = False
+                self._out_cond.notify()
+            self._flush()
+
+    def _output(self, out: m.TaskOutput) -> None:
+        """Queue an output; send the batch now when it is full, old, or nothing else waits."""
+        now = time.monotonic()
+        with self._out_lock:
+            self._out.append(out)
+            if len(self._out) == 1:
+                self._out_first = now
+            if not (
+                len(self._out) >= FLUSH_EVERY
+                or not self.queue
+                or now - self._out_first > FLUSH_AFTER_S
+            ):
+                if self._flusher_idle:
+                    self._out_cond.notify()  # the flusher sends it if the next input is long
+                return
+            batch, self._out = self._out, []
+        self._send(m.TaskOutputs(batch))
+
+    def _flush(self) -> None:
+        with self._out_cond:
+            batch, self._out = self._out, []
+        if batch:
+            self._send(m.TaskOutputs(batch))
+
+    def _flush_loop(self) -> None:
+        try:
+            while True:
+                with self._out_cond:
+                    while not self._out and self._serving:
+                        self._flusher_idle = True
+                        self._out_cond.wait()
+                    self._flusher_idle = False
+                    if not self._serving:
+                        return
+                    wait = self._out_first + FLUSH_AFTER_S - time.monotonic()
+                    if wait > 0:
+                        self._out_cond.wait(wait)
+                        continue
+                    batch, self._out = self._out, []
+                self._send(m.TaskOutputs(batch))
+        except OSError:  # the channel is gone: the main thread finds out too
+            pass
 
     def _request_stop(self) -> None:
         with self.cond:

@@ -58,6 +58,17 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     retries: RetryPolicy = RetryPolicy()
     env: dict[str, str] = {}
     python_version: str = ""
+    # classes (@app.cls): the container builds one instance and serves its methods
+    is_class: bool = False
+    generator_methods: list[str] = []
+    async_methods: list[str] = []
+    params: bytes | None = None  # pickled parameter values of a bound class instance
+    # input handling (@concurrent, @batched)
+    max_inputs: int = 1
+    target_inputs: int | None = None
+    batch_max_size: int = 0
+    batch_wait_ms: int = 0
+    enable_memory_snapshot: bool = False
 
 
 # --------------------------------------------------------------------------- apps (HTTP)
@@ -156,6 +167,13 @@ class Cancel(msgspec.Struct):
 class FunctionStats(msgspec.Struct):
     backlog: int
     num_total_runners: int
+
+
+class BindFunction(msgspec.Struct):
+    """A class's parameter values and/or option overrides: the function they make."""
+
+    params: bytes | None = None  # pickled dict of parameter values
+    overrides: bytes | None = None  # msgpack dict of FunctionSpec fields (with_options)
 
 
 class UpdateAutoscaler(msgspec.Struct):

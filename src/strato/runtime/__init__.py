@@ -1,4 +1,6 @@
-"""Runtimes start container process trees: ``process`` now; ``bwrap`` and ``gvisor`` later.
+"""Runtimes start container process trees: ``bwrap`` (namespaces, the default where
+bubblewrap is installed), ``gvisor`` (a gVisor sandbox per container, for untrusted code) and
+``process`` (a plain subprocess: the fallback, which warns that it isolates nothing).
 
 Only the standard library (and ``strato.exceptions``) may be imported here.
 """
@@ -6,10 +8,14 @@ Only the standard library (and ``strato.exceptions``) may be imported here.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 
 from strato.exceptions import InvalidError
 from strato.runtime.base import (
+    CHANNEL_ENV,
+    CHANNEL_PATH,
+    Bind,
     Capabilities,
     ContainerLaunch,
     ExitStatus,
@@ -17,8 +23,13 @@ from strato.runtime.base import (
     Runtime,
 )
 
-DEFAULT_RUNTIME = "process"
+FALLBACK_RUNTIME = "process"
 ENV_VAR = "STRATO_RUNTIME"
+
+
+def default_runtime() -> str:
+    """``bwrap`` where bubblewrap is installed, else ``process``."""
+    return "bwrap" if shutil.which("bwrap") else FALLBACK_RUNTIME
 
 
 def _process() -> Runtime:
@@ -27,7 +38,23 @@ def _process() -> Runtime:
     return ProcessRuntime()
 
 
-_REGISTRY: dict[str, Callable[[], Runtime]] = {"process": _process}
+def _bwrap() -> Runtime:
+    from strato.runtime.bwrap import BwrapRuntime
+
+    return BwrapRuntime()
+
+
+def _gvisor() -> Runtime:
+    from strato.runtime.gvisor import GvisorRuntime
+
+    return GvisorRuntime()
+
+
+_REGISTRY: dict[str, Callable[[], Runtime]] = {
+    "bwrap": _bwrap,
+    "gvisor": _gvisor,
+    "process": _process,
+}
 
 
 def register_runtime(name: str, factory: Callable[[], Runtime]) -> None:
@@ -40,8 +67,8 @@ def available_runtimes() -> list[str]:
 
 
 def get_runtime(name: str | None = None) -> Runtime:
-    """The runtime called ``name``, else ``$STRATO_RUNTIME``, else ``process``."""
-    chosen = name or os.environ.get(ENV_VAR) or DEFAULT_RUNTIME
+    """The runtime called ``name``, else ``$STRATO_RUNTIME``, else :func:`default_runtime`."""
+    chosen = name or os.environ.get(ENV_VAR) or default_runtime()
     factory = _REGISTRY.get(chosen)
     if factory is None:
         source = "" if name else f" (from ${ENV_VAR})"
@@ -52,12 +79,16 @@ def get_runtime(name: str | None = None) -> Runtime:
 
 
 __all__ = [
+    "CHANNEL_ENV",
+    "CHANNEL_PATH",
+    "Bind",
     "Capabilities",
     "ContainerLaunch",
     "ExitStatus",
     "RunningContainer",
     "Runtime",
     "available_runtimes",
+    "default_runtime",
     "get_runtime",
     "register_runtime",
 ]

@@ -40,6 +40,22 @@ class Capabilities:
     """Can snapshot and restore a container's memory."""
 
 
+@dataclass(frozen=True)
+class Bind:
+    """A host path made visible inside the container at ``dst``."""
+
+    src: str
+    """Absolute host path (file, directory or Unix socket)."""
+    dst: str
+    """Absolute path inside the container; created if missing (not on a read-only root)."""
+    readonly: bool = True
+
+
+CHANNEL_PATH = "/run/strato/channel.sock"
+"""Where isolating runtimes place ``ContainerLaunch.channel_socket`` inside the container."""
+CHANNEL_ENV = "STRATO_CHANNEL"
+
+
 @dataclass
 class ContainerLaunch:
     """Everything a runtime needs to start one container."""
@@ -49,6 +65,8 @@ class ContainerLaunch:
     env: dict[str, str]
     """The complete environment of the process (nothing is inherited)."""
     cwd: str
+    """Working directory of the ``process`` runtime (a host path). Isolating runtimes use
+    ``workdir``; with no ``workdir`` and no image they use ``cwd`` where it is visible."""
     cpu: float | None = None
     """CPU limit in cores."""
     memory_mb: int | None = None
@@ -57,6 +75,17 @@ class ContainerLaunch:
     """Most processes and threads the container may hold at once."""
     gpu_indices: list[int] = field(default_factory=list)
     block_network: bool = False
+    rootfs_layers: list[str] = field(default_factory=list)
+    """The image: host directories stacked read-only, bottom first, under a writable layer
+    of the container's own. Empty: no image (the host root, read-only, where isolated)."""
+    binds: list[Bind] = field(default_factory=list)
+    channel_socket: str | None = None
+    """A host Unix socket the container must reach even with ``block_network``. The runtime
+    makes it reachable and sets ``$STRATO_CHANNEL`` to ``unix:<path inside>``."""
+    hostname: str | None = None
+    """Hostname inside the container (default: the container id); isolating runtimes only."""
+    workdir: str | None = None
+    """Working directory inside the container; isolating runtimes only."""
 
 
 @dataclass(frozen=True)

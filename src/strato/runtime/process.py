@@ -4,112 +4,47 @@ It isolates nothing (the container shares this machine's filesystem, network and
 table) and says so in a warning the first time it starts a container. Where cgroups are
 usable it enforces ``cpu``, ``memory_mb`` and ``pids_max`` and reports OOM kills.
 
-Joining the cgroup: the child joins its cgroup *before* user code runs. The runtime starts
-``/bin/sh -c 'echo $$ > <cgroup.procs> && ... && exec "$@"' strato-cgroup-join ARGV...``,
-so the shell writes its own pid into every ``cgroup.procs`` and only then ``exec``s the
-real program under the same pid. If a write fails the shell exits (code 2) before
-``exec``; no user code runs outside the cgroup. This avoids ``preexec_fn``, which is
-unsafe in a process with threads. The cost is one ``sh`` start (about a millisecond).
+Joining the cgroup before user code runs: see :mod:`strato.runtime.supervise`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import glob
 import logging
 import os
-import shlex
-import shutil
 import signal as _signal
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import (
-    Capabilities,
-    ContainerLaunch,
-    ExitStatus,
-    RunningContainer,
-    Runtime,
-)
+from strato.runtime.base import CHANNEL_ENV, Capabilities, ContainerLaunch, Runtime
 from strato.runtime.cgroups import (
     CgroupManager,
     CgroupUnavailable,
-    ContainerCgroup,
     open_manager,
     validate_limits,
+)
+from strato.runtime.supervise import (
+    STREAM_LIMIT,
+    SupervisedContainer,
+    cgroup_join_argv,
+    node_has_gpus,
+    resolve_executable,
+    spawn,
 )
 
 log = logging.getLogger("strato.runtime")
 
-SHELL = "/bin/sh"
-STREAM_LIMIT = 1 << 20  # readline() limit of stdout/stderr
+__all__ = ["STREAM_LIMIT", "ProcessContainer", "ProcessRuntime", "node_has_gpus"]
+
 _warned = False
+_resolve = resolve_executable
 
 
-def node_has_gpus() -> bool:
-    """Whether this machine has NVIDIA GPUs (driver loaded or device nodes present)."""
-    try:
-        if os.listdir("/proc/driver/nvidia/gpus"):
-            return True
-    except OSError:
-        pass
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
-
-
-def _resolve(argv0: str, env: dict[str, str], cwd: str) -> None:
-    """Raise ``FileNotFoundError`` as ``exec`` would, before the shell hides it as code 127."""
-    if "/" in argv0:
-        path = argv0 if os.path.isabs(argv0) else os.path.join(cwd, argv0)
-        found = os.path.isfile(path) and os.access(path, os.X_OK)
-    else:
-        found = shutil.which(argv0, path=env.get("PATH", os.defpath)) is not None
-    if not found:
-        raise FileNotFoundError(errno.ENOENT, "No such executable file", argv0)
-
-
-class ProcessContainer(RunningContainer):
-    def __init__(
-        self,
-        container_id: str,
-        proc: asyncio.subprocess.Process,
-        cgroup: ContainerCgroup | None,
-        memory_mb: int | None,
-    ) -> None:
-        self.container_id = container_id
-        self.pid = proc.pid
-        assert proc.stdout is not None and proc.stderr is not None
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-        self.cgroup = cgroup
-        """The container's cgroup, or ``None`` when cgroups are not in use."""
-        self._proc = proc
-        self._memory_mb = memory_mb
-        self._wait_task: asyncio.Future[ExitStatus] | None = None
-        self._cleaned = False
-
-    async def wait(self) -> ExitStatus:
-        if self._wait_task is None:
-            self._wait_task = asyncio.ensure_future(self._wait())
-        return await asyncio.shield(self._wait_task)
-
-    async def _wait(self) -> ExitStatus:
-        returncode = await self._proc.wait()
-        oom = False
-        if self.cgroup is not None:
-            if returncode != 0:
-                oom = self.cgroup.oom_killed(killed_by_sigkill=returncode == -_signal.SIGKILL)
-            await asyncio.to_thread(self._cleanup, self.cgroup)
-        else:
+class ProcessContainer(SupervisedContainer):
+    def _after_exit(self) -> None:
+        if self.cgroup is None:
             # Leftover members of the process group go with the main process. The group id
             # stays reserved while any member lives; if none does, the id could only reach a
             # stranger after a full pid wrap-around within microseconds (accepted).
             self._killpg(_signal.SIGKILL)
-        return ExitStatus.from_returncode(returncode, oom_killed=oom, memory_mb=self._memory_mb)
-
-    def _cleanup(self, cgroup: ContainerCgroup) -> None:
-        cgroup.kill_all()
-        cgroup.remove()
-        self._cleaned = True
 
     def _killpg(self, sig: int) -> None:
         try:
@@ -118,10 +53,10 @@ class ProcessContainer(RunningContainer):
             pass
 
     def signal(self, sig: int) -> None:
-        if self._proc.returncode is None:
+        if self.running:
             self._killpg(sig)
-        if sig == _signal.SIGKILL and self.cgroup is not None and not self._cleaned:
-            self.cgroup.kill_all(timeout_s=0)  # also those that left the process group
+        if sig == _signal.SIGKILL:
+            self._kill_cgroup()  # also those that left the process group
 
 
 class ProcessRuntime(Runtime):
@@ -183,6 +118,8 @@ class ProcessRuntime(Runtime):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in launch.gpu_indices)
         elif self.gpus_present:
             env["CUDA_VISIBLE_DEVICES"] = ""
+        if launch.channel_socket is not None:
+            env[CHANNEL_ENV] = f"unix:{launch.channel_socket}"  # the host path is the path
         return env
 
     async def start(self, launch: ContainerLaunch) -> ProcessContainer:
@@ -193,30 +130,28 @@ class ProcessRuntime(Runtime):
                 "The 'process' runtime cannot block a container's network; run functions "
                 "with block_network=True on the 'bwrap' or 'gvisor' runtime."
             )
+        if launch.rootfs_layers:
+            raise InvalidError(
+                "The 'process' runtime cannot run a container image; use the 'bwrap' or "
+                "'gvisor' runtime."
+            )
+        moved = [b for b in launch.binds if os.path.normpath(b.src) != os.path.normpath(b.dst)]
+        if moved:
+            raise InvalidError(
+                f"The 'process' runtime cannot mount {moved[0].src} at {moved[0].dst}: it "
+                "shares this machine's filesystem. Use the 'bwrap' or 'gvisor' runtime."
+            )
         validate_limits(launch.cpu, launch.memory_mb, launch.pids_max)
         self._warn_once()
         env = self._environment(launch)
         _resolve(launch.argv[0], env, launch.cwd)
         cgroup = None
-        argv = list(launch.argv)
         if self.cgroups is not None:
             cgroup = self.cgroups.create(
                 launch.container_id, launch.cpu, launch.memory_mb, launch.pids_max
             )
-            joins = " && ".join(f"echo $$ > {shlex.quote(p)}" for p in cgroup.procs_paths)
-            argv = [SHELL, "-c", f'{joins} && exec "$@"', "strato-cgroup-join", *argv]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=launch.cwd,
-                start_new_session=True,
-                close_fds=True,
-                limit=STREAM_LIMIT,
-            )
+            proc = await spawn(cgroup_join_argv(cgroup, launch.argv), env, launch.cwd)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove(timeout_s=0.5)

@@ -5,6 +5,7 @@ timeouts, expiry, abandoned ephemeral apps). Every loop stops with ``close()``."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -315,6 +316,30 @@ class ControlPlane:
     def heartbeat(self, app_id: str) -> None:
         if app_id in self.app_heartbeats:
             self.app_heartbeats[app_id] = time.monotonic()
+
+    def bind_function(self, function_id: str, req: m.BindFunction) -> m.FunctionRef:
+        """The function of one parameter set / options variant of a class (or function),
+        created on first use: each is its own pool of containers."""
+        parent = self.calls.function(function_id)
+        key = hashlib.sha256((req.params or b"") + b"\0" + (req.overrides or b"")).hexdigest()
+        name = f"{parent.name}[{key[:12]}]"
+        for f in self.store.functions_of(parent.app_id):
+            if f["name"] == name:
+                return m.FunctionRef(f["function_id"], name)
+        changes: dict = {"name": name, "params": req.params}
+        if req.overrides:
+            types = {f.name: f.type for f in msgspec.structs.fields(m.FunctionSpec)}
+            raw = msgspec.msgpack.decode(req.overrides)
+            if not isinstance(raw, dict) or not set(raw) <= set(types) - {"name", "params"}:
+                raise InvalidError("bad option overrides for the function variant")
+            try:
+                changes.update({k: msgspec.convert(v, types[k]) for k, v in raw.items()})
+            except msgspec.ValidationError as e:
+                raise InvalidError(f"bad option overrides: {e}") from None
+        spec = msgspec.structs.replace(parent.spec, **changes)
+        fid = "fu-" + secrets.token_hex(8)
+        self.store.add_function(parent.app_id, fid, name, msgspec.msgpack.encode(spec))
+        return m.FunctionRef(fid, name)
 
     def update_autoscaler(self, function_id: str, req: m.UpdateAutoscaler) -> None:
         fn = self.calls.function(function_id)

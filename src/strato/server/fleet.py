@@ -413,7 +413,7 @@ class Fleet:
                 f"OutOfMemoryError: the container running this input {what}; give the "
                 "function more memory (memory=...) or make it use less"
             )
-        self.calls.release_leases(s, 1 if prior != "killing" else 0, status, error)
+        self.calls.release_leases(s, 1 if prior != "killing" else 0, status, error, known=False)
         fn = self.calls.functions.get(s.function_id)
         if fn is not None:
             fn.sessions.pop(s.container_id, None)

@@ -100,6 +100,11 @@ class WorkerAgent:
         delay = 0.1
         try:
             while not self._stop.is_set():
+                if self.parent_pid and os.getppid() != self.parent_pid:
+                    # never dial a control plane that restarted in our parent's place: it
+                    # starts its own agent for this node
+                    log.info("the control plane (pid %s) exited; stopping", self.parent_pid)
+                    break
                 try:
                     await self._session(node)
                     delay = 0.1

@@ -6,8 +6,9 @@ import asyncio
 import os
 import time
 
-import strato
 from stratotest_helpers import shout
+
+import strato
 
 app = strato.App("strato-test-basic")
 
@@ -37,14 +38,12 @@ def slow_identity(x: int, delay: float) -> int:
 
 @app.function()
 def count_up(n: int):
-    for i in range(n):
-        yield i * 10
+    yield from (i * 10 for i in range(n))
 
 
 @app.function()
 def fail_midway(n: int):
-    for i in range(n):
-        yield i
+    yield from range(n)
     raise RuntimeError(f"stopped after {n} items")
 
 

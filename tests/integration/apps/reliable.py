@@ -12,9 +12,14 @@ def expected(x: int) -> int:
     return 3 * x + 1
 
 
-@app.function(retries=strato.Retries(max_retries=5, initial_delay=0.1, backoff_coefficient=1.0),
-              max_containers=3)
-def work(x: int, sleep_s: float) -> int:
+@app.function(
+    retries=strato.Retries(max_retries=5, initial_delay=0.1, backoff_coefficient=1.0),
+    max_containers=3,
+)
+def work(x: int, sleep_s: float, runs_log: str | None = None) -> int:
+    if runs_log:  # one line per run of an input, so a test sees which ran again
+        with open(runs_log, "a") as f:
+            f.write(f"{x}\n")
     time.sleep(sleep_s)
     return expected(x)
 

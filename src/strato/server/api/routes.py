@@ -101,6 +101,18 @@ def build_app(cp: ControlPlane) -> Router:
         return empty
 
     @route(
+        "POST",
+        "/functions/{function_id}/bind",
+        "The function of a class's parameter set or an options variant",
+        body=m.BindFunction,
+        response=m.FunctionRef,
+    )
+    async def bind_function(req: Request) -> Reply:
+        return reply(
+            cp.bind_function(req.path_params["function_id"], req.decode(m.BindFunction))
+        )
+
+    @route(
         "GET",
         "/functions/{function_id}/stats",
         "Queue depth and containers",

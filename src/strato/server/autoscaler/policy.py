@@ -26,6 +26,12 @@ class AutoscalerConfig:
     buffer_containers: int = 0
     scaledown_window: float = 60.0
     target_inputs: int = 1  # inputs one container should carry at once
+    # Which keep-alive policy stops idle containers: "fixed" (decide(), scaledown_window),
+    # "adaptive" (strato's default) or "hybrid" (the paper's); see autoscaler.adaptive.
+    keepalive: str = "fixed"
+    # The memory one container holds (Resources.memory_mb): the adaptive policy weighs the
+    # idle memory a warm container costs against the cold starts it saves.
+    memory_mb: float = 128.0
 
 
 @dataclass

@@ -47,6 +47,7 @@ class Pending:
     attempts: int = 0  # failed attempts so far
     where: str = "queued"  # queued | leased | retry | done
     session: ContainerRef | None = None
+    solo: bool = False  # run it alone in its container (it may be what crashed one)
 
 
 @dataclass(eq=False)
@@ -282,9 +283,15 @@ class CallManager:
                 continue
             batch: list[m.TaskInput] = []
             while room > 0 and fn.queue:
-                p = fn.queue.popleft()
+                p = fn.queue[0]
                 if p.where != "queued":
+                    fn.queue.popleft()
                     continue
+                if p.solo:
+                    if s.inflight or batch:
+                        break  # it waits for a container with nothing else to run
+                    room = 1
+                fn.queue.popleft()
                 token = self._next_token
                 self._next_token += 1
                 p.where, p.session = "leased", s
@@ -447,9 +454,22 @@ class CallManager:
 
     # ------------------------------------------------------------------ containers ending
 
-    def release_leases(self, session: ContainerRef, running: int, status: str, error: str) -> None:
+    def release_leases(
+        self,
+        session: ContainerRef,
+        running: int,
+        status: str,
+        error: str,
+        *,
+        known: bool = True,
+    ) -> None:
         """A container is gone (or being killed): its first ``running`` leases count as
-        failed attempts with ``status``; the rest never started and go back to the queue."""
+        failed attempts with ``status``; the rest never started and go back to the queue.
+
+        ``known=False`` (the container died) says that which lease was running is not
+        known: a container holds many inputs of a fast function, and outputs of finished
+        ones may have died with it. Unless it held just one, none is blamed: each goes back
+        to run alone, so that an input that kills its container fails on its own."""
         fn = self.functions.get(session.function_id)
         leases = list(session.inflight.values())
         session.inflight.clear()
@@ -457,6 +477,15 @@ class CallManager:
             return
         finals: list[dict] = []
         requeue: list[Pending] = []
+        held = [
+            lease
+            for lease in leases
+            if lease.pending.where == "leased" and lease.pending.session is session
+        ]
+        if running and not known and len(held) > 1:
+            for lease in held:
+                lease.pending.solo = True
+            running = 0
         for i, lease in enumerate(leases):
             p = lease.pending
             if p.where != "leased" or p.session is not session:

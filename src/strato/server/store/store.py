@@ -299,6 +299,15 @@ class Store:
             ).first()
         return dict(r._mapping) if r else None
 
+    def add_function(self, app_id: str, function_id: str, name: str, spec: bytes) -> None:
+        with self.conn.begin():
+            self.conn.execute(
+                t.functions.insert().values(
+                    function_id=function_id, app_id=app_id, name=name, spec=spec,
+                    created_at=time.time(),
+                )
+            )
+
     def update_function_spec(self, function_id: str, spec: bytes) -> None:
         with self.conn.begin():
             self.conn.execute(

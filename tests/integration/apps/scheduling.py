@@ -1,11 +1,13 @@
-"""GPU functions, run on a control plane whose node declares one H100 (device 0) and one
-T4 (device 1): ``STRATO_NODE_GPUS=H100:1,T4:1``."""
+"""Functions for scheduling tests, run on a control plane whose node declares 2 CPUs, one
+H100 (device 0) and one T4 (device 1): ``STRATO_NODE_CPU=2``,
+``STRATO_NODE_GPUS=H100:1,T4:1``."""
 
 import os
+import time
 
 import strato
 
-app = strato.App("strato-test-gpu")
+app = strato.App("strato-test-scheduling")
 
 
 @app.function(gpu="H100")
@@ -36,3 +38,14 @@ def on_two_h100() -> str | None:
 @app.function()
 def on_cpu() -> str:
     return "cpu"
+
+
+@app.function(cpu=1.0)
+def whole_cpu_a(seconds: float) -> str:
+    time.sleep(seconds)
+    return "a"
+
+
+@app.function(cpu=1.0)
+def whole_cpu_b() -> str:
+    return "b"

@@ -1,22 +1,22 @@
-"""GPU scheduling on a control plane whose node declares its GPUs through the worker
-agent's environment (``STRATO_NODE_GPUS``): a GPU function runs only where its GPU is."""
+"""Scheduling on a control plane whose node declares its resources through the worker
+agent's environment (``STRATO_NODE_CPU``, ``STRATO_NODE_GPUS``): a GPU function runs only
+where its GPU is, and idle containers make room for functions that wait."""
 
 from __future__ import annotations
 
 import pytest
+from apps import scheduling as gpu
+from conftest import dedicated_server
 
 import strato
-from apps import gpu
 from strato import exceptions as exc
 from strato.client import session
 from strato.protocol import messages as m
 
-from conftest import dedicated_server
-
 
 @pytest.fixture(scope="module")
 def gpu_app(strato_server):
-    with dedicated_server({"STRATO_NODE_GPUS": "H100:1,T4:1"}):
+    with dedicated_server({"STRATO_NODE_CPU": "2", "STRATO_NODE_GPUS": "H100:1,T4:1"}):
         with gpu.app.run(quiet=True):
             yield gpu.app
     strato_server.activate()
@@ -24,7 +24,7 @@ def gpu_app(strato_server):
 
 def test_the_node_declares_its_gpus(gpu_app):
     nodes = session.api().call("GET", "/nodes", None, m.NodeList).nodes
-    assert [n.info.gpus for n in nodes] == [{"H100": [0], "T4": [1]}]
+    assert [(n.info.cpu, n.info.gpus) for n in nodes] == [(2.0, {"H100": [0], "T4": [1]})]
 
 
 def test_gpu_function_gets_its_device(gpu_app):
@@ -55,3 +55,11 @@ def test_gpu_fallback_list_runs_on_the_available_type(gpu_app):
 
 def test_cpu_function_runs_beside_gpu_functions(gpu_app):
     assert gpu.on_cpu.remote() == "cpu"
+
+
+def test_idle_containers_make_room_for_a_waiting_function(gpu_app):
+    # two containers of a (1 CPU each) fill the node's 2 CPUs, then idle
+    assert list(gpu.whole_cpu_a.map([0.5, 0.5])) == ["a", "a"]
+    # b needs a whole CPU: it runs within seconds, not after a's 60 s scale-down window
+    assert gpu.whole_cpu_b.spawn().get(timeout=30) == "b"
+    assert gpu.whole_cpu_a.spawn(0).get(timeout=30) == "a"

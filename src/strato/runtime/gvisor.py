@@ -1,0 +1,355 @@
+"""The ``gvisor`` runtime: each container in its own gVisor sandbox (``runsc``).
+
+The container's system calls are served by gVisor's user-space kernel (the sentry), not
+the host's. Per container the runtime writes an OCI bundle, ``<dir>/config.json``, with its
+root filesystem mounted at ``<dir>/rootfs``:
+
+- with an image: the layers as one overlayfs with a writable layer of its own
+  (:mod:`strato.runtime.rootfs`);
+- without: a read-only view of the host's root, built on a small tmpfs
+  (:func:`strato.runtime.rootfs.mount_host_view`): runsc creates mount points inside the
+  root it is given, and must never create them in the host's own directories.
+
+It runs ``runsc --rootless=false --ignore-cgroups --network=none|host --host-uds=open run``
+in the container's cgroup (joined by ``sh`` as in every runtime), so the memory, CPU and
+PID limits hold the whole sandbox: the sentry, the gofer and ``runsc`` itself. The sentry
+is what the kernel kills when the container runs out of memory (read back as an OOM kill).
+Processes inside a sandbox are not host processes: ``pids_max`` is enforced inside by
+``RLIMIT_NPROC``, which gVisor applies to every process of the sandbox; the host cgroup's
+PID limit is ``pids_max`` + :data:`SANDBOX_PIDS` for gVisor's own threads, a backstop.
+
+Network: ``block_network`` -> ``--network=none`` and a network namespace (loopback only,
+served by gVisor's netstack); otherwise ``--network=host`` (the host's network, loopback
+included). The channel socket is bound into the sandbox at ``/run/strato/channel.sock``;
+``--host-uds=open`` lets the sentry connect to it (and to any other host Unix socket bound
+or visible inside: hide the worker's directories with ``hidden_paths`` when running without
+an image). Signals go through ``runsc kill --all``; SIGKILL kills ``runsc run`` itself,
+which takes the sandbox with it. runsc reports death by signal N as code 128+N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import resource
+import shutil
+import signal as _signal
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from strato.exceptions import InvalidError
+from strato.runtime.base import (
+    CHANNEL_ENV,
+    CHANNEL_PATH,
+    Capabilities,
+    ContainerLaunch,
+    Runtime,
+)
+from strato.runtime.bwrap import DEFAULT_CAPS
+from strato.runtime.cgroups import (
+    CgroupManager,
+    CgroupUnavailable,
+    ContainerCgroup,
+    open_manager,
+    validate_limits,
+)
+from strato.runtime.rootfs import (
+    ContainerDir,
+    check_host_view_binds,
+    default_state_dir,
+    find_executable,
+)
+from strato.runtime.supervise import SupervisedContainer, cgroup_join_argv, spawn
+
+log = logging.getLogger("strato.runtime")
+
+PLATFORM_ENV = "STRATO_GVISOR_PLATFORM"
+DEFAULT_PLATFORM = "ptrace"
+SANDBOX_PIDS = 512
+"""Host threads gVisor needs besides the container's processes (sentry, gofer, runsc)."""
+_KILL_TIMEOUT_S = 10.0
+
+
+def build_spec(
+    launch: ContainerLaunch,
+    *,
+    env: dict[str, str],
+    workdir: str,
+    readonly_root: bool,
+    hidden: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The OCI ``config.json`` of ``launch`` (root filesystem at ``<bundle>/rootfs``)."""
+    nofile_soft, nofile_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    rlimits = [{"type": "RLIMIT_NOFILE", "soft": nofile_soft, "hard": nofile_hard}]
+    if launch.pids_max is not None:
+        rlimits.append({"type": "RLIMIT_NPROC", "soft": launch.pids_max, "hard": launch.pids_max})
+    caps = list(DEFAULT_CAPS)
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+    ]
+    if readonly_root:
+        mounts.append({"destination": "/run", "type": "tmpfs", "source": "tmpfs"})
+        mounts += [{"destination": p, "type": "tmpfs", "source": "tmpfs"} for p in hidden]
+    for b in launch.binds:
+        options = ["rbind", "ro" if b.readonly else "rw"]
+        mounts.append({"destination": b.dst, "type": "bind", "source": b.src, "options": options})
+    if launch.channel_socket is not None:
+        mounts.append(
+            {"destination": CHANNEL_PATH, "type": "bind", "source": launch.channel_socket}
+        )
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if launch.block_network:
+        namespaces.append({"type": "network"})
+    return {
+        "ociVersion": "1.0.0",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(launch.argv),
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": workdir,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": rlimits,
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": readonly_root},
+        "hostname": launch.hostname or launch.container_id[:63],
+        "mounts": mounts,
+        "linux": {"namespaces": namespaces},
+    }
+
+
+class GvisorContainer(SupervisedContainer):
+    wraps_exit_status = True
+
+    def __init__(
+        self,
+        container_id: str,
+        proc: asyncio.subprocess.Process,
+        cgroup: ContainerCgroup | None,
+        memory_mb: int | None,
+        runtime: GvisorRuntime,
+        container_dir: ContainerDir,
+    ) -> None:
+        super().__init__(container_id, proc, cgroup, memory_mb)
+        self._runtime = runtime
+        self.container_dir = container_dir
+
+    def signal(self, sig: int) -> None:
+        if sig == _signal.SIGKILL:
+            if self.running:
+                try:
+                    os.kill(self.pid, sig)  # runsc run: the sandbox dies with it
+                except ProcessLookupError:
+                    pass
+            self._kill_cgroup()
+        elif self.running:
+            self._runtime.runsc_background("kill", "--all", self.container_id, str(int(sig)))
+
+    def _release(self) -> None:
+        self._runtime.delete_state(self.container_id)
+        self.container_dir.remove()
+
+
+class GvisorRuntime(Runtime):
+    """Runs each container in its own gVisor sandbox."""
+
+    name = "gvisor"
+
+    def __init__(
+        self,
+        *,
+        use_cgroups: bool = True,
+        cgroup_parent: str = "strato",
+        state_dir: str | os.PathLike[str] | None = None,
+        hidden_paths: Iterable[str] = (),
+        platform: str | None = None,
+        runsc: str | None = None,
+    ) -> None:
+        found = runsc or shutil.which("runsc")
+        if found is None:
+            raise InvalidError(
+                "The 'gvisor' runtime needs runsc: install gVisor (apt-get install runsc) or "
+                "choose another runtime with $STRATO_RUNTIME."
+            )
+        if os.geteuid() != 0:
+            raise InvalidError(
+                "The 'gvisor' runtime runs sandboxes as root: start the worker as root."
+            )
+        self.runsc = found
+        self.platform = platform or os.environ.get(PLATFORM_ENV) or DEFAULT_PLATFORM
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.runsc_root = self.state_dir / "runsc"
+        self.hidden_paths = [str(self.state_dir), *hidden_paths]
+        """Host directories a container without an image must not see (empty there)."""
+        self.cgroups: CgroupManager | None = None
+        self.cgroup_reason: str | None = "disabled by configuration"
+        if use_cgroups:
+            try:
+                self.cgroups = open_manager(cgroup_parent)
+                self.cgroup_reason = None
+            except CgroupUnavailable as exc:
+                self.cgroup_reason = str(exc)
+        self.capabilities = Capabilities(
+            isolation=True,
+            network_control=True,
+            cgroups=self.cgroups is not None,
+            gpu=False,
+            snapshot=False,
+        )
+        self._background: list[subprocess.Popen[bytes]] = []
+
+    def describe(self) -> str:
+        if self.cgroups is not None:
+            limits = f"limits by {self.cgroups.describe()}"
+        else:
+            limits = f"no resource limits: {self.cgroup_reason}"
+        return f"gvisor ({self.runsc}, platform {self.platform}; {limits})"
+
+    # ------------------------------------------------------------------ runsc
+
+    def _runsc(self, *args: str, network: str = "none") -> list[str]:
+        return [
+            self.runsc,
+            "--rootless=false",
+            f"--root={self.runsc_root}",
+            f"--platform={self.platform}",
+            f"--network={network}",
+            "--host-uds=open",
+            "--ignore-cgroups",
+            *args,
+        ]
+
+    def runsc_background(self, *args: str) -> None:
+        """Run a quick runsc command without waiting for it (it is reaped later)."""
+        self._background = [p for p in self._background if p.poll() is None]
+        self._background.append(
+            subprocess.Popen(
+                self._runsc(*args),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    def delete_state(self, container_id: str) -> None:
+        """Remove what runsc keeps of a container it did not clean up (killed runsc run)."""
+        if not any(self.runsc_root.glob(f"*{container_id}.state")):
+            return
+        try:
+            subprocess.run(
+                self._runsc("delete", "--force", container_id),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=_KILL_TIMEOUT_S,
+                check=True,
+            )
+        except (subprocess.SubprocessError, OSError) as exc:
+            log.warning("runsc delete %s failed: %s", container_id, exc)
+
+    # ------------------------------------------------------------------ start
+
+    def _environment(self, launch: ContainerLaunch) -> dict[str, str]:
+        env = dict(launch.env)
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        if launch.channel_socket is not None:
+            env[CHANNEL_ENV] = f"unix:{CHANNEL_PATH}"
+        return env
+
+    def _check(self, launch: ContainerLaunch) -> None:
+        if not launch.argv:
+            raise InvalidError(f"container {launch.container_id}: argv is empty.")
+        if launch.gpu_indices:
+            raise InvalidError(
+                "The 'gvisor' runtime cannot give a container GPUs; use the 'bwrap' runtime."
+            )
+        validate_limits(launch.cpu, launch.memory_mb, launch.pids_max)
+        if not launch.rootfs_layers:
+            check_host_view_binds(launch.binds)
+        for b in launch.binds:
+            if not os.path.isabs(b.dst) or not os.path.isabs(b.src):
+                raise InvalidError(f"bind {b.src} -> {b.dst}: both paths must be absolute.")
+            if not os.path.exists(b.src):
+                raise FileNotFoundError(f"bind source {b.src} does not exist")
+        if launch.channel_socket is not None and not os.path.exists(launch.channel_socket):
+            raise FileNotFoundError(f"channel socket {launch.channel_socket} does not exist")
+        if launch.workdir is not None and not os.path.isabs(launch.workdir):
+            raise InvalidError(f"workdir {launch.workdir!r} must be an absolute path.")
+
+    def _workdir(self, launch: ContainerLaunch, rootfs: Path) -> str:
+        if launch.rootfs_layers:
+            workdir = launch.workdir or "/"
+            (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            return workdir
+        if launch.workdir is not None:
+            return launch.workdir
+        cwd = os.path.realpath(launch.cwd)
+        covered = ["/tmp", "/run", "/proc", "/dev", "/sys", *self.hidden_paths]
+        if any(cwd == c or cwd.startswith(c.rstrip("/") + "/") for c in covered):
+            return "/"
+        return cwd
+
+    def _prepare(self, launch: ContainerLaunch, env: dict[str, str]) -> ContainerDir:
+        """Mount the root filesystem and write the bundle (blocking: run in a thread)."""
+        self.delete_state(launch.container_id)  # left by a worker that died, if any
+        container_dir = ContainerDir.create(self.state_dir, launch.container_id)
+        try:
+            if launch.rootfs_layers:
+                rootfs = container_dir.mount(launch.rootfs_layers)
+            else:
+                rootfs = container_dir.mount_host_view(self.state_dir)
+            workdir = self._workdir(launch, rootfs)
+            find_executable(str(rootfs), launch.argv[0], env, workdir)
+            spec = build_spec(
+                launch,
+                env=env,
+                workdir=workdir,
+                readonly_root=not launch.rootfs_layers,
+                hidden=[p for p in self.hidden_paths if os.path.isdir(p)],
+            )
+            config = container_dir.path / "config.json"
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(spec, f)
+        except BaseException:
+            container_dir.remove()
+            raise
+        return container_dir
+
+    async def start(self, launch: ContainerLaunch) -> GvisorContainer:
+        self._check(launch)
+        env = self._environment(launch)
+        self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        container_dir = await asyncio.to_thread(self._prepare, launch, env)
+        cgroup = None
+        try:
+            if self.cgroups is not None:
+                pids = None if launch.pids_max is None else launch.pids_max + SANDBOX_PIDS
+                cgroup = self.cgroups.create(
+                    launch.container_id, launch.cpu, launch.memory_mb, pids
+                )
+            network = "none" if launch.block_network else "host"
+            argv = self._runsc(
+                "run", f"--bundle={container_dir.path}", launch.container_id, network=network
+            )
+            proc = await spawn(cgroup_join_argv(cgroup, argv), {"PATH": os.defpath}, "/")
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove(timeout_s=0.5)
+            await asyncio.to_thread(container_dir.remove)
+            raise
+        memory_mb = launch.memory_mb if cgroup is not None else None
+        return GvisorContainer(launch.container_id, proc, cgroup, memory_mb, self, container_dir)

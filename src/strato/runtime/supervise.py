@@ -1,0 +1,156 @@
+"""What every runtime that starts a host process shares: joining the container's cgroup
+before ``exec``, the subprocess itself, and waiting for it (OOM check, cgroup cleanup).
+
+Joining the cgroup: the runtime starts
+``/bin/sh -c 'echo 0 > <dir>/tasks && ... && exec "$@"' strato-cgroup-join ARGV...``
+(``echo $$ > <dir>/cgroup.procs`` on cgroup v2, see
+:meth:`~strato.runtime.cgroups.ContainerCgroup.join_self_shell`), so the shell moves itself
+into every hierarchy of the cgroup and only then ``exec``s the real program (the user's, or
+``bwrap``/``runsc``) under the same pid. If a write fails the shell
+exits (code 2) before ``exec``; nothing runs outside the cgroup. This avoids ``preexec_fn``,
+which is unsafe in a process with threads. The cost is one ``sh`` start (about a millisecond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import glob
+import os
+import shutil
+import signal as _signal
+
+from strato.runtime.base import ExitStatus, RunningContainer
+from strato.runtime.cgroups import ContainerCgroup
+
+SHELL = "/bin/sh"
+STREAM_LIMIT = 1 << 20  # readline() limit of stdout/stderr
+
+
+def node_has_gpus() -> bool:
+    """Whether this machine has NVIDIA GPUs (driver loaded or device nodes present)."""
+    try:
+        if os.listdir("/proc/driver/nvidia/gpus"):
+            return True
+    except OSError:
+        pass
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def resolve_executable(argv0: str, env: dict[str, str], cwd: str) -> None:
+    """Raise ``FileNotFoundError`` as ``exec`` would, before a wrapper hides it as a code."""
+    if "/" in argv0:
+        path = argv0 if os.path.isabs(argv0) else os.path.join(cwd, argv0)
+        found = os.path.isfile(path) and os.access(path, os.X_OK)
+    else:
+        found = shutil.which(argv0, path=env.get("PATH", os.defpath)) is not None
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, "No such executable file", argv0)
+
+
+def cgroup_join_argv(cgroup: ContainerCgroup | None, argv: list[str]) -> list[str]:
+    """``argv``, run so that it joins ``cgroup`` before it starts (unchanged if ``None``)."""
+    if cgroup is None:
+        return list(argv)
+    return [SHELL, "-c", f'{cgroup.join_self_shell()} && exec "$@"', "strato-cgroup-join", *argv]
+
+
+async def spawn(argv: list[str], env: dict[str, str], cwd: str) -> asyncio.subprocess.Process:
+    """Start ``argv`` in a new session, stdin from /dev/null, stdout/stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        close_fds=True,
+        limit=STREAM_LIMIT,
+    )
+
+
+_SIGNAL_NUMBERS = {int(s) for s in _signal.Signals}
+
+
+def wrapped_returncode(returncode: int) -> tuple[int | None, int | None]:
+    """``(exit_code, signal)`` from the code of a wrapper (``bwrap``, ``runsc``) that reports
+    death by signal N as exit code 128+N, as a shell does. A program that exits with such a
+    code on purpose is read as killed by that signal: the wrappers do not tell them apart."""
+    if returncode < 0:
+        return None, -returncode
+    if returncode > 128 and returncode - 128 in _SIGNAL_NUMBERS:
+        return None, returncode - 128
+    return returncode, None
+
+
+class SupervisedContainer(RunningContainer):
+    """A container whose main host process is a child of this one, maybe in a cgroup.
+
+    ``wait()`` waits for that process, checks the cgroup for an OOM kill, then cleans up: the
+    cgroup's leftovers are killed and it is removed, and :meth:`_release` runs (in a thread).
+    """
+
+    wraps_exit_status = False
+    """The main process reports a signal as 128+N (see :func:`wrapped_returncode`)."""
+
+    def __init__(
+        self,
+        container_id: str,
+        proc: asyncio.subprocess.Process,
+        cgroup: ContainerCgroup | None,
+        memory_mb: int | None,
+    ) -> None:
+        self.container_id = container_id
+        self.pid = proc.pid
+        assert proc.stdout is not None and proc.stderr is not None
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.cgroup = cgroup
+        """The container's cgroup, or ``None`` when cgroups are not in use."""
+        self._proc = proc
+        self._memory_mb = memory_mb
+        self._wait_task: asyncio.Future[ExitStatus] | None = None
+        self._cleaned = False
+
+    @property
+    def running(self) -> bool:
+        return self._proc.returncode is None
+
+    async def wait(self) -> ExitStatus:
+        if self._wait_task is None:
+            self._wait_task = asyncio.ensure_future(self._wait())
+        return await asyncio.shield(self._wait_task)
+
+    async def _wait(self) -> ExitStatus:
+        returncode = await self._proc.wait()
+        if self.wraps_exit_status:
+            code, sig = wrapped_returncode(returncode)
+        else:
+            code, sig = (None, -returncode) if returncode < 0 else (returncode, None)
+        oom = False
+        try:
+            if self.cgroup is not None and returncode != 0:
+                oom = self.cgroup.oom_killed(killed_by_sigkill=sig == _signal.SIGKILL)
+            self._after_exit()
+        finally:
+            await asyncio.to_thread(self._cleanup)
+        memory_mb = self._memory_mb if self.cgroup is not None else None
+        return ExitStatus(code, sig, oom, memory_mb)
+
+    def _after_exit(self) -> None:
+        """Runs in the event loop as soon as the main process has exited (quick)."""
+
+    def _cleanup(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+            self.cgroup.remove()
+        self._cleaned = True
+        self._release()
+
+    def _release(self) -> None:
+        """Free what the runtime set up besides the cgroup (runs in a thread, once)."""
+
+    def _kill_cgroup(self) -> None:
+        if self.cgroup is not None and not self._cleaned:
+            self.cgroup.kill_all(timeout_s=0)

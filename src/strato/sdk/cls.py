@@ -1,0 +1,228 @@
+"""``@app.cls``: classes whose containers keep state between inputs.
+
+``Model(variant="x")`` returns a handle; ``.predict.remote(...)`` runs the method in a
+container that built one instance with those parameters and ran its ``@enter`` hooks.
+Each distinct set of parameter values (and each ``with_options`` variant) is its own
+function on the control plane, so its own pool of containers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import msgspec
+
+from strato import exceptions as exc
+from strato.client import session
+from strato.protocol import messages as m
+
+from . import options
+from .function import Function
+from .partial import PARAMETER_TYPES, _Parameter
+
+
+def class_parameters(user_cls: type) -> dict[str, _Parameter]:
+    return {k: v for k, v in vars(user_cls).items() if isinstance(v, _Parameter)}
+
+
+def class_methods(user_cls: type) -> dict[str, Callable]:
+    return {
+        k: v for k, v in vars(user_cls).items()
+        if callable(v) and hasattr(v, "__strato_method__")
+    }
+
+
+def lifecycle_hooks(user_cls: type) -> tuple[list[Callable], list[Callable], list[Callable]]:
+    """(enter hooks with snap=True, enter hooks with snap=False, exit hooks), in order."""
+    snap, enter, exit_ = [], [], []
+    for v in vars(user_cls).values():
+        if not callable(v):
+            continue
+        mark = getattr(v, "__strato_enter__", None)
+        if mark is not None:
+            (snap if mark["snap"] else enter).append(v)
+        if getattr(v, "__strato_exit__", False):
+            exit_.append(v)
+    return snap, enter, exit_
+
+
+def instantiate(user_cls: type, params: dict[str, Any]):
+    """An instance with its parameters set (the class's own ``__init__`` is not called,
+    as in Modal), before any ``@enter`` hook."""
+    obj = user_cls.__new__(user_cls)
+    for name, p in class_parameters(user_cls).items():
+        value = params.get(name, p.default)
+        setattr(obj, name, value)
+    return obj
+
+
+def check_params(user_cls_name: str, declared: dict[str, _Parameter], given: dict) -> dict:
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise exc.InvalidError(
+            f"{user_cls_name}() got unknown parameters {unknown}; declared: "
+            + (", ".join(declared) or "none (use strato.parameter())")
+        )
+    out = {}
+    for name, p in declared.items():
+        if name in given:
+            value = given[name]
+            if not isinstance(value, PARAMETER_TYPES):
+                raise exc.InvalidError(f"{user_cls_name}({name}={value!r}): parameters must be "
+                                       "int, str, bytes or bool")
+            out[name] = value
+        elif p.required:
+            raise exc.InvalidError(f"{user_cls_name}() is missing parameter {name!r}")
+    return out
+
+
+class Cls:
+    """The handle ``@app.cls`` returns: call it with parameters to get an ``Obj``."""
+
+    def __init__(self, user_cls: type | None, spec: m.FunctionSpec | None, app=None,
+                 service: Function | None = None, overrides: dict | None = None) -> None:
+        self._user_cls = user_cls
+        self._spec = spec
+        self._app = app
+        self._service = service or Function(None, spec, app)
+        self._overrides = overrides or {}
+        if user_cls is not None:
+            self.__name__ = user_cls.__name__
+            self.__qualname__ = user_cls.__qualname__
+            self.__doc__ = user_cls.__doc__
+
+    def __repr__(self) -> str:
+        return f"<strato.Cls {self._spec.name if self._spec else self._service.tag}>"
+
+    @classmethod
+    def from_name(cls, app_name: str, name: str) -> Cls:
+        return cls(None, None, service=Function.from_name(app_name, name))
+
+    def __call__(self, **params) -> Obj:
+        if self._user_cls is not None:
+            params = check_params(self._user_cls.__name__, class_parameters(self._user_cls),
+                                  params)
+        return Obj(self, params)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self(), name)  # a class without parameters: Model.predict.remote()
+
+    def with_options(self, *, cpu=None, memory=None, gpu=None, timeout=None, retries=None,
+                     env=None, min_containers=None, max_containers=None,
+                     buffer_containers=None, scaledown_window=None) -> Cls:
+        """A variant with other resources or scaling; its containers form their own pool."""
+        ov = dict(self._overrides)
+        if cpu is not None or memory is not None or gpu is not None:
+            base = self._spec.resources if self._spec else m.Resources()
+            ov["resources"] = options.resources(
+                cpu if cpu is not None else _pair_of(base.cpu, base.cpu_limit),
+                memory if memory is not None else _pair_of(base.memory_mb, base.memory_limit_mb),
+                gpu if gpu is not None else (base.gpu or None),
+            )
+        if timeout is not None:
+            ov["timeout"] = options.timeout(timeout)
+        if retries is not None:
+            ov["retries"] = options.retry_policy(retries)
+        if env is not None:
+            ov["env"] = options.env(env)
+        scaling = [min_containers, max_containers, buffer_containers, scaledown_window]
+        if any(v is not None for v in scaling):
+            base_sc = self._spec.scaling if self._spec else m.ScalingConfig()
+            ov["scaling"] = options.scaling(
+                base_sc.min_containers if min_containers is None else min_containers,
+                base_sc.max_containers if max_containers is None else max_containers,
+                base_sc.buffer_containers if buffer_containers is None else buffer_containers,
+                base_sc.scaledown_window if scaledown_window is None else scaledown_window,
+            )
+        return Cls(self._user_cls, self._spec, self._app, self._service, ov)
+
+    def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
+        from .partial import concurrent
+
+        cfg = concurrent(max_inputs=max_inputs, target_inputs=target_inputs)(lambda: None)
+        c = cfg.__strato_concurrency__
+        return Cls(self._user_cls, self._spec, self._app, self._service,
+                   {**self._overrides, "max_inputs": c.max_inputs,
+                    "target_inputs": c.target_inputs})
+
+    def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
+        from .partial import batched
+
+        b = batched(max_batch_size=max_batch_size, wait_ms=wait_ms)(lambda: None).__strato_batch__
+        return Cls(self._user_cls, self._spec, self._app, self._service,
+                   {**self._overrides, "batch_max_size": b.max_batch_size,
+                    "batch_wait_ms": b.wait_ms})
+
+
+def _pair_of(req, limit):
+    return req if limit is None else (req, limit)
+
+
+class Obj:
+    """An instance handle: its methods run remotely (``.remote``, ``.map``, ...) or here
+    (``.local``, on a local instance whose ``@enter`` hooks ran once)."""
+
+    def __init__(self, cls: Cls, params: dict) -> None:
+        self._cls = cls
+        self._params = params
+        self._bound_id: str | None = None
+        self._local = None
+        self._methods: dict[str, Function] = {}
+
+    def __repr__(self) -> str:
+        return f"<strato.Obj {self._cls!r} {self._params}>"
+
+    def _bind(self) -> str:
+        """The function id of this parameter set (and options), created on first use."""
+        if self._bound_id is None:
+            service = self._cls._service
+            client, fid = service._ensure()
+            if not self._params and not self._cls._overrides:
+                self._bound_id = fid
+            else:
+                req = m.BindFunction(
+                    params=cloudpickle.dumps(self._params) if self._params else None,
+                    overrides=msgspec.msgpack.encode(self._cls._overrides)
+                    if self._cls._overrides else None,
+                )
+                ref = client.call("POST", f"/functions/{fid}/bind", req, m.FunctionRef)
+                self._bound_id = ref.function_id
+        return self._bound_id
+
+    def _local_instance(self):
+        if self._local is None:
+            user_cls = self._cls._user_cls
+            if user_cls is None:
+                raise exc.InvalidError("a class looked up by name has no local code")
+            obj = instantiate(user_cls, self._params)
+            snap, enter, _ = lifecycle_hooks(user_cls)
+            for hook in [*snap, *enter]:
+                hook(obj)
+            self._local = obj
+        return self._local
+
+    def __getattr__(self, name: str) -> Function:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        fn = self._methods.get(name)
+        if fn is None:
+            user_cls = self._cls._user_cls
+            if user_cls is not None:
+                methods = class_methods(user_cls)
+                if name not in methods:
+                    raise AttributeError(
+                        f"{user_cls.__name__} has no @strato.method() {name!r}; methods: "
+                        + (", ".join(methods) or "none")
+                    )
+                raw = methods[name]
+                is_gen = inspect.isgeneratorfunction(raw) or inspect.isasyncgenfunction(raw)
+            else:
+                raw, is_gen = None, False
+            fn = Function.for_method(self, name, raw, is_gen)
+            self._methods[name] = fn
+        return fn
