@@ -14,7 +14,16 @@ _LAZY = {
     "App": "strato.sdk.app",
     "Function": "strato.sdk.function",
     "FunctionCall": "strato.sdk.function",
+    "Cls": "strato.sdk.cls",
+    "Obj": "strato.sdk.cls",
+    "Image": "strato.sdk.image",
     "Retries": "strato.sdk.options",
+    "enter": "strato.sdk.partial",
+    "exit": "strato.sdk.partial",
+    "method": "strato.sdk.partial",
+    "parameter": "strato.sdk.partial",
+    "concurrent": "strato.sdk.partial",
+    "batched": "strato.sdk.partial",
     "exceptions": "strato.exceptions",
 }
 

@@ -59,6 +59,18 @@ class ContainerStartError(ExecutionError):
     """The worker agent could not start the container."""
 
 
+class ImageBuildError(ExecutionError):
+    """A step of an image build failed; the message has its command and output tail."""
+
+    def __init__(self, message: str, *, command: str = "", output_tail: str = "") -> None:
+        super().__init__(message)
+        self.command = command
+        self.output_tail = output_tail
+
+    def __reduce__(self):  # keep command/output_tail through pickling
+        return (_rebuild_image_error, (type(self), str(self), self.command, self.output_tail))
+
+
 class RemoteError(Error):
     """A remote exception whose type cannot be imported here.
 
@@ -115,6 +127,7 @@ ERRORS_BY_NAME: dict[str, type[BaseException]] = {
         OutOfMemoryError,
         ResourceUnavailableError,
         ContainerStartError,
+        ImageBuildError,
         TimeoutError,
         FunctionTimeoutError,
         OutputExpiredError,
@@ -123,3 +136,7 @@ ERRORS_BY_NAME: dict[str, type[BaseException]] = {
         InputCancellation,
     )
 }
+
+
+def _rebuild_image_error(cls, message: str, command: str, tail: str) -> ImageBuildError:
+    return cls(message, command=command, output_tail=tail)

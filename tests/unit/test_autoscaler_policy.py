@@ -212,3 +212,14 @@ def test_pure_function_does_not_mutate_inputs() -> None:
     first = decide(s, config)
     assert (repr(s), repr(config)) == before
     assert decide(s, config) == first
+
+
+def test_decide_is_the_fixed_window_whatever_the_keepalive_fields_say() -> None:
+    # decide() is the "fixed" policy: the adaptive policy's fields do not change it.
+    containers = [ready("a", idle_for=1000), ready("b", idle_for=30)]
+    s = stats(0, 0, *containers)
+    plain = decide(s, AutoscalerConfig(scaledown_window=60))
+    for keepalive in ("fixed", "adaptive", "hybrid"):
+        config = AutoscalerConfig(scaledown_window=60, keepalive=keepalive, memory_mb=4096.0)
+        assert decide(s, config) == plain == ScalingDecision(0, ["a"])
+    assert AutoscalerConfig().keepalive == "fixed"

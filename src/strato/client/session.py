@@ -68,6 +68,7 @@ class LogFollower:
         self.heartbeat = heartbeat
         self.cursor = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # one poll at a time prints and moves the cursor
         self._thread = threading.Thread(target=self._run, name="strato-logs", daemon=True)
 
     def start(self) -> LogFollower:
@@ -81,19 +82,26 @@ class LogFollower:
                 if self.heartbeat and time.monotonic() - last_beat > HEARTBEAT_S:
                     self.client.call("POST", f"/apps/{self.app_id}/heartbeat")
                     last_beat = time.monotonic()
-                self.poll(timeout=HEARTBEAT_S / 2)
+                self.poll(timeout=HEARTBEAT_S / 2, background=True)
             except exc.Error:
                 self._stop.wait(0.5)
 
-    def poll(self, timeout: float) -> int:
+    def poll(self, timeout: float, *, background: bool = False) -> int:
+        after = self.cursor
         batch = self.client.call(
             "GET",
             f"/apps/{self.app_id}/logs",
             None,
             m.LogBatch,
-            params={"after": self.cursor, "timeout": timeout},
+            params={"after": after, "timeout": timeout},
             timeout=timeout + 30,
         )
+        with self._lock:
+            if (background and self._stop.is_set()) or self.cursor != after:
+                return 0  # stop() has taken over: it reads these lines again
+            return self._show(batch)
+
+    def _show(self, batch: m.LogBatch) -> int:
         self.cursor = batch.cursor
         if not self.quiet:
             for line in batch.lines:
@@ -109,9 +117,12 @@ class LogFollower:
         return len(batch.lines)
 
     def stop(self, drain_s: float = 0.3) -> None:
-        """Stop following, after printing what arrived during the last ``drain_s``."""
+        """Stop following, after printing what arrived during the last ``drain_s``.
+
+        The background thread is not waited for (it may be in a long-poll): what its poll
+        brings back now is dropped, and read again here."""
         self._stop.set()
-        self._thread.join(timeout=HEARTBEAT_S + 5)
+        self._thread.join(timeout=0.05)
         deadline = time.monotonic() + drain_s
         try:
             while self.poll(timeout=max(0.0, deadline - time.monotonic())):

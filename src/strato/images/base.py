@@ -72,8 +72,7 @@ def build_base(
         )
         tail = "\n".join(result.tail)
         raise ImageBuildError(
-            f"debian_slim({step.python_version}): `{command}` {how}. "
-            f"Last output:\n{tail}",
+            f"debian_slim({step.python_version}): `{command}` {how}. Last output:\n{tail}",
             command=command,
             output_tail=tail,
         )

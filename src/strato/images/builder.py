@@ -180,7 +180,10 @@ class _Build:
                 mirror = debian_mirror()
                 self.log(f"debootstrap {step.release} from {mirror} (once per release)")
                 build_base(
-                    step, root, mirror=mirror, on_line=self._prefixed(progress),
+                    step,
+                    root,
+                    mirror=mirror,
+                    on_line=self._prefixed(progress),
                     timeout=self.step_timeout,
                 )
                 return root
@@ -298,8 +301,10 @@ def _quote(text: str) -> str:
 def _step_error(
     image_id: str, progress: str, what: str, shown: str, result: RunResult, timeout: float
 ) -> ImageBuildError:
-    how = f"timed out after {timeout:.0f}s" if result.timed_out else (
-        f"failed with exit code {result.returncode}"
+    how = (
+        f"timed out after {timeout:.0f}s"
+        if result.timed_out
+        else (f"failed with exit code {result.returncode}")
     )
     tail = "\n".join(result.tail)
     return ImageBuildError(

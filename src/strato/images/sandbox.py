@@ -148,8 +148,9 @@ def run_in_layers(
     opts = overlay_options(layers_dir, lower, temp)
     merged = str(temp / "merged")
     inner = bwrap_args(merged, ["/bin/sh", "-c", script], env=env, binds=binds)
-    return run_logged(overlay_command(str(layers_dir), opts, merged, inner), on_line,
-                      timeout=timeout)
+    return run_logged(
+        overlay_command(str(layers_dir), opts, merged, inner), on_line, timeout=timeout
+    )
 
 
 def run_in_root(

@@ -264,9 +264,7 @@ def pip_options(
 
 _PIP_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _PIP_AFTER_NAME = ("[", "=", "<", ">", "!", "~", ";", "@", " ", "(")
-_APT_RE = re.compile(
-    r"[a-z0-9][a-z0-9+.-]*(?::[a-z0-9-]+)?(?:=[A-Za-z0-9.+~:-]+|/[A-Za-z0-9.-]+)?"
-)
+_APT_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*(?::[a-z0-9-]+)?(?:=[A-Za-z0-9.+~:-]+|/[A-Za-z0-9.-]+)?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RELEASE_RE = re.compile(r"[a-z][a-z0-9-]*")

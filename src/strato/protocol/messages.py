@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from .images import ImageSpec
 from .mounts import MountManifest
 
 # --------------------------------------------------------------------------- functions
@@ -69,6 +70,10 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     batch_max_size: int = 0
     batch_wait_ms: int = 0
     enable_memory_snapshot: bool = False
+    # where it runs
+    image: ImageSpec | None = None
+    block_network: bool = False
+    runtime: str | None = None  # bwrap | gvisor | process; None = the worker's default
 
 
 # --------------------------------------------------------------------------- apps (HTTP)

@@ -16,7 +16,25 @@ from strato.client.mounts import collect_local_mount
 from strato.protocol import messages as m
 
 from . import options
+from .cls import Cls, class_methods
 from .function import Function
+from .image import Image, upload_image_files
+
+RUNTIMES = ("bwrap", "gvisor", "process")
+
+
+def _input_handling(f: Callable) -> dict:
+    """FunctionSpec fields from ``@concurrent`` / ``@batched`` on a function or method."""
+    concurrency = getattr(f, "__strato_concurrency__", None)
+    batch = getattr(f, "__strato_batch__", None)
+    if concurrency is not None and batch is not None:
+        raise exc.InvalidError(f"{f.__qualname__} cannot be both @concurrent and @batched")
+    if concurrency is not None:
+        return {"max_inputs": concurrency.max_inputs, "target_inputs": concurrency.target_inputs}
+    if batch is not None:
+        return {"batch_max_size": batch.max_batch_size, "batch_wait_ms": batch.wait_ms}
+    return {}
+
 
 _MISSING = object()
 
@@ -61,6 +79,56 @@ class App:
 
     # ------------------------------------------------------------------ decorators
 
+    def _spec_base(
+        self,
+        *,
+        image,
+        cpu,
+        memory,
+        gpu,
+        timeout,
+        retries,
+        env,
+        min_containers,
+        max_containers,
+        buffer_containers,
+        scaledown_window,
+        enable_memory_snapshot,
+        block_network,
+        runtime,
+    ) -> dict:
+        """The FunctionSpec fields every function and class shares, validated now."""
+        image = image if image is not None else self.image
+        if image is not None and not isinstance(image, Image):
+            raise exc.InvalidError(f"image={image!r}: use a strato.Image")
+        for flag, value in (
+            ("enable_memory_snapshot", enable_memory_snapshot),
+            ("block_network", block_network),
+        ):
+            if not isinstance(value, bool):
+                raise exc.InvalidError(f"{flag}= must be True or False")
+        if runtime is not None and runtime not in RUNTIMES:
+            raise exc.InvalidError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
+        return dict(
+            resources=options.resources(cpu, memory, gpu),
+            scaling=options.scaling(
+                min_containers, max_containers, buffer_containers, scaledown_window
+            ),
+            timeout=options.timeout(timeout),
+            retries=options.retry_policy(retries),
+            env=options.env(env),
+            python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+            enable_memory_snapshot=enable_memory_snapshot,
+            image=image.spec if image is not None else None,
+            block_network=block_network,
+            runtime=runtime,
+        ), image
+
+    def _register(self, tag: str, obj) -> None:
+        if tag in self._functions:
+            raise exc.InvalidError(f"app {self.name!r} has two functions named {tag!r}")
+        self._functions[tag] = obj
+
     def function(
         self,
         _warn_parentheses_missing=None,
@@ -77,20 +145,28 @@ class App:
         max_containers: int | None = None,
         buffer_containers: int = 0,
         scaledown_window: float | None = None,
+        enable_memory_snapshot: bool = False,
+        block_network: bool = False,
+        runtime: str | None = None,
         name: str | None = None,
     ) -> Callable[[Callable], Function]:
         if _warn_parentheses_missing is not None:
             raise exc.InvalidError("Did you forget parentheses? Use `@app.function()`.")
-        resources = options.resources(cpu, memory, gpu)
-        spec_base = dict(
-            resources=resources,
-            scaling=options.scaling(
-                min_containers, max_containers, buffer_containers, scaledown_window
-            ),
-            timeout=options.timeout(timeout),
-            retries=options.retry_policy(retries),
-            env=options.env(env),
-            python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+        base, image_obj = self._spec_base(
+            image=image,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+            enable_memory_snapshot=enable_memory_snapshot,
+            block_network=block_network,
+            runtime=runtime,
         )
         if not isinstance(serialized, bool):
             raise exc.InvalidError("serialized= must be True or False")
@@ -98,17 +174,28 @@ class App:
         def wrap(f: Callable) -> Function:
             if isinstance(f, Function):
                 raise exc.InvalidError(f"{f.tag} is decorated twice with @app.function()")
-            if not callable(f):
-                raise exc.InvalidError(f"@app.function() decorates functions, not {f!r}")
+            if inspect.isclass(f) or not callable(f):
+                raise exc.InvalidError(
+                    f"@app.function() decorates functions, not {f!r}; use @app.cls() for classes"
+                )
             tag = name or f.__qualname__
             if "<locals>" in f.__qualname__ and not serialized:
                 raise exc.InvalidError(
                     f"{f.__qualname__} is defined inside another function, so a container "
                     "cannot import it: move it to module level or pass serialized=True"
                 )
-            if tag in self._functions:
-                raise exc.InvalidError(f"app {self.name!r} has two functions named {tag!r}")
             data = None
+            if (
+                serialized
+                and image_obj is not None
+                and image_obj.python_version
+                != (f"{sys.version_info.major}.{sys.version_info.minor}")
+            ):
+                raise exc.InvalidError(
+                    f"{tag}: serialized=True ships the function pickled, which needs the same "
+                    f"Python here and in the image ({image_obj.python_version}); use a module-"
+                    "level function instead"
+                )
             if serialized:
                 import cloudpickle
 
@@ -125,11 +212,104 @@ class App:
                 serialized=data,
                 is_generator=inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f),
                 is_async=inspect.iscoroutinefunction(f),
-                **spec_base,
+                **_input_handling(f),
+                **base,
             )
             fn = Function(f, spec, self)
-            self._functions[tag] = fn
+            fn._image = image_obj
+            self._register(tag, fn)
             return fn
+
+        return wrap
+
+    def cls(
+        self,
+        _warn_parentheses_missing=None,
+        *,
+        image=None,
+        cpu: float | tuple[float, float] | None = None,
+        memory: int | tuple[int, int] | None = None,
+        gpu: str | list[str] | None = None,
+        timeout: float = 300,
+        retries: int | options.Retries | None = None,
+        env: dict[str, str] | None = None,
+        min_containers: int = 0,
+        max_containers: int | None = None,
+        buffer_containers: int = 0,
+        scaledown_window: float | None = None,
+        enable_memory_snapshot: bool = False,
+        block_network: bool = False,
+        runtime: str | None = None,
+    ) -> Callable[[type], Cls]:
+        """A class whose containers build one instance, run its ``@enter`` hooks, and serve
+        its ``@method()``s."""
+        if _warn_parentheses_missing is not None:
+            raise exc.InvalidError("Did you forget parentheses? Use `@app.cls()`.")
+        base, image_obj = self._spec_base(
+            image=image,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+            enable_memory_snapshot=enable_memory_snapshot,
+            block_network=block_network,
+            runtime=runtime,
+        )
+
+        def wrap(user_cls: type) -> Cls:
+            if not inspect.isclass(user_cls):
+                raise exc.InvalidError(f"@app.cls() decorates classes, not {user_cls!r}")
+            if "<locals>" in user_cls.__qualname__:
+                raise exc.InvalidError(
+                    f"{user_cls.__qualname__} is defined inside a function: move it to module level"
+                )
+            methods = class_methods(user_cls)
+            if not methods:
+                raise exc.InvalidError(f"{user_cls.__name__} has no @strato.method()")
+            batched = [n for n, f in methods.items() if hasattr(f, "__strato_batch__")]
+            if batched and len(methods) > 1:
+                raise exc.InvalidError(
+                    f"{user_cls.__name__}.{batched[0]} is @batched: a class "
+                    "with a batched method cannot have other methods"
+                )
+            handling = _input_handling(methods[batched[0]]) if batched else {}
+            concurrency = getattr(user_cls, "__strato_concurrency__", None)
+            if concurrency is not None:
+                if batched:
+                    raise exc.InvalidError("a class cannot be both @concurrent and @batched")
+                handling = {
+                    "max_inputs": concurrency.max_inputs,
+                    "target_inputs": concurrency.target_inputs,
+                }
+            spec = m.FunctionSpec(
+                name=user_cls.__qualname__,
+                module=user_cls.__module__,
+                qualname=user_cls.__qualname__,
+                is_class=True,
+                generator_methods=[
+                    n
+                    for n, f in methods.items()
+                    if inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)
+                ],
+                async_methods=[
+                    n
+                    for n, f in methods.items()
+                    if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+                ],
+                **handling,
+                **base,
+            )
+            service = Function(None, spec, self)
+            service._image = image_obj
+            handle = Cls(user_cls, spec, self, service)
+            self._register(user_cls.__qualname__, service)
+            return handle
 
         return wrap
 
@@ -166,6 +346,16 @@ class App:
         client = session.api()
         specs, mount = self._specs()
         session.upload_mount(client, mount)
+        images = {id(fn._image): fn._image for fn in self._functions.values() if fn._image}
+        here = f"{sys.version_info.major}.{sys.version_info.minor}"
+        for image in images.values():
+            upload_image_files(client, image)
+            if image.python_version != here:
+                session.progress(
+                    f"image {image.object_id} runs Python {image.python_version}, this client "
+                    f"{here}: functions are imported by module path; arguments and results "
+                    "must unpickle across the two versions"
+                )
         info = client.call(
             "POST",
             "/apps",

@@ -16,7 +16,6 @@ import cloudpickle
 import msgspec
 
 from strato import exceptions as exc
-from strato.client import session
 from strato.protocol import messages as m
 
 from . import options
@@ -30,8 +29,7 @@ def class_parameters(user_cls: type) -> dict[str, _Parameter]:
 
 def class_methods(user_cls: type) -> dict[str, Callable]:
     return {
-        k: v for k, v in vars(user_cls).items()
-        if callable(v) and hasattr(v, "__strato_method__")
+        k: v for k, v in vars(user_cls).items() if callable(v) and hasattr(v, "__strato_method__")
     }
 
 
@@ -71,8 +69,9 @@ def check_params(user_cls_name: str, declared: dict[str, _Parameter], given: dic
         if name in given:
             value = given[name]
             if not isinstance(value, PARAMETER_TYPES):
-                raise exc.InvalidError(f"{user_cls_name}({name}={value!r}): parameters must be "
-                                       "int, str, bytes or bool")
+                raise exc.InvalidError(
+                    f"{user_cls_name}({name}={value!r}): parameters must be int, str, bytes or bool"
+                )
             out[name] = value
         elif p.required:
             raise exc.InvalidError(f"{user_cls_name}() is missing parameter {name!r}")
@@ -82,8 +81,14 @@ def check_params(user_cls_name: str, declared: dict[str, _Parameter], given: dic
 class Cls:
     """The handle ``@app.cls`` returns: call it with parameters to get an ``Obj``."""
 
-    def __init__(self, user_cls: type | None, spec: m.FunctionSpec | None, app=None,
-                 service: Function | None = None, overrides: dict | None = None) -> None:
+    def __init__(
+        self,
+        user_cls: type | None,
+        spec: m.FunctionSpec | None,
+        app=None,
+        service: Function | None = None,
+        overrides: dict | None = None,
+    ) -> None:
         self._user_cls = user_cls
         self._spec = spec
         self._app = app
@@ -103,8 +108,7 @@ class Cls:
 
     def __call__(self, **params) -> Obj:
         if self._user_cls is not None:
-            params = check_params(self._user_cls.__name__, class_parameters(self._user_cls),
-                                  params)
+            params = check_params(self._user_cls.__name__, class_parameters(self._user_cls), params)
         return Obj(self, params)
 
     def __getattr__(self, name: str):
@@ -112,9 +116,20 @@ class Cls:
             raise AttributeError(name)
         return getattr(self(), name)  # a class without parameters: Model.predict.remote()
 
-    def with_options(self, *, cpu=None, memory=None, gpu=None, timeout=None, retries=None,
-                     env=None, min_containers=None, max_containers=None,
-                     buffer_containers=None, scaledown_window=None) -> Cls:
+    def with_options(
+        self,
+        *,
+        cpu=None,
+        memory=None,
+        gpu=None,
+        timeout=None,
+        retries=None,
+        env=None,
+        min_containers=None,
+        max_containers=None,
+        buffer_containers=None,
+        scaledown_window=None,
+    ) -> Cls:
         """A variant with other resources or scaling; its containers form their own pool."""
         ov = dict(self._overrides)
         if cpu is not None or memory is not None or gpu is not None:
@@ -146,17 +161,25 @@ class Cls:
 
         cfg = concurrent(max_inputs=max_inputs, target_inputs=target_inputs)(lambda: None)
         c = cfg.__strato_concurrency__
-        return Cls(self._user_cls, self._spec, self._app, self._service,
-                   {**self._overrides, "max_inputs": c.max_inputs,
-                    "target_inputs": c.target_inputs})
+        return Cls(
+            self._user_cls,
+            self._spec,
+            self._app,
+            self._service,
+            {**self._overrides, "max_inputs": c.max_inputs, "target_inputs": c.target_inputs},
+        )
 
     def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
         from .partial import batched
 
         b = batched(max_batch_size=max_batch_size, wait_ms=wait_ms)(lambda: None).__strato_batch__
-        return Cls(self._user_cls, self._spec, self._app, self._service,
-                   {**self._overrides, "batch_max_size": b.max_batch_size,
-                    "batch_wait_ms": b.wait_ms})
+        return Cls(
+            self._user_cls,
+            self._spec,
+            self._app,
+            self._service,
+            {**self._overrides, "batch_max_size": b.max_batch_size, "batch_wait_ms": b.wait_ms},
+        )
 
 
 def _pair_of(req, limit):
@@ -188,7 +211,8 @@ class Obj:
                 req = m.BindFunction(
                     params=cloudpickle.dumps(self._params) if self._params else None,
                     overrides=msgspec.msgpack.encode(self._cls._overrides)
-                    if self._cls._overrides else None,
+                    if self._cls._overrides
+                    else None,
                 )
                 ref = client.call("POST", f"/functions/{fid}/bind", req, m.FunctionRef)
                 self._bound_id = ref.function_id

@@ -44,11 +44,16 @@ class Function:
     """A function that runs remotely. Made by ``@app.function(...)`` or
     ``Function.from_name(app_name, name)``."""
 
+    _image = None  # the strato.Image it runs on (None: the worker's own Python)
+
     def __init__(self, raw_f: Callable | None, spec: m.FunctionSpec | None, app=None) -> None:
         self._raw_f = raw_f
         self._spec = spec
         self._app = app
         self._hyd = _Hydration()
+        self._method: str | None = None  # set on a class method's handle
+        self._obj = None  # the class instance handle (strato.sdk.cls.Obj) of a method
+        self._is_gen = spec.is_generator if spec is not None else False
         if raw_f is not None:
             self.__name__ = raw_f.__name__
             self.__qualname__ = raw_f.__qualname__
@@ -77,12 +82,25 @@ class Function:
         f._hyd.name = name
         return f
 
+    @classmethod
+    def for_method(cls, obj, name: str, raw: Callable | None, is_generator: bool) -> Function:
+        """The handle of method ``name`` of a class instance handle ``obj``."""
+        f = cls(None, None)
+        f._raw_f = raw
+        f._method = name
+        f._obj = obj
+        f._is_gen = is_generator
+        f._hyd.name = f"{obj._cls!r}.{name}"
+        return f
+
     def _hydrate(self, function_id: str, app_id: str | None) -> None:
         self._hyd.function_id = function_id
         self._hyd.app_id = app_id
 
     def _ensure(self) -> tuple[ApiClient, str]:
         client = session.api()
+        if self._obj is not None:
+            return client, self._obj._bind()
         if self._hyd.function_id is None:
             if self._hyd.app_name is None:
                 raise exc.ExecutionError(
@@ -120,6 +138,8 @@ class Function:
 
     def local(self, *args, **kwargs):
         """Run the function here, in this process."""
+        if self._obj is not None:
+            return self.get_raw_f()(self._obj._local_instance(), *args, **kwargs)
         return self.get_raw_f()(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -131,11 +151,17 @@ class Function:
     @with_aio
     def remote(self, *args, **kwargs):
         """Run the function in a container and return its result."""
-        if self._spec is not None and self._spec.is_generator:
+        if self._is_gen:
             raise exc.InvalidError(f"{self.tag} is a generator: use .remote_gen(...)")
         client, fid = self._ensure()
         call_id = _new_call_id()
-        req = m.CreateCall(call_id, fid, [self._input(client, 0, args, kwargs)], wait=REMOTE_WAIT_S)
+        req = m.CreateCall(
+            call_id,
+            fid,
+            [self._input(client, 0, args, kwargs)],
+            wait=REMOTE_WAIT_S,
+            method=self._method,
+        )
         out = client.call("POST", "/calls", req, m.Outputs, timeout=REMOTE_WAIT_S + 30)
         while not out.outputs:
             out = _poll(client, call_id, 0, REMOTE_WAIT_S)
@@ -146,7 +172,9 @@ class Function:
         """Run a generator function in a container, yielding its items as they come."""
         client, fid = self._ensure()
         call_id = _new_call_id()
-        req = m.CreateCall(call_id, fid, [self._input(client, 0, args, kwargs)], kind="gen")
+        req = m.CreateCall(
+            call_id, fid, [self._input(client, 0, args, kwargs)], kind="gen", method=self._method
+        )
         client.call("POST", "/calls", req, m.Outputs)
         after = 0
         pending: dict[int, m.OutputItem] = {}
@@ -175,7 +203,9 @@ class Function:
         """Start the function in a container; returns a handle to its result."""
         client, fid = self._ensure()
         call_id = _new_call_id()
-        req = m.CreateCall(call_id, fid, [self._input(client, 0, args, kwargs)], kind="spawn")
+        req = m.CreateCall(
+            call_id, fid, [self._input(client, 0, args, kwargs)], kind="spawn", method=self._method
+        )
         client.call("POST", "/calls", req, m.Outputs)
         return FunctionCall(call_id)
 
@@ -307,7 +337,12 @@ class _MapSender:
                         "POST",
                         "/calls",
                         m.CreateCall(
-                            self.call_id, self.function_id, batch, kind=self.kind, closed=last
+                            self.call_id,
+                            self.function_id,
+                            batch,
+                            kind=self.kind,
+                            closed=last,
+                            method=self.fn._method,
                         ),
                         m.Outputs,
                     )

@@ -79,26 +79,46 @@ class Image:
 
     # ------------------------------------------------------------------ packages
 
-    def pip_install(self, *packages, find_links: str | None = None,
-                    index_url: str | None = None, extra_index_url: str | None = None,
-                    pre: bool = False, extra_options: str = "") -> Image:
+    def pip_install(
+        self,
+        *packages,
+        find_links: str | None = None,
+        index_url: str | None = None,
+        extra_index_url: str | None = None,
+        pre: bool = False,
+        extra_options: str = "",
+    ) -> Image:
         pkgs = _flatten(packages)
         if not pkgs:
             return self
-        args = spec_mod.pip_options(find_links=find_links, index_url=index_url,
-                                    extra_index_url=extra_index_url, pre=pre,
-                                    extra_options=extra_options)
+        args = spec_mod.pip_options(
+            find_links=find_links,
+            index_url=index_url,
+            extra_index_url=extra_index_url,
+            pre=pre,
+            extra_options=extra_options,
+        )
         return self._then(spec_mod.PipInstall(pkgs, args))
 
-    def uv_pip_install(self, *packages, find_links: str | None = None,
-                       index_url: str | None = None, extra_index_url: str | None = None,
-                       pre: bool = False, extra_options: str = "") -> Image:
+    def uv_pip_install(
+        self,
+        *packages,
+        find_links: str | None = None,
+        index_url: str | None = None,
+        extra_index_url: str | None = None,
+        pre: bool = False,
+        extra_options: str = "",
+    ) -> Image:
         pkgs = _flatten(packages)
         if not pkgs:
             return self
-        args = spec_mod.pip_options(find_links=find_links, index_url=index_url,
-                                    extra_index_url=extra_index_url, pre=pre,
-                                    extra_options=extra_options)
+        args = spec_mod.pip_options(
+            find_links=find_links,
+            index_url=index_url,
+            extra_index_url=extra_index_url,
+            pre=pre,
+            extra_options=extra_options,
+        )
         return self._then(spec_mod.UvPipInstall(pkgs, args))
 
     def pip_install_from_requirements(self, requirements_txt: str, **kwargs) -> Image:
@@ -138,8 +158,9 @@ class Image:
             source = ""
         fingerprint = hashlib.sha256(source.encode()).hexdigest() if source else ""
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        return self._then(spec_mod.RunFunction(pickled, getattr(fn, "__qualname__", "fn"),
-                                               fingerprint, version))
+        return self._then(
+            spec_mod.RunFunction(pickled, getattr(fn, "__qualname__", "fn"), fingerprint, version)
+        )
 
     # ------------------------------------------------------------------ environment
 
@@ -153,19 +174,27 @@ class Image:
 
     # ------------------------------------------------------------------ local files
 
-    def add_local_file(self, local_path: str | Path, remote_path: str, *,
-                       copy: bool = False) -> Image:
+    def add_local_file(
+        self, local_path: str | Path, remote_path: str, *, copy: bool = False
+    ) -> Image:
         path = Path(local_path).expanduser()
         if not path.is_file():
             raise exc.InvalidError(f"add_local_file: no such file {path}")
         if remote_path.endswith("/"):
             remote_path = remote_path + path.name
         sha = _sha256(path)
-        return self._then(spec_mod.AddFiles([(remote_path, sha, path.stat().st_mode & 0o777)]),
-                          {sha: str(path)})
+        return self._then(
+            spec_mod.AddFiles([(remote_path, sha, path.stat().st_mode & 0o777)]), {sha: str(path)}
+        )
 
-    def add_local_dir(self, local_path: str | Path, remote_path: str, *, copy: bool = False,
-                      ignore: list[str] | None = None) -> Image:
+    def add_local_dir(
+        self,
+        local_path: str | Path,
+        remote_path: str,
+        *,
+        copy: bool = False,
+        ignore: list[str] | None = None,
+    ) -> Image:
         root = Path(local_path).expanduser()
         if not root.is_dir():
             raise exc.InvalidError(f"add_local_dir: no such directory {root}")
@@ -191,8 +220,9 @@ class Image:
                 raise exc.InvalidError(f"add_local_python_source: module {name!r} not found")
             origin = Path(found.origin)
             if found.submodule_search_locations:
-                image = image.add_local_dir(origin.parent, f"/root/{name}",
-                                            ignore=["__pycache__", "*.pyc"])
+                image = image.add_local_dir(
+                    origin.parent, f"/root/{name}", ignore=["__pycache__", "*.pyc"]
+                )
             else:
                 image = image.add_local_file(origin, f"/root/{origin.name}")
         return image

@@ -73,8 +73,9 @@ def parameter(*, default: Any = _MISSING, init: bool = True) -> Any:
     """A constructor parameter of an ``@app.cls`` class (int, str, bytes or bool). Each
     distinct set of values gets its own pool of containers."""
     if default is not _MISSING and not isinstance(default, PARAMETER_TYPES):
-        raise InvalidError(f"parameter(default={default!r}): defaults must be int, str, bytes "
-                           "or bool")
+        raise InvalidError(
+            f"parameter(default={default!r}): defaults must be int, str, bytes or bool"
+        )
     return _Parameter(default, init)
 
 
@@ -90,19 +91,23 @@ class BatchConfig:
     wait_ms: int
 
 
-def concurrent(_warn_parentheses_missing=None, *, max_inputs: int,
-               target_inputs: int | None = None) -> Callable:
+def concurrent(
+    _warn_parentheses_missing=None, *, max_inputs: int, target_inputs: int | None = None
+) -> Callable:
     """Let one container run up to ``max_inputs`` inputs at once (threads for sync
     functions, tasks for async ones); the autoscaler aims at ``target_inputs``."""
     _no_parens("concurrent", _warn_parentheses_missing)
     if isinstance(max_inputs, bool) or not isinstance(max_inputs, int) or max_inputs < 1:
         raise InvalidError(f"concurrent(max_inputs={max_inputs!r}): use an int >= 1")
     if target_inputs is not None and (
-        isinstance(target_inputs, bool) or not isinstance(target_inputs, int)
+        isinstance(target_inputs, bool)
+        or not isinstance(target_inputs, int)
         or not 1 <= target_inputs <= max_inputs
     ):
-        raise InvalidError(f"concurrent(target_inputs={target_inputs!r}): use an int from 1 "
-                           f"to max_inputs ({max_inputs})")
+        raise InvalidError(
+            f"concurrent(target_inputs={target_inputs!r}): use an int from 1 "
+            f"to max_inputs ({max_inputs})"
+        )
 
     def mark(f: Callable) -> Callable:
         f.__strato_concurrency__ = ConcurrencyConfig(max_inputs, target_inputs)
@@ -115,13 +120,16 @@ def batched(_warn_parentheses_missing=None, *, max_batch_size: int, wait_ms: int
     """Gather single calls into lists of up to ``max_batch_size``, waiting at most
     ``wait_ms``; the function takes and returns lists."""
     _no_parens("batched", _warn_parentheses_missing)
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not (
-        1 <= max_batch_size <= MAX_BATCH_SIZE
+    if (
+        isinstance(max_batch_size, bool)
+        or not isinstance(max_batch_size, int)
+        or not (1 <= max_batch_size <= MAX_BATCH_SIZE)
     ):
-        raise InvalidError(f"batched(max_batch_size={max_batch_size!r}): use 1 to "
-                           f"{MAX_BATCH_SIZE}")
-    if isinstance(wait_ms, bool) or not isinstance(wait_ms, int) or not (
-        0 <= wait_ms < MAX_BATCH_WAIT_MS
+        raise InvalidError(f"batched(max_batch_size={max_batch_size!r}): use 1 to {MAX_BATCH_SIZE}")
+    if (
+        isinstance(wait_ms, bool)
+        or not isinstance(wait_ms, int)
+        or not (0 <= wait_ms < MAX_BATCH_WAIT_MS)
     ):
         raise InvalidError(f"batched(wait_ms={wait_ms!r}): use 0 to {MAX_BATCH_WAIT_MS - 1} ms")
 

@@ -171,7 +171,9 @@ class Fleet:
         elif isinstance(msg, m.ContainerStartFailed):
             s = self.containers.get(msg.container_id)
             if s is not None:
-                self._init_failed(s, f"ContainerStartError: {msg.error}", None, None)
+                # the worker sends "Type: message"; unknown types reach the caller as
+                # RemoteError, strato's own (ImageBuildError, ...) as themselves
+                self._init_failed(s, msg.error, None, None)
                 self._gone(s, f"failed to start: {msg.error}", oom=False)
         elif isinstance(msg, m.ContainerStarted):
             s = self.containers.get(msg.container_id)

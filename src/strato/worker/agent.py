@@ -15,27 +15,23 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
-
-import msgspec
 
 from strato.client.config import strato_home
 from strato.client.http import ApiClient
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.runtime import get_runtime
-from strato.runtime.base import ContainerLaunch, RunningContainer
+from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
-from .mounts import materialize
+from .launch import prepare_launch
 from .resources import detect_inventory
 
 log = logging.getLogger("strato.worker")
 
 LOG_FLUSH_S = 0.02
 MAX_LOG_LINE = 16 << 10
-PIDS_MAX = 4096
 
 
 class WorkerAgent:
@@ -58,6 +54,9 @@ class WorkerAgent:
         self.parent_pid = parent_pid
         self.worker_id = "wk-" + secrets.token_hex(6)
         self.runtime = get_runtime(os.environ.get("STRATO_RUNTIME") or None)
+        self.default_runtime = self.runtime.name
+        self.runtimes: dict[str, Runtime] = {self.runtime.name: self.runtime}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.containers: dict[str, RunningContainer] = {}
         self.starting: set[str] = set()
         self.killed: set[str] = set()
@@ -77,6 +76,7 @@ class WorkerAgent:
             self._outbox.append(msg)
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         inv = detect_inventory()
         node = m.NodeInfo(
             name=self.name,
@@ -170,13 +170,19 @@ class WorkerAgent:
         cid = msg.container_id
         self.starting.add(cid)
         try:
-            launch = await asyncio.to_thread(self._prepare, msg)
+            runtime = self._runtime(msg.spec.runtime or msg.runtime)
+            launch = await asyncio.to_thread(self._prepare, msg, runtime)
             if cid in self.killed:
                 return
-            rc = await self.runtime.start(launch)
+            rc = await runtime.start(launch)
         except Exception as e:  # noqa: BLE001 - reported to the control plane
             log.exception("container %s failed to start", cid)
-            self.send(m.ContainerStartFailed(cid, f"{type(e).__name__}: {e}"))
+            name = (
+                type(e).__name__
+                if type(e).__module__.startswith("strato")
+                else ("ContainerStartError")
+            )
+            self.send(m.ContainerStartFailed(cid, f"{name}: {e}"))
             return
         finally:
             self.starting.discard(cid)
@@ -199,41 +205,27 @@ class WorkerAgent:
             )
         )
 
-    def _prepare(self, msg: m.ContainerStart) -> ContainerLaunch:
-        spec = msg.spec
-        workdir = self.cache / "containers" / msg.container_id
-        workdir.mkdir(parents=True, exist_ok=True)
-        spec_path = workdir / "spec.msgpack"
-        spec_path.write_bytes(msgspec.msgpack.encode(spec))
-        paths: list[str] = []
-        if msg.mount is not None:
-            paths = materialize(msg.mount, str(self.cache), self._http.get_blob)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": str(workdir),
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "STRATO_CONTAINER_ID": msg.container_id,
-            "STRATO_CHANNEL": msg.channel,
-            "STRATO_CONTAINER_TOKEN": msg.token,
-            "STRATO_CONTAINER_SPEC": str(spec_path),
-            "STRATO_MOUNT_PATHS": os.pathsep.join(paths),
-            "STRATO_FUNCTION_ID": msg.function_id,
-            "STRATO_APP_ID": msg.app_id,
-        }
-        env.update(spec.env)
-        res = spec.resources
-        return ContainerLaunch(
-            container_id=msg.container_id,
-            argv=[sys.executable, "-m", "strato.container"],
-            env=env,
-            cwd=str(workdir),
-            cpu=res.cpu_limit,
-            memory_mb=res.memory_limit_mb,
-            pids_max=PIDS_MAX,
-            gpu_indices=list(msg.gpu_indices),
+    def _prepare(self, msg: m.ContainerStart, runtime: Runtime) -> ContainerLaunch:
+        loop = self._loop
+
+        def build_log(line: str) -> None:  # image build output, from this worker thread
+            entry = m.LogLine(time.time(), msg.container_id, "system", line)
+            loop.call_soon_threadsafe(self._add_log, entry)
+
+        return prepare_launch(
+            msg,
+            cache=self.cache,
+            isolated=runtime.capabilities.isolation,
+            fetch_blob=self._http.get_blob,
+            log=build_log,
         )
+
+    def _runtime(self, name: str | None) -> Runtime:
+        name = name or self.default_runtime
+        rt = self.runtimes.get(name)
+        if rt is None:
+            rt = self.runtimes[name] = get_runtime(name)
+        return rt
 
     def _kill(self, cid: str, grace_s: float) -> None:
         self.killed.add(cid)
@@ -254,13 +246,14 @@ class WorkerAgent:
             if not line:
                 return
             text = line.decode("utf-8", "replace").rstrip("\n")
-            self._log_buf.append(m.LogLine(time.time(), cid, name, text[:MAX_LOG_LINE]))
-            if len(self._log_buf) >= 500:
-                self._flush_logs()
-            elif self._log_flush is None:
-                self._log_flush = asyncio.get_running_loop().call_later(
-                    LOG_FLUSH_S, self._flush_logs
-                )
+            self._add_log(m.LogLine(time.time(), cid, name, text[:MAX_LOG_LINE]))
+
+    def _add_log(self, line: m.LogLine) -> None:
+        self._log_buf.append(line)
+        if len(self._log_buf) >= 500:
+            self._flush_logs()
+        elif self._log_flush is None:
+            self._log_flush = asyncio.get_running_loop().call_later(LOG_FLUSH_S, self._flush_logs)
 
     def _flush_logs(self) -> None:
         if self._log_flush is not None:

@@ -108,9 +108,7 @@ def build_app(cp: ControlPlane) -> Router:
         response=m.FunctionRef,
     )
     async def bind_function(req: Request) -> Reply:
-        return reply(
-            cp.bind_function(req.path_params["function_id"], req.decode(m.BindFunction))
-        )
+        return reply(cp.bind_function(req.path_params["function_id"], req.decode(m.BindFunction)))
 
     @route(
         "GET",

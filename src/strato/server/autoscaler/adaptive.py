@@ -2,67 +2,79 @@
 
 ``decide()`` in :mod:`.policy` keeps an idle container for a fixed ``scaledown_window``. The
 policies here learn each function's idle-time distribution (see :mod:`.hybrid`) and keep a
-warm container only when the next input is likely to come, starting one ahead of time
-(pre-warming) when the pattern says when it will come.
+warm container only while the next input is worth waiting for, starting one ahead of time
+(pre-warming) when the pattern says when that input will come.
 
 Which policy a function gets is ``AutoscalerConfig.keepalive``:
 
-- ``"fixed"``: ``decide()`` with the user's ``scaledown_window``; the choice when the user set
-  ``scaledown_window`` (see :func:`keepalive_for`).
-- ``"adaptive"``: strato's default (:data:`ADAPTIVE`): the hybrid histogram with tuned
-  percentiles and margins, a short keep-alive while a function's pattern is unknown, and a
-  separate, short window for the extra containers of a burst.
-- ``"hybrid"``: the paper's policy as published (:data:`HYBRID`), the yardstick.
+- ``"fixed"``: ``decide()`` with the user's ``scaledown_window``: the choice when the user
+  set ``scaledown_window`` (:func:`keepalive_for`).
+- ``"adaptive"``: strato's default (:data:`ADAPTIVE`), cost-aware. Each idle time observed is
+  a sample of "how long after draining does the next input come"; the policy picks the warm
+  interval ``[a, b)`` (pre-warm ``a``, keep-alive until ``b``) that minimises, over the
+  function's histogram, ``cold starts + idle GB-minutes / price``, where ``price``
+  (``cold_start_gb_minutes``, 1.0) is the idle memory one avoided cold start is worth and
+  the container's memory is ``AutoscalerConfig.memory_mb`` (:func:`cost_aware_windows`).
+  Until 5 idle times are known, and for the extra containers of a burst, it keeps an idle
+  container for the *break-even* time ``price / memory`` (ski rental: never more than twice
+  the cost of the best choice in hindsight), 1 minute to 4 hours. Mostly out-of-range idle
+  times (>= 4 h) use the paper's predictor branch.
+- ``"hybrid"``: the paper's policy as published (:data:`HYBRID`): 5th/99th percentile windows
+  with 10 % margins, a 4-hour keep-alive while the histogram is not representative, and
+  every idle container kept until the end of the keep-alive window (as the paper's
+  OpenWhisk implementation does per container). The yardstick.
 
 min_containers, max_containers, buffer_containers and target_inputs mean what they mean in
-``decide()``, whatever the policy: the work-driven count of ``desired_containers()`` is a
-floor, pre-warming never exceeds max_containers, busy containers are never stopped.
+``decide()`` whatever the policy: the work-driven ``desired_containers()`` is a floor,
+pre-warming never exceeds max_containers, busy and starting containers are never stopped.
 
 How the control loop drives it
 ------------------------------
 
-Keep one :class:`PolicyState` per function (start from ``PolicyState()``; it is immutable and
-small: a 240-int histogram and three numbers). Every hook returns the new state; store it in
-place of the old one. Three calls, all pure (pass the loop's monotonic clock as ``now``):
+Keep one :class:`PolicyState` per function, starting from ``PolicyState()``: immutable, a
+240-int histogram and a few numbers. Every call below returns the new state: store it in
+place of the old one. All are pure; pass the loop's monotonic clock as ``now``.
 
 1. ``state = observe_arrival(state, now)`` for **every input** the control plane accepts for
-   the function (before it is queued or handed to a container). When the function was idle
-   (nothing running or queued since it drained), this records the idle time
-   ``now - idle_since`` in the histogram; otherwise it only notes the arrival.
-2. ``state = observe_drained(state, now)`` whenever the function's last running input
-   finishes and nothing is queued (inputs running + queued drops to 0). It marks the start
-   of an idle period. Calling it again while still idle changes nothing.
+   the function (before it is queued or handed to a container). If the function was idle
+   (it drained and nothing arrived since), this records the idle time ``now - idle_since``;
+   otherwise it returns the state unchanged (after the first input).
+2. ``state = observe_drained(state, now)`` when the function's last running input finishes
+   and nothing is queued (running + queued inputs drops to 0): the idle period starts.
+   Calling it again while idle changes nothing.
 3. ``result = scale(stats, config, state)`` on every autoscaler tick, with the same
    ``FunctionStats`` (``now``, queued, inflight, containers with ``idle_since``) and
-   ``AutoscalerConfig`` as today, then ``state = result.state`` and apply
-   ``result.decision`` exactly like ``decide()``'s (start ``start`` containers, stop the
-   ones in ``stop``). **Call it also for functions that have no container and no work**
-   while ``result.recheck_at`` is set: that is how a pre-warm gets started (today's
-   ``scale_once`` skips such functions). ``result.recheck_at`` is the earliest time at which
-   the decision can change if nothing else happens (no arrival, no input finishing); the
-   loop may sleep until then, or simply keep ticking.
+   ``AutoscalerConfig`` as ``decide()`` takes today, plus ``config.keepalive =
+   keepalive_for(user_scaledown_window)`` and ``config.memory_mb = resources.memory_mb``.
+   Then ``state = result.state``, and apply ``result.decision`` exactly like ``decide()``'s:
+   start ``start`` containers, stop those in ``stop``.
+   ``result.recheck_at`` is the earliest time at which the decision changes if nothing
+   else happens (no arrival, no input finishing). **A function with no container and no
+   work must still be ticked once ``now >= recheck_at``**: that is how a pre-warm starts
+   (today's ``scale_once`` skips such functions; skip them only while ``recheck_at`` is
+   None or in the future).
 
-If the loop misses a ``observe_drained`` call, ``scale`` notices from ``stats`` that the
-function has no work and starts the idle period at the most recent container ``idle_since``
-(or ``now``), so the state heals itself; a missed ``observe_arrival`` only loses one sample.
-Under ``"fixed"`` the hooks still learn the histogram, so a function that later loses its
-``scaledown_window`` starts with a known pattern.
+If the loop misses an ``observe_drained``, ``scale`` sees from ``stats`` that the function
+has no work and starts the idle period at the latest container ``idle_since`` (or ``now``);
+a missed ``observe_arrival`` loses one sample. Under ``"fixed"`` the hooks still learn, so a
+function whose ``scaledown_window`` is removed starts from a known pattern.
 
-The windows
------------
+What a tick decides
+-------------------
 
-With ``(prewarm, keepalive)`` from the histogram and ``t = now - idle_since`` while the
-function is idle:
+With the windows ``(prewarm, keepalive)`` and ``t = now - idle_since`` while the function is
+idle (no input running or queued):
 
-- ``t < prewarm``: no warm container is wanted; idle containers beyond ``desired_containers``
-  are stopped at once (the next input is not expected before the pre-warm window ends);
-- ``prewarm <= t < prewarm + keepalive``: one warm container is wanted: kept if there is
-  one, started if not (pre-warming);
-- afterwards, none is wanted until the next input arrives.
+- ``t < prewarm``: no warm container wanted; idle containers beyond ``desired_containers()``
+  are stopped now (the next input is not expected before the pre-warm window ends);
+- ``prewarm <= t < prewarm + keepalive``: one warm container wanted: kept if there is one,
+  started if not (a pre-warm);
+- later: none wanted, idle containers beyond ``desired_containers()`` are stopped.
 
-While the function has work, or beyond the one container kept while idle, an idle container
-is stopped once idle for the policy's ``surplus_window`` (strato's default: a few minutes;
-the hybrid yardstick: the end of its keep-alive window).
+While the function has work, and for containers beyond the one kept while it is idle, an
+idle container is stopped once idle for the surplus window (adaptive: the break-even time;
+hybrid: the end of the keep-alive window), longest idle first, down to
+``desired_containers()``.
 """
 
 from __future__ import annotations
@@ -136,7 +148,10 @@ ADAPTIVE = PolicyParams(
     surplus_window_s=None,
     refresh_fraction=1 / 32,
 )
-"""strato's default (``keepalive="adaptive"``); the replay benchmark is where it is tuned."""
+"""strato's default (``keepalive="adaptive"``): a cold start is worth 1 GB-minute of idle
+memory (a 128 MB container may idle 8 minutes to avoid one). On the Azure replay
+(``benchmarks/bench_autoscaler_replay.py``) prices from 0.5 to 4 all beat a fixed 10-minute
+keep-alive on cold starts or idle memory without losing on the other; 1.0 cuts both."""
 
 
 @dataclass(frozen=True, slots=True)

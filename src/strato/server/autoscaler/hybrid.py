@@ -174,7 +174,7 @@ def windows(state: HistogramState, params: HybridParams = PAPER) -> Windows:
     return _windows(state, params)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _windows(state: HistogramState, params: HybridParams) -> Windows:
     pattern = classify(state, params)
     if pattern == "histogram":

@@ -249,16 +249,28 @@ class CallManager:
 
     # ------------------------------------------------------------------ dispatch
 
+    @staticmethod
+    def slots(fn: FunctionState) -> int:
+        """Inputs one container runs at once: ``@concurrent``'s max_inputs, a
+        ``@batched`` function's batch size, else one."""
+        return max(fn.spec.max_inputs, fn.spec.batch_max_size or 1)
+
     def _capacity(self, fn: FunctionState, n_ready: int) -> int:
+        slots = self.slots(fn)
         if fn.ewma_duration is None or fn.ewma_duration > FAST_FUNCTION_S:
-            return 1
+            return slots
         share = math.ceil((len(fn.queue) + fn.inflight) / max(1, n_ready))
-        return max(1, min(MAX_PREFETCH, share))
+        return max(slots, min(MAX_PREFETCH, share))
 
     def target_inputs(self, fn: FunctionState) -> int:
         """Inputs one container should carry, for the autoscaler: one for a function of
         unknown or long run time; for fast ones, as many as it runs in ``SCALE_DRAIN_S``
         (a no-op map needs a few containers, not one per input)."""
+        spec = fn.spec
+        if spec.max_inputs > 1:
+            return spec.target_inputs or spec.max_inputs
+        if spec.batch_max_size:
+            return spec.batch_max_size
         if fn.ewma_duration is None:
             return 1
         return max(1, int(SCALE_DRAIN_S / max(fn.ewma_duration, 1e-4)))
@@ -526,25 +538,38 @@ class CallManager:
 
     def check_timeouts(self, now: float) -> None:
         for fn in self.functions.values():
-            limit = fn.spec.timeout
+            spec = fn.spec
+            parallel = spec.max_inputs > 1 or spec.batch_max_size > 0
+            limit = spec.timeout + spec.batch_wait_ms / 1000
             for s in list(fn.sessions.values()):
                 if not s.inflight or s.state not in ("ready", "stopping"):
                     continue
-                first = next(iter(s.inflight.values()))
-                started = max(first.dispatched_at, s.last_progress)
-                if now - started > limit:
-                    log.info(
-                        "input %s of %s timed out after %.0fs", first.pending.idx, fn.name, limit
-                    )
-                    s.state = "killing"
-                    self.release_leases(
-                        s,
-                        1,
-                        "timeout",
-                        "FunctionTimeoutError: the input ran past the function's timeout of "
-                        f"{limit:g}s",
-                    )
-                    self._kill_container(s.container_id, "an input ran past its timeout")
+                if parallel:  # inputs start when they arrive, up to the container's slots
+                    running = list(s.inflight.values())[: self.slots(fn)]
+                    late = [lease for lease in running if now - lease.dispatched_at > limit]
+                else:  # one at a time: the first lease runs since the last output
+                    first = next(iter(s.inflight.values()))
+                    started = max(first.dispatched_at, s.last_progress)
+                    late = [first] if now - started > limit else []
+                if late:
+                    self._time_out(fn, s, late)
+
+    def _time_out(self, fn: FunctionState, s: ContainerRef, late: list[Lease]) -> None:
+        error = (
+            "FunctionTimeoutError: the input ran past the function's timeout of "
+            f"{fn.spec.timeout:g}s"
+        )
+        log.info("%d input(s) of %s timed out; killing %s", len(late), fn.name, s.container_id)
+        s.state = "killing"
+        finals = []
+        for lease in late:
+            s.inflight.pop(lease.pending.input_id, None)
+            row = self._attempt_failed(fn, lease.pending, "timeout", None, error, None)
+            if row:
+                finals.append(row)
+        self._flush(finals, {lease.pending.call_id for lease in late})
+        self.release_leases(s, 0, "timeout", error)  # the others never ran too long
+        self._kill_container(s.container_id, "an input ran past its timeout")
 
     # ------------------------------------------------------------------ cancellation, apps
 

@@ -303,7 +303,10 @@ class Store:
         with self.conn.begin():
             self.conn.execute(
                 t.functions.insert().values(
-                    function_id=function_id, app_id=app_id, name=name, spec=spec,
+                    function_id=function_id,
+                    app_id=app_id,
+                    name=name,
+                    spec=spec,
                     created_at=time.time(),
                 )
             )

@@ -1,0 +1,106 @@
+"""From a ``ContainerStart`` to a ``ContainerLaunch``: the image's layers (built here on
+first use), the shipped code, strato's own runtime, the channel socket and the
+environment, at host paths for the ``process`` runtime and at fixed paths inside the
+container for the isolating ones."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+import strato
+from strato.protocol import frames
+from strato.protocol import messages as m
+from strato.runtime.base import Bind, ContainerLaunch
+
+from .mounts import materialize
+
+PIDS_MAX = 4096
+IN_CONTAINER = "/run/strato"  # inside isolating runtimes: /run is the container's own
+STRATO_SRC = IN_CONTAINER + "/src"  # strato's own package, bound read-only
+MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
+IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
+
+_STRATO_PACKAGE = Path(strato.__file__).resolve().parent
+
+
+def prepare_launch(
+    msg: m.ContainerStart,
+    *,
+    cache: Path,
+    isolated: bool,
+    fetch_blob: Callable[[str], bytes],
+    log: Callable[[str], None],
+) -> ContainerLaunch:
+    spec = msg.spec
+    host_dir = cache / "containers" / msg.container_id
+    host_dir.mkdir(parents=True, exist_ok=True)
+    (host_dir / "spec.msgpack").write_bytes(msgspec.msgpack.encode(spec))
+    mount_dirs = materialize(msg.mount, str(cache), fetch_blob) if msg.mount is not None else []
+    image = None
+    if spec.image is not None:
+        if not isolated:
+            from strato.exceptions import InvalidError
+
+            raise InvalidError(
+                "the 'process' runtime cannot run an image (it runs on the host); use the "
+                "bwrap or gvisor runtime"
+            )
+        from strato.images import build
+
+        image = build(spec.image, cache.parent / "images", fetch_blob=fetch_blob, log=log)
+    family, channel_path = frames.parse_address(msg.channel)
+    binds: list[Bind] = []
+    if isolated:
+        binds.append(Bind(str(host_dir), IN_CONTAINER + "/container", readonly=True))
+        spec_path = IN_CONTAINER + "/container/spec.msgpack"
+        paths = []
+        for i, d in enumerate(mount_dirs):
+            binds.append(Bind(d, f"{MOUNTS}/{i}", readonly=True))
+            paths.append(f"{MOUNTS}/{i}")
+        home = "/root" if image is not None else "/tmp"
+    else:
+        spec_path, paths, home = str(host_dir / "spec.msgpack"), mount_dirs, str(host_dir)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "STRATO_CONTAINER_ID": msg.container_id,
+        "STRATO_CHANNEL": msg.channel,
+        "STRATO_CONTAINER_TOKEN": msg.token,
+        "STRATO_CONTAINER_SPEC": spec_path,
+        "STRATO_MOUNT_PATHS": os.pathsep.join(paths),
+        "STRATO_FUNCTION_ID": msg.function_id,
+        "STRATO_APP_ID": msg.app_id,
+    }
+    python = sys.executable
+    workdir = None
+    if image is not None:
+        binds.append(Bind(str(_STRATO_PACKAGE), f"{STRATO_SRC}/strato", readonly=True))
+        env.update(image.env)
+        env["PYTHONPATH"] = os.pathsep.join([STRATO_SRC, image.strato_deps, IMAGE_PYTHONPATH])
+        python = image.python
+        workdir = image.workdir or "/root"
+    env.update(spec.env)
+    res = spec.resources
+    return ContainerLaunch(
+        container_id=msg.container_id,
+        argv=[python, "-m", "strato.container"],
+        env=env,
+        cwd=str(host_dir),
+        cpu=res.cpu_limit,
+        memory_mb=res.memory_limit_mb,
+        pids_max=PIDS_MAX,
+        gpu_indices=list(msg.gpu_indices),
+        block_network=spec.block_network,
+        rootfs_layers=list(image.layers) if image is not None else [],
+        binds=binds,
+        channel_socket=channel_path if family == "unix" and isolated else None,
+        workdir=workdir,
+    )
