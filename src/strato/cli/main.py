@@ -208,6 +208,70 @@ def container_list(app: str | None) -> None:
     _table(rows, ["CONTAINER ID", "APP ID", "FUNCTION", "NODE", "STATE", "STARTED"])
 
 
+# ---------------------------------------------------------------------- images
+
+
+def _image_cache():
+    return config.strato_home() / "images"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@main.group("image")
+def image_group() -> None:
+    """The image build cache of this machine ($STRATO_HOME/images)."""
+
+
+@image_group.command("list")
+def image_list() -> None:
+    """List built images."""
+    from strato.images import list_images
+
+    rows = [
+        [
+            i.image_id,
+            f"{i.release} / py{i.python_version}",
+            str(len(i.layers)),
+            _mb(i.size_bytes),
+            _ago(i.created),
+            " | ".join(i.steps[1:])[:60] or "-",
+        ]
+        for i in list_images(_image_cache())
+    ]
+    _table(rows, ["IMAGE ID", "BASE", "LAYERS", "SIZE", "BUILT", "STEPS"])
+
+
+@image_group.command("rm")
+@click.argument("image_id")
+def image_rm(image_id: str) -> None:
+    """Remove IMAGE_ID and the layers no other image uses."""
+    from strato.images import remove_image
+
+    freed = remove_image(_image_cache(), image_id)
+    click.echo(f"removed {image_id}, freed {_mb(freed)}")
+
+
+@image_group.command("prune")
+@click.option("--keep", multiple=True, help="Image ids to keep (repeatable).")
+def image_prune(keep: tuple[str, ...]) -> None:
+    """Remove every image not running in a container (and not named with --keep)."""
+    from strato.images import prune
+
+    keep_ids = set(keep)
+    if config.ping(config.server_url()) is not None:
+        for c in (
+            session.api(progress_cb=None)
+            .call("GET", "/containers", None, m.ContainerList)
+            .containers
+        ):
+            if c.image_id:
+                keep_ids.add(c.image_id)
+    freed = prune(_image_cache(), keep_ids)
+    click.echo(f"pruned the image cache, freed {_mb(freed)}")
+
+
 # ---------------------------------------------------------------------- server
 
 

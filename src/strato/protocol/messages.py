@@ -237,6 +237,7 @@ class ContainerInfo(msgspec.Struct):
     state: str
     started_at: float
     exit_reason: str | None = None
+    image_id: str | None = None
 
 
 class ContainerList(msgspec.Struct):

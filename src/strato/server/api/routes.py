@@ -13,6 +13,7 @@ import msgspec
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
+from strato.protocol.images import image_id as image_id_of
 from strato.server.store.blobs import check_key
 
 from ..control import ControlPlane
@@ -218,23 +219,25 @@ def build_app(cp: ControlPlane) -> Router:
     async def containers(req: Request) -> Reply:
         app = req.param("app")
         app_id = cp.find_app(app)["app_id"] if app else None
-        names: dict[str, str] = {}
         out = []
         for r in cp.store.containers(app_id):
-            fid = r["function_id"]
-            if fid not in names:
-                f = cp.store.function(fid)
-                names[fid] = f["name"] if f else "?"
+            try:
+                fn = cp.calls.function(r["function_id"])
+                name, spec = fn.name, fn.spec
+            except exc.NotFoundError:
+                name, spec = "?", None
+            image_id = image_id_of(spec.image) if spec is not None and spec.image else None
             out.append(
                 m.ContainerInfo(
                     r["container_id"],
                     r["app_id"],
-                    fid,
-                    names[fid],
+                    r["function_id"],
+                    name,
                     r["node_id"],
                     r["state"],
                     r["started_at"],
                     r["exit_reason"],
+                    image_id,
                 )
             )
         return reply(m.ContainerList(out))
