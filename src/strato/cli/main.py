@@ -212,7 +212,9 @@ def container_list(app: str | None) -> None:
 
 
 def _image_cache():
-    return config.strato_home() / "images"
+    from strato.worker.launch import image_cache
+
+    return image_cache(config.strato_home())
 
 
 def _mb(n: int) -> str:

@@ -19,13 +19,19 @@ from strato.runtime.base import Bind, ContainerLaunch
 
 from .mounts import materialize
 
-PIDS_MAX = 4096
+PIDS_MAX = 4096  # processes + threads per container (STRATO_CONTAINER_PIDS_MAX)
 IN_CONTAINER = "/run/strato"  # inside isolating runtimes: /run is the container's own
 STRATO_SRC = IN_CONTAINER + "/src"  # strato's own package, bound read-only
 MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
 IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
 
 _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
+
+
+def image_cache(home: Path) -> Path:
+    """The machine's image build cache: ``STRATO_IMAGE_CACHE``, else ``$STRATO_HOME/images``
+    (shared by every worker agent of this machine)."""
+    return Path(os.environ.get("STRATO_IMAGE_CACHE") or home / "images")
 
 
 def prepare_launch(
@@ -52,7 +58,7 @@ def prepare_launch(
             )
         from strato.images import build
 
-        image = build(spec.image, cache.parent / "images", fetch_blob=fetch_blob, log=log)
+        image = build(spec.image, image_cache(cache.parent), fetch_blob=fetch_blob, log=log)
     family, channel_path = frames.parse_address(msg.channel)
     binds: list[Bind] = []
     if isolated:
@@ -96,7 +102,7 @@ def prepare_launch(
         cwd=str(host_dir),
         cpu=res.cpu_limit,
         memory_mb=res.memory_limit_mb,
-        pids_max=PIDS_MAX,
+        pids_max=int(os.environ.get("STRATO_CONTAINER_PIDS_MAX") or PIDS_MAX),
         gpu_indices=list(msg.gpu_indices),
         block_network=spec.block_network,
         rootfs_layers=list(image.layers) if image is not None else [],

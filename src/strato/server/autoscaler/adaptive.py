@@ -150,8 +150,9 @@ ADAPTIVE = PolicyParams(
 )
 """strato's default (``keepalive="adaptive"``): a cold start is worth 1 GB-minute of idle
 memory (a 128 MB container may idle 8 minutes to avoid one). On the Azure replay
-(``benchmarks/bench_autoscaler_replay.py``) prices from 0.5 to 4 all beat a fixed 10-minute
-keep-alive on cold starts or idle memory without losing on the other; 1.0 cuts both."""
+(``benchmarks/bench_autoscaler_replay.py --sweep``) prices 1 and 2 beat a fixed 10-minute
+keep-alive on cold starts and idle memory at once, and every price from 0.25 to 4 gives
+fewer cold starts for less idle memory than the fixed window of comparable cost."""
 
 
 @dataclass(frozen=True, slots=True)

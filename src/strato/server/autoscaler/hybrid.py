@@ -2,6 +2,7 @@
 
 For each function it learns the distribution of *idle times*: the time from the moment the
 function last had nothing to do (no input running or queued) to the next input's arrival.
+Inputs that arrive while the function is busy are not idle times and are not recorded.
 From that distribution it derives two windows, both measured from the start of an idle
 period:
 
@@ -33,7 +34,7 @@ The policy, as in the paper:
    no pre-warming, ``(0, fallback_keepalive_s)``; the paper uses the histogram range (4 h).
 5. **Mostly OOB**: the paper forecasts the next idle time with ARIMA. We use a simpler
    predictor instead of ARIMA: the median of the last ``RECENT_LEN`` (5) idle times (robust
-   to one-off outliers and exact for the periodic timers that make up most of this class).
+   to one-off outliers, exact for a strictly periodic function; it has no trend term).
    The container is then warm from ``(1 - predict_margin)`` to ``(1 + predict_margin)`` of
    the prediction: ``prewarm = 0.85 * p``, ``keepalive = 0.30 * p`` with the paper's 15 %.
 """
@@ -62,6 +63,7 @@ class HybridParams:
     tail_pct: float = 99.0
     margin: float = 0.10  # histogram windows: prewarm shrunk, keep-alive end stretched by 10 %
     cv_threshold: float = 2.0  # a histogram with a lower CV is "flat": not representative
+    # The paper gives no numbers for these two; ours:
     min_samples: int = 5  # fewer idle times seen: the pattern is not known yet
     oob_threshold: float = 0.5  # this share of idle times >= the range: use the predictor
     predict_margin: float = 0.15
