@@ -120,21 +120,26 @@ def test_debian_slim_is_debian_with_its_python(debian_slim: BuiltImage):
     assert debian_slim.python_version == "3.11"
     assert all(Path(p).is_dir() for p in debian_slim.layers)
     out = sh(debian_slim, "cat /etc/os-release; python --version; python3 --version").stdout
-    assert 'ID=debian' in out and "bookworm" in out
+    assert "ID=debian" in out and "bookworm" in out
     assert out.count("Python 3.11.") == 2
     # strato's runtime dependencies are there, for the image's python, without the user
     code = "import msgspec, cloudpickle; print(msgspec.__version__, cloudpickle.__version__)"
     out = sh(debian_slim, f'python3 -c "{code}"', env={"PYTHONPATH": debian_slim.strato_deps})
     assert out.stdout.split() == [
-        importlib.metadata.version("msgspec"), importlib.metadata.version("cloudpickle")
+        importlib.metadata.version("msgspec"),
+        importlib.metadata.version("cloudpickle"),
     ]
 
 
 def test_pip_install_env_and_workdir(debian_slim: BuiltImage, forget):
     assert importlib.util.find_spec("humanize") is None, "pick a package the host lacks"
     marker = pi.Env({"TEST_MARKER": uuid.uuid4().hex})  # a fresh pip layer every run
-    spec = base_spec(marker, pi.PipInstall(["humanize"]), pi.Env({"GREETING": "hi there"}),
-                     pi.Workdir("/srv/app"))
+    spec = base_spec(
+        marker,
+        pi.PipInstall(["humanize"]),
+        pi.Env({"GREETING": "hi there"}),
+        pi.Workdir("/srv/app"),
+    )
     log = Log()
     image = forget(do_build(spec, log))
     assert image.image_id == pi.image_id(spec)
@@ -145,8 +150,10 @@ def test_pip_install_env_and_workdir(debian_slim: BuiltImage, forget):
     assert log.count("step 3/5 pip_install humanize") == 1
     assert log.count("$ python -m pip install humanize") == 1
     assert log.count(f"using cached layer {pi.layer_keys(spec)[0][:12]}") == 1
-    out = sh(image, 'python -c "import humanize; print(humanize.intcomma(1234567))"; '
-                    'echo "$GREETING"; pwd').stdout.split("\n")
+    out = sh(
+        image,
+        'python -c "import humanize; print(humanize.intcomma(1234567))"; echo "$GREETING"; pwd',
+    ).stdout.split("\n")
     assert out[:3] == ["1,234,567", "hi there", "/srv/app"]
     assert image.env["TEST_MARKER"] == marker.vars["TEST_MARKER"]
     # the base image is untouched by the layer above it
@@ -171,8 +178,9 @@ def test_failed_step_reports_command_and_output_and_leaves_no_layer(debian_slim:
 
 
 def test_rebuild_of_a_cached_image_is_fast_and_offline(debian_slim, monkeypatch):
-    spec = base_spec(pi.PipInstall(["humanize"]), pi.Env({"GREETING": "hi there"}),
-                     pi.Workdir("/srv/app"))
+    spec = base_spec(
+        pi.PipInstall(["humanize"]), pi.Env({"GREETING": "hi there"}), pi.Workdir("/srv/app")
+    )
     first = do_build(spec)
 
     def forbidden(*a, **k):
@@ -243,8 +251,11 @@ def test_add_files_and_run_function(debian_slim: BuiltImage, forget):
     fn = pi.RunFunction(pickled=cloudpickle.dumps(setup), name="setup", python_version="3.11")
     spec = base_spec(pi.AddFiles(files), fn)
     image = forget(do_build(spec, fetch_blob=blobs.__getitem__))
-    out = sh(image, "hello; cat /etc/setup-ran; echo; stat -c %a /opt/app/pkg/mod.py; "
-                    "test -L /bin && echo bin-still-a-symlink").stdout.split("\n")
+    out = sh(
+        image,
+        "hello; cat /etc/setup-ran; echo; stat -c %a /opt/app/pkg/mod.py; "
+        "test -L /bin && echo bin-still-a-symlink",
+    ).stdout.split("\n")
     assert out[:4] == ["script-ran", f"{marker} 3.11", "644", "bin-still-a-symlink"]
 
 

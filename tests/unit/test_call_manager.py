@@ -41,14 +41,21 @@ def env(tmp_path):
     killed: list[str] = []
 
     def make(retries: m.RetryPolicy = m.RetryPolicy(), timeout: float = 300.0):
-        spec = m.FunctionSpec(name="f", module="mod", qualname="f", retries=retries,
-                              timeout=timeout)
-        store.create_app("ap-1", "demo", "ephemeral",
-                         [("fu-1", "f", msgspec.msgpack.encode(spec))], None, False)
-        mgr = CallManager(store, BlobStore(tmp_path / "blobs"), blob_threshold=1 << 20,
-                          max_payload=8 << 20, retention_s=3600,
-                          kill_container=lambda cid, why: killed.append(cid),
-                          wake_scaler=lambda: None)
+        spec = m.FunctionSpec(
+            name="f", module="mod", qualname="f", retries=retries, timeout=timeout
+        )
+        store.create_app(
+            "ap-1", "demo", "ephemeral", [("fu-1", "f", msgspec.msgpack.encode(spec))], None, False
+        )
+        mgr = CallManager(
+            store,
+            BlobStore(tmp_path / "blobs"),
+            blob_threshold=1 << 20,
+            max_payload=8 << 20,
+            retention_s=3600,
+            kill_container=lambda cid, why: killed.append(cid),
+            wake_scaler=lambda: None,
+        )
         return mgr
 
     yield make, store, killed
@@ -60,8 +67,9 @@ def _args(x) -> bytes:
 
 
 def _call(mgr: CallManager, call_id: str, xs: list) -> None:
-    mgr.create_call(m.CreateCall(call_id, "fu-1",
-                                 [m.InputItem(i, _args(x)) for i, x in enumerate(xs)]))
+    mgr.create_call(
+        m.CreateCall(call_id, "fu-1", [m.InputItem(i, _args(x)) for i, x in enumerate(xs)])
+    )
 
 
 def _attach(mgr: CallManager, cid: str = "ct-1") -> RecordingContainer:
@@ -134,8 +142,9 @@ def test_failures_are_retried_with_backoff_then_fail(env):
     make, store, _ = env
 
     async def go():
-        policy = m.RetryPolicy(max_retries=2, backoff_coefficient=2.0, initial_delay=0.05,
-                               max_delay=1.0)
+        policy = m.RetryPolicy(
+            max_retries=2, backoff_coefficient=2.0, initial_delay=0.05, max_delay=1.0
+        )
         assert policy.delay(1) == pytest.approx(0.05)
         assert policy.delay(2) == pytest.approx(0.1)
         mgr = make(retries=policy)
@@ -145,8 +154,14 @@ def test_failures_are_retried_with_backoff_then_fail(env):
         for _ in range(3):
             inp = c.inputs()[-1]
             attempts += 1
-            mgr.on_outputs(c, [m.TaskOutput(inp.input_id, inp.attempt, "failure", None,
-                                            "ValueError: nope", "tb")])
+            mgr.on_outputs(
+                c,
+                [
+                    m.TaskOutput(
+                        inp.input_id, inp.attempt, "failure", None, "ValueError: nope", "tb"
+                    )
+                ],
+            )
             await asyncio.sleep(0.25)
         assert len(c.inputs()) == 3  # first try + 2 retries, no more
         out = await mgr.wait_outputs("fc-1", 0, 0.0, 10)
@@ -210,9 +225,15 @@ def test_recover_requeues_inputs_without_outputs(env, tmp_path):
         _call(mgr, "fc-1", [1, 2, 3])
         c = _attach(mgr)
         mgr.on_outputs(c, [_ok(c.inputs()[0], 1)])
-        fresh = CallManager(store, BlobStore(tmp_path / "blobs"), blob_threshold=1 << 20,
-                            max_payload=8 << 20, retention_s=3600,
-                            kill_container=lambda *a: None, wake_scaler=lambda: None)
+        fresh = CallManager(
+            store,
+            BlobStore(tmp_path / "blobs"),
+            blob_threshold=1 << 20,
+            max_payload=8 << 20,
+            retention_s=3600,
+            kill_container=lambda *a: None,
+            wake_scaler=lambda: None,
+        )
         assert fresh.recover() == 2
         assert [p.idx for p in fresh.function("fu-1").queue] == [1, 2]
         out = await fresh.wait_outputs("fc-1", 0, 0.0, 10)  # earlier outputs still readable

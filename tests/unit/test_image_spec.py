@@ -134,9 +134,17 @@ def test_mismatched_release_and_python_is_invalid():
 
 @pytest.mark.parametrize(
     "req",
-    ["numpy", "numpy==2.1.3", "Pillow>=10,<11", "pkg[extra,other]>=1", "a.b-c_d",
-     "x ; python_version>'3'", "pkg @ https://example.com/pkg.whl",
-     "git+https://github.com/a/b.git", "torch~=2.0"],
+    [
+        "numpy",
+        "numpy==2.1.3",
+        "Pillow>=10,<11",
+        "pkg[extra,other]>=1",
+        "a.b-c_d",
+        "x ; python_version>'3'",
+        "pkg @ https://example.com/pkg.whl",
+        "git+https://github.com/a/b.git",
+        "torch~=2.0",
+    ],
 )
 def test_good_pip_requirements(req):
     pi.validate_step(pi.PipInstall([req]))
@@ -144,9 +152,17 @@ def test_good_pip_requirements(req):
 
 @pytest.mark.parametrize(
     ("req", "match"),
-    [("", "empty"), ("   ", "empty"), ("--pre", "option"), ("-r reqs.txt", "option"),
-     ("numpy\nscipy", "line break"), ("-numpy", "option"), ("num$py", "not a valid"),
-     ("_bad", "not a valid"), ("a\x00b", "NUL")],
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("--pre", "option"),
+        ("-r reqs.txt", "option"),
+        ("numpy\nscipy", "line break"),
+        ("-numpy", "option"),
+        ("num$py", "not a valid"),
+        ("_bad", "not a valid"),
+        ("a\x00b", "NUL"),
+    ],
 )
 def test_bad_pip_requirements(req, match):
     with pytest.raises(InvalidError, match=match):
@@ -161,9 +177,18 @@ def test_pip_install_needs_something():
         pi.validate_step(pi.UvPipInstall(["--system"]))
 
 
-@pytest.mark.parametrize("name", ["curl", "libgl1-mesa-glx", "g++", "libc6:amd64",
-                                  "git=1:2.39.5-0+deb12u1", "python3.11",
-                                  "nginx/bookworm-backports"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "curl",
+        "libgl1-mesa-glx",
+        "g++",
+        "libc6:amd64",
+        "git=1:2.39.5-0+deb12u1",
+        "python3.11",
+        "nginx/bookworm-backports",
+    ],
+)
 def test_good_apt_packages(name):
     pi.validate_step(pi.AptInstall([name]))
 
@@ -203,13 +228,15 @@ def test_good_env():
 
 @pytest.mark.parametrize(
     ("files", "match"),
-    [([], "no files"),
-     ([("rel/x.py", SHA, 0o644)], "absolute"),
-     ([("/", SHA, 0o644)], "'/'"),
-     ([("/a/../b", SHA, 0o644)], r"\.\."),
-     ([("/a", "xyz", 0o644)], "sha256"),
-     ([("/a", SHA, 0o17777)], "mode"),
-     ([("/a", SHA, 0o644), ("/a", SHA, 0o600)], "two files")],
+    [
+        ([], "no files"),
+        ([("rel/x.py", SHA, 0o644)], "absolute"),
+        ([("/", SHA, 0o644)], "'/'"),
+        ([("/a/../b", SHA, 0o644)], r"\.\."),
+        ([("/a", "xyz", 0o644)], "sha256"),
+        ([("/a", SHA, 0o17777)], "mode"),
+        ([("/a", SHA, 0o644), ("/a", SHA, 0o600)], "two files"),
+    ],
 )
 def test_bad_add_files(files, match):
     with pytest.raises(InvalidError, match=match):
@@ -311,10 +338,23 @@ def test_debian_mirror_from_apt_sources(tmp_path, monkeypatch):
 def test_pip_options():
     assert pi.pip_options() == []
     assert pi.pip_options(
-        find_links="/w", index_url="https://i/simple", extra_index_url="https://e/simple",
-        pre=True, extra_options="--no-deps  --only-binary :all:",
-    ) == ["--find-links", "/w", "--index-url", "https://i/simple", "--extra-index-url",
-          "https://e/simple", "--pre", "--no-deps", "--only-binary", ":all:"]
+        find_links="/w",
+        index_url="https://i/simple",
+        extra_index_url="https://e/simple",
+        pre=True,
+        extra_options="--no-deps  --only-binary :all:",
+    ) == [
+        "--find-links",
+        "/w",
+        "--index-url",
+        "https://i/simple",
+        "--extra-index-url",
+        "https://e/simple",
+        "--pre",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+    ]
 
 
 def test_image_build_error_pickles_with_its_details():

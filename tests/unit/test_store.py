@@ -36,17 +36,43 @@ def store(request, tmp_path):
 
 def _call(store: Store, call_id: str, n: int, first_id: int, expires_at: float | None = None):
     store.create_call(
-        {"call_id": call_id, "function_id": "fu-1", "kind": "map", "method": None,
-         "n_inputs": n, "closed": True, "cancelled": False, "created_at": time.time(),
-         "expires_at": expires_at or time.time() + 3600},
-        [{"input_id": first_id + i, "call_id": call_id, "idx": i, "args": b"a%d" % i,
-          "args_blob": None, "status": "pending", "attempts": 0} for i in range(n)],
+        {
+            "call_id": call_id,
+            "function_id": "fu-1",
+            "kind": "map",
+            "method": None,
+            "n_inputs": n,
+            "closed": True,
+            "cancelled": False,
+            "created_at": time.time(),
+            "expires_at": expires_at or time.time() + 3600,
+        },
+        [
+            {
+                "input_id": first_id + i,
+                "call_id": call_id,
+                "idx": i,
+                "args": b"a%d" % i,
+                "args_blob": None,
+                "status": "pending",
+                "attempts": 0,
+            }
+            for i in range(n)
+        ],
     )
 
 
 def _finish(input_id: int, seq: int, value: bytes) -> dict:
-    return {"b_id": input_id, "b_status": "success", "b_output": value, "b_blob": None,
-            "b_error": None, "b_tb": None, "b_seq": seq, "b_at": time.time()}
+    return {
+        "b_id": input_id,
+        "b_status": "success",
+        "b_output": value,
+        "b_blob": None,
+        "b_error": None,
+        "b_tb": None,
+        "b_seq": seq,
+        "b_at": time.time(),
+    }
 
 
 def test_schema_is_migrated_to_latest(store):
@@ -95,7 +121,17 @@ def test_expired_calls_are_deleted(store):
 
 
 def test_logs_are_kept_per_app_in_order(store):
-    store.add_logs([{"seq": i, "app_id": "ap-1" if i % 2 else "ap-2", "ts": time.time(),
-                     "container_id": "ct-1", "stream": "stdout", "text": f"line {i}"}
-                    for i in range(1, 7)])
+    store.add_logs(
+        [
+            {
+                "seq": i,
+                "app_id": "ap-1" if i % 2 else "ap-2",
+                "ts": time.time(),
+                "container_id": "ct-1",
+                "stream": "stdout",
+                "text": f"line {i}",
+            }
+            for i in range(1, 7)
+        ]
+    )
     assert [r["text"] for r in store.logs_after("ap-1", 1)] == ["line 3", "line 5"]

@@ -14,8 +14,9 @@ HEAVY = ["strato.server", "fastapi", "sqlalchemy", "uvicorn", "starlette", "clic
 
 def _loaded_after(code: str) -> set[str]:
     probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -23,10 +24,13 @@ def _heavy(mods: set[str]) -> list[str]:
     return sorted(m for m in mods if any(m == h or m.startswith(h + ".") for h in HEAVY))
 
 
-@pytest.mark.parametrize("code", [
-    "import strato; strato.App; strato.Function; strato.Retries",
-    "import strato.sdk.app, strato.sdk.function, strato.client.session",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import strato; strato.App; strato.Function; strato.Retries",
+        "import strato.sdk.app, strato.sdk.function, strato.client.session",
+    ],
+)
 def test_sdk_does_not_import_the_server(code):
     assert _heavy(_loaded_after(code)) == []
 

@@ -66,9 +66,7 @@ fns = {}
 for rt in RUNTIMES:
     fns[rt] = {
         "environment": app.function(runtime=rt, name=f"environment_{rt}")(_environment),
-        "share_tmp": app.function(runtime=rt, name=f"share_tmp_{rt}", max_containers=4)(
-            _share_tmp
-        ),
+        "share_tmp": app.function(runtime=rt, name=f"share_tmp_{rt}", max_containers=4)(_share_tmp),
         "connect": app.function(runtime=rt, name=f"connect_{rt}")(_connect),
         "connect_blocked": app.function(
             runtime=rt, block_network=True, name=f"connect_blocked_{rt}"
