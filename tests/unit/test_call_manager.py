@@ -177,7 +177,7 @@ def test_timeout_kills_the_container_and_fails_the_input(env):
     async def go():
         mgr = make(timeout=1.0)
         _call(mgr, "fc-1", [1])
-        c = _attach(mgr)
+        _attach(mgr)
         mgr.check_timeouts(time.monotonic() + 0.5)
         assert killed == []
         mgr.check_timeouts(time.monotonic() + 2.0)
