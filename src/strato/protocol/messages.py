@@ -40,7 +40,7 @@ class ScalingConfig(msgspec.Struct, frozen=True):
     min_containers: int = 0
     max_containers: int | None = None
     buffer_containers: int = 0
-    scaledown_window: float = 60.0
+    scaledown_window: float | None = None  # None: the adaptive keep-alive (strato's default)
 
 
 class FunctionSpec(msgspec.Struct, frozen=True):

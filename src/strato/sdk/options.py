@@ -113,10 +113,15 @@ def scaling(min_containers, max_containers, buffer_containers, scaledown_window)
         raise InvalidError(
             f"min_containers={min_containers} exceeds max_containers={max_containers}"
         )
-    window = 60.0 if scaledown_window is None else scaledown_window
-    if isinstance(window, bool) or not isinstance(window, int | float) or not 2 <= window <= 3600:
+    window = scaledown_window
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int | float) or not 2 <= window <= 3600
+    ):
         raise InvalidError(f"scaledown_window={scaledown_window!r}: use 2 to 3600 seconds")
-    return m.ScalingConfig(min_containers, max_containers, buffer_containers, float(window))
+    # None: strato's adaptive keep-alive learns the function's idle times
+    return m.ScalingConfig(
+        min_containers, max_containers, buffer_containers, None if window is None else float(window)
+    )
 
 
 def env(value) -> dict[str, str]:

@@ -19,7 +19,16 @@ from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.protocol.mounts import encode_manifest, mount_id, validate_manifest
 
-from .autoscaler import AutoscalerConfig, ContainerStat, FunctionStats, decide
+from .autoscaler import (
+    AutoscalerConfig,
+    ContainerStat,
+    FunctionStats,
+    PolicyState,
+    keepalive_for,
+    observe_arrival,
+    observe_drained,
+    scale,
+)
 from .calls.manager import CallManager
 from .config import ServerConfig
 from .fleet import Fleet, Peer
@@ -188,39 +197,53 @@ class ControlPlane:
         self.calls.check_timeouts(now)
         self.fleet.check_startups(now)
         for fn in list(self.calls.functions.values()):
-            if not fn.queue and not fn.sessions and fn.spec.scaling.min_containers == 0:
-                continue
             if fn.app_state == "stopped":
                 continue
-            sc = fn.spec.scaling
-            config = AutoscalerConfig(
-                min_containers=sc.min_containers,
-                max_containers=sc.max_containers,
-                buffer_containers=sc.buffer_containers,
-                scaledown_window=sc.scaledown_window,
-                target_inputs=self.calls.target_inputs(fn),
-            )
-            stats = FunctionStats(
-                now=now,
-                queued=len(fn.queue),
-                inflight=fn.inflight,
-                containers=[
-                    ContainerStat(
-                        container_id=s.container_id,
-                        state=s.state if s.state in ("starting", "ready") else "stopping",
-                        inflight=len(s.inflight),
-                        idle_since=s.idle_since if s.state == "ready" else None,
-                        started_at=s.started_at,
-                    )
-                    for s in fn.sessions.values()
-                ],
-            )
-            decision = decide(stats, config)
-            for _ in range(decision.start):
-                if self.fleet.start_container(fn) is None:
-                    break
-            for cid in decision.stop:
-                self.fleet.stop(cid)
+            due = fn.recheck_at is not None and now >= fn.recheck_at
+            idle = not fn.queue and not fn.sessions and fn.spec.scaling.min_containers == 0
+            if idle and not due and fn.arrival_at is None:
+                continue
+            self._scale_function(fn, now)
+
+    def _scale_function(self, fn, now: float) -> None:
+        state = fn.policy if fn.policy is not None else PolicyState()
+        if fn.arrival_at is not None:  # what the adaptive keep-alive learns from
+            state = observe_arrival(state, fn.arrival_at)
+            fn.arrival_at = None
+        if not fn.queue and not fn.inflight:
+            state = observe_drained(state, now)
+        sc = fn.spec.scaling
+        config = AutoscalerConfig(
+            min_containers=sc.min_containers,
+            max_containers=sc.max_containers,
+            buffer_containers=sc.buffer_containers,
+            scaledown_window=sc.scaledown_window or 60.0,
+            target_inputs=self.calls.target_inputs(fn),
+            keepalive=keepalive_for(sc.scaledown_window),
+            memory_mb=float(fn.spec.resources.memory_mb),
+        )
+        stats = FunctionStats(
+            now=now,
+            queued=len(fn.queue),
+            inflight=fn.inflight,
+            containers=[
+                ContainerStat(
+                    container_id=s.container_id,
+                    state=s.state if s.state in ("starting", "ready") else "stopping",
+                    inflight=len(s.inflight),
+                    idle_since=s.idle_since if s.state == "ready" else None,
+                    started_at=s.started_at,
+                )
+                for s in fn.sessions.values()
+            ],
+        )
+        result = scale(stats, config, state)
+        fn.policy, fn.recheck_at = result.state, result.recheck_at
+        for _ in range(result.decision.start):
+            if self.fleet.start_container(fn) is None:
+                break
+        for cid in result.decision.stop:
+            self.fleet.stop(cid)
 
     async def _housekeeping(self) -> None:
         last_expiry = 0.0

@@ -81,6 +81,10 @@ class FunctionState:
     queue: deque[Pending] = field(default_factory=deque)
     sessions: dict[str, ContainerRef] = field(default_factory=dict)
     ewma_duration: float | None = None
+    # for the autoscaler's adaptive keep-alive (see ControlPlane.scale_once)
+    policy: object = None  # autoscaler PolicyState
+    recheck_at: float | None = None
+    arrival_at: float | None = None  # first input accepted since the last scaling tick
     last_activity: float = field(default_factory=time.monotonic)
 
     @property
@@ -208,7 +212,7 @@ class CallManager:
             self._next_input -= len(rows)
             self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
             return
-        self._enqueue(fn, pendings)
+        self._accepted(fn, pendings)
 
     def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
         call = self.store.call(call_id)
@@ -231,6 +235,12 @@ class CallManager:
         if req.total is not None:
             n_inputs = max(n_inputs, req.total)
         self.store.add_inputs(call_id, rows, req.closed or None, n_inputs)
+        self._accepted(fn, pendings)
+
+    def _accepted(self, fn: FunctionState, pendings: list[Pending]) -> None:
+        """New inputs (not retries): noted for the autoscaler, then queued."""
+        if pendings and fn.arrival_at is None:
+            fn.arrival_at = time.monotonic()
         self._enqueue(fn, pendings)
 
     def _enqueue(self, fn: FunctionState, pendings: list[Pending], front: bool = False) -> None:
