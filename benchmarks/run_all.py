@@ -28,6 +28,8 @@ BENCHMARKS = {
     "remote": "bench_remote.py",
     "map": "bench_map.py",
     "memory": "bench_memory.py",
+    "container_start": "bench_container_start.py",
+    "autoscaler_replay": "bench_autoscaler_replay.py",
 }
 TIMEOUT_S = 300
 

@@ -24,6 +24,12 @@ _LAZY = {
     "parameter": "strato.sdk.partial",
     "concurrent": "strato.sdk.partial",
     "batched": "strato.sdk.partial",
+    # web endpoints (issue 5)
+    "fastapi_endpoint": "strato.sdk.web",
+    "web_endpoint": "strato.sdk.web",
+    "asgi_app": "strato.sdk.web",
+    "wsgi_app": "strato.sdk.web",
+    "web_server": "strato.sdk.web",
     "exceptions": "strato.exceptions",
 }
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from strato.exceptions import InvalidError
-from strato.runtime import ContainerLaunch, ExitStatus, get_runtime
+from strato.runtime import ContainerLaunch, ExitStatus, default_runtime, get_runtime
 from strato.runtime import process as process_module
 from strato.runtime.cgroups import CgroupMount, CgroupV2Manager, parse_mountinfo, read_mounts
 from strato.runtime.process import ProcessContainer, ProcessRuntime
@@ -245,7 +245,7 @@ def test_warns_once_that_nothing_is_isolated(caplog, monkeypatch, plain: Process
 
 def test_get_runtime(monkeypatch) -> None:
     monkeypatch.delenv("STRATO_RUNTIME", raising=False)
-    assert get_runtime().name == "process"
+    assert get_runtime().name == default_runtime()
     monkeypatch.setenv("STRATO_RUNTIME", "nope")
     with pytest.raises(InvalidError, match="available: .*process"):
         get_runtime()

@@ -43,6 +43,24 @@ class ScalingConfig(msgspec.Struct, frozen=True):
     scaledown_window: float | None = None  # None: the adaptive keep-alive (strato's default)
 
 
+# --- web endpoints (issue 5): begin
+class WebConfig(msgspec.Struct, frozen=True):
+    """How a function serves HTTP (``@fastapi_endpoint``, ``@asgi_app``, ``@wsgi_app``,
+    ``@web_server``); see ``strato.sdk.web`` and ``strato.server.gateway``."""
+
+    kind: str  # fastapi | asgi | wsgi | server
+    label: str  # the URL's label: /<app>/<label>/... and <app>-<label>.localhost
+    method: str = "GET"  # fastapi_endpoint: the HTTP method
+    docs: bool = False  # fastapi_endpoint: serve /docs and /openapi.json
+    requires_auth: bool = False  # the gateway asks for the web token (Strato-Token header)
+    port: int = 0  # web_server: the port the user's process listens on
+    startup_timeout: float = 5.0  # web_server: seconds to wait for the port
+    attr: str | None = None  # a class's web method: the attribute that serves it
+
+
+# --- web endpoints (issue 5): end
+
+
 class FunctionSpec(msgspec.Struct, frozen=True):
     """Everything the control plane and a container need to know about one function."""
 
@@ -74,6 +92,7 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     image: ImageSpec | None = None
     block_network: bool = False
     runtime: str | None = None  # bwrap | gvisor | process; None = the worker's default
+    web: WebConfig | None = None  # a web endpoint (issue 5); keep this field last
 
 
 # --------------------------------------------------------------------------- apps (HTTP)
@@ -90,6 +109,7 @@ class CreateApp(msgspec.Struct):
 class FunctionRef(msgspec.Struct):
     function_id: str
     name: str
+    web_url: str | None = None  # a web endpoint's URL on the gateway (issue 5)
 
 
 class AppInfo(msgspec.Struct):
@@ -384,8 +404,22 @@ class Heartbeat(ChannelMsg, tag="hb"):
     running: list[str] = []
 
 
+# --- web endpoints (issue 5): begin
+class WebTunnelHello(ChannelMsg, tag="webtunnel"):
+    """First frame of a connection a web container dials to the channel socket: after it
+    the connection carries raw HTTP/1.1 (the gateway writes requests, the container's
+    server answers). See ``strato.server.gateway``."""
+
+    container_id: str
+    token: str
+
+
+# --- web endpoints (issue 5): end
+
+
 ChannelMessage = (
     ContainerHello
+    | WebTunnelHello
     | ContainerReady
     | ContainerInitFailed
     | RunInputs

@@ -47,7 +47,8 @@ class Bind:
     src: str
     """Absolute host path (file, directory or Unix socket)."""
     dst: str
-    """Absolute path inside the container; created if missing (not on a read-only root)."""
+    """Absolute path inside the container, created if missing; without an image (a read-only
+    host root) it must exist on the host or lie under ``/tmp`` or ``/run``."""
     readonly: bool = True
 
 

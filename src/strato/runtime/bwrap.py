@@ -35,22 +35,15 @@ from functools import cache
 from pathlib import Path
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import (
-    CHANNEL_ENV,
-    CHANNEL_PATH,
-    Bind,
-    Capabilities,
-    ContainerLaunch,
-    Runtime,
-)
-from strato.runtime.cgroups import (
-    CgroupManager,
-    CgroupUnavailable,
-    ContainerCgroup,
-    open_manager,
-    validate_limits,
-)
+from strato.runtime.base import CHANNEL_PATH, Bind, Capabilities, ContainerLaunch, Runtime
+from strato.runtime.cgroups import CgroupManager, ContainerCgroup
 from strato.runtime.devices import cuda_visible_devices, gpu_device_nodes
+from strato.runtime.isolation import (
+    DEFAULT_CAPS,
+    check_launch,
+    container_environment,
+    host_workdir,
+)
 from strato.runtime.rootfs import (
     ContainerDir,
     check_host_view_binds,
@@ -60,30 +53,14 @@ from strato.runtime.rootfs import (
 from strato.runtime.supervise import (
     SupervisedContainer,
     cgroup_join_argv,
+    describe_limits,
     node_has_gpus,
+    open_cgroups,
     resolve_executable,
     spawn,
 )
 
 log = logging.getLogger("strato.runtime")
-
-DEFAULT_CAPS = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-)
-"""Docker's default set: what a root process in a container may do."""
 
 HELPERS = 2
 """bwrap's monitor and init share the container's cgroup: its pids limit is raised by 2."""
@@ -257,14 +234,8 @@ class BwrapRuntime(Runtime):
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.hidden_paths = [str(self.state_dir), *hidden_paths]
         """Host directories a container without an image must not see (empty there)."""
-        self.cgroups: CgroupManager | None = None
-        self.cgroup_reason: str | None = "disabled by configuration"
-        if use_cgroups:
-            try:
-                self.cgroups = open_manager(cgroup_parent)
-                self.cgroup_reason = None
-            except CgroupUnavailable as exc:
-                self.cgroup_reason = str(exc)
+        self.cgroups: CgroupManager | None
+        self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
         self.gpus_present = node_has_gpus() if gpus_present is None else gpus_present
         self.capabilities = Capabilities(
             isolation=True,
@@ -275,49 +246,19 @@ class BwrapRuntime(Runtime):
         )
 
     def describe(self) -> str:
-        if self.cgroups is not None:
-            limits = f"limits by {self.cgroups.describe()}"
-        else:
-            limits = f"no resource limits: {self.cgroup_reason}"
+        limits = describe_limits(self.cgroups, self.cgroup_reason)
         return f"bwrap ({self.bwrap}; namespaces, overlay images; {limits})"
 
     def _environment(self, launch: ContainerLaunch) -> dict[str, str]:
-        env = dict(launch.env)
-        env.pop("CUDA_VISIBLE_DEVICES", None)
+        env = container_environment(launch)
         if launch.gpu_indices:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(launch.gpu_indices)
         elif self.gpus_present:
             env["CUDA_VISIBLE_DEVICES"] = ""
-        if launch.channel_socket is not None:
-            env[CHANNEL_ENV] = f"unix:{CHANNEL_PATH}"
         return env
 
-    def _check(self, launch: ContainerLaunch) -> None:
-        if not launch.argv:
-            raise InvalidError(f"container {launch.container_id}: argv is empty.")
-        validate_limits(launch.cpu, launch.memory_mb, launch.pids_max)
-        for b in launch.binds:
-            if not os.path.isabs(b.dst) or not os.path.isabs(b.src):
-                raise InvalidError(f"bind {b.src} -> {b.dst}: both paths must be absolute.")
-            if not os.path.exists(b.src):
-                raise FileNotFoundError(f"bind source {b.src} does not exist")
-        if launch.channel_socket is not None and not os.path.exists(launch.channel_socket):
-            raise FileNotFoundError(f"channel socket {launch.channel_socket} does not exist")
-        if launch.workdir is not None and not os.path.isabs(launch.workdir):
-            raise InvalidError(f"workdir {launch.workdir!r} must be an absolute path.")
-
-    def _host_workdir(self, launch: ContainerLaunch) -> str:
-        """Without an image: ``workdir``, else ``cwd`` where the container sees it, else /."""
-        if launch.workdir is not None:
-            return launch.workdir
-        cwd = os.path.realpath(launch.cwd)
-        covered = ["/tmp", "/run", "/proc", "/dev", *self.hidden_paths]
-        if any(cwd == c or cwd.startswith(c.rstrip("/") + "/") for c in covered):
-            return "/"
-        return cwd
-
     async def start(self, launch: ContainerLaunch) -> BwrapContainer:
-        self._check(launch)
+        check_launch(launch)
         env = self._environment(launch)
         gpu_nodes = gpu_device_nodes(launch.gpu_indices)
         container_dir: ContainerDir | None = None
@@ -326,7 +267,7 @@ class BwrapRuntime(Runtime):
             workdir = launch.workdir or "/"
             container_dir = ContainerDir.create(self.state_dir, launch.container_id)
         else:
-            workdir = self._host_workdir(launch)
+            workdir = host_workdir(launch, self.hidden_paths)
             check_host_view_binds(launch.binds)
             resolve_executable(launch.argv[0], env, workdir)
         cgroup = None

@@ -25,6 +25,10 @@ included). The channel socket is bound into the sandbox at ``/run/strato/channel
 or visible inside: hide the worker's directories with ``hidden_paths`` when running without
 an image). Signals go through ``runsc kill --all``; SIGKILL kills ``runsc run`` itself,
 which takes the sandbox with it. runsc reports death by signal N as code 128+N.
+
+Platform: ``$STRATO_GVISOR_PLATFORM``, else ``ptrace``. (``kvm`` hangs at start on a VM
+without usable nested virtualisation, so it is not tried by default; this runsc has no
+``systrap``.) GPUs are refused: this runsc has no GPU proxy.
 """
 
 from __future__ import annotations
@@ -42,20 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import (
-    CHANNEL_ENV,
-    CHANNEL_PATH,
-    Capabilities,
-    ContainerLaunch,
-    Runtime,
-)
-from strato.runtime.bwrap import DEFAULT_CAPS
-from strato.runtime.cgroups import (
-    CgroupManager,
-    CgroupUnavailable,
-    ContainerCgroup,
-    open_manager,
-    validate_limits,
+from strato.runtime.base import CHANNEL_PATH, Capabilities, ContainerLaunch, Runtime
+from strato.runtime.cgroups import CgroupManager, ContainerCgroup
+from strato.runtime.isolation import (
+    DEFAULT_CAPS,
+    check_launch,
+    container_environment,
+    host_workdir,
 )
 from strato.runtime.rootfs import (
     ContainerDir,
@@ -63,7 +60,13 @@ from strato.runtime.rootfs import (
     default_state_dir,
     find_executable,
 )
-from strato.runtime.supervise import SupervisedContainer, cgroup_join_argv, spawn
+from strato.runtime.supervise import (
+    SupervisedContainer,
+    cgroup_join_argv,
+    describe_limits,
+    open_cgroups,
+    spawn,
+)
 
 log = logging.getLogger("strato.runtime")
 
@@ -159,7 +162,8 @@ class GvisorContainer(SupervisedContainer):
             self._runtime.runsc_background("kill", "--all", self.container_id, str(int(sig)))
 
     def _release(self) -> None:
-        self._runtime.delete_state(self.container_id)
+        gone = self.cgroup is not None and not self.cgroup.pids()
+        self._runtime.delete_state(self.container_id, sandbox_gone=gone)
         self.container_dir.remove()
 
 
@@ -194,14 +198,8 @@ class GvisorRuntime(Runtime):
         self.runsc_root = self.state_dir / "runsc"
         self.hidden_paths = [str(self.state_dir), *hidden_paths]
         """Host directories a container without an image must not see (empty there)."""
-        self.cgroups: CgroupManager | None = None
-        self.cgroup_reason: str | None = "disabled by configuration"
-        if use_cgroups:
-            try:
-                self.cgroups = open_manager(cgroup_parent)
-                self.cgroup_reason = None
-            except CgroupUnavailable as exc:
-                self.cgroup_reason = str(exc)
+        self.cgroups: CgroupManager | None
+        self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
         self.capabilities = Capabilities(
             isolation=True,
             network_control=True,
@@ -212,10 +210,7 @@ class GvisorRuntime(Runtime):
         self._background: list[subprocess.Popen[bytes]] = []
 
     def describe(self) -> str:
-        if self.cgroups is not None:
-            limits = f"limits by {self.cgroups.describe()}"
-        else:
-            limits = f"no resource limits: {self.cgroup_reason}"
+        limits = describe_limits(self.cgroups, self.cgroup_reason)
         return f"gvisor ({self.runsc}, platform {self.platform}; {limits})"
 
     # ------------------------------------------------------------------ runsc
@@ -244,9 +239,21 @@ class GvisorRuntime(Runtime):
             )
         )
 
-    def delete_state(self, container_id: str) -> None:
-        """Remove what runsc keeps of a container it did not clean up (killed runsc run)."""
-        if not any(self.runsc_root.glob(f"*{container_id}.state")):
+    def _state_files(self, container_id: str) -> list[Path]:
+        return list(self.runsc_root.glob(f"{container_id}_sandbox:{container_id}.*"))
+
+    def delete_state(self, container_id: str, sandbox_gone: bool = False) -> None:
+        """Remove what runsc keeps of a container it did not clean up (``runsc run`` killed).
+
+        ``sandbox_gone``: every process of the sandbox is known to have exited (its cgroup
+        is empty), so the state files are simply deleted; ``runsc delete --force`` would
+        take two seconds to find that out."""
+        files = self._state_files(container_id)
+        if not files:
+            return
+        if sandbox_gone:
+            for f in files:
+                f.unlink(missing_ok=True)
             return
         try:
             subprocess.run(
@@ -262,45 +269,21 @@ class GvisorRuntime(Runtime):
 
     # ------------------------------------------------------------------ start
 
-    def _environment(self, launch: ContainerLaunch) -> dict[str, str]:
-        env = dict(launch.env)
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        if launch.channel_socket is not None:
-            env[CHANNEL_ENV] = f"unix:{CHANNEL_PATH}"
-        return env
-
     def _check(self, launch: ContainerLaunch) -> None:
-        if not launch.argv:
-            raise InvalidError(f"container {launch.container_id}: argv is empty.")
+        check_launch(launch)
         if launch.gpu_indices:
             raise InvalidError(
                 "The 'gvisor' runtime cannot give a container GPUs; use the 'bwrap' runtime."
             )
-        validate_limits(launch.cpu, launch.memory_mb, launch.pids_max)
         if not launch.rootfs_layers:
             check_host_view_binds(launch.binds)
-        for b in launch.binds:
-            if not os.path.isabs(b.dst) or not os.path.isabs(b.src):
-                raise InvalidError(f"bind {b.src} -> {b.dst}: both paths must be absolute.")
-            if not os.path.exists(b.src):
-                raise FileNotFoundError(f"bind source {b.src} does not exist")
-        if launch.channel_socket is not None and not os.path.exists(launch.channel_socket):
-            raise FileNotFoundError(f"channel socket {launch.channel_socket} does not exist")
-        if launch.workdir is not None and not os.path.isabs(launch.workdir):
-            raise InvalidError(f"workdir {launch.workdir!r} must be an absolute path.")
 
     def _workdir(self, launch: ContainerLaunch, rootfs: Path) -> str:
         if launch.rootfs_layers:
             workdir = launch.workdir or "/"
             (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
             return workdir
-        if launch.workdir is not None:
-            return launch.workdir
-        cwd = os.path.realpath(launch.cwd)
-        covered = ["/tmp", "/run", "/proc", "/dev", "/sys", *self.hidden_paths]
-        if any(cwd == c or cwd.startswith(c.rstrip("/") + "/") for c in covered):
-            return "/"
-        return cwd
+        return host_workdir(launch, self.hidden_paths)
 
     def _prepare(self, launch: ContainerLaunch, env: dict[str, str]) -> ContainerDir:
         """Mount the root filesystem and write the bundle (blocking: run in a thread)."""
@@ -331,7 +314,7 @@ class GvisorRuntime(Runtime):
 
     async def start(self, launch: ContainerLaunch) -> GvisorContainer:
         self._check(launch)
-        env = self._environment(launch)
+        env = container_environment(launch)
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         container_dir = await asyncio.to_thread(self._prepare, launch, env)
         cgroup = None

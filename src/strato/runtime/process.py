@@ -15,17 +15,14 @@ import signal as _signal
 
 from strato.exceptions import InvalidError
 from strato.runtime.base import CHANNEL_ENV, Capabilities, ContainerLaunch, Runtime
-from strato.runtime.cgroups import (
-    CgroupManager,
-    CgroupUnavailable,
-    open_manager,
-    validate_limits,
-)
+from strato.runtime.cgroups import CgroupManager, validate_limits
 from strato.runtime.supervise import (
     STREAM_LIMIT,
     SupervisedContainer,
     cgroup_join_argv,
+    describe_limits,
     node_has_gpus,
+    open_cgroups,
     resolve_executable,
     spawn,
 )
@@ -71,14 +68,8 @@ class ProcessRuntime(Runtime):
         cgroup_parent: str = "strato",
         gpus_present: bool | None = None,
     ) -> None:
-        self.cgroups: CgroupManager | None = None
-        self.cgroup_reason: str | None = "disabled by configuration"
-        if use_cgroups:
-            try:
-                self.cgroups = open_manager(cgroup_parent)
-                self.cgroup_reason = None
-            except CgroupUnavailable as exc:
-                self.cgroup_reason = str(exc)
+        self.cgroups: CgroupManager | None
+        self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
         self.gpus_present = node_has_gpus() if gpus_present is None else gpus_present
         self.capabilities = Capabilities(
             isolation=False,
@@ -89,11 +80,7 @@ class ProcessRuntime(Runtime):
         )
 
     def describe(self) -> str:
-        if self.cgroups is not None:
-            limits = f"limits by {self.cgroups.describe()}"
-        else:
-            limits = f"no resource limits: {self.cgroup_reason}"
-        return f"process (no isolation; {limits})"
+        return f"process (no isolation; {describe_limits(self.cgroups, self.cgroup_reason)})"
 
     def _warn_once(self) -> None:
         global _warned

@@ -16,12 +16,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import glob
+import logging
 import os
 import shutil
 import signal as _signal
 
 from strato.runtime.base import ExitStatus, RunningContainer
-from strato.runtime.cgroups import ContainerCgroup
+from strato.runtime.cgroups import (
+    CgroupManager,
+    CgroupUnavailable,
+    ContainerCgroup,
+    open_manager,
+)
+
+log = logging.getLogger("strato.runtime")
 
 SHELL = "/bin/sh"
 STREAM_LIMIT = 1 << 20  # readline() limit of stdout/stderr
@@ -46,6 +54,22 @@ def resolve_executable(argv0: str, env: dict[str, str], cwd: str) -> None:
         found = shutil.which(argv0, path=env.get("PATH", os.defpath)) is not None
     if not found:
         raise FileNotFoundError(errno.ENOENT, "No such executable file", argv0)
+
+
+def open_cgroups(use: bool, parent: str) -> tuple[CgroupManager | None, str | None]:
+    """A cgroup manager, or ``None`` and why not (for ``describe()`` and warnings)."""
+    if not use:
+        return None, "disabled by configuration"
+    try:
+        return open_manager(parent), None
+    except CgroupUnavailable as exc:
+        return None, str(exc)
+
+
+def describe_limits(cgroups: CgroupManager | None, reason: str | None) -> str:
+    if cgroups is not None:
+        return f"limits by {cgroups.describe()}"
+    return f"no resource limits: {reason}"
 
 
 def cgroup_join_argv(cgroup: ContainerCgroup | None, argv: list[str]) -> list[str]:
@@ -146,7 +170,10 @@ class SupervisedContainer(RunningContainer):
             self.cgroup.kill_all()
             self.cgroup.remove()
         self._cleaned = True
-        self._release()
+        try:
+            self._release()
+        except Exception:  # noqa: BLE001 - cleanup must not hide the exit status
+            log.exception("container %s: cleanup failed", self.container_id)
 
     def _release(self) -> None:
         """Free what the runtime set up besides the cgroup (runs in a thread, once)."""

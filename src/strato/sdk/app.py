@@ -19,6 +19,7 @@ from . import options
 from .cls import Cls, class_methods
 from .function import Function
 from .image import Image, upload_image_files
+from .web import class_web_specs, function_web_spec, web_methods
 
 RUNTIMES = ("bwrap", "gvisor", "process")
 
@@ -215,6 +216,9 @@ class App:
                 **_input_handling(f),
                 **base,
             )
+            web = function_web_spec(f, tag, _input_handling(f))  # web endpoints (issue 5)
+            if web is not None:
+                spec = msgspec.structs.replace(spec, web=web)
             fn = Function(f, spec, self)
             fn._image = image_obj
             self._register(tag, fn)
@@ -270,7 +274,7 @@ class App:
                     f"{user_cls.__qualname__} is defined inside a function: move it to module level"
                 )
             methods = class_methods(user_cls)
-            if not methods:
+            if not methods and not web_methods(user_cls):  # web methods: issue 5
                 raise exc.InvalidError(f"{user_cls.__name__} has no @strato.method()")
             batched = [n for n, f in methods.items() if hasattr(f, "__strato_batch__")]
             if batched and len(methods) > 1:
@@ -309,6 +313,10 @@ class App:
             service._image = image_obj
             handle = Cls(user_cls, spec, self, service)
             self._register(user_cls.__qualname__, service)
+            for tag, raw, web_spec_ in class_web_specs(user_cls, spec):  # issue 5
+                endpoint = Function(raw, web_spec_, self)
+                endpoint._image = image_obj
+                self._register(tag, endpoint)
             return handle
 
         return wrap

@@ -54,6 +54,7 @@ class WorkerAgent:
         self.parent_pid = parent_pid
         self.worker_id = "wk-" + secrets.token_hex(6)
         self.runtime = get_runtime(os.environ.get("STRATO_RUNTIME") or None)
+        self._hide_home(self.runtime)
         self.default_runtime = self.runtime.name
         self.runtimes: dict[str, Runtime] = {self.runtime.name: self.runtime}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,8 +225,16 @@ class WorkerAgent:
         name = name or self.default_runtime
         rt = self.runtimes.get(name)
         if rt is None:
-            rt = self.runtimes[name] = get_runtime(name)
+            rt = self.runtimes[name] = self._hide_home(get_runtime(name))
         return rt
+
+    def _hide_home(self, runtime: Runtime) -> Runtime:
+        """Containers without an image see the host root read-only: hide this worker's
+        home (other containers' specs and tokens, the channel) from them."""
+        hidden = getattr(runtime, "hidden_paths", None)
+        if hidden is not None and str(self.home) not in hidden:
+            hidden.append(str(self.home))
+        return runtime
 
     def _kill(self, cid: str, grace_s: float) -> None:
         self.killed.add(cid)

@@ -1,0 +1,137 @@
+"""The containers behind one endpoint, their tunnels, and the requests waiting for them.
+
+An ``Endpoint`` is one function (one deployed version of an app's label). Each of its
+containers is a ``Backend`` holding the tunnels the container dialed (``Upstream``
+connections, each a keep-alive HTTP/1.1 connection to the container's server) and the
+number of requests in flight on it, at most the function's ``max_inputs``
+(``@strato.concurrent``; one by default, as in Modal).
+
+A request takes the least-loaded ready container with a free slot and an idle tunnel,
+or waits in ``waiters`` (first come, first served) until one frees up or starts; the
+autoscaler sees the waiters as queued and the slots in use as in flight. A redeployed
+endpoint keeps the versions it replaced in ``previous``: while it has no ready container
+yet, requests go to theirs, so a redeploy drops nothing; once it has one, they drain and
+stop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..calls.manager import FunctionState
+    from .proxy import Exchange, Upstream
+
+SERVING = "ready"
+
+
+class Backend:
+    """One container of an endpoint, as the gateway sees it."""
+
+    __slots__ = ("session", "endpoint", "idle", "tunnels", "inflight", "idle_since")
+
+    def __init__(self, session, endpoint: Endpoint) -> None:
+        self.session = session  # the fleet's ContainerSession (state, container_id, ...)
+        self.endpoint = endpoint
+        self.idle: list[Upstream] = []  # connected tunnels not carrying a request
+        self.tunnels = 0  # connected tunnels, idle or busy
+        self.inflight = 0
+        self.idle_since: float | None = time.monotonic()
+
+    @property
+    def container_id(self) -> str:
+        return self.session.container_id
+
+    def mark_busy(self) -> None:
+        self.inflight += 1
+        if self.idle_since is not None:
+            self.idle_since = None
+            self.session.idle_since = None  # the fleet must not reclaim a busy container
+
+    def mark_free(self, now: float) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle_since = now
+            if self.session.state == SERVING:
+                self.session.idle_since = now
+
+
+class Endpoint:
+    def __init__(self, fn: FunctionState, max_waiting: int) -> None:
+        self.fn = fn
+        self.function_id = fn.function_id
+        self.app_id = fn.app_id
+        self.slots = max(1, fn.spec.max_inputs)
+        self.max_waiting = max_waiting
+        self.backends: dict[str, Backend] = {}
+        self.waiters: deque[Exchange] = deque()
+        self.previous: list[Endpoint] = []  # versions this one replaced, still draining
+        self.successor: Endpoint | None = None  # set once this version is replaced
+        self.retired_at: float | None = None
+
+    # ------------------------------------------------------------------ dispatch
+
+    def has_ready(self) -> bool:
+        return any(b.session.state == SERVING for b in self.backends.values())
+
+    def pick(self) -> tuple[Backend, Upstream] | None:
+        """Take a slot and a tunnel on the least-loaded ready container, if one is free."""
+        best = None
+        slots = self.slots
+        for b in self.backends.values():
+            if b.idle and b.inflight < slots and b.session.state == SERVING:
+                if best is None or b.inflight < best.inflight:
+                    best = b
+        if best is None:
+            if self.previous and not self.has_ready():
+                for ep in reversed(self.previous):
+                    got = ep.pick()
+                    if got is not None:
+                        return got
+            return None
+        best.mark_busy()
+        return best, best.idle.pop()
+
+    def pump(self) -> None:
+        """Hand free slots to waiting requests, oldest first."""
+        waiters = self.waiters
+        while waiters:
+            got = self.pick()
+            if got is None:
+                return
+            ex = waiters.popleft()
+            ex.granted(*got)
+
+    def pump_all(self) -> None:
+        """After a slot or tunnel of this endpoint frees up: its own waiters, and those of
+        the versions that replaced it (which may borrow its containers)."""
+        self.pump()
+        ep = self.successor
+        while ep is not None:
+            ep.pump()
+            ep = ep.successor
+
+    # ------------------------------------------------------------------ accounting
+
+    def inflight(self) -> int:
+        return sum(b.inflight for b in self.backends.values())
+
+    def load(self) -> tuple[int, int]:
+        """(waiting, in flight) requests for the autoscaler. Requests that the versions this
+        one replaced still carry count as this one's: the new version scales up to take
+        over their traffic."""
+        inflight = self.inflight() + sum(ep.inflight() for ep in self.previous)
+        return len(self.waiters), inflight
+
+    def backend_for(self, session) -> Backend:
+        b = self.backends.get(session.container_id)
+        if b is None:
+            b = self.backends[session.container_id] = Backend(session, self)
+        return b
+
+    def forget_gone(self) -> None:
+        for cid, b in list(self.backends.items()):
+            if b.session.state == "gone" and b.tunnels == 0:
+                del self.backends[cid]
