@@ -101,3 +101,11 @@ def test_exit_hook_runs_on_scale_down(running):
         time.sleep(0.2)
     assert mark.exists(), "the @exit hook did not run within 60 s of the 2 s scaledown window"
     assert mark.read_text() == "small"
+
+
+def test_function_with_options_is_its_own_pool(running):
+    variant = classes.overlapping.with_options(cpu=0.25, timeout=30)
+    start, end, _ = variant.remote(1)
+    assert end > start
+    with pytest.raises(exc.InvalidError, match="timeout"):
+        classes.overlapping.with_options(timeout=0)

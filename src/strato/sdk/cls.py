@@ -131,29 +131,20 @@ class Cls:
         scaledown_window=None,
     ) -> Cls:
         """A variant with other resources or scaling; its containers form their own pool."""
-        ov = dict(self._overrides)
-        if cpu is not None or memory is not None or gpu is not None:
-            base = self._spec.resources if self._spec else m.Resources()
-            ov["resources"] = options.resources(
-                cpu if cpu is not None else _pair_of(base.cpu, base.cpu_limit),
-                memory if memory is not None else _pair_of(base.memory_mb, base.memory_limit_mb),
-                gpu if gpu is not None else (base.gpu or None),
-            )
-        if timeout is not None:
-            ov["timeout"] = options.timeout(timeout)
-        if retries is not None:
-            ov["retries"] = options.retry_policy(retries)
-        if env is not None:
-            ov["env"] = options.env(env)
-        scaling = [min_containers, max_containers, buffer_containers, scaledown_window]
-        if any(v is not None for v in scaling):
-            base_sc = self._spec.scaling if self._spec else m.ScalingConfig()
-            ov["scaling"] = options.scaling(
-                base_sc.min_containers if min_containers is None else min_containers,
-                base_sc.max_containers if max_containers is None else max_containers,
-                base_sc.buffer_containers if buffer_containers is None else buffer_containers,
-                base_sc.scaledown_window if scaledown_window is None else scaledown_window,
-            )
+        ov = options.overrides(
+            self._spec,
+            self._overrides,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+        )
         return Cls(self._user_cls, self._spec, self._app, self._service, ov)
 
     def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
@@ -180,10 +171,6 @@ class Cls:
             self._service,
             {**self._overrides, "batch_max_size": b.max_batch_size, "batch_wait_ms": b.wait_ms},
         )
-
-
-def _pair_of(req, limit):
-    return req if limit is None else (req, limit)
 
 
 class Obj:

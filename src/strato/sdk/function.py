@@ -11,6 +11,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
+import msgspec
+
 from strato import exceptions as exc
 from strato.client import serialization as ser
 from strato.client import session
@@ -45,6 +47,8 @@ class Function:
     ``Function.from_name(app_name, name)``."""
 
     _image = None  # the strato.Image it runs on (None: the worker's own Python)
+    _parent: Function | None = None  # the function a with_options() variant derives from
+    _overrides: dict = {}  # noqa: RUF012 - never mutated; the variant's spec changes
 
     def __init__(self, raw_f: Callable | None, spec: m.FunctionSpec | None, app=None) -> None:
         self._raw_f = raw_f
@@ -101,6 +105,11 @@ class Function:
         client = session.api()
         if self._obj is not None:
             return client, self._obj._bind()
+        if self._parent is not None and self._hyd.function_id is None:  # with_options variant
+            _, parent_id = self._parent._ensure()
+            req = m.BindFunction(overrides=msgspec.msgpack.encode(self._overrides))
+            ref = client.call("POST", f"/functions/{parent_id}/bind", req, m.FunctionRef)
+            self._hyd.function_id = ref.function_id
         if self._hyd.function_id is None:
             if self._hyd.app_name is None:
                 raise exc.ExecutionError(
@@ -243,6 +252,48 @@ class Function:
         call_id = _new_call_id()
         sender = _MapSender(self, client, fid, call_id, args_iter, "map")
         return _map_results(client, sender, order_outputs, return_exceptions)
+
+    # ------------------------------------------------------------------ variants
+
+    def with_options(
+        self,
+        *,
+        cpu=None,
+        memory=None,
+        gpu=None,
+        timeout=None,
+        retries=None,
+        env=None,
+        min_containers=None,
+        max_containers=None,
+        buffer_containers=None,
+        scaledown_window=None,
+        runtime=None,
+    ) -> Function:
+        """A variant with other resources, limits or runtime; its containers are their own
+        pool (Modal's ``Function.with_options``)."""
+        from . import options
+
+        ov = options.overrides(
+            self._spec,
+            getattr(self, "_overrides", {}),
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+            runtime=runtime,
+        )
+        variant = Function(self._raw_f, self._spec, self._app)
+        variant._image = self._image
+        variant._overrides = ov
+        variant._parent = self
+        return variant
 
     # ------------------------------------------------------------------ deployed functions
 

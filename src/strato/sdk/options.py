@@ -138,3 +138,60 @@ def env(value) -> dict[str, str]:
             "or reserved STRATO_*)"
         )
     return dict(value)
+
+
+_check_timeout, _check_env = timeout, env  # overrides() takes parameters of these names
+
+
+def _pair_of(req, limit):
+    return req if limit is None else (req, limit)
+
+
+def overrides(
+    spec: m.FunctionSpec | None,
+    current: dict,
+    *,
+    cpu=None,
+    memory=None,
+    gpu=None,
+    timeout=None,
+    retries=None,
+    env=None,
+    min_containers=None,
+    max_containers=None,
+    buffer_containers=None,
+    scaledown_window=None,
+    runtime=None,
+) -> dict:
+    """The FunctionSpec fields a ``with_options(...)`` variant changes, validated."""
+    ov = dict(current)
+    if cpu is not None or memory is not None or gpu is not None:
+        base = ov.get("resources") or (spec.resources if spec else m.Resources())
+        if isinstance(base, dict):
+            base = m.Resources(**base)
+        ov["resources"] = resources(
+            cpu if cpu is not None else _pair_of(base.cpu, base.cpu_limit),
+            memory if memory is not None else _pair_of(base.memory_mb, base.memory_limit_mb),
+            gpu if gpu is not None else (base.gpu or None),
+        )
+    if timeout is not None:
+        ov["timeout"] = _check_timeout(timeout)
+    if retries is not None:
+        ov["retries"] = retry_policy(retries)
+    if env is not None:
+        ov["env"] = _check_env(env)
+    if runtime is not None:
+        if runtime not in ("bwrap", "gvisor", "process"):
+            raise InvalidError(f"runtime={runtime!r}: use bwrap, gvisor or process")
+        ov["runtime"] = runtime
+    if any(
+        v is not None for v in (min_containers, max_containers, buffer_containers, scaledown_window)
+    ):
+        sc = spec.scaling if spec else m.ScalingConfig()
+        ov["scaling"] = scaling(
+            sc.min_containers if min_containers is None else min_containers,
+            sc.max_containers if max_containers is None else max_containers,
+            sc.buffer_containers if buffer_containers is None else buffer_containers,
+            sc.scaledown_window if scaledown_window is None else scaledown_window,
+        )
+    return ov
