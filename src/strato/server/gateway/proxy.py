@@ -180,6 +180,7 @@ class Exchange:
         "limit_handle",
         "wait_handle",
         "sent",
+        "complete",
     )
 
     def __init__(self, conn: ClientConn, rid: str) -> None:
@@ -213,6 +214,7 @@ class Exchange:
         self.limit_handle: asyncio.TimerHandle | None = None
         self.wait_handle: asyncio.TimerHandle | None = None
         self.sent = 0  # response bytes passed on
+        self.complete = False  # the response parser saw the end of the response
 
     # ------------------------------------------------------------------ request body
 
@@ -227,7 +229,7 @@ class Exchange:
             up.transport.write(data)
         elif self.body is not None:
             self.body.append(data)
-            if sum(map(len, self.body)) > BODY_BUFFER:
+            if self.body_size > BODY_BUFFER:
                 self.conn.transport.pause_reading()
 
     def end_body(self) -> None:
@@ -352,25 +354,37 @@ class Exchange:
         if self.raw:
             self._emit(data)
             return
-        if not self.head_done:
-            data = self._scan_head(data)
-            if data is None:
+        if self.head_done:
+            emit = feed = data
+        else:
+            if self.head_buf:
+                data = self.head_buf + data
+                self.head_buf = b""
+            scanned = self._scan_head(data)
+            if scanned is None:
                 return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # on_message_complete saw the 101 already
-        except httptools.HttpParserError:
-            self._emit_pending()
-            self._upstream_failed("the endpoint sent an invalid HTTP response")
-            return
-        self._emit_pending()
-        if self.state == "bound" and self.head_done and self.method == b"HEAD":
+            emit, feed = scanned
+        if feed:
+            try:
+                self.parser.feed_data(feed)
+            except httptools.HttpParserUpgrade:
+                pass  # on_message_complete has seen the 101
+            except httptools.HttpParserError:
+                self._upstream_failed("the endpoint sent an invalid HTTP response")
+                return
+        if emit:
+            if not self.resp_started:
+                self.resp_started = True
+                if self.limit_handle is not None:
+                    self.limit_handle.cancel()
+                    self.limit_handle = None
+            self._emit(emit)
+        if self.complete or (self.head_done and self.method == b"HEAD"):
             self._finished(self.status)
 
-    def _scan_head(self, data: bytes) -> bytes | None:
-        """Find the response head (skipping 1xx interim ones), add the request id to it."""
-        buf = self.head_buf + data if self.head_buf else data
+    def _scan_head(self, buf: bytes) -> tuple[bytes, bytes] | None:
+        """(bytes for the client, bytes for the parser): the final response head gets
+        the request id; interim 1xx heads pass as they are; an incomplete head waits."""
         start = 0
         while True:
             end = buf.find(b"\r\n\r\n", start)
@@ -378,45 +392,22 @@ class Exchange:
                 if len(buf) - start > 65536:
                     self._upstream_failed("the endpoint's response head is over 64 KiB")
                     return None
-                self.head_buf = buf
-                self._pending = None
-                return None if start == 0 else self._passthrough_interim(buf, start)
+                self.head_buf = buf[start:]
+                return buf[:start], buf[:start]
             try:
                 status = int(buf[start + 9 : start + 12])
             except ValueError:
                 self._upstream_failed("the endpoint sent an invalid HTTP response")
                 return None
             if 100 <= status < 200 and status != 101:
-                start = end + 4  # interim (100 Continue): passes through as it is
+                start = end + 4
                 continue
             self.status = status
             self.head_done = True
-            self.head_buf = b""
-            tag = b"\r\nx-strato-request-id: " + self.rid.encode()
-            self._out = buf[:end] + tag + buf[end:]
-            return buf
+            return buf[:end] + b"\r\nx-strato-request-id: " + self.rid.encode() + buf[end:], buf
 
-    def _passthrough_interim(self, buf: bytes, start: int) -> None:
-        self._out = buf[:start]
-        self.head_buf = buf[start:]
-        try:
-            self.parser.feed_data(buf[:start])
-        except httptools.HttpParserError:
-            pass
-        self._emit_pending()
-        return None
-
-    def _emit_pending(self) -> None:
-        out = self._out
-        if out:
-            self._out = b""
-            self.resp_started = True
-            if self.limit_handle is not None:
-                self.limit_handle.cancel()
-                self.limit_handle = None
-            self._emit(out)
-
-    # httptools callbacks (response parser)
+    # httptools callback (response parser); on_body and friends are left out on purpose:
+    # the body passes through as raw bytes
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
@@ -427,20 +418,15 @@ class Exchange:
                 self.up.transport.write(b"".join(self.raw_buf))
             self.raw_buf = None
             return
-        # the response is complete (the rest of this chunk, if any, is emitted after)
-        self._out_final = True
-        asyncio.get_running_loop().call_soon(self._finished, status)
+        self.complete = True
 
     def _finished(self, status: int) -> None:
         if self.state == "done":
             return
-        reusable = (
-            self.body_done
-            and self.parser is not None
-            and self.parser.should_keep_alive()
-            and not self.upgrade
-            and self.method != b"HEAD"
-        ) or (self.method == b"HEAD" and self.body_done)
+        if self.method == b"HEAD":
+            reusable = self.body_done
+        else:
+            reusable = self.body_done and not self.upgrade and self.parser.should_keep_alive()
         self._release(reusable)
         self.gw.access(self, status)
         self._done()
@@ -567,11 +553,6 @@ class Exchange:
         self._release(False)
         self.state = "done"
         self.gw.access(self, self.status if self.raw else 499, note="the client went away")
-
-
-Exchange._out = b""  # type: ignore[attr-defined]
-Exchange._pending = None  # type: ignore[attr-defined]
-Exchange._out_final = False  # type: ignore[attr-defined]
 
 
 class ClientConn(asyncio.Protocol):
