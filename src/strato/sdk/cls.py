@@ -116,35 +116,11 @@ class Cls:
             raise AttributeError(name)
         return getattr(self(), name)  # a class without parameters: Model.predict.remote()
 
-    def with_options(
-        self,
-        *,
-        cpu=None,
-        memory=None,
-        gpu=None,
-        timeout=None,
-        retries=None,
-        env=None,
-        min_containers=None,
-        max_containers=None,
-        buffer_containers=None,
-        scaledown_window=None,
-    ) -> Cls:
-        """A variant with other resources or scaling; its containers form their own pool."""
-        ov = options.overrides(
-            self._spec,
-            self._overrides,
-            cpu=cpu,
-            memory=memory,
-            gpu=gpu,
-            timeout=timeout,
-            retries=retries,
-            env=env,
-            min_containers=min_containers,
-            max_containers=max_containers,
-            buffer_containers=buffer_containers,
-            scaledown_window=scaledown_window,
-        )
+    def with_options(self, **opts) -> Cls:
+        """A variant with other resources or scaling (the options of ``Function.with_options``:
+        cpu, memory, gpu, timeout, retries, env, min/max/buffer_containers,
+        scaledown_window, runtime); its containers form their own pool."""
+        ov = options.overrides(self._spec, self._overrides, **opts)
         return Cls(self._user_cls, self._spec, self._app, self._service, ov)
 
     def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:

@@ -316,6 +316,18 @@ class Function:
         client, fid = self._ensure()
         return client.call("GET", f"/functions/{fid}/stats", None, m.FunctionStats)
 
+    def get_web_url(self) -> str | None:
+        """The URL of a web endpoint on the gateway (stable across deploys: by app and
+        label); None when the function is not a web endpoint. (Issue 5.)"""
+        if self._spec is not None and self._spec.web is None:
+            return None
+        client, fid = self._ensure()
+        app_ref = self._hyd.app_id or self._hyd.app_name
+        if app_ref is None:
+            return None
+        info = client.call("GET", f"/apps/{app_ref}", None, m.AppInfo)
+        return next((f.web_url for f in info.functions if f.function_id == fid), None)
+
 
 def _limits(client: ApiClient) -> dict:
     """The control plane's payload limits (from /health, once per client)."""

@@ -88,17 +88,15 @@ class Image:
         pre: bool = False,
         extra_options: str = "",
     ) -> Image:
-        pkgs = _flatten(packages)
-        if not pkgs:
-            return self
-        args = spec_mod.pip_options(
+        return self._installer(
+            spec_mod.PipInstall,
+            packages,
             find_links=find_links,
             index_url=index_url,
             extra_index_url=extra_index_url,
             pre=pre,
             extra_options=extra_options,
         )
-        return self._then(spec_mod.PipInstall(pkgs, args))
 
     def uv_pip_install(
         self,
@@ -109,17 +107,21 @@ class Image:
         pre: bool = False,
         extra_options: str = "",
     ) -> Image:
-        pkgs = _flatten(packages)
-        if not pkgs:
-            return self
-        args = spec_mod.pip_options(
+        return self._installer(
+            spec_mod.UvPipInstall,
+            packages,
             find_links=find_links,
             index_url=index_url,
             extra_index_url=extra_index_url,
             pre=pre,
             extra_options=extra_options,
         )
-        return self._then(spec_mod.UvPipInstall(pkgs, args))
+
+    def _installer(self, step_type, packages, **pip_opts) -> Image:
+        pkgs = _flatten(packages)
+        if not pkgs:
+            return self
+        return self._then(step_type(pkgs, spec_mod.pip_options(**pip_opts)))
 
     def pip_install_from_requirements(self, requirements_txt: str, **kwargs) -> Image:
         path = Path(requirements_txt).expanduser()
