@@ -30,6 +30,7 @@ BENCHMARKS = {
     "memory": "bench_memory.py",
     "container_start": "bench_container_start.py",
     "autoscaler_replay": "bench_autoscaler_replay.py",
+    "web": "bench_web.py",
 }
 TIMEOUT_S = 300
 

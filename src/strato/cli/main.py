@@ -116,6 +116,31 @@ def deploy(file: str, name: str | None) -> None:
     """Deploy the app in FILE: its functions stay callable with Function.from_name()."""
     app, _, _ = load_app(file)
     app.deploy(name=name)
+    # web endpoints (issue 5): print each one's URL
+    info = session.api().call("GET", f"/apps/{app.app_id}", None, m.AppInfo)
+    for f in info.functions:
+        if f.web_url:
+            click.echo(f"  {f.name}: {f.web_url}")
+
+
+@main.command()
+@click.argument("file")
+@click.option("--timeout", type=float, help="Stop after this many seconds.")
+def serve(file: str, timeout: float | None) -> None:
+    """Run the app in FILE with its web endpoints, reloading it when files change."""
+    from .serve import serve as run_serve
+
+    run_serve(file, timeout)
+
+
+@main.command("_serve-child", hidden=True)
+@click.argument("file")
+@click.argument("ready_path")
+def serve_child(file: str, ready_path: str) -> None:
+    """(internal) one running version of `strato serve`."""
+    from .serve import serve_child as run_child
+
+    run_child(file, ready_path)
 
 
 # ---------------------------------------------------------------------- apps

@@ -466,12 +466,22 @@ def main() -> None:
     paths = [p for p in env.get("STRATO_MOUNT_PATHS", "").split(os.pathsep) if p]
     sys.path[:0] = paths
     os.environ["STRATO_IN_CONTAINER"] = "1"
+    if spec.web is not None:  # a web endpoint serves HTTP, not inputs (issue 5)
+        from .web import serve_web
+
+        serve_web(spec, Target, describe_exception)
+        return
     runner = ContainerRunner(
         env["STRATO_CONTAINER_ID"], env["STRATO_CHANNEL"], env["STRATO_CONTAINER_TOKEN"], spec
     )
-    target = Target(spec)
+    # cold starts: a container forked from a memory snapshot has its target loaded already
+    # (imports + @enter(snap=True) ran in the template); see strato.container.snapshot
+    from .snapshot import target_for
+
+    target, loaded = target_for(spec)
     try:
-        target.load()
+        if not loaded:
+            target.load()
         target.enter()
     except BaseException as e:  # noqa: BLE001 - reported, then the container exits
         error, tb, data = describe_exception(e)

@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -32,6 +33,7 @@ from .autoscaler import (
 from .calls.manager import CallManager
 from .config import ServerConfig
 from .fleet import Fleet, Peer
+from .gateway import Gateway, GatewayConfig
 from .logs import LogHub
 from .store import Store
 from .store.blobs import BlobStore
@@ -73,6 +75,15 @@ class ControlPlane:
             on_change=self._wake.set,
             tell=lambda app_id, text, cid: self.logs.system(app_id, text, cid),
         )
+        # web endpoints (issue 5): the gateway's listener is its own port (default: ours + 1)
+        self.gateway = Gateway(
+            GatewayConfig.from_env(config.home, config.host, urlsplit(http_url).port or 0),
+            calls=self.calls,
+            fleet=self.fleet,
+            store=self.store,
+            logs=self.logs,
+            wake=self._wake.set,
+        )
         self.app_heartbeats: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
         self._servers: list[asyncio.AbstractServer] = []
@@ -98,6 +109,7 @@ class ControlPlane:
             await asyncio.start_unix_server(self._on_channel, path=str(sock), limit=1 << 20)
         )
         os.chmod(sock, 0o600)
+        await self.gateway.start()  # web endpoints (issue 5)
         self._tasks.append(asyncio.create_task(self._scale_loop(), name="scale-loop"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
 
@@ -115,6 +127,7 @@ class ControlPlane:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
+        await self.gateway.close()
         self.store.close()
 
     # ------------------------------------------------------------------ channel
@@ -129,10 +142,14 @@ class ControlPlane:
                 await self._worker_loop(first, peer, reader)
             elif isinstance(first, m.ContainerHello):
                 await self._container_loop(first, peer, reader)
+            elif isinstance(first, m.WebTunnelHello):  # web endpoints (issue 5): raw HTTP now
+                if self.gateway.adopt_tunnel(first, writer):
+                    peer = None
         except (TimeoutError, frames.FrameError, ConnectionError) as e:
             log.debug("channel closed: %s", e)
         finally:
-            peer.close()
+            if peer is not None:
+                peer.close()
 
     async def _worker_loop(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
         node_id = self.fleet.worker_hello(hello, peer)
@@ -173,6 +190,7 @@ class ControlPlane:
                     self.calls.on_outputs(s, msg.outputs)
                 elif isinstance(msg, m.ContainerReady):
                     self.fleet.container_ready(s)
+                    self.gateway.container_ready(s)
                 elif isinstance(msg, m.ContainerInitFailed):
                     self.fleet.container_init_failed(s, msg)
         finally:
@@ -196,6 +214,7 @@ class ControlPlane:
     def scale_once(self, now: float) -> None:
         self.calls.check_timeouts(now)
         self.fleet.check_startups(now)
+        self.gateway.tick(now)
         for fn in list(self.calls.functions.values()):
             if fn.app_state == "stopped":
                 continue
@@ -210,7 +229,10 @@ class ControlPlane:
         if fn.arrival_at is not None:  # what the adaptive keep-alive learns from
             state = observe_arrival(state, fn.arrival_at)
             fn.arrival_at = None
-        if not fn.queue and not fn.inflight:
+        # a web endpoint's load is its requests (waiting, in flight), from the gateway
+        web = self.gateway.stats(fn, now) if fn.spec.web is not None else None
+        queued, inflight = (web.queued, web.inflight) if web else (len(fn.queue), fn.inflight)
+        if not queued and not inflight:
             state = observe_drained(state, now)
         sc = fn.spec.scaling
         config = AutoscalerConfig(
@@ -222,7 +244,7 @@ class ControlPlane:
             keepalive=keepalive_for(sc.scaledown_window),
             memory_mb=float(fn.spec.resources.memory_mb),
         )
-        stats = FunctionStats(
+        stats = web or FunctionStats(
             now=now,
             queued=len(fn.queue),
             inflight=fn.inflight,
@@ -285,6 +307,7 @@ class ControlPlane:
         names = [f.name for f in req.functions]
         if len(set(names)) != len(names):
             raise InvalidError("two functions of the app share one name")
+        self.gateway.check_app(req.functions)  # web endpoints: one label each
         if req.deployed and not req.name:
             raise InvalidError("a deployed app needs a name: strato.App('my-app')")
         app_id = "ap-" + secrets.token_hex(8)
@@ -297,25 +320,29 @@ class ControlPlane:
         replaced = self.store.create_app(
             app_id, req.name, state, fns, mount, replace_deployed=req.deployed
         )
+        self.gateway.app_created(app_id, req.name, req.deployed)  # before the old stop
         for old in replaced:
             self._stop_in_memory(old)
         if not req.deployed and not req.detached:
             self.app_heartbeats[app_id] = time.monotonic()
-        return m.AppInfo(
-            app_id, req.name, state, time.time(), [m.FunctionRef(fid, name) for fid, name, _ in fns]
-        )
+        specs = {s.name: s for s in req.functions}
+        refs = [
+            m.FunctionRef(
+                fid, name, self.gateway.web_url(app_id, req.name, req.deployed, specs.get(name))
+            )
+            for fid, name, _ in fns
+        ]
+        return m.AppInfo(app_id, req.name, state, time.time(), refs)
 
     def app_info(self, row: dict) -> m.AppInfo:
         fns = self.store.functions_of(row["app_id"])
         n = sum(1 for s in self.fleet.containers.values() if s.app_id == row["app_id"])
-        return m.AppInfo(
-            row["app_id"],
-            row["name"],
-            row["state"],
-            row["created_at"],
-            [m.FunctionRef(f["function_id"], f["name"]) for f in fns],
-            n,
-        )
+        refs = []
+        for f in fns:
+            spec = msgspec.msgpack.decode(f["spec"], type=m.FunctionSpec) if f["spec"] else None
+            url = self.gateway.web_url(row["app_id"], row["name"], row["state"] == "deployed", spec)
+            refs.append(m.FunctionRef(f["function_id"], f["name"], url))
+        return m.AppInfo(row["app_id"], row["name"], row["state"], row["created_at"], refs, n)
 
     def find_app(self, ref: str) -> dict:
         rows = self.store.apps([ref]) if ref.startswith("ap-") else []
@@ -333,7 +360,11 @@ class ControlPlane:
     def _stop_in_memory(self, app_id: str) -> None:
         self.app_heartbeats.pop(app_id, None)
         self.calls.stop_app(app_id)
-        self.fleet.stop_app(app_id)
+        # web containers of an app that a newer one replaces drain instead (issue 5)
+        draining = self.gateway.retire_app(app_id)
+        for s in [s for s in self.fleet.containers.values() if s.app_id == app_id]:
+            if s.container_id not in draining:
+                self.fleet.kill(s.container_id, "the app was stopped")
         self.logs.system(app_id, "app stopped")
 
     def heartbeat(self, app_id: str) -> None:

@@ -51,7 +51,9 @@ async def serve(config: ServerConfig) -> None:
     )
     info = server_info_path(config.home)
     tmp = info.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "port": port}))
+    tmp.write_text(
+        json.dumps({"url": url, "pid": os.getpid(), "port": port, "gateway_url": cp.gateway.url})
+    )
     os.replace(tmp, info)
     provider = None
     if config.start_local_worker:

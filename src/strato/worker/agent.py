@@ -27,6 +27,7 @@ from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
 from .launch import prepare_launch
 from .resources import detect_inventory
+from .zygote import ZygotePool
 
 log = logging.getLogger("strato.worker")
 
@@ -67,6 +68,14 @@ class WorkerAgent:
         self._outbox: list[object] = []  # what could not be sent while disconnected
         self._http: ApiClient | None = None
         self._stop = asyncio.Event()
+        # cold starts: containers forked from zygotes and memory-snapshot templates
+        self.zygotes = ZygotePool(
+            self.cache,
+            tell=lambda cid, text: self._add_log(m.LogLine(time.time(), cid, "system", text)),
+            output=lambda cid, stream, text: self._add_log(
+                m.LogLine(time.time(), cid, stream, text[:MAX_LOG_LINE])
+            ),
+        )
 
     # ------------------------------------------------------------------ connection
 
@@ -138,6 +147,7 @@ class WorkerAgent:
         self._writer = writer
         self._http = ApiClient(welcome.http_url, self.token)
         log.info("registered as %s with control plane epoch %s", welcome.node_id, welcome.epoch)
+        self.zygotes.prewarm(self.runtime, self.channel)
         for cid in welcome.kill:
             self._kill(cid, 0.0)
         outbox, self._outbox = self._outbox, []
@@ -175,7 +185,9 @@ class WorkerAgent:
             launch = await asyncio.to_thread(self._prepare, msg, runtime)
             if cid in self.killed:
                 return
-            rc = await runtime.start(launch)
+            rc = await self.zygotes.start(msg, launch, runtime)  # forked; None: start normally
+            if rc is None:
+                rc = await runtime.start(launch)
         except Exception as e:  # noqa: BLE001 - reported to the control plane
             log.exception("container %s failed to start", cid)
             name = (
@@ -276,6 +288,7 @@ class WorkerAgent:
         running = list(self.containers.values())
         if running:
             await asyncio.gather(*(rc.stop(grace_s) for rc in running), return_exceptions=True)
+        await self.zygotes.close()
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -42,6 +42,7 @@ HOP_BY_HOP = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"proxy-authorization",
+        b"strato-token",  # the web token is the gateway's, never the app's
     )
 )
 BODY_BUFFER = 1 << 20  # request body held while waiting for a container, before pausing
@@ -85,21 +86,23 @@ def simple_response(
 
 
 def error_body(status: int, message: str, rid: str) -> bytes:
-    return json.dumps(
-        {"error": REASONS.get(status, "Error"), "message": message, "request_id": rid}
-    )
+    body = {"error": REASONS.get(status, "Error"), "message": message, "request_id": rid}
+    return json.dumps(body).encode()
 
 
 class Upstream(asyncio.Protocol):
     """A tunnel the container dialed: a keep-alive HTTP/1.1 connection to its server."""
 
-    __slots__ = ("backend", "transport", "ex", "closed")
+    __slots__ = ("backend", "transport", "ex", "closed", "owner")
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, owner: object = None) -> None:
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.ex: Exchange | None = None
         self.closed = False
+        # the channel's StreamWriter this connection came in with: it closes the transport
+        # when garbage-collected, so it lives as long as the tunnel
+        self.owner = owner
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -181,6 +184,7 @@ class Exchange:
         "wait_handle",
         "sent",
         "complete",
+        "up_keep_alive",
     )
 
     def __init__(self, conn: ClientConn, rid: str) -> None:
@@ -215,6 +219,7 @@ class Exchange:
         self.wait_handle: asyncio.TimerHandle | None = None
         self.sent = 0  # response bytes passed on
         self.complete = False  # the response parser saw the end of the response
+        self.up_keep_alive = False  # the tunnel may carry another request after this one
 
     # ------------------------------------------------------------------ request body
 
@@ -418,6 +423,7 @@ class Exchange:
                 self.up.transport.write(b"".join(self.raw_buf))
             self.raw_buf = None
             return
+        self.up_keep_alive = self.parser.should_keep_alive()  # (reset once it returns)
         self.complete = True
 
     def _finished(self, status: int) -> None:
@@ -426,7 +432,7 @@ class Exchange:
         if self.method == b"HEAD":
             reusable = self.body_done
         else:
-            reusable = self.body_done and not self.upgrade and self.parser.should_keep_alive()
+            reusable = self.body_done and not self.upgrade and self.up_keep_alive
         self._release(reusable)
         self.gw.access(self, status)
         self._done()

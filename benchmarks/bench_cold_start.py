@@ -1,0 +1,175 @@
+"""Cold starts: a no-op function after scale-to-zero, and memory snapshots.
+
+(a) ``cold_start_noop``: the first ``noop.remote()`` after the function scaled to zero
+(``scaledown_window=2``; the benchmark waits until the app has no container left, so no
+container runs and the code is cached on the node), from the call to its result. Baseline:
+a bare ``python -c "import json"`` subprocess (stdout/stderr piped and read, waited for),
+timed in the same run, interleaved with the strato rounds. Target: strato p50 <= 2x bare p50.
+
+(b) ``cold_start_snapshot``: the first call after scale-to-zero of a class whose
+``@enter(snap=True)`` imports numpy and scipy, with ``enable_memory_snapshot=True`` and
+without (the same class otherwise), interleaved. Target: without / with >= 3.
+
+Runs against a fresh embedded control plane with the worker's default runtime
+(``STRATO_RUNTIME`` to choose). One JSON line per result on stdout:
+
+    .venv/bin/python benchmarks/bench_cold_start.py [--rounds 10] [--snapshot-rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+from _common import emit, latency_summary, note, strato_env
+
+import strato
+
+app = strato.App("bench-cold-start")
+
+
+@app.function(scaledown_window=2)
+def noop(x):
+    return x
+
+
+def _heavy_methods() -> tuple:
+    """A snap hook that imports numpy and scipy, and a method (fresh functions per class:
+    the container reads a class's own attributes)."""
+
+    def load(self) -> None:
+        import numpy
+        import scipy
+        import scipy.linalg
+        import scipy.optimize
+        import scipy.sparse
+        import scipy.stats
+
+        self.np, self.sp = numpy, scipy
+        self.matrix = numpy.eye(64)
+
+    def solve(self, x: float) -> float:
+        import scipy.linalg
+
+        return float(scipy.linalg.solve(self.matrix, self.np.full(64, x))[0])
+
+    return strato.enter(snap=True)(load), strato.method()(solve)
+
+
+@app.cls(enable_memory_snapshot=True, scaledown_window=2)
+class WithSnapshot:
+    load, solve = _heavy_methods()
+
+
+@app.cls(scaledown_window=2)
+class WithoutSnapshot:
+    load, solve = _heavy_methods()
+
+
+BARE = [sys.executable, "-c", "import json"]
+
+
+def bare() -> float:
+    t0 = time.perf_counter()
+    subprocess.run(BARE, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
+def scaled_to_zero(app_id: str, timeout: float = 60.0) -> None:
+    from strato.client import session
+    from strato.protocol import messages as m
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = session.api().call(
+            "GET", "/containers", None, m.ContainerList, params={"app": app_id}
+        )
+        if not [c for c in listing.containers if c.state != "stopped"]:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the app's containers did not scale down within {timeout:g}s")
+
+
+def timed(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def runtime_name() -> str:
+    from strato.runtime import get_runtime
+
+    return get_runtime(None).name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--snapshot-rounds", type=int, default=4)
+    ap.add_argument("--skip-snapshot", action="store_true")
+    args = ap.parse_args()
+    runtime = runtime_name()
+    note(f"runtime: {runtime}")
+    samples: dict[str, list[float]] = {"noop": [], "bare": [], "with": [], "without": []}
+    with strato_env(), app.run(quiet=True) as running:
+        assert noop.remote(1) == 1  # the node has the code; the zygote is warm
+        if not args.skip_snapshot:  # the first of each: the snapshot is taken here
+            WithSnapshot().solve.remote(1.0)
+            WithoutSnapshot().solve.remote(1.0)
+        for i in range(args.rounds):
+            scaled_to_zero(running.app_id)
+            samples["bare"].append(bare())
+            samples["noop"].append(timed(lambda i=i: noop.remote(i)))
+            note(f"noop round {i}: {samples['noop'][-1] * 1e3:.1f} ms")
+        for i in range(0 if args.skip_snapshot else args.snapshot_rounds):
+            scaled_to_zero(running.app_id)
+            samples["with"].append(timed(lambda: WithSnapshot().solve.remote(2.0)))
+            samples["without"].append(timed(lambda: WithoutSnapshot().solve.remote(2.0)))
+            note(
+                f"snapshot round {i}: with {samples['with'][-1] * 1e3:.1f} ms, "
+                f"without {samples['without'][-1] * 1e3:.1f} ms"
+            )
+    ok = True
+    noop_ms = statistics.median(samples["noop"]) * 1e3
+    bare_ms = statistics.median(samples["bare"]) * 1e3
+    ratio = noop_ms / bare_ms
+    ok = ok and ratio <= 2.0
+    emit(
+        {
+            "benchmark": "cold_start_noop",
+            "runtime": runtime,
+            "rounds": args.rounds,
+            "strato_p50_ms": round(noop_ms, 2),
+            "bare_p50_ms": round(bare_ms, 2),
+            "ratio": round(ratio, 3),
+            "target": "<= 2.0",
+            "pass": ratio <= 2.0,
+            "strato": latency_summary(samples["noop"]),
+            "bare": latency_summary(samples["bare"]),
+        }
+    )
+    if samples["with"]:
+        with_ms = statistics.median(samples["with"]) * 1e3
+        without_ms = statistics.median(samples["without"]) * 1e3
+        speedup = without_ms / with_ms
+        ok = ok and speedup >= 3.0
+        emit(
+            {
+                "benchmark": "cold_start_snapshot",
+                "runtime": runtime,
+                "rounds": args.snapshot_rounds,
+                "with_snapshot_p50_ms": round(with_ms, 2),
+                "without_snapshot_p50_ms": round(without_ms, 2),
+                "speedup": round(speedup, 3),
+                "target": ">= 3.0",
+                "pass": speedup >= 3.0,
+            }
+        )
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""The fork server of a zygote or a memory-snapshot template (the in-container side).
+
+A worker agent starts this module (``python -m strato.container.zygote``) through its
+runtime, with a control socket (``$STRATO_ZYGOTE_FD``, ``SOCK_SEQPACKET``). It imports
+strato's container runtime and the declared imports (``$STRATO_PREIMPORT``, comma
+separated); a *template* (``$STRATO_ZYGOTE_MODE=template``) also imports the function's
+code and runs its ``@enter(snap=True)`` hooks (:mod:`strato.container.snapshot`). Then it
+answers ``ready`` and serves fork requests: one msgpack map plus file descriptors
+(stdout, stderr, a private control socket for the new container, and the ``tasks`` /
+``cgroup.procs`` files of the container's cgroup, opened by the worker).
+
+Each request forks a *monitor* (C), which
+
+1. joins the container's cgroup (writes ``0`` to the files it was handed: only itself
+   moves, without the cgroup core's global lock) and reports its pid (the worker reads it
+   with ``SO_PASSCRED``, translated to the host's PID namespace);
+2. where the runtime isolates (``isolate``), makes a new user namespace (uid 0 mapped to
+   itself, nothing else) and with it new mount, PID, IPC, UTS, cgroup and, for
+   ``block_network``, network namespaces; mounts a fresh ``/tmp``, ``/dev/shm`` and
+   ``/run`` (the channel socket and the app's code bound back in, the spec written), and
+   sets the hostname. With an image (``layers``: the image's layers, which the zygote sees
+   under ``/run/strato/layers``) it builds a root of its own: an overlay of the layers
+   with a writable layer in memory, ``/dev`` and ``/sys`` bound in;
+3. forks the container's main process (G), waits for it and reports how it ended.
+
+G is PID 1 of the new PID namespace: it mounts its own ``/proc`` (read-only: the kernel
+lets a user namespace mount proc only as restrictive as one already visible, the empty
+read-only proc the worker binds at ``/run/strato/.proc``), moves into its own root where it
+has one (``pivot_root``; the zygote's tree is then detached), drops every capability but
+Docker's default set (also from the bounding set), reports its pid, takes the container's
+environment from the request (never the template's; ``/proc/<pid>/environ`` shows it too),
+and runs :func:`strato.container.runner.main`: it dials the control plane itself, over a
+fresh socket. Everything before G reports is strato's code; a failure there is reported to
+the worker, which then starts the container normally.
+
+Differences from a container started by bwrap: its capabilities hold in its own user
+namespace only (so, sharing the host's network, it cannot bind ports below 1024), its
+``/proc`` is read-only, ``setgroups`` is denied, and an image's writable layer is in memory.
+
+Only the standard library and what the container runtime imports anyway are used here.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import os
+import signal
+import socket
+import sys
+import traceback
+
+import msgspec
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+PR_SET_PDEATHSIG = 1
+PR_SET_MM = 35
+PR_SET_MM_MAP = 14
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_VERSION_3 = 0x20080522
+
+CAPS = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_MKNOD": 27,
+    "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
+}
+
+PROC_SOURCE = "/run/strato/.proc"
+"""Where the worker binds an empty, read-only proc (of a PID namespace with no process):
+the proof the kernel asks for before a user namespace may mount a proc of its own."""
+MAX_REQUEST = 1 << 20
+MAX_FDS = 16
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        _libc.mount(
+            src.encode() if src else None,
+            dst.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {src or fstype} on {dst}",
+    )
+
+
+# ------------------------------------------------------------------------- the server
+
+
+def main() -> None:
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # goes with the worker
+    fd = int(os.environ["STRATO_ZYGOTE_FD"])
+    ctl = socket.socket(fileno=fd)
+    ready: dict = {"ready": True}
+    try:
+        import strato.container.runner  # noqa: F401 - the point of a zygote
+        from strato.container import snapshot
+
+        missing = snapshot.preimport(os.environ.get("STRATO_PREIMPORT", ""))
+        if missing:
+            ready["missing"] = missing
+        if os.environ.get("STRATO_ZYGOTE_MODE") == "template":
+            snapshot.load_template()
+    except BaseException as e:  # noqa: BLE001 - told to the worker, which starts normally
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        ctl.sendall(msgspec.msgpack.encode({"ready": False, "error": f"{e!r}", "tb": text}))
+        sys.exit(1)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ctl.sendall(msgspec.msgpack.encode(ready))
+    serve(ctl)
+
+
+def serve(ctl: socket.socket) -> None:
+    fd_size = array.array("i").itemsize
+    while True:
+        try:
+            data, ancdata, _, _ = ctl.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(MAX_FDS * fd_size))
+        except InterruptedError:
+            continue
+        if not data:
+            return  # the worker is gone
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % fd_size])
+                fds.extend(arr)
+        try:
+            request = msgspec.msgpack.decode(data)
+            pid = os.fork()
+        except BaseException:  # noqa: BLE001 - a bad request must not end the zygote
+            traceback.print_exc()
+            pid = -1
+        if pid == 0:
+            code = 70
+            try:
+                ctl.close()
+                code = _monitor(request, fds)
+            finally:
+                os._exit(code)
+        for f in fds:
+            os.close(f)
+
+
+# ------------------------------------------------------------------------- the monitor (C)
+
+
+def _send(ctl: socket.socket, msg: dict) -> None:
+    try:
+        ctl.sendall(msgspec.msgpack.encode(msg))
+    except OSError:
+        pass
+
+
+def _monitor(req: dict, fds: list[int]) -> int:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    stdout, stderr, ctl_fd, *cgroup_fds = fds
+    ctl = socket.socket(fileno=ctl_fd)
+    try:
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        for f in cgroup_fds:
+            os.write(f, b"0")  # this thread (the whole process: it has one) joins
+        for f in {devnull, stdout, stderr, *cgroup_fds}:
+            if f > 2:
+                os.close(f)
+        _close_other_fds(keep=ctl.fileno())
+        _send(ctl, {"monitor": True})  # SO_PASSCRED gives the worker this pid
+        root = _sandbox(req) if req.get("isolate") else ""
+        pid = os.fork()
+    except BaseException as e:  # noqa: BLE001 - reported; the worker starts it normally
+        _send(ctl, {"error": f"{type(e).__name__}: {e}"})
+        return 1
+    if pid == 0:
+        try:
+            _container(req, ctl, root)
+        finally:
+            os._exit(70)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        _send(ctl, {"exit": None, "signal": os.WTERMSIG(status)})
+    else:
+        _send(ctl, {"exit": os.WEXITSTATUS(status), "signal": None})
+    return 0
+
+
+def _close_other_fds(keep: int) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _sandbox(req: dict) -> str:
+    """The container's namespaces and mounts; returns the root it will pivot into ("" for
+    none: it keeps the zygote's, the host's root read-only)."""
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    flags |= CLONE_NEWCGROUP
+    if req.get("block_network"):
+        flags |= CLONE_NEWNET
+    _check(_libc.unshare(flags), "unshare")
+    # root stays root (the same uid outside: the files it sees keep their owners), but its
+    # capabilities now hold only in these namespaces
+    _write("/proc/self/uid_map", "0 0 1")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/gid_map", "0 0 1")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # the binds, from the zygote's view
+    sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req["binds"]]
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    root = ""
+    layers = req.get("layers")
+    if layers:  # the image with a writable layer of its own (in memory), like any container
+        root = "/tmp/root"
+        for d in ("/tmp/rw/upper", "/tmp/rw/work", root):
+            os.makedirs(d)
+        os.chmod("/tmp/rw/upper", 0o755)
+        options = f"lowerdir={':'.join(layers)},upperdir=/tmp/rw/upper,workdir=/tmp/rw/work"
+        _mount("overlay", root, "overlay", 0, options + ",userxattr")
+        _mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
+        _mount("/sys", root + "/sys", None, MS_BIND | MS_REC)
+        _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if os.path.isdir(root + "/dev/shm"):
+        _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    # a /run of its own hides the zygote's (its code mounts, the empty proc)
+    _mount("tmpfs", root + "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    for fd, dst in sources:
+        target = root + dst
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+        os.close(fd)
+    spec_path, spec = req.get("spec_path"), req.get("spec")
+    if spec_path and spec is not None:
+        os.makedirs(os.path.dirname(root + spec_path), exist_ok=True)
+        with open(root + spec_path, "wb") as f:
+            f.write(spec)
+    hostname = req.get("hostname", "").encode()[:63]
+    _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
+    if req.get("block_network"):
+        _loopback_up()
+    return root
+
+
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+
+def _enter_root(root: str) -> None:
+    """Make ``root`` the root (``pivot_root``) and drop the zygote's tree under it."""
+    os.chdir(root)
+    os.makedirs(".oldroot", exist_ok=True)
+    number = _PIVOT_ROOT.get(os.uname().machine, 41)
+    _check(_libc.syscall(number, b".", b".oldroot"), "pivot_root")
+    _check(_libc.umount2(b"/.oldroot", 2), "unmounting the zygote's root")  # MNT_DETACH
+    os.rmdir("/.oldroot")
+    os.chdir("/")
+
+
+def _loopback_up() -> None:
+    import fcntl
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, ifreq))[1]
+        fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+# ------------------------------------------------------------------------- the container (G)
+
+
+def _drop_capabilities(keep: list[str]) -> None:
+    mask = 0
+    for name in keep:
+        mask |= 1 << CAPS[name]
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except OSError:
+        last = 40
+    for cap in range(last + 1):
+        if not mask & (1 << cap):
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        word = (mask >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = word
+        data[i].inheritable = 0
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+class _MMMap(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "start_code",
+            "end_code",
+            "start_data",
+            "end_data",
+            "start_brk",
+            "brk",
+            "start_stack",
+            "arg_start",
+            "arg_end",
+            "env_start",
+            "env_end",
+        )
+    ] + [("auxv", ctypes.c_void_p), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+
+
+_environ_block: ctypes.Array | None = None
+
+
+def _show_environment(env: dict[str, str]) -> None:
+    """Make ``/proc/<pid>/environ`` show the container's environment, not the zygote's (as
+    tools that find a container by its ``STRATO_CONTAINER_ID`` expect). Best effort:
+    ``PR_SET_MM_MAP`` needs no privilege, but a kernel without checkpoint/restore lacks it."""
+    global _environ_block
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        stat = [0, 0, 0, 0, *map(int, fields[1:])]  # stat[n]: field n of proc(5), from 4
+        block = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        buf = ctypes.create_string_buffer(block, len(block))
+        _libc.sbrk.restype = ctypes.c_void_p
+        start = ctypes.addressof(buf)
+        mm = _MMMap(
+            stat[26], stat[27], stat[45], stat[46], stat[47], _libc.sbrk(0) or stat[47],
+            stat[28], stat[48], stat[49], start, start + len(block), None, 0, 0xFFFFFFFF,
+        )  # fmt: skip
+        if _libc.prctl(PR_SET_MM, PR_SET_MM_MAP, ctypes.byref(mm), ctypes.sizeof(mm), 0) == 0:
+            _environ_block = buf  # must live as long as the process
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+def _container(req: dict, ctl: socket.socket, root: str) -> None:
+    os.setsid()
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    try:
+        if req.get("isolate"):
+            # its own proc, while the empty one still proves it may (then its root, if any)
+            flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+            _mount("proc", root + "/proc", "proc", flags)
+            if root:
+                _enter_root(root)
+                os.makedirs(req.get("workdir") or "/", exist_ok=True)
+            _drop_capabilities(req.get("caps") or [])
+        env = req["env"]
+        os.environ.clear()
+        os.environ.update(env)
+        _show_environment(env)
+        os.chdir(req.get("workdir") or "/")
+    except BaseException as e:  # noqa: BLE001 - nothing of the user's ran yet
+        _send(ctl, {"error": f"{type(e).__name__}: {e}"})
+        os._exit(1)
+    _send(ctl, {"started": True})  # SO_PASSCRED gives the worker this pid
+    ctl.close()
+    sys.argv = [req.get("argv0") or "strato.container"]
+    code = 0
+    try:
+        from strato.container import runner
+
+        runner.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - as the interpreter would: print, exit 1
+        traceback.print_exc()
+        code = 1
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """End like an interpreter that returned from its main module."""
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()  # type: ignore[attr-defined] - join non-daemon threads
+    except Exception:  # noqa: BLE001
+        pass
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

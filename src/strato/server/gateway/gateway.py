@@ -1,0 +1,459 @@
+"""The web gateway: one HTTP listener inside the control plane that routes each request
+to a container of its endpoint.
+
+- **Routing** (``routes.py``): ``/<app>/<label>/...`` and ``<app>-<label>.localhost``,
+  by app name and label, so URLs survive redeploys.
+- **Transport**: a web container dials the control plane's channel socket (the one it
+  already reaches, even with ``block_network=True``) several times, sends a
+  ``WebTunnelHello`` on each, and then serves raw HTTP/1.1 on those connections with its
+  own server (uvicorn's protocol for ASGI/WSGI/FastAPI, a byte pipe to the user's port
+  for ``web_server``). The gateway adopts each as an ``Upstream`` and pools it: a tunnel
+  carries one request at a time, keep-alive. The container dials a new tunnel whenever
+  one is first used, so spare ones are always ready.
+- **Scaling** (``endpoint.py``): requests wait in the gateway (FIFO, at most
+  ``STRATO_WEB_MAX_WAITING``, at most ``STRATO_WEB_WAIT_TIMEOUT`` seconds, then a 503)
+  while no container has a free slot; the control plane's autoscaler sees them as queued
+  and the slots in use as in flight (``stats()``), against the ``@concurrent`` target. A
+  request to an endpoint at zero wakes the scaler at once.
+- **Redeploys** (``retire_app``): the replaced version's containers are not killed; they
+  serve until the new version has a ready container, finish what they carry, then stop.
+- **Limits**: bodies over ``STRATO_WEB_MAX_BODY`` get a 413; requests unanswered after
+  ``STRATO_WEB_HTTP_LIMIT`` (150 s) a 303 to their result (``results.py``);
+  ``requires_auth`` endpoints a 401 without ``Strato-Token: <web token>``.
+- **Logs** (``access.py``): one access line per request in the app's logs, with the
+  request id every response carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import secrets
+import socket
+import time
+
+import msgspec
+
+from strato.exceptions import InvalidError, NotFoundError
+from strato.protocol import messages as m
+
+from ..autoscaler import ContainerStat, FunctionStats
+from .access import AccessLog
+from .config import TOKEN_HEADER, GatewayConfig
+from .endpoint import Endpoint
+from .proxy import ClientConn, Exchange, Upstream, error_body, simple_response
+from .results import DeferredResult, ResultStore
+from .routes import RouteTable, route_name
+
+log = logging.getLogger("strato.gateway")
+_spec_decoder = msgspec.msgpack.Decoder(m.FunctionSpec)
+
+IDLE_CONN_S = 75.0
+SWEEP_EVERY_S = 2.0
+RESULTS_PREFIX = "/__strato/results/"
+RETIRED_IDLE_S = 30.0  # a replaced version's idle container, while the new one cannot serve
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, *, calls, fleet, store, logs, wake) -> None:
+        self.config = config
+        self.calls = calls
+        self.fleet = fleet
+        self.store = store
+        self._wake = wake  # wakes the control plane's scaling loop
+        self.routes = RouteTable()
+        self.endpoints: dict[str, Endpoint] = {}
+        self.results = ResultStore(config.result_ttl_s, config.result_max_bytes)
+        self.access_log = AccessLog(logs.append)
+        self.conns: set[ClientConn] = set()
+        self.url = ""
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._rid_prefix = "wr-" + secrets.token_hex(3) + "-"
+        self._rid = itertools.count(1)
+        self._last_sweep = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Listen, and route the web endpoints of every live app in the store."""
+        for row in self.store.apps():
+            if row["state"] != "stopped":
+                self._register(row["app_id"], row["name"], row["state"] == "deployed")
+        if not self.config.enabled:
+            return
+        sock = self._bind()
+        self.port = sock.getsockname()[1]
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        self.url = self.config.public_url or f"http://{host}:{self.port}"
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: ClientConn(self), sock=sock, backlog=4096)
+        log.info("web gateway listening on %s", self.url)
+
+    def _bind(self) -> socket.socket:
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as e:
+            if cfg.port_explicit:
+                sock.close()
+                raise OSError(f"the web gateway cannot listen on port {cfg.port}: {e}") from e
+            log.info("port %s is taken; the web gateway takes a free one", cfg.port)
+            sock.bind((cfg.host, 0))
+        sock.listen(4096)
+        sock.setblocking(False)
+        return sock
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        self.access_log.flush()
+
+    def next_rid(self) -> str:
+        return f"{self._rid_prefix}{next(self._rid):x}"
+
+    # ------------------------------------------------------------------ apps
+
+    @staticmethod
+    def check_app(specs: list[m.FunctionSpec]) -> None:
+        labels = [s.web.label for s in specs if s.web is not None]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise InvalidError(
+                f"two web endpoints of the app share the label {sorted(dup)[0]!r}; "
+                "give one another label= (URLs are /<app>/<label>)"
+            )
+
+    def app_created(self, app_id: str, name: str | None, deployed: bool) -> None:
+        self._register(app_id, name, deployed)
+
+    def _register(self, app_id: str, name: str | None, deployed: bool) -> None:
+        specs = []
+        for row in self.store.functions_of(app_id):
+            spec = _spec_decoder.decode(row["spec"])
+            if spec.web is not None:
+                specs.append((row["function_id"], spec))
+        if not specs:
+            return
+        self.routes.add_app(app_id, name, deployed, specs)
+        for fid, _ in specs:
+            self._endpoint(fid)
+        self._wake()  # min_containers of a web endpoint
+
+    def retire_app(self, app_id: str) -> set[str]:
+        """The app stops: unroute it. Where a newer app now serves its routes (a
+        redeploy, a reload), its containers drain into the successor instead of being
+        killed; their ids are returned. Elsewhere waiting requests get a 503."""
+        entry = self.routes.remove_app(app_id)
+        if entry is None:
+            return set()
+        keep: set[str] = set()
+        now = time.monotonic()
+        for label, route in entry.labels.items():
+            ep = self.endpoints.get(route.function_id)
+            if ep is None:
+                continue
+            nxt = self.routes.current(entry.name, label)
+            succ = self._endpoint(nxt.function_id) if nxt is not None else None
+            if succ is None or succ is ep:
+                for ex in list(ep.waiters):
+                    ex.respond(503, "the app serving this endpoint was stopped")
+                ep.waiters.clear()
+                self.endpoints.pop(ep.function_id, None)  # its containers are killed
+                continue
+            ep.successor, ep.retired_at = succ, now
+            succ.previous.append(ep)
+            while ep.waiters:
+                ex = ep.waiters.popleft()
+                ex.endpoint = succ
+                succ.waiters.append(ex)
+            succ.pump()
+            keep |= set(ep.fn.sessions)
+        if keep:
+            self._wake()
+        return keep
+
+    def web_url(self, app_id: str, name: str | None, deployed: bool, spec) -> str | None:
+        if spec is None or spec.web is None or not self.url:
+            return None
+        return f"{self.url}/{route_name(app_id, name, deployed)}/{spec.web.label}"
+
+    def _endpoint(self, function_id: str) -> Endpoint | None:
+        ep = self.endpoints.get(function_id)
+        if ep is None:
+            try:
+                fn = self.calls.function(function_id)
+            except NotFoundError:
+                return None
+            ep = self.endpoints[function_id] = Endpoint(fn, self.config.max_waiting)
+        return ep
+
+    # ------------------------------------------------------------------ requests
+
+    def begin(self, ex: Exchange) -> None:
+        """Route a request whose head has arrived, and send it on or make it wait."""
+        url = ex.url
+        q = url.find(b"?")
+        path = (url if q < 0 else url[:q]).decode("latin-1")
+        if path.startswith("/__strato/"):
+            self._internal(ex, path)
+            return
+        route = self.routes.resolve_host(ex.host) if ex.host else None
+        if route is not None:
+            ex.target = url or b"/"
+        else:
+            found = self.routes.resolve_path(path)
+            if found is None:
+                ex.respond(404, f"no web endpoint is served at {path[:200]}")
+                return
+            route, n = found
+            rest = url[n:]
+            ex.target = rest if rest.startswith(b"/") else b"/" + rest
+            ex.prefix = url[:n]
+        ex.route = route
+        if route.requires_auth and not self._authorized(ex):
+            ex.respond(
+                401,
+                "this endpoint requires authentication: send the web token in a "
+                "Strato-Token header (STRATO_WEB_TOKEN or $STRATO_HOME/web_token)",
+            )
+            return
+        if ex.content_length is not None and ex.content_length > self.config.max_body:
+            ex.respond(
+                413,
+                f"the request body ({ex.content_length} bytes) is over the gateway's limit "
+                f"of {self.config.max_body} bytes (STRATO_WEB_MAX_BODY)",
+            )
+            return
+        ep = self.endpoints.get(route.function_id) or self._endpoint(route.function_id)
+        if ep is None:
+            ex.respond(503, "the endpoint's function is gone")
+            return
+        ex.endpoint = ep
+        fn = ep.fn
+        if fn.arrival_at is None:
+            fn.arrival_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if not ex.upgrade:
+            ex.limit_handle = loop.call_later(self.config.http_limit_s, ex.limit_reached)
+        if not ep.waiters:
+            got = ep.pick()
+            if got is not None:
+                ex.bind(*got)
+                return
+        if len(ep.waiters) >= ep.max_waiting:
+            ex.respond(
+                503,
+                f"{len(ep.waiters)} requests already wait for this endpoint's containers "
+                "(STRATO_WEB_MAX_WAITING)",
+            )
+            return
+        ex.state = "waiting"
+        ep.waiters.append(ex)
+        ex.wait_handle = loop.call_later(self.config.wait_timeout_s, ex.wait_expired)
+        self._wake()  # from zero: start a container now, not at the next tick
+
+    def _authorized(self, ex: Exchange) -> bool:
+        want = self.config.token.encode()
+        for name, value in ex.headers:
+            if name == TOKEN_HEADER and hmac.compare_digest(value.strip(), want):
+                return True
+        return False
+
+    def _internal(self, ex: Exchange, path: str) -> None:
+        if path == "/__strato/health":
+            body = b'{"ok": true}'
+            ex.respond_raw(simple_response(200, body, ex.rid))
+            return
+        if not path.startswith(RESULTS_PREFIX):
+            ex.respond(404, f"no such gateway path: {path[:200]}")
+            return
+        rid = path[len(RESULTS_PREFIX) :]
+        entry = self.results.get(rid)
+        if entry is None:
+            ex.respond(
+                404,
+                f"no result {rid[:64]} (results are kept {self.config.result_ttl_s:g}s after "
+                "they complete, STRATO_WEB_RESULT_TTL)",
+            )
+            return
+        if entry.requires_auth and not self._authorized(ex):
+            ex.respond(401, "this result's endpoint requires authentication (Strato-Token)")
+            return
+        if entry.done:
+            self._send_result(ex, entry)
+            return
+        ex.state = "waiting-result"
+        loop = asyncio.get_running_loop()
+
+        def ready() -> None:
+            timer.cancel()
+            if ex.state == "waiting-result" and not ex.conn.closed:
+                self._send_result(ex, entry)
+
+        def again() -> None:
+            try:
+                entry.waiters.remove(ready)
+            except ValueError:
+                pass
+            if ex.state != "waiting-result" or ex.conn.closed:
+                return
+            ex.state = "done"
+            ex.respond_raw(
+                simple_response(
+                    303,
+                    error_body(303, "still running; fetch its result here", rid),
+                    ex.rid,
+                    extra=[(b"location", path.encode()), (b"retry-after", b"1")],
+                )
+            )
+
+        timer = loop.call_later(self.config.http_limit_s, again)
+        entry.waiters.append(ready)
+
+    def _send_result(self, ex: Exchange, entry: DeferredResult) -> None:
+        if entry.overflow:
+            ex.state = "new"
+            ex.respond(
+                502,
+                f"the result was over {self.config.result_max_bytes} bytes "
+                "(STRATO_WEB_RESULT_MAX) and was not kept",
+            )
+            return
+        ex.respond_raw(entry.body(), close=True)
+
+    def access(self, ex: Exchange, status: int, note: str | None = None) -> None:
+        route = ex.route
+        if route is None:
+            return  # no app to log it in (an unknown URL)
+        ms = (time.monotonic() - ex.t0) * 1000
+        cid = ex.backend.container_id if ex.backend is not None else "gateway"
+        text = (
+            f"{ex.method.decode('latin-1')} {ex.url[:300].decode('latin-1')} {status} "
+            f"{ms:.1f}ms rid={ex.rid}"
+        )
+        if note:
+            text += f" ({note})"
+        self.access_log.add(route.app_id, cid, text)
+
+    # ------------------------------------------------------------------ tunnels
+
+    def adopt_tunnel(self, hello: m.WebTunnelHello, writer: asyncio.StreamWriter) -> bool:
+        """A container's tunnel connection: pool it as an upstream of its endpoint."""
+        s = self.fleet.containers.get(hello.container_id)
+        if s is None or not hmac.compare_digest(s.token, hello.token):
+            return False
+        if s.state in ("killing", "gone"):
+            return False
+        ep = self._endpoint(s.function_id)
+        if ep is None:
+            return False
+        b = ep.backend_for(s)
+        up = Upstream(b, writer)
+        transport = writer.transport
+        transport.set_protocol(up)
+        up.connection_made(transport)
+        b.tunnels += 1
+        b.idle.append(up)
+        if s.state == "ready":
+            ep.pump_all()
+        return True
+
+    def container_ready(self, session) -> None:
+        ep = self.endpoints.get(session.function_id)
+        if ep is not None:
+            ep.pump_all()
+
+    # ------------------------------------------------------------------ scaling
+
+    def stats(self, fn, now: float) -> FunctionStats:
+        """What the autoscaler sees of a web function: waiting requests as queued,
+        requests in flight as running inputs."""
+        ep = self.endpoints.get(fn.function_id)
+        queued, inflight = ep.load() if ep is not None else (0, 0)
+        containers = []
+        for s in fn.sessions.values():
+            b = ep.backends.get(s.container_id) if ep is not None else None
+            ready = s.state == "ready"
+            idle_since = (b.idle_since if b is not None else s.idle_since) if ready else None
+            containers.append(
+                ContainerStat(
+                    container_id=s.container_id,
+                    state=s.state if s.state in ("starting", "ready") else "stopping",
+                    inflight=b.inflight if b is not None else 0,
+                    idle_since=idle_since,
+                    started_at=s.started_at,
+                )
+            )
+        return FunctionStats(now=now, queued=queued, inflight=inflight, containers=containers)
+
+    def tick(self, now: float) -> None:
+        """From the scaling loop: keep waiting endpoints in the scaler's eye, fail the
+        waiters of endpoints whose containers cannot start, drain replaced versions."""
+        for ep in list(self.endpoints.values()):
+            if ep.waiters:
+                if ep.fn.arrival_at is None:
+                    ep.fn.arrival_at = now
+                self._fail_if_backing_off(ep, now)
+            if ep.successor is not None:
+                self._drain(ep, now)
+            ep.forget_gone()
+        if now - self._last_sweep > SWEEP_EVERY_S:
+            self._last_sweep = now
+            self.results.sweep(now)
+            for conn in list(self.conns):
+                if (
+                    not conn.queue
+                    and conn.upgraded is None
+                    and now - conn.last_active > IDLE_CONN_S
+                    and conn.transport is not None
+                ):
+                    conn.transport.close()
+
+    def _fail_if_backing_off(self, ep: Endpoint, now: float) -> None:
+        until, _ = self.fleet.backoff.get(ep.function_id, (0.0, 0.0))
+        if until <= now:
+            return
+        live = [s for s in ep.fn.sessions.values() if s.state in ("starting", "ready")]
+        if live or ep.previous:
+            return
+        for ex in list(ep.waiters):
+            ex.respond(
+                503,
+                "the endpoint's containers fail to start (its start-up code raised or its "
+                "server did not come up); see `strato app logs` for the error",
+            )
+        ep.waiters.clear()
+
+    def _drain(self, ep: Endpoint, now: float) -> None:
+        """A replaced version: stop its containers once the new one serves (or nobody
+        waits), each when it has nothing in flight; all of them after the drain limit."""
+        head = ep.successor
+        while head.successor is not None:
+            head = head.successor
+        serving = head.has_ready()
+        overdue = now - (ep.retired_at or now) > self.config.drain_timeout_s
+        for s in list(ep.fn.sessions.values()):
+            if s.state not in ("starting", "ready"):
+                continue
+            b = ep.backends.get(s.container_id)
+            idle_since = b.idle_since if b is not None else s.started_at
+            if b is not None and b.inflight > 0 and not overdue:
+                continue
+            # idle: stop it once the new version serves; while it does not (it may be
+            # starting, or failing to), keep it warm for a while unless nobody asks
+            lingering = not head.waiters and now - (idle_since or now) > RETIRED_IDLE_S
+            if overdue or serving or lingering:
+                self.fleet.stop(s.container_id)
+        if not ep.fn.sessions and not ep.backends:
+            for succ_prev in (ep.successor.previous,):
+                if ep in succ_prev:
+                    succ_prev.remove(ep)
+            self.endpoints.pop(ep.function_id, None)
