@@ -31,6 +31,7 @@ BENCHMARKS = {
     "container_start": "bench_container_start.py",
     "autoscaler_replay": "bench_autoscaler_replay.py",
     "web": "bench_web.py",
+    "cold_start": "bench_cold_start.py",
 }
 TIMEOUT_S = 300
 

@@ -55,6 +55,15 @@ def failing_criu(tmp_path_factory) -> str:
     return str(path)
 
 
+WORKING_CRIU = """#!/bin/sh
+case "$1" in
+  check) echo "Looks good."; exit 0 ;;
+  dump) exit 0 ;;
+  *) echo "Error (criu/cr-restore.c:2447): Restoring FAILED." >&2; exit 1 ;;
+esac
+"""
+
+
 @pytest.fixture(scope="module")
 def bwrap_server(strato_server, failing_criu):
     """A control plane whose worker runs containers under bwrap, with a CRIU that fails."""
@@ -231,3 +240,23 @@ def test_new_code_invalidates_the_snapshot(bwrap, tmp_path):
     assert v1["version"] == 1 and v2["version"] == 2
     assert v1_again["token"] == v1["token"]
     assert v2["token"] != v1["token"]
+
+
+def test_a_checkpoint_that_does_not_restore_is_taken_again(strato_server, tmp_path):
+    """A CRIU whose check and dump pass but whose restore fails: the evicted template comes
+    back by running the snap hooks again, and the app's logs say why."""
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        pytest.skip("the bwrap runtime needs root and bubblewrap")
+    criu = tmp_path / "criu"
+    criu.write_text(WORKING_CRIU)
+    criu.chmod(0o755)
+    env = {"STRATO_RUNTIME": "bwrap", "STRATO_CRIU": str(criu), "STRATO_SNAPSHOT_MAX": "1"}
+    with dedicated_server(env), cold_start.app.run(quiet=True) as running:
+        first = cold_start.Snapped().state.remote()
+        scale_to_zero(running.app_id)
+        cold_start.OtherSnapped().state.remote()  # the one template kept: Snapped's goes
+        scale_to_zero(running.app_id)
+        again = cold_start.Snapped().state.remote()
+        logs = [line.text for line in app_logs(running.app_id)]
+    assert again["forked"] and again["snap"] != first["snap"]
+    assert any("not restored" in t and "Restoring FAILED" in t for t in logs), logs

@@ -1,9 +1,12 @@
 """Cold starts on the worker: zygotes, memory-snapshot templates, and CRIU.
 
-A *zygote* is a process that has imported strato's container runtime and the declared
-imports (``$STRATO_PREIMPORT`` of the worker: comma-separated module names), kept warm, one
-per (runtime, Python, channel). A container of a function is then forked from it instead
-of starting a new interpreter. A *template* is the same for one function with
+A *zygote* is a process that has imported strato's container runtime, its SDK (what app
+modules import) and the declared imports (``$STRATO_PREIMPORT`` of the worker, and of an
+image: ``Image.env({"STRATO_PREIMPORT": "torch,numpy"})``; comma-separated module names),
+kept warm: one per (runtime, Python, channel) for containers without an image, started
+with the worker; one per (image, app code) for an image's containers, because it runs the
+image's files and so may see only the code its containers see. A container is then forked
+from it instead of starting a new interpreter. A *template* is the same for one function with
 ``enable_memory_snapshot=True``: it also imported the function's code and ran its
 ``@enter(snap=True)`` hooks, so containers forked from it skip both. Templates are keyed by
 the hash of the runtime, the Python, the image, the code's mount id and the whole function
@@ -16,10 +19,12 @@ Under ``bwrap`` a zygote runs in a sandbox like a container's (the host root rea
 Docker's default capabilities, no network of its own) that also sees the node's
 materialised code mounts (read-only) and an empty read-only proc; each forked container
 makes its own user, mount, PID, IPC, UTS and cgroup namespaces and is moved into its own
-cgroup before any of its code runs. Under ``process`` a forked container gets its cgroup
-and nothing else, as that runtime's containers do. Not forked (they start normally): the
-``gvisor`` runtime, containers with GPUs or an image, and whatever fails along the way;
-``$STRATO_ZYGOTE=0`` turns forking off.
+cgroup before any of its code runs; with an image, it gets a root of its own (the image's
+layers under a writable layer in memory). Under ``process`` a forked container gets its
+cgroup and nothing else, as that runtime's containers do. Not forked (they start
+normally): the ``gvisor`` runtime, containers with GPUs, a web server on a port below
+1024 sharing the host's network, and whatever fails along the way (said in the worker's
+log); ``$STRATO_ZYGOTE=0`` turns forking off.
 
 Memory snapshots use CRIU where ``criu check`` passes (checked once per worker): the
 template is checkpointed to disk after its snap hooks (``criu dump --leave-running``,
@@ -69,6 +74,7 @@ PROC_SOURCE = IN_CONTAINER + "/.proc"  # = strato.container.zygote.PROC_SOURCE
 READY_TIMEOUT_S = 300.0
 FORK_TIMEOUT_S = 10.0
 SWEEP_EVERY_S = 30.0
+BROKEN_RETRY_S = 300.0  # after a fork's set-up failed, start normally this long, then retry
 CRIU_TIMEOUT_S = 120.0
 DEFAULT_PREIMPORT = "strato.sdk.app"
 """What every app module imports (``import strato; app = strato.App(...)``): strato's SDK."""
@@ -196,6 +202,9 @@ class Zygote:
     pid: int | None = None
     container_dir: Any = None  # an image's root, mounted for the zygote (bwrap)
     ctl_fd: int | None = None  # the number of its control socket, in it
+    own_code: bool = False  # started with one app's code bound in place (not every app's)
+    broken: str | None = None  # why its forks fail (e.g. no user namespaces): none is tried
+    broken_at: float = 0.0  # ... for BROKEN_RETRY_S after this
 
     @property
     def alive(self) -> bool:
@@ -224,8 +233,8 @@ class Zygote:
             if cgroup is not None:
                 cgroup.kill_all()
                 cgroup.remove()
-            if home is not None:
-                shutil.rmtree(home, ignore_errors=True)
+            if home is not None and not (home / "criu" / "done").exists():
+                shutil.rmtree(home, ignore_errors=True)  # a checkpoint on disk is kept
             if root is not None:
                 root.remove()
 
@@ -330,6 +339,7 @@ class ZygotePool:
         self.zygotes: dict[str, Zygote] = {}
         self.templates: dict[str, Zygote] = {}
         self._told: set[str] = set()  # function ids told why they start without a snapshot
+        self._warned: set[str] = set()  # reasons for not forking already in the worker's log
         self._failed: dict[str, tuple[float, str]] = {}  # key -> (until, why)
         self._empty_proc: dict[str, str | None] = {}  # state dir -> why not (None: fine)
         self._criu: tuple[bool, str] | None = None
@@ -375,9 +385,17 @@ class ZygotePool:
                 zygote = await self._get_zygote(
                     runtime, msg.channel, launch.channel_socket, launch, msg.spec.env
                 )
+            if zygote.broken is not None:
+                if time.monotonic() - zygote.broken_at < BROKEN_RETRY_S:
+                    raise ForkFailed(zygote.broken)
+                zygote.broken = None
             return await self._fork(zygote, msg, launch, runtime)
-        except ForkFailed as e:
-            log.warning("container %s is not forked: %s", msg.container_id, e)
+        except Exception as e:  # noqa: BLE001 - whatever fails, the container starts normally
+            if not isinstance(e, ForkFailed):
+                log.exception("forking container %s failed", msg.container_id)
+            if str(e) not in self._warned:
+                self._warned.add(str(e))
+                log.warning("containers are not forked: %s (they start normally)", e)
             if snap:
                 self._tell_once(msg, f"no memory snapshot: {e}; the container starts normally")
             return None
@@ -469,11 +487,16 @@ class ZygotePool:
         """
         python = like.argv[0] if like is not None else sys.executable
         layers = list(like.rootfs_layers) if like is not None else []
-        key = self._zygote_key(runtime, python, channel, layers)
+        # An image's zygote runs the image's files (its Python, its packages): it sees the
+        # code of one app version only, as its containers do, never every app's code.
+        code = [b for b in like.binds if b.dst.startswith(MOUNTS + "/")] if layers else []
+        key = self._zygote_key(runtime, python, channel, [*layers, *(b.src for b in code)])
         z = self.zygotes.get(key)
         if z is not None and z.alive:
             await self._await_ready(z)
             return z
+        if z is not None:  # it died: free what it held
+            asyncio.ensure_future(z.stop())
         self._check_failed(key)
         z = Zygote(key, f"zy-{key[:10]}-{secrets.token_hex(3)}", "zygote")
         self.zygotes[key] = z
@@ -487,19 +510,19 @@ class ZygotePool:
         }
         binds = []
         workdir = None
+        preimport = self.preimport
         if layers and like is not None:  # the image's environment, not the function's
             private = private_env or {}
-            env = {
-                k: v
-                for k, v in like.env.items()
-                if not k.startswith("STRATO_") and private.get(k) != v
-            }
+            image_env = {k: v for k, v in like.env.items() if private.get(k) != v}
+            env = {k: v for k, v in image_env.items() if not k.startswith("STRATO_")}
+            # the image's declared imports: Image.env({"STRATO_PREIMPORT": "torch,numpy"})
+            preimport = f"{preimport} {image_env.get('STRATO_PREIMPORT', '')}".strip()
             binds += [b for b in like.binds if b.dst == STRATO_SRC + "/strato"]
+            binds += code
             workdir = like.workdir
-        env.update(
-            STRATO_CHANNEL=channel, STRATO_ZYGOTE_MODE="zygote", STRATO_PREIMPORT=self.preimport
-        )
-        if runtime.name == "bwrap":
+            z.own_code = True
+        env.update(STRATO_CHANNEL=channel, STRATO_ZYGOTE_MODE="zygote", STRATO_PREIMPORT=preimport)
+        if runtime.name == "bwrap" and not z.own_code:
             (self.cache / "mounts").mkdir(parents=True, exist_ok=True)
             binds.append(Bind(str(self.cache / "mounts"), HOSTMOUNTS))
         launch = ContainerLaunch(
@@ -681,27 +704,33 @@ class ZygotePool:
         if z is not None and z.alive:
             await self._await_ready(z)
             return z
+        if z is not None:  # it died: free what it held
+            asyncio.ensure_future(z.stop())
         self._check_failed(key)
-        usable, why = await asyncio.to_thread(self.criu_status)
-        if not usable:
-            self._tell_once(
-                msg,
-                f"memory snapshot kept in memory (CRIU is unusable here: {why}); containers "
-                "are forked from a template that ran the snap hooks",
-            )
         z = Zygote(key, f"zt-{key[:10]}-{secrets.token_hex(3)}", "template")
-        self.templates[key] = z
+        self.templates[key] = z  # before any wait: a concurrent start waits for this one
         z.ready = asyncio.get_running_loop().create_future()
         home = self.cache / "templates" / key[:32]
         z.home = home
-        if usable and (home / "criu" / "done").exists():
-            try:
-                await self._criu_restore(z, runtime)
-                return z
-            except ForkFailed as e:
-                self._tell_once(msg, f"memory snapshot not restored: {e}; it is taken again")
+        try:
+            usable, why = await asyncio.to_thread(self.criu_status)
+            if not usable:
+                self._tell_once(
+                    msg,
+                    f"memory snapshot kept in memory (CRIU is unusable here: {why}); "
+                    "containers are forked from a template that ran the snap hooks",
+                )
+            if usable and (home / "criu" / "done").exists():
+                try:
+                    await self._criu_restore(z, runtime)
+                    return z
+                except ForkFailed as e:
+                    self._tell_once(msg, f"memory snapshot not restored: {e}; it is taken again")
+            await asyncio.to_thread(self._write_template_home, home, msg)
+        except OSError as e:
+            await self._failed_start(z, f"cannot prepare the template: {e}")
+            raise ForkFailed(f"cannot prepare the template: {e}") from None
         spec_path = home / "spec.msgpack"
-        await asyncio.to_thread(self._write_template_home, home, msg)
         env = dict(launch.env)
         env.update(
             STRATO_CONTAINER_ID=z.name,
@@ -731,9 +760,11 @@ class ZygotePool:
         if usable:  # checkpoint it before it forks anything (nobody forks until ready)
             try:
                 await self._criu_dump(z, runtime)
-            except ForkFailed as e:
+            except Exception as e:  # noqa: BLE001 - the template in memory serves
                 self._tell_once(msg, f"memory snapshot kept in memory only: {e}")
-            z.ready.set_result(True)
+            finally:
+                if not z.ready.done():
+                    z.ready.set_result(True)
         return z
 
     @staticmethod
@@ -762,7 +793,11 @@ class ZygotePool:
         while not self._closed:
             await asyncio.sleep(SWEEP_EVERY_S)
             now = time.monotonic()
-            for z in list(self.templates.values()):
+            evictable = [
+                *self.templates.values(),
+                *(z for z in self.zygotes.values() if z.own_code),
+            ]
+            for z in evictable:
                 if z.children == 0 and now - z.last_used > self.ttl_s:
                     self._drop(z)
             for table in (self.zygotes, self.templates):
@@ -770,6 +805,24 @@ class ZygotePool:
                     if not z.alive and z.children == 0:
                         del table[key]
                         asyncio.ensure_future(z.stop())
+            live = {z.home for z in self.templates.values()}
+            await asyncio.to_thread(self._prune_checkpoints, live)
+
+    def _prune_checkpoints(self, live: set[Path | None]) -> None:
+        """Delete checkpoints on disk unused for ``$STRATO_SNAPSHOT_KEEP`` seconds (default a
+        week): those of old code, mostly."""
+        keep_s = _env_float("STRATO_SNAPSHOT_KEEP", 7 * 86400.0)
+        try:
+            homes = list((self.cache / "templates").iterdir())
+        except OSError:
+            return
+        for home in homes:
+            try:
+                old = time.time() - home.stat().st_mtime > keep_s
+            except OSError:
+                continue
+            if old and home not in live:
+                shutil.rmtree(home, ignore_errors=True)
 
     # ------------------------------------------------------------------ forking
 
@@ -792,7 +845,7 @@ class ZygotePool:
 
             binds = []
             for b in launch.binds:
-                src = self._bind_source(b, template=z.kind == "template")
+                src = self._bind_source(b, template=z.kind == "template" or z.own_code)
                 if src:
                     binds.append([src, b.dst])
             if launch.channel_socket is not None:
@@ -856,8 +909,10 @@ class ZygotePool:
                 if got is None:
                     raise ForkFailed(f"the {z.kind}'s fork ended before the container started")
                 data, sender = got
-                if "error" in data:
-                    raise ForkFailed(str(data["error"]))
+                if "error" in data:  # strato's own set-up failed: it would fail again
+                    z.broken = f"a forked container could not be set up: {data['error']}"
+                    z.broken_at = time.monotonic()
+                    raise ForkFailed(z.broken)
                 if data.get("monitor"):
                     monitor = sender
                 elif data.get("started"):
@@ -929,6 +984,8 @@ class ZygotePool:
         except (OSError, ValueError):
             z.pid = None
         z.restored = True
+        with contextlib.suppress(OSError):
+            os.utime(images.parent)  # in use: not pruned
         z.chan = _Channel(mine)
         z.pumps.append(asyncio.ensure_future(self._watch(z)))
         assert z.ready is not None

@@ -126,6 +126,17 @@ class Snapped:
         }
 
 
+@app.cls(enable_memory_snapshot=True, scaledown_window=2)
+class OtherSnapped:
+    @enter(snap=True)
+    def load(self) -> None:
+        self.snap_token = uuid.uuid4().hex
+
+    @method()
+    def state(self) -> dict:
+        return {"snap": self.snap_token, "forked": _forked()}
+
+
 @app.cls(scaledown_window=2)
 class Unsnapped:
     @enter(snap=True)
