@@ -32,6 +32,7 @@ BENCHMARKS = {
     "autoscaler_replay": "bench_autoscaler_replay.py",
     "web": "bench_web.py",
     "cold_start": "bench_cold_start.py",
+    "image_build": "bench_image_build.py",
 }
 TIMEOUT_S = 300
 
