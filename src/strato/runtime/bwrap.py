@@ -26,6 +26,7 @@ Capabilities: the program runs as root with Docker's default capability set (no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -43,6 +44,7 @@ from strato.runtime.isolation import (
     check_launch,
     container_environment,
     host_workdir,
+    interpreter_binds,
 )
 from strato.runtime.rootfs import (
     ContainerDir,
@@ -267,6 +269,8 @@ class BwrapRuntime(Runtime):
             workdir = launch.workdir or "/"
             container_dir = ContainerDir.create(self.state_dir, launch.container_id)
         else:
+            extra = interpreter_binds(launch, self.hidden_paths)
+            launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
             workdir = host_workdir(launch, self.hidden_paths)
             check_host_view_binds(launch.binds)
             resolve_executable(launch.argv[0], env, workdir)

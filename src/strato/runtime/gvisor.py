@@ -34,6 +34,7 @@ without usable nested virtualisation, so it is not tried by default; this runsc 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ from strato.runtime.isolation import (
     check_launch,
     container_environment,
     host_workdir,
+    interpreter_binds,
 )
 from strato.runtime.rootfs import (
     ContainerDir,
@@ -65,6 +67,7 @@ from strato.runtime.supervise import (
     cgroup_join_argv,
     describe_limits,
     open_cgroups,
+    resolve_executable,
     spawn,
 )
 
@@ -294,8 +297,13 @@ class GvisorRuntime(Runtime):
                 rootfs = container_dir.mount(launch.rootfs_layers)
             else:
                 rootfs = container_dir.mount_host_view(self.state_dir)
+                extra = interpreter_binds(launch, self.hidden_paths)
+                launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
             workdir = self._workdir(launch, rootfs)
-            find_executable(str(rootfs), launch.argv[0], env, workdir)
+            if any(b.src == b.dst and launch.argv[0].startswith(b.src + "/") for b in launch.binds):
+                resolve_executable(launch.argv[0], env, workdir)  # bound in: check the host
+            else:
+                find_executable(str(rootfs), launch.argv[0], env, workdir)
             spec = build_spec(
                 launch,
                 env=env,

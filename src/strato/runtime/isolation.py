@@ -4,10 +4,11 @@ container without an image starts, and the capabilities its root process keeps."
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import CHANNEL_ENV, CHANNEL_PATH, ContainerLaunch
+from strato.runtime.base import CHANNEL_ENV, CHANNEL_PATH, Bind, ContainerLaunch
 from strato.runtime.cgroups import validate_limits
 
 DEFAULT_CAPS = (
@@ -48,6 +49,43 @@ def check_launch(launch: ContainerLaunch) -> None:
         raise FileNotFoundError(f"channel socket {launch.channel_socket} does not exist")
     if launch.workdir is not None and not os.path.isabs(launch.workdir):
         raise InvalidError(f"workdir {launch.workdir!r} must be an absolute path.")
+
+
+def _covered(path: str, dirs: Iterable[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def interpreter_binds(launch: ContainerLaunch, hidden: Iterable[str]) -> list[Bind]:
+    """Without an image a container sees the host root, but its own ``/tmp`` and ``/run``
+    (and empty hidden directories) cover the host's. A program that lives there (a virtual
+    environment under /tmp, an editable install's source) would vanish: bind those
+    directories back, read-only, at the same paths. The candidates are the program's
+    virtual environment and this process's own import path (a worker starts containers
+    with its own interpreter)."""
+    covered = ("/tmp", "/run", *hidden)
+    exe = os.path.abspath(launch.argv[0]) if "/" in launch.argv[0] else ""
+    candidates = [sys.prefix, sys.base_prefix, *(p for p in sys.path if p)]
+    d = os.path.dirname(exe)
+    while exe and d != "/":  # the venv is where pyvenv.cfg is, above the (symlinked) program
+        if os.path.exists(os.path.join(d, "pyvenv.cfg")):
+            candidates.append(d)
+            break
+        d = os.path.dirname(d)
+    if exe:
+        candidates.append(os.path.dirname(os.path.realpath(exe)))
+    wanted = sorted(
+        {
+            os.path.normpath(p)
+            for p in candidates
+            if os.path.isabs(p) and os.path.isdir(p) and _covered(p, covered)
+        }
+    )
+    roots: list[str] = []
+    for p in wanted:  # the outermost of nested directories is enough
+        if not any(_covered(p, [r]) for r in roots):
+            roots.append(p)
+    taken = {b.dst for b in launch.binds}
+    return [Bind(p, p, readonly=True) for p in roots if p not in taken]
 
 
 def host_workdir(launch: ContainerLaunch, hidden: Iterable[str]) -> str:
