@@ -32,6 +32,7 @@ from strato.runtime.base import CHANNEL_PATH, Runtime
 from strato.runtime.bwrap import BwrapContainer, BwrapRuntime, build_args
 from strato.runtime.devices import cuda_visible_devices, gpu_device_nodes
 from strato.runtime.gvisor import GvisorContainer, GvisorRuntime
+from strato.runtime.isolation import interpreter_binds
 from strato.runtime.rootfs import resolve_in_root
 
 T = TypeVar("T")
@@ -371,10 +372,14 @@ def test_host_files_are_invisible_without_an_image(runtime: Runtime, tmp_path: P
             'root_writable': root_writable,
         }}))
     """
-    seen = json_out(runtime, launch(code))
+    spec = launch(code)
+    # a venv or source tree under the host's /tmp is bound back (read-only) so it can run
+    bound = interpreter_binds(spec, runtime.hidden_paths)  # type: ignore[attr-defined]
+    bound_tmp = {b.dst.split("/")[2] for b in bound if b.dst.startswith("/tmp/")}
+    seen = json_out(runtime, spec)
     assert seen == {
         "secret": False,
-        "tmp": ["scratch"],
+        "tmp": sorted({"scratch", *bound_tmp}),
         "state": [],
         "usr": True,
         "root_writable": False,
