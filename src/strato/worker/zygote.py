@@ -841,7 +841,7 @@ class ZygotePool:
             "argv0": "strato.container",
         }
         if isolate:
-            from strato.runtime.isolation import DEFAULT_CAPS, host_workdir
+            from strato.runtime.isolation import DEFAULT_CAPS, host_workdir, interpreter_binds
 
             binds = []
             for b in launch.binds:
@@ -856,6 +856,9 @@ class ZygotePool:
                 workdir = launch.workdir or "/"
             else:
                 workdir = host_workdir(launch, runtime.hidden_paths)  # type: ignore[attr-defined]
+                # the interpreter, when it lives under /tmp or /run: the zygote has it bound
+                hidden = runtime.hidden_paths  # type: ignore[attr-defined]
+                binds += [[b.src, b.dst] for b in interpreter_binds(launch, hidden)]
                 resolv = os.path.realpath("/etc/resolv.conf")
                 if resolv.startswith("/run/") and os.path.exists(resolv):
                     binds.append([resolv, resolv])
