@@ -605,7 +605,7 @@ class ZygotePool:
         """bwrap's command line for a zygote: a container's sandbox (its image mounted with a
         writable layer of its own), plus the empty proc and, for an image, its layers."""
         from strato.runtime.bwrap import build_args
-        from strato.runtime.isolation import host_workdir
+        from strato.runtime.isolation import host_workdir, interpreter_binds
         from strato.runtime.rootfs import ContainerDir
 
         launch.binds.append(Bind(str(Path(rt.state_dir) / "emptyproc"), PROC_SOURCE))
@@ -617,6 +617,7 @@ class ZygotePool:
             rootfs = str(await asyncio.to_thread(z.container_dir.mount, launch.rootfs_layers))
             workdir = launch.workdir or "/"
         else:
+            launch.binds[:0] = interpreter_binds(launch, rt.hidden_paths)
             workdir = host_workdir(launch, rt.hidden_paths)
         args = build_args(
             launch, rootfs=rootfs, workdir=workdir, gpu_nodes=[], hidden=rt.hidden_paths
