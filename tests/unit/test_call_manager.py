@@ -7,32 +7,13 @@ import asyncio
 import pickle
 import time
 
-import msgspec
 import pytest
+from manager_helpers import RecordingContainer, make_manager
 
 from strato.protocol import messages as m
-from strato.server.calls.manager import CallManager, Lease
+from strato.server.calls.manager import CallManager
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
-
-
-class RecordingContainer:
-    """Implements what the manager needs of a container session; records what it sends."""
-
-    def __init__(self, container_id: str, function_id: str) -> None:
-        self.container_id = container_id
-        self.function_id = function_id
-        self.state = "ready"
-        self.inflight: dict[int, Lease] = {}
-        self.last_progress = time.monotonic()
-        self.idle_since: float | None = time.monotonic()
-        self.sent: list[object] = []
-
-    def send(self, msg: object) -> None:
-        self.sent.append(msg)
-
-    def inputs(self) -> list[m.TaskInput]:
-        return [i for msg in self.sent if isinstance(msg, m.RunInputs) for i in msg.inputs]
 
 
 @pytest.fixture
@@ -44,19 +25,7 @@ def env(tmp_path):
         spec = m.FunctionSpec(
             name="f", module="mod", qualname="f", retries=retries, timeout=timeout
         )
-        store.create_app(
-            "ap-1", "demo", "ephemeral", [("fu-1", "f", msgspec.msgpack.encode(spec))], None, False
-        )
-        mgr = CallManager(
-            store,
-            BlobStore(tmp_path / "blobs"),
-            blob_threshold=1 << 20,
-            max_payload=8 << 20,
-            retention_s=3600,
-            kill_container=lambda cid, why: killed.append(cid),
-            wake_scaler=lambda: None,
-        )
-        return mgr
+        return make_manager(store, tmp_path / "blobs", spec, killed)
 
     yield make, store, killed
     store.close()

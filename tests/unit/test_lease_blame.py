@@ -11,46 +11,18 @@ import time
 
 import msgspec
 import pytest
+from manager_helpers import RecordingContainer, make_manager
 
 from strato.protocol import messages as m
-from strato.server.calls.manager import CallManager, Lease
+from strato.server.calls.manager import CallManager
 from strato.server.store import Store
-from strato.server.store.blobs import BlobStore
-
-
-class Container:
-    def __init__(self, container_id: str) -> None:
-        self.container_id = container_id
-        self.function_id = "fu-1"
-        self.state = "ready"
-        self.inflight: dict[int, Lease] = {}
-        self.last_progress = time.monotonic()
-        self.idle_since: float | None = time.monotonic()
-        self.sent: list[object] = []
-
-    def send(self, msg: object) -> None:
-        self.sent.append(msg)
-
-    def inputs(self) -> list[m.TaskInput]:
-        return [i for msg in self.sent if isinstance(msg, m.RunInputs) for i in msg.inputs]
 
 
 @pytest.fixture
 def mgr(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     spec = m.FunctionSpec(name="f", module="mod", qualname="f")  # retries=0
-    store.create_app(
-        "ap-1", "demo", "ephemeral", [("fu-1", "f", msgspec.msgpack.encode(spec))], None, False
-    )
-    manager = CallManager(
-        store,
-        BlobStore(tmp_path / "blobs"),
-        blob_threshold=1 << 20,
-        max_payload=8 << 20,
-        retention_s=3600,
-        kill_container=lambda cid, why: None,
-        wake_scaler=lambda: None,
-    )
+    manager = make_manager(store, tmp_path / "blobs", spec)
     manager.function("fu-1").ewma_duration = 0.001  # fast: containers take many inputs
     yield manager
     store.close()
@@ -61,14 +33,14 @@ def _start_call(mgr: CallManager, n: int) -> None:
     mgr.create_call(m.CreateCall("fc-1", "fu-1", items))
 
 
-def _attach(mgr: CallManager, cid: str) -> Container:
-    c = Container(cid)
+def _attach(mgr: CallManager, cid: str) -> RecordingContainer:
+    c = RecordingContainer(cid)
     mgr.function("fu-1").sessions[cid] = c
     mgr.on_ready("fu-1")
     return c
 
 
-def _die(mgr: CallManager, c: Container) -> None:
+def _die(mgr: CallManager, c: RecordingContainer) -> None:
     """What the fleet does when a container's process dies."""
     c.state = "gone"
     mgr.release_leases(c, 1, "died", "ContainerDiedError: it died", known=False)
@@ -79,7 +51,7 @@ def _outputs(mgr: CallManager) -> dict[int, str]:
     return {r.idx: r.status for r in mgr.store.outputs_after("fc-1", 0, 100)}
 
 
-def _ok(c: Container, inp: m.TaskInput) -> m.TaskOutput:
+def _ok(c: RecordingContainer, inp: m.TaskInput) -> m.TaskOutput:
     return m.TaskOutput(inp.input_id, inp.attempt, "success", pickle.dumps(0), duration=0.001)
 
 
