@@ -323,11 +323,15 @@ class Fleet:
                 count_attempt=False,
             )
             return
-        why = explain_unplaceable(request, [n.view for n in self.nodes.values()])
+        if not self.nodes:  # at start-up, before the first worker agent has registered
+            why, what = "no worker agent has registered yet", "waits for a worker agent"
+        else:
+            why = explain_unplaceable(request, [n.view for n in self.nodes.values()])
+            what = f"waits for capacity: {why}"
         if self._unplaceable_logged.get(fn.function_id) != why:
             self._unplaceable_logged[fn.function_id] = why
-            log.info("%s waits for capacity: %s", fn.name, why)
-            self._tell(fn.app_id, f"{fn.name} waits for capacity: {why}", "-")
+            log.info("%s %s", fn.name, what)
+            self._tell(fn.app_id, f"{fn.name} {what}", "-")
 
     def container_hello(self, hello: m.ContainerHello, peer: Peer) -> ContainerSession | None:
         s = self.containers.get(hello.container_id)
