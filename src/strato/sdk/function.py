@@ -255,40 +255,13 @@ class Function:
 
     # ------------------------------------------------------------------ variants
 
-    def with_options(
-        self,
-        *,
-        cpu=None,
-        memory=None,
-        gpu=None,
-        timeout=None,
-        retries=None,
-        env=None,
-        min_containers=None,
-        max_containers=None,
-        buffer_containers=None,
-        scaledown_window=None,
-        runtime=None,
-    ) -> Function:
-        """A variant with other resources, limits or runtime; its containers are their own
-        pool (Modal's ``Function.with_options``)."""
+    def with_options(self, **opts) -> Function:
+        """A variant with other resources, limits or runtime (cpu, memory, gpu, timeout,
+        retries, env, min/max/buffer_containers, scaledown_window, runtime); its containers
+        are their own pool (Modal's ``Function.with_options``)."""
         from . import options
 
-        ov = options.overrides(
-            self._spec,
-            getattr(self, "_overrides", {}),
-            cpu=cpu,
-            memory=memory,
-            gpu=gpu,
-            timeout=timeout,
-            retries=retries,
-            env=env,
-            min_containers=min_containers,
-            max_containers=max_containers,
-            buffer_containers=buffer_containers,
-            scaledown_window=scaledown_window,
-            runtime=runtime,
-        )
+        ov = options.overrides(self._spec, self._overrides, **opts)
         variant = Function(self._raw_f, self._spec, self._app)
         variant._image = self._image
         variant._overrides = ov
