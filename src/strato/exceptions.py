@@ -103,6 +103,11 @@ class AppStoppedError(InvalidError):
     """The function belongs to an app that has been stopped."""
 
 
+class RouteConflictError(AlreadyExistsError):
+    """A web endpoint's URL is already served by another app (web URLs are unique across
+    apps); the message names the other app."""
+
+
 class InputCancellation(BaseException):
     """The input was cancelled.
 
@@ -133,6 +138,7 @@ ERRORS_BY_NAME: dict[str, type[BaseException]] = {
         OutputExpiredError,
         RequestSizeError,
         AppStoppedError,
+        RouteConflictError,
         InputCancellation,
     )
 }
