@@ -3,6 +3,12 @@
 A frame is a 4-byte big-endian length followed by one msgpack-encoded ``ChannelMessage``.
 Both a blocking-socket reader (the container, which keeps its imports lean) and an asyncio
 reader (control plane, worker agent) live here.
+
+Every reader checks the length header against a limit *before* it reads (or allocates)
+the body: the control plane reads frames from containers, which run untrusted code, so a
+header that claims 2 GiB ends the connection after 4 bytes. Decoding validates every
+field (``strato.protocol.messages`` carries the numeric ranges), so a frame either decodes
+to a well-formed message or raises :class:`FrameError`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import msgspec
 
 from .messages import ChannelMessage
 
-MAX_FRAME = 1 << 31  # 2 GiB: payload limits are enforced long before this
+MAX_FRAME = (1 << 32) - 1  # what the 4-byte header can say: for peers we trust
+HELLO_MAX_FRAME = 1 << 20  # the first frame of a connection, before the peer is known
+RECV_CHUNK = 1 << 20  # never ask the kernel for more than this at once
 _LEN = struct.Struct(">I")
 
 _encoder = msgspec.msgpack.Encoder()
@@ -23,6 +31,10 @@ _decoder = msgspec.msgpack.Decoder(ChannelMessage)
 
 class FrameError(Exception):
     """The peer sent something that is not a valid frame."""
+
+
+class FrameTooLarge(FrameError):
+    """The peer's length header is over the reader's limit (nothing of it was read)."""
 
 
 def encode(msg: object) -> bytes:
@@ -63,43 +75,48 @@ def connect(address: str, timeout: float = 10.0) -> socket.socket:
 class SocketReader:
     """Reads frames from a blocking socket with one buffer and few syscalls."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, limit: int = MAX_FRAME) -> None:
         self._sock = sock
         self._buf = bytearray()
+        self.limit = limit
 
     def read(self) -> object | None:
         """The next message, or None at end of stream."""
         buf = self._buf
         while True:
+            want = 1 << 16
             if len(buf) >= 4:
                 (n,) = _LEN.unpack_from(buf)
-                if n > MAX_FRAME:
-                    raise FrameError(f"frame of {n} bytes is over the limit")
+                if n > self.limit:
+                    raise FrameTooLarge(f"frame of {n} bytes is over the limit of {self.limit}")
                 if len(buf) >= 4 + n:
                     msg = decode(memoryview(buf)[4 : 4 + n])
                     del buf[: 4 + n]
                     return msg
-            chunk = self._sock.recv(
-                max(1 << 16, 4 + (_LEN.unpack_from(buf)[0] if len(buf) >= 4 else 0) - len(buf))
-            )
+                want = max(want, min(RECV_CHUNK, 4 + n - len(buf)))
+            chunk = self._sock.recv(want)
             if not chunk:
                 return None
             buf += chunk
 
 
-async def read_frame(reader) -> object | None:  # reader: asyncio.StreamReader
-    """The next message from an asyncio stream, or None at end of stream."""
+async def read_frame(reader, limit: int = MAX_FRAME) -> object | None:
+    """The next message from an asyncio stream (``asyncio.StreamReader``), or None at end
+    of stream. A length header over ``limit`` raises :class:`FrameTooLarge` before any of
+    the body is read; a stream that ends inside a frame raises :class:`FrameError`."""
     import asyncio
 
     try:
         head = await reader.readexactly(4)
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise FrameError("the stream ended inside a frame header") from None
         return None
     (n,) = _LEN.unpack(head)
-    if n > MAX_FRAME:
-        raise FrameError(f"frame of {n} bytes is over the limit")
+    if n > limit:
+        raise FrameTooLarge(f"frame of {n} bytes is over the limit of {limit}")
     try:
         body = await reader.readexactly(n)
     except asyncio.IncompleteReadError:
-        return None
+        raise FrameError(f"the stream ended inside a frame of {n} bytes") from None
     return decode(body)

@@ -8,19 +8,51 @@ agents / containers carries the tagged ``ChannelMessage`` union in length-prefix
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 from .images import ImageSpec
 from .mounts import MountManifest
+
+# --------------------------------------------------------------------------- limits
+
+# Every number that crosses the edge (HTTP bodies, channel frames) is checked on decode:
+# msgspec rejects NaN and infinities for floats with both bounds, and out-of-range ints,
+# so no peer can put a value into the control plane that its arithmetic cannot take.
+# The SDK (``strato.sdk.options``) checks the same ranges with friendlier messages.
+MAX_INT = (1 << 62) - 1  # ids, indices, sequence numbers: well inside SQL's BIGINT
+MAX_CPU = 4096.0
+MAX_MEMORY_MB = 1 << 30  # 1 PiB
+MAX_CONTAINERS = 100_000
+MAX_TIMEOUT_S = 24 * 3600
+MAX_RETRIES = 10
+MAX_INPUTS = 10_000  # @concurrent(max_inputs=...)
+MAX_BATCH_SIZE = 1000
+MAX_BATCH_WAIT_MS = 10 * 60 * 1000
+MAX_GPU_FALLBACKS = 16
+
+Count = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Index = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Seconds = Annotated[float, Meta(ge=0.0, le=1e9)]  # finite, non-negative durations
+Timestamp = Annotated[float, Meta(ge=0.0, le=1e12)]
+Cpu = Annotated[float, Meta(gt=0.0, le=MAX_CPU)]
+MemoryMb = Annotated[int, Meta(ge=1, le=MAX_MEMORY_MB)]
+Containers = Annotated[int, Meta(ge=0, le=MAX_CONTAINERS)]
+PositiveContainers = Annotated[int, Meta(ge=1, le=MAX_CONTAINERS)]
+ScaledownWindow = Annotated[float, Meta(ge=2.0, le=3600.0)]
+GpuList = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=MAX_GPU_FALLBACKS)]
+
 
 # --------------------------------------------------------------------------- functions
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
-    max_retries: int = 0
-    backoff_coefficient: float = 2.0
-    initial_delay: float = 1.0
-    max_delay: float = 60.0
+    max_retries: Annotated[int, Meta(ge=0, le=MAX_RETRIES)] = 0
+    backoff_coefficient: Annotated[float, Meta(ge=1.0, le=10.0)] = 2.0
+    initial_delay: Annotated[float, Meta(ge=0.0, le=60.0)] = 1.0
+    max_delay: Annotated[float, Meta(ge=0.0, le=60.0)] = 60.0
 
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait before the attempt that follows ``failed_attempts`` failures."""
@@ -29,18 +61,19 @@ class RetryPolicy(msgspec.Struct, frozen=True):
 
 
 class Resources(msgspec.Struct, frozen=True):
-    cpu: float = 0.125
-    cpu_limit: float | None = None
-    memory_mb: int = 128
-    memory_limit_mb: int | None = None
-    gpu: list[str] = []  # ordered fallbacks, canonical "TYPE[:COUNT]" strings
+    cpu: Cpu = 0.125
+    cpu_limit: Cpu | None = None
+    memory_mb: MemoryMb = 128
+    memory_limit_mb: MemoryMb | None = None
+    gpu: GpuList = []  # ordered fallbacks, canonical "TYPE[:COUNT]" strings
 
 
 class ScalingConfig(msgspec.Struct, frozen=True):
-    min_containers: int = 0
-    max_containers: int | None = None
-    buffer_containers: int = 0
-    scaledown_window: float | None = None  # None: the adaptive keep-alive (strato's default)
+    min_containers: Containers = 0
+    max_containers: PositiveContainers | None = None
+    buffer_containers: Containers = 0
+    # None: the adaptive keep-alive (strato's default)
+    scaledown_window: ScaledownWindow | None = None
 
 
 # --- web endpoints (issue 5): begin
@@ -53,8 +86,9 @@ class WebConfig(msgspec.Struct, frozen=True):
     method: str = "GET"  # fastapi_endpoint: the HTTP method
     docs: bool = False  # fastapi_endpoint: serve /docs and /openapi.json
     requires_auth: bool = False  # the gateway asks for the web token (Strato-Token header)
-    port: int = 0  # web_server: the port the user's process listens on
-    startup_timeout: float = 5.0  # web_server: seconds to wait for the port
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0  # web_server: the port it listens on
+    # web_server: seconds to wait for the port
+    startup_timeout: Annotated[float, Meta(gt=0.0, le=3600.0)] = 5.0
     attr: str | None = None  # a class's web method: the attribute that serves it
 
 
@@ -73,7 +107,7 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     mount_id: str | None = None
     resources: Resources = Resources()
     scaling: ScalingConfig = ScalingConfig()
-    timeout: float = 300.0
+    timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] = 300.0
     retries: RetryPolicy = RetryPolicy()
     env: dict[str, str] = {}
     python_version: str = ""
@@ -83,10 +117,10 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     async_methods: list[str] = []
     params: bytes | None = None  # pickled parameter values of a bound class instance
     # input handling (@concurrent, @batched)
-    max_inputs: int = 1
-    target_inputs: int | None = None
-    batch_max_size: int = 0
-    batch_wait_ms: int = 0
+    max_inputs: Annotated[int, Meta(ge=1, le=MAX_INPUTS)] = 1
+    target_inputs: Annotated[int, Meta(ge=1, le=MAX_INPUTS)] | None = None
+    batch_max_size: Annotated[int, Meta(ge=0, le=MAX_BATCH_SIZE)] = 0
+    batch_wait_ms: Annotated[int, Meta(ge=0, le=MAX_BATCH_WAIT_MS)] = 0
     enable_memory_snapshot: bool = False
     # where it runs
     image: ImageSpec | None = None
@@ -137,25 +171,26 @@ class BlobCheck(msgspec.Struct):
 
 
 class InputItem(msgspec.Struct, array_like=True):
-    idx: int
+    idx: Index
     args: bytes | None = None  # pickled (args, kwargs)
     blob: str | None = None  # sha256 of a blob holding the pickled args
 
 
 class CreateCall(msgspec.Struct):
-    call_id: str  # chosen by the client, so that a retried request is idempotent
+    # chosen by the client, so that a retried request is idempotent
+    call_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
     function_id: str
     inputs: list[InputItem]
     kind: str = "remote"  # remote | map | spawn | gen
     closed: bool = True  # no more inputs will follow
-    wait: float = 0.0  # seconds to wait for the outputs before answering
+    wait: Seconds = 0.0  # seconds to wait for the outputs before answering
     method: str | None = None
 
 
 class AddInputs(msgspec.Struct):
     inputs: list[InputItem]
     closed: bool = False
-    total: int | None = None
+    total: Count | None = None
 
 
 class OutputItem(msgspec.Struct, array_like=True):
@@ -202,21 +237,21 @@ class BindFunction(msgspec.Struct):
 
 
 class UpdateAutoscaler(msgspec.Struct):
-    min_containers: int | None = None
-    max_containers: int | None = None
-    buffer_containers: int | None = None
-    scaledown_window: float | None = None
+    min_containers: Containers | None = None
+    max_containers: PositiveContainers | None = None
+    buffer_containers: Containers | None = None
+    scaledown_window: ScaledownWindow | None = None
 
 
 # --------------------------------------------------------------------------- logs
 
 
 class LogLine(msgspec.Struct, array_like=True):
-    ts: float
+    ts: Timestamp
     container_id: str
     stream: str  # stdout | stderr | system
     text: str
-    seq: int = 0
+    seq: Count = 0
 
 
 class LogBatch(msgspec.Struct):
@@ -231,11 +266,11 @@ class LogBatch(msgspec.Struct):
 class NodeInfo(msgspec.Struct):
     name: str
     provider: str
-    cpu: float
-    memory_mb: int
-    gpus: dict[str, list[int]] = {}
+    cpu: Annotated[float, Meta(ge=0.0, le=1 << 20)]
+    memory_mb: Annotated[int, Meta(ge=0, le=1 << 40)]
+    gpus: dict[str, list[Annotated[int, Meta(ge=0, le=1 << 16)]]] = {}
     region: str | None = None
-    price_per_hour: float = 0.0
+    price_per_hour: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
     labels: dict[str, str] = {}
 
 
@@ -310,8 +345,8 @@ class ContainerInitFailed(ChannelMsg, tag="initfail"):
 
 
 class TaskInput(msgspec.Struct, array_like=True):
-    input_id: int
-    attempt: int
+    input_id: Index
+    attempt: Index
     args: bytes
     method: str | None = None
 
@@ -321,14 +356,14 @@ class RunInputs(ChannelMsg, tag="inputs"):
 
 
 class TaskOutput(msgspec.Struct, array_like=True):
-    input_id: int
-    attempt: int
-    status: str  # success | failure
+    input_id: Index
+    attempt: Index
+    status: str  # success | failure (anything else is refused by the call manager)
     data: bytes | None = None
     error: str | None = None
     traceback: str | None = None
-    gen_index: int | None = None  # generator item; None = final output of the input
-    duration: float = 0.0  # seconds the user code ran
+    gen_index: Index | None = None  # generator item; None = final output of the input
+    duration: Seconds = 0.0  # seconds the user code ran
 
 
 class TaskOutputs(ChannelMsg, tag="outputs"):
@@ -336,11 +371,11 @@ class TaskOutputs(ChannelMsg, tag="outputs"):
 
 
 class CancelInputs(ChannelMsg, tag="cancel"):
-    input_ids: list[int]
+    input_ids: list[Index]
 
 
 class StopContainer(ChannelMsg, tag="stop"):
-    grace_s: float = 10.0
+    grace_s: Seconds = 10.0
 
 
 # worker agent <-> control plane
@@ -366,7 +401,7 @@ class ContainerStart(ChannelMsg, tag="start"):
     function_id: str
     spec: FunctionSpec
     mount: MountManifest | None
-    gpu_indices: list[int] = []
+    gpu_indices: list[Annotated[int, Meta(ge=0, le=1 << 16)]] = []
     channel: str = ""  # address the container dials: "unix:/path" or "tcp:host:port"
     runtime: str | None = None
     token: str = ""  # the container's own secret for its ContainerHello
@@ -374,19 +409,19 @@ class ContainerStart(ChannelMsg, tag="start"):
 
 class ContainerKill(ChannelMsg, tag="kill"):
     container_id: str
-    grace_s: float = 0.0
+    grace_s: Seconds = 0.0
     reason: str = ""
 
 
 class ContainerStarted(ChannelMsg, tag="started"):
     container_id: str
-    pid: int
+    pid: Annotated[int, Meta(ge=0, le=MAX_INT)]
 
 
 class ContainerExited(ChannelMsg, tag="exited"):
     container_id: str
-    exit_code: int | None
-    signal: int | None
+    exit_code: Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)] | None
+    signal: Annotated[int, Meta(ge=0, le=255)] | None
     oom_killed: bool
     description: str
 

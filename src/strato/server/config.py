@@ -35,6 +35,9 @@ class ServerConfig:
     runtime: str | None = None
     start_local_worker: bool = True
     ephemeral_app_timeout_s: float = 60.0  # an app.run() whose client went silent is stopped
+    # the largest channel frame a container may send (0: max_payload + 8 MiB); a frame
+    # over it drops the container before any of it is read (issue 14)
+    max_frame: int = 0
 
     @classmethod
     def from_env(cls, env: dict | None = None, **overrides) -> ServerConfig:
@@ -50,9 +53,13 @@ class ServerConfig:
             output_retention_s=_num(env, "STRATO_OUTPUT_RETENTION", 7 * 24 * 3600),
             runtime=env.get("STRATO_RUNTIME") or None,
             start_local_worker=env.get("STRATO_LOCAL_WORKER", "1") != "0",
+            max_frame=int(_num(env, "STRATO_MAX_FRAME", 0)),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
+        if cfg.max_frame <= 0:
+            cfg.max_frame = cfg.max_payload + (8 << 20)
+        cfg.max_frame = max(1 << 20, min(cfg.max_frame, (1 << 32) - 1))
         if not cfg.database_url:
             cfg.database_url = f"sqlite:///{cfg.home / 'state.db'}"
         return cfg

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -31,16 +32,38 @@ from .autoscaler import (
     scale,
 )
 from .calls.manager import CallManager
+from .calls.specs import check_spec
 from .config import ServerConfig
 from .fleet import Fleet, Peer
 from .gateway import Gateway, GatewayConfig
+from .listeners import guard_channel
 from .logs import LogHub
+from .scheduler.quota import AppQuota, QuotaGate
 from .store import Store
 from .store.blobs import BlobStore
 
 log = logging.getLogger("strato.control")
 
 SCALE_TICK_S = 0.25
+# what a worker agent may send after its hello (issue 14: anything else drops it)
+WORKER_SENDS = (m.ContainerExited, m.ContainerStartFailed, m.ContainerStarted, m.Heartbeat)
+# what `with_options` / `with_concurrency` / `with_batching` may change in a variant (never
+# its code, mount or image: those belong to the app that deployed it)
+BINDABLE = frozenset(
+    {
+        "resources",
+        "timeout",
+        "retries",
+        "env",
+        "scaling",
+        "runtime",
+        "max_inputs",
+        "target_inputs",
+        "batch_max_size",
+        "batch_wait_ms",
+        "block_network",
+    }
+)
 EXPIRY_EVERY_S = 60.0
 
 
@@ -75,6 +98,12 @@ class ControlPlane:
             on_change=self._wake.set,
             tell=lambda app_id, text, cid: self.logs.system(app_id, text, cid),
         )
+        # per-app quotas and channel frame limits (issue 14)
+        self.quota = AppQuota.from_env()
+        self.fleet.quota = QuotaGate(self.quota, log, self.fleet._tell)
+        self.max_frame = config.max_frame or config.max_payload + (8 << 20)
+        self.worker_max_frame = max(self.max_frame, 64 << 20)
+        self._warm_capped: set[str] = set()
         # web endpoints (issue 5): the gateway's listener is its own port (default: ours + 1)
         self.gateway = Gateway(
             GatewayConfig.from_env(config.home, config.host, urlsplit(http_url).port or 0),
@@ -88,6 +117,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._closing = False
+        self._scale_failed: set[str] = set()  # functions whose scaling raised (logged once)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,7 +136,9 @@ class ControlPlane:
         if sock.exists():
             sock.unlink()
         self._servers.append(
-            await asyncio.start_unix_server(self._on_channel, path=str(sock), limit=1 << 20)
+            await asyncio.start_unix_server(
+                guard_channel(self._on_channel), path=str(sock), limit=1 << 20
+            )  # guard_channel: the channel's connection limit (listeners.py)
         )
         os.chmod(sock, 0o600)
         await self.gateway.start()  # web endpoints (issue 5)
@@ -133,11 +165,19 @@ class ControlPlane:
     # ------------------------------------------------------------------ channel
 
     async def _on_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        """One channel connection. Every frame is hostile until proven otherwise: the
+        first one (before the peer has shown a secret) may be at most
+        ``frames.HELLO_MAX_FRAME``; a frame that is too large, does not decode, fails a
+        range check or is not a message that peer may send ends that connection (and a
+        container's session), logged, and nothing else."""
         peer = Peer(writer)
         try:
-            first = await asyncio.wait_for(frames.read_frame(reader), 10.0)
+            first = await asyncio.wait_for(
+                frames.read_frame(reader, frames.HELLO_MAX_FRAME), 10.0
+            )
             if isinstance(first, m.WorkerHello):
-                if first.token != self.token:
+                if not hmac.compare_digest(first.token.encode(), self.token.encode()):
+                    log.warning("channel: a worker hello with a wrong token; closed")
                     return
                 await self._worker_loop(first, peer, reader)
             elif isinstance(first, m.ContainerHello):
@@ -145,7 +185,11 @@ class ControlPlane:
             elif isinstance(first, m.WebTunnelHello):  # web endpoints (issue 5): raw HTTP now
                 if self.gateway.adopt_tunnel(first, writer):
                     peer = None
-        except (TimeoutError, frames.FrameError, ConnectionError) as e:
+            elif first is not None:
+                log.warning("channel: first frame %s is not a hello; closed", type(first).__name__)
+        except frames.FrameError as e:
+            log.warning("channel: dropped a peer before its hello: %s", e)
+        except (TimeoutError, ConnectionError) as e:
             log.debug("channel closed: %s", e)
         finally:
             if peer is not None:
@@ -154,11 +198,15 @@ class ControlPlane:
     async def _worker_loop(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
         node_id = self.fleet.worker_hello(hello, peer)
         try:
-            while (msg := await frames.read_frame(reader)) is not None:
+            while (msg := await frames.read_frame(reader, self.worker_max_frame)) is not None:
                 if isinstance(msg, m.Logs):
                     self._route_logs(msg.lines)
-                else:
+                elif isinstance(msg, WORKER_SENDS):
                     self.fleet.on_worker_message(node_id, msg)
+                else:
+                    raise frames.FrameError(f"a worker may not send {type(msg).__name__}")
+        except frames.FrameError as e:
+            log.warning("channel: dropped the worker agent of %s: %s", node_id, e)
         finally:
             if not self._closing:
                 self.fleet.worker_gone(node_id, peer)
@@ -182,10 +230,11 @@ class ControlPlane:
     async def _container_loop(self, hello: m.ContainerHello, peer: Peer, reader) -> None:
         s = self.fleet.container_hello(hello, peer)
         if s is None:
+            log.warning("channel: a hello for container %r without its secret", hello.container_id)
             peer.send(m.StopContainer(0.0))
             return
         try:
-            while (msg := await frames.read_frame(reader)) is not None:
+            while (msg := await frames.read_frame(reader, self.max_frame)) is not None:
                 if isinstance(msg, m.TaskOutputs):
                     self.calls.on_outputs(s, msg.outputs)
                 elif isinstance(msg, m.ContainerReady):
@@ -193,6 +242,19 @@ class ControlPlane:
                     self.gateway.container_ready(s)
                 elif isinstance(msg, m.ContainerInitFailed):
                     self.fleet.container_init_failed(s, msg)
+                else:
+                    raise frames.FrameError(f"a container may not send {type(msg).__name__}")
+        except (frames.FrameError, InvalidError) as e:
+            # a container runs the user's code: a bad frame ends it, and only it
+            log.warning("channel: dropping container %s: %s", s.container_id, e)
+            why = f"it sent a malformed frame ({e})"
+            if isinstance(e, frames.FrameTooLarge):
+                why = (
+                    f"it sent a frame over the channel limit of {self.max_frame} bytes "
+                    "(STRATO_MAX_FRAME); return large data through a Volume"
+                )
+            self.logs.system(s.app_id, f"container dropped: {why}", s.container_id)
+            self.fleet.kill(s.container_id, why)
         finally:
             if not self._closing:
                 self.fleet.channel_lost(s)
@@ -212,9 +274,11 @@ class ControlPlane:
                 log.exception("autoscaler tick failed")
 
     def scale_once(self, now: float) -> None:
-        self.calls.check_timeouts(now)
-        self.fleet.check_startups(now)
-        self.gateway.tick(now)
+        for step in (self.calls.check_timeouts, self.fleet.check_startups, self.gateway.tick):
+            try:
+                step(now)
+            except Exception:  # each step on its own: one bug must not stop scaling
+                log.exception("scaling step %s failed", getattr(step, "__name__", step))
         for fn in list(self.calls.functions.values()):
             if fn.app_state == "stopped":
                 continue
@@ -222,7 +286,14 @@ class ControlPlane:
             idle = not fn.queue and not fn.sessions and fn.spec.scaling.min_containers == 0
             if idle and not due and fn.arrival_at is None:
                 continue
-            self._scale_function(fn, now)
+            try:
+                self._scale_function(fn, now)
+            except Exception:  # one function's failure must not stop the others' scaling
+                if fn.function_id not in self._scale_failed:
+                    self._scale_failed.add(fn.function_id)
+                    log.exception("scaling %s (%s) failed", fn.name, fn.function_id)
+            else:
+                self._scale_failed.discard(fn.function_id)
 
     def _scale_function(self, fn, now: float) -> None:
         state = fn.policy if fn.policy is not None else PolicyState()
@@ -235,10 +306,27 @@ class ControlPlane:
         if not queued and not inflight:
             state = observe_drained(state, now)
         sc = fn.spec.scaling
+        min_c, buffer_c = sc.min_containers, sc.buffer_containers
+        if min_c or buffer_c:  # the warm pool may hold only a share of the cluster (issue 14)
+            views = [n.view for n in self.fleet.nodes.values() if n.peer is not None]
+            cap = self.quota.warm_cap(self.fleet.request_for(fn.spec), views)
+            if min_c + buffer_c > cap:
+                min_c = min(min_c, cap)
+                buffer_c = max(0, min(buffer_c, cap - min_c))
+                if fn.function_id not in self._warm_capped:
+                    self._warm_capped.add(fn.function_id)
+                    why = (
+                        f"{fn.name}: min_containers={sc.min_containers} and buffer_containers="
+                        f"{sc.buffer_containers} capped to {min_c} and {buffer_c}: an app's warm "
+                        f"pool may hold {self.quota.warm_share:g} of the cluster "
+                        "(STRATO_APP_WARM_SHARE)"
+                    )
+                    log.warning("%s", why)
+                    self.logs.system(fn.app_id, why)
         config = AutoscalerConfig(
-            min_containers=sc.min_containers,
+            min_containers=min_c,
             max_containers=sc.max_containers,
-            buffer_containers=sc.buffer_containers,
+            buffer_containers=buffer_c,
             scaledown_window=sc.scaledown_window or 60.0,
             target_inputs=self.calls.target_inputs(fn),
             keepalive=keepalive_for(sc.scaledown_window),
@@ -307,7 +395,11 @@ class ControlPlane:
         names = [f.name for f in req.functions]
         if len(set(names)) != len(names):
             raise InvalidError("two functions of the app share one name")
-        self.gateway.check_app(req.functions)  # web endpoints: one label each
+        for spec in req.functions:
+            check_spec(spec)
+            self.quota.check_spec(spec)
+        # web endpoints: one label each, URLs unique across apps
+        self.gateway.check_app(req.functions, req.name, req.deployed)
         if req.deployed and not req.name:
             raise InvalidError("a deployed app needs a name: strato.App('my-app')")
         app_id = "ap-" + secrets.token_hex(8)
@@ -383,14 +475,23 @@ class ControlPlane:
         changes: dict = {"name": name, "params": req.params}
         if req.overrides:
             types = {f.name: f.type for f in msgspec.structs.fields(m.FunctionSpec)}
-            raw = msgspec.msgpack.decode(req.overrides)
-            if not isinstance(raw, dict) or not set(raw) <= set(types) - {"name", "params"}:
-                raise InvalidError("bad option overrides for the function variant")
+            try:
+                raw = msgspec.msgpack.decode(req.overrides)
+            except msgspec.DecodeError as e:
+                raise InvalidError(f"option overrides are not msgpack: {e}") from None
+            if not isinstance(raw, dict) or not all(
+                isinstance(k, str) and k in BINDABLE for k in raw
+            ):
+                raise InvalidError(
+                    "bad option overrides for the function variant: a map of some of "
+                    + ", ".join(sorted(BINDABLE))
+                )
             try:
                 changes.update({k: msgspec.convert(v, types[k]) for k, v in raw.items()})
             except msgspec.ValidationError as e:
                 raise InvalidError(f"bad option overrides: {e}") from None
-        spec = msgspec.structs.replace(parent.spec, **changes)
+        spec = check_spec(msgspec.structs.replace(parent.spec, **changes))
+        self.quota.check_spec(spec)
         fid = "fu-" + secrets.token_hex(8)
         self.store.add_function(parent.app_id, fid, name, msgspec.msgpack.encode(spec))
         return m.FunctionRef(fid, name)
@@ -399,12 +500,10 @@ class ControlPlane:
         fn = self.calls.function(function_id)
         sc = fn.spec.scaling
         changes = {k: v for k, v in msgspec.structs.asdict(req).items() if v is not None}
-        if "scaledown_window" in changes and not 2 <= changes["scaledown_window"] <= 3600:
-            raise InvalidError("scaledown_window must be between 2 and 3600 seconds")
         scaling = msgspec.structs.replace(sc, **changes)
-        if scaling.max_containers is not None and scaling.min_containers > scaling.max_containers:
-            raise InvalidError("min_containers cannot exceed max_containers")
-        spec = msgspec.structs.replace(fn.spec, scaling=scaling)
+        spec = check_spec(msgspec.structs.replace(fn.spec, scaling=scaling))
+        self.quota.check_spec(spec)
+        self._warm_capped.discard(function_id)
         self.store.update_function_spec(function_id, msgspec.msgpack.encode(spec))
         self.calls.replace_spec(function_id, spec)
         self._wake.set()

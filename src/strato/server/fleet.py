@@ -108,6 +108,7 @@ class Fleet:
         self.containers: dict[str, ContainerSession] = {}
         self.backoff: dict[str, tuple[float, float]] = {}  # function_id -> (until, next delay)
         self._unplaceable_logged: dict[str, str] = {}
+        self.quota = None  # scheduler.quota.QuotaGate, set by the control plane (issue 14)
 
     # ------------------------------------------------------------------ workers
 
@@ -195,6 +196,10 @@ class Fleet:
             return None
         request = self.request_for(fn.spec)
         views = [n.view for n in self.nodes.values() if n.peer is not None]
+        if self.quota is not None and self.quota.blocks(  # per-app quotas (issue 14)
+            fn, request, self.containers.values(), views
+        ):
+            return None
         placement = place(request, views)
         if placement is None:
             if not self._reclaim_idle(fn, request):

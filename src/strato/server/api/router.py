@@ -9,6 +9,7 @@ table also produces ``/openapi.json``, with msgspec's JSON schemas for every bod
 from __future__ import annotations
 
 import hmac
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from strato import exceptions as exc
 from strato.protocol.messages import ErrorBody
 
 MSGPACK = "application/msgpack"
+JSON = "application/json"
+MAX_QUERY_INT = (1 << 62) - 1  # sequence numbers and limits: inside SQL's BIGINT
 _encoder = msgspec.msgpack.Encoder()
 _STATUS = [
     (exc.RequestSizeError, 413),
@@ -52,20 +55,33 @@ class Request:
     path_params: dict[str, str]
     query: dict[str, str]
     body: bytes
+    content_type: str = MSGPACK
 
     def param(self, name: str, cast: type = str, default=None):
+        """A query parameter; numbers must be finite and from 0 to 2^62 (HTTP 400 else)."""
         raw = self.query.get(name)
         if raw is None:
             return default
         try:
-            return cast(raw)
+            value = cast(raw)
         except ValueError:
             raise exc.InvalidError(
                 f"query parameter {name}={raw!r} is not a {cast.__name__}"
             ) from None
+        if cast in (int, float) and (
+            not math.isfinite(value) or not 0 <= value <= MAX_QUERY_INT
+        ):
+            raise exc.InvalidError(
+                f"query parameter {name}={raw!r}: use a number from 0 to {MAX_QUERY_INT}"
+            )
+        return value
 
     def decode(self, typ: type):
+        """The body as ``typ``: JSON when the request says ``application/json``, else
+        msgpack. Decoding checks every field's type and range (HTTP 400 else)."""
         try:
+            if "json" in self.content_type:
+                return msgspec.json.decode(self.body, type=typ)
             return msgspec.msgpack.decode(self.body, type=typ)
         except msgspec.DecodeError as e:
             raise exc.InvalidError(f"bad request body for {typ.__name__}: {e}") from None
@@ -151,8 +167,13 @@ class Router:
             )
         body = await self._read_body(receive)
         qs = scope.get("query_string") or b""
-        query = dict(parse_qsl(qs.decode())) if qs else {}
-        return await route.handler(Request(match.groupdict(), query, body))
+        query = dict(parse_qsl(qs.decode("latin-1"))) if qs else {}
+        ctype = MSGPACK
+        for k, v in scope["headers"]:
+            if k == b"content-type":
+                ctype = v.decode("latin-1").lower()
+                break
+        return await route.handler(Request(match.groupdict(), query, body, ctype))
 
     def _authorized(self, scope) -> bool:
         for k, v in scope["headers"]:
@@ -204,12 +225,8 @@ class Router:
             if params:
                 op["parameters"] = params
             if r.body is not None:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {
-                        MSGPACK: {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}
-                    },
-                }
+                ref = {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}
+                op["requestBody"] = {"required": True, "content": {MSGPACK: ref, JSON: ref}}
             elif r.raw_body:
                 op["requestBody"] = {
                     "required": True,

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from strato.exceptions import AppStoppedError, InvalidError, NotFoundError, RequestSizeError
+from strato.exceptions import (
+    AlreadyExistsError,
+    AppStoppedError,
+    InvalidError,
+    NotFoundError,
+    RequestSizeError,
+)
 from strato.protocol import messages as m
 
 from ..store import Store
@@ -151,7 +157,14 @@ class CallManager:
     def _input_rows(self, fn: FunctionState, call_id: str, items: Iterable[m.InputItem]):
         rows: list[dict] = []
         pendings: list[Pending] = []
+        seen: set[int] = set()
         for it in items:
+            if it.idx in seen:
+                raise InvalidError(
+                    f"input index {it.idx} appears twice in one request for call {call_id}; "
+                    "each input of a call needs its own index"
+                )
+            seen.add(it.idx)
             args, blob = it.args, it.blob
             if args is None and blob is None:
                 raise InvalidError(f"input {it.idx} of call {call_id} carries no arguments")
@@ -210,6 +223,15 @@ class CallManager:
         )
         if not created:  # a retried request: add only what is missing
             self._next_input -= len(rows)
+            call = self.store.call(req.call_id)
+            if call is not None and (
+                call["function_id"] != req.function_id or call["method"] != req.method
+            ):
+                raise AlreadyExistsError(
+                    f"call id {req.call_id} is taken by a call of another function"
+                    f"{' or method' if call['function_id'] == req.function_id else ''}; "
+                    "choose a new call id for a new call"
+                )
             self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
             return
         self._accepted(fn, pendings)
@@ -385,10 +407,17 @@ class CallManager:
         finals: list[dict] = []
         gens: list[dict] = []
         touched: set[str] = set()
+        bad = [o.status for o in outputs if o.status not in ("success", "failure")]
+        if bad:  # the fleet drops the container: it speaks no protocol we know
+            raise InvalidError(f"output status {bad[0][:40]!r} is not success or failure")
+        foreign = 0
         for o in outputs:
             lease = session.inflight.get(o.input_id)
             if lease is None or lease.token != o.attempt:
-                continue  # stale: the input was re-leased elsewhere or already ended
+                # stale (re-leased elsewhere, cancelled, already ended), or an input this
+                # container never held: either way it is not this container's to answer
+                foreign += 1
+                continue
             p = lease.pending
             touched.add(p.call_id)
             if o.status == "success" and o.data is not None and len(o.data) > self.max_payload:
@@ -422,6 +451,12 @@ class CallManager:
                 row = self._attempt_failed(fn, p, "failure", o.data, o.error, o.traceback)
                 if row:
                     finals.append(row)
+        if foreign:
+            log.info(
+                "ignored %d output(s) from container %s for inputs it does not hold",
+                foreign,
+                session.container_id,
+            )
         session.last_progress = now
         if not session.inflight:
             session.idle_since = now
@@ -547,22 +582,28 @@ class CallManager:
         self._flush(finals, {p.call_id for p in queued})
 
     def check_timeouts(self, now: float) -> None:
-        for fn in self.functions.values():
-            spec = fn.spec
-            parallel = spec.max_inputs > 1 or spec.batch_max_size > 0
-            limit = spec.timeout + spec.batch_wait_ms / 1000
-            for s in list(fn.sessions.values()):
-                if not s.inflight or s.state not in ("ready", "stopping"):
-                    continue
-                if parallel:  # inputs start when they arrive, up to the container's slots
-                    running = list(s.inflight.values())[: self.slots(fn)]
-                    late = [lease for lease in running if now - lease.dispatched_at > limit]
-                else:  # one at a time: the first lease runs since the last output
-                    first = next(iter(s.inflight.values()))
-                    started = max(first.dispatched_at, s.last_progress)
-                    late = [first] if now - started > limit else []
-                if late:
-                    self._time_out(fn, s, late)
+        for fn in list(self.functions.values()):
+            try:
+                self._check_timeouts(fn, now)
+            except Exception:  # one function's bug must not stop the others' timeouts
+                log.exception("checking the timeouts of %s failed", fn.name)
+
+    def _check_timeouts(self, fn: FunctionState, now: float) -> None:
+        spec = fn.spec
+        parallel = spec.max_inputs > 1 or spec.batch_max_size > 0
+        limit = spec.timeout + spec.batch_wait_ms / 1000
+        for s in list(fn.sessions.values()):
+            if not s.inflight or s.state not in ("ready", "stopping"):
+                continue
+            if parallel:  # inputs start when they arrive, up to the container's slots
+                running = list(s.inflight.values())[: self.slots(fn)]
+                late = [lease for lease in running if now - lease.dispatched_at > limit]
+            else:  # one at a time: the first lease runs since the last output
+                first = next(iter(s.inflight.values()))
+                started = max(first.dispatched_at, s.last_progress)
+                late = [first] if now - started > limit else []
+            if late:
+                self._time_out(fn, s, late)
 
     def _time_out(self, fn: FunctionState, s: ContainerRef, late: list[Lease]) -> None:
         error = (

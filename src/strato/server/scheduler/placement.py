@@ -8,6 +8,7 @@ GPU fallbacks are tried in order; the first one that any node satisfies wins.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -88,8 +89,11 @@ def place(request: ContainerRequest, nodes: list[NodeView]) -> Placement | None:
 
 
 def reserve(node: NodeView, request: ContainerRequest, placement: Placement) -> None:
-    """Record ``placement`` on ``node``; refuses a GPU that is missing or already in use."""
+    """Record ``placement`` on ``node``; refuses a GPU that is missing or already in use,
+    and a request that is not a finite, positive amount (a negative one would leave the
+    node's reservations wrong once released: :func:`release` clamps at zero)."""
     _check_node(node, placement)
+    check_request(request)
     owned = set(node.gpus.get(placement.gpu_type, [])) if placement.gpu_type else set()
     for index in placement.gpu_indices:
         if index not in owned:
@@ -105,6 +109,15 @@ def reserve(node: NodeView, request: ContainerRequest, placement: Placement) -> 
     node.cpu_reserved += request.cpu
     node.memory_reserved_mb += request.memory_mb
     node.gpus_in_use.update(placement.gpu_indices)
+
+
+def check_request(request: ContainerRequest) -> None:
+    """Raise ``InvalidError`` unless CPU and memory are finite and positive."""
+    cpu, mem = request.cpu, request.memory_mb
+    if not (isinstance(cpu, int | float) and math.isfinite(cpu) and cpu > 0):
+        raise InvalidError(f"a container needs a finite, positive CPU request, not {cpu!r}")
+    if not (isinstance(mem, int) and not isinstance(mem, bool) and mem > 0):
+        raise InvalidError(f"a container needs a positive memory request (MiB), not {mem!r}")
 
 
 def release(node: NodeView, request: ContainerRequest, placement: Placement) -> None:
