@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -153,6 +154,7 @@ def main() -> None:
         from strato.container import snapshot
 
         missing = snapshot.preimport(os.environ.get("STRATO_PREIMPORT", ""))
+        snapshot.preimport("strato.runtime.seccomp")  # what a forked container loads
         snapshot.preimport(WEB_SERVING)  # where installed: a web endpoint's first request
         if missing:
             ready["missing"] = missing
@@ -409,18 +411,47 @@ def _show_environment(env: dict[str, str]) -> None:
         pass
 
 
+def _mount_proc(target: str) -> None:
+    """Mount the PID namespace's own proc (read-only) at ``target``. The kernel allows it
+    in a user namespace only where a proc at least as restrictive is fully visible in the
+    mount namespace (no locked mount over any of its files): the empty proc bound at
+    ``PROC_SOURCE`` is that proof."""
+    try:
+        _mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    except OSError as e:
+        if e.errno == errno.EPERM and not _is_proc_root(PROC_SOURCE):
+            hint = f"{PROC_SOURCE} is no proc mount, so nothing proves it may: {e.strerror}"
+            raise OSError(e.errno, f"mount proc on {target}: {hint}") from None
+        raise
+
+
+def _is_proc_root(path: str) -> bool:
+    try:
+        st, parent = os.stat(path), os.stat(os.path.dirname(path))
+    except OSError:
+        return False
+    return st.st_dev != parent.st_dev and st.st_ino == 1  # proc's root is inode 1
+
+
+def _load_seccomp(bpf: bytes) -> None:
+    from strato.runtime.seccomp import load_filter  # imported by the zygote already
+
+    load_filter(bpf)
+
+
 def _container(req: dict, ctl: socket.socket, root: str) -> None:
     os.setsid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     try:
         if req.get("isolate"):
             # its own proc, while the empty one still proves it may (then its root, if any)
-            flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
-            _mount("proc", root + "/proc", "proc", flags)
+            _mount_proc(root + "/proc")
             if root:
                 _enter_root(root)
                 os.makedirs(req.get("workdir") or "/", exist_ok=True)
             _drop_capabilities(req.get("caps") or [])
+            if req.get("seccomp"):  # last: it forbids mounts and new namespaces
+                _load_seccomp(req["seccomp"])
         env = req["env"]
         os.environ.clear()
         os.environ.update(env)

@@ -49,6 +49,7 @@ import signal as _signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,7 @@ FORK_TIMEOUT_S = 10.0
 SWEEP_EVERY_S = 30.0
 BROKEN_RETRY_S = 300.0  # after a fork's set-up failed, start normally this long, then retry
 CRIU_TIMEOUT_S = 120.0
+_EMPTY_PROC_LOCK = threading.Lock()
 DEFAULT_PREIMPORT = "strato.sdk.app"
 """What every app module imports (``import strato; app = strato.App(...)``): strato's SDK."""
 
@@ -203,8 +205,6 @@ class Zygote:
     container_dir: Any = None  # an image's root, mounted for the zygote (bwrap)
     ctl_fd: int | None = None  # the number of its control socket, in it
     own_code: bool = False  # started with one app's code bound in place (not every app's)
-    broken: str | None = None  # why its forks fail (e.g. no user namespaces): none is tried
-    broken_at: float = 0.0  # ... for BROKEN_RETRY_S after this
 
     @property
     def alive(self) -> bool:
@@ -341,7 +341,8 @@ class ZygotePool:
         self._told: set[str] = set()  # function ids told why they start without a snapshot
         self._warned: set[str] = set()  # reasons for not forking already in the worker's log
         self._failed: dict[str, tuple[float, str]] = {}  # key -> (until, why)
-        self._empty_proc: dict[str, str | None] = {}  # state dir -> why not (None: fine)
+        self._empty_proc: dict[str, int] = {}  # empty proc's path -> its device, when seen
+        self._broken: dict[str, tuple[float, str]] = {}  # (runtime, image) -> (since, why)
         self._criu: tuple[bool, str] | None = None
         self._sweeper: asyncio.Task | None = None
         self._closed = False
@@ -378,27 +379,55 @@ class ZygotePool:
             if snap:
                 self._tell_once(msg, f"no memory snapshot: {why}; the container starts normally")
             return None
+        where = self.fallback_key(runtime, launch)
         try:
+            since, broken = self._broken.get(where, (0.0, None))
+            if broken is not None:
+                if time.monotonic() - since < BROKEN_RETRY_S:
+                    raise ForkFailed(broken)
+                del self._broken[where]  # tried again after a while
             if snap:
                 zygote = await self._get_template(msg, launch, runtime)
             else:
                 zygote = await self._get_zygote(
                     runtime, msg.channel, launch.channel_socket, launch, msg.spec.env
                 )
-            if zygote.broken is not None:
-                if time.monotonic() - zygote.broken_at < BROKEN_RETRY_S:
-                    raise ForkFailed(zygote.broken)
-                zygote.broken = None
-            return await self._fork(zygote, msg, launch, runtime)
+            return await self._fork(zygote, msg, launch, runtime, where)
         except Exception as e:  # noqa: BLE001 - whatever fails, the container starts normally
             if not isinstance(e, ForkFailed):
                 log.exception("forking container %s failed", msg.container_id)
-            if str(e) not in self._warned:
-                self._warned.add(str(e))
-                log.warning("containers are not forked: %s (they start normally)", e)
-            if snap:
-                self._tell_once(msg, f"no memory snapshot: {e}; the container starts normally")
+            self._fell_back(msg, runtime, launch, str(e), snap)
             return None
+
+    @staticmethod
+    def fallback_key(runtime: _Runtime, launch: ContainerLaunch) -> str:
+        """What a fork failure turns forking off for (a while): this runtime with this
+        image (its layers; none: the host's files), never every container of the worker."""
+        return "\0".join(
+            [runtime.name, launch.argv[0] if launch.argv else "", *launch.rootfs_layers]
+        )
+
+    def _fell_back(
+        self,
+        msg: m.ContainerStart,
+        runtime: _Runtime,
+        launch: ContainerLaunch,
+        why: str,
+        snap: bool,
+    ) -> None:
+        """Say once why containers of this (runtime, image) start normally: in the worker's
+        log once per reason, in the app's logs once per function."""
+        image = (
+            "no image" if not launch.rootfs_layers else f"image {launch.rootfs_layers[-1][-12:]}"
+        )
+        said = f"{runtime.name}, {image}: {why}"
+        if said not in self._warned:
+            self._warned.add(said)
+            log.warning("containers are not forked (%s); they start normally", said)
+        if snap:
+            self._tell_once(msg, f"no memory snapshot: {why}; the container starts normally")
+        else:
+            self._tell_once(msg, f"not forked from a zygote: {why}; the container starts normally")
 
     async def close(self) -> None:
         self._closed = True
@@ -446,10 +475,21 @@ class ZygotePool:
         return None
 
     def _check_empty_proc(self, runtime: _Runtime) -> str | None:
-        state = str(runtime.state_dir)  # type: ignore[attr-defined]
-        if state not in self._empty_proc:
-            self._empty_proc[state] = _ensure_empty_proc(Path(state) / "emptyproc")
-        return self._empty_proc[state]
+        """The empty proc a zygote binds (the proof a forked container's PID namespace may
+        mount its own proc): checked by its path at each start (a stat), mounted again when
+        something hid it (e.g. the state directory bound onto itself by another runtime)."""
+        path = Path(runtime.state_dir) / "emptyproc"  # type: ignore[attr-defined]
+        known = self._empty_proc.get(str(path))
+        if known is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_dev == known:
+                    return None
+        with _EMPTY_PROC_LOCK:  # checks run in threads: mount one, not one each
+            why = _ensure_empty_proc(path)
+        if why is None:
+            with contextlib.suppress(OSError):
+                self._empty_proc[str(path)] = os.stat(path).st_dev
+        return why
 
     def criu_status(self) -> tuple[bool, str]:
         """(usable, why not): ``criu check``, run once per worker."""
@@ -828,7 +868,12 @@ class ZygotePool:
     # ------------------------------------------------------------------ forking
 
     async def _fork(
-        self, z: Zygote, msg: m.ContainerStart, launch: ContainerLaunch, runtime: _Runtime
+        self,
+        z: Zygote,
+        msg: m.ContainerStart,
+        launch: ContainerLaunch,
+        runtime: _Runtime,
+        where: str = "",
     ) -> ForkedContainer:
         cid = launch.container_id
         env = runtime._environment(launch)  # type: ignore[attr-defined]
@@ -843,6 +888,8 @@ class ZygotePool:
         }
         if isolate:
             from strato.runtime.isolation import DEFAULT_CAPS, host_workdir, interpreter_binds
+
+            req["seccomp"] = _seccomp_filter()
 
             binds = []
             for b in launch.binds:
@@ -914,9 +961,9 @@ class ZygotePool:
                     raise ForkFailed(f"the {z.kind}'s fork ended before the container started")
                 data, sender = got
                 if "error" in data:  # strato's own set-up failed: it would fail again
-                    z.broken = f"a forked container could not be set up: {data['error']}"
-                    z.broken_at = time.monotonic()
-                    raise ForkFailed(z.broken)
+                    why = f"a forked container could not be set up: {data['error']}"
+                    self._broken[where] = (time.monotonic(), why)
+                    raise ForkFailed(why)
                 if data.get("monitor"):
                     monitor = sender
                 elif data.get("started"):
@@ -998,6 +1045,18 @@ class ZygotePool:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _seccomp_filter() -> bytes:
+    """The seccomp filter a bwrap container gets (:mod:`strato.runtime.seccomp`), which a
+    forked one loads last, just before strato's entrypoint; ForkFailed when there is none
+    (the container then starts normally, as the runtime makes it)."""
+    from strato.runtime import seccomp
+
+    try:
+        return seccomp.filter_bpf()
+    except seccomp.SeccompUnavailable as e:
+        raise ForkFailed(f"no seccomp filter: {e}") from None
 
 
 def _run(argv: list[str], timeout: float, pass_fds: tuple[int, ...] = ()) -> tuple[bool, str]:
@@ -1108,9 +1167,11 @@ def _tree_root(pid: int, runtime: str) -> int:
 
 
 def _ensure_empty_proc(path: Path) -> str | None:
-    """Mount, once per machine, a read-only proc of a PID namespace with no process left at
-    ``path``; ``None`` when it is there, else why not."""
-    if _is_proc_mount(path):
+    """Mount a read-only proc of a PID namespace with no process left at ``path`` unless
+    one is there (as this process resolves the path: a bind mounted over a parent directory
+    since, e.g. of the state directory onto itself, hides it); ``None`` when it is there,
+    else why not."""
+    if _proc_root_at(path):
         return None
     unshare, mount = shutil.which("unshare"), shutil.which("mount")
     if unshare is None or mount is None:
@@ -1122,20 +1183,27 @@ def _ensure_empty_proc(path: Path) -> str | None:
     opts = "ro,nosuid,nodev,noexec"
     argv = [unshare, "--pid", "--fork", mount, "-t", "proc", "-o", opts, "proc", str(path)]
     ok, out = _run(argv, 10.0)
-    if not ok and not _is_proc_mount(path):
-        return f"cannot mount an empty proc at {path}: {out}"
+    if not _proc_root_at(path):
+        return f"cannot mount an empty proc at {path}: {out if not ok else 'not visible'}"
     return None
 
 
-def _is_proc_mount(path: Path) -> bool:
-    target = str(path)
+def _proc_root_at(path: Path) -> bool:
+    """Whether ``path`` leads (now, from this process) to the root of a proc mount. The
+    mount table's mount point strings are not enough: a mount that a later bind covers is
+    still listed there, but the path leads to what covers it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
-                if len(fields) > 4 and fields[4] == target and right.startswith("proc "):
-                    return True
+                if len(fields) > 4 and fields[2] == dev and fields[3] == "/":
+                    return right.startswith("proc ")
     except OSError:
         pass
     return False
