@@ -1,0 +1,213 @@
+"""Egress-only networking for containers: a user-mode network stack per container.
+
+Every isolated container has a network namespace of its own. Without ``block_network`` it
+gets outbound access through ``slirp4netns`` (Debian's ``slirp4netns``), started for that
+namespace by :func:`attach_egress`: a ``tap0`` interface inside (``10.0.2.100/24``, gateway
+``10.0.2.2``, DNS forwarder ``10.0.2.3``), whose packets slirp4netns turns into ordinary
+sockets of its own on the host. So the container can open connections out, but
+
+- not to the host's loopback: ``--disable-host-loopback`` refuses ``10.0.2.2`` (which would
+  otherwise be the host's ``127.0.0.1``), and ``127.0.0.1`` inside is the container's own;
+- not to other containers: each has its own namespace and nothing is forwarded into one
+  (no port is published), so a listener in a container is reachable from that container
+  only;
+- not to the control plane's API except as any outside client would (it listens on the
+  host's loopback by default): the channel socket stays its only way in.
+
+slirp4netns starts as root, joins the namespace to create ``tap0``, then (``--enable-sandbox``,
+``--enable-seccomp``) drops every capability but ``CAP_NET_BIND_SERVICE`` into a mount
+namespace of its own with a seccomp filter. It exits when the handle is closed (its exit
+pipe closes: also when the worker dies) or, at the latest, when its namespace is gone.
+
+With ``block_network`` nothing is attached: the namespace holds only ``lo``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import time
+from functools import cache
+
+from strato.exceptions import InvalidError
+
+SLIRP4NETNS = "slirp4netns"
+MTU = 65520
+TAP = "tap0"
+CONTAINER_ADDRESS = "10.0.2.100"
+GATEWAY = "10.0.2.2"
+DNS = "10.0.2.3"
+ATTACH_TIMEOUT_S = 10.0
+
+
+class NetworkUnavailable(InvalidError):
+    """The user-mode network stack cannot be started."""
+
+
+@cache
+def slirp4netns_path() -> str | None:
+    return shutil.which(SLIRP4NETNS)
+
+
+def egress_unavailable_reason() -> str | None:
+    """Why containers here cannot get egress (``None``: they can)."""
+    if slirp4netns_path() is None:
+        return (
+            "slirp4netns is not installed (apt-get install slirp4netns): containers without "
+            "block_network=True would have no network"
+        )
+    return None
+
+
+class EgressHandle:
+    """The user-mode network stack of one container. :meth:`close` stops it (idempotent)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], exit_fd: int) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self._exit_fd: int | None = exit_fd
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        if self._exit_fd is not None:
+            try:
+                os.close(self._exit_fd)  # slirp4netns exits on the pipe's EOF
+            except OSError:
+                pass
+            self._exit_fd = None
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def closed(self) -> bool:
+        return self._exit_fd is None
+
+
+def attach_egress(
+    pid: int | None = None,
+    *,
+    netns_path: str | None = None,
+    timeout_s: float = ATTACH_TIMEOUT_S,
+) -> EgressHandle:
+    """Give the network namespace of ``pid`` (or the one at ``netns_path``) outbound access
+    through slirp4netns; returns once ``tap0`` is configured in it (a few ms). Blocking:
+    call it in a thread from async code. Raises :class:`NetworkUnavailable`."""
+    if (pid is None) == (netns_path is None):
+        raise ValueError("give exactly one of pid and netns_path")
+    exe = slirp4netns_path()
+    if exe is None:
+        raise NetworkUnavailable(egress_unavailable_reason() or "slirp4netns missing")
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    target = ["--netns-type=path", netns_path] if netns_path is not None else [str(pid)]
+    argv = [
+        exe,
+        "--configure",
+        f"--mtu={MTU}",
+        "--disable-host-loopback",
+        "--enable-sandbox",
+        "--enable-seccomp",
+        f"--ready-fd={ready_w}",
+        f"--exit-fd={exit_r}",
+        *target,
+        TAP,
+    ]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=(ready_w, exit_r),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        for fd in (ready_r, ready_w, exit_r, exit_w):
+            os.close(fd)
+        raise NetworkUnavailable(f"cannot start slirp4netns: {exc}") from exc
+    os.close(ready_w)
+    os.close(exit_r)
+    handle = EgressHandle(proc, exit_w)
+    try:
+        deadline = time.monotonic() + timeout_s
+        got = b""
+        while not got:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NetworkUnavailable(f"slirp4netns was not ready after {timeout_s:g}s")
+            ready, _, _ = select.select([ready_r], [], [], left)
+            if ready:
+                got = os.read(ready_r, 1)
+                if not got:  # it exited before it was ready
+                    err = b""
+                    if proc.stderr is not None:
+                        proc.wait(timeout=timeout_s)
+                        err = proc.stderr.read() or b""
+                    lines = [x for x in err.decode(errors="replace").splitlines() if x.strip()]
+                    why = lines[-1] if lines else f"exit code {proc.returncode}"
+                    raise NetworkUnavailable(f"slirp4netns failed: {why}")
+    except BaseException:
+        handle.close(timeout_s=0.5)
+        raise
+    finally:
+        os.close(ready_r)
+    if proc.stderr is not None:  # it logs a line or two; nobody reads them
+        proc.stderr.close()
+        proc.stderr = None
+    return handle
+
+
+class NetnsHolder:
+    """A new, empty network namespace held by a small process (``unshare --net``), for a
+    runtime that is given a namespace rather than making one (gVisor). :attr:`path` names it
+    while the holder lives; :meth:`close` ends it (idempotent)."""
+
+    def __init__(self) -> None:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise NetworkUnavailable("util-linux's unshare is missing")
+        self.proc = subprocess.Popen(
+            [unshare, "--net", "--", "cat"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        mine = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        self.path = f"/proc/{self.proc.pid}/ns/net"
+        while True:  # until it has its own namespace (unshare then exec)
+            try:
+                if os.readlink(self.path) != mine:
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise NetworkUnavailable("could not make a network namespace")
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+__all__ = [
+    "CONTAINER_ADDRESS",
+    "DNS",
+    "GATEWAY",
+    "EgressHandle",
+    "NetnsHolder",
+    "NetworkUnavailable",
+    "attach_egress",
+    "egress_unavailable_reason",
+]
