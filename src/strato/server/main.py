@@ -16,6 +16,7 @@ from strato.providers.local import LocalProvider
 from .api.routes import build_app
 from .config import ServerConfig
 from .control import ControlPlane, server_info_path
+from .listeners import api_uvicorn_options
 
 log = logging.getLogger("strato.server")
 
@@ -42,8 +43,7 @@ async def serve(config: ServerConfig) -> None:
             lifespan="off",
             log_level="warning",
             access_log=False,
-            http="httptools",
-            timeout_keep_alive=75,
+            **api_uvicorn_options(),  # listener limits (listeners.py)
             proxy_headers=False,
             server_header=False,
             date_header=False,

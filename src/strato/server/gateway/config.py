@@ -9,6 +9,8 @@ from pathlib import Path
 
 from strato.exceptions import InvalidError
 
+from ..listeners import ListenerLimits, fd_budget
+
 DEFAULT_HTTP_LIMIT_S = 150.0  # Modal's: a request still unanswered then gets a 303
 DEFAULT_MAX_BODY = 4 << 30  # request bodies stream through; over this they get a 413
 DEFAULT_WAIT_S = 120.0  # a request waits this long for a container, then gets a 503
@@ -44,6 +46,7 @@ class GatewayConfig:
     result_max_bytes: int = DEFAULT_RESULT_MAX_BYTES
     drain_timeout_s: float = DEFAULT_DRAIN_S
     token: str = ""  # the web token that requires_auth endpoints ask for
+    limits: ListenerLimits = ListenerLimits(max_connections=10000)  # listeners.py
 
     @classmethod
     def from_env(cls, home: Path, host: str, server_port: int, env=None) -> GatewayConfig:
@@ -64,6 +67,7 @@ class GatewayConfig:
             result_ttl_s=_num(env, "STRATO_WEB_RESULT_TTL", DEFAULT_RESULT_TTL_S),
             result_max_bytes=int(_num(env, "STRATO_WEB_RESULT_MAX", DEFAULT_RESULT_MAX_BYTES)),
             drain_timeout_s=_num(env, "STRATO_WEB_DRAIN_TIMEOUT", DEFAULT_DRAIN_S),
+            limits=ListenerLimits.from_env(fd_budget(env).gateway, env),
         )
         cfg.token = env.get("STRATO_WEB_TOKEN") or load_or_create_web_token(home)
         return cfg

@@ -36,10 +36,11 @@ import time
 
 import msgspec
 
-from strato.exceptions import InvalidError, NotFoundError
+from strato.exceptions import InvalidError, NotFoundError, RouteConflictError
 from strato.protocol import messages as m
 
 from ..autoscaler import ContainerStat, FunctionStats
+from ..listeners import ConnectionGuard
 from .access import AccessLog
 from .config import TOKEN_HEADER, GatewayConfig
 from .endpoint import Endpoint
@@ -50,7 +51,6 @@ from .routes import RouteTable, route_name
 log = logging.getLogger("strato.gateway")
 _spec_decoder = msgspec.msgpack.Decoder(m.FunctionSpec)
 
-IDLE_CONN_S = 75.0
 SWEEP_EVERY_S = 2.0
 RESULTS_PREFIX = "/__strato/results/"
 RETIRED_IDLE_S = 30.0  # a replaced version's idle container, while the new one cannot serve
@@ -67,7 +67,7 @@ class Gateway:
         self.endpoints: dict[str, Endpoint] = {}
         self.results = ResultStore(config.result_ttl_s, config.result_max_bytes)
         self.access_log = AccessLog(logs.append)
-        self.conns: set[ClientConn] = set()
+        self.guard = ConnectionGuard("web gateway", config.limits)  # listeners.py
         self.url = ""
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
@@ -89,7 +89,9 @@ class Gateway:
         host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         self.url = self.config.public_url or f"http://{host}:{self.port}"
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ClientConn(self), sock=sock, backlog=4096)
+        self._server = await loop.create_server(
+            lambda: ClientConn(self), sock=sock, backlog=self.config.limits.backlog
+        )
         log.info("web gateway listening on %s", self.url)
 
     def _bind(self) -> socket.socket:
@@ -104,14 +106,15 @@ class Gateway:
                 raise OSError(f"the web gateway cannot listen on port {cfg.port}: {e}") from e
             log.info("port %s is taken; the web gateway takes a free one", cfg.port)
             sock.bind((cfg.host, 0))
-        sock.listen(4096)
+        sock.listen(cfg.limits.backlog)
         sock.setblocking(False)
         return sock
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for conn in list(self.conns):
+        self.guard.stop()
+        for conn in list(self.guard.conns):
             if conn.transport is not None:
                 conn.transport.close()
         self.access_log.flush()
@@ -121,14 +124,25 @@ class Gateway:
 
     # ------------------------------------------------------------------ apps
 
-    @staticmethod
-    def check_app(specs: list[m.FunctionSpec]) -> None:
+    def check_app(
+        self, specs: list[m.FunctionSpec], name: str | None = None, deployed: bool = False
+    ) -> None:
+        """Refuse an app whose web endpoints share a label, or whose URLs another live
+        app (of another name) already serves: URLs are unique across apps."""
         labels = [s.web.label for s in specs if s.web is not None]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise InvalidError(
                 f"two web endpoints of the app share the label {sorted(dup)[0]!r}; "
                 "give one another label= (URLs are /<app>/<label>)"
+            )
+        clash = self.routes.conflict(name, deployed, labels)
+        if clash is not None:
+            raise RouteConflictError(
+                f"app {name!r} cannot serve its web endpoints: app {clash.other_app!r} "
+                f"({clash.other_app_id}) already serves {clash.what}; web URLs are unique "
+                f"across apps. Give the app another name, or the endpoint another label=, "
+                f"or stop the other app first (`strato app stop {clash.other_app}`)"
             )
 
     def app_created(self, app_id: str, name: str | None, deployed: bool) -> None:
@@ -275,17 +289,16 @@ class Gateway:
         if not path.startswith(RESULTS_PREFIX):
             ex.respond(404, f"no such gateway path: {path[:200]}")
             return
-        rid = path[len(RESULTS_PREFIX) :]
-        entry = self.results.get(rid)
-        if entry is None:
+        result_id = path[len(RESULTS_PREFIX) :]
+        entry = self.results.get(result_id)
+        # a result bound to another credential is as unknown as one that never was
+        if entry is None or not entry.allows(ex.headers):
             ex.respond(
                 404,
-                f"no result {rid[:64]} (results are kept {self.config.result_ttl_s:g}s after "
-                "they complete, STRATO_WEB_RESULT_TTL)",
+                f"no result {result_id[:64]} (results are kept {self.config.result_ttl_s:g}s "
+                "after they complete, STRATO_WEB_RESULT_TTL; a result of an endpoint that "
+                "requires authentication needs the Strato-Token of its request)",
             )
-            return
-        if entry.requires_auth and not self._authorized(ex):
-            ex.respond(401, "this result's endpoint requires authentication (Strato-Token)")
             return
         if entry.done:
             self._send_result(ex, entry)
@@ -309,7 +322,7 @@ class Gateway:
             ex.respond_raw(
                 simple_response(
                     303,
-                    error_body(303, "still running; fetch its result here", rid),
+                    error_body(303, "still running; fetch its result here", entry.rid),
                     ex.rid,
                     extra=[(b"location", path.encode()), (b"retry-after", b"1")],
                 )
@@ -408,14 +421,6 @@ class Gateway:
         if now - self._last_sweep > SWEEP_EVERY_S:
             self._last_sweep = now
             self.results.sweep(now)
-            for conn in list(self.conns):
-                if (
-                    not conn.queue
-                    and conn.upgraded is None
-                    and now - conn.last_active > IDLE_CONN_S
-                    and conn.transport is not None
-                ):
-                    conn.transport.close()
 
     def _fail_if_backing_off(self, ep: Endpoint, now: float) -> None:
         until, _ = self.fleet.backoff.get(ep.function_id, (0.0, 0.0))

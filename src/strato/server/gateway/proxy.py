@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from ..listeners import HeadTooLarge, refusal
+
 if TYPE_CHECKING:
     from .endpoint import Backend
     from .gateway import Gateway
@@ -39,12 +41,26 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
         b"te",
         b"trailer",
+        b"trailers",
         b"transfer-encoding",
         b"upgrade",
         b"proxy-authorization",
+        b"proxy-authenticate",
         b"strato-token",  # the web token is the gateway's, never the app's
+        # the gateway's own, never the client's (a forged one would reach the app)
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-prefix",
+        b"x-forwarded-port",
+        b"x-forwarded-server",
+        b"x-real-ip",
+        b"forwarded",
+        b"x-strato-request-id",
     )
 )
+# Connection tokens that name no header to strip
+CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 BODY_BUFFER = 1 << 20  # request body held while waiting for a container, before pausing
 DISCARD_LIMIT = 64 << 20  # after an error answered early, read and drop this much at most
 DISCARD_S = 5.0
@@ -54,7 +70,9 @@ REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    408: "Request Timeout",
     413: "Content Too Large",
+    431: "Request Header Fields Too Large",
     499: "Client Closed Request",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -93,7 +111,7 @@ def error_body(status: int, message: str, rid: str) -> bytes:
 class Upstream(asyncio.Protocol):
     """A tunnel the container dialed: a keep-alive HTTP/1.1 connection to its server."""
 
-    __slots__ = ("backend", "transport", "ex", "closed", "owner")
+    __slots__ = ("backend", "transport", "ex", "closed", "owner", "on_lost")
 
     def __init__(self, backend: Backend, owner: object = None) -> None:
         self.backend = backend
@@ -103,6 +121,7 @@ class Upstream(asyncio.Protocol):
         # the channel's StreamWriter this connection came in with: it closes the transport
         # when garbage-collected, so it lives as long as the tunnel
         self.owner = owner
+        self.on_lost = None  # the channel listener's count of it (listeners.py)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -119,6 +138,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
         b = self.backend
         b.tunnels -= 1
         try:
@@ -185,6 +207,8 @@ class Exchange:
         "sent",
         "complete",
         "up_keep_alive",
+        "drop",
+        "head_size",
     )
 
     def __init__(self, conn: ClientConn, rid: str) -> None:
@@ -220,6 +244,8 @@ class Exchange:
         self.sent = 0  # response bytes passed on
         self.complete = False  # the response parser saw the end of the response
         self.up_keep_alive = False  # the tunnel may carry another request after this one
+        self.drop: set[bytes] | None = None  # headers the client's Connection header names
+        self.head_size = 0  # bytes of the head parsed so far (url, headers)
 
     # ------------------------------------------------------------------ request body
 
@@ -282,15 +308,14 @@ class Exchange:
         up.ex = self
         h = self.headers
         out = [self.method, b" ", self.target, b" HTTP/", self.version.encode(), b"\r\n"]
-        xff = None
+        drop = self.drop
         for name, value in h:
-            if name in HOP_BY_HOP or name == b"x-forwarded-for":
-                if name == b"x-forwarded-for":
-                    xff = value
+            if name in HOP_BY_HOP or name[:6] == b"proxy-" or (drop is not None and name in drop):
                 continue
             out += (name, b": ", value, b"\r\n")
-        client = self.conn.client_ip
-        out += (b"x-forwarded-for: ", (xff + b", " + client) if xff else client, b"\r\n")
+        out += (b"x-forwarded-for: ", self.conn.client_ip, b"\r\n")
+        if self.host:
+            out += (b"x-forwarded-host: ", self.host.encode("latin-1"), b"\r\n")
         out += (b"x-forwarded-proto: http\r\nx-strato-request-id: ", self.rid.encode(), b"\r\n")
         if self.prefix:
             out += (b"x-forwarded-prefix: ", self.prefix, b"\r\n")
@@ -333,7 +358,7 @@ class Exchange:
         if not self.body_done:
             return  # still uploading: the client is slow, not the endpoint
         entry = self.gw.results.create(self)
-        location = f"/__strato/results/{self.rid}".encode()
+        location = f"/__strato/results/{entry.result_id}".encode()
         self.conn.write(
             simple_response(
                 303,
@@ -575,19 +600,36 @@ class ClientConn(asyncio.Protocol):
         self.closing = False
         self.discarding = 0  # > 0: reading and dropping input before closing
         self.client_ip = b"-"
-        self.last_active = time.monotonic()
+        # listener limits (server/listeners.py): the guard's sweep closes a connection
+        # whose head is not complete ``header_timeout_s`` after ``head_since``, or that
+        # is idle between requests ``keepalive_s`` after ``idle_since``
+        self.head_since: float | None = None
+        self.idle_since: float | None = None
+        self.head_bytes = 0
+        self.refused = False
+        self.overflow: str | None = None
 
     # ------------------------------------------------------------------ asyncio
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if not self.gw.guard.admit(self):
+            self.refused = self.closed = True
+            transport.write(refusal())
+            transport.close()
+            return
+        self.head_since = time.monotonic()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0]).encode()
-        self.gw.conns.add(self)
+
+    def guard_close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.head_since = self.idle_since = None
+            self.closing = True
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
         if self.upgraded is not None:
             self.upgraded.client_raw(data)
             return
@@ -606,11 +648,24 @@ class ClientConn(asyncio.Protocol):
                 self.upgraded = ex
                 ex.client_raw(data[e.args[0] :])
         except httptools.HttpParserError:
-            self._bad_request()
+            if self.overflow is not None:
+                self._too_large(self.overflow)
+            else:
+                self._bad_request()
+            return
+        if self.head_since is not None:  # (a head that began in this chunk counts it all)
+            self.head_bytes += len(data)
+            if self.head_bytes > self.gw.config.limits.max_header_bytes:
+                self._too_large(
+                    f"the request head is over {self.gw.config.limits.max_header_bytes} bytes "
+                    "(STRATO_MAX_HEADER_BYTES)"
+                )
 
     def connection_lost(self, exc) -> None:
+        if self.refused:
+            return
         self.closed = True
-        self.gw.conns.discard(self)
+        self.gw.guard.release(self)
         for ex in self.queue:
             ex.client_gone()
         self.queue.clear()
@@ -628,13 +683,31 @@ class ClientConn(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
-        self.cur = Exchange(self, self.gw.next_rid())
+        self.cur = ex = Exchange(self, self.gw.next_rid())
+        if self.head_since is None:
+            self.head_since = ex.t0
+        self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
-        self.cur.url += url
+        ex = self.cur
+        ex.url += url
+        ex.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.cur
+        limits = self.gw.config.limits
+        ex.head_size += len(name) + len(value) + 4
+        if len(ex.headers) >= limits.max_headers or ex.head_size > limits.max_header_bytes:
+            if len(ex.headers) >= limits.max_headers:
+                self.overflow = (
+                    f"the request has over {limits.max_headers} header lines (STRATO_MAX_HEADERS)"
+                )
+            else:
+                self.overflow = (
+                    f"the request head is over {limits.max_header_bytes} bytes "
+                    "(STRATO_MAX_HEADER_BYTES)"
+                )
+            raise HeadTooLarge(self.overflow)
         name = name.lower()
         if name == b"content-length":
             try:
@@ -645,9 +718,18 @@ class ClientConn(asyncio.Protocol):
             ex.chunked = b"chunked" in value.lower()
         elif name == b"host":
             ex.host = value.decode("latin-1")
+        elif name == b"connection":  # the headers it names are hop-by-hop
+            for token in value.lower().split(b","):
+                token = token.strip()
+                if token and token not in CONNECTION_OPTIONS:
+                    if ex.drop is None:
+                        ex.drop = set()
+                    ex.drop.add(token)
         ex.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.head_since = None
+        self.head_bytes = 0
         ex = self.cur
         p = self.parser
         ex.method = p.get_method()
@@ -693,6 +775,8 @@ class ClientConn(asyncio.Protocol):
             nxt = self.queue[0]
             if nxt.state == "new":
                 self.gw.begin(nxt)
+        elif self.head_since is None and self.upgraded is None:
+            self.idle_since = time.monotonic()
 
     def close_after_write(self) -> None:
         if not self.closed:
@@ -714,6 +798,14 @@ class ClientConn(asyncio.Protocol):
         except (NotImplementedError, OSError, RuntimeError):
             pass
         asyncio.get_running_loop().call_later(DISCARD_S, self.close_after_write)
+
+    def _too_large(self, why: str) -> None:
+        """431: the head is over a limit; close before buffering more of it."""
+        self.head_since = None
+        self.parser = httptools.HttpRequestParser(self)  # drop what it holds
+        rid = self.gw.next_rid()
+        self.write(simple_response(431, error_body(431, why, rid), rid, close=True))
+        self.discard_then_close()  # (so that the client reads the 431, not a reset)
 
     def _bad_request(self) -> None:
         rid = self.gw.next_rid()

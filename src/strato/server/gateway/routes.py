@@ -6,8 +6,13 @@ app (``app.run()``, ``strato serve``) takes the suffix ``-dev`` (``/shop-dev/car
 in Modal, so a test run never hijacks a deployed app's URLs; an unnamed one uses its
 app id. App names become URL-safe: lowercased, other characters as ``-``.
 
-Several live apps may claim one route name (a redeploy, a ``strato serve`` reload): the
-newest serves it; when it stops, the one before serves again.
+Route names are unique across apps (``conflict``): a new app whose route name another
+live app of another name uses (``WEB`` and ``web``; ``shop-dev`` and the ephemeral
+``shop``), or one of whose host names another app's endpoint has (app ``shop-cart`` label
+``api`` and app ``shop`` label ``cart-api`` are both ``shop-cart-api.localhost``), is
+refused when it is created. Only versions of one app (same name, deployed or not) share
+routes: a redeploy, a ``strato serve`` reload. Among them the newest serves; when it
+stops, the one before serves again.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ def route_name(app_id: str, name: str | None, deployed: bool) -> str:
 
 
 @dataclass(frozen=True)
+class RouteConflict:
+    other_app: str  # the other app's name
+    other_app_id: str
+    what: str  # the URL the two would share, in words
+
+
+@dataclass(frozen=True)
 class Route:
     app_id: str
     name: str  # the route name of the app
@@ -37,9 +49,10 @@ class Route:
 @dataclass
 class AppRoutes:
     app_id: str
-    name: str
+    name: str  # the route name
     order: int
     labels: dict[str, Route] = field(default_factory=dict)
+    app_name: str | None = None  # the app's own name: versions of one app share routes
 
 
 class RouteTable:
@@ -55,7 +68,7 @@ class RouteTable:
         """Register the web endpoints of an app ((function id, spec) pairs)."""
         rname = route_name(app_id, name, deployed)
         self._order += 1
-        entry = AppRoutes(app_id, rname, self._order)
+        entry = AppRoutes(app_id, rname, self._order, app_name=name)
         for fid, spec in specs:
             if spec.web is None:
                 continue
@@ -76,6 +89,36 @@ class RouteTable:
 
     def app(self, app_id: str) -> AppRoutes | None:
         return self._apps.get(app_id)
+
+    def conflict(self, name: str | None, deployed: bool, labels: list[str]) -> RouteConflict | None:
+        """Whether an app ``name`` with endpoints ``labels`` would shadow a route of
+        another live app (case-insensitive; an unnamed app routes by its unique id)."""
+        if not name or not labels:
+            return None
+        rname = route_name("", name, deployed)
+        if not rname or rname == "-dev":  # nothing URL-safe in the name: it routes by id
+            return None
+        hosts = {f"{rname}-{label}".lower(): label for label in labels}
+        for entry in self._apps.values():
+            if entry.name == rname and entry.app_name == name:
+                continue  # another version of the same app
+            if entry.name.lower() == rname.lower():
+                return RouteConflict(
+                    entry.app_name or entry.app_id,
+                    entry.app_id,
+                    f"/{rname}/... (app {name!r} routes as {rname!r}, as app "
+                    f"{entry.app_name or entry.app_id!r} does)",
+                )
+            for label in entry.labels:
+                host = f"{entry.name}-{label}".lower()
+                if host in hosts:
+                    return RouteConflict(
+                        entry.app_name or entry.app_id,
+                        entry.app_id,
+                        f"{host}.localhost (label {hosts[host]!r} of app {name!r}, and label "
+                        f"{label!r} of app {entry.app_name or entry.app_id!r})",
+                    )
+        return None
 
     def _rebuild(self) -> None:
         by_path: dict[tuple[str, str], Route] = {}
