@@ -76,8 +76,8 @@ def ensure_server(
         raise exc.ConnectionError(
             f"no strato control plane answers at {url}; check STRATO_SERVER_URL"
         )
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "logs").mkdir(exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: state, tokens, logs
+    (home / "logs").mkdir(mode=0o700, exist_ok=True)
     with _locked(home / "server.lock"):
         if ping(url) is None:  # another client may have started it while we waited
             start_server(url, home, progress, timeout)
@@ -86,7 +86,8 @@ def ensure_server(
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    with open(path, "a") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -104,7 +105,8 @@ def start_server(
         progress(f"starting the strato control plane at {url} (state in {home})")
     env = dict(os.environ, STRATO_HOME=str(home), STRATO_PORT=str(port), STRATO_HOST=host)
     log_path = home / "logs" / "server.log"
-    with open(log_path, "ab") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "strato.server"],
             env=env,
@@ -112,6 +114,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=0o077,  # its state, blobs, tokens and logs are this user's alone
         )
     # reap it when it exits, so a stopped server does not linger as our zombie
     threading.Thread(target=proc.wait, name="strato-server-reaper", daemon=True).start()

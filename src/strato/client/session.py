@@ -16,6 +16,8 @@ from .http import ApiClient
 from .mounts import LocalMount
 
 HEARTBEAT_S = 5.0
+# after its app stopped, how long a run waits for the last lines of its containers
+DRAIN_TIMEOUT_S = 60.0
 _session: ApiClient | None = None
 _lock = threading.Lock()
 
@@ -116,8 +118,13 @@ class LogFollower:
                 print(f"[{line.container_id}] {line.text}", file=out, flush=True)
         return len(batch.lines)
 
-    def stop(self, drain_s: float = 0.3) -> None:
+    def stop(self, drain_s: float = 0.3, *, until_gone: bool = False) -> None:
         """Stop following, after printing what arrived during the last ``drain_s``.
+
+        ``until_gone`` (the app was stopped): print every line of the app up to the end,
+        that is until none of its containers is left (a container's lines reach the
+        control plane before its exit report, over the same worker channel), then what
+        is left; at most ``DRAIN_TIMEOUT_S``.
 
         The background thread is not waited for (it may be in a long-poll): what its poll
         brings back now is dropped, and read again here."""
@@ -127,5 +134,26 @@ class LogFollower:
         try:
             while self.poll(timeout=max(0.0, deadline - time.monotonic())):
                 pass
+            if until_gone:
+                self._drain_until_gone()
         except exc.Error:
             pass
+
+    def _drain_until_gone(self) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while True:
+            while self.poll(timeout=0.0):
+                pass
+            info = self.client.call("GET", f"/apps/{self.app_id}", None, m.AppInfo)
+            if not info.n_containers:
+                while self.poll(timeout=0.0):  # what came with their exits
+                    pass
+                return
+            if time.monotonic() > deadline:
+                if not self.quiet:
+                    progress(
+                        f"stopped waiting for the output of {info.n_containers} "
+                        f"container(s) of app {self.app_id} after {DRAIN_TIMEOUT_S:g}s"
+                    )
+                return
+            self.poll(timeout=0.25)

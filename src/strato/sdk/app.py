@@ -394,13 +394,16 @@ class App:
             yield self
         finally:
             self._running = False
-            follower.stop()
             if not detach:
                 try:
                     client.call("POST", f"/apps/{info.app_id}/stop")
                 except exc.Error as e:
                     session.progress(f"could not stop app {info.app_id}: {e}")
-            elif not quiet:
+                # every line its containers printed, up to their end (issue 14)
+                follower.stop(until_gone=not quiet)
+            else:
+                follower.stop()
+            if detach and not quiet:
                 session.progress(
                     f"app {info.app_id} keeps running (detached); stop it with "
                     f"`strato app stop {info.app_id}`"

@@ -31,6 +31,11 @@ from .store import Store
 log = logging.getLogger("strato.fleet")
 
 EXIT_REPORT_GRACE_S = 3.0  # wait this long for the worker's exit report after a channel drops
+# a worker agent sends a Heartbeat every few seconds; silent this long, its node is lost
+WORKER_HEARTBEAT_TIMEOUT_S = 30.0
+# while a function cannot be placed, its app's user is told again after these many seconds
+# (then every last one), with how long it has been so
+WAIT_REPORT_AFTER_S = (5.0, 15.0, 30.0, 60.0)
 STARTUP_TIMEOUT_S = 300.0
 INIT_FAILURE_BACKOFF_S = (1.0, 30.0)
 
@@ -57,6 +62,8 @@ class Node:
     peer: Peer | None
     worker_id: str
     last_heartbeat: float = field(default_factory=time.monotonic)
+    lost_at: float | None = None  # when its worker agent was lost (None: connected)
+    lost_reason: str = ""
 
 
 @dataclass(eq=False)
@@ -107,8 +114,11 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self.containers: dict[str, ContainerSession] = {}
         self.backoff: dict[str, tuple[float, float]] = {}  # function_id -> (until, next delay)
-        self._unplaceable_logged: dict[str, str] = {}
+        # function_id -> (why it waits, since when, next report at, reports so far)
+        self._unplaceable_logged: dict[str, tuple[str, float, float, int]] = {}
         self.quota = None  # scheduler.quota.QuotaGate, set by the control plane (issue 14)
+        self.heartbeat_timeout_s = WORKER_HEARTBEAT_TIMEOUT_S
+        self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
 
     # ------------------------------------------------------------------ workers
 
@@ -132,6 +142,13 @@ class Fleet:
             if old.peer is not None and old.peer is not peer:
                 old.peer.close()
         self.nodes[node_id] = Node(view, info, peer, hello.worker_id)
+        if old is not None and old.lost_at is not None:
+            log.info(
+                "node %s: its worker agent is back after %.1fs",
+                node_id,
+                time.monotonic() - old.lost_at,
+            )
+            self.agent_note = ""
         self.store.upsert_node(
             node_id, info.name, info.provider, msgspec.msgpack.encode(info), "ready"
         )
@@ -150,16 +167,60 @@ class Fleet:
         self._on_change()
         return node_id
 
-    def worker_gone(self, node_id: str, peer: Peer) -> None:
+    def worker_gone(self, node_id: str, peer: Peer, why: str = "its channel closed") -> None:
+        """The node's worker agent is gone (its channel dropped, or it stopped sending
+        heartbeats): the node places nothing until an agent registers as it again, and its
+        containers count as dead. Their inputs go back to the front of the queue without
+        an attempt counted: the node failed, not the input (a later agent of the node kills
+        what is left of them; their late outputs carry stale dispatch tokens)."""
         node = self.nodes.get(node_id)
         if node is None or node.peer is not peer:
             return
         node.peer = None
         node.view.healthy = False
+        node.lost_at = time.monotonic()
+        node.lost_reason = why
         self.store.set_node_state(node_id, "lost")
-        log.warning("node %s lost its worker agent", node_id)
-        for s in [s for s in self.containers.values() if s.node_id == node_id]:
-            self._gone(s, "lost its node's worker agent", oom=False)
+        lost = [s for s in self.containers.values() if s.node_id == node_id]
+        log.warning(
+            "node %s lost its worker agent (%s); %d containers lost with it",
+            node_id,
+            why,
+            len(lost),
+        )
+        told: set[str] = set()
+        for s in lost:
+            if s.app_id not in told and s.state in ("starting", "ready"):
+                told.add(s.app_id)
+                self._tell(
+                    s.app_id,
+                    f"node {node_id} lost its worker agent ({why}); the inputs its "
+                    "containers held go back to the queue",
+                    "-",
+                )
+            self._gone(s, "lost its node's worker agent", oom=False, node_lost=True)
+        if peer is not None:
+            peer.close()
+        self._on_change()
+
+    def check_heartbeats(self, now: float) -> None:
+        """A connected agent silent for ``heartbeat_timeout_s`` is lost (hung, or its
+        machine unreachable without the connection noticing)."""
+        for node_id, node in list(self.nodes.items()):
+            if node.peer is not None and now - node.last_heartbeat > self.heartbeat_timeout_s:
+                self.worker_gone(
+                    node_id,
+                    node.peer,
+                    f"no heartbeat for {now - node.last_heartbeat:.0f}s",
+                )
+
+    def worker_restarting(self, text: str) -> None:
+        """What the provider says of a dead agent it is restarting (shown to waiting apps)."""
+        self.agent_note = text
+        for fn_id in list(self._unplaceable_logged):
+            why, since, _, n = self._unplaceable_logged[fn_id]
+            self._unplaceable_logged[fn_id] = (why, since, 0.0, n)  # tell again now
+        self._on_change()
 
     def on_worker_message(self, node_id: str, msg: object) -> None:
         node = self.nodes.get(node_id)
@@ -328,15 +389,42 @@ class Fleet:
                 count_attempt=False,
             )
             return
+        now = time.monotonic()
+        connected = [n for n in self.nodes.values() if n.peer is not None]
         if not self.nodes:  # at start-up, before the first worker agent has registered
             why, what = "no worker agent has registered yet", "waits for a worker agent"
+        elif not connected:  # every node's agent is gone (dead, restarting, unreachable)
+            lost = sorted(self.nodes.values(), key=lambda n: n.lost_at or now)
+            why = "; ".join(
+                f"node {n.view.node_id} lost its worker agent"
+                f" {now - (n.lost_at or now):.0f}s ago ({n.lost_reason})"
+                for n in lost
+            )
+            if self.agent_note:
+                why += f"; {self.agent_note}"
+            what = f"waits for a worker agent: no node can run it now: {why}"
         else:
             why = explain_unplaceable(request, [n.view for n in self.nodes.values()])
             what = f"waits for capacity: {why}"
-        if self._unplaceable_logged.get(fn.function_id) != why:
-            self._unplaceable_logged[fn.function_id] = why
-            log.info("%s %s", fn.name, what)
-            self._tell(fn.app_id, f"{fn.name} {what}", "-")
+        self._report_wait(fn, why, what, now)
+
+    def _report_wait(self, fn: FunctionState, why: str, what: str, now: float) -> None:
+        """Tell the app's user why ``fn`` cannot run, when that changes and again now and
+        then, with how long it has been so."""
+        key = why.split(" lost its worker agent ")[0]  # the seconds in it change each tick
+        prior = self._unplaceable_logged.get(fn.function_id)
+        if prior is None:
+            since, n = now, 0
+        else:
+            prior_why, since, due, n = prior
+            if prior_why == key and now < due:
+                return
+        waited = now - since
+        text = f"{fn.name} {what}" + (f" (for {waited:.0f}s)" if waited >= 1 else "")
+        due = now + WAIT_REPORT_AFTER_S[min(n, len(WAIT_REPORT_AFTER_S) - 1)]
+        self._unplaceable_logged[fn.function_id] = (key, since, due, n + 1)
+        log.info("%s", text)
+        self._tell(fn.app_id, text, "-")
 
     def container_hello(self, hello: m.ContainerHello, peer: Peer) -> ContainerSession | None:
         s = self.containers.get(hello.container_id)
@@ -409,7 +497,11 @@ class Fleet:
         else:
             self._gone(s, f"killed ({reason}) while its node was unreachable", oom=False)
 
-    def _gone(self, s: ContainerSession, description: str, oom: bool) -> None:
+    def _gone(
+        self, s: ContainerSession, description: str, oom: bool, node_lost: bool = False
+    ) -> None:
+        """The container has ended. ``node_lost``: it ended with its node's worker agent,
+        through no fault of its inputs: none counts a failed attempt, none backs off."""
         if s.state == "gone":
             return
         if s.lost_handle is not None:
@@ -424,7 +516,8 @@ class Fleet:
                 f"OutOfMemoryError: the container running this input {what}; give the "
                 "function more memory (memory=...) or make it use less"
             )
-        self.calls.release_leases(s, 1 if prior != "killing" else 0, status, error, known=False)
+        running = 1 if prior != "killing" and not node_lost else 0
+        self.calls.release_leases(s, running, status, error, known=False)
         fn = self.calls.functions.get(s.function_id)
         if fn is not None:
             fn.sessions.pop(s.container_id, None)
@@ -437,7 +530,7 @@ class Fleet:
         self.store.set_container_state(s.container_id, "stopped", description)
         if prior not in ("stopping", "killing"):
             self._tell(s.app_id, f"container {description}", s.container_id)
-        if prior == "starting" and fn is not None and fn.queue:
+        if prior == "starting" and fn is not None and fn.queue and not node_lost:
             # died before it was ready (a crash at import): back off before the next try
             self._init_failed(
                 s, f"ContainerDiedError: the container {what} while starting", None, None
@@ -445,6 +538,7 @@ class Fleet:
         self._on_change()
 
     def check_startups(self, now: float) -> None:
+        self.check_heartbeats(now)
         for s in list(self.containers.values()):
             if s.state == "starting" and now - s.started_at > STARTUP_TIMEOUT_S:
                 self.kill(s.container_id, f"not ready after {STARTUP_TIMEOUT_S:g}s")

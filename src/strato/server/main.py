@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -20,6 +22,51 @@ from .listeners import api_uvicorn_options
 
 log = logging.getLogger("strato.server")
 
+# what the control plane keeps under STRATO_HOME: only its user may read it (0600 files,
+# 0700 folders). worker/ and images/ hold what containers read (their code, specs, image
+# layers): their folders are 0700, their files keep the modes containers need.
+PRIVATE_FILES = (
+    "state.db",
+    "state.db-wal",
+    "state.db-shm",
+    "token",
+    "web_token",
+    "server.json",
+    "server.lock",
+)
+PRIVATE_TREES = ("blobs", "logs", "run")
+PRIVATE_DIRS = ("worker", "images")
+
+
+def secure_home(home: Path) -> None:
+    """Make an existing STRATO_HOME private to its user (homes made before this rule)."""
+    os.umask(0o077)
+    _chmod(home, 0o700)
+    for name in PRIVATE_FILES:
+        _chmod(home / name, 0o600)
+    for name in PRIVATE_DIRS:
+        _chmod(home / name, 0o700)
+    for name in PRIVATE_TREES:
+        root = home / name
+        if not root.is_dir():
+            continue
+        _chmod(root, 0o700)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for d in dirnames:
+                _chmod(Path(dirpath, d), 0o700)
+            for f in filenames:
+                _chmod(Path(dirpath, f), 0o600)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    """Take group and other bits off ``path`` (``mode``: 0o600 or 0o700, for the reader)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)
+    except OSError:
+        pass
+
 
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -31,7 +78,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(config: ServerConfig) -> None:
+    os.umask(0o077)  # the state, blobs, tokens and logs are this user's alone
     config.ensure_dirs()
+    secure_home(config.home)
     sock = _bind(config.host, config.port)
     port = sock.getsockname()[1]
     url = f"http://{config.host}:{port}"
@@ -57,8 +106,18 @@ async def serve(config: ServerConfig) -> None:
     os.replace(tmp, info)
     provider = None
     if config.start_local_worker:
-        provider = LocalProvider(config.home, f"unix:{config.channel_socket}", cp.token)
+        provider = LocalProvider(
+            config.home,
+            f"unix:{config.channel_socket}",
+            cp.token,
+            on_restart=lambda r: cp.fleet.worker_restarting(
+                "the local worker agent died ("
+                + (f"signal {r.signal}" if r.signal else f"exit code {r.exit_code}")
+                + f"); it is restarted in {r.delay_s:g}s (restart {r.total})"
+            ),
+        )
         provider.start_worker()
+        provider.supervise()
     log.info("strato control plane listening on %s (state in %s)", url, config.home)
     try:
         await server.serve(sockets=[sock])

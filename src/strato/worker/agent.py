@@ -32,7 +32,77 @@ from .zygote import ZygotePool
 log = logging.getLogger("strato.worker")
 
 LOG_FLUSH_S = 0.02
+DEFAULT_LOG_QUOTA = 16 << 20  # bytes of log lines per container per minute
+LOG_QUOTA_WINDOW_S = 60.0
+HEARTBEAT_S = 5.0  # the control plane counts the node lost after 30 s without one
 MAX_LOG_LINE = 16 << 10
+
+
+def log_quota_from_env() -> int:
+    """``STRATO_LOG_QUOTA``: bytes of log lines a container may write per minute (a line
+    counts its UTF-8 bytes plus its newline); 0 means no limit."""
+    raw = os.environ.get("STRATO_LOG_QUOTA")
+    if not raw:
+        return DEFAULT_LOG_QUOTA
+    try:
+        return max(0, int(float(raw)))
+    except ValueError:
+        log.warning("STRATO_LOG_QUOTA=%r is not a number of bytes; using the default", raw)
+        return DEFAULT_LOG_QUOTA
+
+
+class LogQuota:
+    """Per container, per minute: lines past ``quota`` bytes are dropped, and the app's
+    log says so when dropping starts and, when the minute ends (or the container does),
+    how much was dropped."""
+
+    def __init__(self, quota: int, window_s: float = LOG_QUOTA_WINDOW_S) -> None:
+        self.quota = quota
+        self.window_s = window_s
+        # container id -> [window start, bytes used, bytes dropped, lines dropped]
+        self._windows: dict[str, list] = {}
+
+    def admit(self, cid: str, text: str, now: float) -> tuple[bool, list[str]]:
+        """(keep the line, notices to log first)."""
+        if not self.quota:
+            return True, []
+        notices: list[str] = []
+        w = self._windows.get(cid)
+        if w is None or now - w[0] >= self.window_s:
+            if w is not None and (summary := self._summary(w)):
+                notices.append(summary)
+            w = self._windows[cid] = [now, 0, 0, 0]
+        size = len(text.encode("utf-8", "replace")) + 1
+        if w[1] + size <= self.quota:
+            w[1] += size
+            return True, notices
+        if not w[3]:
+            notices.append(
+                f"over the log quota of {self.quota} bytes per minute (STRATO_LOG_QUOTA): "
+                "this container's output is dropped until the minute ends"
+            )
+        w[2] += size
+        w[3] += 1
+        return False, notices
+
+    def window_end(self, cid: str) -> float | None:
+        w = self._windows.get(cid)
+        return None if w is None else w[0] + self.window_s
+
+    def close(self, cid: str, *, forget: bool) -> str | None:
+        """The summary of what was dropped so far (None: nothing was)."""
+        w = self._windows.pop(cid, None) if forget else self._windows.get(cid)
+        return None if w is None else self._summary(w)
+
+    def _summary(self, w: list) -> str | None:
+        if not w[3]:
+            return None
+        text = (
+            f"{w[2]} bytes of logs dropped ({w[3]} lines): over the quota of "
+            f"{self.quota} bytes per minute"
+        )
+        w[2] = w[3] = 0
+        return text
 
 
 class WorkerAgent:
@@ -68,13 +138,12 @@ class WorkerAgent:
         self._outbox: list[object] = []  # what could not be sent while disconnected
         self._http: ApiClient | None = None
         self._stop = asyncio.Event()
+        self.log_quota = LogQuota(log_quota_from_env())
         # cold starts: containers forked from zygotes and memory-snapshot templates
         self.zygotes = ZygotePool(
             self.cache,
             tell=lambda cid, text: self._add_log(m.LogLine(time.time(), cid, "system", text)),
-            output=lambda cid, stream, text: self._add_log(
-                m.LogLine(time.time(), cid, stream, text[:MAX_LOG_LINE])
-            ),
+            output=lambda cid, stream, text: self._output(cid, stream, text[:MAX_LOG_LINE]),
         )
 
     # ------------------------------------------------------------------ connection
@@ -85,8 +154,22 @@ class WorkerAgent:
         elif not isinstance(msg, m.Logs):
             self._outbox.append(msg)
 
+    def _private_dirs(self) -> None:
+        """This node's cache and (under STRATO_HOME) image cache: folders only this user
+        enters (their files keep the modes containers need to read them)."""
+        dirs = [self.cache]
+        if not os.environ.get("STRATO_IMAGE_CACHE"):
+            dirs.append(self.home / "images")
+        for d in dirs:
+            try:
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+            except OSError as e:
+                log.warning("could not make %s private: %s", d, e)
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._private_dirs()
         inv = detect_inventory()
         node = m.NodeInfo(
             name=self.name,
@@ -153,6 +236,7 @@ class WorkerAgent:
         outbox, self._outbox = self._outbox, []
         for msg in outbox:
             self.send(msg)
+        beat = asyncio.create_task(self._heartbeat(writer))
         try:
             while (msg := await frames.read_frame(reader)) is not None:
                 if isinstance(msg, m.ContainerStart):
@@ -160,8 +244,14 @@ class WorkerAgent:
                 elif isinstance(msg, m.ContainerKill):
                     self._kill(msg.container_id, msg.grace_s)
         finally:
+            beat.cancel()
             self._writer = None
             writer.close()
+
+    async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
+        while not writer.is_closing():
+            writer.write(frames.encode(m.Heartbeat(running=list(self.containers))))
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def _watch_parent(self) -> None:
         if not self.parent_pid:
@@ -209,6 +299,9 @@ class WorkerAgent:
         ]
         status = await rc.wait()
         await asyncio.wait(pumps, timeout=2.0)
+        dropped = self.log_quota.close(cid, forget=True)
+        if dropped:
+            self._add_log(m.LogLine(time.time(), cid, "system", dropped))
         self._flush_logs()
         self.containers.pop(cid, None)
         self.killed.discard(cid)
@@ -267,7 +360,28 @@ class WorkerAgent:
             if not line:
                 return
             text = line.decode("utf-8", "replace").rstrip("\n")
-            self._add_log(m.LogLine(time.time(), cid, name, text[:MAX_LOG_LINE]))
+            self._output(cid, name, text[:MAX_LOG_LINE])
+
+    def _output(self, cid: str, stream: str, text: str) -> None:
+        """A line a container wrote: shipped within its log quota."""
+        now = time.monotonic()
+        keep, notices = self.log_quota.admit(cid, text, now)
+        for notice in notices:
+            self._add_log(m.LogLine(time.time(), cid, "system", notice))
+            if notice.startswith("over the log quota"):  # say how much at the minute's end
+                end = self.log_quota.window_end(cid) or now
+                asyncio.get_running_loop().call_later(
+                    max(0.0, end - now), self._quota_window_ended, cid, end
+                )
+        if keep:
+            self._add_log(m.LogLine(time.time(), cid, stream, text))
+
+    def _quota_window_ended(self, cid: str, end: float) -> None:
+        if self.log_quota.window_end(cid) != end:
+            return  # the container ended, or a later line opened a new minute already
+        dropped = self.log_quota.close(cid, forget=False)
+        if dropped:
+            self._add_log(m.LogLine(time.time(), cid, "system", dropped))
 
     def _add_log(self, line: m.LogLine) -> None:
         self._log_buf.append(line)

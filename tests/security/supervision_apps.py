@@ -1,0 +1,33 @@
+"""Functions for the supervision and logs suites (test_worker_kill, test_logs_and_files)."""
+
+import sys
+
+import strato
+
+app = strato.App("strato-test-supervision")
+
+
+@app.function(max_containers=2)
+def double(x: int) -> int:
+    """Cheap and checkable: the output of input x is 2x. No retries: an input that a lost
+    node's container held must go back to the queue without a failed attempt."""
+    return 2 * x
+
+
+@app.function()
+def flood(lines: int, width: int) -> int:
+    """Print ``lines`` lines of ``width`` characters (far past a small log quota)."""
+    row = "x" * width
+    out = sys.stdout
+    for i in range(lines):
+        out.write(f"{i:08d} {row}\n")
+    out.flush()
+    return lines
+
+
+@app.function(timeout=300)
+def slow(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds

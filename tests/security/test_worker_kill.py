@@ -1,0 +1,224 @@
+"""Supervision: the worker agent SIGKILLed in the middle of a 20,000-input ``.map``.
+
+The local provider restarts the agent (with backoff); the control plane marks the node
+lost when the agent's channel drops, counts its containers dead and puts the inputs they
+held back in the queue (no failed attempt: the node failed, not the input); the new agent
+registers as the same node and the map finishes with every output exactly once. While no
+node can run the function, the app's log says why and for how long."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import dedicated_server, pid_alive, processes_of, wait_until
+
+from strato.client import session
+from strato.protocol import messages as m
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import supervision_apps as apps  # noqa: E402
+
+N = 20_000
+BACKOFF = (0.2, 1.6)  # first restart delay, cap (seconds)
+
+
+@pytest.fixture(scope="module")
+def server():
+    env = {
+        "STRATO_RUNTIME": "process",
+        "STRATO_WORKER_RESTART_BACKOFF": f"{BACKOFF[0]},{BACKOFF[1]}",
+        "STRATO_WORKER_RESTART_RESET_S": "600",
+        # containers started as plain processes, not forked from a zygote (a forked one
+        # dies with the agent by itself): the provider must kill what the agent left
+        "STRATO_ZYGOTE": "0",
+    }
+    with dedicated_server(env) as handle:
+        yield handle
+
+
+def worker_pid(home: Path) -> int | None:
+    found = [pid for pid, cmd in processes_of(home) if "-m strato.worker" in cmd]
+    assert len(found) <= 1, f"more than one worker agent for one home: {found}"
+    return found[0] if found else None
+
+
+def container_pids(home: Path) -> list[int]:
+    return [pid for pid, cmd in processes_of(home) if "strato.container" in cmd]
+
+
+def restarts(home: Path) -> list[dict]:
+    path = home / "logs" / "worker-restarts.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def node_states() -> list[str]:
+    return [n.state for n in session.api().call("GET", "/nodes", None, m.NodeList).nodes]
+
+
+def kill_worker(home: Path) -> int:
+    """SIGKILL the current worker agent; returns its pid once it is gone."""
+    pid = wait_until(lambda: worker_pid(home), 30, "a worker agent process")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), 30, f"worker agent {pid} to die")
+    return pid
+
+
+def wait_for_new_worker(home: Path, old: int) -> int:
+    pid = wait_until(
+        lambda: (p := worker_pid(home)) and p != old and p,
+        60,
+        "the provider to start a new worker agent (it restarts a dead one)",
+    )
+    wait_until(
+        lambda: node_states() == ["ready"], 60, "the new agent to register as the same node"
+    )
+    return pid
+
+
+def app_logs(app_id: str) -> list[m.LogLine]:
+    lines, after = [], 0
+    while True:
+        batch = session.api().call(
+            "GET", f"/apps/{app_id}/logs", None, m.LogBatch, params={"after": after, "timeout": 0}
+        )
+        if not batch.lines:
+            return lines
+        lines += batch.lines
+        after = batch.cursor
+
+
+def stored_outputs(home: Path, function_id: str) -> dict:
+    """The map call as the store has it, and its outputs as a client paging through the
+    raw API (no client-side de-duplication) receives them."""
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+    try:
+        (call_id,) = db.execute(
+            "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' AND n_inputs = ? "
+            "ORDER BY created_at DESC LIMIT 1",
+            (function_id, N),
+        ).fetchone()
+        done, successes, attempts = db.execute(
+            "SELECT SUM(status = 'done'), SUM(out_status = 'success'), SUM(attempts) "
+            "FROM inputs WHERE call_id = ?",
+            (call_id,),
+        ).fetchone()
+    finally:
+        db.close()
+    indices, after = [], 0
+    while True:
+        page = session.api().call(
+            "GET",
+            f"/calls/{call_id}/outputs",
+            None,
+            m.Outputs,
+            params={"after": after, "limit": 1000},
+        )
+        if not page.outputs:
+            break
+        indices += [o.idx for o in page.outputs if o.gen_index is None]
+        after = page.last_seq
+    return {"done": done, "successes": successes, "attempts": attempts, "indices": indices}
+
+
+@pytest.mark.slow
+def test_map_survives_a_sigkilled_worker_agent(server):
+    home = server.home
+    with apps.app.run(quiet=True):
+        assert apps.double.remote(21) == 42  # the function's containers exist
+        results: list[int] = []
+        victims: list[int] = []
+        killed = None
+        for value in apps.double.map(range(N)):
+            results.append(value)
+            if len(results) == N // 4:
+                victims = container_pids(home)
+                killed = kill_worker(home)
+        assert killed is not None
+        assert victims, "the map's containers were running when the agent was killed"
+        # every output exactly once, with its value, in input order
+        assert len(results) == N
+        assert results == [2 * x for x in range(N)]
+        stored = stored_outputs(home, apps.double.object_id)
+        assert stored["done"] == stored["successes"] == N
+        assert sorted(stored["indices"]) == list(range(N)), "an input's output is repeated"
+        # the node failed, not the inputs: none counted a failed attempt
+        assert stored["attempts"] == 0
+        # the dead agent's containers (plain processes under the process runtime) do not
+        # linger: the provider killed them before starting the new agent
+        for pid in victims:
+            wait_until(lambda pid=pid: not pid_alive(pid), 30, f"old container {pid} to die")
+        new = worker_pid(home)
+        assert new is not None and new != killed
+        assert node_states() == ["ready"]
+        recorded = restarts(home)
+        assert [r["died_pid"] for r in recorded] == [killed]
+        assert recorded[0]["signal"] == signal.SIGKILL and recorded[0]["new_pid"] == new
+        # the app's user was told what happened and why the function waited
+        texts = [line.text for line in app_logs(apps.app.app_id) if line.stream == "system"]
+        assert any("lost its worker agent" in t and "back to the queue" in t for t in texts), (
+            texts[-20:]
+        )
+        # inputs were queued while no agent was connected (its restart takes at least the
+        # 0.2 s backoff plus the agent's start-up), so the scaling loop said why it waited
+        waits = [t for t in texts if "waits for a worker agent: no node can run it now" in t]
+        assert waits and all("lost its worker agent" in t for t in waits), texts[-20:]
+
+
+def test_worker_comes_back_after_sigkill(server):
+    """The agent is restarted and registers as the same node; a container of the dead
+    agent that is busy in a long input (under the process runtime it would outlive the
+    agent) is killed, not left to finish and report later; the input runs again."""
+    home = server.home
+    before = len(restarts(home))
+    with apps.app.run(quiet=True):
+        call = apps.slow.spawn(3600.0)
+        busy = wait_until(lambda: container_pids(home), 60, "the slow input's container")
+        old = kill_worker(home)
+        new = wait_for_new_worker(home, old)
+        for pid in busy:  # it sleeps an hour: dead now means killed
+            wait_until(lambda pid=pid: not pid_alive(pid), 30, f"old container {pid} to die")
+        recorded = restarts(home)
+        assert len(recorded) == before + 1, "one more restart recorded"
+        last = recorded[-1]
+        assert last["died_pid"] == old and last["new_pid"] == new
+        assert last["signal"] == signal.SIGKILL
+        assert last["total"] == before + 1
+        # (its container died with the agent, or the provider killed it: orphans_killed)
+        # the input went back to the queue (no attempt counted) and runs on the new agent
+        again = wait_until(
+            lambda: [p for p in container_pids(home) if p not in busy],
+            60,
+            "a new container for the re-queued input",
+        )
+        assert again
+        assert apps.double.remote(5) == 10  # the node places containers again
+        call.cancel(terminate_containers=True)
+
+
+def test_repeated_kills_back_off(server):
+    """Killed again and again (each time soon after it started), the agent is restarted
+    after planned delays that double up to the cap; checked on the recorded plans, not on
+    the clock."""
+    home = server.home
+    before = len(restarts(home))
+    for _ in range(5):
+        old = kill_worker(home)
+        wait_for_new_worker(home, old)
+    recorded = restarts(home)[before:]
+    assert len(recorded) == 5
+    attempts = [r["attempt"] for r in recorded]
+    delays = [r["delay_s"] for r in recorded]
+    # no reset in between (each agent lived far less than the 600 s reset window)
+    assert attempts == list(range(attempts[0], attempts[0] + 5)), attempts
+    first, cap = BACKOFF
+    assert delays == [min(first * 2 ** (a - 1), cap) for a in attempts], delays
+    assert delays[-1] == cap and delays == sorted(delays), delays
+    assert len({r["died_pid"] for r in recorded}) == 5
