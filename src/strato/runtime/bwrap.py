@@ -26,13 +26,13 @@ Capabilities: the program runs as root with Docker's default capability set (no
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import json
 import logging
 import os
 import shutil
 import signal as _signal
+import stat
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 
 from strato.exceptions import InvalidError
@@ -41,17 +41,22 @@ from strato.runtime.cgroups import CgroupManager, ContainerCgroup
 from strato.runtime.devices import cuda_visible_devices, gpu_device_nodes
 from strato.runtime.isolation import (
     DEFAULT_CAPS,
+    OWN_DIRS,
+    RootEntry,
     check_launch,
     container_environment,
-    host_workdir,
-    interpreter_binds,
+    container_ids,
+    minimal_root,
+    sanitized_etc,
 )
+from strato.runtime.network import EgressHandle, attach_egress, egress_unavailable_reason
 from strato.runtime.rootfs import (
     ContainerDir,
-    check_host_view_binds,
     default_state_dir,
     find_executable,
+    resolve_in_root,
 )
+from strato.runtime.seccomp import filter_bpf, filter_fd
 from strato.runtime.supervise import (
     SupervisedContainer,
     cgroup_join_argv,
@@ -68,19 +73,80 @@ HELPERS = 2
 """bwrap's monitor and init share the container's cgroup: its pids limit is raised by 2."""
 
 
-@cache
-def _resolv_conf_args() -> tuple[str, ...]:
-    """``/etc/resolv.conf`` may point into ``/run`` (systemd-resolved), which a container gets
-    empty: bind the file it points to, so that DNS keeps working."""
-    resolv = os.path.realpath("/etc/resolv.conf")
-    return ("--ro-bind-try", resolv, resolv) if resolv.startswith("/run/") else ()
-
-
 def bind_args(binds: Iterable[Bind]) -> list[str]:
     args: list[str] = []
     for b in binds:
         args += ["--ro-bind" if b.readonly else "--bind", b.src, b.dst]
     return args
+
+
+SETPRIV = "/usr/bin/setpriv"
+SETPRIV_INSIDE = "/run/strato/setpriv"
+"""Where the host's ``setpriv`` is bound into an image that has none."""
+
+
+def user_argv(user: tuple[int, int], setpriv: str = SETPRIV) -> list[str]:
+    """The prefix that runs a program as ``user`` (uid, gid) with no capability left:
+    util-linux's ``setpriv``, exec'd by bwrap (as root in the sandbox, after it has set it
+    up) and exec'ing the program in turn under the same pid."""
+    uid, gid = user
+    return [
+        setpriv,
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ]
+
+
+def root_args(entries: Iterable[RootEntry]) -> list[str]:
+    """bwrap arguments that build a :func:`~strato.runtime.isolation.minimal_root`."""
+    args: list[str] = []
+    for e in entries:
+        if e.kind == "symlink":
+            args += ["--symlink", e.src, e.dst]
+        elif e.kind == "tmpfs":
+            args += ["--perms", "01777", "--tmpfs", e.dst]
+        else:
+            args += ["--ro-bind", e.src, e.dst]
+    return args
+
+
+_MOUNTS = {"--ro-bind", "--bind", "--dev-bind", "--tmpfs", "--symlink", "--proc", "--dev"}
+
+
+def _with_parents(args: list[str]) -> list[str]:
+    """``args`` with ``--perms 0755 --dir P`` before each mount for each parent folder P that
+    nothing mounted yet (bwrap would make those 0700: unreadable to the container's user)."""
+    out: list[str] = []
+    mounted: list[str] = []  # binds: their folders are theirs (tmpfs ones are bwrap's)
+    made: set[str] = set()
+    i = 0
+    while i < len(args):
+        a = args[i]
+        width = 3 if a in ("--ro-bind", "--bind", "--dev-bind", "--symlink") else 2
+        if a in _MOUNTS:
+            dst = os.path.normpath(args[i + width - 1])
+            parents = []
+            p = os.path.dirname(dst)
+            while p != "/":
+                parents.append(p)
+                p = os.path.dirname(p)
+            for p in reversed(parents):
+                if p in made or any(p == m or p.startswith(m + "/") for m in mounted):
+                    continue  # made already, or inside a bind (its own folders)
+                out += ["--perms", "0755", "--dir", p]
+                made.add(p)
+            if a not in ("--tmpfs", "--symlink"):
+                mounted.append(dst)
+            out += args[i : i + width]
+            i += width
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def build_args(
@@ -90,11 +156,23 @@ def build_args(
     workdir: str,
     gpu_nodes: list[str],
     hidden: Iterable[str] = (),
+    root: Iterable[RootEntry] | None = None,
+    seccomp_fd: int | None = None,
+    info_fd: int | None = None,
+    block_fd: int | None = None,
 ) -> list[str]:
     """The bwrap command line (without the program) for ``launch``.
 
-    ``rootfs``: the mounted image, or ``None`` for the host root read-only. ``hidden``: host
-    directories covered by an empty tmpfs (host root only).
+    ``rootfs``: the mounted image, or ``None`` for a minimal root: ``root``'s entries (by
+    default :func:`~strato.runtime.isolation.minimal_root` of the launch's program), then
+    ``/run``, ``/proc``, ``/dev`` and the binds, then made read-only but for its tmpfs
+    folders (``/tmp``, ``/root``, ``/home``, ``/run``). ``hidden`` is unused (kept for
+    callers of the earlier host view). The program starts as root with Docker's default
+    capabilities: put :func:`user_argv` before it to run it unprivileged.
+    ``seccomp_fd``: the filter (a file descriptor passed to bwrap). ``info_fd`` and
+    ``block_fd``: bwrap reports the sandbox's pid on the first and waits for a byte on the
+    second before it runs the program (the runtime attaches the network in between). The
+    container always has a network namespace of its own.
     """
     args = [
         "--die-with-parent",
@@ -103,26 +181,38 @@ def build_args(
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-cgroup-try",
+        "--unshare-net",
     ]
-    if launch.block_network:
-        args.append("--unshare-net")
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        args += ["--info-fd", str(info_fd)]
+    if block_fd is not None:
+        args += ["--block-fd", str(block_fd)]
     args += ["--hostname", launch.hostname or launch.container_id[:63]]
     if rootfs is not None:
         args += ["--bind", rootfs, "/", "--ro-bind", "/sys", "/sys"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--tmpfs", "/tmp"]
     else:
-        args += ["--ro-bind", "/", "/"]
-        for path in hidden:
-            if os.path.isdir(path):
-                args += ["--tmpfs", path]
-        args += ["--tmpfs", "/run", *_resolv_conf_args()]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        if root is None:
+            root = minimal_root(launch.argv[0], sanitized_etc(default_state_dir()))
+        mounts = root_args(root)
+        mounts += ["--tmpfs", "/run", "--proc", "/proc", "--dev", "/dev"]
+        mounts += bind_args(launch.binds)
+        if launch.channel_socket is not None:
+            mounts += ["--bind", launch.channel_socket, CHANNEL_PATH]
+        args += _with_parents(mounts)
+    args += ["--perms", "01777", "--tmpfs", "/dev/shm"]
     for node in gpu_nodes:
         args += ["--dev-bind", node, node]
-    args += bind_args(launch.binds)
-    if launch.channel_socket is not None:
-        args += ["--bind", launch.channel_socket, CHANNEL_PATH]
-    if rootfs is not None and workdir != "/":
+    if rootfs is not None:
+        args += bind_args(launch.binds)
+        if launch.channel_socket is not None:
+            args += ["--bind", launch.channel_socket, CHANNEL_PATH]
+    if workdir != "/":
         args += ["--dir", workdir]
+    if rootfs is None:
+        args += ["--remount-ro", "/"]
     args += ["--chdir", workdir, "--cap-drop", "ALL"]
     for cap in DEFAULT_CAPS:
         args += ["--cap-add", cap]
@@ -171,6 +261,8 @@ class BwrapContainer(SupervisedContainer):
     ) -> None:
         super().__init__(container_id, proc, cgroup, memory_mb)
         self.container_dir = container_dir
+        self.egress: EgressHandle | None = None
+        """The container's user-mode network stack (none with ``block_network``)."""
         self._program_pid: int | None = None
 
     def program_pid(self) -> int | None:
@@ -200,6 +292,8 @@ class BwrapContainer(SupervisedContainer):
             _kill(program, sig)
 
     def _release(self) -> None:
+        if self.egress is not None:
+            self.egress.close()
         if self.container_dir is not None:
             self.container_dir.remove()
 
@@ -239,6 +333,18 @@ class BwrapRuntime(Runtime):
         self.cgroups: CgroupManager | None
         self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
         self.gpus_present = node_has_gpus() if gpus_present is None else gpus_present
+        if not os.access(SETPRIV, os.X_OK):
+            raise InvalidError(
+                f"The 'bwrap' runtime needs {SETPRIV} (util-linux) to run containers "
+                "unprivileged: install util-linux."
+            )
+        self.user = container_ids()
+        """The unprivileged uid and gid containers run as (inside and on the host)."""
+        self.etc_dir = str(sanitized_etc(self.state_dir))
+        filter_bpf()  # compiled once, here rather than in the first container's start
+        why = egress_unavailable_reason()
+        if why is not None:
+            log.warning("bwrap runtime: %s", why)
         self.capabilities = Capabilities(
             isolation=True,
             network_control=True,
@@ -249,7 +355,11 @@ class BwrapRuntime(Runtime):
 
     def describe(self) -> str:
         limits = describe_limits(self.cgroups, self.cgroup_reason)
-        return f"bwrap ({self.bwrap}; namespaces, overlay images; {limits})"
+        uid, gid = self.user
+        return (
+            f"bwrap ({self.bwrap}; namespaces, uid {uid}:{gid}, seccomp, egress-only "
+            f"network, overlay images; {limits})"
+        )
 
     def _environment(self, launch: ContainerLaunch) -> dict[str, str]:
         env = container_environment(launch)
@@ -259,45 +369,146 @@ class BwrapRuntime(Runtime):
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env
 
+    def _owned_dirs(self, launch: ContainerLaunch, workdir: str) -> list[str]:
+        """Folders of an image the container's user gets to write: its home and workdir."""
+        dirs = [launch.env.get("HOME") or "/root"]
+        if workdir != "/":
+            dirs.append(workdir)
+        return [d for d in dirs if os.path.isabs(d) and d != "/" and not _under_own(d)]
+
     async def start(self, launch: ContainerLaunch) -> BwrapContainer:
         check_launch(launch)
         env = self._environment(launch)
         gpu_nodes = gpu_device_nodes(launch.gpu_indices)
         container_dir: ContainerDir | None = None
         rootfs: str | None = None
+        root: list[RootEntry] | None = None
         if launch.rootfs_layers:
             workdir = launch.workdir or "/"
             container_dir = ContainerDir.create(self.state_dir, launch.container_id)
         else:
-            extra = interpreter_binds(launch, self.hidden_paths)
-            launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
-            workdir = host_workdir(launch, self.hidden_paths)
-            check_host_view_binds(launch.binds)
-            resolve_executable(launch.argv[0], env, workdir)
+            root = minimal_root(launch.argv[0], self.etc_dir)
+            visible = [e.dst for e in root if e.kind != "symlink"] + [b.dst for b in launch.binds]
+            workdir = launch.workdir or _visible_cwd(launch.cwd, visible)
+            resolve_executable(launch.argv[0], env, workdir if workdir != "/" else "/")
+        if launch.channel_socket is not None:
+            _let_reach(launch.channel_socket)
         cgroup = None
+        fds: list[int] = []
+        info_r = block_w = None
         try:
             if container_dir is not None:
-                rootfs = str(container_dir.mount(launch.rootfs_layers))
+                owned = self._owned_dirs(launch, workdir)
+                rootfs = str(
+                    await asyncio.to_thread(
+                        container_dir.mount, launch.rootfs_layers, owned, self.user
+                    )
+                )
                 find_executable(rootfs, launch.argv[0], env, workdir)
             if self.cgroups is not None:
                 pids_max = None if launch.pids_max is None else launch.pids_max + HELPERS
                 cgroup = self.cgroups.create(
                     launch.container_id, launch.cpu, launch.memory_mb, pids_max
                 )
+            seccomp_fd = filter_fd()
+            fds.append(seccomp_fd)
+            info_w = block_r = None
+            if not launch.block_network:
+                info_r, info_w = os.pipe()
+                block_r, block_w = os.pipe()
+                fds += [info_w, block_r]
             args = build_args(
                 launch,
                 rootfs=rootfs,
                 workdir=workdir,
                 gpu_nodes=gpu_nodes,
-                hidden=self.hidden_paths,
+                root=root,
+                seccomp_fd=seccomp_fd,
+                info_fd=info_w,
+                block_fd=block_r,
             )
-            argv = cgroup_join_argv(cgroup, [self.bwrap, *args, "--", *launch.argv])
-            proc = await spawn(argv, env, "/")
+            if rootfs is not None and not _has_setpriv(rootfs):
+                args += ["--ro-bind", SETPRIV, SETPRIV_INSIDE]
+                drop = user_argv(self.user, SETPRIV_INSIDE)
+            else:
+                drop = user_argv(self.user)
+            program = [self.bwrap, *args, "--", *drop, *launch.argv]
+            proc = await spawn(cgroup_join_argv(cgroup, program), env, "/", pass_fds=tuple(fds))
         except BaseException:
+            for fd in (*fds, info_r, block_w):
+                if fd is not None:
+                    os.close(fd)
             if cgroup is not None:
                 cgroup.remove(timeout_s=0.5)
             if container_dir is not None:
                 container_dir.remove()
             raise
+        for fd in fds:
+            os.close(fd)
         memory_mb = launch.memory_mb if cgroup is not None else None
-        return BwrapContainer(launch.container_id, proc, cgroup, memory_mb, container_dir)
+        container = BwrapContainer(launch.container_id, proc, cgroup, memory_mb, container_dir)
+        if info_r is not None and block_w is not None:
+            await self._attach_network(container, info_r, block_w)
+        return container
+
+    async def _attach_network(self, container: BwrapContainer, info_r: int, block_w: int) -> None:
+        """Attach the container's egress once bwrap has made its namespaces, then let the
+        program start (bwrap waits on ``block_w``'s pipe). If anything fails the program
+        still starts, without network, and the log says why."""
+        try:
+            pid = await asyncio.to_thread(_read_child_pid, info_r)
+            if pid is not None:
+                container.egress = await asyncio.to_thread(attach_egress, pid)
+        except Exception as exc:  # noqa: BLE001 - the container runs on, without network
+            log.warning("container %s: no network: %s", container.container_id, exc)
+        finally:
+            os.close(info_r)
+            try:
+                os.write(block_w, b"1")
+            except OSError:
+                pass  # bwrap is gone already
+            os.close(block_w)
+
+
+def _has_setpriv(rootfs: str) -> bool:
+    found = resolve_in_root(rootfs, SETPRIV)
+    return found is not None and os.access(found, os.X_OK)
+
+
+def _under_own(path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in OWN_DIRS)
+
+
+def _visible_cwd(cwd: str, visible: list[str]) -> str:
+    """``cwd`` where a minimal root shows it (under a bind), else ``/``."""
+    real = os.path.realpath(cwd)
+    for d in visible:
+        if d not in ("/tmp", "/root", "/home") and (real == d or real.startswith(d + "/")):
+            return real
+    return "/"
+
+
+def _let_reach(socket_path: str) -> None:
+    """The channel socket is bound into the container, whose unprivileged user must be able
+    to connect to it: make it read-writable by all (its folder on the host stays private;
+    the control plane authenticates every container by its token)."""
+    try:
+        mode = stat.S_IMODE(os.stat(socket_path).st_mode)
+        if mode & 0o006 != 0o006:
+            os.chmod(socket_path, mode | 0o666)
+    except OSError as exc:
+        log.warning("cannot open the channel socket %s to containers: %s", socket_path, exc)
+
+
+def _read_child_pid(fd: int) -> int | None:
+    """The ``child-pid`` bwrap writes on its ``--info-fd`` (``None`` if it exits first)."""
+    data = b""
+    while b"}" not in data:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        data += chunk
+    try:
+        return int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -18,10 +18,12 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from strato.exceptions import InvalidError
 from strato.runtime.base import Bind
@@ -235,13 +237,52 @@ class ContainerDir:
         found.path.mkdir(mode=0o700)
         return found
 
-    def mount(self, layers: list[str]) -> Path:
-        """Mount ``layers`` with a fresh writable layer on :attr:`rootfs`; returns it."""
+    def mount(
+        self,
+        layers: list[str],
+        owned: Iterable[str] = (),
+        owner: tuple[int, int] | None = None,
+    ) -> Path:
+        """Mount ``layers`` with a fresh writable layer on :attr:`rootfs`; returns it.
+
+        ``owned``: directories inside (e.g. ``/root``, the working directory) that ``owner``
+        (uid, gid: the unprivileged user the container runs as) gets to write: they are made
+        in the writable layer before mounting, owned by it, so they merge with the image's
+        (whose files stay root's, readable as the image made them); their parents are made
+        as the image has them."""
         for d in (self.upper, self.work, self.rootfs):
             d.mkdir(exist_ok=True)
         self.upper.chmod(0o755)  # the root directory of the container
+        if owner is not None:
+            for d in owned:
+                _own_in_upper(self.upper, layers, d, owner)
         mount_overlay(layers, self.upper, self.work, self.rootfs)
         return self.rootfs
+
+    def mount_minimal_root(self, entries: Iterable[RootEntryLike]) -> Path:
+        """A small tmpfs on :attr:`rootfs` holding the symlinks and empty mount points of
+        ``entries`` (:func:`strato.runtime.isolation.minimal_root`): the runtime mounts the
+        rest over it (gVisor's binds). Returns it."""
+        self.rootfs.mkdir(exist_ok=True)
+        target = self.rootfs
+        _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+        try:
+            _mount(None, target, None, _MS_PRIVATE, None)
+            for e in entries:
+                inside = target / e.dst.lstrip("/")
+                inside.parent.mkdir(parents=True, exist_ok=True)
+                if e.kind == "symlink":
+                    os.symlink(e.src, inside)
+                elif e.kind == "tmpfs" or os.path.isdir(e.src):
+                    inside.mkdir(exist_ok=True)
+                else:
+                    inside.touch()
+            for name in HOST_VIEW_OWN:
+                (target / name).mkdir(exist_ok=True)
+        except BaseException:
+            _c().umount2(os.fsencode(target), _MNT_DETACH)
+            raise
+        return target
 
     def mount_host_view(self, state_dir: Path) -> Path:
         """Mount a read-only view of the host's root on :attr:`rootfs`, without the mounts
@@ -261,6 +302,42 @@ class ContainerDir:
             pass
         except OSError as exc:
             log.warning("could not remove %s: %s", self.path, exc)
+
+
+class RootEntryLike(Protocol):
+    kind: str
+    src: str
+    dst: str
+
+
+def _own_in_upper(upper: Path, layers: list[str], path: str, owner: tuple[int, int]) -> None:
+    parts = [p for p in path.split("/") if p not in ("", ".", "..")]
+    if not parts:
+        return
+    here = upper
+    for i, name in enumerate(parts):
+        here = here / name
+        last = i == len(parts) - 1
+        found = None
+        for layer in reversed(layers):  # the topmost layer that has it
+            candidate = Path(layer, *parts[: i + 1])
+            if os.path.lexists(candidate):
+                found = candidate
+                break
+        if found is not None and not found.is_dir() or found is not None and found.is_symlink():
+            return  # a file or a link in the image: leave it as it is
+        if not here.exists():
+            here.mkdir()
+            if found is not None and not last:
+                st = found.stat()
+                os.chown(here, st.st_uid, st.st_gid)
+                here.chmod(stat.S_IMODE(st.st_mode))
+            elif not last:
+                here.chmod(0o755)
+        if last:
+            os.chown(here, *owner)
+            mode = stat.S_IMODE(found.stat().st_mode) if found is not None else 0o755
+            here.chmod(mode | 0o700)
 
 
 # ---------------------------------------------------------------------------------------

@@ -79,8 +79,11 @@ def cgroup_join_argv(cgroup: ContainerCgroup | None, argv: list[str]) -> list[st
     return [SHELL, "-c", f'{cgroup.join_self_shell()} && exec "$@"', "strato-cgroup-join", *argv]
 
 
-async def spawn(argv: list[str], env: dict[str, str], cwd: str) -> asyncio.subprocess.Process:
-    """Start ``argv`` in a new session, stdin from /dev/null, stdout/stderr piped."""
+async def spawn(
+    argv: list[str], env: dict[str, str], cwd: str, pass_fds: tuple[int, ...] = ()
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` in a new session, stdin from /dev/null, stdout/stderr piped; of this
+    process's file descriptors only ``pass_fds`` are inherited."""
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -90,6 +93,7 @@ async def spawn(argv: list[str], env: dict[str, str], cwd: str) -> asyncio.subpr
         cwd=cwd,
         start_new_session=True,
         close_fds=True,
+        pass_fds=pass_fds,
         limit=STREAM_LIMIT,
     )
 

@@ -62,13 +62,17 @@ def prepare_launch(
     family, channel_path = frames.parse_address(msg.channel)
     binds: list[Bind] = []
     if isolated:
+        # the container runs as an unprivileged user: it must read its spec (the folders
+        # above stay private to the worker's user; bwrap binds them as root)
+        os.chmod(host_dir, 0o755)
+        os.chmod(host_dir / "spec.msgpack", 0o644)
         binds.append(Bind(str(host_dir), IN_CONTAINER + "/container", readonly=True))
         spec_path = IN_CONTAINER + "/container/spec.msgpack"
         paths = []
         for i, d in enumerate(mount_dirs):
             binds.append(Bind(d, f"{MOUNTS}/{i}", readonly=True))
             paths.append(f"{MOUNTS}/{i}")
-        home = "/root" if image is not None else "/tmp"
+        home = "/root"  # the image's, or (without one) a fresh tmpfs
     else:
         spec_path, paths, home = str(host_dir / "spec.msgpack"), mount_dirs, str(host_dir)
     env = {
@@ -87,8 +91,10 @@ def prepare_launch(
     }
     python = sys.executable
     workdir = None
-    if image is not None:
+    if isolated:  # the container's minimal root has the interpreter, not the checkout
         binds.append(Bind(str(_STRATO_PACKAGE), f"{STRATO_SRC}/strato", readonly=True))
+        env["PYTHONPATH"] = STRATO_SRC
+    if image is not None:
         env.update(image.env)
         env["PYTHONPATH"] = os.pathsep.join([STRATO_SRC, image.strato_deps, IMAGE_PYTHONPATH])
         python = image.python
