@@ -37,6 +37,9 @@ def server():
         # containers started as plain processes, not forked from a zygote (a forked one
         # dies with the agent by itself): the provider must kill what the agent left
         "STRATO_ZYGOTE": "0",
+        # heartbeats every 0.5 s; 4 s without one and the node is lost
+        "STRATO_WORKER_HEARTBEAT_S": "0.5",
+        "STRATO_WORKER_HEARTBEAT_TIMEOUT": "4",
     }
     with dedicated_server(env) as handle:
         yield handle
@@ -77,9 +80,7 @@ def wait_for_new_worker(home: Path, old: int) -> int:
         60,
         "the provider to start a new worker agent (it restarts a dead one)",
     )
-    wait_until(
-        lambda: node_states() == ["ready"], 60, "the new agent to register as the same node"
-    )
+    wait_until(lambda: node_states() == ["ready"], 60, "the new agent to register as the same node")
     return pid
 
 
@@ -163,9 +164,9 @@ def test_map_survives_a_sigkilled_worker_agent(server):
         assert recorded[0]["signal"] == signal.SIGKILL and recorded[0]["new_pid"] == new
         # the app's user was told what happened and why the function waited
         texts = [line.text for line in app_logs(apps.app.app_id) if line.stream == "system"]
-        assert any("lost its worker agent" in t and "back to the queue" in t for t in texts), (
-            texts[-20:]
-        )
+        assert any("lost its worker agent" in t and "back to the queue" in t for t in texts), texts[
+            -20:
+        ]
         # inputs were queued while no agent was connected (its restart takes at least the
         # 0.2 s backoff plus the agent's start-up), so the scaling loop said why it waited
         waits = [t for t in texts if "waits for a worker agent: no node can run it now" in t]
@@ -222,3 +223,25 @@ def test_repeated_kills_back_off(server):
     assert delays == [min(first * 2 ** (a - 1), cap) for a in attempts], delays
     assert delays[-1] == cap and delays == sorted(delays), delays
     assert len({r["died_pid"] for r in recorded}) == 5
+
+
+def test_hung_worker_agent_is_lost_until_it_answers_again(server):
+    """An agent that stops answering (SIGSTOP: its channel stays open) is counted lost
+    once its heartbeats stop; when it runs again it re-registers as the same node."""
+    home = server.home
+    pid = wait_until(lambda: worker_pid(home), 30, "a worker agent process")
+    before = len(restarts(home))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: node_states() == ["lost"],
+            60,
+            "the node to be lost (its agent has sent no heartbeat for 4 s)",
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: node_states() == ["ready"], 60, "the agent to register again")
+    assert worker_pid(home) == pid  # the same agent, not a restarted one
+    assert len(restarts(home)) == before
+    with apps.app.run(quiet=True):
+        assert apps.double.remote(7) == 14

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -38,6 +39,14 @@ WORKER_HEARTBEAT_TIMEOUT_S = 30.0
 WAIT_REPORT_AFTER_S = (5.0, 15.0, 30.0, 60.0)
 STARTUP_TIMEOUT_S = 300.0
 INIT_FAILURE_BACKOFF_S = (1.0, 30.0)
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if 0 < value < 86400 else default
 
 
 class Peer:
@@ -117,7 +126,9 @@ class Fleet:
         # function_id -> (why it waits, since when, next report at, reports so far)
         self._unplaceable_logged: dict[str, tuple[str, float, float, int]] = {}
         self.quota = None  # scheduler.quota.QuotaGate, set by the control plane (issue 14)
-        self.heartbeat_timeout_s = WORKER_HEARTBEAT_TIMEOUT_S
+        self.heartbeat_timeout_s = _seconds_from_env(
+            "STRATO_WORKER_HEARTBEAT_TIMEOUT", WORKER_HEARTBEAT_TIMEOUT_S
+        )
         self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
 
     # ------------------------------------------------------------------ workers

@@ -34,7 +34,9 @@ log = logging.getLogger("strato.worker")
 LOG_FLUSH_S = 0.02
 DEFAULT_LOG_QUOTA = 16 << 20  # bytes of log lines per container per minute
 LOG_QUOTA_WINDOW_S = 60.0
-HEARTBEAT_S = 5.0  # the control plane counts the node lost after 30 s without one
+# the control plane counts the node lost after STRATO_WORKER_HEARTBEAT_TIMEOUT (30 s)
+# without one
+HEARTBEAT_S = 5.0
 MAX_LOG_LINE = 16 << 10
 
 
@@ -251,7 +253,7 @@ class WorkerAgent:
     async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
         while not writer.is_closing():
             writer.write(frames.encode(m.Heartbeat(running=list(self.containers))))
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(float(os.environ.get("STRATO_WORKER_HEARTBEAT_S") or HEARTBEAT_S))
 
     async def _watch_parent(self) -> None:
         if not self.parent_pid:

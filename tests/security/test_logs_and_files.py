@@ -1,0 +1,153 @@
+"""Logs and files: ``strato run`` shows every line its app printed (it drains the app's
+logs until its containers are gone); a container printing past the log quota leaves the
+database bounded and the user sees how much was dropped; every file under a fresh
+STRATO_HOME is private to its user (0600 files, 0700 folders)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import dedicated_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import supervision_apps as apps  # noqa: E402
+
+LINES = 102_400
+QUOTA = 65_536  # bytes per container per minute, for the quota tests' control plane
+FLOOD_LINES, FLOOD_WIDTH = 8_192, 1_024  # 8.5 MB printed: 129 times the quota
+
+CHATTY = """
+import strato
+
+app = strato.App("strato-test-chatty")
+
+
+@app.function()
+def chatty(n: int) -> int:
+    for i in range(n):
+        print(f"line {i:06d}")
+    return n
+
+
+@app.local_entrypoint()
+def main():
+    print("RESULT", chatty.remote(LINES))
+"""
+
+
+def strato_cli() -> list[str]:
+    script = Path(sys.executable).with_name("strato")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from strato.cli.main import main; main()"]
+
+
+@pytest.mark.slow
+def test_strato_run_shows_every_line(server, tmp_path):
+    path = tmp_path / "chatty.py"
+    path.write_text(textwrap.dedent(CHATTY).replace("LINES", str(LINES)))
+    proc = subprocess.run(
+        [*strato_cli(), "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"RESULT {LINES}" in proc.stdout
+    seen = [int(x) for x in re.findall(r"^\[ct-[0-9a-f]+\] line (\d{6})$", proc.stdout, re.M)]
+    assert len(seen) == LINES, f"{len(seen)} of {LINES} lines shown"
+    assert sorted(seen) == list(range(LINES))  # each once
+    assert seen == sorted(seen)  # in the order printed
+
+
+@pytest.fixture(scope="module")
+def quota_server():
+    with dedicated_server({"STRATO_RUNTIME": "process", "STRATO_LOG_QUOTA": str(QUOTA)}) as h:
+        yield h
+
+
+def test_log_quota_bounds_the_database(quota_server, capfd):
+    with apps.app.run():
+        assert apps.flood.remote(FLOOD_LINES, FLOOD_WIDTH) == FLOOD_LINES
+        app_id = apps.app.app_id
+    shown = capfd.readouterr()
+    db = sqlite3.connect(f"file:{quota_server.home / 'state.db'}?mode=ro", uri=True)
+    try:
+        kept_lines, kept_bytes = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(text) + 1), 0) FROM logs "
+            "WHERE app_id = ? AND stream IN ('stdout', 'stderr')",
+            (app_id,),
+        ).fetchone()
+        notices = [
+            r[0]
+            for r in db.execute(
+                "SELECT text FROM logs WHERE app_id = ? AND stream = 'system'", (app_id,)
+            )
+        ]
+    finally:
+        db.close()
+    line_bytes = 8 + 1 + FLOOD_WIDTH + 1  # "%08d x...x\n"
+    # the flood takes well under a minute: one quota window (two if it straddles one)
+    assert 0 < kept_bytes <= 2 * QUOTA, kept_bytes
+    dropped = [
+        tuple(int(x) for x in m.groups())
+        for t in notices
+        if (m := re.match(r"(\d+) bytes of logs dropped \((\d+) lines\): over the quota", t))
+    ]
+    assert dropped, notices
+    quota_said = f"over the quota of {QUOTA} bytes per minute"
+    assert all(quota_said in t for t in notices if "dropped (" in t)
+    # every printed line is either stored or counted as dropped
+    assert kept_lines + sum(n for _, n in dropped) == FLOOD_LINES
+    assert kept_bytes + sum(b for b, _ in dropped) == FLOOD_LINES * line_bytes
+    # the user running the app sees it
+    assert re.search(r"\d+ bytes of logs dropped \(\d+ lines\): over the quota of 65536", shown.err)
+    assert "over the log quota of 65536 bytes per minute" in shown.err
+    assert shown.out.count(" x") == kept_lines
+
+
+# Under STRATO_HOME, only these may be readable by others, each for a reason:
+EXCEPTIONS = {
+    # the node's cache: the app's code, function specs, zygote sockets; containers read them
+    # (a container may run as another uid). The folder itself is 0700, so no other user
+    # of the host reaches them.
+    "worker",
+    # image layers (overlay lower dirs keep their own modes for the container's user); the
+    # folder itself is 0700 (overlayfs looks the lower dirs up with the mounter's rights).
+    "images",
+}
+
+
+def test_home_is_private(quota_server):
+    home = quota_server.home
+    with apps.app.run(quiet=True):
+        assert apps.double.remote(4) == 8  # a function ran: blobs, logs, containers exist
+    checked, open_to_others = 0, []
+    for dirpath, dirnames, filenames in os.walk(home):
+        rel = Path(dirpath).relative_to(home)
+        if rel.parts and rel.parts[0] in EXCEPTIONS:
+            continue  # their contents: see EXCEPTIONS (the folders themselves are checked)
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            checked += 1
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                open_to_others.append(f"{path.relative_to(home)} {stat.S_IMODE(st.st_mode):o}")
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    assert not open_to_others, open_to_others
+    for must in ("state.db", "token", "server.json", "logs/server.log", "logs/worker.log"):
+        assert stat.S_IMODE(os.stat(home / must).st_mode) == 0o600, must
+    blobs = [p for p in (home / "blobs").rglob("*") if p.is_file()]
+    assert blobs and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in blobs)
+    assert checked >= 10
