@@ -64,6 +64,7 @@ CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 BODY_BUFFER = 1 << 20  # request body held while waiting for a container, before pausing
 DISCARD_LIMIT = 64 << 20  # after an error answered early, read and drop this much at most
 DISCARD_S = 5.0
+HEAD_DISCARD_LIMIT = 1 << 20  # after a 431
 REASONS = {
     200: "OK",
     303: "See Other",
@@ -787,12 +788,13 @@ class ClientConn(asyncio.Protocol):
         if not self.closed:
             self.transport.abort()
 
-    def discard_then_close(self) -> None:
+    def discard_then_close(self, limit: int = DISCARD_LIMIT) -> None:
         """Answered early (413, 401, ...) while the body still comes: read and drop it
-        for a while, so that the client reads the answer instead of a reset."""
+        for a while (at most ``limit`` bytes), so that the client reads the answer
+        instead of a reset."""
         if self.closed:
             return
-        self.discarding = 1
+        self.discarding = 1 + DISCARD_LIMIT - limit
         try:
             self.transport.write_eof()
         except (NotImplementedError, OSError, RuntimeError):
@@ -805,7 +807,8 @@ class ClientConn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)  # drop what it holds
         rid = self.gw.next_rid()
         self.write(simple_response(431, error_body(431, why, rid), rid, close=True))
-        self.discard_then_close()  # (so that the client reads the 431, not a reset)
+        # (so that the client reads the 431, not a reset; a flood is cut off after 1 MiB)
+        self.discard_then_close(HEAD_DISCARD_LIMIT)
 
     def _bad_request(self) -> None:
         rid = self.gw.next_rid()
