@@ -88,10 +88,19 @@ def bwrap(bwrap_server):
 # ---------------------------------------------------------------------- zygotes
 
 
+def assert_isolated_like_a_container(out: dict, api_port: int) -> None:
+    """What a bwrap container gets, forked or not (runtime/seccomp.py, runtime/network.py):
+    a seccomp filter, a network namespace of its own (egress through a user-mode stack,
+    never to the host's loopback)."""
+    assert out["seccomp"] == "2", out  # a filter (mode 2), loaded before any user code
+    assert not out["reaches_host"], f"reached the control plane's port {api_port}: {out}"
+    assert "lo" in out["interfaces"] and "tap0" in out["interfaces"], out
+
+
 def test_forked_container_runs_and_is_isolated(bwrap):
     with cold_start.app.run(quiet=True):
-        a = cold_start.where.spawn("a", 2.0)
-        b = cold_start.where.spawn("b", 2.0)
+        a = cold_start.where.spawn("a", 2.0, bwrap.port)
+        b = cold_start.where.spawn("b", 2.0, bwrap.port)
         ra, rb = a.get(timeout=60), b.get(timeout=60)
     assert ra["container_id"] != rb["container_id"]
     for mine, other in ((ra, rb), (rb, ra)):
@@ -104,6 +113,7 @@ def test_forked_container_runs_and_is_isolated(bwrap):
         assert mine["hostname"] == mine["container_id"]
         assert not mine["cap_sys_admin"]
         assert "hostmounts" not in mine["run"] and ".proc" not in mine["run"]
+        assert_isolated_like_a_container(mine, bwrap.port)
     assert ra["env_token"] != rb["env_token"]  # each got its own identity at fork time
 
 
@@ -113,8 +123,8 @@ def test_forked_container_of_an_image(bwrap):
     if shutil.which("debootstrap") is None:
         pytest.skip("images need debootstrap")
     with cold_start.app.run(quiet=True):
-        a = cold_start.in_image.spawn("a", 2.0)
-        b = cold_start.in_image.spawn("b", 2.0)
+        a = cold_start.in_image.spawn("a", 2.0, bwrap.port)
+        b = cold_start.in_image.spawn("b", 2.0, bwrap.port)
         ra, rb = a.get(timeout=600), b.get(timeout=120)
     for mine, other in ((ra, rb), (rb, ra)):
         assert mine["forked"] and mine["debian"] and mine["humanize"] == "2.0 MB", mine
@@ -124,6 +134,21 @@ def test_forked_container_of_an_image(bwrap):
         assert not mine["cap_sys_admin"]
         assert "hostmounts" not in mine["run"] and "layers" not in mine["run"]
         assert not any("oldroot" in p or "layers" in p for p in mine["mounts"]), mine
+        assert_isolated_like_a_container(mine, bwrap.port)
+
+
+def test_containers_without_an_image_still_fork_after_an_image(bwrap):
+    """Forking an image's containers first (and whatever happened to them) turns nothing
+    off for containers without an image: a fallback is per (runtime, image), never the
+    worker's."""
+    if shutil.which("debootstrap") is None:
+        pytest.skip("images need debootstrap")
+    with cold_start.app.run(quiet=True):
+        in_image = cold_start.in_image.remote("i", 0.0, bwrap.port)
+        plain = cold_start.where.remote("p", 0.0, bwrap.port)
+    assert in_image["forked"], in_image
+    assert plain["forked"] and plain["pid"] == 1, plain
+    assert_isolated_like_a_container(plain, bwrap.port)
 
 
 def test_a_dead_zygote_is_replaced(bwrap):
@@ -143,7 +168,7 @@ def test_forked_container_with_blocked_network(bwrap):
     with cold_start.app.run(quiet=True):
         out = cold_start.offline.remote()
     assert out["forked"]
-    assert out["interfaces"] == ["lo"]
+    assert out["interfaces"] == ["lo"]  # no user-mode stack: no network at all
 
 
 def test_forked_under_the_process_runtime(server):

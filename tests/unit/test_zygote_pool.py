@@ -3,6 +3,12 @@ launches can be forked, and telling a function why it has no snapshot only once.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+
 import msgspec
 import pytest
 
@@ -100,3 +106,76 @@ def test_a_function_is_told_once(tmp_path):
     pool._tell_once(start_msg(), "no snapshot: because")
     pool._tell_once(start_msg(), "no snapshot: because")
     assert told == [("ct-1", "no snapshot: because")]
+
+
+def test_a_fork_failure_turns_forking_off_for_its_runtime_and_image_only(tmp_path, caplog):
+    """After a fork's set-up failed for one (runtime, image), its containers start normally
+    for a while (said once in the worker's log, once per function in the app's), while
+    other images and containers without an image are still forked."""
+    told: list[tuple[str, str]] = []
+    pool = ZygotePool(tmp_path, tell=lambda cid, text: told.append((cid, text)))
+    pool._unforkable = lambda launch, runtime, spec=None: None
+    forked: list[str] = []
+
+    async def get_zygote(runtime, channel, sock, like=None, env=None):
+        return object()
+
+    async def fork(z, msg, launch, runtime, where=""):
+        if launch.rootfs_layers == ["/l/broken"]:
+            pool._broken[where] = (zygote.time.monotonic(), "mount proc: EPERM")
+            raise zygote.ForkFailed("mount proc: EPERM")
+        forked.append(msg.container_id)
+        return msg.container_id
+
+    pool._get_zygote, pool._fork = get_zygote, fork
+    rt = FakeRuntime("bwrap")
+    plain = start_msg(enable_memory_snapshot=False)
+
+    def start(msg, layers):
+        return asyncio.run(pool.start(msg, launch(rootfs_layers=layers), rt))
+
+    broken = msgspec.structs.replace(plain, container_id="ct-b1")
+    assert start(broken, ["/l/broken"]) is None
+    again = msgspec.structs.replace(plain, container_id="ct-b2")
+    assert start(again, ["/l/broken"]) is None  # not tried again
+    assert start(msgspec.structs.replace(plain, container_id="ct-2"), ["/l/other"]) == "ct-2"
+    assert start(msgspec.structs.replace(plain, container_id="ct-3"), []) == "ct-3"
+    assert forked == ["ct-2", "ct-3"]
+    warnings = [r.getMessage() for r in caplog.records if "not forked" in r.getMessage()]
+    assert len(warnings) == 1 and "EPERM" in warnings[0], warnings
+    assert told == [("ct-b1", "not forked from a zygote: mount proc: EPERM; the container "
+                     "starts normally")]  # fmt: skip
+    assert pool.fallback_key(rt, launch()) != pool.fallback_key(rt, launch(rootfs_layers=["/x"]))
+    assert pool.fallback_key(rt, launch()) != pool.fallback_key(FakeRuntime("process"), launch())
+
+
+HIDE_AND_CHECK = """
+import subprocess, sys
+from pathlib import Path
+from strato.worker import zygote
+
+state = Path(sys.argv[1])
+path = state / "emptyproc"
+assert zygote._ensure_empty_proc(path) is None
+assert zygote._proc_root_at(path)
+# what another runtime did to the state directory: bound onto itself, not recursively;
+# the empty proc is still in the mount table, but its path now leads to a plain directory
+subprocess.run(["mount", "--bind", str(state), str(state)], check=True)
+assert not zygote._proc_root_at(path)
+assert zygote._ensure_empty_proc(path) is None  # mounted again, where the path leads
+assert zygote._proc_root_at(path)
+print("ok")
+"""
+
+
+def test_a_hidden_empty_proc_is_mounted_again(tmp_path):
+    """The cause of ``mount proc ... Operation not permitted`` in forked image containers:
+    the empty proc the zygote binds was hidden by a later bind of its parent directory,
+    while the mount table still listed it. In a mount namespace of the test's own."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and util-linux's unshare")
+    argv = [unshare, "--mount", "--propagation", "private", sys.executable, "-c",
+            HIDE_AND_CHECK, str(tmp_path / "state")]  # fmt: skip
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

@@ -15,8 +15,10 @@ Each request forks a *monitor* (C), which
    moves, without the cgroup core's global lock) and reports its pid (the worker reads it
    with ``SO_PASSCRED``, translated to the host's PID namespace);
 2. where the runtime isolates (``isolate``), makes a new user namespace (uid 0 mapped to
-   itself, nothing else) and with it new mount, PID, IPC, UTS, cgroup and, for
-   ``block_network``, network namespaces; mounts a fresh ``/tmp``, ``/dev/shm`` and
+   itself, nothing else) and with it new mount, PID, IPC, UTS, cgroup and network
+   namespaces (for ``egress``, the worker attaches a user-mode network stack to the new
+   network namespace while the mounts are made; with ``block_network`` it has only a
+   loopback); mounts a fresh ``/tmp``, ``/dev/shm`` and
    ``/run`` (the channel socket and the app's code bound back in, the spec written), and
    sets the hostname. With an image (``layers``: the image's layers, which the zygote sees
    under ``/run/strato/layers``) it builds a root of its own: an overlay of the layers
@@ -27,15 +29,16 @@ G is PID 1 of the new PID namespace: it mounts its own ``/proc`` (read-only: the
 lets a user namespace mount proc only as restrictive as one already visible, the empty
 read-only proc the worker binds at ``/run/strato/.proc``), moves into its own root where it
 has one (``pivot_root``; the zygote's tree is then detached), drops every capability but
-Docker's default set (also from the bounding set), reports its pid, takes the container's
+Docker's default set (also from the bounding set), loads the runtime's seccomp filter
+(:mod:`strato.runtime.seccomp`, sent with the request), reports its pid, takes the container's
 environment from the request (never the template's; ``/proc/<pid>/environ`` shows it too),
 and runs :func:`strato.container.runner.main`: it dials the control plane itself, over a
 fresh socket. Everything before G reports is strato's code; a failure there is reported to
 the worker, which then starts the container normally.
 
 Differences from a container started by bwrap: its capabilities hold in its own user
-namespace only (so, sharing the host's network, it cannot bind ports below 1024), its
-``/proc`` is read-only, ``setgroups`` is denied, and an image's writable layer is in memory.
+namespace only, its ``/proc`` is read-only, ``setgroups`` is denied, and an image's
+writable layer is in memory.
 
 Only the standard library and what the container runtime imports anyway are used here.
 """
@@ -229,7 +232,7 @@ def _monitor(req: dict, fds: list[int]) -> int:
                 os.close(f)
         _close_other_fds(keep=ctl.fileno())
         _send(ctl, {"monitor": True})  # SO_PASSCRED gives the worker this pid
-        root = _sandbox(req) if req.get("isolate") else ""
+        root = _sandbox(req, ctl) if req.get("isolate") else ""
         pid = os.fork()
     except BaseException as e:  # noqa: BLE001 - reported; the worker starts it normally
         _send(ctl, {"error": f"{type(e).__name__}: {e}"})
@@ -262,12 +265,14 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def _sandbox(req: dict) -> str:
+def _sandbox(req: dict, ctl: socket.socket) -> str:
     """The container's namespaces and mounts; returns the root it will pivot into ("" for
-    none: it keeps the zygote's, the host's root read-only)."""
+    none: it keeps the zygote's). With ``netns`` (or ``block_network``) it gets a network
+    namespace of its own, with ``egress`` one the worker gives outbound access to (a
+    user-mode network stack attached to it) while the mounts are made."""
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
     flags |= CLONE_NEWCGROUP
-    if req.get("block_network"):
+    if req.get("netns") or req.get("block_network"):
         flags |= CLONE_NEWNET
     _check(_libc.unshare(flags), "unshare")
     # root stays root (the same uid outside: the files it sees keep their owners), but its
@@ -275,6 +280,9 @@ def _sandbox(req: dict) -> str:
     _write("/proc/self/uid_map", "0 0 1")
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/gid_map", "0 0 1")
+    egress = bool(req.get("egress")) and bool(flags & CLONE_NEWNET)
+    if egress:
+        _send(ctl, {"netns": True})  # the worker attaches the network stack meanwhile
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # the binds, from the zygote's view
     sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req["binds"]]
@@ -311,8 +319,13 @@ def _sandbox(req: dict) -> str:
             f.write(spec)
     hostname = req.get("hostname", "").encode()[:63]
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
-    if req.get("block_network"):
+    if flags & CLONE_NEWNET:
         _loopback_up()
+    if egress:
+        answer = msgspec.msgpack.decode(ctl.recv(1 << 16) or msgspec.msgpack.encode({}))
+        if not isinstance(answer, dict) or not answer.get("egress"):
+            why = answer.get("error") if isinstance(answer, dict) else None
+            raise OSError(errno.ENETUNREACH, f"no network for the container: {why}")
     return root
 
 

@@ -20,11 +20,24 @@ Docker's default capabilities, no network of its own) that also sees the node's
 materialised code mounts (read-only) and an empty read-only proc; each forked container
 makes its own user, mount, PID, IPC, UTS and cgroup namespaces and is moved into its own
 cgroup before any of its code runs; with an image, it gets a root of its own (the image's
-layers under a writable layer in memory). Under ``process`` a forked container gets its
-cgroup and nothing else, as that runtime's containers do. Not forked (they start
-normally): the ``gvisor`` runtime, containers with GPUs, a web server on a port below
-1024 sharing the host's network, and whatever fails along the way (said in the worker's
-log); ``$STRATO_ZYGOTE=0`` turns forking off.
+layers under a writable layer in memory). Like a container bwrap starts, it gets the
+runtime's seccomp filter (loaded last, before strato's entrypoint) and a network namespace
+of its own: egress through the user-mode stack of :mod:`strato.runtime.network`, attached
+by the worker while the container's mounts are made, or only a loopback for
+``block_network``. Under ``process`` a forked container gets its cgroup and nothing else,
+as that runtime's containers do. Not forked (they start normally): the ``gvisor`` runtime,
+containers with GPUs, and whatever fails along the way. A fork whose set-up fails turns
+forking off for ``BROKEN_RETRY_S`` for that runtime and image only (:meth:`ZygotePool.
+fallback_key`), never for the worker; why is said once in the worker's log and once per
+function in the app's logs. ``$STRATO_ZYGOTE=0`` turns forking off.
+
+A forked container's PID namespace may mount its own proc only where a proc at least as
+restrictive is fully visible in its mount namespace: the zygote binds an empty, read-only
+proc (of a PID namespace with no process left) that the worker mounts in the runtime's
+state directory. That mount is checked by its path at every start, not by the mount table:
+a bind of the state directory onto itself (another runtime's host view does that) hides it
+while the table still lists it, and forks then failed with ``mount proc: Operation not
+permitted`` (images: their zygote sees no other proc).
 
 Memory snapshots use CRIU where ``criu check`` passes (checked once per worker): the
 template is checkpointed to disk after its snap hooks (``criu dump --leave-running``,
@@ -268,6 +281,7 @@ class ForkedContainer(RunningContainer):
         self._memory_mb = memory_mb
         self._wait_task: asyncio.Future[ExitStatus] | None = None
         self._done = False
+        self.egress: Any = None  # its user-mode network stack (runtime/network.py), if any
 
     async def wait(self) -> ExitStatus:
         if self._wait_task is None:
@@ -292,10 +306,14 @@ class ForkedContainer(RunningContainer):
             self.zygote.children -= 1
             self.zygote.last_used = time.monotonic()
 
+            egress, self.egress = self.egress, None
+
             def cleanup() -> None:
                 if cgroup is not None:
                     cgroup.kill_all()
                     cgroup.remove()
+                if egress is not None:
+                    egress.close()
 
             await asyncio.to_thread(cleanup)
         memory_mb = self._memory_mb if cgroup is not None else None
@@ -451,11 +469,7 @@ class ZygotePool:
         if launch.argv[1:] != ["-m", "strato.container"]:
             return "the container does not run strato's entrypoint"
         if runtime.name == "bwrap":
-            web = getattr(spec, "web", None)
-            port = getattr(web, "port", 0) or 0
-            if 0 < port < 1024 and not launch.block_network:
-                # its capabilities hold in its own user namespace, not the host's network
-                return f"a web server on port {port} (below 1024) is not forked"
+            # (a web server on a port below 1024 binds it: its network namespace is its own)
             for b in launch.binds:
                 if self._bind_source(b) is None:
                     return f"the bind {b.src} -> {b.dst} cannot be made in a forked container"
@@ -890,6 +904,15 @@ class ZygotePool:
             from strato.runtime.isolation import DEFAULT_CAPS, host_workdir, interpreter_binds
 
             req["seccomp"] = _seccomp_filter()
+            # a network namespace of its own: only a loopback with block_network, else
+            # egress through a user-mode stack the worker attaches (runtime/network.py)
+            req["netns"] = True
+            req["egress"] = not launch.block_network
+            if req["egress"]:
+                from strato.runtime.network import egress_unavailable_reason
+
+                if (why := egress_unavailable_reason()) is not None:
+                    raise ForkFailed(why)
 
             binds = []
             for b in launch.binds:
@@ -953,13 +976,16 @@ class ZygotePool:
         z.children += 1
         z.last_used = time.monotonic()
         chan = _Channel(mine)
-        monitor = pid = None
+        monitor = pid = egress = None
         try:
             while pid is None:
                 got = await chan.get(FORK_TIMEOUT_S)
                 if got is None:
                     raise ForkFailed(f"the {z.kind}'s fork ended before the container started")
                 data, sender = got
+                if data.get("netns") and monitor is not None and egress is None:
+                    egress = await self._attach_egress(chan, monitor)
+                    continue
                 if "error" in data:  # strato's own set-up failed: it would fail again
                     why = f"a forked container could not be set up: {data['error']}"
                     self._broken[where] = (time.monotonic(), why)
@@ -974,6 +1000,8 @@ class ZygotePool:
             os.close(out_r)
             os.close(err_r)
             _kill(monitor, _signal.SIGKILL)
+            if egress is not None:
+                await asyncio.to_thread(egress.close)
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.kill_all)
                 await asyncio.to_thread(cgroup.remove)
@@ -987,7 +1015,24 @@ class ZygotePool:
         stderr = await _pipe_reader(err_r)
         memory_mb = launch.memory_mb if cgroup is not None else None
         log.debug("container %s forked from %s %s (pid %s)", cid, z.kind, z.name, pid)
-        return ForkedContainer(cid, pid, monitor, chan, stdout, stderr, cgroup, memory_mb, z)
+        forked = ForkedContainer(cid, pid, monitor, chan, stdout, stderr, cgroup, memory_mb, z)
+        forked.egress = egress
+        return forked
+
+    @staticmethod
+    async def _attach_egress(chan: _Channel, monitor: int) -> Any:
+        """Attach the user-mode network stack to the network namespace the monitor made,
+        then tell it to go on (or why not: it then fails, and the container starts
+        normally)."""
+        from strato.runtime.network import NetworkUnavailable, attach_egress
+
+        try:
+            egress = await asyncio.to_thread(attach_egress, monitor)
+        except (NetworkUnavailable, OSError) as e:
+            chan.send({"egress": False, "error": str(e)})
+            return None
+        chan.send({"egress": True})
+        return egress
 
     # ------------------------------------------------------------------ CRIU
 

@@ -30,6 +30,39 @@ def _capabilities() -> int:
     return -1
 
 
+def _seccomp() -> str:
+    """The seccomp mode of this process (2: a filter)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Seccomp:"):
+                return line.split()[1]
+    return ""
+
+
+def _reaches(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` (a port of the host's loopback) answers from here."""
+    if not port:
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _isolation(host_port: int) -> dict:
+    """What the isolation checks read: seccomp, the host uid of this root, the network."""
+    with open("/proc/self/uid_map") as f:
+        uid_map = f.read().split()
+    return {
+        "seccomp": _seccomp(),
+        "host_uid": int(uid_map[1]) if len(uid_map) >= 3 and uid_map[0] == "0" else None,
+        "reaches_host": _reaches(host_port),
+        "interfaces": sorted(n for _, n in socket.if_nameindex()),
+        "etc_shadow": os.path.exists("/etc/shadow"),
+    }
+
+
 def _processes() -> list[str]:
     found = []
     for entry in os.listdir("/proc"):
@@ -43,7 +76,7 @@ def _processes() -> list[str]:
 
 
 @app.function(scaledown_window=2, max_containers=2)
-def where(marker: str, hold_s: float = 0.0) -> dict:
+def where(marker: str, hold_s: float = 0.0, host_port: int = 0) -> dict:
     """Leave a mark in /tmp, wait, then report what this container sees."""
     with open(f"/tmp/mark-{marker}", "w") as f:
         f.write(marker)
@@ -60,6 +93,7 @@ def where(marker: str, hold_s: float = 0.0) -> dict:
         "cap_sys_admin": bool(_capabilities() & (1 << 21)),
         "run": sorted(os.listdir("/run/strato")) if os.path.isdir("/run/strato") else [],
         "env_token": os.environ.get("STRATO_CONTAINER_TOKEN", "")[:4],
+        **_isolation(host_port),
     }
 
 
@@ -67,7 +101,7 @@ image = strato.Image.debian_slim().pip_install("humanize")  # as apps/isolated.p
 
 
 @app.function(image=image, scaledown_window=2, max_containers=2)
-def in_image(marker: str, hold_s: float = 0.0) -> dict:
+def in_image(marker: str, hold_s: float = 0.0, host_port: int = 0) -> dict:
     """Write in the image's root (a writable layer of its own), wait, report what it sees."""
     import humanize  # only in the image
 
@@ -87,6 +121,7 @@ def in_image(marker: str, hold_s: float = 0.0) -> dict:
         "cap_sys_admin": bool(_capabilities() & (1 << 21)),
         "run": sorted(os.listdir("/run/strato")),
         "mounts": [line.split()[4] for line in open("/proc/self/mountinfo")],
+        **_isolation(host_port),
     }
 
 
