@@ -1,6 +1,7 @@
 """Functions for the supervision and logs suites (test_worker_kill, test_logs_and_files)."""
 
 import sys
+import time
 
 import strato
 
@@ -27,7 +28,24 @@ def flood(lines: int, width: int) -> int:
 
 @app.function(timeout=300)
 def slow(seconds: float) -> float:
-    import time
-
     time.sleep(seconds)
     return seconds
+
+
+@app.function()
+def kill_my_worker(x: int) -> int:
+    """SIGKILL the worker agent that started this container (process runtime, no zygote:
+    the agent is an ancestor), every time it runs."""
+    import os
+    import signal
+
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"strato.worker" in f.read():
+                os.kill(pid, signal.SIGKILL)
+                break
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    time.sleep(60)
+    return x

@@ -19,10 +19,13 @@ import pytest
 from conftest import dedicated_server, pid_alive, processes_of, wait_until
 
 from strato.client import session
+from strato.exceptions import ContainerDiedError
 from strato.protocol import messages as m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import supervision_apps as apps  # noqa: E402
+
+pytestmark = pytest.mark.slow  # about 25 s: a control plane of its own, agents restarted
 
 N = 20_000
 BACKOFF = (0.2, 1.6)  # first restart delay, cap (seconds)
@@ -129,7 +132,6 @@ def stored_outputs(home: Path, function_id: str) -> dict:
     return {"done": done, "successes": successes, "attempts": attempts, "indices": indices}
 
 
-@pytest.mark.slow
 def test_map_survives_a_sigkilled_worker_agent(server):
     home = server.home
     with apps.app.run(quiet=True):
@@ -245,3 +247,19 @@ def test_hung_worker_agent_is_lost_until_it_answers_again(server):
     assert len(restarts(home)) == before
     with apps.app.run(quiet=True):
         assert apps.double.remote(7) == 14
+
+
+def test_an_input_that_kills_its_worker_agent_fails_after_three_losses(server):
+    """Inputs lost with their node go back to the queue without penalty, but one that
+    was lost with it three times counts a failed attempt (no retries here: it fails),
+    so an input that kills its agent does not loop for ever."""
+    home = server.home
+    before = len(restarts(home))
+    with apps.app.run(quiet=True):
+        with pytest.raises(ContainerDiedError, match="lost its node's worker agent"):
+            apps.kill_my_worker.remote(1)
+        # (a restart is recorded once the new agent is started, after its backoff)
+        wait_until(lambda: len(restarts(home)) - before >= 3, 60, "the third restart")
+        wait_until(lambda: node_states() == ["ready"], 60, "the agent to be back")
+        assert len(restarts(home)) - before == 3, "it killed its agent three times, no more"
+        assert apps.double.remote(8) == 16

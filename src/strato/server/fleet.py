@@ -37,6 +37,9 @@ WORKER_HEARTBEAT_TIMEOUT_S = 30.0
 # while a function cannot be placed, its app's user is told again after these many seconds
 # (then every last one), with how long it has been so
 WAIT_REPORT_AFTER_S = (5.0, 15.0, 30.0, 60.0)
+# an input held by containers of this many lost nodes counts a failed attempt (an input
+# that kills its worker agent must not loop forever)
+MAX_NODE_LOSSES = 3
 STARTUP_TIMEOUT_S = 300.0
 INIT_FAILURE_BACKOFF_S = (1.0, 30.0)
 
@@ -130,6 +133,7 @@ class Fleet:
             "STRATO_WORKER_HEARTBEAT_TIMEOUT", WORKER_HEARTBEAT_TIMEOUT_S
         )
         self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
+        self._node_losses: dict[int, int] = {}  # input_id -> lost nodes that held it
 
     # ------------------------------------------------------------------ workers
 
@@ -209,10 +213,38 @@ class Fleet:
                     "containers held go back to the queue",
                     "-",
                 )
-            self._gone(s, "lost its node's worker agent", oom=False, node_lost=True)
+            blamed = self._repeat_losses(s)
+            self._gone(
+                s,
+                "lost its node's worker agent"
+                + (f" ({MAX_NODE_LOSSES} times with this input)" if blamed else ""),
+                oom=False,
+                node_lost=True,
+                blamed=blamed,
+            )
         if peer is not None:
             peer.close()
         self._on_change()
+
+    def _repeat_losses(self, s: ContainerSession) -> int:
+        """Count one more lost node for each input ``s`` holds; those lost with their
+        node ``MAX_NODE_LOSSES`` times are put first in its leases, and counted."""
+        blamed = []
+        for input_id in s.inflight:
+            n = self._node_losses.get(input_id, 0) + 1
+            self._node_losses[input_id] = n
+            if n >= MAX_NODE_LOSSES:
+                blamed.append(input_id)
+        if len(self._node_losses) > 100_000:  # forget the oldest
+            for input_id in list(self._node_losses)[:10_000]:
+                del self._node_losses[input_id]
+        if blamed:
+            for input_id in blamed:
+                self._node_losses.pop(input_id, None)
+            first = {i: s.inflight[i] for i in blamed}
+            first.update((i, lease) for i, lease in s.inflight.items() if i not in first)
+            s.inflight = first  # release_leases counts the first ``running`` as failed
+        return len(blamed)
 
     def check_heartbeats(self, now: float) -> None:
         """A connected agent silent for ``heartbeat_timeout_s`` is lost (hung, or its
@@ -509,10 +541,16 @@ class Fleet:
             self._gone(s, f"killed ({reason}) while its node was unreachable", oom=False)
 
     def _gone(
-        self, s: ContainerSession, description: str, oom: bool, node_lost: bool = False
+        self,
+        s: ContainerSession,
+        description: str,
+        oom: bool,
+        node_lost: bool = False,
+        blamed: int = 0,
     ) -> None:
         """The container has ended. ``node_lost``: it ended with its node's worker agent,
-        through no fault of its inputs: none counts a failed attempt, none backs off."""
+        through no fault of its inputs: none counts a failed attempt (but the first
+        ``blamed``, lost with their node too often), none backs off."""
         if s.state == "gone":
             return
         if s.lost_handle is not None:
@@ -527,8 +565,11 @@ class Fleet:
                 f"OutOfMemoryError: the container running this input {what}; give the "
                 "function more memory (memory=...) or make it use less"
             )
-        running = 1 if prior != "killing" and not node_lost else 0
-        self.calls.release_leases(s, running, status, error, known=False)
+        if node_lost:
+            self.calls.release_leases(s, blamed, status, error, known=True)
+        else:
+            running = 1 if prior != "killing" else 0
+            self.calls.release_leases(s, running, status, error, known=False)
         fn = self.calls.functions.get(s.function_id)
         if fn is not None:
             fn.sessions.pop(s.container_id, None)
