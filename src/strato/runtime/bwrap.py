@@ -32,6 +32,8 @@ import os
 import shutil
 import signal as _signal
 import stat
+import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,7 +56,6 @@ from strato.runtime.rootfs import (
     ContainerDir,
     default_state_dir,
     find_executable,
-    resolve_in_root,
 )
 from strato.runtime.seccomp import filter_bpf, filter_fd
 from strato.runtime.supervise import (
@@ -81,17 +82,47 @@ def bind_args(binds: Iterable[Bind]) -> list[str]:
 
 
 SETPRIV = "/usr/bin/setpriv"
-SETPRIV_INSIDE = "/run/strato/setpriv"
-"""Where the host's ``setpriv`` is bound into an image that has none."""
+PRIV_INSIDE = "/run/strato/priv"
+"""Where the host's ``setpriv``, its libraries and dynamic loader are bound into an image
+(which may have no ``setpriv``, or another C library)."""
 
 
-def user_argv(user: tuple[int, int], setpriv: str = SETPRIV) -> list[str]:
+def setpriv_bundle(state_dir: Path) -> tuple[str, list[str]]:
+    """Copy the host's ``setpriv`` with the libraries and loader it needs (from ``ldd``) to
+    ``<state dir>/priv``; returns that folder and the command that runs it from
+    :data:`PRIV_INSIDE` whatever the image holds."""
+    out = state_dir / "priv"
+    found = subprocess.run(["ldd", SETPRIV], capture_output=True, text=True, check=True).stdout
+    libs: dict[str, str] = {}
+    loader = None
+    for line in found.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            libs[parts[0]] = parts[2]
+        elif parts and parts[0].startswith("/"):
+            loader = parts[0]
+    if loader is None:
+        raise InvalidError(f"cannot find the dynamic loader of {SETPRIV} (ldd: {found!r})")
+    tmp = state_dir / f".priv-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, mode=0o755)
+    for name, src in [("setpriv", SETPRIV), ("ld.so", loader), *libs.items()]:
+        shutil.copyfile(os.path.realpath(src), tmp / name)
+        os.chmod(tmp / name, 0o755)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    inside = PRIV_INSIDE
+    return str(out), [f"{inside}/ld.so", "--library-path", inside, f"{inside}/setpriv"]
+
+
+def user_argv(user: tuple[int, int], setpriv: list[str] | None = None) -> list[str]:
     """The prefix that runs a program as ``user`` (uid, gid) with no capability left:
-    util-linux's ``setpriv``, exec'd by bwrap (as root in the sandbox, after it has set it
-    up) and exec'ing the program in turn under the same pid."""
+    util-linux's ``setpriv`` (``setpriv``: how to run it; default the host's, for a root
+    that has the host's ``/usr``), exec'd by bwrap (as root in the sandbox, after it has
+    set it up) and exec'ing the program in turn under the same pid."""
     uid, gid = user
     return [
-        setpriv,
+        *(setpriv or [SETPRIV]),
         f"--reuid={uid}",
         f"--regid={gid}",
         "--clear-groups",
@@ -193,6 +224,10 @@ def build_args(
     if rootfs is not None:
         args += ["--bind", rootfs, "/", "--ro-bind", "/sys", "/sys"]
         args += ["--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--tmpfs", "/tmp"]
+        mounts = bind_args(launch.binds)
+        if launch.channel_socket is not None:
+            mounts += ["--bind", launch.channel_socket, CHANNEL_PATH]
+        args += _with_parents(mounts)
     else:
         if root is None:
             root = minimal_root(launch.argv[0], sanitized_etc(default_state_dir()))
@@ -205,10 +240,6 @@ def build_args(
     args += ["--perms", "01777", "--tmpfs", "/dev/shm"]
     for node in gpu_nodes:
         args += ["--dev-bind", node, node]
-    if rootfs is not None:
-        args += bind_args(launch.binds)
-        if launch.channel_socket is not None:
-            args += ["--bind", launch.channel_socket, CHANNEL_PATH]
     if workdir != "/":
         args += ["--dir", workdir]
     if rootfs is None:
@@ -340,6 +371,7 @@ class BwrapRuntime(Runtime):
             )
         self.user = container_ids()
         """The unprivileged uid and gid containers run as (inside and on the host)."""
+        self.priv_dir, self.priv_argv = setpriv_bundle(self.state_dir)
         self.etc_dir = str(sanitized_etc(self.state_dir))
         filter_bpf()  # compiled once, here rather than in the first container's start
         why = egress_unavailable_reason()
@@ -427,9 +459,9 @@ class BwrapRuntime(Runtime):
                 info_fd=info_w,
                 block_fd=block_r,
             )
-            if rootfs is not None and not _has_setpriv(rootfs):
-                args += ["--ro-bind", SETPRIV, SETPRIV_INSIDE]
-                drop = user_argv(self.user, SETPRIV_INSIDE)
+            if rootfs is not None:
+                args += ["--ro-bind", self.priv_dir, PRIV_INSIDE]
+                drop = user_argv(self.user, self.priv_argv)
             else:
                 drop = user_argv(self.user)
             program = [self.bwrap, *args, "--", *drop, *launch.argv]
@@ -457,7 +489,7 @@ class BwrapRuntime(Runtime):
         still starts, without network, and the log says why."""
         try:
             pid = await asyncio.to_thread(_read_child_pid, info_r)
-            if pid is not None:
+            if pid is not None and await asyncio.to_thread(_wait_loopback, pid):
                 container.egress = await asyncio.to_thread(attach_egress, pid)
         except Exception as exc:  # noqa: BLE001 - the container runs on, without network
             log.warning("container %s: no network: %s", container.container_id, exc)
@@ -468,11 +500,6 @@ class BwrapRuntime(Runtime):
             except OSError:
                 pass  # bwrap is gone already
             os.close(block_w)
-
-
-def _has_setpriv(rootfs: str) -> bool:
-    found = resolve_in_root(rootfs, SETPRIV)
-    return found is not None and os.access(found, os.X_OK)
 
 
 def _under_own(path: str) -> bool:
@@ -498,6 +525,22 @@ def _let_reach(socket_path: str) -> None:
             os.chmod(socket_path, mode | 0o666)
     except OSError as exc:
         log.warning("cannot open the channel socket %s to containers: %s", socket_path, exc)
+
+
+def _wait_loopback(pid: int, timeout_s: float = 2.0) -> bool:
+    """Wait until bwrap has brought up ``lo`` in the namespace of ``pid`` (it does so
+    before it waits on ``--block-fd``): configuring ``tap0`` at the same time makes its
+    netlink requests fail now and then. False if the sandbox is gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/net/fib_trie", "rb") as f:
+                if b"127.0.0.1" in f.read():
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.0005)
+    return True  # attach anyway: the worst is a container without network, said in the log
 
 
 def _read_child_pid(fd: int) -> int | None:
