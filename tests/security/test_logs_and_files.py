@@ -151,3 +151,54 @@ def test_home_is_private(quota_server):
     blobs = [p for p in (home / "blobs").rglob("*") if p.is_file()]
     assert blobs and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in blobs)
     assert checked >= 10
+
+
+def test_an_older_home_is_made_private_at_start(tmp_path):
+    """A home made before this rule (world-readable state) is fixed when the control plane
+    starts (``secure_home``); worker/ and images/ keep their contents' modes."""
+    from strato.server.main import secure_home
+
+    home = tmp_path / "home"
+    for d in ("blobs/ab", "logs", "run", "worker/mounts", "images/layers"):
+        (home / d).mkdir(parents=True)
+    files = ["state.db", "state.db-wal", "token", "server.json", "blobs/ab/abcd", "logs/x.log"]
+    for f in files:
+        (home / f).write_text("secret")
+    (home / "worker/mounts/code.py").write_text("print()")
+    for p in [home, *home.rglob("*")]:
+        p.chmod(0o777 if p.is_dir() else 0o644)
+    old_umask = os.umask(0o022)
+    try:
+        secure_home(home)
+    finally:
+        os.umask(old_umask)
+    for f in files:
+        assert stat.S_IMODE((home / f).stat().st_mode) == 0o600, f
+    for d in ("", "blobs", "blobs/ab", "logs", "run", "worker", "images"):
+        assert stat.S_IMODE((home / d).stat().st_mode) == 0o700, d
+    # what containers read keeps its mode: only its folder is closed
+    assert stat.S_IMODE((home / "worker/mounts/code.py").stat().st_mode) == 0o644
+
+
+def test_log_quota_windows():
+    """The worker's quota, by itself: per container, per window; the summary of what was
+    dropped comes when the window ends (or the container does)."""
+    from strato.worker.agent import LogQuota
+
+    q = LogQuota(100, window_s=60.0)
+    assert q.admit("a", "x" * 49, 0.0) == (True, [])  # 50 bytes with its newline
+    assert q.admit("a", "x" * 49, 1.0) == (True, [])
+    keep, notices = q.admit("a", "y", 2.0)
+    assert not keep and len(notices) == 1 and "over the log quota of 100" in notices[0]
+    assert q.admit("a", "y", 3.0) == (False, [])  # told once per window
+    assert q.admit("b", "z" * 10, 3.0) == (True, [])  # another container: its own quota
+    keep, notices = q.admit("a", "w", 61.0)  # a new minute
+    assert keep and notices == [
+        "4 bytes of logs dropped (2 lines): over the quota of 100 bytes per minute"
+    ]
+    q.admit("a", "v" * 200, 62.0)
+    assert q.close("a", forget=True) == (
+        "201 bytes of logs dropped (1 lines): over the quota of 100 bytes per minute"
+    )
+    assert q.close("a", forget=True) is None
+    assert LogQuota(0).admit("a", "x" * 10**6, 0.0) == (True, [])  # 0: no limit

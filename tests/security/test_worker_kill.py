@@ -263,3 +263,12 @@ def test_an_input_that_kills_its_worker_agent_fails_after_three_losses(server):
         wait_until(lambda: node_states() == ["ready"], 60, "the agent to be back")
         assert len(restarts(home)) - before == 3, "it killed its agent three times, no more"
         assert apps.double.remote(8) == 16
+
+
+def test_backoff_doubles_to_its_cap_and_resets_after_a_long_uptime():
+    from strato.providers.local import Backoff
+
+    b = Backoff(0.5, 4.0, reset_after=60.0)
+    assert [b.next_delay(1.0) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert b.next_delay(60.0) == 0.5  # it had stayed up a while: start again
+    assert b.next_delay(59.0) == 1.0
