@@ -229,24 +229,36 @@ def test_repeated_kills_back_off(server):
 
 def test_hung_worker_agent_is_lost_until_it_answers_again(server):
     """An agent that stops answering (SIGSTOP: its channel stays open) is counted lost
-    once its heartbeats stop; when it runs again it re-registers as the same node."""
+    once its heartbeats stop, and the input its container held goes back to the queue;
+    when the agent runs again it re-registers as the same node and kills that container
+    (the control plane counts it dead), and the input runs in a new one."""
     home = server.home
     pid = wait_until(lambda: worker_pid(home), 30, "a worker agent process")
     before = len(restarts(home))
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_until(
-            lambda: node_states() == ["lost"],
-            60,
-            "the node to be lost (its agent has sent no heartbeat for 4 s)",
-        )
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: node_states() == ["ready"], 60, "the agent to register again")
-    assert worker_pid(home) == pid  # the same agent, not a restarted one
-    assert len(restarts(home)) == before
     with apps.app.run(quiet=True):
+        call = apps.slow.spawn(3600.0)
+        busy = wait_until(lambda: container_pids(home), 60, "the slow input's container")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: node_states() == ["lost"],
+                60,
+                "the node to be lost (its agent has sent no heartbeat for 4 s)",
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: node_states() == ["ready"], 60, "the agent to register again")
+        assert worker_pid(home) == pid  # the same agent, not a restarted one
+        assert len(restarts(home)) == before
+        for old in busy:  # it sleeps an hour: dead now means killed
+            wait_until(lambda old=old: not pid_alive(old), 30, f"stale container {old} to die")
+        wait_until(
+            lambda: [p for p in container_pids(home) if p not in busy],
+            60,
+            "a new container for the re-queued input",
+        )
         assert apps.double.remote(7) == 14
+        call.cancel(terminate_containers=True)
 
 
 def test_an_input_that_kills_its_worker_agent_fails_after_three_losses(server):
