@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import signal as _signal
-import stat
 import subprocess
 import time
 from collections.abc import Iterable
@@ -48,7 +47,9 @@ from strato.runtime.isolation import (
     check_launch,
     container_environment,
     container_ids,
+    let_container_reach,
     minimal_root,
+    minimal_workdir,
     sanitized_etc,
 )
 from strato.runtime.network import EgressHandle, attach_egress, egress_unavailable_reason
@@ -420,11 +421,10 @@ class BwrapRuntime(Runtime):
             container_dir = ContainerDir.create(self.state_dir, launch.container_id)
         else:
             root = minimal_root(launch.argv[0], self.etc_dir)
-            visible = [e.dst for e in root if e.kind != "symlink"] + [b.dst for b in launch.binds]
-            workdir = launch.workdir or _visible_cwd(launch.cwd, visible)
-            resolve_executable(launch.argv[0], env, workdir if workdir != "/" else "/")
+            workdir = minimal_workdir(launch, root)
+            resolve_executable(launch.argv[0], env, workdir)
         if launch.channel_socket is not None:
-            _let_reach(launch.channel_socket)
+            let_container_reach(launch.channel_socket)
         cgroup = None
         fds: list[int] = []
         info_r = block_w = None
@@ -504,27 +504,6 @@ class BwrapRuntime(Runtime):
 
 def _under_own(path: str) -> bool:
     return any(path == d or path.startswith(d + "/") for d in OWN_DIRS)
-
-
-def _visible_cwd(cwd: str, visible: list[str]) -> str:
-    """``cwd`` where a minimal root shows it (under a bind), else ``/``."""
-    real = os.path.realpath(cwd)
-    for d in visible:
-        if d not in ("/tmp", "/root", "/home") and (real == d or real.startswith(d + "/")):
-            return real
-    return "/"
-
-
-def _let_reach(socket_path: str) -> None:
-    """The channel socket is bound into the container, whose unprivileged user must be able
-    to connect to it: make it read-writable by all (its folder on the host stays private;
-    the control plane authenticates every container by its token)."""
-    try:
-        mode = stat.S_IMODE(os.stat(socket_path).st_mode)
-        if mode & 0o006 != 0o006:
-            os.chmod(socket_path, mode | 0o666)
-    except OSError as exc:
-        log.warning("cannot open the channel socket %s to containers: %s", socket_path, exc)
 
 
 def _wait_loopback(pid: int, timeout_s: float = 2.0) -> bool:

@@ -47,21 +47,20 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import CHANNEL_PATH, Capabilities, ContainerLaunch, Runtime
+from strato.runtime.base import CHANNEL_PATH, Bind, Capabilities, ContainerLaunch, Runtime
 from strato.runtime.cgroups import CgroupManager, ContainerCgroup
 from strato.runtime.isolation import (
     DEFAULT_CAPS,
     check_launch,
     container_environment,
-    host_workdir,
-    interpreter_binds,
+    container_ids,
+    let_container_reach,
+    minimal_root,
+    minimal_workdir,
+    sanitized_etc,
 )
-from strato.runtime.rootfs import (
-    ContainerDir,
-    check_host_view_binds,
-    default_state_dir,
-    find_executable,
-)
+from strato.runtime.network import EgressHandle, NetnsHolder, attach_egress
+from strato.runtime.rootfs import ContainerDir, default_state_dir, find_executable
 from strato.runtime.supervise import (
     SupervisedContainer,
     cgroup_join_argv,
@@ -87,13 +86,19 @@ def build_spec(
     workdir: str,
     readonly_root: bool,
     hidden: Iterable[str] = (),
+    user: tuple[int, int] = (0, 0),
+    fresh: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """The OCI ``config.json`` of ``launch`` (root filesystem at ``<bundle>/rootfs``)."""
+    """The OCI ``config.json`` of ``launch`` (root filesystem at ``<bundle>/rootfs``).
+
+    ``user``: the uid and gid of the process (not root: no capabilities). ``fresh``:
+    folders that get an empty tmpfs anyone may write (``/root``, ``/home`` of a minimal
+    root)."""
     nofile_soft, nofile_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     rlimits = [{"type": "RLIMIT_NOFILE", "soft": nofile_soft, "hard": nofile_hard}]
     if launch.pids_max is not None:
         rlimits.append({"type": "RLIMIT_NPROC", "soft": launch.pids_max, "hard": launch.pids_max})
-    caps = list(DEFAULT_CAPS)
+    caps = list(DEFAULT_CAPS) if user[0] == 0 else []
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
@@ -103,8 +108,13 @@ def build_spec(
             "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
     ]
+    for d in fresh:
+        if d != "/tmp":
+            mounts.append(
+                {"destination": d, "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]}
+            )
     if readonly_root:
         mounts.append({"destination": "/run", "type": "tmpfs", "source": "tmpfs"})
         mounts += [{"destination": p, "type": "tmpfs", "source": "tmpfs"} for p in hidden]
@@ -115,14 +125,14 @@ def build_spec(
         mounts.append(
             {"destination": CHANNEL_PATH, "type": "bind", "source": launch.channel_socket}
         )
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if launch.block_network:
         namespaces.append({"type": "network"})
     return {
         "ociVersion": "1.0.0",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": user[0], "gid": user[1]},
             "args": list(launch.argv),
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": workdir,
@@ -152,6 +162,8 @@ class GvisorContainer(SupervisedContainer):
         super().__init__(container_id, proc, cgroup, memory_mb)
         self._runtime = runtime
         self.container_dir = container_dir
+        self.netns_holder: NetnsHolder | None = None
+        self.egress: EgressHandle | None = None
 
     def signal(self, sig: int) -> None:
         if sig == _signal.SIGKILL:
@@ -168,6 +180,7 @@ class GvisorContainer(SupervisedContainer):
         gone = self.cgroup is not None and not self.cgroup.pids()
         self._runtime.delete_state(self.container_id, sandbox_gone=gone)
         self.container_dir.remove()
+        _close_network(self.netns_holder, self.egress)
 
 
 class GvisorRuntime(Runtime):
@@ -200,7 +213,10 @@ class GvisorRuntime(Runtime):
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.runsc_root = self.state_dir / "runsc"
         self.hidden_paths = [str(self.state_dir), *hidden_paths]
-        """Host directories a container without an image must not see (empty there)."""
+        """(Unused since containers without an image get a minimal root; kept for callers.)"""
+        self.user = container_ids()
+        self.etc_dir = str(sanitized_etc(self.state_dir))
+        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
         self.cgroups: CgroupManager | None
         self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
         self.capabilities = Capabilities(
@@ -278,38 +294,34 @@ class GvisorRuntime(Runtime):
             raise InvalidError(
                 "The 'gvisor' runtime cannot give a container GPUs; use the 'bwrap' runtime."
             )
-        if not launch.rootfs_layers:
-            check_host_view_binds(launch.binds)
-
-    def _workdir(self, launch: ContainerLaunch, rootfs: Path) -> str:
-        if launch.rootfs_layers:
-            workdir = launch.workdir or "/"
-            (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
-            return workdir
-        return host_workdir(launch, self.hidden_paths)
 
     def _prepare(self, launch: ContainerLaunch, env: dict[str, str]) -> ContainerDir:
         """Mount the root filesystem and write the bundle (blocking: run in a thread)."""
         self.delete_state(launch.container_id)  # left by a worker that died, if any
         container_dir = ContainerDir.create(self.state_dir, launch.container_id)
         try:
+            fresh: list[str] = []
             if launch.rootfs_layers:
-                rootfs = container_dir.mount(launch.rootfs_layers)
-            else:
-                rootfs = container_dir.mount_host_view(self.state_dir)
-                extra = interpreter_binds(launch, self.hidden_paths)
-                launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
-            workdir = self._workdir(launch, rootfs)
-            if any(b.src == b.dst and launch.argv[0].startswith(b.src + "/") for b in launch.binds):
-                resolve_executable(launch.argv[0], env, workdir)  # bound in: check the host
-            else:
+                workdir = launch.workdir or "/"
+                owned = [d for d in (env.get("HOME") or "/root", workdir) if d != "/"]
+                rootfs = container_dir.mount(launch.rootfs_layers, owned, self.user)
+                (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
                 find_executable(str(rootfs), launch.argv[0], env, workdir)
+            else:
+                root = minimal_root(launch.argv[0], self.etc_dir)
+                rootfs = container_dir.mount_minimal_root(root)
+                extra = [Bind(e.src, e.dst) for e in root if e.kind == "ro"]
+                fresh = [e.dst for e in root if e.kind == "tmpfs"]
+                launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
+                workdir = minimal_workdir(launch, root)
+                resolve_executable(launch.argv[0], env, workdir)  # the host's, bound in
             spec = build_spec(
                 launch,
                 env=env,
                 workdir=workdir,
                 readonly_root=not launch.rootfs_layers,
-                hidden=[p for p in self.hidden_paths if os.path.isdir(p)],
+                user=self.user,
+                fresh=fresh,
             )
             config = container_dir.path / "config.json"
             fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -320,11 +332,30 @@ class GvisorRuntime(Runtime):
             raise
         return container_dir
 
+    def _network(self, block: bool) -> tuple[NetnsHolder | None, EgressHandle | None]:
+        """A network namespace with egress attached (blocking), or nothing for
+        ``block_network``."""
+        if block:
+            return None, None
+        holder = NetnsHolder()
+        try:
+            return holder, attach_egress(netns_path=holder.path)
+        except BaseException:
+            holder.close()
+            raise
+
     async def start(self, launch: ContainerLaunch) -> GvisorContainer:
         self._check(launch)
         env = container_environment(launch)
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        container_dir = await asyncio.to_thread(self._prepare, launch, env)
+        if launch.channel_socket is not None:
+            let_container_reach(launch.channel_socket)
+        holder, egress = await asyncio.to_thread(self._network, launch.block_network)
+        try:
+            container_dir = await asyncio.to_thread(self._prepare, launch, env)
+        except BaseException:
+            _close_network(holder, egress)
+            raise
         cgroup = None
         try:
             if self.cgroups is not None:
@@ -336,11 +367,23 @@ class GvisorRuntime(Runtime):
             argv = self._runsc(
                 "run", f"--bundle={container_dir.path}", launch.container_id, network=network
             )
+            if holder is not None:  # "host": the namespace of its own, with egress only
+                argv = [self.nsenter, f"--net={holder.path}", "--", *argv]
             proc = await spawn(cgroup_join_argv(cgroup, argv), {"PATH": os.defpath}, "/")
         except BaseException:
             if cgroup is not None:
                 cgroup.remove(timeout_s=0.5)
             await asyncio.to_thread(container_dir.remove)
+            _close_network(holder, egress)
             raise
         memory_mb = launch.memory_mb if cgroup is not None else None
-        return GvisorContainer(launch.container_id, proc, cgroup, memory_mb, self, container_dir)
+        c = GvisorContainer(launch.container_id, proc, cgroup, memory_mb, self, container_dir)
+        c.netns_holder, c.egress = holder, egress
+        return c
+
+
+def _close_network(holder: NetnsHolder | None, egress: EgressHandle | None) -> None:
+    if egress is not None:
+        egress.close()
+    if holder is not None:
+        holder.close()

@@ -19,7 +19,9 @@ the host: no checkouts, no homes, no ``/var``, ``/srv``, ``/opt``, ``/mnt``...""
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -232,6 +234,35 @@ def check_launch(launch: ContainerLaunch) -> None:
 
 def _covered(path: str, dirs: Iterable[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def minimal_workdir(launch: ContainerLaunch, root: Iterable[RootEntry]) -> str:
+    """Where a container with a :func:`minimal_root` starts: ``workdir``, else ``cwd`` where
+    the container sees it (under one of its binds), else ``/``."""
+    if launch.workdir is not None:
+        return launch.workdir
+    visible = [e.dst for e in root if e.kind == "ro"] + [
+        b.dst for b in launch.binds if b.src == b.dst
+    ]
+    real = os.path.realpath(launch.cwd)
+    for d in visible:
+        if real == d or real.startswith(d.rstrip("/") + "/"):
+            return real
+    return "/"
+
+
+def let_container_reach(socket_path: str) -> None:
+    """The channel socket is bound into the container, whose unprivileged user must be able
+    to connect to it: make it read-writable by all (its folder on the host stays private;
+    the control plane authenticates every container by its token)."""
+    try:
+        mode = stat.S_IMODE(os.stat(socket_path).st_mode)
+        if mode & 0o006 != 0o006:
+            os.chmod(socket_path, mode | 0o666)
+    except OSError as exc:
+        logging.getLogger("strato.runtime").warning(
+            "cannot open the channel socket %s to containers: %s", socket_path, exc
+        )
 
 
 def interpreter_binds(launch: ContainerLaunch, hidden: Iterable[str]) -> list[Bind]:
