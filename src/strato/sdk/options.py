@@ -101,14 +101,16 @@ def scaling(min_containers, max_containers, buffer_containers, scaledown_window)
         ("min_containers", min_containers, 0),
         ("buffer_containers", buffer_containers, 0),
     ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise InvalidError(f"{name}={v!r}: use an int >= {lo}")
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= m.MAX_CONTAINERS:
+            raise InvalidError(f"{name}={v!r}: use an int from {lo} to {m.MAX_CONTAINERS}")
     if max_containers is not None and (
         isinstance(max_containers, bool)
         or not isinstance(max_containers, int)
-        or max_containers < 1
+        or not 1 <= max_containers <= m.MAX_CONTAINERS
     ):
-        raise InvalidError(f"max_containers={max_containers!r}: use an int >= 1, or None")
+        raise InvalidError(
+            f"max_containers={max_containers!r}: use an int from 1 to {m.MAX_CONTAINERS}, or None"
+        )
     if max_containers is not None and min_containers > max_containers:
         raise InvalidError(
             f"min_containers={min_containers} exceeds max_containers={max_containers}"

@@ -172,9 +172,7 @@ class ControlPlane:
         container's session), logged, and nothing else."""
         peer = Peer(writer)
         try:
-            first = await asyncio.wait_for(
-                frames.read_frame(reader, frames.HELLO_MAX_FRAME), 10.0
-            )
+            first = await asyncio.wait_for(frames.read_frame(reader, frames.HELLO_MAX_FRAME), 10.0)
             if isinstance(first, m.WorkerHello):
                 if not hmac.compare_digest(first.token.encode(), self.token.encode()):
                     log.warning("channel: a worker hello with a wrong token; closed")
@@ -417,6 +415,15 @@ class ControlPlane:
             self._stop_in_memory(old)
         if not req.deployed and not req.detached:
             self.app_heartbeats[app_id] = time.monotonic()
+        warm = [
+            fid
+            for fid, _, raw in fns
+            if msgspec.msgpack.decode(raw, type=m.FunctionSpec).scaling.min_containers
+        ]
+        for fid in warm:  # a warm pool starts at deploy, not at the first call
+            self.calls.function(fid)
+        if warm:
+            self._wake.set()
         specs = {s.name: s for s in req.functions}
         refs = [
             m.FunctionRef(

@@ -68,9 +68,7 @@ class Request:
             raise exc.InvalidError(
                 f"query parameter {name}={raw!r} is not a {cast.__name__}"
             ) from None
-        if cast in (int, float) and (
-            not math.isfinite(value) or not 0 <= value <= MAX_QUERY_INT
-        ):
+        if cast in (int, float) and (not math.isfinite(value) or not 0 <= value <= MAX_QUERY_INT):
             raise exc.InvalidError(
                 f"query parameter {name}={raw!r}: use a number from 0 to {MAX_QUERY_INT}"
             )
