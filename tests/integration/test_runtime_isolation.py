@@ -657,7 +657,7 @@ def test_gpu_device_nodes_and_arguments(tmp_path: Path) -> None:
     binds = [args[i + 1 : i + 3] for i, a in enumerate(args) if a == "--dev-bind"]
     assert binds == [[n, n] for n in nodes]
     assert args.index("--dev") < args.index("--dev-bind")  # on the container's own /dev
-    assert "--unshare-net" not in args
+    assert "--unshare-net" in args  # always: egress is attached to it, or nothing
     assert "--unshare-net" in build_args(
         launch("pass", block_network=True), rootfs="/r", workdir="/", gpu_nodes=[]
     )

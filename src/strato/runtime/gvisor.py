@@ -174,11 +174,15 @@ class GvisorContainer(SupervisedContainer):
                     pass
             self._kill_cgroup()
         elif self.running:
-            self._runtime.runsc_background("kill", "--all", self.container_id, str(int(sig)))
+            netns = self.netns_holder.path if self.netns_holder is not None else None
+            self._runtime.runsc_background(
+                "kill", "--all", self.container_id, str(int(sig)), netns=netns
+            )
 
     def _release(self) -> None:
         gone = self.cgroup is not None and not self.cgroup.pids()
-        self._runtime.delete_state(self.container_id, sandbox_gone=gone)
+        netns = self.netns_holder.path if self.netns_holder is not None else None
+        self._runtime.delete_state(self.container_id, sandbox_gone=gone, netns=netns)
         self.container_dir.remove()
         _close_network(self.netns_holder, self.egress)
 
@@ -246,12 +250,16 @@ class GvisorRuntime(Runtime):
             *args,
         ]
 
-    def runsc_background(self, *args: str) -> None:
-        """Run a quick runsc command without waiting for it (it is reaped later)."""
+    def runsc_background(self, *args: str, netns: str | None = None) -> None:
+        """Run a quick runsc command without waiting for it (it is reaped later). ``netns``:
+        the sandbox's network namespace, where its control socket (an abstract one) is."""
         self._background = [p for p in self._background if p.poll() is None]
+        argv = self._runsc(*args)
+        if netns is not None:
+            argv = [self.nsenter, f"--net={netns}", "--", *argv]
         self._background.append(
             subprocess.Popen(
-                self._runsc(*args),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -261,7 +269,9 @@ class GvisorRuntime(Runtime):
     def _state_files(self, container_id: str) -> list[Path]:
         return list(self.runsc_root.glob(f"{container_id}_sandbox:{container_id}.*"))
 
-    def delete_state(self, container_id: str, sandbox_gone: bool = False) -> None:
+    def delete_state(
+        self, container_id: str, sandbox_gone: bool = False, netns: str | None = None
+    ) -> None:
         """Remove what runsc keeps of a container it did not clean up (``runsc run`` killed).
 
         ``sandbox_gone``: every process of the sandbox is known to have exited (its cgroup
@@ -274,9 +284,12 @@ class GvisorRuntime(Runtime):
             for f in files:
                 f.unlink(missing_ok=True)
             return
+        argv = self._runsc("delete", "--force", container_id)
+        if netns is not None:
+            argv = [self.nsenter, f"--net={netns}", "--", *argv]
         try:
             subprocess.run(
-                self._runsc("delete", "--force", container_id),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
