@@ -38,6 +38,9 @@ PRIVATE_TREES = ("blobs", "logs", "run")
 PRIVATE_DIRS = ("worker", "images")
 
 
+PRIVATE_MARK = ".private"  # the trees below were walked once: new files are 0600 anyway
+
+
 def secure_home(home: Path) -> None:
     """Make an existing STRATO_HOME private to its user (homes made before this rule)."""
     os.umask(0o077)
@@ -46,6 +49,9 @@ def secure_home(home: Path) -> None:
         _chmod(home / name, 0o600)
     for name in PRIVATE_DIRS:
         _chmod(home / name, 0o700)
+    mark = home / PRIVATE_MARK
+    if mark.exists():
+        return
     for name in PRIVATE_TREES:
         root = home / name
         if not root.is_dir():
@@ -56,6 +62,10 @@ def secure_home(home: Path) -> None:
                 _chmod(Path(dirpath, d), 0o700)
             for f in filenames:
                 _chmod(Path(dirpath, f), 0o600)
+    try:
+        mark.touch(mode=0o600)
+    except OSError:
+        pass
 
 
 def _chmod(path: Path, mode: int) -> None:
