@@ -88,13 +88,17 @@ def bwrap(bwrap_server):
 # ---------------------------------------------------------------------- zygotes
 
 
-def assert_isolated_like_a_container(out: dict, api_port: int) -> None:
-    """What a bwrap container gets, forked or not (runtime/seccomp.py, runtime/network.py):
-    a seccomp filter, a network namespace of its own (egress through a user-mode stack,
-    never to the host's loopback)."""
+def assert_isolated_like_a_container(out: dict, api_port: int, image: bool = False) -> None:
+    """What a bwrap container gets, forked or not (runtime/isolation.py, seccomp.py,
+    network.py): an unprivileged user (the same uid on the host), a seccomp filter, a
+    network namespace of its own (egress through a user-mode stack, never to the host's
+    loopback) and, without an image, a minimal root (no secrets of the host's /etc)."""
+    assert out["uid"] != 0 and out["host_uid"] == out["uid"], out
     assert out["seccomp"] == "2", out  # a filter (mode 2), loaded before any user code
     assert not out["reaches_host"], f"reached the control plane's port {api_port}: {out}"
     assert "lo" in out["interfaces"] and "tap0" in out["interfaces"], out
+    if not image:
+        assert not out["etc_shadow"], out  # the image's own /etc has one
 
 
 def test_forked_container_runs_and_is_isolated(bwrap):
@@ -134,7 +138,7 @@ def test_forked_container_of_an_image(bwrap):
         assert not mine["cap_sys_admin"]
         assert "hostmounts" not in mine["run"] and "layers" not in mine["run"]
         assert not any("oldroot" in p or "layers" in p for p in mine["mounts"]), mine
-        assert_isolated_like_a_container(mine, bwrap.port)
+        assert_isolated_like_a_container(mine, bwrap.port, image=True)
 
 
 def test_containers_without_an_image_still_fork_after_an_image(bwrap):
@@ -147,6 +151,7 @@ def test_containers_without_an_image_still_fork_after_an_image(bwrap):
         in_image = cold_start.in_image.remote("i", 0.0, bwrap.port)
         plain = cold_start.where.remote("p", 0.0, bwrap.port)
     assert in_image["forked"], in_image
+    assert_isolated_like_a_container(in_image, bwrap.port, image=True)
     assert plain["forked"] and plain["pid"] == 1, plain
     assert_isolated_like_a_container(plain, bwrap.port)
 

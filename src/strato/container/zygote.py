@@ -275,18 +275,25 @@ def _sandbox(req: dict, ctl: socket.socket) -> str:
     if req.get("netns") or req.get("block_network"):
         flags |= CLONE_NEWNET
     _check(_libc.unshare(flags), "unshare")
-    # root stays root (the same uid outside: the files it sees keep their owners), but its
-    # capabilities now hold only in these namespaces
-    _write("/proc/self/uid_map", "0 0 1")
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/gid_map", "0 0 1")
+    os.umask(0o022)  # what it makes here is for the container's user to read
     egress = bool(req.get("egress")) and bool(flags & CLONE_NEWNET)
-    if egress:
-        _send(ctl, {"netns": True})  # the worker attaches the network stack meanwhile
+    user = req.get("user")  # (uid, gid) the container runs as, the same on the host
+    if flags & CLONE_NEWNET:
+        _loopback_up()  # before the network stack is attached: both configure links
+    if user or egress:
+        _send(ctl, {"ns": True})  # the worker maps the ids, attaches the network stack
+    if user:
+        # root stays root (the same uid outside) while it sets up, with capabilities in
+        # these namespaces only; the worker (root outside) also maps the container's ids
+        _await(ctl, "mapped")
+    else:
+        _write("/proc/self/uid_map", "0 0 1")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/gid_map", "0 0 1")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # the binds, from the zygote's view
     sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req["binds"]]
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _fresh("/tmp")
     root = ""
     layers = req.get("layers")
     if layers:  # the image with a writable layer of its own (in memory), like any container
@@ -299,6 +306,14 @@ def _sandbox(req: dict, ctl: socket.socket) -> str:
         _mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
         _mount("/sys", root + "/sys", None, MS_BIND | MS_REC)
         _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        for d in req.get("owned") or []:  # its home and workdir: the container user's
+            os.makedirs(root + d, exist_ok=True)
+            if user:
+                os.chown(root + d, user[0], user[1])
+    else:  # fresh homes of its own (as a bwrap container's minimal root has them)
+        for d in ("/root", "/home"):
+            if os.path.isdir(d):
+                _fresh(d)
     if os.path.isdir(root + "/dev/shm"):
         _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     # a /run of its own hides the zygote's (its code mounts, the empty proc)
@@ -319,14 +334,40 @@ def _sandbox(req: dict, ctl: socket.socket) -> str:
             f.write(spec)
     hostname = req.get("hostname", "").encode()[:63]
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
-    if flags & CLONE_NEWNET:
-        _loopback_up()
     if egress:
-        answer = msgspec.msgpack.decode(ctl.recv(1 << 16) or msgspec.msgpack.encode({}))
-        if not isinstance(answer, dict) or not answer.get("egress"):
-            why = answer.get("error") if isinstance(answer, dict) else None
-            raise OSError(errno.ENETUNREACH, f"no network for the container: {why}")
+        _await(ctl, "egress")
     return root
+
+
+def _fresh(path: str) -> None:
+    """A new, empty tmpfs (``1777``) of its own at ``path`` (the zygote's is shared by every
+    container forked from it), with what the zygote has mounted below it bound back (the
+    interpreter may live under ``/root`` or ``/tmp``)."""
+    below = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(path + "/") and point not in below:
+                below.append(point)  # parents before children, as the table lists them
+    held = [(os.open(p, os.O_PATH | os.O_CLOEXEC), p) for p in below]
+    _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for fd, point in held:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(point, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(point), exist_ok=True)
+            os.close(os.open(point, os.O_CREAT | os.O_WRONLY, 0o644))
+        _mount(f"/proc/self/fd/{fd}", point, None, MS_BIND | MS_REC)
+        os.close(fd)
+
+
+def _await(ctl: socket.socket, what: str) -> None:
+    """Wait for the worker's ``{what: True}`` (else raise, with the worker's reason)."""
+    data = ctl.recv(1 << 16)
+    answer = msgspec.msgpack.decode(data) if data else {}
+    if not isinstance(answer, dict) or not answer.get(what):
+        why = answer.get("error") if isinstance(answer, dict) else None
+        raise OSError(errno.EPERM, f"the worker did not give the container its {what}: {why}")
 
 
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
@@ -361,14 +402,7 @@ def _drop_capabilities(keep: list[str]) -> None:
     mask = 0
     for name in keep:
         mask |= 1 << CAPS[name]
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            last = int(f.read())
-    except OSError:
-        last = 40
-    for cap in range(last + 1):
-        if not mask & (1 << cap):
-            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
+    _drop_bounding_set(mask)
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
@@ -377,6 +411,30 @@ def _drop_capabilities(keep: list[str]) -> None:
         data[i].effective = data[i].permitted = word
         data[i].inheritable = 0
     _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _become(uid: int, gid: int) -> None:
+    """Run as ``uid``:``gid`` (mapped to the same ids on the host), with no supplementary
+    group and no capability left, not even in the bounding set (as ``setpriv`` does for a
+    container bwrap starts)."""
+    _drop_bounding_set(keep=0)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # from root to none: permitted and effective sets cleared
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(header), (_CapData * 2)()), "capset")
+
+
+def _drop_bounding_set(keep: int) -> None:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except OSError:
+        last = 40
+    for cap in range(last + 1):
+        if not keep & (1 << cap):
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
 
 
 class _MMMap(ctypes.Structure):
@@ -462,14 +520,22 @@ def _container(req: dict, ctl: socket.socket, root: str) -> None:
             if root:
                 _enter_root(root)
                 os.makedirs(req.get("workdir") or "/", exist_ok=True)
-            _drop_capabilities(req.get("caps") or [])
+            if req.get("user"):
+                _become(*req["user"])
+            else:
+                _drop_capabilities(req.get("caps") or [])
             if req.get("seccomp"):  # last: it forbids mounts and new namespaces
                 _load_seccomp(req["seccomp"])
         env = req["env"]
         os.environ.clear()
         os.environ.update(env)
         _show_environment(env)
-        os.chdir(req.get("workdir") or "/")
+        try:
+            os.chdir(req.get("workdir") or "/")
+        except FileNotFoundError:
+            if root:  # (made above)
+                raise
+            os.chdir("/")  # not in its minimal root: a bwrap container starts at / too
     except BaseException as e:  # noqa: BLE001 - nothing of the user's ran yet
         _send(ctl, {"error": f"{type(e).__name__}: {e}"})
         os._exit(1)

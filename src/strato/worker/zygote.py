@@ -82,6 +82,7 @@ from .launch import IN_CONTAINER, MOUNTS, STRATO_SRC
 log = logging.getLogger("strato.worker")
 
 ZYGOTE_MODULE = "strato.container.zygote"
+STRATO_PACKAGE = Path(__file__).resolve().parent.parent  # strato's own, bound in
 HOSTMOUNTS = IN_CONTAINER + "/hostmounts"  # the node's code mounts, in a zygote (never a child)
 LAYERS = IN_CONTAINER + "/layers"  # an image's layers, in its zygote: lower layers of each child
 PROC_SOURCE = IN_CONTAINER + "/.proc"  # = strato.container.zygote.PROC_SOURCE
@@ -218,6 +219,7 @@ class Zygote:
     container_dir: Any = None  # an image's root, mounted for the zygote (bwrap)
     ctl_fd: int | None = None  # the number of its control socket, in it
     own_code: bool = False  # started with one app's code bound in place (not every app's)
+    egress: Any = None  # a template's user-mode network stack (its snap hooks may need it)
 
     @property
     def alive(self) -> bool:
@@ -240,9 +242,12 @@ class Zygote:
         for t in self.pumps:
             t.cancel()
         cgroup, home, root = self.cgroup, self.home, self.container_dir
+        egress, self.egress = self.egress, None
         self.cgroup = self.home = self.container_dir = None
 
         def cleanup() -> None:
+            if egress is not None:
+                egress.close()
             if cgroup is not None:
                 cgroup.kill_all()
                 cgroup.remove()
@@ -579,6 +584,10 @@ class ZygotePool:
         if runtime.name == "bwrap" and not z.own_code:
             (self.cache / "mounts").mkdir(parents=True, exist_ok=True)
             binds.append(Bind(str(self.cache / "mounts"), HOSTMOUNTS))
+            # its root is a container's minimal one (the interpreter, not the checkout):
+            # strato's own package in place, as its containers have it (launch.py)
+            binds.append(Bind(str(STRATO_PACKAGE), STRATO_SRC + "/strato", readonly=True))
+            env["PYTHONPATH"] = STRATO_SRC
         launch = ContainerLaunch(
             container_id=z.name,
             argv=[python, "-m", ZYGOTE_MODULE],
@@ -617,6 +626,8 @@ class ZygotePool:
         """Start ``z`` as ``launch`` says, wait until it is ready (or raise ForkFailed)."""
         rt: Any = runtime  # bwrap's or process's own attributes
         mine, theirs = _socketpair()
+        sent: list[int] = []  # file descriptors for bwrap, closed here once it started
+        mine_fds: list[int] = []  # their other ends
         try:
             launch.env["STRATO_ZYGOTE_FD"] = str(theirs.fileno())
             z.ctl_fd = theirs.fileno()
@@ -625,8 +636,16 @@ class ZygotePool:
                 z.cgroup = await asyncio.to_thread(
                     rt.cgroups.create, z.name, launch.cpu, launch.memory_mb, None
                 )
+            net: tuple[int, int, int, int] | None = None  # info r/w, block r/w
             if runtime.name == "bwrap":
-                argv = await self._bwrap_argv(z, launch, rt)
+                if z.kind == "template" and not launch.block_network:
+                    # a network namespace of its own (bwrap's): egress, attached before its
+                    # snap hooks run (they may download what they load)
+                    info, block = os.pipe(), os.pipe()
+                    net = (info[0], info[1], block[0], block[1])
+                    sent += [info[1], block[0]]
+                    mine_fds += [info[0], block[1]]
+                argv = await self._bwrap_argv(z, launch, rt, net)
                 cwd = "/"
             else:
                 argv = list(launch.argv)
@@ -639,15 +658,21 @@ class ZygotePool:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
-                pass_fds=[theirs.fileno()],
+                pass_fds=[theirs.fileno(), *sent],
                 limit=STREAM_LIMIT,
             )
         except BaseException as e:
             mine.close()
+            for fd in mine_fds:
+                os.close(fd)
             await self._failed_start(z, f"cannot start the {z.kind}: {type(e).__name__}: {e}")
             raise ForkFailed(f"cannot start the {z.kind}: {e}") from None
         finally:
             theirs.close()
+            for fd in sent:
+                os.close(fd)
+        if net is not None:
+            await self._attach_template_network(z, net[0], net[3])
         z.chan = _Channel(mine)
         z.pumps = [
             asyncio.ensure_future(self._pump(z, z.proc.stdout, "stdout", log_to)),
@@ -655,9 +680,34 @@ class ZygotePool:
         ]
         await self._handshake(z, set_ready)
 
-    async def _bwrap_argv(self, z: Zygote, launch: ContainerLaunch, rt: Any) -> list[str]:
+    async def _attach_template_network(self, z: Zygote, info_r: int, block_w: int) -> None:
+        """Give a template's network namespace (bwrap's) egress once bwrap made it, then let
+        it go on (bwrap waits for a byte on ``block_w``). If that fails, it goes on without
+        network, and the worker's log says why."""
+        from strato.runtime.network import attach_egress
+
+        try:
+            pid = await asyncio.to_thread(_read_child_pid, info_r)
+            if pid is not None and await asyncio.to_thread(_wait_loopback, pid):
+                z.egress = await asyncio.to_thread(attach_egress, pid)
+        except Exception as e:  # noqa: BLE001 - it runs on, without network
+            log.warning("%s %s: no network: %s", z.kind, z.name, e)
+        finally:
+            os.close(info_r)
+            with contextlib.suppress(OSError):
+                os.write(block_w, b"1")
+            os.close(block_w)
+
+    async def _bwrap_argv(
+        self,
+        z: Zygote,
+        launch: ContainerLaunch,
+        rt: Any,
+        net: tuple[int, int, int, int] | None = None,
+    ) -> list[str]:
         """bwrap's command line for a zygote: a container's sandbox (its image mounted with a
-        writable layer of its own), plus the empty proc and, for an image, its layers."""
+        writable layer of its own), plus the empty proc and, for an image, its layers.
+        ``net``: pipes (info r/w, block r/w) for bwrap to report its pid and wait on."""
         from strato.runtime.bwrap import build_args
         from strato.runtime.isolation import host_workdir, interpreter_binds
         from strato.runtime.rootfs import ContainerDir
@@ -673,8 +723,9 @@ class ZygotePool:
         else:
             launch.binds[:0] = interpreter_binds(launch, rt.hidden_paths)
             workdir = host_workdir(launch, rt.hidden_paths)
+        extra = {} if net is None else {"info_fd": net[1], "block_fd": net[2]}
         args = build_args(
-            launch, rootfs=rootfs, workdir=workdir, gpu_nodes=[], hidden=rt.hidden_paths
+            launch, rootfs=rootfs, workdir=workdir, gpu_nodes=[], hidden=rt.hidden_paths, **extra
         )
         return [rt.bwrap, *args, "--", *launch.argv]
 
@@ -904,6 +955,11 @@ class ZygotePool:
             from strato.runtime.isolation import DEFAULT_CAPS, host_workdir, interpreter_binds
 
             req["seccomp"] = _seccomp_filter()
+            user = _container_user()
+            if user is not None:  # an unprivileged user, the same uid on the host
+                req["user"] = list(user)
+                if launch.channel_socket is not None:
+                    _let_reach(launch.channel_socket)
             # a network namespace of its own: only a loopback with block_network, else
             # egress through a user-mode stack the worker attaches (runtime/network.py)
             req["netns"] = True
@@ -925,6 +981,7 @@ class ZygotePool:
                 n = len(launch.rootfs_layers)
                 req["layers"] = [f"{LAYERS}/{i}" for i in reversed(range(n))]
                 workdir = launch.workdir or "/"
+                req["owned"] = _owned_dirs(launch, workdir)
             else:
                 workdir = host_workdir(launch, runtime.hidden_paths)  # type: ignore[attr-defined]
                 # the interpreter, when it lives under /tmp or /run: the zygote has it bound
@@ -983,8 +1040,11 @@ class ZygotePool:
                 if got is None:
                     raise ForkFailed(f"the {z.kind}'s fork ended before the container started")
                 data, sender = got
-                if data.get("netns") and monitor is not None and egress is None:
-                    egress = await self._attach_egress(chan, monitor)
+                if data.get("ns") and monitor is not None and egress is None:
+                    if req.get("user"):
+                        _map_ids(chan, monitor, req["user"])
+                    if req.get("egress"):
+                        egress = await self._attach_egress(chan, monitor)
                     continue
                 if "error" in data:  # strato's own set-up failed: it would fail again
                     why = f"a forked container could not be set up: {data['error']}"
@@ -1090,6 +1150,88 @@ class ZygotePool:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _read_child_pid(fd: int) -> int | None:
+    """The ``child-pid`` bwrap writes on its ``--info-fd`` (``None`` if it exits first)."""
+    data = b""
+    while b"}" not in data:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        data += chunk
+    try:
+        return int(msgspec.json.decode(data[: data.index(b"}") + 1])["child-pid"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _wait_loopback(pid: int, timeout_s: float = 2.0) -> bool:
+    """Wait until bwrap has brought ``lo`` up in the network namespace of ``pid`` (before it
+    waits on ``--block-fd``): configuring ``tap0`` meanwhile makes its netlink requests fail
+    now and then (as the bwrap runtime waits). False if the sandbox is gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/net/fib_trie", "rb") as f:
+                if b"127.0.0.1" in f.read():
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.0005)
+    return True  # attach anyway: the worst is a template without network, said in the log
+
+
+def _container_user() -> tuple[int, int] | None:
+    """The unprivileged (uid, gid) bwrap containers run as (inside and on the host), from
+    :func:`strato.runtime.isolation.container_ids` where the runtime has it and the worker
+    is root (which the mapping needs); ``None``: root, as the runtime's containers then."""
+    from strato.runtime import isolation
+
+    ids = getattr(isolation, "container_ids", None)
+    if ids is None or os.geteuid() != 0:
+        return None
+    try:
+        return ids()
+    except Exception as e:  # noqa: BLE001 - a bad setting: the runtime says it on start
+        raise ForkFailed(f"no container user: {e}") from None
+
+
+def _owned_dirs(launch: ContainerLaunch, workdir: str) -> list[str]:
+    """Folders of an image that its container's user gets to write (as the bwrap runtime
+    gives them): its home and workdir."""
+    from strato.runtime.isolation import OWN_DIRS
+
+    dirs = [launch.env.get("HOME") or "/root"]
+    if workdir != "/":
+        dirs.append(workdir)
+    own = [d.rstrip("/") + "/" for d in OWN_DIRS]
+    return [d for d in dirs if os.path.isabs(d) and d != "/" and not any(
+        (d + "/").startswith(o) for o in own)]  # fmt: skip
+
+
+def _map_ids(chan: _Channel, monitor: int, user: list[int]) -> None:
+    """Map, as root outside, root (the set-up) and the container's user (the same ids on
+    the host) in the user namespace the monitor made; tell it to go on (or why not)."""
+    uid, gid = user
+    try:
+        for name, own in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{monitor}/{name}", "w") as f:
+                f.write(f"0 0 1\n{own} {own} 1\n")
+    except OSError as e:
+        chan.send({"mapped": False, "error": f"cannot map the container's ids: {e}"})
+        return
+    chan.send({"mapped": True})
+
+
+def _let_reach(socket_path: str) -> None:
+    """The channel socket, bound into a container whose unprivileged user must connect to
+    it: read-writable by all (the control plane authenticates each container by its token;
+    the bwrap runtime does the same)."""
+    with contextlib.suppress(OSError):
+        mode = os.stat(socket_path).st_mode & 0o777
+        if mode & 0o006 != 0o006:
+            os.chmod(socket_path, mode | 0o666)
 
 
 def _seccomp_filter() -> bytes:

@@ -52,11 +52,16 @@ def _reaches(port: int) -> bool:
 
 def _isolation(host_port: int) -> dict:
     """What the isolation checks read: seccomp, the host uid of this root, the network."""
+    uid, host_uid = os.getuid(), None
     with open("/proc/self/uid_map") as f:
-        uid_map = f.read().split()
+        for line in f:  # inside, outside, count: where this uid is on the host
+            inside, outside, count = map(int, line.split())
+            if inside <= uid < inside + count:
+                host_uid = outside + uid - inside
     return {
         "seccomp": _seccomp(),
-        "host_uid": int(uid_map[1]) if len(uid_map) >= 3 and uid_map[0] == "0" else None,
+        "uid": uid,
+        "host_uid": host_uid,
         "reaches_host": _reaches(host_port),
         "interfaces": sorted(n for _, n in socket.if_nameindex()),
         "etc_shadow": os.path.exists("/etc/shadow"),
