@@ -266,38 +266,17 @@ def let_container_reach(socket_path: str) -> None:
 
 
 def interpreter_binds(launch: ContainerLaunch, hidden: Iterable[str]) -> list[Bind]:
-    """(For a root that shows the host's; ``bwrap`` and ``gvisor`` build a
-    :func:`minimal_root` instead.) Without an image a container sees the host root, but its
-    own ``/tmp`` and ``/run`` (and empty hidden directories) cover the host's. A
-    program that lives there (a virtual environment under /tmp, an editable install's
-    source) would vanish: bind those
-    directories back, read-only, at the same paths. The candidates are the program's
-    virtual environment and this process's own import path (a worker starts containers
-    with its own interpreter)."""
+    """For a root that shows the host's, read-only, but with its own ``/tmp`` and ``/run``
+    (and empty ``hidden`` directories): the interpreter's folders (:func:`interpreter_dirs`,
+    never other folders of this process's import path) that those cover, to bind back at
+    the same paths. (``bwrap`` and ``gvisor`` build a :func:`minimal_root` instead.)"""
     covered = ("/tmp", "/run", *hidden)
-    exe = os.path.abspath(launch.argv[0]) if "/" in launch.argv[0] else ""
-    candidates = [sys.prefix, sys.base_prefix, *(p for p in sys.path if p)]
-    d = os.path.dirname(exe)
-    while exe and d != "/":  # the venv is where pyvenv.cfg is, above the (symlinked) program
-        if os.path.exists(os.path.join(d, "pyvenv.cfg")):
-            candidates.append(d)
-            break
-        d = os.path.dirname(d)
-    if exe:
-        candidates.append(os.path.dirname(os.path.realpath(exe)))
-    wanted = sorted(
-        {
-            os.path.normpath(p)
-            for p in candidates
-            if os.path.isabs(p) and os.path.isdir(p) and _covered(p, covered)
-        }
-    )
-    roots: list[str] = []
-    for p in wanted:  # the outermost of nested directories is enough
-        if not any(_covered(p, [r]) for r in roots):
-            roots.append(p)
     taken = {b.dst for b in launch.binds}
-    return [Bind(p, p, readonly=True) for p in roots if p not in taken]
+    return [
+        Bind(p, p, readonly=True)
+        for p in interpreter_dirs(launch.argv[0])
+        if _covered(p, covered) and p not in taken
+    ]
 
 
 def host_workdir(launch: ContainerLaunch, hidden: Iterable[str]) -> str:
