@@ -53,6 +53,7 @@ _spec_decoder = msgspec.msgpack.Decoder(m.FunctionSpec)
 
 SWEEP_EVERY_S = 2.0
 RESULTS_PREFIX = "/__strato/results/"
+SPARE_TUNNELS_MAX = 64  # tunnels a container may hold beyond twice its request slots
 RETIRED_IDLE_S = 30.0  # a replaced version's idle container, while the new one cannot serve
 
 
@@ -369,6 +370,11 @@ class Gateway:
         if ep is None:
             return False
         b = ep.backend_for(s)
+        if b.tunnels >= 2 * ep.slots + SPARE_TUNNELS_MAX:
+            # a container keeps one per request in flight and a few spares: more is one
+            # taking the channel's share of the open files from the others
+            log.warning("container %s dials too many web tunnels; refused", s.container_id)
+            return False
         up = Upstream(b, writer)
         transport = writer.transport
         transport.set_protocol(up)
