@@ -17,9 +17,13 @@ to a container of its endpoint.
   request to an endpoint at zero wakes the scaler at once.
 - **Redeploys** (``retire_app``): the replaced version's containers are not killed; they
   serve until the new version has a ready container, finish what they carry, then stop.
-- **Limits**: bodies over ``STRATO_WEB_MAX_BODY`` get a 413; requests unanswered after
-  ``STRATO_WEB_HTTP_LIMIT`` (150 s) a 303 to their result (``results.py``);
+- **Limits**: the listener's connection limit, header read timeout, head size and count
+  (431) and keep-alive timeout (``server/listeners.py``, ``ConnectionGuard``); bodies over
+  ``STRATO_WEB_MAX_BODY`` get a 413; requests unanswered after ``STRATO_WEB_HTTP_LIMIT``
+  (150 s) a 303 to their result (``results.py``, an unguessable id);
   ``requires_auth`` endpoints a 401 without ``Strato-Token: <web token>``.
+- **Routes are unique across apps** (``check_app``): an app whose URLs another live app
+  serves is refused (``RouteConflictError``).
 - **Logs** (``access.py``): one access line per request in the app's logs, with the
   request id every response carries.
 """

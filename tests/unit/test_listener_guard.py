@@ -1,0 +1,83 @@
+"""The channel listener's connection guard (``listeners.guard_stream_handler``) on a real
+Unix socket: connections over the limit are closed at once, and a connection handed to
+another protocol (a web tunnel) counts until that protocol loses it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from strato.server.listeners import ConnectionGuard, ListenerLimits, guard_stream_handler
+
+
+class Tunnel(asyncio.Protocol):
+    """Like the gateway's ``Upstream``: calls ``on_lost`` when its connection closes."""
+
+    def __init__(self) -> None:
+        self.on_lost = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+def test_channel_guard_counts_handed_off_connections(tmp_path):
+    async def main() -> None:
+        guard = ConnectionGuard("channel", ListenerLimits(max_connections=2))
+        tunnels: list[Tunnel] = []
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            line = await reader.readline()
+            if line == b"tunnel\n":  # hand the connection to another protocol
+                t = Tunnel()
+                writer.transport.set_protocol(t)
+                t.connection_made(writer.transport)
+                tunnels.append(t)
+                return
+            writer.close()
+
+        path = str(tmp_path / "ch.sock")
+        server = await asyncio.start_unix_server(guard_stream_handler(guard, handler), path=path)
+        try:
+            # a connection whose handler ends is released
+            r, w = await asyncio.open_unix_connection(path)
+            w.write(b"plain\n")
+            assert await r.read() == b""
+            w.close()
+            await asyncio.sleep(0.05)
+            assert len(guard.conns) == 0
+            # two tunnels fill the limit and stay counted after their handler returned
+            held = []
+            for _ in range(2):
+                r, w = await asyncio.open_unix_connection(path)
+                w.write(b"tunnel\n")
+                held.append((r, w))
+            for _ in range(100):
+                if len(tunnels) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(tunnels) == 2 and len(guard.conns) == 2
+            # a third connection is closed at once
+            r, w = await asyncio.open_unix_connection(path)
+            w.write(b"tunnel\n")
+            try:
+                got = await asyncio.wait_for(r.read(), 5)
+            except ConnectionResetError:
+                got = b""
+            assert got == b""
+            w.close()
+            assert guard.refused == 1 and len(tunnels) == 2
+            # a tunnel that closes frees its place
+            tunnels[0].transport.close()
+            await asyncio.sleep(0.05)
+            assert len(guard.conns) == 1
+            for _, w in held:
+                w.close()
+        finally:
+            server.close()
+            guard.stop()
+
+    asyncio.run(main())
