@@ -4,14 +4,15 @@
 and runs one ``Exchange`` at a time (pipelined requests wait their turn). An exchange
 writes a rewritten head to an ``Upstream`` tunnel of a container (the ``/<app>/<label>``
 prefix stripped, hop-by-hop headers dropped, those the ``Connection`` header names
-included, and the client's own ``x-forwarded-*``, ``forwarded`` and ``x-strato-request-
-id`` replaced by the gateway's) and streams the body after it: raw when the client sent
-a ``content-length``, re-chunked when it sent ``chunked``. The response comes back as
-raw bytes, written to the client as they arrive (chunked responses and server-sent
-events are never buffered); a second httptools parser only watches for the end of the
-response so that the tunnel can carry the next request. A ``101 Switching Protocols``
-turns both connections into a raw two-way pipe (WebSockets). Backpressure goes both
-ways: a full write buffer on one side pauses reading on the other.
+included, and the client's own ``x-forwarded-*``, ``forwarded`` and
+``x-strato-request-id`` replaced by the gateway's) and streams the body after it: raw
+when the client sent a ``content-length``, re-chunked when it sent ``chunked``. The
+response comes back as raw bytes, written to the client as they arrive (chunked
+responses and server-sent events are never buffered); a second httptools parser only
+watches for the end of the response so that the tunnel can carry the next request. A
+``101 Switching Protocols`` turns both connections into a raw two-way pipe (WebSockets).
+Backpressure goes both ways: a full write buffer on one side pauses reading on the
+other.
 
 Every exchange has a request id (``x-strato-request-id`` on every response, in the body
 of the gateway's own error responses, and in the access log line). A request still
