@@ -54,8 +54,21 @@ def worker_pid(home: Path) -> int | None:
     return found[0] if found else None
 
 
-def container_pids(home: Path) -> list[int]:
-    return [pid for pid, cmd in processes_of(home) if "strato.container" in cmd]
+def container_pids(home: Path, function_id: str | None = None) -> list[int]:
+    """Container processes of this home (of one function: its STRATO_FUNCTION_ID)."""
+    pids = [pid for pid, cmd in processes_of(home) if "strato.container" in cmd]
+    if function_id is None:
+        return pids
+    needle = f"STRATO_FUNCTION_ID={function_id}".encode()
+    mine = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    mine.append(pid)
+        except OSError:
+            pass
+    return mine
 
 
 def restarts(home: Path) -> list[dict]:
@@ -175,15 +188,18 @@ def test_map_survives_a_sigkilled_worker_agent(server):
         assert waits and all("lost its worker agent" in t for t in waits), texts[-20:]
 
 
-def test_worker_comes_back_after_sigkill(server):
+def test_worker_comes_back_after_sigkill(server, tmp_path):
     """The agent is restarted and registers as the same node; a container of the dead
     agent that is busy in a long input (under the process runtime it would outlive the
     agent) is killed, not left to finish and report later; the input runs again."""
     home = server.home
     before = len(restarts(home))
     with apps.app.run(quiet=True):
-        call = apps.slow.spawn(3600.0)
-        busy = wait_until(lambda: container_pids(home), 60, "the slow input's container")
+        marker = tmp_path / "running"
+        call = apps.slow.spawn(3600.0, str(marker))
+        wait_until(marker.exists, 60, "the slow input to run")
+        busy = container_pids(home, apps.slow.object_id)
+        assert len(busy) == 1
         old = kill_worker(home)
         new = wait_for_new_worker(home, old)
         for pid in busy:  # it sleeps an hour: dead now means killed
@@ -194,10 +210,11 @@ def test_worker_comes_back_after_sigkill(server):
         assert last["died_pid"] == old and last["new_pid"] == new
         assert last["signal"] == signal.SIGKILL
         assert last["total"] == before + 1
-        # (its container died with the agent, or the provider killed it: orphans_killed)
+        # its container (a plain process, busy in the input) was killed by the provider
+        assert last["orphans_killed"] >= 1
         # the input went back to the queue (no attempt counted) and runs on the new agent
         again = wait_until(
-            lambda: [p for p in container_pids(home) if p not in busy],
+            lambda: [p for p in container_pids(home, apps.slow.object_id) if p not in busy],
             60,
             "a new container for the re-queued input",
         )
@@ -227,7 +244,7 @@ def test_repeated_kills_back_off(server):
     assert len({r["died_pid"] for r in recorded}) == 5
 
 
-def test_hung_worker_agent_is_lost_until_it_answers_again(server):
+def test_hung_worker_agent_is_lost_until_it_answers_again(server, tmp_path):
     """An agent that stops answering (SIGSTOP: its channel stays open) is counted lost
     once its heartbeats stop, and the input its container held goes back to the queue;
     when the agent runs again it re-registers as the same node and kills that container
@@ -236,8 +253,11 @@ def test_hung_worker_agent_is_lost_until_it_answers_again(server):
     pid = wait_until(lambda: worker_pid(home), 30, "a worker agent process")
     before = len(restarts(home))
     with apps.app.run(quiet=True):
-        call = apps.slow.spawn(3600.0)
-        busy = wait_until(lambda: container_pids(home), 60, "the slow input's container")
+        marker = tmp_path / "running"
+        call = apps.slow.spawn(3600.0, str(marker))
+        wait_until(marker.exists, 60, "the slow input to run")
+        busy = container_pids(home, apps.slow.object_id)
+        assert len(busy) == 1
         os.kill(pid, signal.SIGSTOP)
         try:
             wait_until(
@@ -253,7 +273,7 @@ def test_hung_worker_agent_is_lost_until_it_answers_again(server):
         for old in busy:  # it sleeps an hour: dead now means killed
             wait_until(lambda old=old: not pid_alive(old), 30, f"stale container {old} to die")
         wait_until(
-            lambda: [p for p in container_pids(home) if p not in busy],
+            lambda: [p for p in container_pids(home, apps.slow.object_id) if p not in busy],
             60,
             "a new container for the re-queued input",
         )
