@@ -3,7 +3,8 @@ and the channel (a Unix socket). They share one process, so each one gets a shar
 open files and cannot starve the others.
 
 - **Open-file budget** (``fd_budget``): at start-up the process raises its
-  ``RLIMIT_NOFILE`` soft limit to the hard limit (or to ``STRATO_MAX_OPEN_FILES``) and
+  ``RLIMIT_NOFILE`` soft limit to the hard limit, at most 65536 (or sets it to
+  ``STRATO_MAX_OPEN_FILES``) and
   splits it: a reserve for everything else it opens (database, blobs, logs, pipes of the
   worker agent), then 50% for the gateway's client connections, 20% for the API's and 30%
   for the channel's (workers, containers and their web tunnels). A listener at its share
@@ -51,6 +52,7 @@ GATEWAY_SHARE, API_SHARE, CHANNEL_SHARE = 0.5, 0.2, 0.3
 GATEWAY_CAP, API_CAP, CHANNEL_CAP = 20000, 4096, 20000
 RESERVE_MIN = 256  # open files kept for the rest of the process
 NOFILE_CEILING = 1 << 20  # where the hard limit is unlimited
+NOFILE_DEFAULT = 1 << 16  # raised this far by default (the worker agent inherits it)
 
 
 def _num(env, name: str, default: float) -> float:
@@ -78,11 +80,12 @@ class FdBudget:
 
 
 def raise_nofile(want: int | None = None) -> int:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (or to ``want``, if lower);
-    returns the soft limit in force."""
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit, at most ``NOFILE_DEFAULT``
+    (never lowering it), or set it to ``want`` (at most the hard limit); returns the soft
+    limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     top = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
-    target = min(top, want) if want else top
+    target = min(top, want) if want else max(soft, min(top, NOFILE_DEFAULT))
     if target != soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
