@@ -1,0 +1,201 @@
+"""Network by default is egress only, under each isolating runtime, through a real control
+plane: a function cannot reach the host's loopback (a listener this test opens, the
+control plane's API and gateway ports), nor another container's listener; with
+``block_network`` it has only ``lo``; without, it reaches an address outside its own
+namespace.
+
+The egress target is the only thing contacted beyond loopback: a network namespace this
+test makes itself (``ip netns add``), joined to the host by a veth pair, with a tiny TCP
+server on the namespace's end. Nothing outside this machine is ever contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from strato import exceptions as exc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isolation_apps as apps  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="isolating runtimes need root"),
+]
+
+SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns' alias for the host (its loopback refused)
+CONTAINER_ADDRESS = "10.0.2.100"
+
+
+class Listener:
+    """A TCP server on the host's loopback that answers 'hello' and counts connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.served = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.served += 1
+            with conn:
+                conn.sendall(b"hello")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(strato_server):
+    with apps.app.run(quiet=True):
+        yield strato_server
+
+
+@pytest.fixture(scope="module")
+def listener():
+    srv = Listener()
+    yield srv
+    srv.close()
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def egress_target():
+    """(address, port) of a TCP server answering 'egress-ok' inside a network namespace
+    made here, reached from the host through a veth pair."""
+    if shutil.which("ip") is None:
+        pytest.fail("iproute2's ip is needed (.ci/run installs it)")
+    tag = uuid.uuid4().hex[:8]
+    ns, host_end, ns_end = f"strato-h1-{tag}", f"vh{tag}", f"vn{tag}"
+    third, fourth = random.randrange(256), random.randrange(0, 252, 4)
+    host_addr, ns_addr = f"10.213.{third}.{fourth + 1}", f"10.213.{third}.{fourth + 2}"
+    port = random.randrange(20000, 30000)
+    server = None
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        _ip("link", "set", ns_end, "netns", ns)
+        _ip("addr", "add", f"{host_addr}/30", "dev", host_end)
+        _ip("link", "set", host_end, "up")
+        _ip("-n", ns, "addr", "add", f"{ns_addr}/30", "dev", ns_end)
+        _ip("-n", ns, "link", "set", ns_end, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        code = (
+            "import socket\n"
+            f"s = socket.create_server(({ns_addr!r}, {port}))\n"
+            "print('listening', flush=True)\n"
+            "while True:\n"
+            "    c, _ = s.accept()\n"
+            "    c.sendall(b'egress-ok')\n"
+            "    c.close()\n"
+        )
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        yield ns_addr, port
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _ports(server) -> dict[str, int]:
+    info = json.loads((server.home / "server.json").read_text())
+    ports = {"api": server.port}
+    gateway = info.get("gateway_url")
+    if gateway:
+        ports["gateway"] = int(gateway.rsplit(":", 1)[1].split("/")[0])
+    return ports
+
+
+@pytest.mark.parametrize("runtime", apps.RUNTIMES)
+def test_host_loopback_is_out_of_reach(server, listener, runtime):
+    ports = _ports(server)
+    assert "gateway" in ports, "server.json names no gateway"
+    targets = [["127.0.0.1", listener.port], [SLIRP_GATEWAY, listener.port]]
+    for port in ports.values():
+        targets += [["127.0.0.1", port], [SLIRP_GATEWAY, port]]
+    served = listener.served
+    for fn in ("connect", "connect_blocked"):
+        seen = apps.fns[runtime][fn].remote(targets)
+        results = {k: v["result"] for k, v in seen.items()}
+        assert all(r.startswith("refused") for r in results.values()), (fn, results)
+    assert listener.served == served, "a container reached the host's loopback listener"
+    # the host side answers on each of these ports: only the container cannot get there
+    for port in (listener.port, *ports.values()):
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+    print(f"{runtime}: {len(targets)} host loopback targets x 2 network modes refused")
+
+
+@pytest.mark.parametrize("runtime", apps.RUNTIMES)
+def test_another_containers_listener_is_out_of_reach(server, runtime):
+    port = random.randrange(30000, 40000)
+    listening = apps.fns[runtime]["listen"].spawn(port, 15.0)
+    targets = [[CONTAINER_ADDRESS, port], ["127.0.0.1", port], [SLIRP_GATEWAY, port]]
+    attempts = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        attempts.append(apps.fns[runtime]["connect"].remote(targets))
+        try:
+            done = listening.get(timeout=0.5)
+            break
+        except exc.TimeoutError:
+            continue
+    else:
+        pytest.fail("the listening container did not finish")
+    assert done["accepted"] == 0, "another container reached the listener"
+    during = [
+        a
+        for a in attempts
+        if all(done["began"] + 0.2 < v["at"] < done["ended"] - 0.2 for v in a.values())
+    ]
+    # without an attempt while it listened the check would prove nothing
+    assert during, f"no attempt fell within the listening window {done} ({attempts})"
+    for a in during:
+        assert all(v["result"].startswith("refused") for v in a.values()), a
+    print(f"{runtime}: {len(during)} rounds x {len(targets)} targets while it listened: refused")
+
+
+@pytest.mark.parametrize("runtime", apps.RUNTIMES)
+def test_block_network_leaves_only_loopback(server, egress_target, runtime):
+    assert apps.fns[runtime]["interfaces_blocked"].remote() == ["lo"]
+    assert apps.fns[runtime]["interfaces"].remote() == ["lo", "tap0"]
+    seen = apps.fns[runtime]["connect_blocked"].remote([list(egress_target)])
+    assert all(v["result"].startswith("refused") for v in seen.values()), seen
+
+
+@pytest.mark.parametrize("runtime", apps.RUNTIMES)
+def test_egress_reaches_an_outside_address(server, egress_target, runtime):
+    host, port = egress_target
+    seen = apps.fns[runtime]["connect"].remote([[host, port]])
+    assert seen[f"{host}:{port}"]["result"] == "answered:egress-ok", seen
