@@ -71,6 +71,25 @@ def container_pids(home: Path, function_id: str | None = None) -> list[int]:
     return mine
 
 
+def container_cgroups(pid: int) -> list[Path]:
+    """The cgroup folders of a container process (named by its container id)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+    cid = env[b"STRATO_CONTAINER_ID"].decode()
+    found = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if not path.endswith("/" + cid):
+                continue
+            for name in controllers.split(",") if controllers else ["unified"]:
+                for root in (Path("/sys/fs/cgroup") / name, Path("/sys/fs/cgroup")):
+                    if (root / path.lstrip("/")).is_dir():
+                        found.append(root / path.lstrip("/"))
+                        break
+    return found
+
+
 def restarts(home: Path) -> list[dict]:
     path = home / "logs" / "worker-restarts.jsonl"
     if not path.exists():
@@ -200,6 +219,7 @@ def test_worker_comes_back_after_sigkill(server, tmp_path):
         wait_until(marker.exists, 60, "the slow input to run")
         busy = container_pids(home, apps.slow.object_id)
         assert len(busy) == 1
+        groups = container_cgroups(busy[0])
         old = kill_worker(home)
         new = wait_for_new_worker(home, old)
         for pid in busy:  # it sleeps an hour: dead now means killed
@@ -220,6 +240,10 @@ def test_worker_comes_back_after_sigkill(server, tmp_path):
         )
         assert again
         assert apps.double.remote(5) == 10  # the node places containers again
+        # the new agent removed the cgroup of the dead agent's container (the control
+        # plane named it in its welcome); empty where the runtime had no cgroups here
+        for group in groups:
+            wait_until(lambda g=group: not g.exists(), 30, f"stale cgroup {group} removed")
         call.cancel(terminate_containers=True)
 
 

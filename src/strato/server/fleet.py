@@ -76,6 +76,9 @@ class Node:
     last_heartbeat: float = field(default_factory=time.monotonic)
     lost_at: float | None = None  # when its worker agent was lost (None: connected)
     lost_reason: str = ""
+    # containers counted dead with the lost agent: the next agent of the node kills what
+    # is left of them (processes, cgroups)
+    lost_containers: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -168,6 +171,8 @@ class Fleet:
             node_id, info.name, info.provider, msgspec.msgpack.encode(info), "ready"
         )
         kill = [cid for cid in hello.running if cid not in self.containers]
+        if old is not None:  # those of its lost agent, whatever this agent knows of them
+            kill += [cid for cid in old.lost_containers if cid not in kill]
         peer.send(
             m.WorkerWelcome(node_id=node_id, epoch=self.epoch, http_url=self.http_url, kill=kill)
         )
@@ -197,6 +202,7 @@ class Fleet:
         node.lost_reason = why
         self.store.set_node_state(node_id, "lost")
         lost = [s for s in self.containers.values() if s.node_id == node_id]
+        node.lost_containers += [s.container_id for s in lost]
         log.warning(
             "node %s lost its worker agent (%s); %d containers lost with it",
             node_id,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -24,6 +25,7 @@ from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.runtime import get_runtime
 from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
+from strato.runtime.cgroups import ContainerCgroup
 
 from .launch import prepare_launch
 from .resources import detect_inventory
@@ -38,6 +40,7 @@ LOG_QUOTA_WINDOW_S = 60.0
 # without one
 HEARTBEAT_S = 5.0
 MAX_LOG_LINE = 16 << 10
+_CONTAINER_ID = re.compile(r"ct-[0-9a-f]{1,64}")
 
 
 def log_quota_from_env() -> int:
@@ -234,7 +237,10 @@ class WorkerAgent:
         log.info("registered as %s with control plane epoch %s", welcome.node_id, welcome.epoch)
         self.zygotes.prewarm(self.runtime, self.channel)
         for cid in welcome.kill:
-            self._kill(cid, 0.0)
+            if cid in self.containers or cid in self.starting:
+                self._kill(cid, 0.0)
+            else:  # one of an earlier agent of this node: what is left of it goes
+                asyncio.create_task(asyncio.to_thread(self._clean_stale, cid))
         outbox, self._outbox = self._outbox, []
         for msg in outbox:
             self.send(msg)
@@ -342,6 +348,23 @@ class WorkerAgent:
         if hidden is not None and str(self.home) not in hidden:
             hidden.append(str(self.home))
         return runtime
+
+    def _clean_stale(self, cid: str) -> None:
+        """Kill the processes left in the cgroup of a container an earlier agent of this
+        node started (the control plane counts it dead), and remove the cgroup."""
+        if not _CONTAINER_ID.fullmatch(cid):
+            return
+        for rt in list(self.runtimes.values()):
+            mgr = getattr(rt, "cgroups", None)
+            if mgr is None:
+                continue
+            dirs = {name: Path(parent) / cid for name, parent in mgr.parents.items()}
+            if not any(d.exists() for d in dirs.values()):
+                continue
+            log.info("removing what is left of container %s of an earlier agent", cid)
+            group = ContainerCgroup(mgr.version, dirs)
+            group.kill_all()
+            group.remove()
 
     def _kill(self, cid: str, grace_s: float) -> None:
         self.killed.add(cid)
