@@ -617,7 +617,7 @@ class ClientConn(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         if not self.gw.guard.admit(self):
-            self.refused = self.closed = True
+            self.refused = self.closed = self.closing = True  # (reads nothing more)
             transport.write(refusal())
             transport.close()
             return
