@@ -160,7 +160,7 @@ def test_host_loopback_is_out_of_reach(server, listener, runtime):
 @pytest.mark.parametrize("runtime", apps.RUNTIMES)
 def test_another_containers_listener_is_out_of_reach(server, runtime):
     port = random.randrange(30000, 40000)
-    listening = apps.fns[runtime]["listen"].spawn(port, 15.0)
+    listening = apps.fns[runtime]["listen"].spawn(port, 6.0)
     targets = [[CONTAINER_ADDRESS, port], ["127.0.0.1", port], [SLIRP_GATEWAY, port]]
     attempts = []
     deadline = time.monotonic() + 60

@@ -26,13 +26,11 @@ Capabilities: the program runs as root with Docker's default capability set (no
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
 import signal as _signal
 import subprocess
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,7 +50,7 @@ from strato.runtime.isolation import (
     minimal_workdir,
     sanitized_etc,
 )
-from strato.runtime.network import EgressHandle, attach_egress, egress_unavailable_reason
+from strato.runtime.network import Egress, default_pool, egress_unavailable_reason
 from strato.runtime.rootfs import (
     ContainerDir,
     default_state_dir,
@@ -192,6 +190,7 @@ def build_args(
     seccomp_fd: int | None = None,
     info_fd: int | None = None,
     block_fd: int | None = None,
+    share_net: bool = False,
 ) -> list[str]:
     """The bwrap command line (without the program) for ``launch``.
 
@@ -203,8 +202,9 @@ def build_args(
     capabilities: put :func:`user_argv` before it to run it unprivileged.
     ``seccomp_fd``: the filter (a file descriptor passed to bwrap). ``info_fd`` and
     ``block_fd``: bwrap reports the sandbox's pid on the first and waits for a byte on the
-    second before it runs the program (the runtime attaches the network in between). The
-    container always has a network namespace of its own.
+    second before it runs the program (for a caller that attaches the network in
+    between). ``share_net``: stay in bwrap's network namespace (the runtime starts bwrap in
+    one made for the container, with egress); else a new one with only ``lo``.
     """
     args = [
         "--die-with-parent",
@@ -213,8 +213,9 @@ def build_args(
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-cgroup-try",
-        "--unshare-net",
     ]
+    if not share_net:
+        args.append("--unshare-net")
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
     if info_fd is not None:
@@ -293,7 +294,7 @@ class BwrapContainer(SupervisedContainer):
     ) -> None:
         super().__init__(container_id, proc, cgroup, memory_mb)
         self.container_dir = container_dir
-        self.egress: EgressHandle | None = None
+        self.egress: Egress | None = None
         """The container's user-mode network stack (none with ``block_network``)."""
         self._program_pid: int | None = None
 
@@ -375,9 +376,11 @@ class BwrapRuntime(Runtime):
         self.priv_dir, self.priv_argv = setpriv_bundle(self.state_dir)
         self.etc_dir = str(sanitized_etc(self.state_dir))
         filter_bpf()  # compiled once, here rather than in the first container's start
+        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
         why = egress_unavailable_reason()
         if why is not None:
             log.warning("bwrap runtime: %s", why)
+        self.egress_pool = default_pool()
         self.capabilities = Capabilities(
             isolation=True,
             network_control=True,
@@ -420,14 +423,14 @@ class BwrapRuntime(Runtime):
             workdir = launch.workdir or "/"
             container_dir = ContainerDir.create(self.state_dir, launch.container_id)
         else:
-            root = minimal_root(launch.argv[0], self.etc_dir)
+            root = minimal_root(launch.argv[0], sanitized_etc(self.state_dir))
             workdir = minimal_workdir(launch, root)
             resolve_executable(launch.argv[0], env, workdir)
         if launch.channel_socket is not None:
             let_container_reach(launch.channel_socket)
         cgroup = None
         fds: list[int] = []
-        info_r = block_w = None
+        egress: Egress | None = None
         try:
             if container_dir is not None:
                 owned = self._owned_dirs(launch, workdir)
@@ -444,11 +447,8 @@ class BwrapRuntime(Runtime):
                 )
             seccomp_fd = filter_fd()
             fds.append(seccomp_fd)
-            info_w = block_r = None
             if not launch.block_network:
-                info_r, info_w = os.pipe()
-                block_r, block_w = os.pipe()
-                fds += [info_w, block_r]
+                egress = await asyncio.to_thread(self.egress_pool.take)
             args = build_args(
                 launch,
                 rootfs=rootfs,
@@ -456,8 +456,7 @@ class BwrapRuntime(Runtime):
                 gpu_nodes=gpu_nodes,
                 root=root,
                 seccomp_fd=seccomp_fd,
-                info_fd=info_w,
-                block_fd=block_r,
+                share_net=egress is not None,
             )
             if rootfs is not None:
                 args += ["--ro-bind", self.priv_dir, PRIV_INSIDE]
@@ -465,11 +464,14 @@ class BwrapRuntime(Runtime):
             else:
                 drop = user_argv(self.user)
             program = [self.bwrap, *args, "--", *drop, *launch.argv]
+            if egress is not None:  # bwrap starts in the container's namespace
+                program = [self.nsenter, f"--net={egress.path}", "--", *program]
             proc = await spawn(cgroup_join_argv(cgroup, program), env, "/", pass_fds=tuple(fds))
         except BaseException:
-            for fd in (*fds, info_r, block_w):
-                if fd is not None:
-                    os.close(fd)
+            for fd in fds:
+                os.close(fd)
+            if egress is not None:
+                await asyncio.to_thread(egress.close)
             if cgroup is not None:
                 cgroup.remove(timeout_s=0.5)
             if container_dir is not None:
@@ -479,58 +481,9 @@ class BwrapRuntime(Runtime):
             os.close(fd)
         memory_mb = launch.memory_mb if cgroup is not None else None
         container = BwrapContainer(launch.container_id, proc, cgroup, memory_mb, container_dir)
-        if info_r is not None and block_w is not None:
-            await self._attach_network(container, info_r, block_w)
+        container.egress = egress
         return container
-
-    async def _attach_network(self, container: BwrapContainer, info_r: int, block_w: int) -> None:
-        """Attach the container's egress once bwrap has made its namespaces, then let the
-        program start (bwrap waits on ``block_w``'s pipe). If anything fails the program
-        still starts, without network, and the log says why."""
-        try:
-            pid = await asyncio.to_thread(_read_child_pid, info_r)
-            if pid is not None and await asyncio.to_thread(_wait_loopback, pid):
-                container.egress = await asyncio.to_thread(attach_egress, pid)
-        except Exception as exc:  # noqa: BLE001 - the container runs on, without network
-            log.warning("container %s: no network: %s", container.container_id, exc)
-        finally:
-            os.close(info_r)
-            try:
-                os.write(block_w, b"1")
-            except OSError:
-                pass  # bwrap is gone already
-            os.close(block_w)
 
 
 def _under_own(path: str) -> bool:
     return any(path == d or path.startswith(d + "/") for d in OWN_DIRS)
-
-
-def _wait_loopback(pid: int, timeout_s: float = 2.0) -> bool:
-    """Wait until bwrap has brought up ``lo`` in the namespace of ``pid`` (it does so
-    before it waits on ``--block-fd``): configuring ``tap0`` at the same time makes its
-    netlink requests fail now and then. False if the sandbox is gone."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/net/fib_trie", "rb") as f:
-                if b"127.0.0.1" in f.read():
-                    return True
-        except OSError:
-            return False
-        time.sleep(0.0005)
-    return True  # attach anyway: the worst is a container without network, said in the log
-
-
-def _read_child_pid(fd: int) -> int | None:
-    """The ``child-pid`` bwrap writes on its ``--info-fd`` (``None`` if it exits first)."""
-    data = b""
-    while b"}" not in data:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        data += chunk
-    try:
-        return int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -59,7 +59,7 @@ from strato.runtime.isolation import (
     minimal_workdir,
     sanitized_etc,
 )
-from strato.runtime.network import EgressHandle, NetnsHolder, attach_egress
+from strato.runtime.network import Egress, default_pool
 from strato.runtime.rootfs import ContainerDir, default_state_dir, find_executable
 from strato.runtime.supervise import (
     SupervisedContainer,
@@ -162,8 +162,8 @@ class GvisorContainer(SupervisedContainer):
         super().__init__(container_id, proc, cgroup, memory_mb)
         self._runtime = runtime
         self.container_dir = container_dir
-        self.netns_holder: NetnsHolder | None = None
-        self.egress: EgressHandle | None = None
+        self.egress: Egress | None = None
+        """The container's network namespace with egress (none with ``block_network``)."""
 
     def signal(self, sig: int) -> None:
         if sig == _signal.SIGKILL:
@@ -174,17 +174,18 @@ class GvisorContainer(SupervisedContainer):
                     pass
             self._kill_cgroup()
         elif self.running:
-            netns = self.netns_holder.path if self.netns_holder is not None else None
+            netns = self.egress.path if self.egress is not None else None
             self._runtime.runsc_background(
                 "kill", "--all", self.container_id, str(int(sig)), netns=netns
             )
 
     def _release(self) -> None:
         gone = self.cgroup is not None and not self.cgroup.pids()
-        netns = self.netns_holder.path if self.netns_holder is not None else None
+        netns = self.egress.path if self.egress is not None else None
         self._runtime.delete_state(self.container_id, sandbox_gone=gone, netns=netns)
         self.container_dir.remove()
-        _close_network(self.netns_holder, self.egress)
+        if self.egress is not None:
+            self.egress.close()
 
 
 class GvisorRuntime(Runtime):
@@ -221,6 +222,7 @@ class GvisorRuntime(Runtime):
         self.user = container_ids()
         self.etc_dir = str(sanitized_etc(self.state_dir))
         self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        self.egress_pool = default_pool()
         self.cgroups: CgroupManager | None
         self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
         self.capabilities = Capabilities(
@@ -321,7 +323,7 @@ class GvisorRuntime(Runtime):
                 (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
                 find_executable(str(rootfs), launch.argv[0], env, workdir)
             else:
-                root = minimal_root(launch.argv[0], self.etc_dir)
+                root = minimal_root(launch.argv[0], sanitized_etc(self.state_dir))
                 rootfs = container_dir.mount_minimal_root(root)
                 extra = [Bind(e.src, e.dst) for e in root if e.kind == "ro"]
                 fresh = [e.dst for e in root if e.kind == "tmpfs"]
@@ -345,29 +347,20 @@ class GvisorRuntime(Runtime):
             raise
         return container_dir
 
-    def _network(self, block: bool) -> tuple[NetnsHolder | None, EgressHandle | None]:
-        """A network namespace with egress attached (blocking), or nothing for
-        ``block_network``."""
-        if block:
-            return None, None
-        holder = NetnsHolder()
-        try:
-            return holder, attach_egress(netns_path=holder.path)
-        except BaseException:
-            holder.close()
-            raise
-
     async def start(self, launch: ContainerLaunch) -> GvisorContainer:
         self._check(launch)
         env = container_environment(launch)
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if launch.channel_socket is not None:
             let_container_reach(launch.channel_socket)
-        holder, egress = await asyncio.to_thread(self._network, launch.block_network)
+        egress = None
+        if not launch.block_network:
+            egress = await asyncio.to_thread(self.egress_pool.take)
         try:
             container_dir = await asyncio.to_thread(self._prepare, launch, env)
         except BaseException:
-            _close_network(holder, egress)
+            if egress is not None:
+                await asyncio.to_thread(egress.close)
             raise
         cgroup = None
         try:
@@ -380,23 +373,17 @@ class GvisorRuntime(Runtime):
             argv = self._runsc(
                 "run", f"--bundle={container_dir.path}", launch.container_id, network=network
             )
-            if holder is not None:  # "host": the namespace of its own, with egress only
-                argv = [self.nsenter, f"--net={holder.path}", "--", *argv]
+            if egress is not None:  # "host": the namespace of its own, with egress only
+                argv = [self.nsenter, f"--net={egress.path}", "--", *argv]
             proc = await spawn(cgroup_join_argv(cgroup, argv), {"PATH": os.defpath}, "/")
         except BaseException:
             if cgroup is not None:
                 cgroup.remove(timeout_s=0.5)
             await asyncio.to_thread(container_dir.remove)
-            _close_network(holder, egress)
+            if egress is not None:
+                await asyncio.to_thread(egress.close)
             raise
         memory_mb = launch.memory_mb if cgroup is not None else None
         c = GvisorContainer(launch.container_id, proc, cgroup, memory_mb, self, container_dir)
-        c.netns_holder, c.egress = holder, egress
+        c.egress = egress
         return c
-
-
-def _close_network(holder: NetnsHolder | None, egress: EgressHandle | None) -> None:
-    if egress is not None:
-        egress.close()
-    if holder is not None:
-        holder.close()

@@ -19,10 +19,13 @@ the host: no checkouts, no homes, no ``/var``, ``/srv``, ``/opt``, ``/mnt``...""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import stat
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,13 +124,69 @@ class RootEntry:
     dst: str
 
 
+_etc_lock = threading.Lock()
+_etc_made: dict[str, tuple[tuple, Path]] = {}
+
+
+def _etc_signature() -> tuple:
+    sig = []
+    for name in (*ETC_FILES, "passwd", "group"):
+        host = "/etc/" + name
+        try:
+            st = os.stat(host)  # (what a link points to: resolv.conf may move)
+            sig.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            sig.append((name, None))
+    return (container_ids(), tuple(sig))
+
+
 def sanitized_etc(state_dir: str | os.PathLike[str]) -> Path:
-    """``<state dir>/etc`` holding the host's ``passwd`` and ``group`` without password
-    fields (``x``), with ``nobody``/``nogroup`` and the container's ids present; rewritten
-    when the host's change. Readable by everyone (no secrets)."""
-    out = Path(state_dir) / "etc"
-    out.mkdir(parents=True, exist_ok=True)
-    os.chmod(out, 0o755)
+    """A copy of what a container without an image sees of ``/etc`` (:data:`ETC_FILES`,
+    links into ``/usr`` kept as links, others followed), with ``passwd`` and ``group``
+    rewritten without password fields (``x``) and with the container's ids present, in
+    ``<state dir>/etc/<version>``: bound at ``/etc`` as one mount. Remade when the host's
+    files change (checked with a ``stat`` of each, cheap enough for every start); earlier
+    versions stay (containers may hold them) until :func:`sanitized_etc` starts afresh in a
+    new process. Readable by everyone (no secrets)."""
+    base = Path(state_dir) / "etc"
+    sig = _etc_signature()
+    with _etc_lock:
+        made = _etc_made.get(str(base))
+        if made is not None and made[0] == sig and made[1].is_dir():
+            return made[1]
+        if made is None and base.is_dir():  # a new process: old versions are unused
+            shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o755)
+        version = hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
+        out = base / version
+        if not out.is_dir():
+            tmp = base / f".{version}.{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o755)
+            _fill_etc(tmp)
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, out)
+            except OSError:  # made meanwhile by another worker of this machine
+                shutil.rmtree(tmp, ignore_errors=True)
+        _etc_made[str(base)] = (sig, out)
+        return out
+
+
+def _fill_etc(out: Path) -> None:
+    for name in ETC_FILES:
+        host = Path("/etc", name)
+        try:
+            if host.is_symlink() and os.path.realpath(host).startswith("/usr/"):
+                os.symlink(os.readlink(host), out / name)
+            elif host.is_dir():
+                shutil.copytree(host, out / name, symlinks=True)
+            elif host.is_file():
+                shutil.copyfile(host, out / name)
+                os.chmod(out / name, 0o644)
+        except OSError:
+            continue  # unreadable or gone: the container goes without it
     uid, gid = container_ids()
     for name, fields, extra in (
         ("passwd", 7, f"strato:x:{uid}:{gid}:strato container:/root:/bin/sh"),
@@ -148,18 +207,8 @@ def sanitized_etc(state_dir: str | os.PathLike[str]) -> Path:
             clean.append(":".join(parts))
         if str(uid if name == "passwd" else gid) not in ids:
             clean.append(extra)
-        text = "\n".join(clean) + "\n"
-        target = out / name
-        try:
-            if target.read_text() == text:
-                continue
-        except OSError:
-            pass
-        tmp = out / f".{name}.{os.getpid()}"
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    return out
+        (out / name).write_text("\n".join(clean) + "\n")
+        os.chmod(out / name, 0o644)
 
 
 def interpreter_dirs(argv0: str) -> list[str]:
@@ -193,7 +242,8 @@ def interpreter_dirs(argv0: str) -> list[str]:
 
 def minimal_root(argv0: str, etc_dir: str | os.PathLike[str]) -> list[RootEntry]:
     """The root of a container without an image, as steps in order (see the module's
-    doc). ``etc_dir``: from :func:`sanitized_etc`. The runtime adds ``/proc``, ``/dev``,
+    doc). ``etc_dir``: from :func:`sanitized_etc` (call it at each start: it follows the
+    host's changes). The runtime adds ``/proc``, ``/dev``,
     ``/run`` and the launch's binds after these."""
     entries: list[RootEntry] = []
     for name in SYSTEM_DIRS:
@@ -202,14 +252,7 @@ def minimal_root(argv0: str, etc_dir: str | os.PathLike[str]) -> list[RootEntry]
             entries.append(RootEntry("symlink", os.readlink(host), host))
         elif os.path.isdir(host):
             entries.append(RootEntry("ro", host, host))
-    for name in ETC_FILES:
-        host = "/etc/" + name
-        if not os.path.exists(host):
-            continue  # (a dangling link too)
-        entries.append(RootEntry("ro", os.path.realpath(host) if not os.path.isdir(host)
-                                 else host, host))  # fmt: skip
-    for name in ("passwd", "group"):
-        entries.append(RootEntry("ro", os.path.join(etc_dir, name), "/etc/" + name))
+    entries.append(RootEntry("ro", str(etc_dir), "/etc"))
     entries += [RootEntry("tmpfs", "", d) for d in FRESH_DIRS]
     entries += [RootEntry("ro", d, d) for d in interpreter_dirs(argv0)]
     return entries

@@ -20,6 +20,11 @@ namespace of its own with a seccomp filter. It exits when the handle is closed (
 pipe closes: also when the worker dies) or, at the latest, when its namespace is gone.
 
 With ``block_network`` nothing is attached: the namespace holds only ``lo``.
+
+Runtimes take namespaces from an :class:`EgressPool`: made ahead (a holder process and its
+slirp4netns), so the few milliseconds they take are off a container's start; the runtime
+runs the container's first process in it (``nsenter --net=``). :func:`attach_egress` also
+attaches to the namespace of a running process (``pid``), for callers that make their own.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import select
 import shutil
 import subprocess
+import threading
 import time
 from functools import cache
 
@@ -69,18 +75,16 @@ class EgressHandle:
         self.pid = proc.pid
         self._exit_fd: int | None = exit_fd
 
-    def close(self, timeout_s: float = 2.0) -> None:
+    def close(self, timeout_s: float = 2.0, wait: bool = True) -> None:
+        """Stop slirp4netns (it exits on its exit pipe's EOF); ``wait=False``: reap it in
+        the background."""
         if self._exit_fd is not None:
             try:
-                os.close(self._exit_fd)  # slirp4netns exits on the pipe's EOF
+                os.close(self._exit_fd)
             except OSError:
                 pass
             self._exit_fd = None
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _reap(self.proc, timeout_s, wait)
 
     @property
     def closed(self) -> bool:
@@ -191,23 +195,143 @@ class NetnsHolder:
                 raise NetworkUnavailable("could not make a network namespace")
             time.sleep(0.0005)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+            self.proc.stdin.close()  # cat exits on EOF
+        _reap(self.proc, 2.0, wait)
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout_s: float, wait: bool) -> None:
+    def reap() -> None:
         try:
-            self.proc.wait(timeout=2)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            proc.kill()
+            proc.wait()
+
+    if wait:
+        reap()
+    else:
+        threading.Thread(target=reap, name="strato-egress-reap", daemon=True).start()
+
+
+class Egress:
+    """A network namespace of its own with egress attached: :attr:`path` names it (for
+    ``nsenter --net=``) until :meth:`close`."""
+
+    def __init__(self, holder: NetnsHolder, handle: EgressHandle) -> None:
+        self.holder = holder
+        self.handle = handle
+        self.path = holder.path
+
+    def close(self) -> None:
+        """Stop both processes; reaped in the background (closing never waits)."""
+        self.handle.close(wait=False)
+        self.holder.close(wait=False)
+
+
+def new_egress() -> Egress:
+    """A new namespace with egress (a few ms: two processes started). Blocking."""
+    holder = NetnsHolder()
+    try:
+        return Egress(holder, attach_egress(netns_path=holder.path))
+    except BaseException:
+        holder.close()
+        raise
+
+
+POOL_ENV = "STRATO_EGRESS_POOL"
+DEFAULT_POOL = 2
+
+
+class EgressPool:
+    """Namespaces with egress made ahead of time, so that starting a container does not
+    wait for slirp4netns: :meth:`take` hands out a ready one (each is used once) and a
+    background thread makes the next. ``$STRATO_EGRESS_POOL`` sets how many wait (0: none,
+    each made when asked for)."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size = int(os.environ.get(POOL_ENV, DEFAULT_POOL)) if size is None else size
+        self._ready: list[Egress] = []
+        self._lock = threading.Lock()
+        self._filling = False
+        self._closed = False
+        self._failed: str | None = None
+
+    def start(self) -> None:
+        """Begin filling the pool in the background."""
+        self._kick()
+
+    def take(self) -> Egress:
+        """A ready namespace, else a new one made now. Blocking (call it in a thread from
+        async code). Raises :class:`NetworkUnavailable`."""
+        with self._lock:
+            ready = self._ready.pop() if self._ready else None
+        self._kick()
+        return ready if ready is not None else new_egress()
+
+    def _kick(self) -> None:
+        with self._lock:
+            if self._filling or self._closed or self.size <= 0 or self._failed:
+                return
+            if len(self._ready) >= self.size:
+                return
+            self._filling = True
+        threading.Thread(target=self._fill, name="strato-egress-pool", daemon=True).start()
+
+    def _fill(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or len(self._ready) >= self.size:
+                        return
+                try:
+                    made = new_egress()
+                except NetworkUnavailable as exc:
+                    self._failed = str(exc)  # take() makes them (and raises) from now on
+                    return
+                with self._lock:
+                    if self._closed:
+                        made.close()
+                        return
+                    self._ready.append(made)
+        finally:
+            with self._lock:
+                self._filling = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        for e in ready:
+            e.close()
+
+
+_pool: EgressPool | None = None
+_pool_lock = threading.Lock()
+
+
+def default_pool() -> EgressPool:
+    """The process's pool (shared by its runtimes), started on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = EgressPool()
+            _pool.start()
+        return _pool
 
 
 __all__ = [
     "CONTAINER_ADDRESS",
     "DNS",
     "GATEWAY",
+    "Egress",
     "EgressHandle",
+    "EgressPool",
     "NetnsHolder",
     "NetworkUnavailable",
     "attach_egress",
+    "default_pool",
     "egress_unavailable_reason",
+    "new_egress",
 ]
