@@ -118,19 +118,20 @@ def test_log_quota_bounds_the_database(quota_server, capfd):
 # Under STRATO_HOME, only these may be readable by others, each for a reason:
 EXCEPTIONS = {
     # the node's cache: the app's code, function specs, zygote sockets; containers read them
-    # (a container may run as another uid). The folder itself is 0700, so no other user
-    # of the host reaches them.
-    "worker",
+    # as their own unprivileged uid. The folder itself is 0700, so no other user of the host
+    # reaches them (binds and overlays are set up by root, and never traverse it after).
+    "worker": "contents read by containers; the folder is 0700",
     # image layers (overlay lower dirs keep their own modes for the container's user); the
     # folder itself is 0700 (overlayfs looks the lower dirs up with the mounter's rights).
-    "images",
+    "images": "image layers; the folder is 0700",
+    # the channel: containers of isolating runtimes run as another uid and must connect to
+    # it (bound in; run/ itself stays 0700); each authenticates with its own token
+    "run/channel.sock": "a socket containers connect to; run/ is 0700",
 }
 
 
-def test_home_is_private(quota_server):
-    home = quota_server.home
-    with apps.app.run(quiet=True):
-        assert apps.double.remote(4) == 8  # a function ran: blobs, logs, containers exist
+def private_home_violations(home: Path) -> tuple[int, list[str]]:
+    """(paths checked, those open to group or others outside ``EXCEPTIONS``)."""
     checked, open_to_others = 0, []
     for dirpath, dirnames, filenames in os.walk(home):
         rel = Path(dirpath).relative_to(home)
@@ -142,15 +143,43 @@ def test_home_is_private(quota_server):
             if stat.S_ISLNK(st.st_mode):
                 continue
             checked += 1
+            where = str(path.relative_to(home))
+            if where in EXCEPTIONS and stat.S_ISSOCK(st.st_mode):
+                continue
             if stat.S_IMODE(st.st_mode) & 0o077:
-                open_to_others.append(f"{path.relative_to(home)} {stat.S_IMODE(st.st_mode):o}")
+                open_to_others.append(f"{where} {stat.S_IMODE(st.st_mode):o}")
+    return checked, open_to_others
+
+
+def check_private_home(home: Path) -> None:
+    checked, open_to_others = private_home_violations(home)
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     assert not open_to_others, open_to_others
     for must in ("state.db", "token", "server.json", "logs/server.log", "logs/worker.log"):
         assert stat.S_IMODE(os.stat(home / must).st_mode) == 0o600, must
+    folders = ["blobs", "logs", "run", "worker"]
+    if not os.environ.get("STRATO_IMAGE_CACHE"):  # else the image cache is elsewhere
+        folders.append("images")
+    for folder in folders:
+        assert stat.S_IMODE(os.stat(home / folder).st_mode) == 0o700, folder
     blobs = [p for p in (home / "blobs").rglob("*") if p.is_file()]
     assert blobs and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in blobs)
     assert checked >= 10
+
+
+def test_home_is_private(quota_server):
+    with apps.app.run(quiet=True):
+        assert apps.double.remote(4) == 8  # a function ran: blobs, logs, containers exist
+    check_private_home(quota_server.home)
+
+
+def test_home_is_private_under_bwrap():
+    """The default runtime: containers run as an unprivileged uid and still read their
+    code and the channel (the function runs), while the home stays private."""
+    with dedicated_server({"STRATO_RUNTIME": "bwrap"}) as handle:
+        with apps.app.run(quiet=True):
+            assert apps.double.remote(4) == 8
+        check_private_home(handle.home)
 
 
 def test_an_older_home_is_made_private_at_start(tmp_path):
