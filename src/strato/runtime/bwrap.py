@@ -1,26 +1,41 @@
 """The ``bwrap`` runtime: each container in its own namespaces with bubblewrap.
 
-A container gets new PID, mount, IPC, UTS and (where possible) cgroup namespaces, a new
-network namespace with only loopback when ``block_network`` is set, a private ``/tmp``, its
-own ``/proc`` and a minimal ``/dev``. Its root is
+A container gets new PID, mount, IPC, UTS, network and (where possible) cgroup namespaces,
+a private ``/tmp`` and ``/dev/shm``, its own ``/proc`` and a minimal ``/dev``. Its root is
 
 - with an image (``rootfs_layers``): the layers as one overlayfs with a writable layer of its
   own on top (:mod:`strato.runtime.rootfs`; bubblewrap 0.8 cannot build overlays itself, so
-  the runtime mounts it, as root, and removes it when the container has exited);
-- without: the host's root, read-only, with a private ``/run`` (where the channel socket's
-  mount point is made) and the runtime's own state directory hidden. Binds need a mount
-  point that exists on the host, or one under ``/tmp`` or ``/run``.
+  the runtime mounts it, as root, and removes it when the container has exited); its home
+  and working directory are made in the writable layer for the container's user;
+- without: a minimal root (:func:`strato.runtime.isolation.minimal_root`): ``/usr`` and the
+  ``/bin``, ``/lib*`` links, the interpreter's own folders, a prepared copy of the few
+  ``/etc`` files a program needs (no secrets), fresh ``/tmp``, ``/root``, ``/home`` and
+  ``/run``, the launch's binds; read-only but for those. Nothing else of the host.
 
-The main process is ``sh`` (joining the cgroup) ``exec``ing ``bwrap``, which stays outside
-the namespaces as a monitor; in the new PID namespace bwrap's init is pid 1 and the
-program pid 2. When the program exits, the monitor exits with its code and everything left
-in the namespace is killed (the kernel ends a PID namespace with its init). bwrap reports
-death by signal N as code 128+N, read back as that signal. The environment reaches the
-program through bwrap's own (not ``--setenv``, which would show secrets in ``ps``); bwrap
-adds ``PWD``.
+**User.** bwrap sets the sandbox up as root, then runs util-linux's ``setpriv``, which drops
+to ``$STRATO_CONTAINER_UID``:``$STRATO_CONTAINER_GID`` (65534:65534 by default: the same
+uid inside and on the host), no supplementary groups, no capabilities (bounding set
+emptied) before it ``exec``s the program. In an image the host's ``setpriv`` runs with its
+own libraries and loader, bound at ``/run/strato/priv``. The channel socket is made
+connectable by that user (its folder on the host stays private).
 
-Capabilities: the program runs as root with Docker's default capability set (no
-``CAP_SYS_ADMIN``, ``CAP_NET_ADMIN``, ``CAP_SYS_PTRACE``...) and ``no_new_privs``.
+**Seccomp.** Every container gets :mod:`strato.runtime.seccomp`'s filter (Docker's default
+profile as a deny-list: keyrings, ``bpf``, ``ptrace``, mounts, new namespaces, modules,
+``kexec``, clock setting, ``userfaultfd``... fail with ``EPERM``) through ``--seccomp``,
+with ``no_new_privs``.
+
+**Network.** Always a namespace of its own: with ``block_network`` a new one holding only
+``lo``; otherwise one taken from :func:`strato.runtime.network.default_pool`, made ahead
+with slirp4netns attached (egress only: no host loopback, no other container), which bwrap
+is started in (``nsenter --net=``) and shares.
+
+The main process is ``sh`` (joining the cgroup) ``exec``ing (``nsenter``, then) ``bwrap``,
+which stays outside the namespaces as a monitor; in the new PID namespace bwrap's init is
+pid 1 and the program pid 2. When the program exits, the monitor exits with its code and
+everything left in the namespace is killed (the kernel ends a PID namespace with its init).
+bwrap reports death by signal N as code 128+N, read back as that signal. The environment
+reaches the program through bwrap's own (not ``--setenv``, which would show secrets in
+``ps``); bwrap adds ``PWD``.
 """
 
 from __future__ import annotations

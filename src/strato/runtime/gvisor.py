@@ -5,10 +5,12 @@ the host's. Per container the runtime writes an OCI bundle, ``<dir>/config.json`
 root filesystem mounted at ``<dir>/rootfs``:
 
 - with an image: the layers as one overlayfs with a writable layer of its own
-  (:mod:`strato.runtime.rootfs`);
-- without: a read-only view of the host's root, built on a small tmpfs
-  (:func:`strato.runtime.rootfs.mount_host_view`): runsc creates mount points inside the
-  root it is given, and must never create them in the host's own directories.
+  (:mod:`strato.runtime.rootfs`), its home and working directory the container user's;
+- without: a minimal root (:func:`strato.runtime.isolation.minimal_root`): a small tmpfs
+  with the links and mount points, and the system folders, the interpreter's folders and
+  a prepared ``/etc`` bound read-only (OCI mounts), fresh ``/tmp``, ``/root``, ``/home``
+  and ``/run``. runsc creates mount points inside the root it is given, never in the
+  host's own directories.
 
 It runs ``runsc --rootless=false --ignore-cgroups --network=none|host --host-uds=open run``
 in the container's cgroup (joined by ``sh`` as in every runtime), so the memory, CPU and
@@ -18,13 +20,25 @@ Processes inside a sandbox are not host processes: ``pids_max`` is enforced insi
 ``RLIMIT_NPROC``, which gVisor applies to every process of the sandbox; the host cgroup's
 PID limit is ``pids_max`` + :data:`SANDBOX_PIDS` for gVisor's own threads, a backstop.
 
+**User and system calls.** The process runs as ``$STRATO_CONTAINER_UID``:``$STRATO_CONTAINER_GID``
+(65534 by default) with no capabilities and ``no_new_privs``. Its system calls are served by
+gVisor's sentry (which runs under runsc's own seccomp filter), never by the host kernel, so
+no filter of strato's applies inside: what the sentry allows (``unshare``, ``ptrace`` of its
+own processes...) stays within the sandbox.
+
 Network: ``block_network`` -> ``--network=none`` and a network namespace (loopback only,
-served by gVisor's netstack); otherwise ``--network=host`` (the host's network, loopback
-included). The channel socket is bound into the sandbox at ``/run/strato/channel.sock``;
+served by gVisor's netstack). Otherwise ``--network=host`` with ``runsc`` started
+(``nsenter --net=``) in a namespace of the container's own, taken from
+:func:`strato.runtime.network.default_pool` with slirp4netns attached: "host" is that
+namespace, so the sandbox has egress only (no host loopback, no other container). (gVisor's
+own netstack, ``--network=sandbox``, would be the better choice, but this runsc, 2022-12,
+takes every namespace for the root one on a recent kernel and refuses to start.) runsc's
+``kill`` and ``delete`` run in that namespace too: its control socket is an abstract one.
+The channel socket is bound into the sandbox at ``/run/strato/channel.sock``;
 ``--host-uds=open`` lets the sentry connect to it (and to any other host Unix socket bound
-or visible inside: hide the worker's directories with ``hidden_paths`` when running without
-an image). Signals go through ``runsc kill --all``; SIGKILL kills ``runsc run`` itself,
-which takes the sandbox with it. runsc reports death by signal N as code 128+N.
+inside: the minimal root binds none). Signals go through ``runsc kill --all``; SIGKILL kills
+``runsc run`` itself, which takes the sandbox with it. runsc reports death by signal N as
+code 128+N.
 
 Platform: ``$STRATO_GVISOR_PLATFORM``, else ``ptrace``. (``kvm`` hangs at start on a VM
 without usable nested virtualisation, so it is not tried by default; this runsc has no
