@@ -36,3 +36,13 @@ def slow(path: str, seconds: float):
 @bystander.function(scaledown_window=2)
 def square(x: int) -> int:
     return x * x
+
+
+hog = strato.App("strato-test-edge-hog-map")
+
+
+@hog.function(scaledown_window=2)
+def busy(x: int) -> int:
+    """A backlog that would keep every container of the machine busy for a while."""
+    time.sleep(0.3)
+    return x

@@ -352,3 +352,39 @@ def test_a_huge_warm_pool_is_capped_and_other_apps_still_run():
             with edge_apps.bystander.run(quiet=True):
                 assert edge_apps.square.remote(12) == 144
             assert hog_containers() == 8, "the warm pool grew past its share"
+
+
+def test_a_big_backlog_does_not_starve_another_app():
+    """One app's .map fills the node (1 CPU: 8 containers of 0.125); another app's call
+    still gets a container while that backlog runs: the big app is over its fair share
+    (STRATO_APP_FAIR_SHARE=0.5) and gives back its surplus."""
+    import threading
+
+    with dedicated_server({"STRATO_NODE_CPU": "1", "STRATO_RUNTIME": "process"}):
+        with edge_apps.hog.run(quiet=True), edge_apps.bystander.run(quiet=True):
+            done = threading.Event()
+            results: list[int] = []
+
+            def big_map() -> None:
+                results.extend(edge_apps.busy.map(range(400)))
+                done.set()
+
+            t = threading.Thread(target=big_map, daemon=True)
+            t.start()
+            hog_id = edge_apps.hog.app_id
+
+            def hog_containers() -> int:
+                listing = session.api().call(
+                    "GET", "/containers", None, m.ContainerList, params={"app": hog_id}
+                )
+                return sum(1 for c in listing.containers if c.state == "ready")
+
+            wait_until(lambda: hog_containers() >= 8, 120, "the map to fill the node")
+            assert edge_apps.square.remote(9) == 81
+            assert not done.is_set(), (
+                "the map (400 inputs x 0.3 s on at most 8 containers: >= 15 s) finished "
+                "before the other app's call: it waited for the whole backlog (no fair "
+                "share), or the machine is too slow for this test to show anything"
+            )
+            t.join(timeout=300)
+            assert results == list(range(400))

@@ -38,7 +38,7 @@ from .fleet import Fleet, Peer
 from .gateway import Gateway, GatewayConfig
 from .listeners import guard_channel
 from .logs import LogHub
-from .scheduler.quota import AppQuota, QuotaGate
+from .scheduler.quota import AppQuota, QuotaGate, fair_share_surplus
 from .store import Store
 from .store.blobs import BlobStore
 
@@ -292,6 +292,36 @@ class ControlPlane:
                     log.exception("scaling %s (%s) failed", fn.name, fn.function_id)
             else:
                 self._scale_failed.discard(fn.function_id)
+        try:
+            self._fair_share()
+        except Exception:
+            log.exception("the fair-share check failed")
+
+    def _fair_share(self) -> None:
+        """Per-app quotas under contention (issue 14): a function with work and no
+        container after a scaling pass starves; apps over STRATO_APP_FAIR_SHARE start
+        nothing new and give back their surplus until it has a container."""
+        starving = {
+            fn.app_id
+            for fn in self.calls.functions.values()
+            if fn.queue
+            and fn.app_state != "stopped"
+            and fn.spec.web is None
+            and fn.function_id not in self.fleet.backoff  # its own start-up fails
+            and not any(s.state in ("starting", "ready") for s in fn.sessions.values())
+        }
+        gate = self.fleet.quota
+        views = [n.view for n in self.fleet.nodes.values() if n.peer is not None]
+        over, surplus = fair_share_surplus(
+            list(self.fleet.containers.values()), starving, views, self.quota.fair_share
+        )
+        for app_id in over - gate.over_fair_share:
+            log.info("app %s is over its fair share while %s wait", app_id, sorted(starving))
+        gate.over_fair_share = over
+        for s in surplus:
+            if s.state in ("starting", "ready"):
+                log.info("stopping %s: its app is over its fair share", s.container_id)
+                self.fleet.stop(s.container_id)
 
     def _scale_function(self, fn, now: float) -> None:
         state = fn.policy if fn.policy is not None else PolicyState()

@@ -6,10 +6,15 @@ every node from the others.
   ``min_containers`` alone is over it is refused at deploy; past it no container starts.
 - ``STRATO_APP_MAX_SHARE`` (1.0): the share of the cluster's CPU and of its memory that
   one app's containers may reserve. 1.0 lets a lone app use the whole machine.
-- ``STRATO_APP_WARM_SHARE`` (0.5): the share that an app's *warm pool*
+- ``STRATO_APP_WARM_SHARE`` (0.5): the share that a function's *warm pool*
   (``min_containers`` + ``buffer_containers``, kept whether or not there is work) may
   reserve; ``min_containers`` beyond it is capped (logged once per function), so the
   remainder of the machine stays free for other apps' work.
+- ``STRATO_APP_FAIR_SHARE`` (0.5): while another app's function has work and no
+  container (it waited through a scaling pass), an app holding more than this share of
+  the cluster's CPU or memory starts no new container and its surplus containers are
+  asked to stop (gracefully: they finish the inputs they hold), so the waiting app gets
+  room even while the big one still has a backlog.
 
 Pure logic over node views and container sessions; the fleet calls it before a start.
 """
@@ -44,6 +49,7 @@ class AppQuota:
     max_containers: int = 1000
     max_share: float = 1.0
     warm_share: float = 0.5
+    fair_share: float = 0.5
 
     @classmethod
     def from_env(cls, env=None) -> AppQuota:
@@ -52,6 +58,7 @@ class AppQuota:
             max_containers=int(_env_num(env, "STRATO_APP_MAX_CONTAINERS", 1000, 1, 1e6)),
             max_share=_env_num(env, "STRATO_APP_MAX_SHARE", 1.0, 0.01, 1.0),
             warm_share=_env_num(env, "STRATO_APP_WARM_SHARE", 0.5, 0.0, 1.0),
+            fair_share=_env_num(env, "STRATO_APP_FAIR_SHARE", 0.5, 0.01, 1.0),
         )
 
     def check_spec(self, spec) -> None:
@@ -112,9 +119,15 @@ class QuotaGate:
         self._log = log
         self._tell = tell  # (app_id, text, container_id)
         self._said: dict[str, str] = {}
+        self.over_fair_share: set[str] = set()  # apps that start nothing while others wait
 
     def blocks(self, fn, request: ContainerRequest, sessions: Iterable, nodes) -> bool:
         why = self.quota.why_not(request, [s for s in sessions if s.app_id == fn.app_id], nodes)
+        if why is None and fn.app_id in self.over_fair_share:
+            why = (
+                "the app holds more than its fair share (STRATO_APP_FAIR_SHARE="
+                f"{self.quota.fair_share:g}) while another app waits for a container"
+            )
         if why is None:
             self._said.pop(fn.function_id, None)
             return False
@@ -123,3 +136,37 @@ class QuotaGate:
             self._log.warning("%s gets no new container: %s", fn.name, why)
             self._tell(fn.app_id, f"{fn.name} gets no new container: {why}", "-")
         return True
+
+
+def fair_share_surplus(
+    sessions: Iterable,  # live container sessions: .app_id, .state, .request, .inflight
+    starving_apps: set[str],
+    nodes: Iterable[NodeView],
+    share: float,
+) -> tuple[set[str], list]:
+    """(apps over ``share`` of the cluster, their containers to stop to get under it)
+    while ``starving_apps`` wait; the least busy, youngest containers go first."""
+    if not starving_apps:
+        return set(), []
+    healthy = [n for n in nodes if n.healthy]
+    cpu_total = sum(n.cpu_total for n in healthy)
+    mem_total = sum(n.memory_mb for n in healthy)
+    by_app: dict[str, list] = {}
+    for s in sessions:
+        if s.state in ("starting", "ready") and s.app_id not in starving_apps:
+            by_app.setdefault(s.app_id, []).append(s)
+    over: set[str] = set()
+    surplus: list = []
+    for app_id, held in by_app.items():
+        cpu = sum(s.request.cpu for s in held)
+        mem = sum(s.request.memory_mb for s in held)
+        if cpu <= share * cpu_total + 1e-9 and mem <= share * mem_total:
+            continue
+        over.add(app_id)
+        for s in sorted(held, key=lambda s: (len(s.inflight), -s.started_at)):
+            if cpu <= share * cpu_total + 1e-9 and mem <= share * mem_total:
+                break
+            surplus.append(s)
+            cpu -= s.request.cpu
+            mem -= s.request.memory_mb
+    return over, surplus
