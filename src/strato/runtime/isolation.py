@@ -146,16 +146,16 @@ def sanitized_etc(state_dir: str | os.PathLike[str]) -> Path:
     rewritten without password fields (``x``) and with the container's ids present, in
     ``<state dir>/etc/<version>``: bound at ``/etc`` as one mount. Remade when the host's
     files change (checked with a ``stat`` of each, cheap enough for every start); earlier
-    versions stay (containers may hold them) until :func:`sanitized_etc` starts afresh in a
-    new process. Readable by everyone (no secrets)."""
+    versions stay (running containers of this or another worker may hold them; each is a
+    few hundred KiB). Readable by everyone (no secrets). A ``resolv.conf`` whose name
+    servers are all on the host's loopback (unreachable from a container) names
+    slirp4netns' DNS forwarder instead."""
     base = Path(state_dir) / "etc"
     sig = _etc_signature()
     with _etc_lock:
         made = _etc_made.get(str(base))
         if made is not None and made[0] == sig and made[1].is_dir():
             return made[1]
-        if made is None and base.is_dir():  # a new process: old versions are unused
-            shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o755)
         version = hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
@@ -187,6 +187,7 @@ def _fill_etc(out: Path) -> None:
                 os.chmod(out / name, 0o644)
         except OSError:
             continue  # unreadable or gone: the container goes without it
+    _container_resolv_conf(out / "resolv.conf")
     uid, gid = container_ids()
     for name, fields, extra in (
         ("passwd", 7, f"strato:x:{uid}:{gid}:strato container:/root:/bin/sh"),
@@ -209,6 +210,17 @@ def _fill_etc(out: Path) -> None:
             clean.append(extra)
         (out / name).write_text("\n".join(clean) + "\n")
         os.chmod(out / name, 0o644)
+
+
+def _container_resolv_conf(path: Path) -> None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    servers = [ln.split()[1] for ln in lines if ln.startswith("nameserver") and len(ln.split()) > 1]
+    if servers and all(s.startswith("127.") or s == "::1" for s in servers):
+        kept = [ln for ln in lines if not ln.startswith("nameserver")]
+        path.write_text("\n".join([*kept, "nameserver 10.0.2.3"]) + "\n")  # slirp4netns' DNS
 
 
 def interpreter_dirs(argv0: str) -> list[str]:
