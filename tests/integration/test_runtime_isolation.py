@@ -693,3 +693,33 @@ def test_resolve_in_root(tmp_path: Path) -> None:
     assert resolve_in_root(str(tmp_path), "/bin/abs-link") == str(tmp_path / "usr/bin/tool")
     assert resolve_in_root(str(tmp_path), "/../../bin/tool") == str(tmp_path / "usr/bin/tool")
     assert resolve_in_root(str(tmp_path), "/bin/missing") is None
+
+
+def test_seccomp_filter_loads_in_a_forked_process() -> None:
+    """``load_filter`` (what a zygote's forked container calls): after it, a denied call
+    fails with EPERM, the rest work, and /proc/self/status says so."""
+    import ctypes
+    import errno
+
+    from strato.runtime.seccomp import filter_bpf, load_filter
+
+    bpf = filter_bpf()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(r)
+        try:
+            load_filter(bpf)
+            libc = ctypes.CDLL(None, use_errno=True)
+            denied = libc.unshare(0x10000000) == -1 and ctypes.get_errno() == errno.EPERM
+            with open("/proc/self/status") as f:
+                mode = [ln.split()[1] for ln in f if ln.startswith("Seccomp:")][0]
+            allowed = os.getpid() > 0 and subprocess.run(["true"]).returncode == 0
+            os.write(w, json.dumps([denied, mode, allowed]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert got == [True, "2", True]
