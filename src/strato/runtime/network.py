@@ -46,6 +46,7 @@ CONTAINER_ADDRESS = "10.0.2.100"
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
 ATTACH_TIMEOUT_S = 10.0
+_ENV = {"PATH": os.defpath}  # none of the worker's environment (tokens, paths)
 
 
 class NetworkUnavailable(InvalidError):
@@ -128,6 +129,7 @@ def attach_egress(
             stderr=subprocess.PIPE,
             pass_fds=(ready_w, exit_r),
             start_new_session=True,
+            env=_ENV,
         )
     except OSError as exc:
         for fd in (ready_r, ready_w, exit_r, exit_w):
@@ -180,6 +182,7 @@ class NetnsHolder:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env=_ENV,
         )
         mine = os.readlink("/proc/self/ns/net")
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
