@@ -46,6 +46,7 @@ CONTAINER_ADDRESS = "10.0.2.100"
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
 ATTACH_TIMEOUT_S = 10.0
+_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 _ENV = {"PATH": os.defpath}  # none of the worker's environment (tokens, paths)
 
 
@@ -176,8 +177,10 @@ class NetnsHolder:
         unshare = shutil.which("unshare")
         if unshare is None:
             raise NetworkUnavailable("util-linux's unshare is missing")
+        # in its namespace: any port for the container's unprivileged user (as Docker does)
+        script = f"echo 0 > {_PORT_START} 2>/dev/null; exec cat"
         self.proc = subprocess.Popen(
-            [unshare, "--net", "--", "cat"],
+            [unshare, "--net", "--", "/bin/sh", "-c", script],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -187,9 +190,9 @@ class NetnsHolder:
         mine = os.readlink("/proc/self/ns/net")
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
         self.path = f"/proc/{self.proc.pid}/ns/net"
-        while True:  # until it has its own namespace (unshare then exec)
+        while True:  # until it has its own namespace (unshare then exec) and set it up
             try:
-                if os.readlink(self.path) != mine:
+                if os.readlink(self.path) != mine and _comm(self.proc.pid) == "cat":
                     break
             except OSError:
                 pass
@@ -202,6 +205,11 @@ class NetnsHolder:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()  # cat exits on EOF
         _reap(self.proc, 2.0, wait)
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout_s: float, wait: bool) -> None:
