@@ -156,6 +156,21 @@ def test_containers_without_an_image_still_fork_after_an_image(bwrap):
     assert_isolated_like_a_container(plain, bwrap.port)
 
 
+def test_forked_container_makes_its_own_namespaces_when_none_are_ready(strato_server, failing_criu):
+    """With no user and network namespaces made ahead (``STRATO_ZYGOTE_NETNS_AHEAD=0``; also
+    what a burst meets when it has taken them all), the monitor makes them and the worker
+    maps the ids and attaches the network stack meanwhile: the same isolation."""
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        pytest.skip("the bwrap runtime needs root and bubblewrap")
+    env = {"STRATO_RUNTIME": "bwrap", "STRATO_CRIU": failing_criu, "STRATO_ZYGOTE_NETNS_AHEAD": "0"}
+    with dedicated_server(env) as handle, cold_start.app.run(quiet=True):
+        out = cold_start.where.remote("own", 0.0, handle.port)
+        offline = cold_start.offline.remote()
+    assert out["forked"] and out["pid"] == 1, out
+    assert_isolated_like_a_container(out, handle.port)
+    assert offline["forked"] and offline["interfaces"] == ["lo"], offline
+
+
 def test_a_dead_zygote_is_replaced(bwrap):
     with cold_start.app.run(quiet=True) as running:
         assert cold_start.where.remote("z")["forked"]

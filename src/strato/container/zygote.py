@@ -219,6 +219,9 @@ def _monitor(req: dict, fds: list[int]) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     stdout, stderr, ctl_fd, *cgroup_fds = fds
+    ns_fds: list[int] = []
+    if req.get("premade") and len(cgroup_fds) >= 2:  # a user and network namespace, made
+        cgroup_fds, ns_fds = cgroup_fds[:-2], cgroup_fds[-2:]
     ctl = socket.socket(fileno=ctl_fd)
     try:
         devnull = os.open("/dev/null", os.O_RDONLY)
@@ -230,9 +233,9 @@ def _monitor(req: dict, fds: list[int]) -> int:
         for f in {devnull, stdout, stderr, *cgroup_fds}:
             if f > 2:
                 os.close(f)
-        _close_other_fds(keep=ctl.fileno())
+        _close_other_fds(keep={ctl.fileno(), *ns_fds})
         _send(ctl, {"monitor": True})  # SO_PASSCRED gives the worker this pid
-        root = _sandbox(req, ctl) if req.get("isolate") else ""
+        root = _sandbox(req, ctl, ns_fds) if req.get("isolate") else ""
         pid = os.fork()
     except BaseException as e:  # noqa: BLE001 - reported; the worker starts it normally
         _send(ctl, {"error": f"{type(e).__name__}: {e}"})
@@ -250,10 +253,10 @@ def _monitor(req: dict, fds: list[int]) -> int:
     return 0
 
 
-def _close_other_fds(keep: int) -> None:
+def _close_other_fds(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
@@ -265,31 +268,45 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def _sandbox(req: dict, ctl: socket.socket) -> str:
+def _sandbox(req: dict, ctl: socket.socket, ns_fds: list[int] = ()) -> str:
     """The container's namespaces and mounts; returns the root it will pivot into ("" for
     none: it keeps the zygote's). With ``netns`` (or ``block_network``) it gets a network
     namespace of its own, with ``egress`` one the worker gives outbound access to (a
-    user-mode network stack attached to it) while the mounts are made."""
-    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    flags |= CLONE_NEWCGROUP
-    if req.get("netns") or req.get("block_network"):
-        flags |= CLONE_NEWNET
+    user-mode network stack attached to it) while the mounts are made. With ``ns_fds``
+    (a user and a network namespace the worker made ahead, ids mapped and egress attached)
+    it joins those instead of making them: the owner of a user namespace (root, as the
+    zygote is) may, without any capability of the host's."""
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+    if ns_fds:
+        userns, netns = ns_fds
+        _check(_libc.setns(userns, CLONE_NEWUSER), "joining its user namespace")
+        _check(_libc.setns(netns, CLONE_NEWNET), "joining its network namespace")
+        os.close(userns)
+        os.close(netns)
+    else:
+        flags |= CLONE_NEWUSER
+        if req.get("netns") or req.get("block_network"):
+            flags |= CLONE_NEWNET
     _check(_libc.unshare(flags), "unshare")
     os.umask(0o022)  # what it makes here is for the container's user to read
     egress = bool(req.get("egress")) and bool(flags & CLONE_NEWNET)
     user = req.get("user")  # (uid, gid) the container runs as, the same on the host
-    if flags & CLONE_NEWNET:
-        _loopback_up()  # before the network stack is attached: both configure links
-    if user or egress:
-        _send(ctl, {"ns": True})  # the worker maps the ids, attaches the network stack
-    if user:
+    if ns_fds or flags & CLONE_NEWNET:
+        _loopback_up()  # (before a network stack is attached: both configure links)
+    if ns_fds:  # ids mapped and egress attached already
+        pass
+    elif user:
         # root stays root (the same uid outside) while it sets up, with capabilities in
         # these namespaces only; the worker (root outside) also maps the container's ids
+        # and attaches the network stack meanwhile
+        _send(ctl, {"ns": True})
         _await(ctl, "mapped")
     else:
         _write("/proc/self/uid_map", "0 0 1")
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/gid_map", "0 0 1")
+        if egress:
+            _send(ctl, {"ns": True})  # the worker attaches the network stack meanwhile
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # the binds, from the zygote's view
     sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req["binds"]]

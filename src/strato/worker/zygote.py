@@ -339,6 +339,133 @@ class ForkedContainer(RunningContainer):
             _kill(self.pid, sig)
 
 
+# ----------------------------------------------------------------------------- made ahead
+
+
+@dataclasses.dataclass(eq=False)
+class _Premade:
+    """A user namespace (root and the container's user mapped to themselves on the host)
+    with a network namespace of its own, egress attached, held by a small process until a
+    forked container joins them (their file descriptors keep them alive meanwhile)."""
+
+    holder: subprocess.Popen
+    userns: int
+    netns: int
+    egress: Any
+    user: tuple[int, int]
+
+    def close_fds(self) -> None:
+        for fd in (self.userns, self.netns):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.userns = self.netns = -1
+
+    def end_holder(self) -> None:
+        if self.holder.stdin is not None and not self.holder.stdin.closed:
+            self.holder.stdin.close()
+        try:
+            self.holder.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.holder.kill()
+            self.holder.wait()
+
+    def discard(self) -> None:
+        """Unused (or its container failed): all of it goes."""
+        self.close_fds()
+        if self.egress is not None:
+            self.egress.close()
+        self.end_holder()
+
+
+def _premake(user: tuple[int, int]) -> _Premade:
+    """Make a :class:`_Premade` (blocking: a few ms, mostly slirp4netns starting)."""
+    from strato.runtime.network import attach_egress
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise OSError("util-linux's unshare is missing")
+    holder = subprocess.Popen(
+        [unshare, "--user", "--net", "--", "cat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    made = _Premade(holder, -1, -1, None, user)
+    try:
+        mine = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 10.0
+        while True:  # until it is in its namespaces (unshare, then exec)
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{holder.pid}/ns/user") != mine:
+                    break
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise OSError("could not make a user and network namespace")
+            time.sleep(0.0005)
+        uid, gid = user
+        for name, own in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{holder.pid}/{name}", "w") as f:
+                f.write(f"0 0 1\n{own} {own} 1\n")
+        made.userns = os.open(f"/proc/{holder.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        made.netns = os.open(f"/proc/{holder.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        made.egress = attach_egress(holder.pid)
+    except BaseException:
+        made.discard()
+        raise
+    return made
+
+
+class _PremadePool:
+    """A few :class:`_Premade` kept ready, so that a forked container's start does not wait
+    for its network stack (slirp4netns takes 4-10 ms to start); refilled in the
+    background after each one taken. Empty: the container makes its own namespaces."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(0, size)
+        self.ready: list[_Premade] = []
+        self._filling: asyncio.Task | None = None
+        self._broken: str | None = None
+        self._closed = False
+
+    def take(self, user: tuple[int, int]) -> _Premade | None:
+        found = None
+        for p in self.ready:
+            if p.user == user:
+                found = p
+                break
+        if found is not None:
+            self.ready.remove(found)
+        self.fill(user)
+        return found
+
+    def fill(self, user: tuple[int, int]) -> None:
+        if self.size and not self._closed and self._broken is None:
+            if self._filling is None or self._filling.done():
+                self._filling = asyncio.ensure_future(self._fill(user))
+
+    async def _fill(self, user: tuple[int, int]) -> None:
+        while not self._closed and sum(p.user == user for p in self.ready) < self.size:
+            try:
+                made = await asyncio.to_thread(_premake, user)
+            except Exception as e:  # noqa: BLE001 - containers make their own, as before
+                self._broken = str(e)
+                log.warning("network namespaces are not made ahead: %s", e)
+                return
+            if self._closed:
+                await asyncio.to_thread(made.discard)
+                return
+            self.ready.append(made)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._filling is not None:  # it discards what it is making
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._filling), 15.0)
+        ready, self.ready = self.ready, []
+        for p in ready:
+            await asyncio.to_thread(p.discard)
+
+
 # ----------------------------------------------------------------------------- the pool
 
 
@@ -367,6 +494,7 @@ class ZygotePool:
         self._empty_proc: dict[str, int] = {}  # empty proc's path -> its device, when seen
         self._broken: dict[str, tuple[float, str]] = {}  # (runtime, image) -> (since, why)
         self._criu: tuple[bool, str] | None = None
+        self._premade = _PremadePool(int(_env_float("STRATO_ZYGOTE_NETNS_AHEAD", 2)))
         self._sweeper: asyncio.Task | None = None
         self._closed = False
 
@@ -381,6 +509,11 @@ class ZygotePool:
         key = self._zygote_key(runtime, sys.executable, channel, [])
         if key not in self.zygotes:
             asyncio.ensure_future(self._prewarm(runtime, channel, sock))
+        if runtime.name == "bwrap":
+            with contextlib.suppress(ForkFailed):
+                user = _container_user()
+                if user is not None:
+                    self._premade.fill(user)
 
     async def _prewarm(self, runtime: _Runtime, channel: str, sock: str | None) -> None:
         try:
@@ -460,6 +593,7 @@ class ZygotePool:
         self.zygotes.clear()
         self.templates.clear()
         await asyncio.gather(*(z.stop() for z in everyone), return_exceptions=True)
+        await self._premade.close()
 
     # ------------------------------------------------------------------ checks
 
@@ -1004,6 +1138,7 @@ class ZygotePool:
         send: list[int] = []
         mine, theirs = _socketpair()
         out_r = err_r = -1
+        premade: _Premade | None = None
         try:
             if manager is not None:
                 pids = None if launch.pids_max is None else launch.pids_max + 1  # + the monitor
@@ -1015,6 +1150,11 @@ class ZygotePool:
             send += [out_w, err_w]
             if z.chan is None or not z.alive:
                 raise ForkFailed(f"the {z.kind} is gone")
+            if req.get("egress") and req.get("user"):
+                premade = self._premade.take(tuple(req["user"]))
+            if premade is not None:  # its user and network namespaces, made ahead
+                req["premade"] = True
+                fds += [premade.userns, premade.netns]
             z.chan.send(req, fds)
         except BaseException as e:
             mine.close()
@@ -1023,6 +1163,8 @@ class ZygotePool:
                     os.close(fd)
             if cgroup is not None:
                 cgroup.remove(timeout_s=0.5)
+            if premade is not None:
+                asyncio.ensure_future(asyncio.to_thread(premade.discard))
             if isinstance(e, ForkFailed):
                 raise
             raise ForkFailed(f"{type(e).__name__}: {e}") from None
@@ -1034,6 +1176,9 @@ class ZygotePool:
         z.last_used = time.monotonic()
         chan = _Channel(mine)
         monitor = pid = egress = None
+        if premade is not None:
+            egress = premade.egress
+            premade.close_fds()  # the monitor has its own
         try:
             while pid is None:
                 got = await chan.get(FORK_TIMEOUT_S)
@@ -1060,7 +1205,9 @@ class ZygotePool:
             os.close(out_r)
             os.close(err_r)
             _kill(monitor, _signal.SIGKILL)
-            if egress is not None:
+            if premade is not None:
+                await asyncio.to_thread(premade.discard)
+            elif egress is not None:
                 await asyncio.to_thread(egress.close)
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.kill_all)
@@ -1074,9 +1221,12 @@ class ZygotePool:
         stdout = await _pipe_reader(out_r)
         stderr = await _pipe_reader(err_r)
         memory_mb = launch.memory_mb if cgroup is not None else None
-        log.debug("container %s forked from %s %s (pid %s)", cid, z.kind, z.name, pid)
+        ahead = " (namespaces made ahead)" if premade is not None else ""
+        log.debug("container %s forked from %s %s (pid %s)%s", cid, z.kind, z.name, pid, ahead)
         forked = ForkedContainer(cid, pid, monitor, chan, stdout, stderr, cgroup, memory_mb, z)
         forked.egress = egress
+        if premade is not None:  # its namespaces live on in the container: the holder goes
+            asyncio.ensure_future(asyncio.to_thread(premade.end_holder))
         return forked
 
     @staticmethod
