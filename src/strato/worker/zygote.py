@@ -15,16 +15,24 @@ spec, so new code or a new image makes a new template; an idle one is dropped af
 (default 8) idle ones are kept.
 
 The fork itself and the sandbox each container gets are in :mod:`strato.container.zygote`.
-Under ``bwrap`` a zygote runs in a sandbox like a container's (the host root read-only,
-Docker's default capabilities, no network of its own) that also sees the node's
-materialised code mounts (read-only) and an empty read-only proc; each forked container
+Under ``bwrap`` a zygote runs in a sandbox like a container's (a container's minimal root
+or its image, a network namespace of its own: with egress for a template, whose snap hooks
+may download; but root with Docker's default capabilities and no seccomp filter, as it
+makes namespaces) that also sees the node's materialised code mounts (read-only) and an
+empty read-only proc; each forked container
 makes its own user, mount, PID, IPC, UTS and cgroup namespaces and is moved into its own
 cgroup before any of its code runs; with an image, it gets a root of its own (the image's
 layers under a writable layer in memory). Like a container bwrap starts, it gets the
 runtime's seccomp filter (loaded last, before strato's entrypoint) and a network namespace
 of its own: egress through the user-mode stack of :mod:`strato.runtime.network`, attached
 by the worker while the container's mounts are made, or only a loopback for
-``block_network``. Under ``process`` a forked container gets its cgroup and nothing else,
+``block_network``. It runs as the runtime's unprivileged user (the same uid and gid on the
+host: the worker, root, maps them in its user namespace) with no capability left. So that
+a start does not wait for slirp4netns (4-10 ms), the worker keeps
+``$STRATO_ZYGOTE_NETNS_AHEAD`` (default 2) user and network namespaces made ahead, ids
+mapped and egress attached, that a forked container joins (the zygote, root, owns them:
+no capability of the host's is needed); when none is ready it makes its own. Under
+``process`` a forked container gets its cgroup and nothing else,
 as that runtime's containers do. Not forked (they start normally): the ``gvisor`` runtime,
 containers with GPUs, and whatever fails along the way. A fork whose set-up fails turns
 forking off for ``BROKEN_RETRY_S`` for that runtime and image only (:meth:`ZygotePool.
