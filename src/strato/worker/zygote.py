@@ -854,6 +854,9 @@ class ZygotePool:
         from strato.runtime.isolation import host_workdir, interpreter_binds
         from strato.runtime.rootfs import ContainerDir
 
+        why = await asyncio.to_thread(self._check_empty_proc, rt)  # (prewarm: not checked)
+        if why is not None:
+            raise ForkFailed(why)
         launch.binds.append(Bind(str(Path(rt.state_dir) / "emptyproc"), PROC_SOURCE))
         rootfs = None
         if launch.rootfs_layers:
