@@ -157,6 +157,73 @@ def test_host_loopback_is_out_of_reach(server, listener, runtime):
     print(f"{runtime}: {len(targets)} host loopback targets x 2 network modes refused")
 
 
+def test_fence_rejects_host_addresses_and_link_local():
+    """A fresh egress namespace carries the nftables fence: the host's own addresses and
+    link-local (cloud metadata) are rejected there. Checked on the ruleset, not by sending
+    anything to 169.254.169.254 (that would leave this machine if the fence were missing)."""
+    from strato.runtime import network
+
+    v4, _ = network.host_addresses()
+    egress = network.new_egress()
+    try:
+        rules = subprocess.run(
+            ["nsenter", f"--net={egress.path}", "nft", "list", "ruleset"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        egress.close()
+    assert "169.254.0.0/16" in rules and "reject" in rules, rules
+    for address in v4:
+        assert address in rules, (address, rules)
+
+
+@pytest.mark.parametrize("runtime", apps.RUNTIMES)
+def test_host_non_loopback_addresses_are_out_of_reach(server, runtime):
+    """A service bound to 0.0.0.0 on the host (as sshd or a production control plane with
+    --host 0.0.0.0 would be) is not reachable from a container through the host's own
+    addresses, although slirp4netns connects from the host."""
+    from strato.runtime import network
+
+    v4, _ = network.host_addresses()
+    # every machine of this kind has eth0's address; without one this case proves nothing
+    assert v4, "the host has no non-loopback IPv4 address to probe"
+    srv = socket.create_server(("0.0.0.0", 0))
+    port = srv.getsockname()[1]
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, peer = srv.accept()
+            except OSError:
+                continue
+            accepted.append(peer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        for address in v4:  # the host itself can connect there: the listener is real
+            socket.create_connection((address, port), timeout=3).close()
+        deadline = time.monotonic() + 10
+        while len(accepted) < len(v4) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(accepted) == len(v4), "the host's own connections were not accepted"
+        before = len(accepted)
+        seen = apps.fns[runtime]["connect"].remote([[a, port] for a in v4])
+        assert all(v["result"].startswith("refused") for v in seen.values()), seen
+        assert len(accepted) == before, "a container reached a host address"
+    finally:
+        stop.set()
+        thread.join(2)
+        srv.close()
+    print(f"{runtime}: {len(v4)} host address(es) refused")
+
+
 @pytest.mark.parametrize("runtime", apps.RUNTIMES)
 def test_another_containers_listener_is_out_of_reach(server, runtime):
     port = random.randrange(30000, 40000)

@@ -12,7 +12,13 @@ sockets of its own on the host. So the container can open connections out, but
   (no port is published), so a listener in a container is reachable from that container
   only;
 - not to the control plane's API except as any outside client would (it listens on the
-  host's loopback by default): the channel socket stays its only way in.
+  host's loopback by default): the channel socket stays its only way in;
+- not to the host's own addresses (its other interfaces, where services bound to
+  ``0.0.0.0`` listen) nor to link-local ``169.254.0.0/16`` (cloud metadata services):
+  :func:`fence` puts an nftables rule in the namespace, as root before the container
+  starts, that rejects them (the container has no ``CAP_NET_ADMIN`` to lift it). The host's
+  addresses are read when the namespace is made; one added to the host later is not in the
+  fences of namespaces made before it (at most a pool's worth).
 
 slirp4netns starts as root, joins the namespace to create ``tap0``, then (``--enable-sandbox``,
 ``--enable-seccomp``) drops every capability but ``CAP_NET_BIND_SERVICE`` into a mount
@@ -29,6 +35,8 @@ attaches to the namespace of a running process (``pid``), for callers that make 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import select
 import shutil
@@ -38,6 +46,8 @@ import time
 from functools import cache
 
 from strato.exceptions import InvalidError
+
+log = logging.getLogger("strato.runtime")
 
 SLIRP4NETNS = "slirp4netns"
 MTU = 65520
@@ -165,7 +175,96 @@ def attach_egress(
     if proc.stderr is not None:  # it logs a line or two; nobody reads them
         proc.stderr.close()
         proc.stderr = None
+    try:
+        fence(netns_path if netns_path is not None else f"/proc/{pid}/ns/net")
+    except BaseException:
+        handle.close(timeout_s=0.5)
+        raise
     return handle
+
+
+NFT = "nft"
+ALWAYS_FENCED = ("169.254.0.0/16",)
+"""Link-local: where clouds serve instance metadata (credentials) at 169.254.169.254."""
+_HOST_ADDRESSES_TTL_S = 2.0
+_host_addresses_cache: tuple[float, tuple[list[str], list[str]]] | None = None
+_warned_no_nft = False
+
+
+@cache
+def nft_path() -> str | None:
+    return shutil.which(NFT)
+
+
+def host_addresses() -> tuple[list[str], list[str]]:
+    """The host's own IPv4 and IPv6 addresses, loopback left out (a container's loopback is
+    its own), read with iproute2 (cached for a couple of seconds)."""
+    global _host_addresses_cache
+    now = time.monotonic()
+    if _host_addresses_cache and now - _host_addresses_cache[0] < _HOST_ADDRESSES_TTL_S:
+        return _host_addresses_cache[1]
+    v4: list[str] = []
+    v6: list[str] = []
+    ip = shutil.which("ip")
+    if ip is not None:
+        out = subprocess.run(
+            [ip, "-j", "addr", "show"], capture_output=True, timeout=5, env=_ENV
+        ).stdout
+        try:
+            links = json.loads(out or b"[]")
+        except ValueError:
+            links = []
+        for link in links:
+            for a in link.get("addr_info", []):
+                local = a.get("local")
+                if not local or a.get("scope") in ("host", "link"):
+                    continue  # loopback is the container's own; link-local is fenced whole
+                (v6 if a.get("family") == "inet6" else v4).append(local)
+    _host_addresses_cache = (now, (v4, v6))
+    return v4, v6
+
+
+def fence_ruleset(v4: list[str], v6: list[str]) -> str:
+    """nftables rules for a container's namespace: reject what it sends to ``v4``/``v6``
+    (the host's addresses) and to link-local ranges."""
+    lines = [
+        "table inet strato_fence {",
+        "  chain out {",
+        "    type filter hook output priority 0; policy accept;",
+        f"    ip daddr {{ {', '.join([*ALWAYS_FENCED, *v4])} }} reject with icmpx admin-prohibited",
+        f"    ip6 daddr {{ {', '.join(['fe80::/10', *v6])} }} reject with icmpx admin-prohibited",
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def fence(netns_path: str) -> None:
+    """Reject traffic from the namespace at ``netns_path`` to the host's own addresses and
+    to link-local ranges (see the module's docstring). Without nftables installed this says
+    so once and leaves the namespace unfenced."""
+    global _warned_no_nft
+    nft = nft_path()
+    nsenter = shutil.which("nsenter")
+    if nft is None or nsenter is None:
+        if not _warned_no_nft:
+            _warned_no_nft = True
+            log.warning(
+                "nftables is not installed (apt-get install nftables): containers can reach "
+                "the host's non-loopback addresses and link-local metadata services"
+            )
+        return
+    rules = fence_ruleset(*host_addresses())
+    done = subprocess.run(
+        [nsenter, f"--net={netns_path}", nft, "-f", "-"],
+        input=rules.encode(),
+        capture_output=True,
+        timeout=ATTACH_TIMEOUT_S,
+        env=_ENV,
+    )
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()
+        raise NetworkUnavailable(f"could not fence the container's network: {why[-1:]}")
 
 
 class NetnsHolder:
@@ -344,5 +443,8 @@ __all__ = [
     "attach_egress",
     "default_pool",
     "egress_unavailable_reason",
+    "fence",
+    "fence_ruleset",
+    "host_addresses",
     "new_egress",
 ]
