@@ -23,6 +23,19 @@ def echo(x):
 
 
 @victim.function(scaledown_window=60)
+def pieces(n: int, size: int):
+    """Generator items over the channel's chunk size (they travel as BlobChunk frames)."""
+    for i in range(n):
+        yield bytes([i]) * size
+
+
+@victim.function(scaledown_window=60)
+def raise_big(size: int):
+    """A failure whose pickled exception is over the chunk size."""
+    raise ValueError("x" * size)
+
+
+@victim.function(scaledown_window=60)
 def slow(path: str, seconds: float):
     """Write this input's lease (input id, dispatch token: the runner's frame above holds
     them) to ``path``, then hold the input long enough for a forged output to race it."""

@@ -181,6 +181,11 @@ def _output(duration: object, input_id: int = 1, status: str = "success") -> dic
         pytest.param(frames.encode(m.RunInputs([])), id="message-a-container-may-not-send"),
         pytest.param(LEN.pack(8) + b"\xc1" * 8, id="undecodable"),
         pytest.param(LEN.pack((1 << 32) - 1), id="4-gib-header"),
+        pytest.param(LEN.pack((16 << 20) + 1), id="just-over-the-default-limit"),
+        pytest.param(
+            frames.encode(m.TaskOutputs([m.TaskOutput(1, 1, "success", blob="ab" * 32)])),
+            id="names-a-blob-it-never-sent",
+        ),
     ],
 )
 def test_bad_frame_drops_that_container_and_nothing_else(apps, frame):
@@ -226,6 +231,20 @@ def test_outputs_for_another_containers_input_are_ignored(apps, tmp_path):
     assert "for inputs it does not hold" in server_log(apps)
     # the sender was not dropped for it: an output for someone else's input is stale, not
     # malformed (a container may race a cancellation the same way)
-    assert not closed_by_server(sock, timeout=0.5)
+    assert f"dropping container {cid}" not in server_log(apps)
     sock.close()
     still_serving()
+
+
+def test_large_values_travel_in_chunks_under_the_frame_limit(apps):
+    """The frame limit (16 MiB) does not limit results: values over 1 MiB come as
+    BlobChunk frames into the blob store (results, generator items, exceptions)."""
+    drops = server_log(apps).count("dropping container")
+    big = b"\x07" * (40 << 20)
+    assert edge_apps.echo.remote(big) == big
+    got = list(edge_apps.pieces.remote_gen(3, 3 << 20))
+    assert got == [bytes([i]) * (3 << 20) for i in range(3)]
+    with pytest.raises(ValueError) as info:
+        edge_apps.raise_big.remote(5 << 20)
+    assert len(str(info.value)) == 5 << 20
+    assert server_log(apps).count("dropping container") == drops, "a container was dropped"

@@ -32,6 +32,7 @@ from .target import Target
 
 FLUSH_EVERY = 128
 FLUSH_AFTER_S = 0.005
+MAX_ERROR_CHARS = 64 << 10  # an exception's message and traceback, each, as sent
 
 
 def describe_exception(e: BaseException) -> tuple[str, str, bytes | None]:
@@ -49,7 +50,15 @@ def describe_exception(e: BaseException) -> tuple[str, str, bytes | None]:
         pickle.loads(data)  # an exception that pickles but cannot be rebuilt is no use
     except Exception:  # noqa: BLE001 - the caller gets a RemoteError with the type name
         data = None
-    return f"{name}: {e}", text, data
+    # the channel takes small frames (issue 14): long texts are cut, the middle elided
+    return _cut(f"{name}: {e}"), _cut(text), data
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    half = MAX_ERROR_CHARS // 2
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters cut) ...\n{text[-half:]}"
 
 
 class ContainerRunner:
@@ -78,9 +87,12 @@ class ContainerRunner:
         self._serving = True
 
     def _send(self, msg: object) -> None:
-        data = frames.encode(msg)
+        # large values go ahead of their outputs in chunks: the control plane refuses
+        # large frames (issue 14)
+        parts = frames.split_outputs(msg) if isinstance(msg, m.TaskOutputs) else [msg]
         with self._send_lock:  # the main thread and the flusher both write
-            self.sock.sendall(data)
+            for part in parts:
+                self.sock.sendall(frames.encode(part))
 
     # ------------------------------------------------------------------ reader thread
 
@@ -235,6 +247,7 @@ class ContainerRunner:
                 self._out_first = now
             if not (
                 len(self._out) >= FLUSH_EVERY
+                or self._out_bytes() >= frames.CHUNK
                 or not self.queue
                 or now - self._out_first > FLUSH_AFTER_S
             ):
@@ -243,6 +256,11 @@ class ContainerRunner:
                 return
             batch, self._out = self._out, []
         self._send(m.TaskOutputs(batch))
+
+    def _out_bytes(self) -> int:
+        return sum(
+            len(o.data or b"") + len(o.error or "") + len(o.traceback or "") for o in self._out
+        )
 
     def _flush(self) -> None:
         with self._out_cond:
@@ -486,6 +504,8 @@ def main() -> None:
     except BaseException as e:  # noqa: BLE001 - reported, then the container exits
         error, tb, data = describe_exception(e)
         print(tb, file=sys.stderr, end="")
+        if data is not None and len(data) > frames.CHUNK:
+            data = None  # too large for a frame: the caller gets the type name and message
         runner._send(m.ContainerInitFailed(error, tb, data))
         sys.exit(1)
     runner.serve(target)

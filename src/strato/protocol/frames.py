@@ -13,16 +13,18 @@ to a well-formed message or raises :class:`FrameError`.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 
 import msgspec
 
-from .messages import ChannelMessage
+from .messages import BlobChunk, ChannelMessage, TaskOutputs
 
 MAX_FRAME = (1 << 32) - 1  # what the 4-byte header can say: for peers we trust
 HELLO_MAX_FRAME = 1 << 20  # the first frame of a connection, before the peer is known
 RECV_CHUNK = 1 << 20  # never ask the kernel for more than this at once
+CHUNK = 1 << 20  # a container sends a value over this as BlobChunk frames of this size
 _LEN = struct.Struct(">I")
 
 _encoder = msgspec.msgpack.Encoder()
@@ -47,6 +49,25 @@ def decode(body: bytes | memoryview) -> object:
         return _decoder.decode(body)
     except msgspec.DecodeError as e:
         raise FrameError(f"bad frame: {e}") from e
+
+
+def split_outputs(msg: TaskOutputs) -> list[object]:
+    """The frames that carry ``msg``: each value over :data:`CHUNK` goes ahead of it as
+    ``BlobChunk`` frames and the output names it by sha256, so no frame is large."""
+    if not any(o.data is not None and len(o.data) > CHUNK for o in msg.outputs):
+        return [msg]
+    out: list[object] = []
+    outputs = []
+    for o in msg.outputs:
+        if o.data is not None and len(o.data) > CHUNK:
+            view = memoryview(o.data)
+            n = len(view)
+            for i in range(0, n, CHUNK):
+                out.append(BlobChunk(bytes(view[i : i + CHUNK]), last=i + CHUNK >= n))
+            o = msgspec.structs.replace(o, data=None, blob=hashlib.sha256(o.data).hexdigest())
+        outputs.append(o)
+    out.append(TaskOutputs(outputs))
+    return out
 
 
 def parse_address(address: str) -> tuple[str, object]:

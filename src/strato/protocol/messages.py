@@ -364,10 +364,22 @@ class TaskOutput(msgspec.Struct, array_like=True):
     traceback: str | None = None
     gen_index: Index | None = None  # generator item; None = final output of the input
     duration: Seconds = 0.0  # seconds the user code ran
+    # a value over frames.CHUNK travels ahead of its output as BlobChunk frames: its sha256
+    blob: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
 
 
 class TaskOutputs(ChannelMsg, tag="outputs"):
     outputs: list[TaskOutput]
+
+
+class BlobChunk(ChannelMsg, tag="chunk"):
+    """Part of a large value (an output's ``data`` over ``frames.CHUNK``) on its way to
+    the control plane's blob store, so that no frame a container sends is large. A value's
+    chunks go in order, the last with ``last=True``; the ``TaskOutputs`` that follows
+    names it by ``TaskOutput.blob``."""
+
+    data: bytes
+    last: bool = False
 
 
 class CancelInputs(ChannelMsg, tag="cancel"):
@@ -459,6 +471,7 @@ ChannelMessage = (
     | ContainerInitFailed
     | RunInputs
     | TaskOutputs
+    | BlobChunk
     | CancelInputs
     | StopContainer
     | WorkerHello

@@ -35,8 +35,8 @@ class ServerConfig:
     runtime: str | None = None
     start_local_worker: bool = True
     ephemeral_app_timeout_s: float = 60.0  # an app.run() whose client went silent is stopped
-    # the largest channel frame a container may send (0: max_payload + 8 MiB); a frame
-    # over it drops the container before any of it is read (issue 14)
+    # the largest channel frame a container may send (0: 16 MiB; values over 1 MiB come
+    # in chunks); a frame over it drops the container before any of it is read (issue 14)
     max_frame: int = 0
 
     @classmethod
@@ -57,9 +57,8 @@ class ServerConfig:
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
-        if cfg.max_frame <= 0:
-            cfg.max_frame = cfg.max_payload + (8 << 20)
-        cfg.max_frame = max(1 << 20, min(cfg.max_frame, (1 << 32) - 1))
+        if cfg.max_frame > 0:
+            cfg.max_frame = max(4 << 20, min(cfg.max_frame, (1 << 32) - 1))
         if not cfg.database_url:
             cfg.database_url = f"sqlite:///{cfg.home / 'state.db'}"
         return cfg

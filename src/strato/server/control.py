@@ -33,11 +33,13 @@ from .autoscaler import (
 )
 from .calls.manager import CallManager
 from .calls.specs import check_spec
+from .calls.uploads import Uploads
 from .config import ServerConfig
 from .fleet import Fleet, Peer
 from .gateway import Gateway, GatewayConfig
 from .listeners import guard_channel
 from .logs import LogHub
+from .scheduler import NodeView, place
 from .scheduler.quota import AppQuota, QuotaGate, fair_share_surplus
 from .store import Store
 from .store.blobs import BlobStore
@@ -45,6 +47,9 @@ from .store.blobs import BlobStore
 log = logging.getLogger("strato.control")
 
 SCALE_TICK_S = 0.25
+# containers send values over frames.CHUNK in chunks, and cut long error texts: their
+# frames stay a few MiB (STRATO_MAX_FRAME overrides)
+DEFAULT_MAX_FRAME = 16 << 20
 # what a worker agent may send after its hello (issue 14: anything else drops it)
 WORKER_SENDS = (m.ContainerExited, m.ContainerStartFailed, m.ContainerStarted, m.Heartbeat)
 # what `with_options` / `with_concurrency` / `with_batching` may change in a variant (never
@@ -101,7 +106,7 @@ class ControlPlane:
         # per-app quotas and channel frame limits (issue 14)
         self.quota = AppQuota.from_env()
         self.fleet.quota = QuotaGate(self.quota, log, self.fleet._tell)
-        self.max_frame = config.max_frame or config.max_payload + (8 << 20)
+        self.max_frame = config.max_frame or DEFAULT_MAX_FRAME
         self.worker_max_frame = max(self.max_frame, 64 << 20)
         self._warm_capped: set[str] = set()
         # web endpoints (issue 5): the gateway's listener is its own port (default: ours + 1)
@@ -226,15 +231,33 @@ class ControlPlane:
         return None
 
     async def _container_loop(self, hello: m.ContainerHello, peer: Peer, reader) -> None:
+        known = self.fleet.containers.get(hello.container_id)
+        before = known.peer if known is not None else None
         s = self.fleet.container_hello(hello, peer)
+        if s is not None and before is not None and before is not peer:
+            # one connection per container: the newest wins, so a container cannot
+            # multiply what the control plane buffers for it by dialling again
+            log.warning(
+                "container %s dialled the channel again; closed its older connection",
+                s.container_id,
+            )
+            before.close()
         if s is None:
             log.warning("channel: a hello for container %r without its secret", hello.container_id)
             peer.send(m.StopContainer(0.0))
             return
+        uploads = Uploads(self.blobs, self.config.max_payload)
         try:
             while (msg := await frames.read_frame(reader, self.max_frame)) is not None:
                 if isinstance(msg, m.TaskOutputs):
-                    self.calls.on_outputs(s, msg.outputs)
+                    sizes = {
+                        i: uploads.take(o.blob)[1]
+                        for i, o in enumerate(msg.outputs)
+                        if o.blob is not None
+                    }
+                    self.calls.on_outputs(s, msg.outputs, sizes)
+                elif isinstance(msg, m.BlobChunk):
+                    uploads.chunk(msg.data, msg.last)
                 elif isinstance(msg, m.ContainerReady):
                     self.fleet.container_ready(s)
                     self.gateway.container_ready(s)
@@ -254,7 +277,8 @@ class ControlPlane:
             self.logs.system(s.app_id, f"container dropped: {why}", s.container_id)
             self.fleet.kill(s.container_id, why)
         finally:
-            if not self._closing:
+            uploads.close()
+            if not self._closing and s.peer is peer:  # not when a newer connection took over
                 self.fleet.channel_lost(s)
 
     # ------------------------------------------------------------------ loops
@@ -301,17 +325,28 @@ class ControlPlane:
         """Per-app quotas under contention (issue 14): a function with work and no
         container after a scaling pass starves; apps over STRATO_APP_FAIR_SHARE start
         nothing new and give back their surplus until it has a container."""
-        starving = {
-            fn.app_id
-            for fn in self.calls.functions.values()
-            if fn.queue
-            and fn.app_state != "stopped"
-            and fn.spec.web is None
-            and fn.function_id not in self.fleet.backoff  # its own start-up fails
-            and not any(s.state in ("starting", "ready") for s in fn.sessions.values())
-        }
-        gate = self.fleet.quota
         views = [n.view for n in self.fleet.nodes.values() if n.peer is not None]
+        empty = [
+            NodeView(
+                v.node_id, v.provider, v.region, v.price_per_hour, v.cpu_total, v.memory_mb, v.gpus
+            )
+            for v in views
+        ]
+        starving = set()
+        for fn in self.calls.functions.values():
+            if (
+                not fn.queue
+                or fn.app_state == "stopped"
+                or fn.spec.web is not None
+                or fn.function_id in self.fleet.backoff  # its own start-up fails
+                or any(s.state in ("starting", "ready") for s in fn.sessions.values())
+            ):
+                continue
+            request = self.fleet.request_for(fn.spec)
+            # it waits for capacity only: it fits an empty cluster, not this one
+            if place(request, empty) is not None and place(request, views) is None:
+                starving.add(fn.app_id)
+        gate = self.fleet.quota
         over, surplus = fair_share_surplus(
             list(self.fleet.containers.values()), starving, views, self.quota.fair_share
         )

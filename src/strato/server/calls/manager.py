@@ -369,8 +369,8 @@ class CallManager:
         data: bytes | None = None,
         error: str | None = None,
         tb: str | None = None,
+        blob: str | None = None,
     ) -> dict:
-        blob = None
         if data is not None and len(data) > self.blob_threshold:
             blob, data = self.blobs.put(data), None
         p.where = "done"
@@ -399,7 +399,15 @@ class CallManager:
             if call_id not in self.live:
                 self._last_seq.pop(call_id, None)
 
-    def on_outputs(self, session: ContainerRef, outputs: list[m.TaskOutput]) -> None:
+    def on_outputs(
+        self,
+        session: ContainerRef,
+        outputs: list[m.TaskOutput],
+        sizes: dict[int, int] | None = None,
+    ) -> None:
+        """Outputs from a container. ``sizes``: for each output (by position) whose value
+        came in chunks (``TaskOutput.blob``, already in the blob store unless over
+        ``max_payload``), its size."""
         fn = self.functions.get(session.function_id)
         if fn is None:
             return
@@ -411,7 +419,12 @@ class CallManager:
         if bad:  # the fleet drops the container: it speaks no protocol we know
             raise InvalidError(f"output status {bad[0][:40]!r} is not success or failure")
         foreign = 0
-        for o in outputs:
+        for i, o in enumerate(outputs):
+            nbytes = len(o.data) if o.data is not None else 0
+            if o.blob is not None:
+                nbytes = (sizes or {}).get(i, 0)
+                if nbytes > self.max_payload and o.status != "success":
+                    o = msgspec.structs.replace(o, blob=None)  # the exception was too big
             lease = session.inflight.get(o.input_id)
             if lease is None or lease.token != o.attempt:
                 # stale (re-leased elsewhere, cancelled, already ended), or an input this
@@ -420,13 +433,13 @@ class CallManager:
                 continue
             p = lease.pending
             touched.add(p.call_id)
-            if o.status == "success" and o.data is not None and len(o.data) > self.max_payload:
+            if o.status == "success" and nbytes > self.max_payload:
                 # a result over the limit ends its input (a generator's too) with an error
                 del session.inflight[o.input_id]
-                finals.append(self._final_row(p, "failure", None, self._too_big(fn, o)))
+                finals.append(self._final_row(p, "failure", None, self._too_big(fn, o, nbytes)))
                 continue
             if o.gen_index is not None:
-                data, blob = o.data, None
+                data, blob = o.data, o.blob
                 if data is not None and len(data) > self.blob_threshold:
                     blob, data = self.blobs.put(data), None
                 seq = self._seq()
@@ -446,9 +459,11 @@ class CallManager:
             d = o.duration
             fn.ewma_duration = d if fn.ewma_duration is None else 0.8 * fn.ewma_duration + 0.2 * d
             if o.status == "success":
-                finals.append(self._final_row(p, "success", o.data))
+                finals.append(self._final_row(p, "success", o.data, blob=o.blob))
             else:
-                row = self._attempt_failed(fn, p, "failure", o.data, o.error, o.traceback)
+                row = self._attempt_failed(
+                    fn, p, "failure", o.data, o.error, o.traceback, blob=o.blob
+                )
                 if row:
                     finals.append(row)
         if foreign:
@@ -466,10 +481,10 @@ class CallManager:
         self._flush(finals, touched)
         self._pump(fn)
 
-    def _too_big(self, fn: FunctionState, o: m.TaskOutput) -> str:
+    def _too_big(self, fn: FunctionState, o: m.TaskOutput, nbytes: int) -> str:
         what = "a value yielded" if o.gen_index is not None else "the value returned"
         return (
-            f"RequestSizeError: {what} by {fn.name} pickles to {len(o.data)} bytes, over the "
+            f"RequestSizeError: {what} by {fn.name} pickles to {nbytes} bytes, over the "
             f"limit of {self.max_payload} bytes (STRATO_MAX_PAYLOAD); return large data "
             "through a Volume instead"
         )
@@ -482,6 +497,7 @@ class CallManager:
         data: bytes | None,
         error: str | None,
         tb: str | None,
+        blob: str | None = None,
     ) -> dict | None:
         """Retry per policy (returns None) or end the input (returns its final row)."""
         p.attempts += 1
@@ -500,7 +516,7 @@ class CallManager:
             )
             asyncio.get_running_loop().call_later(delay, self._retry_due, p)
             return None
-        return self._final_row(p, status, data, error, tb)
+        return self._final_row(p, status, data, error, tb, blob)
 
     def _retry_due(self, p: Pending) -> None:
         if p.where != "retry":

@@ -123,7 +123,11 @@ class QuotaGate:
 
     def blocks(self, fn, request: ContainerRequest, sessions: Iterable, nodes) -> bool:
         why = self.quota.why_not(request, [s for s in sessions if s.app_id == fn.app_id], nodes)
-        if why is None and fn.app_id in self.over_fair_share:
+        if (
+            why is None
+            and fn.app_id in self.over_fair_share
+            and any(s.state in ("starting", "ready") for s in fn.sessions.values())
+        ):  # a function of its with no container at all still gets one
             why = (
                 "the app holds more than its fair share (STRATO_APP_FAIR_SHARE="
                 f"{self.quota.fair_share:g}) while another app waits for a container"
