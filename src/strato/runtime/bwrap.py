@@ -206,6 +206,7 @@ def build_args(
     info_fd: int | None = None,
     block_fd: int | None = None,
     share_net: bool = False,
+    caps: Iterable[str] = DEFAULT_CAPS,
 ) -> list[str]:
     """The bwrap command line (without the program) for ``launch``.
 
@@ -262,7 +263,7 @@ def build_args(
     if rootfs is None:
         args += ["--remount-ro", "/"]
     args += ["--chdir", workdir, "--cap-drop", "ALL"]
-    for cap in DEFAULT_CAPS:
+    for cap in caps:
         args += ["--cap-add", cap]
     return args
 

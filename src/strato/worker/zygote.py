@@ -95,6 +95,13 @@ HOSTMOUNTS = IN_CONTAINER + "/hostmounts"  # the node's code mounts, in a zygote
 LAYERS = IN_CONTAINER + "/layers"  # an image's layers, in its zygote: lower layers of each child
 PROC_SOURCE = IN_CONTAINER + "/.proc"  # = strato.container.zygote.PROC_SOURCE
 READY_TIMEOUT_S = 300.0
+ZYGOTE_CAPS: tuple[str, ...] = ()
+"""What a zygote or template keeps of root's capabilities under bwrap: none. It runs user
+code (a template's ``@enter(snap=True)`` hooks, an image's imports) as uid 0 of the host, so
+Docker's default set would let that code make device nodes (``CAP_MKNOD``: the host's
+disks), read any file bound in (``CAP_DAC_OVERRIDE``) or craft raw packets. Its children
+need none of it either: each makes a user namespace of its own (no capability needed), where
+it holds every capability over its own mounts, then becomes the container's user."""
 FORK_TIMEOUT_S = 10.0
 SWEEP_EVERY_S = 30.0
 BROKEN_RETRY_S = 300.0  # after a fork's set-up failed, start normally this long, then retry
@@ -870,7 +877,13 @@ class ZygotePool:
             workdir = host_workdir(launch, rt.hidden_paths)
         extra = {} if net is None else {"info_fd": net[1], "block_fd": net[2]}
         args = build_args(
-            launch, rootfs=rootfs, workdir=workdir, gpu_nodes=[], hidden=rt.hidden_paths, **extra
+            launch,
+            rootfs=rootfs,
+            workdir=workdir,
+            gpu_nodes=[],
+            hidden=rt.hidden_paths,
+            caps=ZYGOTE_CAPS,
+            **extra,
         )
         return [rt.bwrap, *args, "--", *launch.argv]
 

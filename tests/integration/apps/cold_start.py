@@ -148,6 +148,7 @@ class Snapped:
         SNAP_LOADS += 1
         self.snap_token = uuid.uuid4().hex
         self.snap_env = os.environ.get("STRATO_CONTAINER_ID")
+        self.snap_caps = _capabilities()  # user code in the template: it must hold none
 
     @enter()
     def warm(self) -> None:
@@ -163,6 +164,7 @@ class Snapped:
             "container_id": os.environ.get("STRATO_CONTAINER_ID"),
             "enter_saw": self.enter_env,
             "forked": _forked(),
+            "snap_caps": self.snap_caps,
         }
 
 
