@@ -360,7 +360,9 @@ def test_a_big_backlog_does_not_starve_another_app():
     (STRATO_APP_FAIR_SHARE=0.5) and gives back its surplus."""
     import threading
 
-    with dedicated_server({"STRATO_NODE_CPU": "1", "STRATO_RUNTIME": "process"}):
+    with dedicated_server(
+        {"STRATO_NODE_CPU": "1", "STRATO_RUNTIME": "process", "STRATO_APP_FAIR_SHARE": "0.5"}
+    ):
         with edge_apps.hog.run(quiet=True), edge_apps.bystander.run(quiet=True):
             done = threading.Event()
             results: list[int] = []

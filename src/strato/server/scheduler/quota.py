@@ -10,8 +10,8 @@ every node from the others.
   (``min_containers`` + ``buffer_containers``, kept whether or not there is work) may
   reserve; ``min_containers`` beyond it is capped (logged once per function), so the
   remainder of the machine stays free for other apps' work.
-- ``STRATO_APP_FAIR_SHARE`` (0.5): while another app's function has work and no
-  container (it waited through a scaling pass), an app holding more than this share of
+- ``STRATO_APP_FAIR_SHARE`` (1.0: off by default; e.g. 0.5 turns it on): while another
+  app's function has work and no container (it waited through a scaling pass), an app holding more than this share of
   the cluster's CPU or memory starts no new container and its surplus containers are
   asked to stop (gracefully: they finish the inputs they hold), so the waiting app gets
   room even while the big one still has a backlog.
@@ -49,7 +49,7 @@ class AppQuota:
     max_containers: int = 1000
     max_share: float = 1.0
     warm_share: float = 0.5
-    fair_share: float = 0.5
+    fair_share: float = 1.0
 
     @classmethod
     def from_env(cls, env=None) -> AppQuota:
@@ -58,7 +58,7 @@ class AppQuota:
             max_containers=int(_env_num(env, "STRATO_APP_MAX_CONTAINERS", 1000, 1, 1e6)),
             max_share=_env_num(env, "STRATO_APP_MAX_SHARE", 1.0, 0.01, 1.0),
             warm_share=_env_num(env, "STRATO_APP_WARM_SHARE", 0.5, 0.0, 1.0),
-            fair_share=_env_num(env, "STRATO_APP_FAIR_SHARE", 0.5, 0.01, 1.0),
+            fair_share=_env_num(env, "STRATO_APP_FAIR_SHARE", 1.0, 0.01, 1.0),
         )
 
     def check_spec(self, spec) -> None:
