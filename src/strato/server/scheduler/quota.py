@@ -13,8 +13,8 @@ every node from the others.
 - ``STRATO_APP_FAIR_SHARE`` (1.0: off by default; e.g. 0.5 turns it on): while another
   app's function has work and no container (it waited through a scaling pass), an app
   holding more than this share of the cluster's CPU or memory starts no new container
-  and its surplus containers are asked to stop (gracefully: they finish the inputs they hold), so the waiting app gets
-  room even while the big one still has a backlog.
+  and its surplus containers are asked to stop (gracefully: they finish the inputs they
+  hold), so the waiting app gets room even while the big one still has a backlog.
 
 Pure logic over node views and container sessions; the fleet calls it before a start.
 """
