@@ -11,7 +11,7 @@ from collections.abc import Callable
 import msgspec
 
 from strato import exceptions as exc
-from strato.client import session
+from strato.client import console, session
 from strato.client.mounts import collect_local_mount
 from strato.protocol import messages as m
 
@@ -386,6 +386,9 @@ class App:
         client, info = self._create(deployed=False, detached=detach)
         if not quiet:
             session.progress(f"app {info.app_id} running ({len(info.functions)} functions)")
+        lines = contextlib.ExitStack()
+        if not quiet:  # container lines and local prints never share a line
+            lines.enter_context(console.whole_lines())
         follower = session.LogFollower(
             client, info.app_id, quiet=quiet, heartbeat=not detach
         ).start()
@@ -403,6 +406,7 @@ class App:
                 follower.stop(until_gone=not quiet)
             else:
                 follower.stop()
+            lines.close()
             if detach and not quiet:
                 session.progress(
                     f"app {info.app_id} keeps running (detached); stop it with "
