@@ -1,17 +1,37 @@
 """The control plane's state, through SQLAlchemy Core.
 
 SQLite (WAL) by default, PostgreSQL with ``STRATO_DATABASE_URL=postgresql+psycopg://...``:
-the same statements serve both. The control plane is one asyncio process, so one
-connection serves it; every method is one short transaction.
+the same statements serve both.
+
+Writes never run on the caller's thread. Each write method queues its statements for one
+writer thread, which runs everything queued so far in one transaction (group commit), in
+queue order. A write method returns a `Write` (a future) at once: a caller that needs the
+write durable waits for it (``w.wait()``, or ``await w``), or calls `Store.flush` (or
+``await Store.aflush()``) for every write queued so far. The write methods that answer
+with a value (`create_app`, `create_call`, `expire`, `stop_live_containers`) keep their
+blocking meaning; their ``queue_*`` forms return the `Write` instead. A batch that fails
+is rolled back and its writes retried one by one (a lost connection or a busy database
+up to four times); a write that still fails gets the error on its `Write`, is logged, and
+makes the next `flush` raise: no write is dropped without a trace.
+
+Reads see every write queued before them (read-your-writes). A read on the caller's
+thread first waits until the writer has committed every write queued before it (when
+nothing is queued, there is nothing to wait for) and then reads through that thread's
+own connection; `Store.aread` runs a read on the writer thread instead, in queue order
+after the writes before it, so the event loop does not wait for the database at all.
+Every wait has a timeout (`StoreTimeout`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -26,9 +46,29 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
 
 from . import schema as t
 from .migrations import migrate
+from .writer import WAIT_S, StoreClosed, StoreTimeout, Write, WriteFailed, _Op, _Writer
+
+__all__ = [
+    "OutputRow",
+    "PendingRow",
+    "Store",
+    "StoreClosed",
+    "StoreTimeout",
+    "Write",
+    "WriteFailed",
+    "make_engine",
+]
+
+log = logging.getLogger("strato.store")
+
+T = TypeVar("T")
+
+# Fault injection, for benchmarks and tests only: every statement sleeps this long first.
+FAULT_DB_LATENCY_ENV = "STRATO_FAULT_DB_LATENCY_MS"
 
 
 @dataclass
@@ -56,9 +96,39 @@ class OutputRow:
     gen_index: int | None = None
 
 
+def _memory_db(url: str) -> bool:
+    if not url.startswith("sqlite"):
+        return False
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    return rest in ("", "/", "/:memory:") or "mode=memory" in rest
+
+
+def fault_db_latency_ms() -> float:
+    """The latency to inject before every statement (fault injection; 0 = off)."""
+    raw = os.environ.get(FAULT_DB_LATENCY_ENV, "").strip()
+    return float(raw) if raw else 0.0
+
+
+def inject_db_latency(engine: Engine, ms: float) -> None:
+    """Fault injection: every statement on ``engine`` sleeps ``ms`` first, as if the
+    database were across a network (benchmarks show what would wait for it)."""
+    delay = ms / 1000.0
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _fault_db_latency(*_args: Any) -> None:
+        time.sleep(delay)
+
+    log.warning("fault injection: every database statement is delayed by %g ms", ms)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        if _memory_db(url):  # one database per connection: every thread shares the one
+            engine = create_engine(
+                url, connect_args={"check_same_thread": False}, poolclass=StaticPool
+            )
+        else:
+            engine = create_engine(url, connect_args={"check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - driver callback
@@ -66,14 +136,18 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
-            # checkpoints run on a background thread (Checkpointer), not inside a commit on
-            # the event loop
+            # checkpoints run on a background thread (Checkpointer), not inside a commit
             cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.execute("PRAGMA journal_size_limit=67108864")
             cur.close()
 
-        return engine
-    return create_engine(url, pool_size=2, pool_pre_ping=True)
+    else:
+        # the writer's connection, the event loop's for reads, and a few more threads'
+        engine = create_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+    ms = fault_db_latency_ms()
+    if ms > 0:
+        inject_db_latency(engine, ms)
+    return engine
 
 
 class _Statements:
@@ -164,38 +238,161 @@ class Checkpointer:
         self._thread.join(timeout=10)
 
 
+def _run(stmt: Any) -> Callable[[Connection], None]:
+    def run(c: Connection) -> None:
+        c.execute(stmt)
+
+    return run
+
+
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, wait_s: float = WAIT_S) -> None:
         self.url = url
+        self.wait_s = wait_s
         self.engine = make_engine(url)
+        # the connection of the thread that made the store (the event loop's) for reads
         self.conn: Connection = self.engine.connect()
         with self.conn.begin():
             migrate(self.conn)
         self.q = _Statements()
+        self._owner = threading.get_ident()
+        self._memory = _memory_db(url)  # one shared connection: reads go to the writer
+        self._local = threading.local()
+        self._thread_conns: list[Connection] = []
+        self._conns_lock = threading.Lock()
+        self._writer = _Writer(self.engine, wait_s)
         db = self.engine.url.database
         self._checkpointer = (
-            Checkpointer(db) if url.startswith("sqlite") and db and db != ":memory:" else None
+            Checkpointer(db) if url.startswith("sqlite") and db and not self._memory else None
         )
 
-    def close(self) -> None:
-        self.conn.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Commit every queued write, stop the writer, close the connections."""
+        limit = self.wait_s if timeout is None else timeout
+        if not self._writer.close(limit):
+            log.error(
+                "store: the writer did not stop within %gs; %d writes may not be committed",
+                limit,
+                self._writer.queued - self._writer.done,
+            )
+        for c in [self.conn, *self._thread_conns]:
+            c.close()
+        self._thread_conns.clear()
         self.engine.dispose()
         if self._checkpointer is not None:
             self._checkpointer.stop()
+
+    # ------------------------------------------------------------------ writer plumbing
+
+    def _write(
+        self,
+        name: str,
+        run: Callable[[Connection], T],
+        recover: Callable[[Connection, BaseException], T] | None = None,
+    ) -> Write[T]:
+        return self._writer.submit(_Op(name, run, Write(name, self.wait_s), recover=recover))
+
+    def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]:
+        """A plain executemany: consecutive ones of one statement share a round trip."""
+        return self._writer.submit(
+            _Op(name, None, Write(name, self.wait_s), stmt=stmt, params=params)
+        )
+
+    def _done(self, name: str) -> Write[None]:
+        w: Write[None] = Write(name, self.wait_s)
+        w.seq = self._writer.queued
+        w.set_result(None)
+        return w
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every write queued before this call is committed; raises
+        `WriteFailed` when any of them failed (each failure is reported once)."""
+        seq = self._writer.queued
+        self._writer.wait_done(seq, timeout)
+        self._raise_failures(seq)
+
+    async def aflush(self, timeout: float | None = None) -> None:
+        """`flush` without blocking the event loop."""
+        seq = self._writer.queued
+        if self._writer.done < seq:
+            await self._writer.submit(
+                _Op("flush", lambda _c: None, Write("flush", self.wait_s), read=True)
+            ).wait_async(timeout)
+        self._raise_failures(seq)
+
+    def _raise_failures(self, seq: int) -> None:
+        failed = self._writer.take_failures(seq)
+        if failed:
+            names = ", ".join(sorted({name for _, name, _ in failed}))
+            raise WriteFailed(
+                f"{len(failed)} store write(s) failed ({names}); first: {failed[0][2]}"
+            ) from failed[0][2]
+
+    async def aread(self, method: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        """Run a read method of this store (``await store.aread(store.call, call_id)``) on
+        the writer thread, after the writes queued before it, without blocking the loop."""
+        return await self._writer.submit(
+            _Op(
+                getattr(method, "__name__", "read"),
+                lambda _c: method(*args),
+                Write("read", self.wait_s),
+                read=True,
+            )
+        ).wait_async(timeout)
+
+    def _read(self, run: Callable[[Connection], T]) -> T:
+        """A read that sees every write queued before it."""
+        w = self._writer
+        if threading.get_ident() == w.thread.ident:  # an aread: the writes before it are in
+            assert w.conn is not None
+            with w.conn.begin():
+                return run(w.conn)
+        if self._memory:
+            return w.submit(
+                _Op("read", lambda c: self._in_tx(c, run), Write("read", self.wait_s), read=True)
+            ).wait()
+        if w.closed:
+            raise StoreClosed("the store is closed")
+        w.wait_done(w.queued)
+        conn = self._thread_conn()
+        with conn.begin():
+            return run(conn)
+
+    @staticmethod
+    def _in_tx(conn: Connection, run: Callable[[Connection], T]) -> T:
+        with conn.begin():
+            return run(conn)
+
+    def _thread_conn(self) -> Connection:
+        if threading.get_ident() == self._owner:
+            return self.conn
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = self.engine.connect()
+            with self._conns_lock:
+                self._thread_conns.append(conn)
+        return conn
+
+    @property
+    def batches(self) -> int:
+        """Transactions the writer has committed."""
+        return self._writer.batches
 
     # ------------------------------------------------------------------ sequences
 
     def max_ids(self) -> tuple[int, int, int]:
         """(max input_id, max output seq, max log seq) to resume counters after a restart."""
-        c = self.conn
-        with c.begin():
+
+        def run(c: Connection) -> tuple[int, int, int]:
             max_input = c.execute(select(func.max(t.inputs.c.input_id))).scalar() or 0
             max_seq = max(
                 c.execute(select(func.max(t.inputs.c.done_seq))).scalar() or 0,
                 c.execute(select(func.max(t.gen_items.c.seq))).scalar() or 0,
             )
             max_log = c.execute(select(func.max(t.logs.c.seq))).scalar() or 0
-        return max_input, max_seq, max_log
+            return max_input, max_seq, max_log
+
+        return self._read(run)
 
     # ------------------------------------------------------------------ apps
 
@@ -209,28 +406,40 @@ class Store:
         replace_deployed: bool,
     ) -> list[str]:
         """Insert an app and its functions. With ``replace_deployed``, an earlier deployed
-        app of that name is stopped; the ids of the apps stopped so are returned."""
+        app of the same name is stopped in the same transaction; returns the ids of the
+        apps it stopped. Blocks until committed (`queue_create_app` does not)."""
+        return self.queue_create_app(app_id, name, state, functions, mount, replace_deployed).wait()
+
+    def queue_create_app(
+        self,
+        app_id: str,
+        name: str | None,
+        state: str,
+        functions: Sequence[tuple[str, str, bytes]],
+        mount: tuple[str, bytes] | None,
+        replace_deployed: bool,
+    ) -> Write[list[str]]:
         now = time.time()
-        stopped: list[str] = []
-        with self.conn.begin():
+        functions = list(functions)
+
+        def run(c: Connection) -> list[str]:
+            stopped: list[str] = []
             if replace_deployed and name:
-                rows = self.conn.execute(
+                rows = c.execute(
                     select(t.apps.c.app_id).where(
                         and_(t.apps.c.name == name, t.apps.c.state == "deployed")
                     )
                 ).all()
                 stopped = [r[0] for r in rows]
                 if stopped:
-                    self.conn.execute(
+                    c.execute(
                         update(t.apps)
                         .where(t.apps.c.app_id.in_(stopped))
                         .values(state="stopped", stopped_at=now)
                     )
-            self.conn.execute(
-                t.apps.insert().values(app_id=app_id, name=name, state=state, created_at=now)
-            )
+            c.execute(t.apps.insert().values(app_id=app_id, name=name, state=state, created_at=now))
             if functions:
-                self.conn.execute(
+                c.execute(
                     t.functions.insert(),
                     [
                         {
@@ -245,159 +454,155 @@ class Store:
                 )
             if (
                 mount is not None
-                and not self.conn.execute(
+                and not c.execute(
                     select(t.mounts.c.mount_id).where(t.mounts.c.mount_id == mount[0])
                 ).first()
             ):
-                self.conn.execute(
+                c.execute(
                     t.mounts.insert().values(mount_id=mount[0], manifest=mount[1], created_at=now)
                 )
-        return stopped
+            return stopped
 
-    def set_app_state(self, app_id: str, state: str) -> None:
-        with self.conn.begin():
-            self.conn.execute(
+        return self._write("create_app", run)
+
+    def set_app_state(self, app_id: str, state: str) -> Write[None]:
+        stopped_at = time.time() if state == "stopped" else None
+
+        def run(c: Connection) -> None:
+            c.execute(
                 update(t.apps)
                 .where(t.apps.c.app_id == app_id)
-                .values(state=state, stopped_at=time.time() if state == "stopped" else None)
+                .values(state=state, stopped_at=stopped_at)
             )
+
+        return self._write("set_app_state", run)
 
     def apps(self, app_ids: Iterable[str] | None = None) -> list[dict]:
         q = select(t.apps).order_by(t.apps.c.created_at)
         if app_ids is not None:
             q = q.where(t.apps.c.app_id.in_(list(app_ids)))
-        with self.conn.begin():
-            return [dict(r._mapping) for r in self.conn.execute(q)]
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(q)])
 
     def find_app(self, name: str) -> dict | None:
         """The deployed app of that name, else the newest running ephemeral one."""
-        with self.conn.begin():
-            rows = self.conn.execute(
-                select(t.apps)
-                .where(and_(t.apps.c.name == name, t.apps.c.state != "stopped"))
-                .order_by(t.apps.c.created_at.desc())
-            ).all()
-        rows = [dict(r._mapping) for r in rows]
+        q = (
+            select(t.apps)
+            .where(and_(t.apps.c.name == name, t.apps.c.state != "stopped"))
+            .order_by(t.apps.c.created_at.desc())
+        )
+        rows = [dict(r._mapping) for r in self._read(lambda c: c.execute(q).all())]
         deployed = [r for r in rows if r["state"] == "deployed"]
-        return (deployed or rows or [None])[0]
+        return (deployed or rows)[0] if rows else None
 
     def functions_of(self, app_id: str) -> list[dict]:
-        with self.conn.begin():
-            return [
-                dict(r._mapping)
-                for r in self.conn.execute(
-                    select(t.functions).where(t.functions.c.app_id == app_id)
-                )
-            ]
+        q = select(t.functions).where(t.functions.c.app_id == app_id)
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(q)])
 
     def function(self, function_id: str) -> dict | None:
-        with self.conn.begin():
-            r = self.conn.execute(
-                select(t.functions, t.apps.c.state.label("app_state"))
-                .join(t.apps, t.apps.c.app_id == t.functions.c.app_id)
-                .where(t.functions.c.function_id == function_id)
-            ).first()
+        q = (
+            select(t.functions, t.apps.c.state.label("app_state"))
+            .join(t.apps, t.apps.c.app_id == t.functions.c.app_id)
+            .where(t.functions.c.function_id == function_id)
+        )
+        r = self._read(lambda c: c.execute(q).first())
         return dict(r._mapping) if r else None
 
-    def add_function(self, app_id: str, function_id: str, name: str, spec: bytes) -> None:
-        with self.conn.begin():
-            self.conn.execute(
-                t.functions.insert().values(
-                    function_id=function_id,
-                    app_id=app_id,
-                    name=name,
-                    spec=spec,
-                    created_at=time.time(),
-                )
-            )
+    def add_function(self, app_id: str, function_id: str, name: str, spec: bytes) -> Write[None]:
+        stmt = t.functions.insert().values(
+            function_id=function_id, app_id=app_id, name=name, spec=spec, created_at=time.time()
+        )
+        return self._write("add_function", _run(stmt))
 
-    def update_function_spec(self, function_id: str, spec: bytes) -> None:
-        with self.conn.begin():
-            self.conn.execute(
-                update(t.functions)
-                .where(t.functions.c.function_id == function_id)
-                .values(spec=spec)
-            )
+    def update_function_spec(self, function_id: str, spec: bytes) -> Write[None]:
+        stmt = update(t.functions).where(t.functions.c.function_id == function_id).values(spec=spec)
+        return self._write("update_function_spec", _run(stmt))
 
     def mount(self, mount_id: str) -> bytes | None:
-        with self.conn.begin():
-            return self.conn.execute(
-                select(t.mounts.c.manifest).where(t.mounts.c.mount_id == mount_id)
-            ).scalar()
+        q = select(t.mounts.c.manifest).where(t.mounts.c.mount_id == mount_id)
+        return self._read(lambda c: c.execute(q).scalar())
 
     # ------------------------------------------------------------------ calls and inputs
 
     def call(self, call_id: str) -> dict | None:
-        with self.conn.begin():
-            r = self.conn.execute(self.q.call, {"call_id": call_id}).first()
+        r = self._read(lambda c: c.execute(self.q.call, {"call_id": call_id}).first())
         return dict(r._mapping) if r else None
 
     def create_call(self, row: dict, input_rows: list[dict]) -> bool:
         """Insert a call with its first inputs in one transaction; False when a call with
-        that id exists already (a retried request)."""
-        try:
-            with self.conn.begin():
-                self.conn.execute(self.q.insert_call, row)
-                if input_rows:
-                    self.conn.execute(self.q.insert_inputs, input_rows)
-        except IntegrityError:
-            if self.call(row["call_id"]) is None:
-                raise
-            return False
-        return True
+        that id exists already (a retried request). Blocks until committed
+        (`queue_create_call` does not)."""
+        return self.queue_create_call(row, input_rows).wait()
+
+    def queue_create_call(self, row: dict, input_rows: list[dict]) -> Write[bool]:
+        q = self.q
+
+        def run(c: Connection) -> bool:
+            c.execute(q.insert_call, row)
+            if input_rows:
+                c.execute(q.insert_inputs, input_rows)
+            return True
+
+        def recover(c: Connection, e: BaseException) -> bool:
+            if isinstance(e, IntegrityError) and c.execute(q.call, row).first() is not None:
+                return False
+            raise e
+
+        return self._write("create_call", run, recover)
 
     def existing_idx(self, call_id: str, lo: int, hi: int) -> set[int]:
-        with self.conn.begin():
-            rows = self.conn.execute(
-                self.q.existing_idx, {"call_id": call_id, "lo": lo, "hi": hi}
-            ).all()
+        params = {"call_id": call_id, "lo": lo, "hi": hi}
+        rows = self._read(lambda c: c.execute(self.q.existing_idx, params).all())
         return {r[0] for r in rows}
 
     def add_inputs(
         self, call_id: str, rows: list[dict], closed: bool | None, n_inputs: int | None
-    ) -> None:
+    ) -> Write[None]:
         """Insert input rows and update the call's count in one transaction."""
-        with self.conn.begin():
-            if rows:
-                self.conn.execute(self.q.insert_inputs, rows)
-            values: dict = {}
-            if n_inputs is not None:
-                values["n_inputs"] = n_inputs
-            if closed is not None:
-                values["closed"] = closed
-            if values:
-                self.conn.execute(
-                    update(t.calls).where(t.calls.c.call_id == call_id).values(**values)
-                )
+        values: dict = {}
+        if n_inputs is not None:
+            values["n_inputs"] = n_inputs
+        if closed is not None:
+            values["closed"] = closed
+        q = self.q
 
-    def finish_inputs(self, rows: list[dict]) -> None:
+        def run(c: Connection) -> None:
+            if rows:
+                c.execute(q.insert_inputs, rows)
+            if values:
+                c.execute(update(t.calls).where(t.calls.c.call_id == call_id).values(**values))
+
+        return self._write("add_inputs", run)
+
+    def finish_inputs(self, rows: list[dict]) -> Write[None]:
         """Record final outputs: rows of input_id, out_status, output, output_blob, error,
         traceback, done_seq, done_at. Only inputs still pending are updated."""
-        if rows:
-            with self.conn.begin():
-                self.conn.execute(self.q.finish, rows)
+        if not rows:
+            return self._done("finish_inputs")
+        return self._write_many("finish_inputs", self.q.finish, list(rows))
 
-    def add_gen_items(self, rows: list[dict]) -> None:
-        if rows:
-            with self.conn.begin():
-                self.conn.execute(self.q.insert_gens, rows)
+    def add_gen_items(self, rows: list[dict]) -> Write[None]:
+        if not rows:
+            return self._done("add_gen_items")
+        return self._write_many("add_gen_items", self.q.insert_gens, list(rows))
 
-    def set_attempts(self, rows: list[tuple[int, int, float | None]]) -> None:
+    def set_attempts(self, rows: list[tuple[int, int, float | None]]) -> Write[None]:
         """(input_id, attempts, retry_at) after a failed attempt that will be retried."""
-        if rows:
-            with self.conn.begin():
-                self.conn.execute(
-                    self.q.set_attempts,
-                    [{"b_id": i, "b_attempts": a, "b_retry": r} for i, a, r in rows],
-                )
+        if not rows:
+            return self._done("set_attempts")
+        params = [{"b_id": i, "b_attempts": a, "b_retry": r} for i, a, r in rows]
+        return self._write_many("set_attempts", self.q.set_attempts, params)
 
     def outputs_after(
         self, call_id: str, after: int, limit: int, with_gens: bool = True
     ) -> list[OutputRow]:
         params = {"call_id": call_id, "after": after, "limit": limit}
-        with self.conn.begin():
-            finals = self.conn.execute(self.q.finals_after, params).all()
-            gens = self.conn.execute(self.q.gens_after, params).all() if with_gens else []
+
+        def run(c: Connection) -> tuple[Sequence[Any], Sequence[Any]]:
+            finals = c.execute(self.q.finals_after, params).all()
+            gens = c.execute(self.q.gens_after, params).all() if with_gens else []
+            return finals, gens
+
+        finals, gens = self._read(run)
         out = [OutputRow(*r) for r in finals]
         if gens:
             out += [OutputRow(r[0], "success", r[1], r[2], None, None, r[3], r[4]) for r in gens]
@@ -406,123 +611,130 @@ class Store:
         return out
 
     def count_done(self, call_id: str) -> int:
-        with self.conn.begin():
-            return self.conn.execute(self.q.count_done, {"call_id": call_id}).scalar()
+        return self._read(
+            lambda c: c.execute(self.q.count_done, {"call_id": call_id}).scalar() or 0
+        )
 
-    def cancel_call(self, call_id: str) -> None:
-        with self.conn.begin():
-            self.conn.execute(
-                update(t.calls).where(t.calls.c.call_id == call_id).values(cancelled=True)
-            )
+    def cancel_call(self, call_id: str) -> Write[None]:
+        stmt = update(t.calls).where(t.calls.c.call_id == call_id).values(cancelled=True)
+        return self._write("cancel_call", _run(stmt))
 
     def pending_inputs(self) -> list[PendingRow]:
         """Every input without a final output, oldest first (for recovery at start)."""
         i = t.inputs.c
         c = t.calls.c
-        with self.conn.begin():
-            rows = self.conn.execute(
-                select(
-                    i.input_id,
-                    i.call_id,
-                    i.idx,
-                    c.function_id,
-                    i.args,
-                    i.args_blob,
-                    i.attempts,
-                    i.retry_at,
-                    c.method,
-                )
-                .join(t.calls, c.call_id == i.call_id)
-                .where(i.status == "pending")
-                .order_by(i.input_id)
-            ).all()
-        return [PendingRow(*r) for r in rows]
+        q = (
+            select(
+                i.input_id,
+                i.call_id,
+                i.idx,
+                c.function_id,
+                i.args,
+                i.args_blob,
+                i.attempts,
+                i.retry_at,
+                c.method,
+            )
+            .join(t.calls, c.call_id == i.call_id)
+            .where(i.status == "pending")
+            .order_by(i.input_id)
+        )
+        return [PendingRow(*r) for r in self._read(lambda conn: conn.execute(q).all())]
 
     def pending_ids_of_call(self, call_id: str) -> list[int]:
-        with self.conn.begin():
-            return [
-                r[0]
-                for r in self.conn.execute(
-                    select(t.inputs.c.input_id).where(
-                        and_(t.inputs.c.call_id == call_id, t.inputs.c.status == "pending")
-                    )
-                )
-            ]
+        q = select(t.inputs.c.input_id).where(
+            and_(t.inputs.c.call_id == call_id, t.inputs.c.status == "pending")
+        )
+        return self._read(lambda c: [r[0] for r in c.execute(q)])
 
     def expire(self, now: float) -> int:
-        """Delete calls (with their inputs and outputs) past their retention."""
-        with self.conn.begin():
+        """Delete calls (with their inputs and outputs) past their retention; blocks
+        until committed (`queue_expire` does not)."""
+        return self.queue_expire(now).wait()
+
+    def queue_expire(self, now: float) -> Write[int]:
+        def run(c: Connection) -> int:
             ids = [
                 r[0]
-                for r in self.conn.execute(
+                for r in c.execute(
                     select(t.calls.c.call_id).where(t.calls.c.expires_at < now).limit(5000)
                 )
             ]
             if ids:
-                self.conn.execute(delete(t.inputs).where(t.inputs.c.call_id.in_(ids)))
-                self.conn.execute(delete(t.gen_items).where(t.gen_items.c.call_id.in_(ids)))
-                self.conn.execute(delete(t.calls).where(t.calls.c.call_id.in_(ids)))
-        return len(ids)
+                c.execute(delete(t.inputs).where(t.inputs.c.call_id.in_(ids)))
+                c.execute(delete(t.gen_items).where(t.gen_items.c.call_id.in_(ids)))
+                c.execute(delete(t.calls).where(t.calls.c.call_id.in_(ids)))
+            return len(ids)
+
+        return self._write("expire", run)
 
     # ------------------------------------------------------------------ nodes, containers, logs
 
-    def upsert_node(self, node_id: str, name: str, provider: str, info: bytes, state: str) -> None:
-        now = time.time()
-        with self.conn.begin():
-            exists = self.conn.execute(
+    def upsert_node(
+        self, node_id: str, name: str, provider: str, info: bytes, state: str
+    ) -> Write[None]:
+        values = dict(
+            name=name, provider=provider, info=info, state=state, last_heartbeat=time.time()
+        )
+
+        def run(c: Connection) -> None:
+            exists = c.execute(
                 select(t.nodes.c.node_id).where(t.nodes.c.node_id == node_id)
             ).first()
-            values = dict(name=name, provider=provider, info=info, state=state, last_heartbeat=now)
             if exists:
-                self.conn.execute(
-                    update(t.nodes).where(t.nodes.c.node_id == node_id).values(**values)
-                )
+                c.execute(update(t.nodes).where(t.nodes.c.node_id == node_id).values(**values))
             else:
-                self.conn.execute(t.nodes.insert().values(node_id=node_id, **values))
+                c.execute(t.nodes.insert().values(node_id=node_id, **values))
 
-    def set_node_state(self, node_id: str, state: str) -> None:
-        with self.conn.begin():
-            self.conn.execute(
-                update(t.nodes).where(t.nodes.c.node_id == node_id).values(state=state)
-            )
+        return self._write("upsert_node", run)
 
-    def insert_container(self, row: dict) -> None:
-        with self.conn.begin():
-            self.conn.execute(t.containers.insert().values(**row))
+    def set_node_state(self, node_id: str, state: str) -> Write[None]:
+        stmt = update(t.nodes).where(t.nodes.c.node_id == node_id).values(state=state)
+        return self._write("set_node_state", _run(stmt))
+
+    def insert_container(self, row: dict) -> Write[None]:
+        stmt = t.containers.insert().values(**row)
+        return self._write("insert_container", _run(stmt))
 
     def set_container_state(
         self, container_id: str, state: str, exit_reason: str | None = None
-    ) -> None:
+    ) -> Write[None]:
         values: dict = {"state": state}
         if state in ("stopped", "failed"):
             values["stopped_at"] = time.time()
         if exit_reason is not None:
             values["exit_reason"] = exit_reason
-        with self.conn.begin():
-            self.conn.execute(
-                update(t.containers)
-                .where(t.containers.c.container_id == container_id)
-                .values(**values)
-            )
+        stmt = (
+            update(t.containers).where(t.containers.c.container_id == container_id).values(**values)
+        )
+        return self._write("set_container_state", _run(stmt))
 
     def stop_live_containers(self, reason: str) -> list[str]:
-        """Mark every container not yet stopped as stopped (at start: an earlier epoch's)."""
-        with self.conn.begin():
+        """Mark every container not yet stopped as stopped (at start: an earlier epoch's).
+        Blocks until committed (`queue_stop_live_containers` does not)."""
+        return self.queue_stop_live_containers(reason).wait()
+
+    def queue_stop_live_containers(self, reason: str) -> Write[list[str]]:
+        now = time.time()
+
+        def run(c: Connection) -> list[str]:
             ids = [
                 r[0]
-                for r in self.conn.execute(
+                for r in c.execute(
                     select(t.containers.c.container_id).where(
                         t.containers.c.state.notin_(["stopped", "failed"])
                     )
                 )
             ]
             if ids:
-                self.conn.execute(
+                c.execute(
                     update(t.containers)
                     .where(t.containers.c.container_id.in_(ids))
-                    .values(state="stopped", stopped_at=time.time(), exit_reason=reason)
+                    .values(state="stopped", stopped_at=now, exit_reason=reason)
                 )
-        return ids
+            return ids
+
+        return self._write("stop_live_containers", run)
 
     def containers(self, app_id: str | None = None, live_only: bool = True) -> list[dict]:
         q = select(t.containers).order_by(t.containers.c.started_at)
@@ -530,23 +742,18 @@ class Store:
             q = q.where(t.containers.c.app_id == app_id)
         if live_only:
             q = q.where(t.containers.c.state.notin_(["stopped", "failed"]))
-        with self.conn.begin():
-            return [dict(r._mapping) for r in self.conn.execute(q)]
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(q)])
 
     def nodes(self) -> list[dict]:
-        with self.conn.begin():
-            return [dict(r._mapping) for r in self.conn.execute(select(t.nodes))]
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(select(t.nodes))])
 
-    def add_logs(self, rows: list[dict]) -> None:
-        if rows:
-            with self.conn.begin():
-                self.conn.execute(self.q.insert_logs, rows)
+    def add_logs(self, rows: list[dict]) -> Write[None]:
+        if not rows:
+            return self._done("add_logs")
+        return self._write_many("add_logs", self.q.insert_logs, list(rows))
 
     def logs_after(self, app_id: str, after: int, limit: int = 1000) -> list[dict]:
-        with self.conn.begin():
-            return [
-                dict(r._mapping)
-                for r in self.conn.execute(
-                    self.q.logs_after, {"app_id": app_id, "after": after, "limit": limit}
-                )
-            ]
+        params = {"app_id": app_id, "after": after, "limit": limit}
+        return self._read(
+            lambda c: [dict(r._mapping) for r in c.execute(self.q.logs_after, params)]
+        )
