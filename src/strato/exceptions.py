@@ -15,6 +15,21 @@ class InvalidError(Error):
     """An argument or definition is not valid; the message says which and why."""
 
 
+class SettingError(InvalidError):
+    """A ``STRATO_*`` environment variable has a value strato cannot use.
+
+    ``name`` is the variable, ``value`` its text as given."""
+
+    def __init__(self, name: str, value: str, expected: str) -> None:
+        super().__init__(f"{name}={value!r} is not valid: expected {expected}.")
+        self.name = name
+        self.value = value
+        self.expected = expected
+
+    def __reduce__(self):  # rebuilt from its three parts, not from the message alone
+        return (SettingError, (self.name, self.value, self.expected))
+
+
 class NotFoundError(Error):
     """A named object (app, function, call, blob) does not exist."""
 

@@ -1,0 +1,1115 @@
+"""Every ``STRATO_*`` environment variable, declared once: its type, default, meaning and
+the processes that read it.
+
+Read a setting with its declaration: ``settings.MAX_FRAME.get()`` (or ``.get(env)`` with
+a mapping of your own) returns the typed value, the default where the variable is unset
+or empty, and raises :class:`strato.exceptions.SettingError` (an ``InvalidError``) naming
+the variable where its value cannot be used. The docs' table (``docs/settings.md``) is
+generated from these declarations: ``python -m strato.settings --markdown``.
+
+Only the standard library is imported: the container's start path and the runtimes read
+settings too.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Generic, Literal, TypeVar
+
+from strato.exceptions import SettingError
+
+T = TypeVar("T")
+Env = Mapping[str, str]
+
+
+class Reader(enum.Enum):
+    """A process that reads a setting."""
+
+    CLIENT = "client"  # the SDK, the CLI, `strato run`
+    SERVER = "server"  # the control plane (API, gateway, channel, local provider)
+    WORKER = "worker"  # the worker agent on a node (and the image builder it runs)
+    CONTAINER = "container"  # strato's entrypoint inside a container
+
+
+CLIENT, SERVER, WORKER, CONTAINER = Reader.CLIENT, Reader.SERVER, Reader.WORKER, Reader.CONTAINER
+
+ZygoteMode = Literal["zygote", "template"]
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class Setting(Generic[T]):
+    """One ``STRATO_*`` variable.
+
+    ``parse`` turns the variable's text into the value (raising ``ValueError`` with what it
+    expected); ``default`` makes the value of an unset variable; ``shown_default`` is how
+    the docs show it. ``internal`` settings are set by strato for its own child processes
+    (a container's id, its channel): listed for completeness, never set by hand.
+    ``empty_is_unset``: an empty value means the default (false for the few variables where
+    an empty value says something, such as "no GPUs").
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        kind: str,
+        parse: Callable[[str], T],
+        default: Callable[[], T],
+        shown_default: str,
+        meaning: str,
+        readers: tuple[Reader, ...],
+        expected: str,
+        internal: bool = False,
+        empty_is_unset: bool = True,
+    ) -> None:
+        if not name.startswith("STRATO_"):
+            raise ValueError(f"{name}: settings are named STRATO_*")
+        self.name = name
+        self.kind = kind
+        self._parse = parse
+        self._default = default
+        self.shown_default = shown_default
+        self.meaning = meaning
+        self.readers = readers
+        self.expected = expected
+        self.internal = internal
+        self.empty_is_unset = empty_is_unset
+
+    def __repr__(self) -> str:
+        return f"<setting {self.name} ({self.kind})>"
+
+    @property
+    def default(self) -> T:
+        return self._default()
+
+    def raw(self, env: Env | None = None) -> str | None:
+        """The variable's text, or ``None`` where it is unset (or empty, if that means
+        unset for this variable)."""
+        text = (os.environ if env is None else env).get(self.name)
+        if text is None or (self.empty_is_unset and not text.strip()):
+            return None
+        return text
+
+    def is_set(self, env: Env | None = None) -> bool:
+        return self.raw(env) is not None
+
+    def get(self, env: Env | None = None) -> T:
+        """The typed value: parsed from the environment (``os.environ`` unless ``env`` is
+        given), else the default."""
+        text = self.raw(env)
+        if text is None:
+            return self._default()
+        return self.parse(text)
+
+    def parse(self, text: str) -> T:
+        """``text`` as this setting's value; a :class:`SettingError` names the variable."""
+        try:
+            return self._parse(text)
+        except (ValueError, OverflowError):
+            raise SettingError(self.name, text, self.expected) from None
+
+
+REGISTRY: dict[str, Setting] = {}
+
+
+def _declare(setting: Setting[T]) -> Setting[T]:
+    if setting.name in REGISTRY:
+        raise ValueError(f"{setting.name} is declared twice")
+    REGISTRY[setting.name] = setting
+    return setting
+
+
+def _const(value: T) -> Callable[[], T]:
+    return lambda: value
+
+
+def _size(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{int(n // size)} {unit}"
+    return f"{n:g} bytes"
+
+
+def _duration(s: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= size and s % size == 0:
+            return f"{int(s // size)} {unit}"
+    return f"{s:g} s"
+
+
+def _bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo:g} to {hi:g}" if not lo_open else f" above {lo:g}, at most {hi:g}"
+    if lo is not None:
+        return f" above {lo:g}" if lo_open else f" of {lo:g} or more"
+    return f" of at most {hi:g}" if hi is not None else ""
+
+
+def _number_parser(
+    integral: bool, lo: float | None, hi: float | None, lo_open: bool
+) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text.strip())  # ValueError where it is no number
+        if not math.isfinite(value):
+            raise ValueError(text)
+        if integral and not value.is_integer():
+            raise ValueError(text)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise ValueError(text)
+        if hi is not None and value > hi:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def integer(
+    name: str,
+    default: int,
+    meaning: str,
+    readers: tuple[Reader, ...],
+    *,
+    unit: Literal["bytes", "count", "MiB", "id", "port"] = "count",
+    lo: int | None = 0,
+    hi: int | None = None,
+    lo_open: bool = False,
+    shown_default: str | None = None,
+    internal: bool = False,
+) -> Setting[int]:
+    """A whole number (``1e6`` is accepted; ``1.5`` is not), ``lo`` or more by default."""
+    check = _number_parser(True, lo, hi, lo_open)
+    noun = {"bytes": "number of bytes", "MiB": "number of MiB"}.get(unit, "number")
+    shown = shown_default or (_size(default) if unit == "bytes" else str(default))
+    return _declare(
+        Setting(
+            name,
+            kind="bytes" if unit == "bytes" else "int",
+            parse=lambda text: int(check(text)),
+            default=_const(default),
+            shown_default=shown,
+            meaning=meaning,
+            readers=readers,
+            expected=f"a whole {noun}{_bounds(lo, hi, lo_open)}",
+            internal=internal,
+        )
+    )
+
+
+def optional_integer(
+    name: str,
+    shown_default: str,
+    meaning: str,
+    readers: tuple[Reader, ...],
+    *,
+    unit: Literal["bytes", "count", "MiB", "pid", "port"] = "count",
+    lo: int | None = 0,
+    hi: int | None = None,
+    lo_open: bool = False,
+    internal: bool = False,
+) -> Setting[int | None]:
+    """A whole number whose default its reader computes: ``get`` returns ``None`` where
+    the variable is unset."""
+    check = _number_parser(True, lo, hi, lo_open)
+    noun = {"bytes": "number of bytes", "MiB": "number of MiB"}.get(unit, "number")
+
+    def parse(text: str) -> int | None:
+        return int(check(text))
+
+    return _declare(
+        Setting(
+            name,
+            kind="bytes" if unit == "bytes" else "int",
+            parse=parse,
+            default=_const(None),
+            shown_default=shown_default,
+            meaning=meaning,
+            readers=readers,
+            expected=f"a whole {noun}{_bounds(lo, hi, lo_open)}",
+            internal=internal,
+        )
+    )
+
+
+def number(
+    name: str,
+    default: float,
+    meaning: str,
+    readers: tuple[Reader, ...],
+    *,
+    unit: Literal["seconds", "ms", "share", "number"] = "seconds",
+    lo: float | None = 0.0,
+    hi: float | None = None,
+    lo_open: bool = True,
+    shown_default: str | None = None,
+) -> Setting[float]:
+    """A finite number (seconds by default, which must be above 0)."""
+    check = _number_parser(False, lo, hi, lo_open)
+    noun = {"seconds": "number of seconds", "ms": "number of milliseconds", "share": "share"}
+    shown = shown_default or (_duration(default) if unit == "seconds" else f"{default:g}")
+    return _declare(
+        Setting(
+            name,
+            kind={"seconds": "seconds", "ms": "ms"}.get(unit, "float"),
+            parse=check,
+            default=_const(default),
+            shown_default=shown,
+            meaning=meaning,
+            readers=readers,
+            expected=f"a {noun.get(unit, 'number')}{_bounds(lo, hi, lo_open)}",
+        )
+    )
+
+
+def optional_number(
+    name: str,
+    shown_default: str,
+    meaning: str,
+    readers: tuple[Reader, ...],
+    *,
+    lo: float | None = 0.0,
+    hi: float | None = None,
+    lo_open: bool = True,
+) -> Setting[float | None]:
+    """A finite number whose default its reader computes (``None`` where unset)."""
+    check = _number_parser(False, lo, hi, lo_open)
+
+    def parse(text: str) -> float | None:
+        return check(text)
+
+    return _declare(
+        Setting(
+            name,
+            kind="float",
+            parse=parse,
+            default=_const(None),
+            shown_default=shown_default,
+            meaning=meaning,
+            readers=readers,
+            expected=f"a number{_bounds(lo, hi, lo_open)}",
+        )
+    )
+
+
+def _parse_flag(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def flag(
+    name: str, default: bool, meaning: str, readers: tuple[Reader, ...], *, internal: bool = False
+) -> Setting[bool]:
+    """On or off: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    return _declare(
+        Setting(
+            name,
+            kind="bool",
+            parse=_parse_flag,
+            default=_const(default),
+            shown_default="1" if default else "0",
+            meaning=meaning,
+            readers=readers,
+            expected="1, true, yes, on, 0, false, no or off",
+            internal=internal,
+        )
+    )
+
+
+def text(
+    name: str,
+    default: str,
+    meaning: str,
+    readers: tuple[Reader, ...],
+    *,
+    shown_default: str | None = None,
+    choices: tuple[str, ...] = (),
+    upper: bool = False,
+    internal: bool = False,
+    empty_is_unset: bool = True,
+    kind: str = "str",
+) -> Setting[str]:
+    """Text, kept as given (``upper``: upper-cased; ``choices``: one of them). An empty
+    ``default`` means that the reader computes it; ``shown_default`` says how."""
+
+    def parse(value: str) -> str:
+        value = value.strip().upper() if upper else value
+        if choices and value not in choices:
+            raise ValueError(value)
+        return value
+
+    return _declare(
+        Setting(
+            name,
+            kind=kind,
+            parse=parse,
+            default=_const(default),
+            shown_default=shown_default if shown_default is not None else (default or "-"),
+            meaning=meaning,
+            readers=readers,
+            expected=f"one of {', '.join(choices)}" if choices else "text",
+            internal=internal,
+            empty_is_unset=empty_is_unset,
+        )
+    )
+
+
+def path(
+    name: str,
+    default: Callable[[], Path | None],
+    shown_default: str,
+    meaning: str,
+    readers: tuple[Reader, ...],
+    *,
+    internal: bool = False,
+) -> Setting[Path | None]:
+    """A filesystem path (``~`` expanded); ``default`` makes it where unset (``None``:
+    the reader decides, as ``shown_default`` says)."""
+
+    def parse(value: str) -> Path | None:
+        if "\0" in value:
+            raise ValueError(value)
+        return Path(value).expanduser()
+
+    return _declare(
+        Setting(
+            name,
+            kind="path",
+            parse=parse,
+            default=default,
+            shown_default=shown_default,
+            meaning=meaning,
+            readers=readers,
+            expected="a filesystem path",
+            internal=internal,
+        )
+    )
+
+
+def _parse_names(value: str) -> tuple[str, ...]:
+    names = tuple(n for n in value.replace(",", " ").split() if n)
+    for n in names:
+        if not all(part.isidentifier() for part in n.split(".")):
+            raise ValueError(value)
+    return names
+
+
+def _parse_backoff(value: str) -> tuple[float, float]:
+    first, cap = (float(x) for x in value.split(","))  # ValueError unless two numbers
+    if not (0 < first <= cap < 86400):
+        raise ValueError(value)
+    return first, cap
+
+
+def _parse_paths(value: str) -> tuple[str, ...]:
+    return tuple(p for p in value.split(os.pathsep) if p)
+
+
+def _parse_home(value: str) -> Path:
+    if "\0" in value:
+        raise ValueError(value)
+    return Path(value).expanduser()
+
+
+# ======================================================================================
+# Where things are
+
+HOME = _declare(
+    Setting(
+        "STRATO_HOME",
+        kind="path",
+        parse=_parse_home,
+        default=lambda: Path.home() / ".strato",
+        shown_default="`~/.strato`",
+        meaning="The folder of this machine's strato state: the embedded control plane's "
+        "database, blobs, tokens, logs, and the worker's caches and built images. Private "
+        "to its user.",
+        readers=(CLIENT, SERVER, WORKER),
+        expected="a filesystem path",
+    )
+)
+SERVER_URL = text(
+    "STRATO_SERVER_URL",
+    "http://127.0.0.1:7749",
+    "Where clients find the control plane. Where nothing answers at a loopback URL, "
+    "`strato run` starts the embedded one there.",
+    (CLIENT,),
+    kind="url",
+)
+TOKEN = text(
+    "STRATO_TOKEN",
+    "",
+    "The API token. The control plane accepts it, clients and worker agents send it.",
+    (CLIENT, SERVER, WORKER),
+    shown_default="`$STRATO_HOME/token`, made on the control plane's first start",
+)
+LOG_LEVEL = text(
+    "STRATO_LOG_LEVEL",
+    "INFO",
+    "How much the control plane and the worker agent log.",
+    (SERVER, WORKER),
+    choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    upper=True,
+)
+
+# ======================================================================================
+# The control plane
+
+HOST = text(
+    "STRATO_HOST", "127.0.0.1", "The address the control plane's HTTP API listens on.", (SERVER,)
+)
+PORT = integer(
+    "STRATO_PORT",
+    7749,
+    "The port of the control plane's HTTP API.",
+    (SERVER,),
+    unit="port",
+    lo=0,
+    hi=65535,
+)
+DATABASE_URL = text(
+    "STRATO_DATABASE_URL",
+    "",
+    "The control plane's database, as an SQLAlchemy URL (for instance "
+    "`postgresql+psycopg://user@host/db`).",
+    (SERVER,),
+    shown_default="SQLite in `$STRATO_HOME/state.db`",
+    kind="url",
+)
+BLOB_THRESHOLD = integer(
+    "STRATO_BLOB_THRESHOLD",
+    1 << 20,
+    "Payloads (arguments, results) over this size go to the blob store; the message "
+    "carries their key.",
+    (SERVER,),
+    unit="bytes",
+)
+MAX_PAYLOAD = integer(
+    "STRATO_MAX_PAYLOAD",
+    256 << 20,
+    "The largest payload (arguments or a result) the control plane accepts; larger data "
+    "goes through a Volume.",
+    (SERVER,),
+    unit="bytes",
+    lo=1,
+)
+OUTPUT_RETENTION = number(
+    "STRATO_OUTPUT_RETENTION",
+    7 * 86400.0,
+    "How long a call's outputs are kept before they are deleted.",
+    (SERVER,),
+)
+RUNTIME = text(
+    "STRATO_RUNTIME",
+    "",
+    "The container runtime: `bwrap`, `gvisor` or `process`.",
+    (SERVER, WORKER),
+    shown_default="`bwrap` where bubblewrap is installed, else `process`",
+)
+LOCAL_WORKER = flag(
+    "STRATO_LOCAL_WORKER",
+    True,
+    "Whether the control plane starts a worker agent for this machine (the `local` provider).",
+    (SERVER,),
+)
+MAX_FRAME = integer(
+    "STRATO_MAX_FRAME",
+    16 << 20,
+    "The largest channel frame a container may send (kept from 4 MiB to 4 GiB; 0: the "
+    "default); a container sending more is dropped. A worker agent may send max(this, "
+    "64 MiB).",
+    (SERVER,),
+    unit="bytes",
+)
+WORKER_HEARTBEAT_TIMEOUT = number(
+    "STRATO_WORKER_HEARTBEAT_TIMEOUT",
+    30.0,
+    "A worker agent silent for this long is counted lost, with its containers.",
+    (SERVER,),
+    hi=86400.0,
+)
+WORKER_RESTART_BACKOFF = _declare(
+    Setting(
+        "STRATO_WORKER_RESTART_BACKOFF",
+        kind="first,cap",
+        parse=_parse_backoff,
+        default=_const((0.5, 30.0)),
+        shown_default="0.5,30",
+        meaning="The local worker agent is restarted after it dies, after a delay that "
+        "starts at `first` seconds and doubles up to `cap`.",
+        readers=(SERVER,),
+        expected="two numbers of seconds, first,cap, with 0 < first <= cap < 86400",
+    )
+)
+WORKER_RESTART_RESET_S = number(
+    "STRATO_WORKER_RESTART_RESET_S",
+    60.0,
+    "A worker agent that stayed up this long restarts with the first delay again.",
+    (SERVER,),
+    hi=86400.0,
+)
+
+FAULT_DB_LATENCY_MS = number(
+    "STRATO_FAULT_DB_LATENCY_MS",
+    0.0,
+    "Fault injection for benchmarks and tests: every database statement sleeps this long "
+    "first, as if the database were across a network.",
+    (SERVER,),
+    unit="ms",
+    lo_open=False,
+)
+
+# -- per-app quotas (server/scheduler/quota.py)
+APP_MAX_CONTAINERS = integer(
+    "STRATO_APP_MAX_CONTAINERS",
+    1000,
+    "Live containers one app may hold; a function whose `min_containers` alone is over it "
+    "is refused at deploy.",
+    (SERVER,),
+    lo=1,
+    hi=1_000_000,
+)
+APP_MAX_SHARE = number(
+    "STRATO_APP_MAX_SHARE",
+    1.0,
+    "The share of the cluster's CPU and memory one app's containers may reserve.",
+    (SERVER,),
+    unit="share",
+    lo=0.01,
+    hi=1.0,
+    lo_open=False,
+)
+APP_WARM_SHARE = number(
+    "STRATO_APP_WARM_SHARE",
+    0.5,
+    "The share of the cluster a function's warm pool (`min_containers` + "
+    "`buffer_containers`) may reserve; more is capped and logged.",
+    (SERVER,),
+    unit="share",
+    lo=0.0,
+    hi=1.0,
+    lo_open=False,
+)
+APP_FAIR_SHARE = number(
+    "STRATO_APP_FAIR_SHARE",
+    1.0,
+    "While another app's function waits for a container, an app holding more than this "
+    "share of the cluster starts none and stops its surplus (1.0: off).",
+    (SERVER,),
+    unit="share",
+    lo=0.01,
+    hi=1.0,
+    lo_open=False,
+)
+
+# -- listeners (server/listeners.py)
+MAX_OPEN_FILES = optional_integer(
+    "STRATO_MAX_OPEN_FILES",
+    "the hard limit, at most 65536",
+    "The control plane's open-file limit, shared out between its listeners.",
+    (SERVER,),
+    lo=1,
+)
+API_MAX_CONNECTIONS = optional_integer(
+    "STRATO_API_MAX_CONNECTIONS",
+    "20% of the open files, at most 4096",
+    "Client connections the HTTP API holds at once; more get a 503.",
+    (SERVER,),
+    lo=0,
+    lo_open=True,
+)
+GATEWAY_MAX_CONNECTIONS = optional_integer(
+    "STRATO_GATEWAY_MAX_CONNECTIONS",
+    "50% of the open files, at most 20000",
+    "Client connections the web gateway holds at once; more get a 503.",
+    (SERVER,),
+    lo=0,
+    lo_open=True,
+)
+CHANNEL_MAX_CONNECTIONS = optional_integer(
+    "STRATO_CHANNEL_MAX_CONNECTIONS",
+    "30% of the open files, at most 20000",
+    "Connections of workers, containers and web tunnels the channel holds at once.",
+    (SERVER,),
+    lo=0,
+    lo_open=True,
+)
+HEADER_TIMEOUT = number(
+    "STRATO_HEADER_TIMEOUT",
+    10.0,
+    "A connection to the API or the gateway must send a complete request head this soon.",
+    (SERVER,),
+)
+KEEPALIVE_TIMEOUT = number(
+    "STRATO_KEEPALIVE_TIMEOUT",
+    75.0,
+    "An API or gateway connection idle between requests is closed after this long.",
+    (SERVER,),
+)
+MAX_HEADER_BYTES = integer(
+    "STRATO_MAX_HEADER_BYTES",
+    64 << 10,
+    "A request head over this size gets a 431.",
+    (SERVER,),
+    unit="bytes",
+    lo=0,
+    lo_open=True,
+)
+MAX_HEADERS = integer(
+    "STRATO_MAX_HEADERS",
+    100,
+    "A request with more header lines gets a 431.",
+    (SERVER,),
+    lo=0,
+    lo_open=True,
+)
+
+# -- the web gateway (server/gateway/)
+GATEWAY_HOST = text(
+    "STRATO_GATEWAY_HOST",
+    "",
+    "The address the web gateway listens on.",
+    (SERVER,),
+    shown_default="`STRATO_HOST`",
+)
+GATEWAY_PORT = optional_integer(
+    "STRATO_GATEWAY_PORT",
+    "the API's port + 1, else any free port",
+    "The web gateway's port: 0 for any free port, -1 for no gateway. Given, a port that "
+    "is taken stops the start.",
+    (SERVER,),
+    unit="port",
+    lo=-1,
+    hi=65535,
+)
+GATEWAY_URL = text(
+    "STRATO_GATEWAY_URL",
+    "",
+    "The public base URL of web endpoints, printed and returned by `get_web_url()`.",
+    (SERVER,),
+    shown_default="`http://<gateway host>:<port>`",
+    kind="url",
+)
+WEB_HTTP_LIMIT = number(
+    "STRATO_WEB_HTTP_LIMIT",
+    150.0,
+    "A web request still unanswered after this long gets a 303 to its result.",
+    (SERVER,),
+)
+WEB_MAX_BODY = integer(
+    "STRATO_WEB_MAX_BODY",
+    4 << 30,
+    "A web request body over this size gets a 413.",
+    (SERVER,),
+    unit="bytes",
+    lo=0,
+    lo_open=True,
+)
+WEB_WAIT_TIMEOUT = number(
+    "STRATO_WEB_WAIT_TIMEOUT",
+    120.0,
+    "How long a web request waits for a container, then it gets a 503.",
+    (SERVER,),
+)
+WEB_MAX_WAITING = integer(
+    "STRATO_WEB_MAX_WAITING",
+    2000,
+    "Web requests waiting for a container per endpoint; more get a 503 at once.",
+    (SERVER,),
+)
+WEB_RESULT_TTL = number(
+    "STRATO_WEB_RESULT_TTL",
+    600.0,
+    "How long the result behind a 303 stays fetchable.",
+    (SERVER,),
+)
+WEB_RESULT_MAX = integer(
+    "STRATO_WEB_RESULT_MAX",
+    64 << 20,
+    "The largest result kept for a 303; a larger one is not kept.",
+    (SERVER,),
+    unit="bytes",
+)
+WEB_DRAIN_TIMEOUT = number(
+    "STRATO_WEB_DRAIN_TIMEOUT",
+    600.0,
+    "The longest a replaced version of a web endpoint keeps serving its requests.",
+    (SERVER,),
+)
+WEB_TOKEN = text(
+    "STRATO_WEB_TOKEN",
+    "",
+    "The token `requires_auth` endpoints ask for (header `Strato-Token`); not the API token.",
+    (SERVER,),
+    shown_default="`$STRATO_HOME/web_token`, made on first start",
+)
+
+# ======================================================================================
+# A worker agent and its node
+
+NODE_NAME = text(
+    "STRATO_NODE_NAME",
+    "",
+    "The name this node registers with.",
+    (WORKER,),
+    shown_default="the host name",
+)
+NODE_CPU = optional_number(
+    "STRATO_NODE_CPU",
+    "the CPUs this process may use",
+    "CPU cores this node offers to containers (for instance `3.5`).",
+    (WORKER,),
+)
+NODE_MEMORY_MB = optional_integer(
+    "STRATO_NODE_MEMORY_MB",
+    "the machine's memory",
+    "Memory this node offers to containers.",
+    (WORKER,),
+    unit="MiB",
+    lo=1,
+)
+NODE_GPUS = text(
+    "STRATO_NODE_GPUS",
+    "",
+    'GPUs this node offers, as `TYPE:COUNT,...` (`"H100:2,A100-80GB:1"`); empty: none.',
+    (WORKER,),
+    shown_default="what `nvidia-smi` lists",
+    empty_is_unset=False,
+    kind="gpus",
+)
+NODE_REGION = text(
+    "STRATO_NODE_REGION", "", "The region this node is in, for `region=` placement.", (WORKER,)
+)
+NODE_PRICE_PER_HOUR = number(
+    "STRATO_NODE_PRICE_PER_HOUR",
+    0.0,
+    "What an hour of this node costs, for placement and metering.",
+    (WORKER,),
+    unit="number",
+    lo_open=False,
+)
+NODE_LABELS = text(
+    "STRATO_NODE_LABELS",
+    "",
+    'Labels of this node, as `key=value,...` (`"zone=a,tier=spot"`).',
+    (WORKER,),
+    kind="labels",
+)
+NODE_PROVIDER = text(
+    "STRATO_NODE_PROVIDER",
+    "local",
+    "The provider that started this worker agent.",
+    (WORKER,),
+    internal=True,
+)
+WORKER_CHANNEL = text(
+    "STRATO_WORKER_CHANNEL",
+    "",
+    "The control plane's channel address a worker agent dials.",
+    (WORKER,),
+    shown_default="`unix:$STRATO_HOME/run/channel.sock`",
+    internal=True,
+)
+WORKER_PARENT_PID = optional_integer(
+    "STRATO_WORKER_PARENT_PID",
+    "-",
+    "The control plane's pid; the local worker agent exits when it is gone.",
+    (WORKER,),
+    unit="pid",
+    lo=1,
+    internal=True,
+)
+WORKER_HEARTBEAT_S = number(
+    "STRATO_WORKER_HEARTBEAT_S",
+    5.0,
+    "How often a worker agent sends its heartbeat.",
+    (WORKER,),
+    hi=86400.0,
+)
+LOG_QUOTA = integer(
+    "STRATO_LOG_QUOTA",
+    16 << 20,
+    "Bytes of log lines a container may write per minute; more are dropped and said so "
+    "(0: no limit).",
+    (WORKER,),
+    unit="bytes",
+)
+IMAGE_CACHE = path(
+    "STRATO_IMAGE_CACHE",
+    lambda: None,
+    "`$STRATO_HOME/images`",
+    "The image build cache of this machine, shared by its worker agents.",
+    (WORKER, CLIENT),
+)
+DEBIAN_MIRROR = text(
+    "STRATO_DEBIAN_MIRROR",
+    "",
+    "The Debian mirror `Image.debian_slim()` builds from.",
+    (WORKER,),
+    shown_default="the host's apt mirror, else `http://deb.debian.org/debian`",
+    kind="url",
+)
+
+# -- runtimes (runtime/)
+CONTAINER_UID = integer(
+    "STRATO_CONTAINER_UID",
+    65534,
+    "The unprivileged user containers run as, the same inside and on the host.",
+    (WORKER,),
+    unit="id",
+    lo=0,
+    lo_open=True,
+)
+CONTAINER_GID = integer(
+    "STRATO_CONTAINER_GID",
+    65534,
+    "The unprivileged group containers run as.",
+    (WORKER,),
+    unit="id",
+    lo=0,
+    lo_open=True,
+)
+CONTAINER_PIDS_MAX = integer(
+    "STRATO_CONTAINER_PIDS_MAX",
+    4096,
+    "Processes and threads one container may have.",
+    (WORKER,),
+    lo=1,
+)
+RUNTIME_DIR = path(
+    "STRATO_RUNTIME_DIR",
+    lambda: None,
+    "`/var/lib/strato/runtime` for root, else `<tmp>/strato-runtime-<uid>`",
+    "The isolating runtimes' state: containers' root filesystems and writable layers. "
+    "Its filesystem must hold an overlayfs upper layer (not overlayfs itself).",
+    (WORKER,),
+)
+GVISOR_PLATFORM = text(
+    "STRATO_GVISOR_PLATFORM",
+    "ptrace",
+    "The gVisor platform `runsc` uses (`kvm` needs working nested virtualisation).",
+    (WORKER,),
+)
+EGRESS_POOL = integer(
+    "STRATO_EGRESS_POOL",
+    2,
+    "Network namespaces with egress made ahead of container starts (0: each made when asked for).",
+    (WORKER,),
+)
+
+# -- cold starts (worker/zygote.py, container/zygote.py)
+ZYGOTE = flag(
+    "STRATO_ZYGOTE",
+    True,
+    "Whether containers are forked from warm zygotes and memory-snapshot templates.",
+    (WORKER,),
+)
+PREIMPORT = _declare(
+    Setting(
+        "STRATO_PREIMPORT",
+        kind="modules",
+        parse=_parse_names,
+        default=_const(()),
+        shown_default="-",
+        meaning="Modules a zygote imports before it forks containers, comma-separated; "
+        'an image may add its own (`Image.env({"STRATO_PREIMPORT": "torch,numpy"})`).',
+        readers=(WORKER, CONTAINER),
+        expected="module names, comma-separated",
+    )
+)
+ZYGOTE_NETNS_AHEAD = integer(
+    "STRATO_ZYGOTE_NETNS_AHEAD",
+    2,
+    "User and network namespaces the worker makes ahead for forked containers.",
+    (WORKER,),
+)
+SNAPSHOT_TTL = number(
+    "STRATO_SNAPSHOT_TTL",
+    900.0,
+    "An idle memory-snapshot template is dropped after this long.",
+    (WORKER,),
+)
+SNAPSHOT_MAX = integer(
+    "STRATO_SNAPSHOT_MAX",
+    8,
+    "Idle memory-snapshot templates a worker keeps.",
+    (WORKER,),
+)
+SNAPSHOT_KEEP = number(
+    "STRATO_SNAPSHOT_KEEP",
+    7 * 86400.0,
+    "Checkpoints on disk unused for this long are deleted.",
+    (WORKER,),
+)
+CRIU = path(
+    "STRATO_CRIU",
+    lambda: None,
+    "`criu` on the PATH",
+    "The CRIU binary memory snapshots are checkpointed with.",
+    (WORKER,),
+)
+
+# ======================================================================================
+# Set by strato for a container (read inside it)
+
+CONTAINER_ID = text("STRATO_CONTAINER_ID", "", "This container's id.", (CONTAINER,), internal=True)
+CHANNEL = text(
+    "STRATO_CHANNEL",
+    "",
+    "The address of the channel to the control plane (`unix:<path>`).",
+    (CONTAINER,),
+    internal=True,
+)
+CONTAINER_TOKEN = text(
+    "STRATO_CONTAINER_TOKEN",
+    "",
+    "The credential of this container on its channel, scoped to it.",
+    (CONTAINER,),
+    internal=True,
+)
+CONTAINER_SPEC = path(
+    "STRATO_CONTAINER_SPEC",
+    lambda: None,
+    "-",
+    "The file holding the function spec this container runs.",
+    (CONTAINER,),
+    internal=True,
+)
+MOUNT_PATHS = _declare(
+    Setting(
+        "STRATO_MOUNT_PATHS",
+        kind="paths",
+        parse=_parse_paths,
+        default=_const(()),
+        shown_default="-",
+        meaning="Folders of the app's code, put on `sys.path`, separated by `:`.",
+        readers=(CONTAINER,),
+        expected="paths separated by ':'",
+        internal=True,
+    )
+)
+FUNCTION_ID = text(
+    "STRATO_FUNCTION_ID",
+    "",
+    "The id of the function this container runs (for the user's code).",
+    (CONTAINER,),
+    internal=True,
+)
+APP_ID = text(
+    "STRATO_APP_ID",
+    "",
+    "The id of the app this container belongs to (for the user's code).",
+    (CONTAINER,),
+    internal=True,
+)
+IN_CONTAINER = flag(
+    "STRATO_IN_CONTAINER",
+    False,
+    "Set in a container once strato's entrypoint runs: `Image.imports()` imports for real "
+    "and `app.run()` is refused.",
+    (CONTAINER,),
+    internal=True,
+)
+ZYGOTE_FD = optional_integer(
+    "STRATO_ZYGOTE_FD",
+    "-",
+    "A zygote's control socket (a file descriptor).",
+    (CONTAINER,),
+    internal=True,
+)
+
+
+def _parse_zygote_mode(value: str) -> ZygoteMode:
+    if value == "zygote":
+        return "zygote"
+    if value == "template":
+        return "template"
+    raise ValueError(value)
+
+
+ZYGOTE_MODE = _declare(
+    Setting[ZygoteMode](
+        "STRATO_ZYGOTE_MODE",
+        kind="zygote|template",
+        parse=_parse_zygote_mode,
+        default=_const("zygote"),
+        shown_default="zygote",
+        meaning="What a zygote process is: a plain `zygote`, or a memory-snapshot `template` "
+        "that imported a function and ran its `@enter(snap=True)` hooks.",
+        readers=(CONTAINER,),
+        expected="zygote or template",
+        internal=True,
+    )
+)
+
+
+# ======================================================================================
+# The docs' table
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown() -> str:
+    """``docs/settings.md``: a table of every setting, generated from the declarations."""
+    head = [
+        "# Settings",
+        "",
+        "<!-- generated by `python -m strato.settings --markdown`"
+        " from src/strato/settings.py; do not edit -->",
+        "",
+        "strato reads its settings from `STRATO_*` environment variables. An unset or empty",
+        "variable takes its default; a value strato cannot use stops the process that reads",
+        "it with an error naming the variable. *Read by* says which processes read it:",
+        "`client` (the SDK and the CLI), `server` (the control plane), `worker` (a worker",
+        "agent) or `container` (strato's entrypoint in a container).",
+        "",
+    ]
+    out = list(head)
+    for title, internal in (("You may set", False), ("Set by strato for its own processes", True)):
+        out += [f"## {title}", "", "| variable | type | default | read by | meaning |"]
+        out.append("|---|---|---|---|---|")
+        for s in REGISTRY.values():
+            if s.internal != internal:
+                continue
+            readers = ", ".join(r.value for r in s.readers)
+            default = s.shown_default
+            if default not in ("-",) and not default.startswith("`") and " " not in default:
+                default = f"`{default}`"
+            out.append(
+                f"| `{s.name}` | {s.kind} | {_cell(default)} | {readers} | {_cell(s.meaning)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--markdown"]:
+        sys.stdout.write(markdown())
+        return 0
+    if args == ["--check"]:
+        bad = []
+        for s in REGISTRY.values():
+            try:
+                s.get()
+            except SettingError as e:
+                bad.append(str(e))
+        print("\n".join(bad) or "every STRATO_* variable set here is valid")
+        return 1 if bad else 0
+    print("usage: python -m strato.settings --markdown | --check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
