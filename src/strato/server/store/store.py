@@ -69,6 +69,7 @@ T = TypeVar("T")
 
 # Fault injection, for benchmarks and tests only: every statement sleeps this long first.
 FAULT_DB_LATENCY_ENV = "STRATO_FAULT_DB_LATENCY_MS"
+_sleep = time.sleep  # the fault's sleep (tests count its calls)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def inject_db_latency(engine: Engine, ms: float) -> None:
 
     @event.listens_for(engine, "before_cursor_execute")
     def _fault_db_latency(*_args: Any) -> None:
-        time.sleep(delay)
+        _sleep(delay)
 
     log.warning("fault injection: every database statement is delayed by %g ms", ms)
 
