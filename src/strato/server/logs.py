@@ -1,4 +1,8 @@
-"""Container logs: stored per app with a sequence number, and long-polled by clients."""
+"""Container logs: stored per app with a sequence number, and long-polled by clients.
+
+Appending queues the rows for the store's writer and returns; a long-poll reads through
+`Store.aread`, which runs after the writes queued before it (so it sees every line
+appended before it asked) without blocking the event loop."""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ class LogHub:
             ev = self._events.get(app_id)
             if ev is None:
                 ev = self._events[app_id] = asyncio.Event()
-            rows = self.store.logs_after(app_id, after)
+            rows = await self.store.aread(self.store.logs_after, app_id, after)
             remaining = deadline - time.monotonic()
             if rows or remaining <= 0:
                 lines = [
