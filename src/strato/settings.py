@@ -18,10 +18,12 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from strato.exceptions import SettingError
+
+if TYPE_CHECKING:  # pathlib is imported when a path is read: a container's start needs none
+    from pathlib import Path
 
 T = TypeVar("T")
 Env = Mapping[str, str]
@@ -106,6 +108,13 @@ class Setting(Generic[T]):
         text = self.raw(env)
         if text is None:
             return self._default()
+        return self.parse(text)
+
+    def required(self, env: Env | None = None) -> T:
+        """The value, which must be set: strato sets it for the process that reads it."""
+        text = self.raw(env)
+        if text is None:
+            raise SettingError(self.name, "", f"{self.expected} (it is unset: {self.meaning})")
         return self.parse(text)
 
     def parse(self, text: str) -> T:
@@ -376,9 +385,7 @@ def path(
     the reader decides, as ``shown_default`` says)."""
 
     def parse(value: str) -> Path | None:
-        if "\0" in value:
-            raise ValueError(value)
-        return Path(value).expanduser()
+        return _parse_path(value)
 
     return _declare(
         Setting(
@@ -414,10 +421,18 @@ def _parse_paths(value: str) -> tuple[str, ...]:
     return tuple(p for p in value.split(os.pathsep) if p)
 
 
-def _parse_home(value: str) -> Path:
+def _parse_path(value: str) -> Path:
+    from pathlib import Path
+
     if "\0" in value:
         raise ValueError(value)
     return Path(value).expanduser()
+
+
+def _default_home() -> Path:
+    from pathlib import Path
+
+    return Path.home() / ".strato"
 
 
 # ======================================================================================
@@ -427,8 +442,8 @@ HOME = _declare(
     Setting(
         "STRATO_HOME",
         kind="path",
-        parse=_parse_home,
-        default=lambda: Path.home() / ".strato",
+        parse=_parse_path,
+        default=_default_home,
         shown_default="`~/.strato`",
         meaning="The folder of this machine's strato state: the embedded control plane's "
         "database, blobs, tokens, logs, and the worker's caches and built images. Private "
@@ -972,17 +987,19 @@ CHANNEL = text(
 CONTAINER_TOKEN = text(
     "STRATO_CONTAINER_TOKEN",
     "",
-    "The credential of this container on its channel, scoped to it.",
+    "The credential of this container on its channel, scoped to it (empty in a "
+    "memory-snapshot template, which has no channel of its own).",
     (CONTAINER,),
     internal=True,
+    empty_is_unset=False,
 )
-CONTAINER_SPEC = path(
+CONTAINER_SPEC = text(
     "STRATO_CONTAINER_SPEC",
-    lambda: None,
-    "-",
+    "",
     "The file holding the function spec this container runs.",
     (CONTAINER,),
     internal=True,
+    kind="path",
 )
 MOUNT_PATHS = _declare(
     Setting(

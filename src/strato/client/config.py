@@ -16,30 +16,28 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from strato import exceptions as exc
+from strato import settings
 
-DEFAULT_PORT = 7749
+DEFAULT_PORT = settings.PORT.default
 START_TIMEOUT_S = 60.0
 
 
-def strato_home(env: dict | None = None) -> Path:
-    env = os.environ if env is None else env
-    return Path(env.get("STRATO_HOME") or Path.home() / ".strato").expanduser()
+def strato_home(env: Mapping[str, str] | None = None) -> Path:
+    return settings.HOME.get(env)
 
 
 def server_url(home: Path | None = None) -> str:
-    if os.environ.get("STRATO_SERVER_URL"):
-        return os.environ["STRATO_SERVER_URL"].rstrip("/")
-    return f"http://127.0.0.1:{DEFAULT_PORT}"
+    return settings.SERVER_URL.get().rstrip("/")
 
 
 def read_token(home: Path | None = None) -> str:
-    if os.environ.get("STRATO_TOKEN"):
-        return os.environ["STRATO_TOKEN"]
+    if given := settings.TOKEN.get():
+        return given
     path = (home or strato_home()) / "token"
     try:
         return path.read_text().strip()

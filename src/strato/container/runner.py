@@ -24,6 +24,7 @@ from collections import deque
 import cloudpickle
 import msgspec
 
+from strato import settings
 from strato.exceptions import DeserializationError, InputCancellation, SerializationError
 from strato.protocol import frames
 from strato.protocol import messages as m
@@ -478,19 +479,20 @@ class ContainerRunner:
 
 
 def main() -> None:
-    env = os.environ
-    with open(env["STRATO_CONTAINER_SPEC"], "rb") as f:
+    with open(settings.CONTAINER_SPEC.required(), "rb") as f:
         spec = msgspec.msgpack.decode(f.read(), type=m.FunctionSpec)
-    paths = [p for p in env.get("STRATO_MOUNT_PATHS", "").split(os.pathsep) if p]
-    sys.path[:0] = paths
-    os.environ["STRATO_IN_CONTAINER"] = "1"
+    sys.path[:0] = settings.MOUNT_PATHS.get()
+    os.environ[settings.IN_CONTAINER.name] = "1"
     if spec.web is not None:  # a web endpoint serves HTTP, not inputs (issue 5)
         from .web import serve_web
 
         serve_web(spec, Target, describe_exception)
         return
     runner = ContainerRunner(
-        env["STRATO_CONTAINER_ID"], env["STRATO_CHANNEL"], env["STRATO_CONTAINER_TOKEN"], spec
+        settings.CONTAINER_ID.required(),
+        settings.CHANNEL.required(),
+        settings.CONTAINER_TOKEN.required(),
+        spec,
     )
     # cold starts: a container forked from a memory snapshot has its target loaded already
     # (imports + @enter(snap=True) ran in the template); see strato.container.snapshot

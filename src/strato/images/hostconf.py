@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from strato import settings
+
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 HOST_MOUNT = "/tmp/.strato-host"
 """Where host paths appear inside a build (on the sandbox's /tmp, never in a layer)."""
@@ -69,7 +71,7 @@ def _one_line_uris(text: str) -> list[tuple[str, list[str]]]:
 
 def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     """The host's Debian mirror (``STRATO_DEBIAN_MIRROR`` overrides), for debootstrap."""
-    override = os.environ.get("STRATO_DEBIAN_MIRROR")
+    override = settings.DEBIAN_MIRROR.get()
     if override:
         return override.rstrip("/")
     entries: list[tuple[str, list[str]]] = []

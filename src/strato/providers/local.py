@@ -27,30 +27,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from strato import settings
+
 log = logging.getLogger("strato.providers.local")
 
-DEFAULT_BACKOFF_S = (0.5, 30.0)
-DEFAULT_RESET_S = 60.0
 POLL_S = 0.25
-
-
-def _backoff_from_env() -> tuple[float, float]:
-    raw = os.environ.get("STRATO_WORKER_RESTART_BACKOFF", "")
-    try:
-        first, cap = (float(x) for x in raw.split(","))
-        if 0 < first <= cap < 86400:
-            return first, cap
-    except ValueError:
-        pass
-    return DEFAULT_BACKOFF_S
-
-
-def _reset_from_env() -> float:
-    try:
-        value = float(os.environ.get("STRATO_WORKER_RESTART_RESET_S") or DEFAULT_RESET_S)
-    except ValueError:
-        return DEFAULT_RESET_S
-    return value if 0 < value < 86400 else DEFAULT_RESET_S
 
 
 @dataclass
@@ -138,7 +119,9 @@ class LocalProvider:
         self.token = token
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
-        self.backoff = Backoff(*_backoff_from_env(), _reset_from_env())
+        self.backoff = Backoff(
+            *settings.WORKER_RESTART_BACKOFF.get(), settings.WORKER_RESTART_RESET_S.get()
+        )
         self.restarts: list[Restart] = []
         self.on_restart = on_restart
         self._supervisor: asyncio.Task | None = None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import sys
 from collections.abc import Callable
 
 import msgspec
 
 from strato import exceptions as exc
+from strato import settings
 from strato.client import console, session
 from strato.client.mounts import collect_local_mount
 from strato.protocol import messages as m
@@ -334,8 +334,7 @@ class App:
     # ------------------------------------------------------------------ running
 
     def _specs(self) -> tuple[list[m.FunctionSpec], m.CreateApp]:
-        in_container = os.environ.get("STRATO_IN_CONTAINER") == "1"
-        if in_container:
+        if settings.IN_CONTAINER.get():
             raise exc.InvalidError("an app cannot be run from inside one of its containers")
         mount = collect_local_mount()
         specs = []

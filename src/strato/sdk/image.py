@@ -12,11 +12,11 @@ import contextlib
 import hashlib
 import importlib.util
 import inspect
-import os
 import sys
 from pathlib import Path
 
 from strato import exceptions as exc
+from strato import settings
 from strato.protocol import images as spec_mod
 from strato.protocol.images import ImageSpec
 
@@ -236,7 +236,7 @@ class Image:
         """``with image.imports(): import torch``: imports that exist only in the image.
         Here (outside a container) an ImportError is swallowed; in the container the
         imports run for real."""
-        if os.environ.get("STRATO_IN_CONTAINER") == "1":
+        if settings.IN_CONTAINER.get():
             yield
             return
         try:

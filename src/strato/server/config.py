@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from strato.client.config import strato_home
-from strato.exceptions import InvalidError
+from strato import settings
 
-DEFAULT_PORT = 7749
-
-
-def _num(env, name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidError(f"{name}={raw!r} is not a number") from None
+DEFAULT_PORT = settings.PORT.default
+# a container's frames are kept from 4 MiB (values come in 1 MiB chunks plus a cut error
+# text) to what a 32-bit length prefix can say
+MIN_FRAME, MAX_FRAME = 4 << 20, (1 << 32) - 1
 
 
 @dataclass
@@ -29,36 +23,36 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     database_url: str = ""
-    blob_threshold: int = 1 << 20  # payloads over this go to the blob store
-    max_payload: int = 256 << 20  # payloads over this are refused
-    output_retention_s: float = 7 * 24 * 3600
+    blob_threshold: int = settings.BLOB_THRESHOLD.default  # over it: to the blob store
+    max_payload: int = settings.MAX_PAYLOAD.default  # payloads over this are refused
+    output_retention_s: float = settings.OUTPUT_RETENTION.default
     runtime: str | None = None
     start_local_worker: bool = True
     ephemeral_app_timeout_s: float = 60.0  # an app.run() whose client went silent is stopped
-    # the largest channel frame a container may send (0: 16 MiB; values over 1 MiB come
-    # in chunks); a frame over it drops the container before any of it is read (issue 14)
+    # the largest channel frame a container may send (0: the default; values over 1 MiB
+    # come in chunks); a frame over it drops the container before any of it is read
     max_frame: int = 0
 
     @classmethod
-    def from_env(cls, env: dict | None = None, **overrides) -> ServerConfig:
-        env = os.environ if env is None else env
-        home = strato_home(env)
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """The configuration the ``STRATO_*`` variables give (``strato.settings``);
+        ``overrides`` replace fields after that."""
         cfg = cls(
-            home=home,
-            host=env.get("STRATO_HOST", "127.0.0.1"),
-            port=int(_num(env, "STRATO_PORT", DEFAULT_PORT)),
-            database_url=env.get("STRATO_DATABASE_URL", ""),
-            blob_threshold=int(_num(env, "STRATO_BLOB_THRESHOLD", 1 << 20)),
-            max_payload=int(_num(env, "STRATO_MAX_PAYLOAD", 256 << 20)),
-            output_retention_s=_num(env, "STRATO_OUTPUT_RETENTION", 7 * 24 * 3600),
-            runtime=env.get("STRATO_RUNTIME") or None,
-            start_local_worker=env.get("STRATO_LOCAL_WORKER", "1") != "0",
-            max_frame=int(_num(env, "STRATO_MAX_FRAME", 0)),
+            home=settings.HOME.get(env),
+            host=settings.HOST.get(env),
+            port=settings.PORT.get(env),
+            database_url=settings.DATABASE_URL.get(env),
+            blob_threshold=settings.BLOB_THRESHOLD.get(env),
+            max_payload=settings.MAX_PAYLOAD.get(env),
+            output_retention_s=settings.OUTPUT_RETENTION.get(env),
+            runtime=settings.RUNTIME.get(env) or None,
+            start_local_worker=settings.LOCAL_WORKER.get(env),
+            max_frame=settings.MAX_FRAME.get(env),
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
         if cfg.max_frame > 0:
-            cfg.max_frame = max(4 << 20, min(cfg.max_frame, (1 << 32) - 1))
+            cfg.max_frame = max(MIN_FRAME, min(cfg.max_frame, MAX_FRAME))
         if not cfg.database_url:
             cfg.database_url = f"sqlite:///{cfg.home / 'state.db'}"
         return cfg
@@ -73,8 +67,8 @@ class ServerConfig:
 
     def load_or_create_token(self) -> str:
         """The API token: ``STRATO_TOKEN`` or ``$STRATO_HOME/token``, created on first start."""
-        if os.environ.get("STRATO_TOKEN"):
-            return os.environ["STRATO_TOKEN"]
+        if given := settings.TOKEN.get():
+            return given
         path = self.home / "token"
         if path.exists():
             return path.read_text().strip()

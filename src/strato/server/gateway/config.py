@@ -1,34 +1,19 @@
-"""Gateway settings, from the environment (``STRATO_GATEWAY_*``, ``STRATO_WEB_*``)."""
+"""Gateway settings, from the environment (``STRATO_GATEWAY_*``, ``STRATO_WEB_*``; each is
+declared, with its default and meaning, in :mod:`strato.settings`)."""
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from strato.exceptions import InvalidError
+from strato import settings
 
 from ..listeners import ListenerLimits, fd_budget
 
-DEFAULT_HTTP_LIMIT_S = 150.0  # Modal's: a request still unanswered then gets a 303
-DEFAULT_MAX_BODY = 4 << 30  # request bodies stream through; over this they get a 413
-DEFAULT_WAIT_S = 120.0  # a request waits this long for a container, then gets a 503
-DEFAULT_MAX_WAITING = 2000  # requests waiting per endpoint; more get a 503 at once
-DEFAULT_RESULT_TTL_S = 600.0  # a 303's result stays fetchable this long
-DEFAULT_RESULT_MAX_BYTES = 64 << 20  # largest result kept for a 303
-DEFAULT_DRAIN_S = 600.0  # longest a replaced version may keep serving its requests
 TOKEN_HEADER = b"strato-token"
-
-
-def _num(env, name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidError(f"{name}={raw!r} is not a number") from None
 
 
 @dataclass
@@ -38,38 +23,39 @@ class GatewayConfig:
     port_explicit: bool = False  # STRATO_GATEWAY_PORT was given: fail if it is taken
     enabled: bool = True
     public_url: str | None = None  # the base URL printed and returned by get_web_url()
-    http_limit_s: float = DEFAULT_HTTP_LIMIT_S
-    max_body: int = DEFAULT_MAX_BODY
-    wait_timeout_s: float = DEFAULT_WAIT_S
-    max_waiting: int = DEFAULT_MAX_WAITING
-    result_ttl_s: float = DEFAULT_RESULT_TTL_S
-    result_max_bytes: int = DEFAULT_RESULT_MAX_BYTES
-    drain_timeout_s: float = DEFAULT_DRAIN_S
+    http_limit_s: float = settings.WEB_HTTP_LIMIT.default
+    max_body: int = settings.WEB_MAX_BODY.default
+    wait_timeout_s: float = settings.WEB_WAIT_TIMEOUT.default
+    max_waiting: int = settings.WEB_MAX_WAITING.default
+    result_ttl_s: float = settings.WEB_RESULT_TTL.default
+    result_max_bytes: int = settings.WEB_RESULT_MAX.default
+    drain_timeout_s: float = settings.WEB_DRAIN_TIMEOUT.default
     token: str = ""  # the web token that requires_auth endpoints ask for
     limits: ListenerLimits = ListenerLimits(max_connections=10000)  # listeners.py
 
     @classmethod
-    def from_env(cls, home: Path, host: str, server_port: int, env=None) -> GatewayConfig:
+    def from_env(
+        cls, home: Path, host: str, server_port: int, env: Mapping[str, str] | None = None
+    ) -> GatewayConfig:
         env = os.environ if env is None else env
-        raw_port = env.get("STRATO_GATEWAY_PORT", "")
-        explicit = raw_port not in ("", None)
-        port = int(_num(env, "STRATO_GATEWAY_PORT", 0)) if explicit else server_port + 1
+        given_port = settings.GATEWAY_PORT.get(env)
+        port = server_port + 1 if given_port is None else given_port
         cfg = cls(
-            host=env.get("STRATO_GATEWAY_HOST", host),
+            host=settings.GATEWAY_HOST.get(env) or host,
             port=port,
-            port_explicit=explicit,
+            port_explicit=given_port is not None,
             enabled=port >= 0,
-            public_url=(env.get("STRATO_GATEWAY_URL") or "").rstrip("/") or None,
-            http_limit_s=_num(env, "STRATO_WEB_HTTP_LIMIT", DEFAULT_HTTP_LIMIT_S),
-            max_body=int(_num(env, "STRATO_WEB_MAX_BODY", DEFAULT_MAX_BODY)),
-            wait_timeout_s=_num(env, "STRATO_WEB_WAIT_TIMEOUT", DEFAULT_WAIT_S),
-            max_waiting=int(_num(env, "STRATO_WEB_MAX_WAITING", DEFAULT_MAX_WAITING)),
-            result_ttl_s=_num(env, "STRATO_WEB_RESULT_TTL", DEFAULT_RESULT_TTL_S),
-            result_max_bytes=int(_num(env, "STRATO_WEB_RESULT_MAX", DEFAULT_RESULT_MAX_BYTES)),
-            drain_timeout_s=_num(env, "STRATO_WEB_DRAIN_TIMEOUT", DEFAULT_DRAIN_S),
+            public_url=settings.GATEWAY_URL.get(env).rstrip("/") or None,
+            http_limit_s=settings.WEB_HTTP_LIMIT.get(env),
+            max_body=settings.WEB_MAX_BODY.get(env),
+            wait_timeout_s=settings.WEB_WAIT_TIMEOUT.get(env),
+            max_waiting=settings.WEB_MAX_WAITING.get(env),
+            result_ttl_s=settings.WEB_RESULT_TTL.get(env),
+            result_max_bytes=settings.WEB_RESULT_MAX.get(env),
+            drain_timeout_s=settings.WEB_DRAIN_TIMEOUT.get(env),
             limits=ListenerLimits.from_env(fd_budget(env).gateway, env),
         )
-        cfg.token = env.get("STRATO_WEB_TOKEN") or load_or_create_web_token(home)
+        cfg.token = settings.WEB_TOKEN.get(env) or load_or_create_web_token(home)
         return cfg
 
 
