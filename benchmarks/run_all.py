@@ -33,6 +33,7 @@ BENCHMARKS = {
     "web": "bench_web.py",
     "cold_start": "bench_cold_start.py",
     "image_build": "bench_image_build.py",
+    "store_latency": "bench_store_latency.py",
 }
 TIMEOUT_S = 300
 
