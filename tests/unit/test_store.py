@@ -135,3 +135,32 @@ def test_logs_are_kept_per_app_in_order(store):
         ]
     )
     assert [r["text"] for r in store.logs_after("ap-1", 1)] == ["line 3", "line 5"]
+
+
+def test_typed_rows_round_trip(store):
+    from strato.server.store import CallRow, FinalRow, FunctionRow, GenItemRow, InputRow
+
+    store.create_app("ap-1", "demo", "ephemeral", [("fu-1", "f", b"spec")], None, False)
+    assert store.function_row("fu-1") == FunctionRow("fu-1", "ap-1", "f", b"spec", "ephemeral")
+    assert store.function_row("fu-none") is None
+    call = CallRow("fc-1", "fu-1", "map", None, 2, False, False, 1.0, time.time() + 60)
+    inputs = [InputRow(1, "fc-1", 0, b"a", None), InputRow(2, "fc-1", 1, None, "b" * 64)]
+    assert store.create_call_rows(call, inputs) is True
+    assert store.create_call_rows(call, []) is False  # a retried request
+    store.add_input_rows("fc-1", [InputRow(3, "fc-1", 2, b"c", None)], True, 3)
+    assert store.call_row("fc-1") == CallRow(
+        "fc-1", "fu-1", "map", None, 3, True, False, 1.0, call.expires_at
+    )
+    assert store.call_row("fc-none") is None
+    assert [(p.input_id, p.args, p.args_blob) for p in store.pending_inputs()] == [
+        (1, b"a", None),
+        (2, None, "b" * 64),
+        (3, b"c", None),
+    ]
+    store.finish_input_rows([FinalRow(2, "failure", None, None, "ValueError", "tb", 5, 2.0)])
+    store.add_gen_item_rows([GenItemRow(4, "fc-1", 0, 0, b"g0", None)])
+    outs = store.outputs_after("fc-1", 0, 10)
+    assert [(o.idx, o.status, o.data, o.error, o.seq, o.gen_index) for o in outs] == [
+        (0, "success", b"g0", None, 4, 0),
+        (1, "failure", None, "ValueError", 5, None),
+    ]

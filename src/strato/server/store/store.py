@@ -30,7 +30,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -50,9 +49,15 @@ from sqlalchemy.pool import StaticPool
 
 from . import schema as t
 from .migrations import migrate
+from .rows import CallRow, FinalRow, FunctionRow, GenItemRow, InputRow, OutputRow, PendingRow
 from .writer import WAIT_S, StoreClosed, StoreTimeout, Write, WriteFailed, _Op, _Writer
 
 __all__ = [
+    "CallRow",
+    "FinalRow",
+    "FunctionRow",
+    "GenItemRow",
+    "InputRow",
     "OutputRow",
     "PendingRow",
     "Store",
@@ -70,31 +75,6 @@ T = TypeVar("T")
 # Fault injection, for benchmarks and tests only: every statement sleeps this long first.
 FAULT_DB_LATENCY_ENV = "STRATO_FAULT_DB_LATENCY_MS"
 _sleep = time.sleep  # the fault's sleep (tests count its calls)
-
-
-@dataclass
-class PendingRow:
-    input_id: int
-    call_id: str
-    idx: int
-    function_id: str
-    args: bytes | None
-    args_blob: str | None
-    attempts: int
-    retry_at: float | None
-    method: str | None
-
-
-@dataclass
-class OutputRow:
-    idx: int
-    status: str
-    data: bytes | None
-    blob: str | None
-    error: str | None
-    traceback: str | None
-    seq: int
-    gen_index: int | None = None
 
 
 def _memory_db(url: str) -> bool:
@@ -237,6 +217,46 @@ class Checkpointer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def _call_params(c: CallRow) -> dict:
+    return {
+        "call_id": c.call_id,
+        "function_id": c.function_id,
+        "kind": c.kind,
+        "method": c.method,
+        "n_inputs": c.n_inputs,
+        "closed": c.closed,
+        "cancelled": c.cancelled,
+        "created_at": c.created_at,
+        "expires_at": c.expires_at,
+    }
+
+
+def _call_row(r: dict) -> CallRow:
+    return CallRow(
+        r["call_id"],
+        r["function_id"],
+        r["kind"],
+        r["method"],
+        r["n_inputs"],
+        bool(r["closed"]),
+        bool(r["cancelled"]),
+        r["created_at"],
+        r["expires_at"],
+    )
+
+
+def _input_params(i: InputRow) -> dict:
+    return {
+        "input_id": i.input_id,
+        "call_id": i.call_id,
+        "idx": i.idx,
+        "args": i.args,
+        "args_blob": i.args_blob,
+        "status": "pending",
+        "attempts": 0,
+    }
 
 
 def _run(stmt: Any) -> Callable[[Connection], None]:
@@ -549,6 +569,66 @@ class Store:
             raise e
 
         return self._write("create_call", run, recover)
+
+    # typed forms: callers that use them never name a column or a bind parameter
+
+    def function_row(self, function_id: str) -> FunctionRow | None:
+        row = self.function(function_id)
+        if row is None:
+            return None
+        return FunctionRow(
+            row["function_id"], row["app_id"], row["name"], row["spec"], row["app_state"]
+        )
+
+    def call_row(self, call_id: str) -> CallRow | None:
+        row = self.call(call_id)
+        return _call_row(row) if row is not None else None
+
+    def create_call_rows(self, call: CallRow, inputs: list[InputRow]) -> bool:
+        """`create_call` with typed rows: blocks until committed; False when a call with
+        that id exists already (`queue_create_call_rows` does not block)."""
+        return self.queue_create_call_rows(call, inputs).wait()
+
+    def queue_create_call_rows(self, call: CallRow, inputs: list[InputRow]) -> Write[bool]:
+        return self.queue_create_call(_call_params(call), [_input_params(i) for i in inputs])
+
+    def add_input_rows(
+        self, call_id: str, inputs: list[InputRow], closed: bool | None, n_inputs: int | None
+    ) -> Write[None]:
+        return self.add_inputs(call_id, [_input_params(i) for i in inputs], closed, n_inputs)
+
+    def finish_input_rows(self, finals: list[FinalRow]) -> Write[None]:
+        """`finish_inputs` with typed rows: only inputs still pending are updated."""
+        return self.finish_inputs(
+            [
+                {
+                    "b_id": f.input_id,
+                    "b_status": f.status,
+                    "b_output": f.output,
+                    "b_blob": f.output_blob,
+                    "b_error": f.error,
+                    "b_tb": f.traceback,
+                    "b_seq": f.seq,
+                    "b_at": f.done_at,
+                }
+                for f in finals
+            ]
+        )
+
+    def add_gen_item_rows(self, items: list[GenItemRow]) -> Write[None]:
+        return self.add_gen_items(
+            [
+                {
+                    "seq": g.seq,
+                    "call_id": g.call_id,
+                    "idx": g.idx,
+                    "gen_index": g.gen_index,
+                    "data": g.data,
+                    "blob": g.blob,
+                }
+                for g in items
+            ]
+        )
 
     def existing_idx(self, call_id: str, lo: int, hi: int) -> set[int]:
         params = {"call_id": call_id, "lo": lo, "hi": hi}

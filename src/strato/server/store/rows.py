@@ -1,0 +1,86 @@
+"""Typed rows of the store's tables, as its callers see them: callers never name the
+store's columns or bind parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FunctionRow:
+    function_id: str
+    app_id: str
+    name: str
+    spec: bytes  # msgpack FunctionSpec
+    app_state: str
+
+
+@dataclass
+class CallRow:
+    call_id: str
+    function_id: str
+    kind: str
+    method: str | None
+    n_inputs: int
+    closed: bool
+    cancelled: bool
+    created_at: float
+    expires_at: float
+
+
+@dataclass
+class InputRow:
+    input_id: int
+    call_id: str
+    idx: int
+    args: bytes | None
+    args_blob: str | None
+
+
+@dataclass
+class FinalRow:
+    """The final output of one input."""
+
+    input_id: int
+    status: str
+    output: bytes | None
+    output_blob: str | None
+    error: str | None
+    traceback: str | None
+    seq: int
+    done_at: float
+
+
+@dataclass
+class GenItemRow:
+    seq: int
+    call_id: str
+    idx: int
+    gen_index: int
+    data: bytes | None
+    blob: str | None
+
+
+@dataclass
+class PendingRow:
+    input_id: int
+    call_id: str
+    idx: int
+    function_id: str
+    args: bytes | None
+    args_blob: str | None
+    attempts: int
+    retry_at: float | None
+    method: str | None
+
+
+@dataclass
+class OutputRow:
+    idx: int
+    status: str
+    data: bytes | None
+    blob: str | None
+    error: str | None
+    traceback: str | None
+    seq: int
+    gen_index: int | None = None
