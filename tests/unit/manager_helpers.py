@@ -1,5 +1,5 @@
-"""What the call manager's unit tests share: a recording stand-in for a container's
-channel session, and a manager over a real SQLite store."""
+"""What the call manager's unit tests share: a container whose channel records what it
+is sent, in a real container registry, and a manager over a real SQLite store."""
 
 from __future__ import annotations
 
@@ -9,21 +9,27 @@ from pathlib import Path
 import msgspec
 
 from strato.protocol import messages as m
-from strato.server.calls.manager import CallManager, Lease
+from strato.server.calls.manager import CallManager
+from strato.server.containers import Container, ContainerRegistry, ContainerState
+from strato.server.scheduler import ContainerRequest, Placement
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
 
 
-class RecordingContainer:
-    """Implements what the manager needs of a container session; records what it sends."""
+class RecordingContainer(Container):
+    """A ready container of ``function_id`` that records what it is sent."""
 
     def __init__(self, container_id: str, function_id: str = "fu-1") -> None:
-        self.container_id = container_id
-        self.function_id = function_id
-        self.state = "ready"
-        self.inflight: dict[int, Lease] = {}
-        self.last_progress = time.monotonic()
-        self.idle_since: float | None = time.monotonic()
+        super().__init__(
+            container_id,
+            function_id,
+            "ap-1",
+            "node-1",
+            ContainerRequest(cpu=1.0, memory_mb=128, gpu=[]),
+            Placement("node-1", None, []),
+            state=ContainerState.READY,
+            idle_since=time.monotonic(),
+        )
         self.sent: list[object] = []
 
     def send(self, msg: object) -> None:
@@ -34,7 +40,11 @@ class RecordingContainer:
 
 
 def make_manager(
-    store: Store, blobs_dir: Path, spec: m.FunctionSpec, killed: list[str] | None = None
+    store: Store,
+    blobs_dir: Path,
+    spec: m.FunctionSpec,
+    killed: list[str] | None = None,
+    containers: ContainerRegistry | None = None,
 ) -> CallManager:
     """A manager whose only function, ``fu-1`` of app ``ap-1``, has ``spec``."""
     store.create_app(
@@ -43,9 +53,32 @@ def make_manager(
     return CallManager(
         store,
         BlobStore(blobs_dir),
+        containers=containers if containers is not None else ContainerRegistry(),
         blob_threshold=1 << 20,
         max_payload=8 << 20,
         retention_s=3600,
         kill_container=lambda cid, why: (killed if killed is not None else []).append(cid),
         wake_scaler=lambda: None,
     )
+
+
+def registry(mgr: CallManager) -> ContainerRegistry:
+    """The registry the manager finds its containers in."""
+    containers = mgr.ledger.containers
+    assert isinstance(containers, ContainerRegistry)
+    return containers
+
+
+def attach(mgr: CallManager, cid: str = "ct-1") -> RecordingContainer:
+    """A ready container of ``fu-1``, as the fleet registers it, handed its inputs."""
+    c = RecordingContainer(cid, "fu-1")
+    registry(mgr).add(c)
+    mgr.on_ready("fu-1")
+    return c
+
+
+def die(mgr: CallManager, c: RecordingContainer, running: int, error: str, known: bool) -> None:
+    """What the fleet does when a container's process dies."""
+    c.state = ContainerState.GONE
+    mgr.release_leases(c, running, "died", error, known=known)
+    registry(mgr).remove(c)

@@ -8,10 +8,11 @@ import pickle
 import time
 
 import pytest
-from manager_helpers import RecordingContainer, make_manager
+from manager_helpers import RecordingContainer, attach, die, make_manager
 
 from strato.protocol import messages as m
 from strato.server.calls.manager import CallManager
+from strato.server.containers import ContainerRegistry
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
 
@@ -42,10 +43,7 @@ def _call(mgr: CallManager, call_id: str, xs: list) -> None:
 
 
 def _attach(mgr: CallManager, cid: str = "ct-1") -> RecordingContainer:
-    c = RecordingContainer(cid, "fu-1")
-    mgr.function("fu-1").sessions[cid] = c
-    mgr.on_ready("fu-1")
-    return c
+    return attach(mgr, cid)
 
 
 def _ok(inp: m.TaskInput, value) -> m.TaskOutput:
@@ -94,9 +92,7 @@ def test_container_death_charges_only_the_running_input(env):
         _call(mgr, "fc-1", [1, 2, 3])
         c = _attach(mgr)
         assert len(c.inflight) == 3
-        c.state = "gone"  # as the fleet marks it before releasing its leases
-        mgr.release_leases(c, 1, "died", "ContainerDiedError: killed by signal SIGKILL")
-        mgr.function("fu-1").sessions.pop("ct-1")
+        die(mgr, c, 1, "ContainerDiedError: killed by signal SIGKILL", known=True)
         assert len(c.inputs()) == 3  # nothing re-sent to the dead container
         out = await mgr.wait_outputs("fc-1", 0, 0.0, 10)
         assert [(o.idx, o.status) for o in out.outputs] == [(0, "died")]
@@ -197,6 +193,7 @@ def test_recover_requeues_inputs_without_outputs(env, tmp_path):
         fresh = CallManager(
             store,
             BlobStore(tmp_path / "blobs"),
+            containers=ContainerRegistry(),
             blob_threshold=1 << 20,
             max_payload=8 << 20,
             retention_s=3600,

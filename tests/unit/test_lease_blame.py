@@ -11,7 +11,7 @@ import time
 
 import msgspec
 import pytest
-from manager_helpers import RecordingContainer, make_manager
+from manager_helpers import RecordingContainer, attach, die, make_manager
 
 from strato.protocol import messages as m
 from strato.server.calls.manager import CallManager
@@ -34,17 +34,12 @@ def _start_call(mgr: CallManager, n: int) -> None:
 
 
 def _attach(mgr: CallManager, cid: str) -> RecordingContainer:
-    c = RecordingContainer(cid)
-    mgr.function("fu-1").sessions[cid] = c
-    mgr.on_ready("fu-1")
-    return c
+    return attach(mgr, cid)
 
 
 def _die(mgr: CallManager, c: RecordingContainer) -> None:
     """What the fleet does when a container's process dies."""
-    c.state = "gone"
-    mgr.release_leases(c, 1, "died", "ContainerDiedError: it died", known=False)
-    mgr.function("fu-1").sessions.pop(c.container_id)
+    die(mgr, c, 1, "ContainerDiedError: it died", known=False)
 
 
 def _outputs(mgr: CallManager) -> dict[int, str]:

@@ -2,8 +2,10 @@
 
 The fleet places a new container with the scheduler, reserves its resources, asks the
 node's worker agent to start it, and tracks it until the agent reports its exit. It owns
-the channel sessions of containers and workers; what runs inside a container (inputs,
-leases) belongs to the call manager.
+the container registry (``containers.py``: each container's state) and the channel
+sessions of containers and workers; what runs inside a container (inputs, leases)
+belongs to the call manager. Others ask it: ``container``, ``containers_of``,
+``backing_off``, ``container_stats``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -23,11 +26,17 @@ from strato.protocol import messages as m
 from strato.protocol.gpu import parse_gpu
 from strato.protocol.mounts import MountManifest
 
-from .calls.manager import CallManager, FunctionState, Lease
-from .scheduler import ContainerRequest, NodeView, Placement, explain_unplaceable, place
+from .autoscaler import ContainerStat
+from .calls.manager import CallManager, FunctionQueue
+from .containers import LEAVING, Container, ContainerRegistry, ContainerState
+from .scheduler import ContainerRequest, NodeView, explain_unplaceable, place
 from .scheduler import release as release_resources
 from .scheduler import reserve as reserve_resources
+from .scheduler.eviction import Resident, eviction_victims
 from .store import Store
+
+if TYPE_CHECKING:
+    from .scheduler.quota import QuotaGate
 
 log = logging.getLogger("strato.fleet")
 
@@ -81,33 +90,12 @@ class Node:
     lost_containers: list[str] = field(default_factory=list)
 
 
-@dataclass(eq=False)
-class ContainerSession:
-    container_id: str
-    function_id: str
-    app_id: str
-    node_id: str
-    request: ContainerRequest
-    placement: Placement
-    started_at: float = field(default_factory=time.monotonic)
-    state: str = "starting"  # starting | ready | stopping | killing | gone
-    peer: Peer | None = None
-    inflight: dict[int, Lease] = field(default_factory=dict)
-    last_progress: float = field(default_factory=time.monotonic)
-    idle_since: float | None = None
-    lost_handle: asyncio.TimerHandle | None = None
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
-
-    def send(self, msg: object) -> None:
-        if self.peer is not None:
-            self.peer.send(msg)
-
-
 class Fleet:
     def __init__(
         self,
         store: Store,
         calls: CallManager,
+        registry: ContainerRegistry,
         *,
         token: str,
         epoch: str,
@@ -127,16 +115,61 @@ class Fleet:
         self._on_change = on_change
         self._tell = tell  # (app_id, text, container_id): progress shown to the app's user
         self.nodes: dict[str, Node] = {}
-        self.containers: dict[str, ContainerSession] = {}
-        self.backoff: dict[str, tuple[float, float]] = {}  # function_id -> (until, next delay)
+        self.registry = registry
+        self._backoff: dict[str, tuple[float, float]] = {}  # function_id -> (until, next delay)
         # function_id -> (why it waits, since when, next report at, reports so far)
         self._unplaceable_logged: dict[str, tuple[str, float, float, int]] = {}
-        self.quota = None  # scheduler.quota.QuotaGate, set by the control plane (issue 14)
+        self.quota: QuotaGate | None = None  # per-app quotas, set by the control plane
         self.heartbeat_timeout_s = _seconds_from_env(
             "STRATO_WORKER_HEARTBEAT_TIMEOUT", WORKER_HEARTBEAT_TIMEOUT_S
         )
         self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
         self._node_losses: dict[int, int] = {}  # input_id -> lost nodes that held it
+
+    # ------------------------------------------------------------------ what others ask
+
+    def container(self, container_id: str) -> Container | None:
+        return self.registry.get(container_id)
+
+    def containers_of(self, function_id: str) -> list[Container]:
+        """The function's containers, whatever their state, oldest first."""
+        return self.registry.of_function(function_id)
+
+    def live_containers_of(self, function_id: str) -> list[Container]:
+        """The function's starting and ready containers."""
+        return self.registry.live_of(function_id)
+
+    def backing_off(self, function_id: str, now: float) -> bool:
+        """True while the function's containers failed to start and the next start of
+        one waits."""
+        until, _ = self._backoff.get(function_id, (0.0, 0.0))
+        return until > now
+
+    def failing_to_start(self, function_id: str) -> bool:
+        """True from a failed start of one of its containers until one is ready."""
+        return function_id in self._backoff
+
+    def container_stats(
+        self,
+        function_id: str,
+        load: Callable[[Container], tuple[int, float | None]] | None = None,
+    ) -> list[ContainerStat]:
+        """The function's containers as the autoscaler sees them (see
+        ``ContainerRegistry.stats`` for ``load``)."""
+        return self.registry.stats(function_id, load)
+
+    def live_views(self) -> list[NodeView]:
+        """The nodes whose worker agent is connected."""
+        return [n.view for n in self.nodes.values() if n.peer is not None]
+
+    # Compatibility for readers that have not moved to the methods above yet.
+    @property
+    def containers(self) -> ContainerRegistry:
+        return self.registry
+
+    @property
+    def backoff(self) -> dict[str, tuple[float, float]]:
+        return self._backoff
 
     # ------------------------------------------------------------------ workers
 
@@ -170,7 +203,7 @@ class Fleet:
         self.store.upsert_node(
             node_id, info.name, info.provider, msgspec.msgpack.encode(info), "ready"
         )
-        kill = [cid for cid in hello.running if cid not in self.containers]
+        kill = [cid for cid in hello.running if cid not in self.registry]
         if old is not None:  # those of its lost agent, whatever this agent knows of them
             kill += [cid for cid in old.lost_containers if cid not in kill]
         peer.send(
@@ -201,7 +234,7 @@ class Fleet:
         node.lost_at = time.monotonic()
         node.lost_reason = why
         self.store.set_node_state(node_id, "lost")
-        lost = [s for s in self.containers.values() if s.node_id == node_id]
+        lost = self.registry.on_node(node_id)
         node.lost_containers += [s.container_id for s in lost]
         log.warning(
             "node %s lost its worker agent (%s); %d containers lost with it",
@@ -211,7 +244,7 @@ class Fleet:
         )
         told: set[str] = set()
         for s in lost:
-            if s.app_id not in told and s.state in ("starting", "ready"):
+            if s.app_id not in told and s.state in (ContainerState.STARTING, ContainerState.READY):
                 told.add(s.app_id)
                 self._tell(
                     s.app_id,
@@ -232,7 +265,7 @@ class Fleet:
             peer.close()
         self._on_change()
 
-    def _repeat_losses(self, s: ContainerSession) -> int:
+    def _repeat_losses(self, s: Container) -> int:
         """Count one more lost node for each input ``s`` holds; those lost with their
         node ``MAX_NODE_LOSSES`` times are put first in its leases, and counted."""
         blamed = []
@@ -276,18 +309,18 @@ class Fleet:
         if node is not None:
             node.last_heartbeat = time.monotonic()
         if isinstance(msg, m.ContainerExited):
-            s = self.containers.get(msg.container_id)
+            s = self.registry.get(msg.container_id)
             if s is not None:
                 self._gone(s, msg.description, oom=msg.oom_killed)
         elif isinstance(msg, m.ContainerStartFailed):
-            s = self.containers.get(msg.container_id)
+            s = self.registry.get(msg.container_id)
             if s is not None:
                 # the worker sends "Type: message"; unknown types reach the caller as
                 # RemoteError, strato's own (ImageBuildError, ...) as themselves
                 self._init_failed(s, msg.error, None, None)
                 self._gone(s, f"failed to start: {msg.error}", oom=False)
         elif isinstance(msg, m.ContainerStarted):
-            s = self.containers.get(msg.container_id)
+            s = self.registry.get(msg.container_id)
             if s is not None:
                 self.store.set_container_state(s.container_id, "starting")
 
@@ -299,15 +332,15 @@ class Fleet:
             cpu=res.cpu, memory_mb=res.memory_mb, gpu=parse_gpu(res.gpu or None)
         )
 
-    def start_container(self, fn: FunctionState) -> ContainerSession | None:
+    def start_container(self, fn: FunctionQueue) -> Container | None:
         """Place and start one container for ``fn``; None when it cannot start now."""
-        until, _ = self.backoff.get(fn.function_id, (0.0, 0.0))
+        until, _ = self._backoff.get(fn.function_id, (0.0, 0.0))
         if time.monotonic() < until:
             return None
         request = self.request_for(fn.spec)
-        views = [n.view for n in self.nodes.values() if n.peer is not None]
-        if self.quota is not None and self.quota.blocks(  # per-app quotas (issue 14)
-            fn, request, self.containers.values(), views
+        views = self.live_views()
+        if self.quota is not None and self.quota.blocks(  # per-app quotas
+            fn, request, self.registry.values(), views
         ):
             return None
         placement = place(request, views)
@@ -317,11 +350,11 @@ class Fleet:
             return None
         self._unplaceable_logged.pop(fn.function_id, None)
         node = self.nodes[placement.node_id]
+        assert node.peer is not None  # placed on a connected node
         reserve_resources(node.view, request, placement)
         cid = "ct-" + secrets.token_hex(6)
-        s = ContainerSession(cid, fn.function_id, fn.app_id, node.view.node_id, request, placement)
-        self.containers[cid] = s
-        fn.sessions[cid] = s
+        s = Container(cid, fn.function_id, fn.app_id, node.view.node_id, request, placement)
+        self.registry.add(s)
         self.store.insert_container(
             {
                 "container_id": cid,
@@ -353,82 +386,44 @@ class Fleet:
         self._tell(fn.app_id, f"starting a container for {fn.name} on {s.node_id}", cid)
         return s
 
-    def _reclaim_idle(self, fn: FunctionState, request: ContainerRequest) -> bool:
+    def _reclaim_idle(self, fn: FunctionQueue, request: ContainerRequest) -> bool:
         """Make room for ``fn`` by stopping idle containers of other functions (those kept
         warm only by their scale-down window). True when room is made or on its way."""
-        for node in self.nodes.values():
-            if node.peer is None:
-                continue
-            view = NodeView(
-                node.view.node_id,
-                node.view.provider,
-                node.view.region,
-                node.view.price_per_hour,
-                node.view.cpu_total,
-                node.view.memory_mb,
-                node.view.gpus,
-                node.view.cpu_reserved,
-                node.view.memory_reserved_mb,
-                set(node.view.gpus_in_use),
-                node.view.healthy,
-            )
-            on_node = [s for s in self.containers.values() if s.node_id == node.view.node_id]
-            for s in on_node:  # containers on their way out free their share soon
-                if s.state in ("stopping", "killing"):
-                    release_resources(view, s.request, s.placement)
-            if place(request, [view]) is not None:
-                return True
-            chosen: list[ContainerSession] = []
-            for s in sorted(on_node, key=lambda s: (s.idle_since or 0.0, s.container_id)):
-                taken = sum(1 for c in chosen if c.function_id == s.function_id)
-                if not self._reclaimable(s, fn, taken):
-                    continue
-                release_resources(view, s.request, s.placement)
-                chosen.append(s)
-                if place(request, [view]) is not None:
-                    for kept in list(chosen):  # keep those whose share is not needed
-                        reserve_resources(view, kept.request, kept.placement)
-                        if place(request, [view]) is not None:
-                            chosen.remove(kept)
-                        else:
-                            release_resources(view, kept.request, kept.placement)
-                    for victim in chosen:
-                        log.info(
-                            "stopping idle container %s to make room for %s",
-                            victim.container_id,
-                            fn.name,
-                        )
-                        self.stop(victim.container_id)
-                    return True
-        return False
-
-    def _reclaimable(self, s: ContainerSession, fn: FunctionState, taken: int) -> bool:
-        if s.function_id == fn.function_id or s.state != "ready" or s.inflight:
-            return False
-        if s.idle_since is None:
-            return False
-        owner = self.calls.functions.get(s.function_id)
-        if owner is None:
-            return True
-        if owner.queue:
-            return False
-        live = sum(1 for o in owner.sessions.values() if o.state in ("starting", "ready"))
-        return live - taken > owner.spec.scaling.min_containers  # keep warm pools whole
-
-    def _unplaceable(self, fn: FunctionState, request: ContainerRequest) -> None:
-        empty = [
-            NodeView(
-                n.view.node_id,
-                n.view.provider,
-                n.view.region,
-                n.view.price_per_hour,
-                n.view.cpu_total,
-                n.view.memory_mb,
-                n.view.gpus,
-            )
-            for n in self.nodes.values()
-            if n.peer is not None
+        nodes = [
+            (node.view, [self._resident(s) for s in self.registry.on_node(node.view.node_id)])
+            for node in self.nodes.values()
+            if node.peer is not None
         ]
+        spare: dict[str, int] = {}
+        for _, residents in nodes:
+            for r in residents:
+                owner = self.calls.functions.get(r.function_id)
+                if owner is not None and r.function_id not in spare:
+                    live = len(self.registry.live_of(r.function_id))
+                    keep = owner.spec.scaling.min_containers  # keep warm pools whole
+                    spare[r.function_id] = 0 if owner.queue else live - keep
+        victims = eviction_victims(request, fn.function_id, nodes, spare)
+        if victims is None:
+            return False
+        for cid in victims:
+            log.info("stopping idle container %s to make room for %s", cid, fn.name)
+            self.stop(cid)
+        return True
+
+    @staticmethod
+    def _resident(s: Container) -> Resident:
+        return Resident(
+            container_id=s.container_id,
+            function_id=s.function_id,
+            request=s.request,
+            placement=s.placement,
+            leaving=s.state in LEAVING,
+            idle=s.state == ContainerState.READY and not s.inflight,
+            idle_since=s.idle_since,
+        )
+
+    def _unplaceable(self, fn: FunctionQueue, request: ContainerRequest) -> None:
+        empty = [v.emptied() for v in self.live_views()]
         if empty and place(request, empty) is None:
             # No node could ever run it: fail its inputs rather than let them wait forever.
             why = explain_unplaceable(request, empty)
@@ -457,7 +452,7 @@ class Fleet:
             what = f"waits for capacity: {why}"
         self._report_wait(fn, why, what, now)
 
-    def _report_wait(self, fn: FunctionState, why: str, what: str, now: float) -> None:
+    def _report_wait(self, fn: FunctionQueue, why: str, what: str, now: float) -> None:
         """Tell the app's user why ``fn`` cannot run, when that changes and again now and
         then, with how long it has been so."""
         key = why.split(" lost its worker agent ")[0]  # the seconds in it change each tick
@@ -475,44 +470,42 @@ class Fleet:
         log.info("%s", text)
         self._tell(fn.app_id, text, "-")
 
-    def container_hello(self, hello: m.ContainerHello, peer: Peer) -> ContainerSession | None:
-        s = self.containers.get(hello.container_id)
-        if s is None or hello.token != s.token or s.state == "gone":
+    def container_hello(self, hello: m.ContainerHello, peer: Peer) -> Container | None:
+        s = self.registry.get(hello.container_id)
+        if s is None or hello.token != s.token or s.state == ContainerState.GONE:
             return None
         s.peer = peer
         return s
 
-    def container_ready(self, s: ContainerSession) -> None:
-        if s.state != "starting":
+    def container_ready(self, s: Container) -> None:
+        if s.state != ContainerState.STARTING:
             return
-        s.state = "ready"
+        s.state = ContainerState.READY
         s.idle_since = time.monotonic()
-        self.backoff.pop(s.function_id, None)
+        self._backoff.pop(s.function_id, None)
         self.store.set_container_state(s.container_id, "ready")
         self._tell(
             s.app_id, f"container ready in {time.monotonic() - s.started_at:.2f}s", s.container_id
         )
         self.calls.on_ready(s.function_id)
 
-    def container_init_failed(self, s: ContainerSession, msg: m.ContainerInitFailed) -> None:
+    def container_init_failed(self, s: Container, msg: m.ContainerInitFailed) -> None:
         self._init_failed(s, msg.error, msg.traceback, msg.exc)
         self.kill(s.container_id, "its start-up code raised")
 
-    def _init_failed(
-        self, s: ContainerSession, error: str, tb: str | None, exc: bytes | None
-    ) -> None:
+    def _init_failed(self, s: Container, error: str, tb: str | None, exc: bytes | None) -> None:
         log.warning("container %s failed to start: %s", s.container_id, error)
         self._tell(s.app_id, f"container failed to start: {error}", s.container_id)
-        _, delay = self.backoff.get(s.function_id, (0.0, INIT_FAILURE_BACKOFF_S[0]))
-        self.backoff[s.function_id] = (
+        _, delay = self._backoff.get(s.function_id, (0.0, INIT_FAILURE_BACKOFF_S[0]))
+        self._backoff[s.function_id] = (
             time.monotonic() + delay,
             min(delay * 2, INIT_FAILURE_BACKOFF_S[1]),
         )
         self.calls.fail_queued(s.function_id, error, exc, tb)
 
-    def channel_lost(self, s: ContainerSession) -> None:
+    def channel_lost(self, s: Container) -> None:
         """The container's channel closed: wait briefly for the worker's exit report."""
-        if s.state == "gone":
+        if s.state == ContainerState.GONE:
             return
         s.peer = None
         loop = asyncio.get_running_loop()
@@ -522,10 +515,10 @@ class Fleet:
 
     def stop(self, container_id: str, grace_s: float = 10.0) -> None:
         """Graceful scale-down: the container finishes its current input and exits."""
-        s = self.containers.get(container_id)
-        if s is None or s.state in ("stopping", "killing", "gone"):
+        s = self.registry.get(container_id)
+        if s is None or s.state in (*LEAVING, ContainerState.GONE):
             return
-        s.state = "stopping"
+        s.state = ContainerState.STOPPING
         self.store.set_container_state(container_id, "stopping")
         if s.peer is not None:
             s.peer.send(m.StopContainer(grace_s))
@@ -535,11 +528,10 @@ class Fleet:
             node.peer.send(m.ContainerKill(container_id, grace_s=grace_s + 5, reason="scale-down"))
 
     def kill(self, container_id: str, reason: str) -> None:
-        s = self.containers.get(container_id)
-        if s is None or s.state == "gone":
+        s = self.registry.get(container_id)
+        if s is None or s.state == ContainerState.GONE:
             return
-        if s.state != "killing":
-            s.state = "killing"
+        s.state = ContainerState.KILLING
         node = self.nodes.get(s.node_id)
         if node is not None and node.peer is not None:
             node.peer.send(m.ContainerKill(container_id, 0.0, reason))
@@ -548,7 +540,7 @@ class Fleet:
 
     def _gone(
         self,
-        s: ContainerSession,
+        s: Container,
         description: str,
         oom: bool,
         node_lost: bool = False,
@@ -557,12 +549,12 @@ class Fleet:
         """The container has ended. ``node_lost``: it ended with its node's worker agent,
         through no fault of its inputs: none counts a failed attempt (but the first
         ``blamed``, lost with their node too often), none backs off."""
-        if s.state == "gone":
+        if s.state == ContainerState.GONE:
             return
         if s.lost_handle is not None:
             s.lost_handle.cancel()
         prior = s.state
-        s.state = "gone"
+        s.state = ContainerState.GONE
         status = "died"
         what = f"was {description}" if description.startswith("killed") else description
         error = f"ContainerDiedError: the container running this input {what}"
@@ -574,21 +566,19 @@ class Fleet:
         if node_lost:
             self.calls.release_leases(s, blamed, status, error, known=True)
         else:
-            running = 1 if prior != "killing" else 0
+            running = 1 if prior != ContainerState.KILLING else 0
             self.calls.release_leases(s, running, status, error, known=False)
         fn = self.calls.functions.get(s.function_id)
-        if fn is not None:
-            fn.sessions.pop(s.container_id, None)
-        self.containers.pop(s.container_id, None)
+        self.registry.remove(s)
         node = self.nodes.get(s.node_id)
         if node is not None:
             release_resources(node.view, s.request, s.placement)
         if s.peer is not None:
             s.peer.close()
         self.store.set_container_state(s.container_id, "stopped", description)
-        if prior not in ("stopping", "killing"):
+        if prior not in LEAVING:
             self._tell(s.app_id, f"container {description}", s.container_id)
-        if prior == "starting" and fn is not None and fn.queue and not node_lost:
+        if prior == ContainerState.STARTING and fn is not None and fn.queue and not node_lost:
             # died before it was ready (a crash at import): back off before the next try
             self._init_failed(
                 s, f"ContainerDiedError: the container {what} while starting", None, None
@@ -597,10 +587,12 @@ class Fleet:
 
     def check_startups(self, now: float) -> None:
         self.check_heartbeats(now)
-        for s in list(self.containers.values()):
-            if s.state == "starting" and now - s.started_at > STARTUP_TIMEOUT_S:
+        for s in self.registry.values():
+            if s.state == ContainerState.STARTING and now - s.started_at > STARTUP_TIMEOUT_S:
                 self.kill(s.container_id, f"not ready after {STARTUP_TIMEOUT_S:g}s")
 
-    def stop_app(self, app_id: str) -> None:
-        for s in [s for s in self.containers.values() if s.app_id == app_id]:
-            self.kill(s.container_id, "the app was stopped")
+    def stop_app(self, app_id: str, keep: Collection[str] = ()) -> None:
+        """Kill the app's containers, but those in ``keep``."""
+        for s in self.registry.of_app(app_id):
+            if s.container_id not in keep:
+                self.kill(s.container_id, "the app was stopped")

@@ -39,24 +39,24 @@ def build_app(cp: ControlPlane) -> Router:
 
     @route("POST", "/apps", "Create (run or deploy) an app", body=m.CreateApp, response=m.AppInfo)
     async def create_app(req: Request) -> Reply:
-        return reply(cp.create_app(req.decode(m.CreateApp)))
+        return reply(cp.apps.create(req.decode(m.CreateApp)))
 
     @route("GET", "/apps", "List apps", response=m.AppList)
     async def list_apps(_: Request) -> Reply:
-        return reply(m.AppList([cp.app_info(r) for r in cp.store.apps()]))
+        return reply(m.AppList([cp.apps.info(r) for r in cp.store.apps()]))
 
     @route("GET", "/apps/{ref}", "An app by id or name", response=m.AppInfo)
     async def get_app(req: Request) -> Reply:
-        return reply(cp.app_info(cp.find_app(req.path_params["ref"])))
+        return reply(cp.apps.info(cp.apps.find(req.path_params["ref"])))
 
     @route("POST", "/apps/{ref}/stop", "Stop an app")
     async def stop_app(req: Request) -> Reply:
-        cp.stop_app(cp.find_app(req.path_params["ref"])["app_id"])
+        cp.apps.stop(cp.apps.find(req.path_params["ref"])["app_id"])
         return empty
 
     @route("POST", "/apps/{app_id}/heartbeat", "Keep an ephemeral app alive")
     async def heartbeat(req: Request) -> Reply:
-        cp.heartbeat(req.path_params["app_id"])
+        cp.apps.heartbeat(req.path_params["app_id"])
         return empty
 
     @route(
@@ -67,7 +67,7 @@ def build_app(cp: ControlPlane) -> Router:
         query={"after": int, "timeout": float},
     )
     async def app_logs(req: Request) -> Reply:
-        app_id = cp.find_app(req.path_params["ref"])["app_id"]
+        app_id = cp.apps.find(req.path_params["ref"])["app_id"]
         batch = await cp.logs.wait(
             app_id, req.param("after", int, 0), min(req.param("timeout", float, 0.0), MAX_POLL_S)
         )
@@ -83,7 +83,7 @@ def build_app(cp: ControlPlane) -> Router:
     )
     async def function_by_name(req: Request) -> Reply:
         ref, name = req.path_params["ref"], req.path_params["name"]
-        app = cp.find_app(ref)
+        app = cp.apps.find(ref)
         for f in cp.store.functions_of(app["app_id"]):
             if f["name"] == name:
                 return reply(m.FunctionRef(f["function_id"], name))
@@ -98,7 +98,7 @@ def build_app(cp: ControlPlane) -> Router:
         body=m.UpdateAutoscaler,
     )
     async def update_autoscaler(req: Request) -> Reply:
-        cp.update_autoscaler(req.path_params["function_id"], req.decode(m.UpdateAutoscaler))
+        cp.apps.update_autoscaler(req.path_params["function_id"], req.decode(m.UpdateAutoscaler))
         return empty
 
     @route(
@@ -109,7 +109,9 @@ def build_app(cp: ControlPlane) -> Router:
         response=m.FunctionRef,
     )
     async def bind_function(req: Request) -> Reply:
-        return reply(cp.bind_function(req.path_params["function_id"], req.decode(m.BindFunction)))
+        return reply(
+            cp.apps.bind_function(req.path_params["function_id"], req.decode(m.BindFunction))
+        )
 
     @route(
         "GET",
@@ -119,7 +121,7 @@ def build_app(cp: ControlPlane) -> Router:
     )
     async def function_stats(req: Request) -> Reply:
         fn = cp.calls.function(req.path_params["function_id"])
-        return reply(m.FunctionStats(len(fn.queue), len(fn.sessions)))
+        return reply(m.FunctionStats(len(fn.queue), len(cp.fleet.containers_of(fn.function_id))))
 
     # ---------------------------------------------------------------- blobs
 
@@ -141,12 +143,13 @@ def build_app(cp: ControlPlane) -> Router:
                 f"blob of {len(req.body)} bytes is over the limit of {cp.config.max_payload} "
                 "bytes (STRATO_MAX_PAYLOAD)"
             )
-        cp.blobs.put(req.body, check_key(req.path_params["key"]))
+        await cp.blobs.aput(req.body, check_key(req.path_params["key"]))
         return empty
 
     @route("GET", "/blobs/{key}", "Download a blob")
     async def get_blob(req: Request) -> Reply:
-        return Reply(cp.blobs.get(req.path_params["key"]), content_type="application/octet-stream")
+        data = await cp.blobs.aget(req.path_params["key"])
+        return Reply(data, content_type="application/octet-stream")
 
     # ---------------------------------------------------------------- calls
 
@@ -218,7 +221,7 @@ def build_app(cp: ControlPlane) -> Router:
     @route("GET", "/containers", "Running containers", response=m.ContainerList, query={"app": str})
     async def containers(req: Request) -> Reply:
         app = req.param("app")
-        app_id = cp.find_app(app)["app_id"] if app else None
+        app_id = cp.apps.find(app)["app_id"] if app else None
         out = []
         for r in cp.store.containers(app_id):
             try:

@@ -49,6 +49,34 @@ class NodeView:
     def free_gpu_indices(self, gpu_type: str) -> list[int]:
         return sorted(i for i in self.gpus.get(gpu_type, []) if i not in self.gpus_in_use)
 
+    def copy(self) -> NodeView:
+        """A copy whose reservations can change without touching this one."""
+        return NodeView(
+            self.node_id,
+            self.provider,
+            self.region,
+            self.price_per_hour,
+            self.cpu_total,
+            self.memory_mb,
+            self.gpus,
+            self.cpu_reserved,
+            self.memory_reserved_mb,
+            set(self.gpus_in_use),
+            self.healthy,
+        )
+
+    def emptied(self) -> NodeView:
+        """The same node with nothing reserved: what could ever run on it."""
+        return NodeView(
+            self.node_id,
+            self.provider,
+            self.region,
+            self.price_per_hour,
+            self.cpu_total,
+            self.memory_mb,
+            self.gpus,
+        )
+
 
 @dataclass
 class ContainerRequest:

@@ -122,11 +122,16 @@ class QuotaGate:
         self.over_fair_share: set[str] = set()  # apps that start nothing while others wait
 
     def blocks(self, fn, request: ContainerRequest, sessions: Iterable, nodes) -> bool:
+        """``sessions``: every live container (.app_id, .function_id, .state, .request)."""
+        sessions = list(sessions)
         why = self.quota.why_not(request, [s for s in sessions if s.app_id == fn.app_id], nodes)
         if (
             why is None
             and fn.app_id in self.over_fair_share
-            and any(s.state in ("starting", "ready") for s in fn.sessions.values())
+            and any(
+                s.function_id == fn.function_id and s.state in ("starting", "ready")
+                for s in sessions
+            )
         ):  # a function of its with no container at all still gets one
             why = (
                 "the app holds more than its fair share (STRATO_APP_FAIR_SHARE="

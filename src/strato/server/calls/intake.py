@@ -1,0 +1,186 @@
+"""Intake: a call's inputs are written to the store before the API answers (an accepted
+input is never lost), then queued; after a restart, every input without a final output
+is queued again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+from strato.exceptions import (
+    AlreadyExistsError,
+    AppStoppedError,
+    InvalidError,
+    NotFoundError,
+    RequestSizeError,
+)
+from strato.protocol import messages as m
+
+from ..store import CallRow, FinalRow, InputRow, Store
+from ..store.blobs import BlobStore
+from .dispatch import Dispatcher
+from .failures import Failures
+from .outputs import Outputs
+from .state import AppState, FunctionQueue, Ledger, Pending, Where
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        ledger: Ledger,
+        dispatcher: Dispatcher,
+        failures: Failures,
+        outputs: Outputs,
+        *,
+        blob_threshold: int,
+        max_payload: int,
+        retention_s: float,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.ledger = ledger
+        self.dispatcher = dispatcher
+        self.failures = failures
+        self.outputs = outputs
+        self.blob_threshold = blob_threshold
+        self.max_payload = max_payload
+        self.retention_s = retention_s
+        next_input, _, _ = store.max_ids()
+        self._next_input = next_input + 1
+
+    def _inputs(
+        self, fn: FunctionQueue, call_id: str, method: str | None, items: Iterable[m.InputItem]
+    ) -> tuple[list[InputRow], list[Pending]]:
+        new: list[InputRow] = []
+        pendings: list[Pending] = []
+        seen: set[int] = set()
+        for it in items:
+            if it.idx in seen:
+                raise InvalidError(
+                    f"input index {it.idx} appears twice in one request for call {call_id}; "
+                    "each input of a call needs its own index"
+                )
+            seen.add(it.idx)
+            args, blob = it.args, it.blob
+            if args is None and blob is None:
+                raise InvalidError(f"input {it.idx} of call {call_id} carries no arguments")
+            if args is not None and len(args) > self.max_payload:
+                raise RequestSizeError(
+                    f"input {it.idx} is {len(args)} bytes, over the limit of {self.max_payload} "
+                    "bytes (STRATO_MAX_PAYLOAD); pass large data through a Volume or blob"
+                )
+            if args is not None and len(args) > self.blob_threshold:
+                blob, args = self.blobs.put(args), None
+            if blob is not None and not self.blobs.has(blob):
+                raise InvalidError(f"input {it.idx} names blob {blob}, which was never uploaded")
+            p = Pending(self._next_input, call_id, it.idx, fn.function_id, args, blob, method)
+            self._next_input += 1
+            new.append(InputRow(p.input_id, call_id, it.idx, args, blob))
+            pendings.append(p)
+        return new, pendings
+
+    @staticmethod
+    def _check_callable(fn: FunctionQueue) -> None:
+        if fn.app_state == AppState.STOPPED:
+            raise AppStoppedError(
+                f"function {fn.name!r} belongs to an app that has been stopped; "
+                "run or deploy the app again to call it"
+            )
+
+    def create_call(self, req: m.CreateCall) -> None:
+        fn = self.ledger.function(req.function_id)
+        self._check_callable(fn)
+        new, pendings = self._inputs(fn, req.call_id, req.method, req.inputs)
+        now = time.time()
+        call = CallRow(
+            call_id=req.call_id,
+            function_id=fn.function_id,
+            kind=req.kind,
+            method=req.method,
+            n_inputs=len(new),
+            closed=req.closed,
+            cancelled=False,
+            created_at=now,
+            expires_at=now + self.retention_s,
+        )
+        if not self.store.create_call_rows(call, new):  # a retried request: add what is missing
+            self._next_input -= len(new)
+            known = self.store.call_row(req.call_id)
+            if known is not None and (
+                known.function_id != req.function_id or known.method != req.method
+            ):
+                raise AlreadyExistsError(
+                    f"call id {req.call_id} is taken by a call of another function"
+                    f"{' or method' if known.function_id == req.function_id else ''}; "
+                    "choose a new call id for a new call"
+                )
+            self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
+            return
+        self._accepted(fn, pendings)
+
+    def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
+        call = self.store.call_row(call_id)
+        if call is None:
+            raise NotFoundError(f"call {call_id} does not exist (or has expired)")
+        fn = self.ledger.function(call.function_id)
+        self._check_callable(fn)
+        if call.cancelled:
+            raise InvalidError(f"call {call_id} was cancelled; it takes no more inputs")
+        items = req.inputs
+        if items:
+            have = self.store.existing_idx(
+                call_id, min(i.idx for i in items), max(i.idx for i in items)
+            )
+            items = [i for i in items if i.idx not in have]
+        new, pendings = self._inputs(fn, call_id, call.method, items)
+        n_inputs = call.n_inputs + len(new)
+        if req.total is not None:
+            n_inputs = max(n_inputs, req.total)
+        self.store.add_input_rows(call_id, new, req.closed or None, n_inputs)
+        self._accepted(fn, pendings)
+
+    def _accepted(self, fn: FunctionQueue, pendings: list[Pending]) -> None:
+        """New inputs (not retries): an arrival for the autoscaler, then queued."""
+        if pendings:
+            self.ledger.on_arrival(fn.function_id, time.monotonic())
+        self.dispatcher.enqueue(fn, pendings)
+
+    def recover(self) -> int:
+        """Re-queue every input the store holds without a final output (after a restart)."""
+        found = self.store.pending_inputs()
+        now = time.time()
+        stopped: list[FinalRow] = []
+        by_fn: dict[str, list[Pending]] = {}
+        for r in found:
+            try:
+                fn = self.ledger.function(r.function_id)
+            except NotFoundError:
+                continue
+            p = Pending(
+                r.input_id,
+                r.call_id,
+                r.idx,
+                r.function_id,
+                r.args,
+                r.args_blob,
+                r.method,
+                attempts=r.attempts,
+            )
+            self.ledger.track(p)
+            self.outputs.unknown(p.call_id)
+            if fn.app_state == AppState.STOPPED:
+                stopped.append(
+                    self.outputs.final(p, "cancelled", None, "AppStoppedError: the app was stopped")
+                )
+            elif r.retry_at and r.retry_at > now:
+                p.where = Where.RETRY
+                asyncio.get_running_loop().call_later(r.retry_at - now, self.failures.retry_due, p)
+            else:
+                by_fn.setdefault(r.function_id, []).append(p)
+        self.store.finish_input_rows(stopped)
+        for fid, ps in by_fn.items():
+            self.dispatcher.enqueue(self.ledger.functions[fid], ps)
+        return len(found)
