@@ -46,10 +46,26 @@ def deserialize(data: bytes, what: str):
         ) from None
 
 
+def error_type_and_message(out: OutputItem) -> tuple[str, str]:
+    """The failure's exception type and message: the output's ``error_type`` and
+    ``error``, or, from a control plane that sends no ``error_type``, the two halves of
+    its ``"TypeName: message"``."""
+    if out.error_type:
+        message = out.error or ""
+        # a container may also put its type ahead of the message, for such control planes
+        return out.error_type, message.removeprefix(f"{out.error_type}: ")
+    type_name, _, message = (out.error or "Error: the input failed").partition(": ")
+    return type_name, message
+
+
+def error_class(type_name: str) -> type[BaseException] | None:
+    """The class of ``strato.exceptions`` that ``type_name`` names, if any."""
+    return exc.ERRORS_BY_NAME.get(type_name.removeprefix("strato.exceptions."))
+
+
 def error_from_output(out: OutputItem, data: bytes | None) -> BaseException:
     """The exception to raise in the caller for a failed output."""
-    text = out.error or "Error: the input failed"
-    type_name, _, message = text.partition(": ")
+    type_name, message = error_type_and_message(out)
     if out.status == "failure" and data is not None:
         try:
             e = pickle.loads(data)
@@ -62,15 +78,12 @@ def error_from_output(out: OutputItem, data: bytes | None) -> BaseException:
                     + out.traceback.rstrip()
                 )
             return e
-    cls = exc.ERRORS_BY_NAME.get(type_name)
+    cls = error_class(type_name)
     if cls is None and out.status == "timeout":
         cls = exc.FunctionTimeoutError
     if cls is None and out.status == "cancelled":
         cls = exc.InputCancellation
-    if cls is None:
-        e = exc.RemoteError(type_name, message)
-    else:
-        e = cls(message)
+    e = exc.RemoteError(type_name, message) if cls is None else cls(message)
     if out.traceback:
         e.add_note(
             "\nRemote traceback (most recent call last, in the container):\n"

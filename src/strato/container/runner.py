@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 
 import cloudpickle
@@ -29,37 +28,11 @@ from strato.exceptions import DeserializationError, InputCancellation, Serializa
 from strato.protocol import frames
 from strato.protocol import messages as m
 
+from .failure import describe_exception, describe_failure
 from .target import Target
 
 FLUSH_EVERY = 128
 FLUSH_AFTER_S = 0.005
-MAX_ERROR_CHARS = 64 << 10  # an exception's message and traceback, each, as sent
-
-
-def describe_exception(e: BaseException) -> tuple[str, str, bytes | None]:
-    """("module.Type: message", traceback without strato's frames, pickled exception)."""
-    cls = type(e)
-    name = (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
-    tb = e.__traceback__
-    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("strato."):
-        tb = tb.tb_next
-    text = "".join(traceback.format_exception(cls, e, tb))
-    try:
-        data = cloudpickle.dumps(e)
-        pickle.loads(data)  # an exception that pickles but cannot be rebuilt is no use
-    except Exception:  # noqa: BLE001 - the caller gets a RemoteError with the type name
-        data = None
-    # the channel takes small frames (issue 14): long texts are cut, the middle elided
-    return _cut(f"{name}: {e}"), _cut(text), data
-
-
-def _cut(text: str) -> str:
-    if len(text) <= MAX_ERROR_CHARS:
-        return text
-    half = MAX_ERROR_CHARS // 2
-    return f"{text[:half]}\n... ({len(text) - 2 * half} characters cut) ...\n{text[-half:]}"
 
 
 class ContainerRunner:
@@ -316,16 +289,8 @@ class ContainerRunner:
         )
 
     def _failure(self, item: m.TaskInput, e: BaseException, t0: float) -> m.TaskOutput:
-        error, tb, data = describe_exception(e)
-        return m.TaskOutput(
-            item.input_id,
-            item.attempt,
-            "failure",
-            data,
-            error,
-            tb,
-            duration=time.perf_counter() - t0,
-        )
+        failure = describe_failure(e)
+        return failure.task_output(item.input_id, item.attempt, time.perf_counter() - t0)
 
     def _run(self, target: Target, item: m.TaskInput) -> m.TaskOutput:
         self.running[item.input_id] = threading.get_ident()
@@ -504,10 +469,9 @@ def main() -> None:
             target.load()
         target.enter()
     except BaseException as e:  # noqa: BLE001 - reported, then the container exits
-        error, tb, data = describe_exception(e)
-        print(tb, file=sys.stderr, end="")
-        if data is not None and len(data) > frames.CHUNK:
-            data = None  # too large for a frame: the caller gets the type name and message
-        runner._send(m.ContainerInitFailed(error, tb, data))
+        failure = describe_failure(e)
+        print(failure.traceback, file=sys.stderr, end="")
+        # a pickled exception too large for a frame is left out: the type and message go
+        runner._send(failure.init_failed(max_data=frames.CHUNK))
         sys.exit(1)
     runner.serve(target)

@@ -8,7 +8,7 @@ agents / containers carries the tagged ``ChannelMessage`` union in length-prefix
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -43,6 +43,26 @@ Containers = Annotated[int, Meta(ge=0, le=MAX_CONTAINERS)]
 PositiveContainers = Annotated[int, Meta(ge=1, le=MAX_CONTAINERS)]
 ScaledownWindow = Annotated[float, Meta(ge=2.0, le=3600.0)]
 GpuList = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=MAX_GPU_FALLBACKS)]
+
+# --------------------------------------------------------------------------- states
+
+WebKind = Literal["fastapi", "asgi", "wsgi", "server"]
+AppState = Literal["ephemeral", "deployed", "stopped"]
+CallKind = Literal["remote", "map", "spawn", "gen"]
+TaskStatus = Literal["success", "failure"]
+"""What a container reports for an input (the control plane decides timeouts and deaths)."""
+OutputStatus = Literal["success", "failure", "timeout", "cancelled", "died"]
+LogStream = Literal["stdout", "stderr", "system"]
+NodeRecordState = Literal["ready", "lost"]
+ContainerRecordState = Literal["pending", "starting", "ready", "stopping", "stopped"]
+"""A container's record: ``pending`` (placed, its worker asked to start it), ``starting``
+(its process runs), ``ready`` (it takes inputs), ``stopping``, ``stopped``."""
+
+ErrorType = str
+"""The type of an exception as it crosses the wire, beside its message: the class's name
+for ``strato.exceptions`` and builtins (``"FunctionTimeoutError"``, ``"ValueError"``),
+else ``"module.QualName"``. The caller raises that class where it can import it, else a
+``RemoteError`` carrying the name."""
 
 
 # --------------------------------------------------------------------------- functions
@@ -81,7 +101,7 @@ class WebConfig(msgspec.Struct, frozen=True):
     """How a function serves HTTP (``@fastapi_endpoint``, ``@asgi_app``, ``@wsgi_app``,
     ``@web_server``); see ``strato.sdk.web`` and ``strato.server.gateway``."""
 
-    kind: str  # fastapi | asgi | wsgi | server
+    kind: WebKind
     label: str  # the URL's label: /<app>/<label>/... and <app>-<label>.localhost
     method: str = "GET"  # fastapi_endpoint: the HTTP method
     docs: bool = False  # fastapi_endpoint: serve /docs and /openapi.json
@@ -149,7 +169,7 @@ class FunctionRef(msgspec.Struct):
 class AppInfo(msgspec.Struct):
     app_id: str
     name: str | None
-    state: str  # "ephemeral" | "deployed" | "stopped"
+    state: AppState
     created_at: float
     functions: list[FunctionRef] = []
     n_containers: int = 0
@@ -181,7 +201,7 @@ class CreateCall(msgspec.Struct):
     call_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
     function_id: str
     inputs: list[InputItem]
-    kind: str = "remote"  # remote | map | spawn | gen
+    kind: CallKind = "remote"
     closed: bool = True  # no more inputs will follow
     wait: Seconds = 0.0  # seconds to wait for the outputs before answering
     method: str | None = None
@@ -195,13 +215,16 @@ class AddInputs(msgspec.Struct):
 
 class OutputItem(msgspec.Struct, array_like=True):
     idx: int
-    status: str  # success | failure | timeout | cancelled | died
+    status: OutputStatus
     data: bytes | None = None  # pickled value (success) or pickled exception (failure)
     blob: str | None = None
-    error: str | None = None  # "TypeName: message" of the failure
+    # the failure's message; with no error_type (an older control plane) it is
+    # "TypeName: message"
+    error: str | None = None
     traceback: str | None = None
     seq: int = 0
     gen_index: int | None = None  # for generators: item number; None = final
+    error_type: ErrorType | None = None  # the failure's exception type
 
 
 class Outputs(msgspec.Struct):
@@ -249,7 +272,7 @@ class UpdateAutoscaler(msgspec.Struct):
 class LogLine(msgspec.Struct, array_like=True):
     ts: Timestamp
     container_id: str
-    stream: str  # stdout | stderr | system
+    stream: LogStream
     text: str
     seq: Count = 0
 
@@ -257,7 +280,7 @@ class LogLine(msgspec.Struct, array_like=True):
 class LogBatch(msgspec.Struct):
     lines: list[LogLine]
     cursor: int
-    app_state: str = ""
+    app_state: AppState | Literal[""] = ""  # "": the app is not known
 
 
 # --------------------------------------------------------------------------- nodes / containers
@@ -277,7 +300,7 @@ class NodeInfo(msgspec.Struct):
 class NodeStatus(msgspec.Struct):
     node_id: str
     info: NodeInfo
-    state: str
+    state: NodeRecordState
     cpu_reserved: float
     memory_reserved_mb: int
     last_heartbeat: float
@@ -289,7 +312,7 @@ class ContainerInfo(msgspec.Struct):
     function_id: str
     function_name: str
     node_id: str
-    state: str
+    state: ContainerRecordState
     started_at: float
     exit_reason: str | None = None
     image_id: str | None = None
@@ -339,9 +362,10 @@ class ContainerReady(ChannelMsg, tag="ready"):
 
 
 class ContainerInitFailed(ChannelMsg, tag="initfail"):
-    error: str
+    error: str  # the message (with no error_type, "TypeName: message")
     traceback: str
     exc: bytes | None = None
+    error_type: ErrorType | None = None
 
 
 class TaskInput(msgspec.Struct, array_like=True):
@@ -358,14 +382,15 @@ class RunInputs(ChannelMsg, tag="inputs"):
 class TaskOutput(msgspec.Struct, array_like=True):
     input_id: Index
     attempt: Index
-    status: str  # success | failure (anything else is refused by the call manager)
+    status: TaskStatus
     data: bytes | None = None
-    error: str | None = None
+    error: str | None = None  # the message (with no error_type, "TypeName: message")
     traceback: str | None = None
     gen_index: Index | None = None  # generator item; None = final output of the input
     duration: Seconds = 0.0  # seconds the user code ran
     # a value over frames.CHUNK travels ahead of its output as BlobChunk frames: its sha256
     blob: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
+    error_type: ErrorType | None = None  # the failure's exception type
 
 
 class TaskOutputs(ChannelMsg, tag="outputs"):
