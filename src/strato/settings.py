@@ -583,7 +583,7 @@ FAULT_DB_LATENCY_MS = number(
     lo_open=False,
 )
 
-# -- per-app quotas (server/scheduler/quota.py)
+# -- per-app quotas
 APP_MAX_CONTAINERS = integer(
     "STRATO_APP_MAX_CONTAINERS",
     1000,
@@ -626,7 +626,7 @@ APP_FAIR_SHARE = number(
     lo_open=False,
 )
 
-# -- listeners (server/listeners.py)
+# -- the listeners: API, gateway and channel
 MAX_OPEN_FILES = optional_integer(
     "STRATO_MAX_OPEN_FILES",
     "the hard limit, at most 65536",
@@ -688,7 +688,7 @@ MAX_HEADERS = integer(
     lo_open=True,
 )
 
-# -- the web gateway (server/gateway/)
+# -- the web gateway
 GATEWAY_HOST = text(
     "STRATO_GATEWAY_HOST",
     "",
@@ -874,7 +874,7 @@ DEBIAN_MIRROR = text(
     kind="url",
 )
 
-# -- runtimes (runtime/)
+# -- runtimes
 CONTAINER_UID = integer(
     "STRATO_CONTAINER_UID",
     65534,
@@ -921,7 +921,7 @@ EGRESS_POOL = integer(
     (WORKER,),
 )
 
-# -- cold starts (worker/zygote.py, container/zygote.py)
+# -- cold starts: zygotes, memory-snapshot templates, CRIU
 ZYGOTE = flag(
     "STRATO_ZYGOTE",
     True,

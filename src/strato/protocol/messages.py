@@ -52,7 +52,7 @@ CallKind = Literal["remote", "map", "spawn", "gen"]
 TaskStatus = Literal["success", "failure"]
 """What a container reports for an input (the control plane decides timeouts and deaths)."""
 OutputStatus = Literal["success", "failure", "timeout", "cancelled", "died"]
-LogStream = Literal["stdout", "stderr", "system"]
+LogStream = Literal["stdout", "stderr", "system", "access"]  # access: the web gateway's lines
 NodeRecordState = Literal["ready", "lost"]
 ContainerRecordState = Literal["pending", "starting", "ready", "stopping", "stopped"]
 """A container's record: ``pending`` (placed, its worker asked to start it), ``starting``
