@@ -274,3 +274,14 @@ def test_a_write_is_a_future_that_cannot_be_cancelled(open_store):
         w.wait(0.05)
     release.set()
     assert w.wait() is None
+
+
+def test_an_in_memory_database_serves_reads_and_writes_through_the_writer():
+    store = Store("sqlite://")
+    try:
+        store.add_logs([_log(1), _log(2)])
+        store.add_logs([_log(3)])
+        assert _seqs(store) == [1, 2, 3]
+        assert asyncio.run(store.aread(store.logs_after, "ap-1", 2))[0]["seq"] == 3
+    finally:
+        store.close()

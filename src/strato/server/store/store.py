@@ -278,9 +278,6 @@ class Store:
         self.q = _Statements()
         self._owner = threading.get_ident()
         self._memory = _memory_db(url)  # one shared connection: reads go to the writer
-        self._local = threading.local()
-        self._thread_conns: list[Connection] = []
-        self._conns_lock = threading.Lock()
         self._writer = _Writer(self.engine, wait_s)
         db = self.engine.url.database
         self._checkpointer = (
@@ -296,9 +293,7 @@ class Store:
                 limit,
                 self._writer.queued - self._writer.done,
             )
-        for c in [self.conn, *self._thread_conns]:
-            c.close()
-        self._thread_conns.clear()
+        self.conn.close()
         self.engine.dispose()
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -375,24 +370,17 @@ class Store:
         if w.closed:
             raise StoreClosed("the store is closed")
         w.wait_done(w.queued)
-        conn = self._thread_conn()
-        with conn.begin():
+        if threading.get_ident() == self._owner:
+            with self.conn.begin():
+                return run(self.conn)
+        # another thread (rare): a pooled connection for just this read
+        with self.engine.connect() as conn, conn.begin():
             return run(conn)
 
     @staticmethod
     def _in_tx(conn: Connection, run: Callable[[Connection], T]) -> T:
         with conn.begin():
             return run(conn)
-
-    def _thread_conn(self) -> Connection:
-        if threading.get_ident() == self._owner:
-            return self.conn
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = self._local.conn = self.engine.connect()
-            with self._conns_lock:
-                self._thread_conns.append(conn)
-        return conn
 
     @property
     def batches(self) -> int:

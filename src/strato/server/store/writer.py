@@ -141,6 +141,8 @@ class _Writer:
     def wait_done(self, seq: int, timeout: float | None = None) -> None:
         if self.done >= seq:
             return
+        if threading.get_ident() == self.thread.ident:
+            raise RuntimeError("the store's writer cannot wait for its own queue")
         limit = self.wait_s if timeout is None else timeout
         with self._cond:
             if not self._cond.wait_for(lambda: self.done >= seq, limit):
