@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Collection
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from strato import settings
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.protocol.gpu import parse_gpu
@@ -28,6 +28,7 @@ from strato.protocol.mounts import MountManifest
 
 from .autoscaler import ContainerStat
 from .calls.manager import CallManager, FunctionQueue
+from .calls.state import Status
 from .containers import LEAVING, Container, ContainerRegistry, ContainerState
 from .scheduler import ContainerRequest, NodeView, explain_unplaceable, place
 from .scheduler import release as release_resources
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("strato.fleet")
 
 EXIT_REPORT_GRACE_S = 3.0  # wait this long for the worker's exit report after a channel drops
-# a worker agent sends a Heartbeat every few seconds; silent this long, its node is lost
-WORKER_HEARTBEAT_TIMEOUT_S = 30.0
 # while a function cannot be placed, its app's user is told again after these many seconds
 # (then every last one), with how long it has been so
 WAIT_REPORT_AFTER_S = (5.0, 15.0, 30.0, 60.0)
@@ -51,14 +50,6 @@ WAIT_REPORT_AFTER_S = (5.0, 15.0, 30.0, 60.0)
 MAX_NODE_LOSSES = 3
 STARTUP_TIMEOUT_S = 300.0
 INIT_FAILURE_BACKOFF_S = (1.0, 30.0)
-
-
-def _seconds_from_env(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name) or default)
-    except ValueError:
-        return default
-    return value if 0 < value < 86400 else default
 
 
 class Peer:
@@ -120,9 +111,8 @@ class Fleet:
         # function_id -> (why it waits, since when, next report at, reports so far)
         self._unplaceable_logged: dict[str, tuple[str, float, float, int]] = {}
         self.quota: QuotaGate | None = None  # per-app quotas, set by the control plane
-        self.heartbeat_timeout_s = _seconds_from_env(
-            "STRATO_WORKER_HEARTBEAT_TIMEOUT", WORKER_HEARTBEAT_TIMEOUT_S
-        )
+        # a worker agent sends a Heartbeat every few seconds; silent this long, its node is lost
+        self.heartbeat_timeout_s = settings.WORKER_HEARTBEAT_TIMEOUT.get()
         self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
         self._node_losses: dict[int, int] = {}  # input_id -> lost nodes that held it
 
@@ -555,7 +545,7 @@ class Fleet:
             s.lost_handle.cancel()
         prior = s.state
         s.state = ContainerState.GONE
-        status = "died"
+        status: Status = "died"
         what = f"was {description}" if description.startswith("killed") else description
         error = f"ContainerDiedError: the container running this input {what}"
         if oom:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
+from strato import settings
 from strato.providers.local import LocalProvider
 
 from .api.routes import build_app
@@ -144,7 +145,7 @@ async def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
-        level=os.environ.get("STRATO_LOG_LEVEL", "INFO"),
+        level=settings.LOG_LEVEL.get(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -80,7 +80,7 @@ hybrid: the end of the keep-alive window), longest idle first, down to
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from strato.server.autoscaler.hybrid import (
     BIN_S,
@@ -97,12 +97,12 @@ from strato.server.autoscaler.policy import (
     STOPPING,
     AutoscalerConfig,
     FunctionStats,
+    Keepalive,
     ScalingDecision,
     decide,
     desired_containers,
 )
 
-Keepalive = Literal["fixed", "hybrid", "adaptive"]
 KEEPALIVE_POLICIES: tuple[str, ...] = ("fixed", "hybrid", "adaptive")
 
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final, Literal
 
-STARTING = "starting"
-READY = "ready"
-STOPPING = "stopping"
+# a container as the autoscaler sees it: leaving ones (stopping or killed) are "stopping"
+ContainerPhase = Literal["starting", "ready", "stopping"]
+STARTING: Final = "starting"
+READY: Final = "ready"
+STOPPING: Final = "stopping"
+# which keep-alive policy stops idle containers (see ``AutoscalerConfig.keepalive``)
+Keepalive = Literal["fixed", "hybrid", "adaptive"]
 
 
 @dataclass
@@ -28,7 +33,7 @@ class AutoscalerConfig:
     target_inputs: int = 1  # inputs one container should carry at once
     # Which keep-alive policy stops idle containers: "fixed" (decide(), scaledown_window),
     # "adaptive" (strato's default) or "hybrid" (the paper's); see autoscaler.adaptive.
-    keepalive: str = "fixed"
+    keepalive: Keepalive = "fixed"
     # The memory one container holds (Resources.memory_mb): the adaptive policy weighs the
     # idle memory a warm container costs against the cold starts it saves.
     memory_mb: float = 128.0
@@ -39,7 +44,7 @@ class ContainerStat:
     """One container of the function, as the autoscaler sees it."""
 
     container_id: str
-    state: str  # "starting" | "ready" | "stopping"
+    state: ContainerPhase
     inflight: int
     idle_since: float | None  # None while busy or starting
     started_at: float

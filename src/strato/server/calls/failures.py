@@ -15,7 +15,7 @@ from strato.protocol import messages as m
 from ..store import FinalRow, Store
 from .dispatch import Dispatcher, slots
 from .outputs import Outputs
-from .state import ContainerRef, FunctionQueue, Lease, Ledger, Pending, Where
+from .state import ContainerRef, FunctionQueue, Lease, Ledger, Pending, Status, Where
 
 log = logging.getLogger("strato.calls")
 
@@ -41,7 +41,7 @@ class Failures:
         self,
         fn: FunctionQueue,
         p: Pending,
-        status: str,
+        status: Status,
         data: bytes | None,
         error: str | None,
         tb: str | None,
@@ -79,7 +79,7 @@ class Failures:
         self,
         session: ContainerRef,
         running: int,
-        status: str,
+        status: Status,
         error: str,
         *,
         known: bool = True,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from typing import cast
 
 from strato.exceptions import NotFoundError
 from strato.protocol import messages as m
 
 from ..store import FinalRow, GenItemRow, OutputRow, Store
 from ..store.blobs import BlobStore
-from .state import Ledger, Pending, Where
+from .state import Ledger, Pending, Status, Where
 
 UNKNOWN_SEQ = 1 << 62  # outputs of a recovered call may exist: read the store
 
@@ -56,7 +57,7 @@ class Outputs:
     def final(
         self,
         p: Pending,
-        status: str,
+        status: Status,
         data: bytes | None = None,
         error: str | None = None,
         tb: str | None = None,
@@ -127,7 +128,16 @@ class Outputs:
 
 def _outputs(found: list[OutputRow]) -> m.Outputs:
     items = [
-        m.OutputItem(r.idx, r.status, r.data, r.blob, r.error, r.traceback, r.seq, r.gen_index)
+        m.OutputItem(
+            r.idx,
+            cast(Status, r.status),  # the store keeps what final() was given
+            r.data,
+            r.blob,
+            r.error,
+            r.traceback,
+            r.seq,
+            r.gen_index,
+        )
         for r in found
     ]
     return m.Outputs(items, items[-1].seq)

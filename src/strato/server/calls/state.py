@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -21,6 +21,9 @@ from strato.exceptions import NotFoundError
 from strato.protocol import messages as m
 
 from ..store import Store
+
+# how an input ended (what its final output says)
+Status = Literal["success", "failure", "died", "timeout", "cancelled"]
 
 
 class Where(enum.StrEnum):

@@ -22,26 +22,13 @@ Pure logic over node views and container sessions; the fleet calls it before a s
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from strato import settings
 from strato.exceptions import InvalidError
 
 from .placement import ContainerRequest, NodeView
-
-
-def _env_num(env, name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise InvalidError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise InvalidError(f"{name}={raw!r}: use a number from {lo:g} to {hi:g}")
-    return v
 
 
 @dataclass
@@ -52,13 +39,12 @@ class AppQuota:
     fair_share: float = 1.0
 
     @classmethod
-    def from_env(cls, env=None) -> AppQuota:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AppQuota:
         return cls(
-            max_containers=int(_env_num(env, "STRATO_APP_MAX_CONTAINERS", 1000, 1, 1e6)),
-            max_share=_env_num(env, "STRATO_APP_MAX_SHARE", 1.0, 0.01, 1.0),
-            warm_share=_env_num(env, "STRATO_APP_WARM_SHARE", 0.5, 0.0, 1.0),
-            fair_share=_env_num(env, "STRATO_APP_FAIR_SHARE", 1.0, 0.01, 1.0),
+            max_containers=settings.APP_MAX_CONTAINERS.get(env),
+            max_share=settings.APP_MAX_SHARE.get(env),
+            warm_share=settings.APP_WARM_SHARE.get(env),
+            fair_share=settings.APP_FAIR_SHARE.get(env),
         )
 
     def check_spec(self, spec) -> None:
