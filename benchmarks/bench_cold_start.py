@@ -138,6 +138,12 @@ def runtime_name() -> str:
     return get_runtime(None).name
 
 
+def _has_scientific_stack() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("numpy", "scipy"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
@@ -150,9 +156,13 @@ def main() -> None:
     kinds = ("noop", "bare", "with", "without", "image_noop", "image_bare")
     samples: dict[str, list[float]] = {k: [] for k in (*kinds, "image_with", "image_without")}
     images = not args.skip_image
+    # (b) runs the classes in this Python: without numpy and scipy here it is left out
+    host_snapshot = not args.skip_snapshot and _has_scientific_stack()
+    if not args.skip_snapshot and not host_snapshot:
+        note("numpy/scipy are not installed in this Python: cold_start_snapshot left out")
     with strato_env(), app.run(quiet=True) as running:
         assert noop.remote(1) == 1  # the node has the code; the zygote is warm
-        if not args.skip_snapshot:  # the first of each: the snapshot is taken here
+        if host_snapshot:  # the first of each: the snapshot is taken here
             WithSnapshot().solve.remote(1.0)
             WithoutSnapshot().solve.remote(1.0)
         if images:  # the images are built (or found in the cache) here, untimed
@@ -171,7 +181,7 @@ def main() -> None:
             samples["image_bare"].append(bare())
             samples["image_noop"].append(timed(lambda i=i: noop_in_image.remote(i)))
             note(f"image noop round {i}: {samples['image_noop'][-1] * 1e3:.1f} ms")
-        pairs = [("with", "without", WithSnapshot, WithoutSnapshot)]
+        pairs = [("with", "without", WithSnapshot, WithoutSnapshot)] if host_snapshot else []
         if images:
             pairs.append(("image_with", "image_without", ImageWithSnapshot, ImageWithoutSnapshot))
         for w, wo, snapped, plain in pairs:

@@ -1,9 +1,12 @@
-"""Cold starts, the pure parts: snapshot keys, CRIU detection and command lines, which
-launches can be forked, and telling a function why it has no snapshot only once."""
+"""Cold starts: snapshot keys, CRIU detection and command lines, which launches can be
+forked, telling a function why it has no snapshot only once, the per-(runtime, image)
+fallback (with real zygote processes), and the zygote protocol's messages."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import os
 import shutil
 import subprocess
@@ -13,14 +16,30 @@ import msgspec
 import pytest
 
 from strato.protocol import messages as m
-from strato.runtime.base import Bind, ContainerLaunch
-from strato.worker import zygote
-from strato.worker.zygote import ZygotePool
+from strato.protocol import zygote as zp
+from strato.runtime.base import Bind, Capabilities, ContainerLaunch, Runtime
+from strato.runtime.forking import ForkSandbox, PlainForking
+from strato.runtime.process import ProcessRuntime
+from strato.worker.coldstart import (
+    ForkedContainer,
+    ZygotePool,
+    criu_check,
+    criu_dump_argv,
+    criu_restore_argv,
+)
 
 
-class FakeRuntime:
-    def __init__(self, name: str) -> None:
-        self.name = name
+class Unforking(Runtime):
+    """A runtime that forks nothing (as gvisor): only its name and capabilities are read."""
+
+    name = "gvisor"
+    capabilities = Capabilities(True, True, False, False, False)
+
+    async def start(self, launch):
+        raise AssertionError("not started here")
+
+    def describe(self) -> str:
+        return "unforking"
 
 
 def start_msg(**spec_changes) -> m.ContainerStart:
@@ -40,130 +59,168 @@ def start_msg(**spec_changes) -> m.ContainerStart:
 
 
 def launch(**changes) -> ContainerLaunch:
-    base = ContainerLaunch("ct-1", ["/usr/bin/python3", "-m", "strato.container"], {}, "/")
+    base = ContainerLaunch("ct-1", [sys.executable, "-m", "strato.container"], {}, "/")
     for k, v in changes.items():
         setattr(base, k, v)
     return base
 
 
-def test_the_snapshot_key_follows_code_image_spec_and_runtime():
+@pytest.fixture
+def plain() -> ProcessRuntime:
+    return ProcessRuntime(use_cgroups=False, gpus_present=False)
+
+
+def test_the_snapshot_key_follows_code_image_spec_and_runtime(plain):
     key = ZygotePool.template_key
-    rt = FakeRuntime("bwrap")
-    same = key(start_msg(), launch(), rt)
-    assert key(start_msg(), launch(), rt) == same
-    assert key(start_msg(mount_id="mo-2"), launch(), rt) != same  # new code
-    assert key(start_msg(), launch(rootfs_layers=["/l/a"]), rt) != same  # another image
-    assert key(start_msg(env={"A": "1"}), launch(), rt) != same  # another spec
-    assert key(start_msg(), launch(), FakeRuntime("process")) != same
+    same = key(start_msg(), launch(), plain)
+    assert key(start_msg(), launch(), plain) == same
+    assert key(start_msg(mount_id="mo-2"), launch(), plain) != same  # new code
+    assert key(start_msg(), launch(rootfs_layers=["/l/a"]), plain) != same  # another image
+    assert key(start_msg(env={"A": "1"}), launch(), plain) != same  # another spec
+    assert key(start_msg(), launch(), Unforking()) != same
 
 
 def test_criu_check_says_why_it_fails(tmp_path, monkeypatch):
     fake = tmp_path / "criu"
     fake.write_text("#!/bin/sh\necho 'Error (criu/vdso.c:613): vdso: no symtable' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(zygote.os, "geteuid", lambda: 0)
-    ok, why = zygote.criu_check(str(fake))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    ok, why = criu_check(str(fake))
     assert not ok and "vdso: no symtable" in why
     fake.write_text("#!/bin/sh\necho 'Looks good.'\n")
-    assert zygote.criu_check(str(fake)) == (True, "")
+    assert criu_check(str(fake)) == (True, "")
 
 
 def test_criu_command_lines(tmp_path):
-    dump = zygote.criu_dump_argv(42, tmp_path)
+    dump = criu_dump_argv(42, tmp_path)
     assert dump[1:4] == ["dump", "--tree", "42"] and "--leave-running" in dump
-    restore = zygote.criu_restore_argv(tmp_path, tmp_path / "pid", {"socket:[7]": 5})
+    restore = criu_restore_argv(tmp_path, tmp_path / "pid", {"socket:[7]": 5})
     assert "--restore-detached" in restore
     assert restore[restore.index("--inherit-fd") + 1] == "fd[5]:socket:[7]"
 
 
 @pytest.mark.parametrize(
-    "runtime, changes, why",
+    "which, changes, snap, why",
     [
-        ("gvisor", {}, "the gvisor runtime cannot fork containers"),
-        ("process", {"gpu_indices": [0]}, "containers with GPUs are not forked"),
-        ("process", {"argv": ["python", "app.py"]}, "does not run strato's entrypoint"),
-        ("process", {}, None),
+        ("unforking", {}, False, "the gvisor runtime cannot fork containers"),
+        ("no-snapshot", {}, True, "the process runtime cannot snapshot memory"),
+        ("no-snapshot", {}, False, None),
+        ("process", {"gpu_indices": [0]}, False, "containers with GPUs are not forked"),
+        ("process", {"argv": ["python", "app.py"]}, False, "does not run strato's entrypoint"),
+        ("process", {}, True, None),
     ],
 )
-def test_which_launches_are_forked(tmp_path, runtime, changes, why):
-    pool = ZygotePool(tmp_path)
-    found = pool._unforkable(launch(**changes), FakeRuntime(runtime))
+def test_which_launches_are_forked(tmp_path, plain, which, changes, snap, why):
+    runtime: Runtime = plain
+    if which == "unforking":
+        runtime = Unforking()
+    elif which == "no-snapshot":  # a runtime that forks but takes no memory snapshots
+        plain.capabilities = dataclasses.replace(plain.capabilities, snapshot=False)
+    found = ZygotePool(tmp_path).unforkable(launch(**changes), runtime, snap)
     assert found == why if why is None else why in found
 
 
 def test_binds_a_zygote_can_make(tmp_path):
     pool = ZygotePool(tmp_path)
     code = Bind(str(tmp_path / "mounts" / "mo-1" / "0"), "/run/strato/mounts/0")
-    assert pool._bind_source(code) == "/run/strato/hostmounts/mo-1/0"
-    assert pool._bind_source(code, template=True) == "/run/strato/mounts/0"
-    assert pool._bind_source(Bind("/x", "/run/strato/container")) == ""  # written instead
-    assert pool._bind_source(Bind("/etc", "/data")) is None
+    assert pool.bind_source(code) == "/run/strato/hostmounts/mo-1/0"
+    assert pool.bind_source(code, sees_code=True) == "/run/strato/mounts/0"
+    assert pool.bind_source(Bind("/x", "/run/strato/container")) == ""  # written instead
+    assert pool.bind_source(Bind("/etc", "/data")) is None
 
 
 def test_a_function_is_told_once(tmp_path):
     told: list[tuple[str, str]] = []
     pool = ZygotePool(tmp_path, tell=lambda cid, text: told.append((cid, text)))
-    pool._tell_once(start_msg(), "no snapshot: because")
-    pool._tell_once(start_msg(), "no snapshot: because")
+    pool.tell_once(start_msg(), "no snapshot: because")
+    pool.tell_once(start_msg(), "no snapshot: because")
     assert told == [("ct-1", "no snapshot: because")]
 
 
-def test_a_fork_failure_turns_forking_off_for_its_runtime_and_image_only(tmp_path, caplog):
+class BreakingForking(PlainForking):
+    """The process runtime's forking, but a container of the image ``/l/broken`` gets a
+    sandbox whose bind source is missing: its monitor's set-up fails in the zygote, as a
+    set-up of strato's own that would fail again."""
+
+    def sandbox(self, launch: ContainerLaunch, binds: list[tuple[str, str]]) -> ForkSandbox:
+        made = super().sandbox(launch, binds)
+        if launch.rootfs_layers == ["/l/broken"]:
+            made.isolate = True
+            made.binds = [("/nonexistent/strato-test-source", "/data")]
+        return made
+
+
+def test_a_fork_failure_turns_forking_off_for_its_runtime_and_image_only(tmp_path, plain, caplog):
     """After a fork's set-up failed for one (runtime, image), its containers start normally
     for a while (said once in the worker's log, once per function in the app's), while
-    other images and containers without an image are still forked."""
+    other images and containers without an image are still forked: real zygotes (one per
+    image), real forks."""
+    caplog.set_level(logging.INFO, "strato.worker")
+    plain.forking = BreakingForking(plain)
     told: list[tuple[str, str]] = []
     pool = ZygotePool(tmp_path, tell=lambda cid, text: told.append((cid, text)))
-    pool._unforkable = lambda launch, runtime, spec=None: None
-    forked: list[str] = []
+    plain_msg = start_msg(enable_memory_snapshot=False)
 
-    async def get_zygote(runtime, channel, sock, like=None, env=None):
-        return object()
+    async def scenario() -> list[str]:
+        forked: list[str] = []
+        try:
+            for cid, layers in [
+                ("ct-b1", ["/l/broken"]),
+                ("ct-b2", ["/l/broken"]),  # not tried again
+                ("ct-2", ["/l/other"]),
+                ("ct-3", []),
+            ]:
+                msg = msgspec.structs.replace(plain_msg, container_id=cid)
+                rc = await pool.start(msg, launch(container_id=cid, rootfs_layers=layers), plain)
+                if rc is not None:
+                    assert isinstance(rc, ForkedContainer)
+                    forked.append(cid)
+                    await asyncio.wait_for(rc.wait(), 60)  # it finds no control plane
+        finally:
+            await pool.close()
+        return forked
 
-    async def fork(z, msg, launch, runtime, where=""):
-        if launch.rootfs_layers == ["/l/broken"]:
-            pool._broken[where] = (zygote.time.monotonic(), "mount proc: EPERM")
-            raise zygote.ForkFailed("mount proc: EPERM")
-        forked.append(msg.container_id)
-        return msg.container_id
+    assert asyncio.run(scenario()) == ["ct-2", "ct-3"]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "not forked" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "/nonexistent/strato-test-source" in warnings[0], warnings
+    assert len(told) == 1 and told[0][0] == "ct-b1", told
+    assert told[0][1].startswith("not forked from a zygote: a forked container could not")
+    key = pool.fallback_key
+    assert key(plain, launch()) != key(plain, launch(rootfs_layers=["/x"]))
+    assert key(plain, launch()) != key(Unforking(), launch())
 
-    pool._get_zygote, pool._fork = get_zygote, fork
-    rt = FakeRuntime("bwrap")
-    plain = start_msg(enable_memory_snapshot=False)
 
-    def start(msg, layers):
-        return asyncio.run(pool.start(msg, launch(rootfs_layers=layers), rt))
-
-    broken = msgspec.structs.replace(plain, container_id="ct-b1")
-    assert start(broken, ["/l/broken"]) is None
-    again = msgspec.structs.replace(plain, container_id="ct-b2")
-    assert start(again, ["/l/broken"]) is None  # not tried again
-    assert start(msgspec.structs.replace(plain, container_id="ct-2"), ["/l/other"]) == "ct-2"
-    assert start(msgspec.structs.replace(plain, container_id="ct-3"), []) == "ct-3"
-    assert forked == ["ct-2", "ct-3"]
-    warnings = [r.getMessage() for r in caplog.records if "not forked" in r.getMessage()]
-    assert len(warnings) == 1 and "EPERM" in warnings[0], warnings
-    assert told == [("ct-b1", "not forked from a zygote: mount proc: EPERM; the container "
-                     "starts normally")]  # fmt: skip
-    assert pool.fallback_key(rt, launch()) != pool.fallback_key(rt, launch(rootfs_layers=["/x"]))
-    assert pool.fallback_key(rt, launch()) != pool.fallback_key(FakeRuntime("process"), launch())
+def test_the_zygote_messages_travel_typed():
+    req = zp.ForkRequest(
+        cid="ct-1", env={"A": "1"}, workdir="/w", user=(65534, 65534), binds=[("/a", "/b")]
+    )
+    back = zp.decode_request(zp.encode(req))
+    assert back == req and back.user == (65534, 65534) and back.binds == [("/a", "/b")]
+    assert zp.decode_report(zp.encode(zp.Exited(None, 9))) == zp.Exited(None, 9)
+    assert isinstance(zp.decode_answer(zp.encode(zp.IdsMapped(True))), zp.IdsMapped)
+    with pytest.raises(msgspec.DecodeError):
+        zp.decode_report(zp.encode(zp.IdsMapped(True)))  # an answer is no report
 
 
 HIDE_AND_CHECK = """
 import subprocess, sys
 from pathlib import Path
-from strato.worker import zygote
+from strato.runtime.bwrap_fork import ensure_empty_proc, proc_root_at
 
 state = Path(sys.argv[1])
 path = state / "emptyproc"
-assert zygote._ensure_empty_proc(path) is None
-assert zygote._proc_root_at(path)
+assert ensure_empty_proc(path) is None
+assert proc_root_at(path)
 # what another runtime did to the state directory: bound onto itself, not recursively;
 # the empty proc is still in the mount table, but its path now leads to a plain directory
 subprocess.run(["mount", "--bind", str(state), str(state)], check=True)
-assert not zygote._proc_root_at(path)
-assert zygote._ensure_empty_proc(path) is None  # mounted again, where the path leads
-assert zygote._proc_root_at(path)
+assert not proc_root_at(path)
+assert ensure_empty_proc(path) is None  # mounted again, where the path leads
+assert proc_root_at(path)
 print("ok")
 """
 

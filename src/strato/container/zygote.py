@@ -5,9 +5,10 @@ runtime, with a control socket (``$STRATO_ZYGOTE_FD``, ``SOCK_SEQPACKET``). It i
 strato's container runtime and the declared imports (``$STRATO_PREIMPORT``, comma
 separated); a *template* (``$STRATO_ZYGOTE_MODE=template``) also imports the function's
 code and runs its ``@enter(snap=True)`` hooks (:mod:`strato.container.snapshot`). Then it
-answers ``ready`` and serves fork requests: one msgpack map plus file descriptors
+answers ``Ready`` and serves fork requests (:mod:`strato.protocol.zygote`: one
+``ForkRequest`` plus file descriptors
 (stdout, stderr, a private control socket for the new container, and the ``tasks`` /
-``cgroup.procs`` files of the container's cgroup, opened by the worker).
+``cgroup.procs`` files of the container's cgroup, opened by the worker)).
 
 Each request forks a *monitor* (C), which
 
@@ -54,8 +55,7 @@ import socket
 import sys
 import traceback
 
-import msgspec
-
+from strato.protocol import zygote as zp
 from strato.runtime.seccomp import (  # stdlib only; the zygote pre-imports it anyway
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -153,7 +153,7 @@ def main() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # goes with the worker
     fd = int(os.environ["STRATO_ZYGOTE_FD"])
     ctl = socket.socket(fileno=fd)
-    ready: dict = {"ready": True}
+    ready = zp.Ready(True)
     try:
         import strato.container.runner  # noqa: F401 - the point of a zygote
         from strato.container import snapshot
@@ -161,17 +161,16 @@ def main() -> None:
         missing = snapshot.preimport(os.environ.get("STRATO_PREIMPORT", ""))
         snapshot.preimport("strato.runtime.seccomp")  # what a forked container loads
         snapshot.preimport(WEB_SERVING)  # where installed: a web endpoint's first request
-        if missing:
-            ready["missing"] = missing
+        ready.missing = missing
         if os.environ.get("STRATO_ZYGOTE_MODE") == "template":
             snapshot.load_template()
     except BaseException as e:  # noqa: BLE001 - told to the worker, which starts normally
         text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        ctl.sendall(msgspec.msgpack.encode({"ready": False, "error": f"{e!r}", "tb": text}))
+        ctl.sendall(zp.encode(zp.Ready(False, error=f"{e!r}", tb=text)))
         sys.exit(1)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    ctl.sendall(msgspec.msgpack.encode(ready))
+    ctl.sendall(zp.encode(ready))
     serve(ctl)
 
 
@@ -191,7 +190,7 @@ def serve(ctl: socket.socket) -> None:
                 arr.frombytes(payload[: len(payload) - len(payload) % fd_size])
                 fds.extend(arr)
         try:
-            request = msgspec.msgpack.decode(data)
+            request = zp.decode_request(data)
             pid = os.fork()
         except BaseException:  # noqa: BLE001 - a bad request must not end the zygote
             traceback.print_exc()
@@ -210,19 +209,19 @@ def serve(ctl: socket.socket) -> None:
 # ------------------------------------------------------------------------- the monitor (C)
 
 
-def _send(ctl: socket.socket, msg: dict) -> None:
+def _send(ctl: socket.socket, msg: zp.ForkReport) -> None:
     try:
-        ctl.sendall(msgspec.msgpack.encode(msg))
+        ctl.sendall(zp.encode(msg))
     except OSError:
         pass
 
 
-def _monitor(req: dict, fds: list[int]) -> int:
+def _monitor(req: zp.ForkRequest, fds: list[int]) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     stdout, stderr, ctl_fd, *cgroup_fds = fds
     ns_fds: list[int] = []
-    if req.get("premade") and len(cgroup_fds) >= 2:  # a user and network namespace, made
+    if req.premade and len(cgroup_fds) >= 2:  # a user and network namespace, made
         cgroup_fds, ns_fds = cgroup_fds[:-2], cgroup_fds[-2:]
     ctl = socket.socket(fileno=ctl_fd)
     try:
@@ -236,11 +235,11 @@ def _monitor(req: dict, fds: list[int]) -> int:
             if f > 2:
                 os.close(f)
         _close_other_fds(keep={ctl.fileno(), *ns_fds})
-        _send(ctl, {"monitor": True})  # SO_PASSCRED gives the worker this pid
-        root = _sandbox(req, ctl, ns_fds) if req.get("isolate") else ""
+        _send(ctl, zp.MonitorUp())  # SO_PASSCRED gives the worker this pid
+        root = _sandbox(req, ctl, ns_fds) if req.isolate else ""
         pid = os.fork()
     except BaseException as e:  # noqa: BLE001 - reported; the worker starts it normally
-        _send(ctl, {"error": f"{type(e).__name__}: {e}"})
+        _send(ctl, zp.SetupFailed(f"{type(e).__name__}: {e}"))
         return 1
     if pid == 0:
         try:
@@ -249,9 +248,9 @@ def _monitor(req: dict, fds: list[int]) -> int:
             os._exit(70)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        _send(ctl, {"exit": None, "signal": os.WTERMSIG(status)})
+        _send(ctl, zp.Exited(None, os.WTERMSIG(status)))
     else:
-        _send(ctl, {"exit": os.WEXITSTATUS(status), "signal": None})
+        _send(ctl, zp.Exited(os.WEXITSTATUS(status), None))
     return 0
 
 
@@ -270,7 +269,7 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def _sandbox(req: dict, ctl: socket.socket, ns_fds: list[int] = ()) -> str:
+def _sandbox(req: zp.ForkRequest, ctl: socket.socket, ns_fds: list[int]) -> str:
     """The container's namespaces and mounts; returns the root it will pivot into ("" for
     none: it keeps the zygote's). With ``netns`` (or ``block_network``) it gets a network
     namespace of its own, with ``egress`` one the worker gives outbound access to (a
@@ -287,12 +286,12 @@ def _sandbox(req: dict, ctl: socket.socket, ns_fds: list[int] = ()) -> str:
         os.close(netns)
     else:
         flags |= CLONE_NEWUSER
-        if req.get("netns") or req.get("block_network"):
+        if req.netns or req.block_network:
             flags |= CLONE_NEWNET
     _check(_libc.unshare(flags), "unshare")
     os.umask(0o022)  # what it makes here is for the container's user to read
-    egress = bool(req.get("egress")) and bool(flags & CLONE_NEWNET)
-    user = req.get("user")  # (uid, gid) the container runs as, the same on the host
+    egress = req.egress and bool(flags & CLONE_NEWNET)
+    user = req.user  # (uid, gid) the container runs as, the same on the host
     if ns_fds or flags & CLONE_NEWNET:
         _loopback_up()  # (before a network stack is attached: both configure links)
     if ns_fds:  # ids mapped and egress attached already
@@ -301,20 +300,20 @@ def _sandbox(req: dict, ctl: socket.socket, ns_fds: list[int] = ()) -> str:
         # root stays root (the same uid outside) while it sets up, with capabilities in
         # these namespaces only; the worker (root outside) also maps the container's ids
         # and attaches the network stack meanwhile
-        _send(ctl, {"ns": True})
-        _await(ctl, "mapped")
+        _send(ctl, zp.NamespacesMade())
+        _await(ctl, zp.IdsMapped)
     else:
         _write("/proc/self/uid_map", "0 0 1")
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/gid_map", "0 0 1")
         if egress:
-            _send(ctl, {"ns": True})  # the worker attaches the network stack meanwhile
+            _send(ctl, zp.NamespacesMade())  # the worker attaches the network stack meanwhile
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # the binds, from the zygote's view
-    sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req["binds"]]
+    sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req.binds]
     _fresh("/tmp")
     root = ""
-    layers = req.get("layers")
+    layers = req.layers
     if layers:  # the image with a writable layer of its own (in memory), like any container
         root = "/tmp/root"
         for d in ("/tmp/rw/upper", "/tmp/rw/work", root):
@@ -325,7 +324,7 @@ def _sandbox(req: dict, ctl: socket.socket, ns_fds: list[int] = ()) -> str:
         _mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
         _mount("/sys", root + "/sys", None, MS_BIND | MS_REC)
         _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-        for d in req.get("owned") or []:  # its home and workdir: the container user's
+        for d in req.owned:  # its home and workdir: the container user's
             os.makedirs(root + d, exist_ok=True)
             if user:
                 os.chown(root + d, user[0], user[1])
@@ -346,15 +345,15 @@ def _sandbox(req: dict, ctl: socket.socket, ns_fds: list[int] = ()) -> str:
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
         _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
         os.close(fd)
-    spec_path, spec = req.get("spec_path"), req.get("spec")
+    spec_path, spec = req.spec_path, req.spec
     if spec_path and spec is not None:
         os.makedirs(os.path.dirname(root + spec_path), exist_ok=True)
         with open(root + spec_path, "wb") as f:
             f.write(spec)
-    hostname = req.get("hostname", "").encode()[:63]
+    hostname = req.hostname.encode()[:63]
     _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
     if egress:
-        _await(ctl, "egress")
+        _await(ctl, zp.EgressAttached)
     return root
 
 
@@ -380,12 +379,16 @@ def _fresh(path: str) -> None:
         os.close(fd)
 
 
-def _await(ctl: socket.socket, what: str) -> None:
-    """Wait for the worker's ``{what: True}`` (else raise, with the worker's reason)."""
+def _await(ctl: socket.socket, kind: type[zp.IdsMapped] | type[zp.EgressAttached]) -> None:
+    """Wait for the worker's answer ``kind`` with ``ok`` (else raise, with its reason)."""
+    what = {zp.IdsMapped: "ids", zp.EgressAttached: "egress"}[kind]
     data = ctl.recv(1 << 16)
-    answer = msgspec.msgpack.decode(data) if data else {}
-    if not isinstance(answer, dict) or not answer.get(what):
-        why = answer.get("error") if isinstance(answer, dict) else None
+    try:
+        answer = zp.decode_answer(data) if data else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, kind) or not answer.ok:
+        why = answer.error if isinstance(answer, kind) else None
         raise OSError(errno.EPERM, f"the worker did not give the container its {what}: {why}")
 
 
@@ -457,7 +460,7 @@ def _drop_bounding_set(keep: int) -> None:
 
 
 class _MMMap(ctypes.Structure):
-    _fields_ = [
+    _fields_ = [  # type: ignore[assignment]
         (name, ctypes.c_uint64)
         for name in (
             "start_code",
@@ -529,38 +532,38 @@ def _load_seccomp(bpf: bytes) -> None:
     load_filter(bpf)
 
 
-def _container(req: dict, ctl: socket.socket, root: str) -> None:
+def _container(req: zp.ForkRequest, ctl: socket.socket, root: str) -> None:
     os.setsid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     try:
-        if req.get("isolate"):
+        if req.isolate:
             # its own proc, while the empty one still proves it may (then its root, if any)
             _mount_proc(root + "/proc")
             if root:
                 _enter_root(root)
-                os.makedirs(req.get("workdir") or "/", exist_ok=True)
-            if req.get("user"):
-                _become(*req["user"])
+                os.makedirs(req.workdir or "/", exist_ok=True)
+            if req.user:
+                _become(*req.user)
             else:
-                _drop_capabilities(req.get("caps") or [])
-            if req.get("seccomp"):  # last: it forbids mounts and new namespaces
-                _load_seccomp(req["seccomp"])
-        env = req["env"]
+                _drop_capabilities(req.caps)
+            if req.seccomp:  # last: it forbids mounts and new namespaces
+                _load_seccomp(req.seccomp)
+        env = req.env
         os.environ.clear()
         os.environ.update(env)
         _show_environment(env)
         try:
-            os.chdir(req.get("workdir") or "/")
+            os.chdir(req.workdir or "/")
         except FileNotFoundError:
             if root:  # (made above)
                 raise
             os.chdir("/")  # not in its minimal root: a bwrap container starts at / too
     except BaseException as e:  # noqa: BLE001 - nothing of the user's ran yet
-        _send(ctl, {"error": f"{type(e).__name__}: {e}"})
+        _send(ctl, zp.SetupFailed(f"{type(e).__name__}: {e}"))
         os._exit(1)
-    _send(ctl, {"started": True})  # SO_PASSCRED gives the worker this pid
+    _send(ctl, zp.Started())  # SO_PASSCRED gives the worker this pid
     ctl.close()
-    sys.argv = [req.get("argv0") or "strato.container"]
+    sys.argv = [req.argv0 or "strato.container"]
     code = 0
     try:
         from strato.container import runner
@@ -582,7 +585,8 @@ def _exit(code: int) -> None:
     import threading
 
     try:
-        threading._shutdown()  # type: ignore[attr-defined] - join non-daemon threads
+        # join non-daemon threads, as the interpreter does at exit
+        threading._shutdown()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
         pass
     atexit._run_exitfuncs()

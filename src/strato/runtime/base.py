@@ -11,6 +11,11 @@ import asyncio
 import signal as _signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from strato.runtime.cgroups import CgroupManager
+    from strato.runtime.forking import Forking
 
 # Plain words for the signals that mean "the program crashed".
 _CRASH_SIGNALS: dict[int, str] = {
@@ -37,7 +42,8 @@ class Capabilities:
     gpu: bool
     """Can hand a container only the GPUs assigned to it."""
     snapshot: bool
-    """Can snapshot and restore a container's memory."""
+    """Can snapshot a container's memory after its ``@enter(snap=True)`` hooks (a template
+    that containers are forked from, checkpointed with CRIU where usable)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,13 @@ class Runtime(ABC):
 
     name: str
     capabilities: Capabilities
+    cgroups: CgroupManager | None = None
+    """Where its containers' cgroups are made (``None``: no limits here)."""
+    gpus_present: bool = False
+    """This machine has GPUs: a container given none sees an empty ``CUDA_VISIBLE_DEVICES``."""
+    forking: Forking | None = None
+    """How containers are forked from zygotes under this runtime; ``None``: never (they
+    always start normally)."""
 
     @abstractmethod
     async def start(self, launch: ContainerLaunch) -> RunningContainer:
@@ -174,3 +187,28 @@ class Runtime(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One line for logs: the runtime and what it enforces here."""
+
+    def environment(self, launch: ContainerLaunch) -> dict[str, str]:
+        """The complete environment of the launch's process: its own, with
+        ``$STRATO_CHANNEL`` where this runtime places the channel socket and
+        ``CUDA_VISIBLE_DEVICES`` as the runtime sets it (an isolating runtime never passes
+        the launch's own on)."""
+        env = dict(launch.env)
+        if self.capabilities.isolation:
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+        if launch.channel_socket is not None:
+            inside = CHANNEL_PATH if self.capabilities.isolation else launch.channel_socket
+            env[CHANNEL_ENV] = f"unix:{inside}"
+        if launch.gpu_indices:
+            env["CUDA_VISIBLE_DEVICES"] = self.cuda_devices(launch.gpu_indices)
+        elif self.gpus_present:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def cuda_devices(self, indices: list[int]) -> str:
+        """``CUDA_VISIBLE_DEVICES`` for a container given the GPUs ``indices``."""
+        return ",".join(str(i) for i in indices)
+
+    def hide(self, path: str) -> None:  # noqa: B027 - most show containers no host folder
+        """Keep the host directory ``path`` out of sight of containers (where they may see
+        host directories at all)."""

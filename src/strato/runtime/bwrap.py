@@ -50,36 +50,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import CHANNEL_PATH, Bind, Capabilities, ContainerLaunch, Runtime
-from strato.runtime.cgroups import CgroupManager, ContainerCgroup
+from strato.runtime.base import CHANNEL_PATH, Bind, ContainerLaunch
 from strato.runtime.devices import cuda_visible_devices, gpu_device_nodes
 from strato.runtime.isolation import (
     DEFAULT_CAPS,
     OWN_DIRS,
+    IsolatingRuntime,
     RootEntry,
-    check_launch,
-    container_environment,
-    container_ids,
-    let_container_reach,
+    find_tool,
     minimal_root,
     minimal_workdir,
     sanitized_etc,
 )
-from strato.runtime.network import Egress, default_pool, egress_unavailable_reason
-from strato.runtime.rootfs import (
-    ContainerDir,
-    default_state_dir,
-    find_executable,
-)
+from strato.runtime.network import Egress, egress_unavailable_reason
+from strato.runtime.rootfs import ContainerDir, default_state_dir, find_executable
 from strato.runtime.seccomp import filter_bpf, filter_fd
 from strato.runtime.supervise import (
+    Launching,
     SupervisedContainer,
-    cgroup_join_argv,
-    describe_limits,
     node_has_gpus,
-    open_cgroups,
     resolve_executable,
-    spawn,
 )
 
 log = logging.getLogger("strato.runtime")
@@ -300,17 +290,10 @@ def _ns_pid(pid: int) -> int:
 class BwrapContainer(SupervisedContainer):
     wraps_exit_status = True
 
-    def __init__(
-        self,
-        container_id: str,
-        proc: asyncio.subprocess.Process,
-        cgroup: ContainerCgroup | None,
-        memory_mb: int | None,
-        container_dir: ContainerDir | None,
-    ) -> None:
-        super().__init__(container_id, proc, cgroup, memory_mb)
-        self.container_dir = container_dir
-        self.egress: Egress | None = None
+    def __init__(self, st: Launching) -> None:
+        super().__init__(st)
+        self.container_dir: ContainerDir | None = st.container_dir
+        self.egress: Egress | None = st.egress
         """The container's user-mode network stack (none with ``block_network``)."""
         self._program_pid: int | None = None
 
@@ -354,10 +337,12 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-class BwrapRuntime(Runtime):
+class BwrapRuntime(IsolatingRuntime):
     """Runs each container in its own namespaces with bubblewrap."""
 
     name = "bwrap"
+    container_class = BwrapContainer
+    pids_extra = HELPERS
 
     def __init__(
         self,
@@ -369,136 +354,89 @@ class BwrapRuntime(Runtime):
         hidden_paths: Iterable[str] = (),
         bwrap: str | None = None,
     ) -> None:
-        found = bwrap or shutil.which("bwrap")
-        if found is None:
-            raise InvalidError(
-                "The 'bwrap' runtime needs bubblewrap: install it (apt-get install bubblewrap) "
-                "or choose another runtime with $STRATO_RUNTIME."
-            )
-        self.bwrap = found
-        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-        self.hidden_paths = [str(self.state_dir), *hidden_paths]
-        """Host directories a container without an image must not see (empty there)."""
-        self.cgroups: CgroupManager | None
-        self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
-        self.gpus_present = node_has_gpus() if gpus_present is None else gpus_present
+        found = find_tool(
+            bwrap,
+            "bwrap",
+            "The 'bwrap' runtime needs bubblewrap: install it (apt-get install bubblewrap) "
+            "or choose another runtime with $STRATO_RUNTIME.",
+        )
         if not os.access(SETPRIV, os.X_OK):
             raise InvalidError(
                 f"The 'bwrap' runtime needs {SETPRIV} (util-linux) to run containers "
                 "unprivileged: install util-linux."
             )
-        self.user = container_ids()
-        """The unprivileged uid and gid containers run as (inside and on the host)."""
+        self.bwrap = found
+        cgroups = (use_cgroups, cgroup_parent)
+        super().__init__(*cgroups, state_dir, hidden_paths, gpu=True, snapshot=True)
+        self.gpus_present = node_has_gpus() if gpus_present is None else gpus_present
         self.priv_dir, self.priv_argv = setpriv_bundle(self.state_dir)
-        self.etc_dir = str(sanitized_etc(self.state_dir))
         filter_bpf()  # compiled once, here rather than in the first container's start
-        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
         why = egress_unavailable_reason()
         if why is not None:
             log.warning("bwrap runtime: %s", why)
-        self.egress_pool = default_pool()
-        self.capabilities = Capabilities(
-            isolation=True,
-            network_control=True,
-            cgroups=self.cgroups is not None,
-            gpu=True,
-            snapshot=False,
-        )
+        from strato.runtime.bwrap_fork import SandboxForking
+
+        self.forking = SandboxForking(self)
 
     def describe(self) -> str:
-        limits = describe_limits(self.cgroups, self.cgroup_reason)
         uid, gid = self.user
         return (
             f"bwrap ({self.bwrap}; namespaces, uid {uid}:{gid}, seccomp, egress-only "
-            f"network, overlay images; {limits})"
+            f"network, overlay images; {self.describe_limits()})"
         )
 
-    def _environment(self, launch: ContainerLaunch) -> dict[str, str]:
-        env = container_environment(launch)
-        if launch.gpu_indices:
-            env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(launch.gpu_indices)
-        elif self.gpus_present:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        return env
+    def cuda_devices(self, indices: list[int]) -> str:
+        return cuda_visible_devices(indices)
 
-    def _owned_dirs(self, launch: ContainerLaunch, workdir: str) -> list[str]:
-        """Folders of an image the container's user gets to write: its home and workdir."""
-        dirs = [launch.env.get("HOME") or "/root"]
-        if workdir != "/":
-            dirs.append(workdir)
-        return [d for d in dirs if os.path.isabs(d) and d != "/" and not _under_own(d)]
-
-    async def start(self, launch: ContainerLaunch) -> BwrapContainer:
-        check_launch(launch)
-        env = self._environment(launch)
+    async def prepare(self, launch: ContainerLaunch, st: Launching) -> None:
         gpu_nodes = gpu_device_nodes(launch.gpu_indices)
-        container_dir: ContainerDir | None = None
         rootfs: str | None = None
         root: list[RootEntry] | None = None
         if launch.rootfs_layers:
             workdir = launch.workdir or "/"
-            container_dir = ContainerDir.create(self.state_dir, launch.container_id)
+            st.container_dir = ContainerDir.create(self.state_dir, launch.container_id)
+            st.hold(st.container_dir.remove)
+            owned = owned_dirs(launch, workdir)
+            mounted = await asyncio.to_thread(
+                st.container_dir.mount, launch.rootfs_layers, owned, self.user
+            )
+            rootfs = str(mounted)
+            find_executable(rootfs, launch.argv[0], st.env, workdir)
         else:
             root = minimal_root(launch.argv[0], sanitized_etc(self.state_dir))
             workdir = minimal_workdir(launch, root)
-            resolve_executable(launch.argv[0], env, workdir)
-        if launch.channel_socket is not None:
-            let_container_reach(launch.channel_socket)
-        cgroup = None
-        fds: list[int] = []
-        egress: Egress | None = None
-        try:
-            if container_dir is not None:
-                owned = self._owned_dirs(launch, workdir)
-                rootfs = str(
-                    await asyncio.to_thread(
-                        container_dir.mount, launch.rootfs_layers, owned, self.user
-                    )
-                )
-                find_executable(rootfs, launch.argv[0], env, workdir)
-            if self.cgroups is not None:
-                pids_max = None if launch.pids_max is None else launch.pids_max + HELPERS
-                cgroup = self.cgroups.create(
-                    launch.container_id, launch.cpu, launch.memory_mb, pids_max
-                )
-            seccomp_fd = filter_fd()
-            fds.append(seccomp_fd)
-            if not launch.block_network:
-                egress = await asyncio.to_thread(self.egress_pool.take)
-            args = build_args(
-                launch,
-                rootfs=rootfs,
-                workdir=workdir,
-                gpu_nodes=gpu_nodes,
-                root=root,
-                seccomp_fd=seccomp_fd,
-                share_net=egress is not None,
-            )
-            if rootfs is not None:
-                args += ["--ro-bind", self.priv_dir, PRIV_INSIDE]
-                drop = user_argv(self.user, self.priv_argv)
-            else:
-                drop = user_argv(self.user)
-            program = [self.bwrap, *args, "--", *drop, *launch.argv]
-            if egress is not None:  # bwrap starts in the container's namespace
-                program = [self.nsenter, f"--net={egress.path}", "--", *program]
-            proc = await spawn(cgroup_join_argv(cgroup, program), env, "/", pass_fds=tuple(fds))
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            if egress is not None:
-                await asyncio.to_thread(egress.close)
-            if cgroup is not None:
-                cgroup.remove(timeout_s=0.5)
-            if container_dir is not None:
-                container_dir.remove()
-            raise
-        for fd in fds:
-            os.close(fd)
-        memory_mb = launch.memory_mb if cgroup is not None else None
-        container = BwrapContainer(launch.container_id, proc, cgroup, memory_mb, container_dir)
-        container.egress = egress
-        return container
+            resolve_executable(launch.argv[0], st.env, workdir)
+        seccomp_fd = filter_fd()
+        st.own_fds.append(seccomp_fd)
+        if not launch.block_network:
+            st.egress = await asyncio.to_thread(self.egress_pool.take)
+            st.hold(st.egress.close)
+        args = build_args(
+            launch,
+            rootfs=rootfs,
+            workdir=workdir,
+            gpu_nodes=gpu_nodes,
+            root=root,
+            seccomp_fd=seccomp_fd,
+            share_net=st.egress is not None,
+        )
+        if rootfs is not None:
+            args += ["--ro-bind", self.priv_dir, PRIV_INSIDE]
+            drop = user_argv(self.user, self.priv_argv)
+        else:
+            drop = user_argv(self.user)
+        # bwrap starts in the container's network namespace, where it has one with egress
+        program = [self.bwrap, *args, "--", *drop, *launch.argv]
+        st.argv, st.cwd = self.in_egress_netns(st.egress, program), "/"
+
+
+def owned_dirs(launch: ContainerLaunch, workdir: str) -> list[str]:
+    """Folders of an image its container's user gets to write: its home and workdir (not
+    those a container has of its own anyway)."""
+    dirs = [launch.env.get("HOME") or "/root"]
+    if workdir != "/":
+        dirs.append(workdir)
+    return [d for d in dirs if os.path.isabs(d) and d != "/" and not _under_own(d)]
 
 
 def _under_own(path: str) -> bool:

@@ -373,6 +373,13 @@ class CgroupManager:
     def describe(self) -> str:
         return f"cgroup v{self.version} ({', '.join(self.controllers)})"
 
+    def leftover(self, container_id: str) -> ContainerCgroup | None:
+        """The cgroup of ``container_id`` where one is left (of an earlier worker)."""
+        dirs = {name: Path(parent) / container_id for name, parent in self.parents.items()}
+        if not any(d.exists() for d in dirs.values()):
+            return None
+        return ContainerCgroup(self.version, dirs)
+
     def create(
         self,
         container_id: str,

@@ -53,7 +53,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import signal as _signal
 import subprocess
 from collections.abc import Iterable
@@ -61,28 +60,18 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import CHANNEL_PATH, Bind, Capabilities, ContainerLaunch, Runtime
-from strato.runtime.cgroups import CgroupManager, ContainerCgroup
+from strato.runtime.base import CHANNEL_PATH, Bind, ContainerLaunch
 from strato.runtime.isolation import (
     DEFAULT_CAPS,
-    check_launch,
-    container_environment,
-    container_ids,
-    let_container_reach,
+    IsolatingRuntime,
+    find_tool,
     minimal_root,
     minimal_workdir,
     sanitized_etc,
 )
-from strato.runtime.network import Egress, default_pool
-from strato.runtime.rootfs import ContainerDir, default_state_dir, find_executable
-from strato.runtime.supervise import (
-    SupervisedContainer,
-    cgroup_join_argv,
-    describe_limits,
-    open_cgroups,
-    resolve_executable,
-    spawn,
-)
+from strato.runtime.network import Egress
+from strato.runtime.rootfs import ContainerDir, find_executable
+from strato.runtime.supervise import Launching, SupervisedContainer, resolve_executable
 
 log = logging.getLogger("strato.runtime")
 
@@ -164,19 +153,11 @@ def build_spec(
 class GvisorContainer(SupervisedContainer):
     wraps_exit_status = True
 
-    def __init__(
-        self,
-        container_id: str,
-        proc: asyncio.subprocess.Process,
-        cgroup: ContainerCgroup | None,
-        memory_mb: int | None,
-        runtime: GvisorRuntime,
-        container_dir: ContainerDir,
-    ) -> None:
-        super().__init__(container_id, proc, cgroup, memory_mb)
+    def __init__(self, st: Launching, runtime: GvisorRuntime) -> None:
+        super().__init__(st)
         self._runtime = runtime
-        self.container_dir = container_dir
-        self.egress: Egress | None = None
+        self.container_dir: ContainerDir = st.container_dir
+        self.egress: Egress | None = st.egress
         """The container's network namespace with egress (none with ``block_network``)."""
 
     def signal(self, sig: int) -> None:
@@ -202,10 +183,11 @@ class GvisorContainer(SupervisedContainer):
             self.egress.close()
 
 
-class GvisorRuntime(Runtime):
+class GvisorRuntime(IsolatingRuntime):
     """Runs each container in its own gVisor sandbox."""
 
     name = "gvisor"
+    pids_extra = SANDBOX_PIDS
 
     def __init__(
         self,
@@ -217,40 +199,25 @@ class GvisorRuntime(Runtime):
         platform: str | None = None,
         runsc: str | None = None,
     ) -> None:
-        found = runsc or shutil.which("runsc")
-        if found is None:
-            raise InvalidError(
-                "The 'gvisor' runtime needs runsc: install gVisor (apt-get install runsc) or "
-                "choose another runtime with $STRATO_RUNTIME."
-            )
+        found = find_tool(
+            runsc,
+            "runsc",
+            "The 'gvisor' runtime needs runsc: install gVisor (apt-get install runsc) or "
+            "choose another runtime with $STRATO_RUNTIME.",
+        )
         if os.geteuid() != 0:
             raise InvalidError(
                 "The 'gvisor' runtime runs sandboxes as root: start the worker as root."
             )
         self.runsc = found
         self.platform = platform or os.environ.get(PLATFORM_ENV) or DEFAULT_PLATFORM
-        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        cgroups = (use_cgroups, cgroup_parent)
+        super().__init__(*cgroups, state_dir, hidden_paths, gpu=False, snapshot=False)
         self.runsc_root = self.state_dir / "runsc"
-        self.hidden_paths = [str(self.state_dir), *hidden_paths]
-        """(Unused since containers without an image get a minimal root; kept for callers.)"""
-        self.user = container_ids()
-        self.etc_dir = str(sanitized_etc(self.state_dir))
-        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
-        self.egress_pool = default_pool()
-        self.cgroups: CgroupManager | None
-        self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
-        self.capabilities = Capabilities(
-            isolation=True,
-            network_control=True,
-            cgroups=self.cgroups is not None,
-            gpu=False,
-            snapshot=False,
-        )
         self._background: list[subprocess.Popen[bytes]] = []
 
     def describe(self) -> str:
-        limits = describe_limits(self.cgroups, self.cgroup_reason)
-        return f"gvisor ({self.runsc}, platform {self.platform}; {limits})"
+        return f"gvisor ({self.runsc}, platform {self.platform}; {self.describe_limits()})"
 
     # ------------------------------------------------------------------ runsc
 
@@ -317,14 +284,14 @@ class GvisorRuntime(Runtime):
 
     # ------------------------------------------------------------------ start
 
-    def _check(self, launch: ContainerLaunch) -> None:
-        check_launch(launch)
+    def check(self, launch: ContainerLaunch) -> None:
+        super().check(launch)
         if launch.gpu_indices:
             raise InvalidError(
                 "The 'gvisor' runtime cannot give a container GPUs; use the 'bwrap' runtime."
             )
 
-    def _prepare(self, launch: ContainerLaunch, env: dict[str, str]) -> ContainerDir:
+    def _bundle(self, launch: ContainerLaunch, env: dict[str, str]) -> ContainerDir:
         """Mount the root filesystem and write the bundle (blocking: run in a thread)."""
         self.delete_state(launch.container_id)  # left by a worker that died, if any
         container_dir = ContainerDir.create(self.state_dir, launch.container_id)
@@ -361,43 +328,20 @@ class GvisorRuntime(Runtime):
             raise
         return container_dir
 
-    async def start(self, launch: ContainerLaunch) -> GvisorContainer:
-        self._check(launch)
-        env = container_environment(launch)
+    async def prepare(self, launch: ContainerLaunch, st: Launching) -> None:
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if launch.channel_socket is not None:
-            let_container_reach(launch.channel_socket)
-        egress = None
         if not launch.block_network:
-            egress = await asyncio.to_thread(self.egress_pool.take)
-        try:
-            container_dir = await asyncio.to_thread(self._prepare, launch, env)
-        except BaseException:
-            if egress is not None:
-                await asyncio.to_thread(egress.close)
-            raise
-        cgroup = None
-        try:
-            if self.cgroups is not None:
-                pids = None if launch.pids_max is None else launch.pids_max + SANDBOX_PIDS
-                cgroup = self.cgroups.create(
-                    launch.container_id, launch.cpu, launch.memory_mb, pids
-                )
-            network = "none" if launch.block_network else "host"
-            argv = self._runsc(
-                "run", f"--bundle={container_dir.path}", launch.container_id, network=network
-            )
-            if egress is not None:  # "host": the namespace of its own, with egress only
-                argv = [self.nsenter, f"--net={egress.path}", "--", *argv]
-            proc = await spawn(cgroup_join_argv(cgroup, argv), {"PATH": os.defpath}, "/")
-        except BaseException:
-            if cgroup is not None:
-                cgroup.remove(timeout_s=0.5)
-            await asyncio.to_thread(container_dir.remove)
-            if egress is not None:
-                await asyncio.to_thread(egress.close)
-            raise
-        memory_mb = launch.memory_mb if cgroup is not None else None
-        c = GvisorContainer(launch.container_id, proc, cgroup, memory_mb, self, container_dir)
-        c.egress = egress
-        return c
+            st.egress = await asyncio.to_thread(self.egress_pool.take)
+            st.hold(st.egress.close)
+        st.container_dir = await asyncio.to_thread(self._bundle, launch, st.env)
+        st.hold(st.container_dir.remove)
+        network = "none" if launch.block_network else "host"
+        argv = self._runsc(
+            "run", f"--bundle={st.container_dir.path}", launch.container_id, network=network
+        )
+        # "host": the namespace of its own, with egress only
+        st.argv = self.in_egress_netns(st.egress, argv)
+        st.env, st.cwd = {"PATH": os.defpath}, "/"
+
+    def wrap(self, st: Launching) -> GvisorContainer:
+        return GvisorContainer(st, self)

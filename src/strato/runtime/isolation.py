@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import CHANNEL_ENV, CHANNEL_PATH, Bind, ContainerLaunch
+from strato.runtime.base import Bind, Capabilities, ContainerLaunch
 from strato.runtime.cgroups import validate_limits
+from strato.runtime.supervise import SupervisedRuntime, open_cgroups
 
 DEFAULT_CAPS = (
     "CAP_CHOWN",
@@ -129,7 +130,7 @@ _etc_made: dict[str, tuple[tuple, Path]] = {}
 
 
 def _etc_signature() -> tuple:
-    sig = []
+    sig: list[tuple] = []
     for name in (*ETC_FILES, "passwd", "group"):
         host = "/etc/" + name
         try:
@@ -346,11 +347,58 @@ def host_workdir(launch: ContainerLaunch, hidden: Iterable[str]) -> str:
     return cwd
 
 
-def container_environment(launch: ContainerLaunch) -> dict[str, str]:
-    """The launch's environment with ``$STRATO_CHANNEL`` pointing at the channel socket's
-    place inside the container (``CUDA_VISIBLE_DEVICES`` is the runtime's to set)."""
-    env = dict(launch.env)
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    if launch.channel_socket is not None:
-        env[CHANNEL_ENV] = f"unix:{CHANNEL_PATH}"
-    return env
+def find_tool(given: str | None, name: str, missing: str) -> str:
+    """``given``, else ``name`` on the PATH; else raise ``InvalidError(missing)``."""
+    found = given or shutil.which(name)
+    if found is None:
+        raise InvalidError(missing)
+    return found
+
+
+class IsolatingRuntime(SupervisedRuntime):
+    """What ``bwrap`` and ``gvisor`` share: a state directory, the container user, the
+    prepared ``/etc``, network namespaces with egress made ahead, and the checks."""
+
+    def __init__(
+        self,
+        use_cgroups: bool,
+        cgroup_parent: str,
+        state_dir: str | os.PathLike[str] | None,
+        hidden_paths: Iterable[str],
+        *,
+        gpu: bool,
+        snapshot: bool,
+    ) -> None:
+        from strato.runtime.network import default_pool
+        from strato.runtime.rootfs import default_state_dir
+
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.hidden_paths = [str(self.state_dir), *hidden_paths]
+        """Host directories a container must not see (a zygote without an image: empty)."""
+        self.user = container_ids()
+        """The unprivileged uid and gid containers run as (inside and on the host)."""
+        self.etc_dir = str(sanitized_etc(self.state_dir))
+        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        self.egress_pool = default_pool()
+        self.cgroups, self.cgroup_reason = open_cgroups(use_cgroups, cgroup_parent)
+        self.capabilities = Capabilities(
+            isolation=True,
+            network_control=True,
+            cgroups=self.cgroups is not None,
+            gpu=gpu,
+            snapshot=snapshot,
+        )
+
+    def hide(self, path: str) -> None:
+        if path not in self.hidden_paths:
+            self.hidden_paths.append(path)
+
+    def check(self, launch: ContainerLaunch) -> None:
+        check_launch(launch)
+
+    def in_egress_netns(self, egress: object | None, argv: list[str]) -> list[str]:
+        """``argv`` started in the network namespace of ``egress`` (``None``: as it is)."""
+        path = getattr(egress, "path", None)
+        if path is None:
+            return argv
+        return [self.nsenter, f"--net={path}", "--", *argv]

@@ -14,17 +14,17 @@ import os
 import signal as _signal
 
 from strato.exceptions import InvalidError
-from strato.runtime.base import CHANNEL_ENV, Capabilities, ContainerLaunch, Runtime
+from strato.runtime.base import Capabilities, ContainerLaunch
 from strato.runtime.cgroups import CgroupManager, validate_limits
+from strato.runtime.forking import PlainForking
 from strato.runtime.supervise import (
     STREAM_LIMIT,
+    Launching,
     SupervisedContainer,
-    cgroup_join_argv,
-    describe_limits,
+    SupervisedRuntime,
     node_has_gpus,
     open_cgroups,
     resolve_executable,
-    spawn,
 )
 
 log = logging.getLogger("strato.runtime")
@@ -56,10 +56,11 @@ class ProcessContainer(SupervisedContainer):
             self._kill_cgroup()  # also those that left the process group
 
 
-class ProcessRuntime(Runtime):
+class ProcessRuntime(SupervisedRuntime):
     """Runs containers as plain subprocesses of the worker agent."""
 
     name = "process"
+    container_class = ProcessContainer
 
     def __init__(
         self,
@@ -76,11 +77,12 @@ class ProcessRuntime(Runtime):
             network_control=False,
             cgroups=self.cgroups is not None,
             gpu=True,  # via CUDA_VISIBLE_DEVICES only: a courtesy, not enforced
-            snapshot=False,
+            snapshot=True,
         )
+        self.forking = PlainForking(self)
 
     def describe(self) -> str:
-        return f"process (no isolation; {describe_limits(self.cgroups, self.cgroup_reason)})"
+        return f"process (no isolation; {self.describe_limits()})"
 
     def _warn_once(self) -> None:
         global _warned
@@ -99,17 +101,7 @@ class ProcessRuntime(Runtime):
             limits,
         )
 
-    def _environment(self, launch: ContainerLaunch) -> dict[str, str]:
-        env = dict(launch.env)
-        if launch.gpu_indices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in launch.gpu_indices)
-        elif self.gpus_present:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        if launch.channel_socket is not None:
-            env[CHANNEL_ENV] = f"unix:{launch.channel_socket}"  # the host path is the path
-        return env
-
-    async def start(self, launch: ContainerLaunch) -> ProcessContainer:
+    def check(self, launch: ContainerLaunch) -> None:
         if not launch.argv:
             raise InvalidError(f"container {launch.container_id}: argv is empty.")
         if launch.block_network:
@@ -130,18 +122,6 @@ class ProcessRuntime(Runtime):
             )
         validate_limits(launch.cpu, launch.memory_mb, launch.pids_max)
         self._warn_once()
-        env = self._environment(launch)
-        _resolve(launch.argv[0], env, launch.cwd)
-        cgroup = None
-        if self.cgroups is not None:
-            cgroup = self.cgroups.create(
-                launch.container_id, launch.cpu, launch.memory_mb, launch.pids_max
-            )
-        try:
-            proc = await spawn(cgroup_join_argv(cgroup, launch.argv), env, launch.cwd)
-        except BaseException:
-            if cgroup is not None:
-                cgroup.remove(timeout_s=0.5)
-            raise
-        memory_mb = launch.memory_mb if cgroup is not None else None
-        return ProcessContainer(launch.container_id, proc, cgroup, memory_mb)
+
+    async def prepare(self, launch: ContainerLaunch, st: Launching) -> None:
+        _resolve(launch.argv[0], st.env, launch.cwd)

@@ -250,8 +250,8 @@ class ContainerDir:
         in the writable layer before mounting, owned by it, so they merge with the image's
         (whose files stay root's, readable as the image made them); their parents are made
         as the image has them."""
-        for d in (self.upper, self.work, self.rootfs):
-            d.mkdir(exist_ok=True)
+        for made in (self.upper, self.work, self.rootfs):
+            made.mkdir(exist_ok=True)
         self.upper.chmod(0o755)  # the root directory of the container
         if owner is not None:
             for d in owned:
@@ -305,9 +305,12 @@ class ContainerDir:
 
 
 class RootEntryLike(Protocol):
-    kind: str
-    src: str
-    dst: str
+    @property
+    def kind(self) -> str: ...
+    @property
+    def src(self) -> str: ...
+    @property
+    def dst(self) -> str: ...
 
 
 def _own_in_upper(upper: Path, layers: list[str], path: str, owner: tuple[int, int]) -> None:

@@ -1,5 +1,6 @@
-"""What every runtime that starts a host process shares: joining the container's cgroup
-before ``exec``, the subprocess itself, and waiting for it (OOM check, cgroup cleanup).
+"""What every runtime that starts a host process shares: the steps of a start
+(:class:`SupervisedRuntime`), joining the container's cgroup before ``exec``, the
+subprocess itself, and waiting for it (OOM check, cgroup cleanup).
 
 Joining the cgroup: the runtime starts
 ``/bin/sh -c 'echo 0 > <dir>/tasks && ... && exec "$@"' strato-cgroup-join ARGV...``
@@ -14,20 +15,28 @@ which is unsafe in a process with threads. The cost is one ``sh`` start (about a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import glob
 import logging
 import os
 import shutil
 import signal as _signal
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from strato.runtime.base import ExitStatus, RunningContainer
+from strato.runtime.base import ContainerLaunch, ExitStatus, RunningContainer, Runtime
 from strato.runtime.cgroups import (
     CgroupManager,
     CgroupUnavailable,
     ContainerCgroup,
     open_manager,
 )
+
+if TYPE_CHECKING:
+    from strato.runtime.forking import Helper
 
 log = logging.getLogger("strato.runtime")
 
@@ -122,14 +131,10 @@ class SupervisedContainer(RunningContainer):
     wraps_exit_status = False
     """The main process reports a signal as 128+N (see :func:`wrapped_returncode`)."""
 
-    def __init__(
-        self,
-        container_id: str,
-        proc: asyncio.subprocess.Process,
-        cgroup: ContainerCgroup | None,
-        memory_mb: int | None,
-    ) -> None:
-        self.container_id = container_id
+    def __init__(self, st: Launching) -> None:
+        proc, cgroup = st.proc, st.cgroup
+        assert proc is not None
+        self.container_id = st.launch.container_id
         self.pid = proc.pid
         assert proc.stdout is not None and proc.stderr is not None
         self.stdout = proc.stdout
@@ -137,7 +142,7 @@ class SupervisedContainer(RunningContainer):
         self.cgroup = cgroup
         """The container's cgroup, or ``None`` when cgroups are not in use."""
         self._proc = proc
-        self._memory_mb = memory_mb
+        self._memory_mb = st.launch.memory_mb if cgroup is not None else None
         self._wait_task: asyncio.Future[ExitStatus] | None = None
         self._cleaned = False
 
@@ -185,3 +190,110 @@ class SupervisedContainer(RunningContainer):
     def _kill_cgroup(self) -> None:
         if self.cgroup is not None and not self._cleaned:
             self.cgroup.kill_all(timeout_s=0)
+
+
+@dataclass(eq=False)
+class Launching:
+    """One start in the making: the command, and what was set up for it (freed again if
+    the start fails, else handed to the container or zygote)."""
+
+    launch: ContainerLaunch
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = "/"
+    pass_fds: list[int] = field(default_factory=list)
+    """Inherited by the process (the caller's: left open)."""
+    own_fds: list[int] = field(default_factory=list)
+    """Inherited by the process, closed here once it started or failed to."""
+    holds: list[Callable[[], object]] = field(default_factory=list)
+    """What was set up (blocking frees, run last first): a root, a network stack..."""
+    container_dir: Any = None
+    egress: Any = None
+    proc: asyncio.subprocess.Process | None = None
+    cgroup: ContainerCgroup | None = None
+    """Its cgroup, once made (``None``: no cgroups here)."""
+
+    def hold(self, free: Callable[[], object]) -> None:
+        self.holds.append(free)
+
+    def rollback(self) -> None:
+        holds, self.holds = self.holds, []
+        for free in reversed(holds):
+            try:
+                free()
+            except Exception:  # noqa: BLE001 - the start's own error is what matters
+                log.exception("freeing what a failed start set up failed")
+
+
+class SupervisedRuntime(Runtime):
+    """A runtime whose container is a host process it starts. A start is always: check
+    the launch, take its environment, let the container's user reach the channel socket
+    (isolating runtimes), :meth:`prepare` the rest (a root, a network, the command), make
+    its cgroup, spawn the command joining that cgroup first, and :meth:`wrap` the process;
+    whatever fails frees what was set up. A zygote (:meth:`launch_helper`) starts the
+    same way."""
+
+    cgroup_reason: str | None = None
+    pids_extra = 0
+    """Processes of the runtime's own in the container's cgroup (its pids limit is raised
+    by as many)."""
+
+    def check(self, launch: ContainerLaunch) -> None:
+        """Raise for a launch this runtime cannot run, before anything is set up."""
+
+    @abstractmethod
+    async def prepare(self, launch: ContainerLaunch, st: Launching) -> None:
+        """Set up what the container needs and fill ``st``'s command (``st.hold`` what
+        must be freed if the start fails)."""
+
+    container_class: type[SupervisedContainer]
+
+    def wrap(self, st: Launching) -> RunningContainer:
+        """The running container of the process ``st`` started."""
+        return self.container_class(st)
+
+    def describe_limits(self) -> str:
+        return describe_limits(self.cgroups, self.cgroup_reason)
+
+    async def start(self, launch: ContainerLaunch) -> RunningContainer:
+        self.check(launch)
+        st = Launching(launch, list(launch.argv), self.environment(launch), launch.cwd)
+        if self.capabilities.isolation and launch.channel_socket is not None:
+            from strato.runtime.isolation import let_container_reach
+
+            let_container_reach(launch.channel_socket)
+        pids = None if launch.pids_max is None else launch.pids_max + self.pids_extra
+        await self._spawn(st, pids, self.prepare(launch, st))
+        return self.wrap(st)
+
+    async def launch_helper(self, st: Launching, prepare: Any = None) -> Helper:
+        """Start a zygote whose command ``st`` holds (``prepare``: an awaitable that sets
+        up the rest first); its cgroup has no pids limit."""
+        from strato.runtime.forking import Helper
+
+        await self._spawn(st, None, prepare)
+        assert st.proc is not None
+        return Helper(st.proc, st.cgroup, list(st.holds))
+
+    async def _spawn(self, st: Launching, pids_max: int | None, prepare: Any) -> None:
+        launch = st.launch
+        try:
+            if prepare is not None:
+                await prepare
+            if self.cgroups is not None:
+                st.cgroup = self.cgroups.create(
+                    launch.container_id, launch.cpu, launch.memory_mb, pids_max
+                )
+            argv = cgroup_join_argv(st.cgroup, st.argv)
+            fds = (*st.pass_fds, *st.own_fds)
+            st.proc = await spawn(argv, st.env, st.cwd, pass_fds=fds)
+        except BaseException:
+            if st.cgroup is not None:
+                st.cgroup.remove(timeout_s=0.5)
+            await asyncio.to_thread(st.rollback)
+            raise
+        finally:
+            for fd in st.own_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            st.own_fds = []

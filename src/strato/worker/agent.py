@@ -25,11 +25,10 @@ from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.runtime import get_runtime
 from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
-from strato.runtime.cgroups import ContainerCgroup
 
+from .coldstart import ZygotePool
 from .launch import prepare_launch
 from .resources import detect_inventory
-from .zygote import ZygotePool
 
 log = logging.getLogger("strato.worker")
 
@@ -222,8 +221,10 @@ class WorkerAgent:
     async def _session(self, node: m.NodeInfo) -> None:
         family, addr = frames.parse_address(self.channel)
         if family == "unix":
+            assert isinstance(addr, str)
             reader, writer = await asyncio.open_unix_connection(addr, limit=1 << 20)
         else:
+            assert isinstance(addr, tuple)
             reader, writer = await asyncio.open_connection(*addr, limit=1 << 20)
         writer.write(
             frames.encode(m.WorkerHello(self.token, node, self.worker_id, list(self.containers)))
@@ -320,7 +321,8 @@ class WorkerAgent:
         )
 
     def _prepare(self, msg: m.ContainerStart, runtime: Runtime) -> ContainerLaunch:
-        loop = self._loop
+        loop, http = self._loop, self._http
+        assert loop is not None and http is not None  # (a session is open)
 
         def build_log(line: str) -> None:  # image build output, from this worker thread
             entry = m.LogLine(time.time(), msg.container_id, "system", line)
@@ -330,7 +332,7 @@ class WorkerAgent:
             msg,
             cache=self.cache,
             isolated=runtime.capabilities.isolation,
-            fetch_blob=self._http.get_blob,
+            fetch_blob=http.get_blob,
             log=build_log,
         )
 
@@ -344,9 +346,7 @@ class WorkerAgent:
     def _hide_home(self, runtime: Runtime) -> Runtime:
         """Containers without an image see the host root read-only: hide this worker's
         home (other containers' specs and tokens, the channel) from them."""
-        hidden = getattr(runtime, "hidden_paths", None)
-        if hidden is not None and str(self.home) not in hidden:
-            hidden.append(str(self.home))
+        runtime.hide(str(self.home))
         return runtime
 
     def _clean_stale(self, cid: str) -> None:
@@ -355,14 +355,10 @@ class WorkerAgent:
         if not _CONTAINER_ID.fullmatch(cid):
             return
         for rt in list(self.runtimes.values()):
-            mgr = getattr(rt, "cgroups", None)
-            if mgr is None:
-                continue
-            dirs = {name: Path(parent) / cid for name, parent in mgr.parents.items()}
-            if not any(d.exists() for d in dirs.values()):
+            group = rt.cgroups.leftover(cid) if rt.cgroups is not None else None
+            if group is None:
                 continue
             log.info("removing what is left of container %s of an earlier agent", cid)
-            group = ContainerCgroup(mgr.version, dirs)
             group.kill_all()
             group.remove()
 
@@ -376,7 +372,7 @@ class WorkerAgent:
         else:
             rc.signal(signal.SIGKILL)
 
-    async def _pump_logs(self, cid: str, stream: asyncio.StreamReader, name: str) -> None:
+    async def _pump_logs(self, cid: str, stream: asyncio.StreamReader, name: m.LogStream) -> None:
         while True:
             try:
                 line = await stream.readline()
@@ -387,7 +383,7 @@ class WorkerAgent:
             text = line.decode("utf-8", "replace").rstrip("\n")
             self._output(cid, name, text[:MAX_LOG_LINE])
 
-    def _output(self, cid: str, stream: str, text: str) -> None:
+    def _output(self, cid: str, stream: m.LogStream, text: str) -> None:
         """A line a container wrote: shipped within its log quota."""
         now = time.monotonic()
         keep, notices = self.log_quota.admit(cid, text, now)

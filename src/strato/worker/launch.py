@@ -113,6 +113,6 @@ def prepare_launch(
         block_network=spec.block_network,
         rootfs_layers=list(image.layers) if image is not None else [],
         binds=binds,
-        channel_socket=channel_path if family == "unix" and isolated else None,
+        channel_socket=str(channel_path) if family == "unix" and isolated else None,
         workdir=workdir,
     )
