@@ -164,3 +164,38 @@ def test_typed_rows_round_trip(store):
         (0, "success", b"g0", None, 4, 0),
         (1, "failure", None, "ValueError", 5, None),
     ]
+
+
+def test_error_type_is_kept_beside_the_error(store):
+    from strato.server.store import FinalRow
+
+    store.create_app("ap-1", "demo", "ephemeral", [("fu-1", "f", b"spec")], None, False)
+    _call(store, "fc-1", 3, 1)
+    store.finish_inputs([dict(_finish(1, 1, b""), b_error_type="ValueError", b_error="bad")])
+    store.finish_inputs([_finish(2, 2, b"ok")])  # rows without the key still work
+    store.finish_input_rows([FinalRow(3, "failure", None, None, "m", "tb", 3, 1.0, "KeyError")])
+    outs = store.outputs_after("fc-1", 0, 10)
+    assert [(o.idx, o.error, o.error_type) for o in outs] == [
+        (0, "bad", "ValueError"),
+        (1, None, None),
+        (2, "m", "KeyError"),
+    ]
+
+
+def test_a_version_1_database_gains_error_type(store):
+    from sqlalchemy import inspect, text
+
+    url = store.url
+    with store.conn.begin():
+        store.conn.execute(text("ALTER TABLE inputs DROP COLUMN error_type"))
+        store.conn.execute(text("UPDATE schema_version SET version = 1"))
+    store.close()
+    again = Store(url)
+    try:
+        with again.conn.begin():
+            cols = {c["name"] for c in inspect(again.conn).get_columns("inputs")}
+            assert current_version(again.conn) == LATEST == 2
+        assert "error_type" in cols
+    finally:
+        again.close()
+    # the fixture closes ``store`` again: closing twice is harmless

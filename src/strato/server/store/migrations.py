@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, inspect, select
+from sqlalchemy import Connection, inspect, select, text
 
 from . import schema
 
@@ -18,7 +18,14 @@ def _v1_initial(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=tables)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial]
+def _v2_error_type(conn: Connection) -> None:
+    """A failure's exception type, kept apart from its message (databases made by v1;
+    newer ones have the column from the start)."""
+    if "error_type" not in {c["name"] for c in inspect(conn).get_columns("inputs")}:
+        conn.execute(text("ALTER TABLE inputs ADD COLUMN error_type TEXT"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_error_type]
 LATEST = len(MIGRATIONS)
 
 

@@ -49,6 +49,7 @@ class FinalRow:
     traceback: str | None
     seq: int
     done_at: float
+    error_type: str | None = None
 
 
 @dataclass
@@ -84,3 +85,4 @@ class OutputRow:
     traceback: str | None
     seq: int
     gen_index: int | None = None
+    error_type: str | None = None

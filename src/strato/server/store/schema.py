@@ -83,6 +83,7 @@ inputs = Table(
     Column("output", LargeBinary, nullable=True),
     Column("output_blob", String(64), nullable=True),
     Column("error", Text, nullable=True),
+    Column("error_type", Text, nullable=True),  # the exception's type, apart from its text
     Column("traceback", Text, nullable=True),
     Column("done_seq", BigInteger, nullable=True),
     Column("done_at", Float, nullable=True),

@@ -149,13 +149,23 @@ class _Statements:
                 output=bindparam("b_output"),
                 output_blob=bindparam("b_blob"),
                 error=bindparam("b_error"),
+                error_type=bindparam("b_error_type"),
                 traceback=bindparam("b_tb"),
                 done_seq=bindparam("b_seq"),
                 done_at=bindparam("b_at"),
             )
         )
         self.finals_after = (
-            select(i.idx, i.out_status, i.output, i.output_blob, i.error, i.traceback, i.done_seq)
+            select(
+                i.idx,
+                i.out_status,
+                i.output,
+                i.output_blob,
+                i.error,
+                i.traceback,
+                i.done_seq,
+                i.error_type,
+            )
             .where(and_(i.call_id == bindparam("call_id"), i.done_seq > bindparam("after")))
             .order_by(i.done_seq)
             .limit(bindparam("limit"))
@@ -595,6 +605,7 @@ class Store:
                     "b_output": f.output,
                     "b_blob": f.output_blob,
                     "b_error": f.error,
+                    "b_error_type": f.error_type,
                     "b_tb": f.traceback,
                     "b_seq": f.seq,
                     "b_at": f.done_at,
@@ -643,11 +654,13 @@ class Store:
         return self._write("add_inputs", run)
 
     def finish_inputs(self, rows: list[dict]) -> Write[None]:
-        """Record final outputs: rows of input_id, out_status, output, output_blob, error,
-        traceback, done_seq, done_at. Only inputs still pending are updated."""
+        """Record final outputs: rows of b_id (the input_id), b_status, b_output, b_blob,
+        b_error, b_error_type (may be left out), b_tb, b_seq, b_at. Only inputs still
+        pending are updated."""
         if not rows:
             return self._done("finish_inputs")
-        return self._write_many("finish_inputs", self.q.finish, list(rows))
+        params = [r if "b_error_type" in r else {**r, "b_error_type": None} for r in rows]
+        return self._write_many("finish_inputs", self.q.finish, params)
 
     def add_gen_items(self, rows: list[dict]) -> Write[None]:
         if not rows:
@@ -672,7 +685,7 @@ class Store:
             return finals, gens
 
         finals, gens = self._read(run)
-        out = [OutputRow(*r) for r in finals]
+        out = [OutputRow(*r[:7], error_type=r[7]) for r in finals]
         if gens:
             out += [OutputRow(r[0], "success", r[1], r[2], None, None, r[3], r[4]) for r in gens]
             out.sort(key=lambda o: o.seq)
