@@ -685,7 +685,7 @@ class Store:
             return finals, gens
 
         finals, gens = self._read(run)
-        out = [OutputRow(*r[:7], error_type=r[7]) for r in finals]
+        out = [OutputRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], None, r[7]) for r in finals]
         if gens:
             out += [OutputRow(r[0], "success", r[1], r[2], None, None, r[3], r[4]) for r in gens]
             out.sort(key=lambda o: o.seq)
