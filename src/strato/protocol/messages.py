@@ -48,7 +48,7 @@ GpuList = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=M
 
 WebKind = Literal["fastapi", "asgi", "wsgi", "server"]
 AppState = Literal["ephemeral", "deployed", "stopped"]
-CallKind = Literal["remote", "map", "spawn", "gen"]
+CallKind = Literal["remote", "map", "spawn", "spawn_map", "gen"]
 TaskStatus = Literal["success", "failure"]
 """What a container reports for an input (the control plane decides timeouts and deaths)."""
 OutputStatus = Literal["success", "failure", "timeout", "cancelled", "died"]
