@@ -25,7 +25,6 @@ Every wait has a timeout (`StoreTimeout`).
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -46,6 +45,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
+
+from strato import settings
 
 from . import schema as t
 from .migrations import migrate
@@ -73,7 +74,7 @@ log = logging.getLogger("strato.store")
 T = TypeVar("T")
 
 # Fault injection, for benchmarks and tests only: every statement sleeps this long first.
-FAULT_DB_LATENCY_ENV = "STRATO_FAULT_DB_LATENCY_MS"
+FAULT_DB_LATENCY_ENV = settings.FAULT_DB_LATENCY_MS.name
 _sleep = time.sleep  # the fault's sleep (tests count its calls)
 
 
@@ -86,8 +87,7 @@ def _memory_db(url: str) -> bool:
 
 def fault_db_latency_ms() -> float:
     """The latency to inject before every statement (fault injection; 0 = off)."""
-    raw = os.environ.get(FAULT_DB_LATENCY_ENV, "").strip()
-    return float(raw) if raw else 0.0
+    return settings.FAULT_DB_LATENCY_MS.get()
 
 
 def inject_db_latency(engine: Engine, ms: float) -> None:
