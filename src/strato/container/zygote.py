@@ -55,6 +55,7 @@ import socket
 import sys
 import traceback
 
+from strato import settings
 from strato.protocol import zygote as zp
 from strato.runtime.seccomp import (  # stdlib only; the zygote pre-imports it anyway
     CLONE_NEWCGROUP,
@@ -151,18 +152,19 @@ WEB_SERVING = "uvicorn.config uvicorn.server uvicorn.protocols.http.httptools_im
 
 def main() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # goes with the worker
-    fd = int(os.environ["STRATO_ZYGOTE_FD"])
+    fd = settings.ZYGOTE_FD.required()
+    assert fd is not None
     ctl = socket.socket(fileno=fd)
     ready = zp.Ready(True)
     try:
         import strato.container.runner  # noqa: F401 - the point of a zygote
         from strato.container import snapshot
 
-        missing = snapshot.preimport(os.environ.get("STRATO_PREIMPORT", ""))
+        missing = snapshot.preimport(" ".join(settings.PREIMPORT.get()))
         snapshot.preimport("strato.runtime.seccomp")  # what a forked container loads
         snapshot.preimport(WEB_SERVING)  # where installed: a web endpoint's first request
         ready.missing = missing
-        if os.environ.get("STRATO_ZYGOTE_MODE") == "template":
+        if settings.ZYGOTE_MODE.get() == "template":
             snapshot.load_template()
     except BaseException as e:  # noqa: BLE001 - told to the worker, which starts normally
         text = "".join(traceback.format_exception(type(e), e, e.__traceback__))

@@ -7,10 +7,10 @@ Only the standard library (and ``strato.exceptions``) may be imported here.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 
+from strato import settings
 from strato.exceptions import InvalidError
 from strato.runtime.base import (
     CHANNEL_ENV,
@@ -68,7 +68,7 @@ def available_runtimes() -> list[str]:
 
 def get_runtime(name: str | None = None) -> Runtime:
     """The runtime called ``name``, else ``$STRATO_RUNTIME``, else :func:`default_runtime`."""
-    chosen = name or os.environ.get(ENV_VAR) or default_runtime()
+    chosen = name or settings.RUNTIME.get() or default_runtime()
     factory = _REGISTRY.get(chosen)
     if factory is None:
         source = "" if name else f" (from ${ENV_VAR})"

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from strato import settings
 from strato.runtime.base import CHANNEL_PATH, Bind, ContainerLaunch
 from strato.runtime.forking import Forking, ForkSandbox, ForkUnavailable, Helper, Namespaces
 from strato.runtime.isolation import (
@@ -63,7 +64,6 @@ Docker's default set would let that code make device nodes (``CAP_MKNOD``: the h
 disks), read any file bound in (``CAP_DAC_OVERRIDE``) or craft raw packets. Its children
 need none of it either: each makes a user namespace of its own (no capability needed),
 where it holds every capability over its own mounts, then becomes the container's user."""
-NETNS_AHEAD_ENV = "STRATO_ZYGOTE_NETNS_AHEAD"
 _EMPTY_PROC_LOCK = threading.Lock()
 
 
@@ -74,11 +74,7 @@ class SandboxForking(Forking):
     def __init__(self, runtime: BwrapRuntime) -> None:
         super().__init__(runtime)
         self._empty_proc: dict[str, int] = {}  # its path -> its device, when seen
-        try:
-            ahead = int(float(os.environ.get(NETNS_AHEAD_ENV) or 2))
-        except ValueError:
-            ahead = 2
-        self._ahead = NamespacePool(ahead)
+        self._ahead = NamespacePool(settings.ZYGOTE_NETNS_AHEAD.get())
 
     @property
     def empty_proc(self) -> Path:

@@ -59,6 +59,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from strato import settings
 from strato.exceptions import InvalidError
 from strato.runtime.base import CHANNEL_PATH, Bind, ContainerLaunch
 from strato.runtime.isolation import (
@@ -75,7 +76,6 @@ from strato.runtime.supervise import Launching, SupervisedContainer, resolve_exe
 
 log = logging.getLogger("strato.runtime")
 
-PLATFORM_ENV = "STRATO_GVISOR_PLATFORM"
 DEFAULT_PLATFORM = "ptrace"
 SANDBOX_PIDS = 512
 """Host threads gVisor needs besides the container's processes (sentry, gofer, runsc)."""
@@ -210,7 +210,7 @@ class GvisorRuntime(IsolatingRuntime):
                 "The 'gvisor' runtime runs sandboxes as root: start the worker as root."
             )
         self.runsc = found
-        self.platform = platform or os.environ.get(PLATFORM_ENV) or DEFAULT_PLATFORM
+        self.platform = platform or settings.GVISOR_PLATFORM.get() or DEFAULT_PLATFORM
         cgroups = (use_cgroups, cgroup_parent)
         super().__init__(*cgroups, state_dir, hidden_paths, gpu=False, snapshot=False)
         self.runsc_root = self.state_dir / "runsc"

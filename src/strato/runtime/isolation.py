@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from strato import settings
 from strato.exceptions import InvalidError
 from strato.runtime.base import Bind, Capabilities, ContainerLaunch
 from strato.runtime.cgroups import validate_limits
@@ -57,10 +58,6 @@ DEFAULT_CAPS = (
 OWN_DIRS = ("/tmp", "/run", "/proc", "/dev", "/sys")
 """Directories a container without an image gets of its own instead of the host's."""
 
-UID_ENV = "STRATO_CONTAINER_UID"
-GID_ENV = "STRATO_CONTAINER_GID"
-DEFAULT_UID = 65534
-DEFAULT_GID = 65534
 
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 """Top-level directories (or links into ``/usr``) a container without an image gets."""
@@ -106,13 +103,7 @@ zone, alternatives links, Debian's Python site configuration. Never ``shadow``,
 
 def container_ids() -> tuple[int, int]:
     """The uid and gid containers run as (inside and on the host)."""
-    uid = int(os.environ.get(UID_ENV) or DEFAULT_UID)
-    gid = int(os.environ.get(GID_ENV) or DEFAULT_GID)
-    if uid <= 0 or gid <= 0:
-        raise InvalidError(
-            f"${UID_ENV}/${GID_ENV} must name an unprivileged user and group (not 0)."
-        )
-    return uid, gid
+    return settings.CONTAINER_UID.get(), settings.CONTAINER_GID.get()
 
 
 @dataclass(frozen=True)

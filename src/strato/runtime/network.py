@@ -45,6 +45,7 @@ import threading
 import time
 from functools import cache
 
+from strato import settings
 from strato.exceptions import InvalidError
 
 log = logging.getLogger("strato.runtime")
@@ -350,10 +351,6 @@ def new_egress() -> Egress:
         raise
 
 
-POOL_ENV = "STRATO_EGRESS_POOL"
-DEFAULT_POOL = 2
-
-
 class EgressPool:
     """Namespaces with egress made ahead of time, so that starting a container does not
     wait for slirp4netns: :meth:`take` hands out a ready one (each is used once) and a
@@ -361,7 +358,7 @@ class EgressPool:
     each made when asked for)."""
 
     def __init__(self, size: int | None = None) -> None:
-        self.size = int(os.environ.get(POOL_ENV, DEFAULT_POOL)) if size is None else size
+        self.size = settings.EGRESS_POOL.get() if size is None else size
         self._ready: list[Egress] = []
         self._lock = threading.Lock()
         self._filling = False

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from strato import settings
 from strato.exceptions import InvalidError
 from strato.runtime.base import Bind
 
@@ -52,9 +53,9 @@ class RootfsError(RuntimeError):
 
 
 def default_state_dir() -> Path:
-    configured = os.environ.get(STATE_DIR_ENV)
-    if configured:
-        return Path(configured)
+    configured = settings.RUNTIME_DIR.get()
+    if configured is not None:
+        return configured
     if os.geteuid() == 0:
         return Path("/var/lib/strato/runtime")
     return Path(tempfile.gettempdir()) / f"strato-runtime-{os.geteuid()}"

@@ -19,6 +19,7 @@ import socket
 import time
 from pathlib import Path
 
+from strato import settings
 from strato.client.config import strato_home
 from strato.client.http import ApiClient
 from strato.protocol import frames
@@ -33,11 +34,9 @@ from .resources import detect_inventory
 log = logging.getLogger("strato.worker")
 
 LOG_FLUSH_S = 0.02
-DEFAULT_LOG_QUOTA = 16 << 20  # bytes of log lines per container per minute
 LOG_QUOTA_WINDOW_S = 60.0
 # the control plane counts the node lost after STRATO_WORKER_HEARTBEAT_TIMEOUT (30 s)
 # without one
-HEARTBEAT_S = 5.0
 MAX_LOG_LINE = 16 << 10
 _CONTAINER_ID = re.compile(r"ct-[0-9a-f]{1,64}")
 
@@ -45,14 +44,7 @@ _CONTAINER_ID = re.compile(r"ct-[0-9a-f]{1,64}")
 def log_quota_from_env() -> int:
     """``STRATO_LOG_QUOTA``: bytes of log lines a container may write per minute (a line
     counts its UTF-8 bytes plus its newline); 0 means no limit."""
-    raw = os.environ.get("STRATO_LOG_QUOTA")
-    if not raw:
-        return DEFAULT_LOG_QUOTA
-    try:
-        return max(0, int(float(raw)))
-    except ValueError:
-        log.warning("STRATO_LOG_QUOTA=%r is not a number of bytes; using the default", raw)
-        return DEFAULT_LOG_QUOTA
+    return max(0, settings.LOG_QUOTA.get())
 
 
 class LogQuota:
@@ -128,7 +120,7 @@ class WorkerAgent:
         self.provider = provider
         self.parent_pid = parent_pid
         self.worker_id = "wk-" + secrets.token_hex(6)
-        self.runtime = get_runtime(os.environ.get("STRATO_RUNTIME") or None)
+        self.runtime = get_runtime(settings.RUNTIME.get() or None)
         self._hide_home(self.runtime)
         self.default_runtime = self.runtime.name
         self.runtimes: dict[str, Runtime] = {self.runtime.name: self.runtime}
@@ -162,7 +154,7 @@ class WorkerAgent:
         """This node's cache and (under STRATO_HOME) image cache: folders only this user
         enters (their files keep the modes containers need to read them)."""
         dirs = [self.cache]
-        if not os.environ.get("STRATO_IMAGE_CACHE"):
+        if settings.IMAGE_CACHE.get() is None:
             dirs.append(self.home / "images")
         for d in dirs:
             try:
@@ -260,7 +252,7 @@ class WorkerAgent:
     async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
         while not writer.is_closing():
             writer.write(frames.encode(m.Heartbeat(running=list(self.containers))))
-            await asyncio.sleep(float(os.environ.get("STRATO_WORKER_HEARTBEAT_S") or HEARTBEAT_S))
+            await asyncio.sleep(settings.WORKER_HEARTBEAT_S.get())
 
     async def _watch_parent(self) -> None:
         if not self.parent_pid:
@@ -433,20 +425,19 @@ class WorkerAgent:
 
 def main() -> None:
     logging.basicConfig(
-        level=os.environ.get("STRATO_LOG_LEVEL", "INFO"),
+        level=settings.LOG_LEVEL.get(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     home = strato_home()
-    channel = os.environ.get("STRATO_WORKER_CHANNEL") or f"unix:{home / 'run' / 'channel.sock'}"
-    token = os.environ.get("STRATO_TOKEN") or (home / "token").read_text().strip()
-    parent = os.environ.get("STRATO_WORKER_PARENT_PID")
+    channel = settings.WORKER_CHANNEL.get() or f"unix:{home / 'run' / 'channel.sock'}"
+    token = settings.TOKEN.get() or (home / "token").read_text().strip()
     agent = WorkerAgent(
         channel,
         token,
         home,
-        name=os.environ.get("STRATO_NODE_NAME"),
-        provider=os.environ.get("STRATO_NODE_PROVIDER", "local"),
-        parent_pid=int(parent) if parent else None,
+        name=settings.NODE_NAME.get() or None,
+        provider=settings.NODE_PROVIDER.get(),
+        parent_pid=settings.WORKER_PARENT_PID.get(),
     )
 
     async def run() -> None:

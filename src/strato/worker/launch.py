@@ -13,13 +13,13 @@ from pathlib import Path
 import msgspec
 
 import strato
+from strato import settings
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.runtime.base import Bind, ContainerLaunch
 
 from .mounts import materialize
 
-PIDS_MAX = 4096  # processes + threads per container (STRATO_CONTAINER_PIDS_MAX)
 IN_CONTAINER = "/run/strato"  # inside isolating runtimes: /run is the container's own
 STRATO_SRC = IN_CONTAINER + "/src"  # strato's own package, bound read-only
 MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
@@ -31,7 +31,7 @@ _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
 def image_cache(home: Path) -> Path:
     """The machine's image build cache: ``STRATO_IMAGE_CACHE``, else ``$STRATO_HOME/images``
     (shared by every worker agent of this machine)."""
-    return Path(os.environ.get("STRATO_IMAGE_CACHE") or home / "images")
+    return settings.IMAGE_CACHE.get() or home / "images"
 
 
 def prepare_launch(
@@ -108,7 +108,7 @@ def prepare_launch(
         cwd=str(host_dir),
         cpu=res.cpu_limit,
         memory_mb=res.memory_limit_mb,
-        pids_max=int(os.environ.get("STRATO_CONTAINER_PIDS_MAX") or PIDS_MAX),
+        pids_max=settings.CONTAINER_PIDS_MAX.get(),
         gpu_indices=list(msg.gpu_indices),
         block_network=spec.block_network,
         rootfs_layers=list(image.layers) if image is not None else [],

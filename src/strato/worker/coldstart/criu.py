@@ -15,6 +15,8 @@ from pathlib import Path
 
 import msgspec
 
+from strato import settings
+
 from .channel import Channel, socketpair
 
 ZYGOTE_MODULE = "strato.container.zygote"
@@ -52,7 +54,8 @@ def criu_check(criu: str | None = None) -> tuple[bool, str]:
 
 def criu_binary() -> str | None:
     """``$STRATO_CRIU`` (a path), else ``criu`` on the PATH."""
-    return os.environ.get("STRATO_CRIU") or shutil.which("criu")
+    configured = settings.CRIU.get()
+    return str(configured) if configured is not None else shutil.which("criu")
 
 
 def criu_dump_argv(pid: int, images: Path) -> list[str]:

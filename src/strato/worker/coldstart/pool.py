@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 
+from strato import settings
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.protocol import zygote as zp
@@ -38,13 +39,6 @@ DEFAULT_PREIMPORT = "strato.sdk.app"
 """What every app module imports (``import strato; app = strato.App(...)``): strato's SDK."""
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name) or default)
-    except ValueError:
-        return default
-
-
 class ZygotePool:
     """The worker agent's zygotes and templates; :meth:`start` forks a container from one
     (or says it cannot: the container then starts normally)."""
@@ -59,10 +53,10 @@ class ZygotePool:
         self.cache = cache
         self._tell = tell  # (container id, text): a system line in the app's logs
         self._output = output  # (container id, stream, text): a line of the container's
-        self.enabled = os.environ.get("STRATO_ZYGOTE", "1") not in ("0", "false", "no")
-        self.preimport = f"{DEFAULT_PREIMPORT} {os.environ.get('STRATO_PREIMPORT', '')}".strip()
-        self.ttl_s = _env_float("STRATO_SNAPSHOT_TTL", 900.0)
-        self.max_templates = int(_env_float("STRATO_SNAPSHOT_MAX", 8))
+        self.enabled = settings.ZYGOTE.get()
+        self.preimport = " ".join((DEFAULT_PREIMPORT, *settings.PREIMPORT.get()))
+        self.ttl_s = settings.SNAPSHOT_TTL.get()
+        self.max_templates = settings.SNAPSHOT_MAX.get()
         self.zygotes: dict[str, Zygote] = {}
         self.templates: dict[str, Zygote] = {}
         self._told: set[str] = set()  # function ids told why they start without a snapshot
@@ -515,7 +509,7 @@ class ZygotePool:
                         del table[key]
                         asyncio.ensure_future(z.stop())
             live = {z.home for z in self.templates.values()}
-            keep_s = _env_float("STRATO_SNAPSHOT_KEEP", 7 * 86400.0)
+            keep_s = settings.SNAPSHOT_KEEP.get()
             await asyncio.to_thread(
                 templates.prune_checkpoints, self.cache / "templates", live, keep_s
             )
