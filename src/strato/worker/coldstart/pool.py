@@ -63,7 +63,7 @@ class ZygotePool:
         self._warned: set[str] = set()  # reasons for not forking already in the worker's log
         self._failed: dict[str, tuple[float, str]] = {}  # key -> (until, why)
         self._broken: dict[str, tuple[float, str]] = {}  # (runtime, image) -> (since, why)
-        self._forkings: set[Forking] = set()  # those prewarmed (closed with the pool)
+        self._forkings: set[Forking] = set()  # those used (closed with the pool)
         self._criu: tuple[bool, str] | None = None
         self._sweeper: asyncio.Future[None] | None = None
         self._closed = False
@@ -521,6 +521,7 @@ class ZygotePool:
     ) -> ForkedContainer:
         forking = runtime.forking
         assert forking is not None
+        self._forkings.add(forking)  # what it makes ahead goes with the pool
         binds: list[tuple[str, str]] = []
         if forking.isolates:
             sees_code = z.kind == "template" or z.own_code
