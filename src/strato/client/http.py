@@ -51,6 +51,7 @@ class ApiClient:
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         self._local = threading.local()
+        self.health: dict | None = None  # the control plane's /health, once fetched
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": MSGPACK}
 
     # ------------------------------------------------------------------ plumbing
@@ -124,7 +125,7 @@ class ApiClient:
             raise self._error(status, data)
         return data
 
-    def _error(self, status: int, data: bytes) -> exc.Error:
+    def _error(self, status: int, data: bytes) -> BaseException:
         try:
             body = _error_decoder.decode(data)
             cls = exc.ERRORS_BY_NAME.get(body.error, exc.Error)

@@ -82,7 +82,7 @@ def collect_local_mount(
             roots.setdefault(root, {})[main_module_name + ".py"] = file
             ranks[root] = path_rank.get(root, -1)
             continue
-        mod_name = spec.name if name == "__main__" else name
+        mod_name = spec.name if name == "__main__" and spec is not None else name
         if _is_strato(mod_name):
             continue
         is_pkg = os.path.basename(file) == "__init__.py"
@@ -201,9 +201,9 @@ def _locate(
     containing = [entry for entry in path_rank if _is_under(file, [entry]) and entry != file]
     if not containing:
         return str(parent), None
-    root = max(containing, key=len)
-    rel = Path(os.path.relpath(file, root)).parts
-    return root, (rel[0] if len(rel) > 1 else None)
+    innermost = max(containing, key=len)
+    rel = Path(os.path.relpath(file, innermost)).parts
+    return innermost, (rel[0] if len(rel) > 1 else None)
 
 
 def _walk_package(root: str, top_dir: str, excluded: tuple[str, ...]) -> dict[str, str]:

@@ -100,7 +100,7 @@ class ContainerRunner:
                 task = self._tasks.get(input_id)
                 thread = self.running[input_id]
                 if task is not None:
-                    self._loop.call_soon_threadsafe(task.cancel)
+                    task.get_loop().call_soon_threadsafe(task.cancel)
                 elif thread == self._main_thread:
                     signal.pthread_kill(self._main_thread, signal.SIGUSR1)
                 else:  # a worker thread: raise InputCancellation in it
@@ -210,7 +210,8 @@ class ContainerRunner:
         out = task.result()
         self._tasks.pop(out.input_id, None)
         self._output(out)
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
 
     def _output(self, out: m.TaskOutput) -> None:
         """Queue an output; send the batch now when it is full, old, or nothing else waits."""

@@ -42,7 +42,9 @@ class Target:
         user_cls = getattr(obj, "_user_cls", obj)  # the strato.Cls handle or the class
         params = pickle.loads(spec.params) if spec.params else {}
         self.instance = user_cls.__new__(user_cls)
-        snap, enter, exit_ = [], [], []
+        snap: list[Callable] = []
+        enter: list[Callable] = []
+        exit_: list[Callable] = []
         for name, value in vars(user_cls).items():
             if type(value).__name__ == "_Parameter":  # strato.parameter(); the SDK checked
                 setattr(self.instance, name, params.get(name, value.default))
@@ -81,6 +83,8 @@ class Target:
         """(callable, is_generator, is_async) for an input."""
         spec = self.spec
         if not spec.is_class:
+            if self._fn is None:
+                raise InvalidError(f"{spec.name} is not loaded: load() comes first")
             return self._fn, spec.is_generator, spec.is_async and not spec.is_generator
         fn = self._methods.get(method or "")
         if fn is None:

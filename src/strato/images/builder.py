@@ -126,8 +126,9 @@ class _Build:
         self.lock_timeout = lock_timeout
         self.keys = layer_keys(spec)
         self.image_id = "im-" + self.keys[-1][:32]
-        self.base = spec.steps[0]
-        assert isinstance(self.base, DebianSlim)
+        base = spec.steps[0]
+        assert isinstance(base, DebianSlim)  # ImageSpec's validation puts the base first
+        self.base: DebianSlim = base
         self.env: dict[str, str] = {}
         self.workdir: str | None = None
         self.layers: list[str] = []

@@ -39,7 +39,7 @@ def _in_sandbox(host_path: str) -> str:
 
 
 def _deb822_uris(text: str) -> list[tuple[str, list[str]]]:
-    found = []
+    found: list[tuple[str, list[str]]] = []
     for para in text.split("\n\n"):
         fields: dict[str, str] = {}
         for line in para.splitlines():

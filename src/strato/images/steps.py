@@ -116,7 +116,7 @@ def _add_files(step: AddFiles, stage: Path, fetch_blob: Callable[[str], bytes]) 
         if hashlib.sha256(data).hexdigest() != sha:
             raise ImageBuildError(f"add_local_*: blob {sha} does not match its sha256")
         target.write_bytes(data)
-    files = [[os.path.normpath(d), sha, mode] for d, sha, mode in step.files]
+    files = [(os.path.normpath(d), sha, mode) for d, sha, mode in step.files]
     (stage / "files.json").write_text(json.dumps(files))
     script = _COPY_FILES.format(manifest=f"{STAGE}/files.json", blobs=f"{STAGE}/blobs")
     dests = ", ".join(d for d, _, _ in files[:3]) + (", ..." if len(files) > 3 else "")

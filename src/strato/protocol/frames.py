@@ -70,7 +70,7 @@ def split_outputs(msg: TaskOutputs) -> list[object]:
     return out
 
 
-def parse_address(address: str) -> tuple[str, object]:
+def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
     """``unix:/path`` or ``tcp:host:port`` -> (family, sockaddr)."""
     if address.startswith("unix:"):
         return "unix", address[5:]

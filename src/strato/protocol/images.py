@@ -35,14 +35,14 @@ class _Step(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="type"):
     """Base of the step structs; the tag names the step on the wire and in keys."""
 
 
-class DebianSlim(_Step, tag="debian_slim"):
+class DebianSlim(_Step, frozen=True, tag="debian_slim"):
     """A Debian root filesystem (debootstrap minbase) with Debian's own ``python3``."""
 
     release: str
     python_version: str
 
 
-class PipInstall(_Step, tag="pip_install"):
+class PipInstall(_Step, frozen=True, tag="pip_install"):
     """``python -m pip install`` of requirement specifiers (and/or a requirements file)."""
 
     packages: list[str]
@@ -51,7 +51,7 @@ class PipInstall(_Step, tag="pip_install"):
     """The text of a requirements file (``pip_install_from_requirements``), if any."""
 
 
-class UvPipInstall(_Step, tag="uv_pip_install"):
+class UvPipInstall(_Step, frozen=True, tag="uv_pip_install"):
     """``uv pip install --system`` of requirement specifiers (and/or a requirements file)."""
 
     packages: list[str]
@@ -59,20 +59,20 @@ class UvPipInstall(_Step, tag="uv_pip_install"):
     requirements: str = ""
 
 
-class AptInstall(_Step, tag="apt_install"):
+class AptInstall(_Step, frozen=True, tag="apt_install"):
     """``apt-get install`` of Debian packages."""
 
     packages: list[str]
     extra_args: list[str] = []
 
 
-class RunCommands(_Step, tag="run_commands"):
+class RunCommands(_Step, frozen=True, tag="run_commands"):
     """Shell commands (``/bin/sh -c``), run in order; the first failure stops the build."""
 
     commands: list[str]
 
 
-class RunFunction(_Step, tag="run_function"):
+class RunFunction(_Step, frozen=True, tag="run_function"):
     """A cloudpickled zero-argument function, called with the image's Python at build time."""
 
     pickled: bytes
@@ -85,19 +85,19 @@ class RunFunction(_Step, tag="run_function"):
     """The major.minor of the Python that pickled it; must be the image's, if set."""
 
 
-class Env(_Step, tag="env"):
+class Env(_Step, frozen=True, tag="env"):
     """Environment variables for later steps and for the containers (no layer)."""
 
     vars: dict[str, str]
 
 
-class Workdir(_Step, tag="workdir"):
+class Workdir(_Step, frozen=True, tag="workdir"):
     """The working directory of later steps and of the containers (created if missing)."""
 
     path: str
 
 
-class AddFiles(_Step, tag="add_files"):
+class AddFiles(_Step, frozen=True, tag="add_files"):
     """Local files copied in: ``(dest_path, sha256, mode)``; contents are blobs by sha256."""
 
     files: list[tuple[str, str, int]]
@@ -172,7 +172,7 @@ def image_id(spec: ImageSpec) -> str:
 
 def describe_step(step: ImageStep, width: int = 100) -> str:
     """A one-line human description, e.g. ``"pip_install numpy==2.1.3"``."""
-    tag = type(step).__struct_config__.tag
+    tag = str(type(step).__struct_config__.tag)
     match step:
         case DebianSlim():
             text = f"{tag} {step.release} python {step.python_version}"
@@ -352,7 +352,7 @@ def validate_step(step: ImageStep) -> None:
                     f"{step.python_version}. Available: {available_pythons()}"
                 )
         case PipInstall() | UvPipInstall():
-            tag = type(step).__struct_config__.tag
+            tag = str(type(step).__struct_config__.tag)
             _check_text(f"{tag} requirements", step.requirements)
             if not step.packages and not step.requirements.strip():
                 raise InvalidError(f"{tag}: no packages given")

@@ -214,7 +214,7 @@ class LocalProvider:
                 self.proc = proc  # dead: the loop goes round with a longer delay
                 self.started_at = time.monotonic()
                 continue
-            r.new_pid = self.proc.pid
+            r.new_pid = self.proc.pid if self.proc is not None else None
             self.restarts.append(r)
             self._record(r)
 

@@ -6,13 +6,14 @@ import contextlib
 import inspect
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from strato import exceptions as exc
 from strato import settings
 from strato.client import console, session
-from strato.client.mounts import collect_local_mount
+from strato.client.mounts import LocalMount, collect_local_mount
 from strato.protocol import messages as m
 
 from . import options
@@ -97,8 +98,9 @@ class App:
         enable_memory_snapshot,
         block_network,
         runtime,
-    ) -> dict:
-        """The FunctionSpec fields every function and class shares, validated now."""
+    ) -> tuple[dict[str, Any], Image | None]:
+        """The FunctionSpec fields every function and class shares, validated now, and the
+        image they run on."""
         image = image if image is not None else self.image
         if image is not None and not isinstance(image, Image):
             raise exc.InvalidError(f"image={image!r}: use a strato.Image")
@@ -333,13 +335,15 @@ class App:
 
     # ------------------------------------------------------------------ running
 
-    def _specs(self) -> tuple[list[m.FunctionSpec], m.CreateApp]:
+    def _specs(self) -> tuple[list[m.FunctionSpec], LocalMount]:
         if settings.IN_CONTAINER.get():
             raise exc.InvalidError("an app cannot be run from inside one of its containers")
         mount = collect_local_mount()
         specs = []
         for fn in self._functions.values():
             spec = fn._spec
+            if spec is None:  # handles without a definition (from_name) are never registered
+                raise exc.InvalidError(f"{fn.tag} has no definition in this app")
             if spec.module == "__main__" and spec.serialized is None:
                 if mount.main_module_name is None:
                     raise exc.InvalidError(
@@ -353,7 +357,10 @@ class App:
         client = session.api()
         specs, mount = self._specs()
         session.upload_mount(client, mount)
-        images = {id(fn._image): fn._image for fn in self._functions.values() if fn._image}
+        images: dict[int, Image] = {}
+        for fn in self._functions.values():
+            if fn._image is not None:
+                images[id(fn._image)] = fn._image
         here = f"{sys.version_info.major}.{sys.version_info.minor}"
         for image in images.values():
             upload_image_files(client, image)

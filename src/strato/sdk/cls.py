@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import msgspec
@@ -35,7 +35,9 @@ def class_methods(user_cls: type) -> dict[str, Callable]:
 
 def lifecycle_hooks(user_cls: type) -> tuple[list[Callable], list[Callable], list[Callable]]:
     """(enter hooks with snap=True, enter hooks with snap=False, exit hooks), in order."""
-    snap, enter, exit_ = [], [], []
+    snap: list[Callable] = []
+    enter: list[Callable] = []
+    exit_: list[Callable] = []
     for v in vars(user_cls).values():
         if not callable(v):
             continue
@@ -50,7 +52,7 @@ def lifecycle_hooks(user_cls: type) -> tuple[list[Callable], list[Callable], lis
 def instantiate(user_cls: type, params: dict[str, Any]):
     """An instance with its parameters set (the class's own ``__init__`` is not called,
     as in Modal), before any ``@enter`` hook."""
-    obj = user_cls.__new__(user_cls)
+    obj = cast(Any, user_cls).__new__(user_cls)  # the class's own __new__, if it has one
     for name, p in class_parameters(user_cls).items():
         value = params.get(name, p.default)
         setattr(obj, name, value)

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -20,6 +21,9 @@ from strato.client.http import ApiClient
 from strato.protocol import messages as m
 
 from .aio import with_aio
+
+if TYPE_CHECKING:
+    from .image import Image
 
 REMOTE_WAIT_S = 50.0  # one long-poll of a .remote() call
 MAP_BATCH = 1000  # inputs per request
@@ -46,7 +50,7 @@ class Function:
     """A function that runs remotely. Made by ``@app.function(...)`` or
     ``Function.from_name(app_name, name)``."""
 
-    _image = None  # the strato.Image it runs on (None: the worker's own Python)
+    _image: Image | None = None  # the strato.Image it runs on (None: the worker's own Python)
     _parent: Function | None = None  # the function a with_options() variant derives from
     _overrides: dict = {}  # noqa: RUF012 - never mutated; the variant's spec changes
 
@@ -304,10 +308,9 @@ class Function:
 
 def _limits(client: ApiClient) -> dict:
     """The control plane's payload limits (from /health, once per client)."""
-    cached = getattr(client, "_strato_limits", None)
-    if cached is None:
-        cached = client._strato_limits = json.loads(client.request_raw("GET", "/health"))
-    return cached
+    if client.health is None:
+        client.health = json.loads(client.request_raw("GET", "/health"))
+    return client.health
 
 
 def _poll(client: ApiClient, call_id: str, after: int, timeout: float) -> m.Outputs:
@@ -326,6 +329,8 @@ def _value(client: ApiClient, out: m.OutputItem):
     if data is None and out.blob is not None:
         data = client.get_blob(out.blob)
     if out.status == "success":
+        if data is None:
+            raise exc.DeserializationError("the control plane sent a result without its value")
         return ser.deserialize(data, "the function's result")
     raise ser.error_from_output(out, data)
 
@@ -340,7 +345,7 @@ class _MapSender:
         function_id: str,
         call_id: str,
         args_iter: Iterable[tuple],
-        kind: str,
+        kind: m.CallKind,
     ) -> None:
         self.fn = fn
         self.client = client

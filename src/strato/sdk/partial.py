@@ -20,6 +20,12 @@ PARAMETER_TYPES = (int, str, bytes, bool)
 _MISSING = object()
 
 
+def _mark(f: Callable, attr: str, value: object) -> Callable:
+    """Mark ``f`` (read back with ``getattr(f, attr, None)`` when the app is built)."""
+    setattr(f, attr, value)
+    return f
+
+
 def _no_parens(name: str, arg) -> None:
     if arg is not None:
         raise InvalidError(f"Did you forget parentheses? Use `@strato.{name}()`.")
@@ -31,8 +37,7 @@ def enter(_warn_parentheses_missing=None, *, snap: bool = False) -> Callable:
     _no_parens("enter", _warn_parentheses_missing)
 
     def mark(f: Callable) -> Callable:
-        f.__strato_enter__ = {"snap": bool(snap)}
-        return f
+        return _mark(f, "__strato_enter__", {"snap": bool(snap)})
 
     return mark
 
@@ -42,8 +47,7 @@ def exit(_warn_parentheses_missing=None) -> Callable:  # noqa: A001 - Modal's na
     _no_parens("exit", _warn_parentheses_missing)
 
     def mark(f: Callable) -> Callable:
-        f.__strato_exit__ = True
-        return f
+        return _mark(f, "__strato_exit__", True)
 
     return mark
 
@@ -53,8 +57,7 @@ def method(_warn_parentheses_missing=None, *, is_generator: bool | None = None) 
     _no_parens("method", _warn_parentheses_missing)
 
     def mark(f: Callable) -> Callable:
-        f.__strato_method__ = {"is_generator": is_generator}
-        return f
+        return _mark(f, "__strato_method__", {"is_generator": is_generator})
 
     return mark
 
@@ -110,8 +113,7 @@ def concurrent(
         )
 
     def mark(f: Callable) -> Callable:
-        f.__strato_concurrency__ = ConcurrencyConfig(max_inputs, target_inputs)
-        return f
+        return _mark(f, "__strato_concurrency__", ConcurrencyConfig(max_inputs, target_inputs))
 
     return mark
 
@@ -134,7 +136,6 @@ def batched(_warn_parentheses_missing=None, *, max_batch_size: int, wait_ms: int
         raise InvalidError(f"batched(wait_ms={wait_ms!r}): use 0 to {MAX_BATCH_WAIT_MS - 1} ms")
 
     def mark(f: Callable) -> Callable:
-        f.__strato_batch__ = BatchConfig(max_batch_size, wait_ms)
-        return f
+        return _mark(f, "__strato_batch__", BatchConfig(max_batch_size, wait_ms))
 
     return mark

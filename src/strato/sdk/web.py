@@ -23,6 +23,8 @@ from collections.abc import Callable
 from strato.exceptions import InvalidError
 from strato.protocol.messages import WebConfig
 
+WEB_ATTR = "__strato_web__"  # the mark a web decorator leaves on the function
+
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -49,7 +51,7 @@ def _auth(requires_proxy_auth: bool, requires_auth: bool) -> bool:
 
 def _mark(config: WebConfig) -> Callable:
     def mark(f: Callable) -> Callable:
-        if getattr(f, "__strato_web__", None) is not None:
+        if getattr(f, WEB_ATTR, None) is not None:
             raise InvalidError(f"{getattr(f, '__qualname__', f)} has two web decorators")
         if hasattr(f, "_spec") and hasattr(f, "remote"):
             raise InvalidError(
@@ -58,7 +60,7 @@ def _mark(config: WebConfig) -> Callable:
             )
         if inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f):
             raise InvalidError(f"{f.__qualname__}: a web endpoint cannot be a generator")
-        f.__strato_web__ = config
+        setattr(f, WEB_ATTR, config)
         return f
 
     return mark
@@ -169,7 +171,7 @@ def default_label(name: str) -> str:
 def web_spec(f: Callable, name: str, attr: str | None = None) -> WebConfig | None:
     """The ``WebConfig`` of a decorated function (or class method ``attr``), with its label
     filled in; None for a plain function."""
-    config = getattr(f, "__strato_web__", None)
+    config = getattr(f, WEB_ATTR, None)
     if config is None:
         return None
     import msgspec
@@ -182,7 +184,7 @@ def web_methods(user_cls: type) -> dict[str, Callable]:
     return {
         k: v
         for k, v in vars(user_cls).items()
-        if callable(v) and getattr(v, "__strato_web__", None) is not None
+        if callable(v) and getattr(v, WEB_ATTR, None) is not None
     }
 
 
