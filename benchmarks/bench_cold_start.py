@@ -181,7 +181,9 @@ def main() -> None:
             samples["image_bare"].append(bare())
             samples["image_noop"].append(timed(lambda i=i: noop_in_image.remote(i)))
             note(f"image noop round {i}: {samples['image_noop'][-1] * 1e3:.1f} ms")
-        pairs = [("with", "without", WithSnapshot, WithoutSnapshot)] if host_snapshot else []
+        pairs: list[tuple[str, str, type, type]] = []
+        if host_snapshot:
+            pairs.append(("with", "without", WithSnapshot, WithoutSnapshot))
         if images:
             pairs.append(("image_with", "image_without", ImageWithSnapshot, ImageWithoutSnapshot))
         for w, wo, snapped, plain in pairs:

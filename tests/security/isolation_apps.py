@@ -32,9 +32,9 @@ def _probe(paths: list[str]) -> dict:
         except OSError:
             pass
         seen[p] = {"exists": exists, "readable": readable}
-    status = {}
-    with open("/proc/self/status") as f:
-        for line in f:
+    status: dict[str, str] = {}
+    with open("/proc/self/status") as proc_status:
+        for line in proc_status:
             key, _, value = line.partition(":")
             status[key] = value.strip()
     libc = ctypes.CDLL(None, use_errno=True)

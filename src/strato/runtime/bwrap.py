@@ -337,7 +337,7 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-class BwrapRuntime(IsolatingRuntime):
+class BwrapRuntime(IsolatingRuntime[BwrapContainer]):
     """Runs each container in its own namespaces with bubblewrap."""
 
     name = "bwrap"

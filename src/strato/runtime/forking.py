@@ -171,7 +171,7 @@ class Forking(ABC):
 class PlainForking(Forking):
     """The ``process`` runtime's: no sandbox, as its containers have none."""
 
-    runtime: SupervisedRuntime
+    runtime: SupervisedRuntime[Any]
 
     async def start_helper(
         self, launch: ContainerLaunch, control_fd: int, *, network: bool = False

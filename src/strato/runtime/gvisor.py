@@ -183,7 +183,7 @@ class GvisorContainer(SupervisedContainer):
             self.egress.close()
 
 
-class GvisorRuntime(IsolatingRuntime):
+class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
     """Runs each container in its own gVisor sandbox."""
 
     name = "gvisor"

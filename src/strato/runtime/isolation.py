@@ -34,7 +34,7 @@ from strato import settings
 from strato.exceptions import InvalidError
 from strato.runtime.base import Bind, Capabilities, ContainerLaunch
 from strato.runtime.cgroups import validate_limits
-from strato.runtime.supervise import SupervisedRuntime, open_cgroups
+from strato.runtime.supervise import C, SupervisedRuntime, open_cgroups
 
 DEFAULT_CAPS = (
     "CAP_CHOWN",
@@ -346,7 +346,7 @@ def find_tool(given: str | None, name: str, missing: str) -> str:
     return found
 
 
-class IsolatingRuntime(SupervisedRuntime):
+class IsolatingRuntime(SupervisedRuntime[C]):
     """What ``bwrap`` and ``gvisor`` share: a state directory, the container user, the
     prepared ``/etc``, network namespaces with egress made ahead, and the checks."""
 

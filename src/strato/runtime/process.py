@@ -56,7 +56,7 @@ class ProcessContainer(SupervisedContainer):
             self._kill_cgroup()  # also those that left the process group
 
 
-class ProcessRuntime(SupervisedRuntime):
+class ProcessRuntime(SupervisedRuntime[ProcessContainer]):
     """Runs containers as plain subprocesses of the worker agent."""
 
     name = "process"

@@ -25,7 +25,7 @@ import signal as _signal
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from strato.runtime.base import ContainerLaunch, ExitStatus, RunningContainer, Runtime
 from strato.runtime.cgroups import (
@@ -225,7 +225,10 @@ class Launching:
                 log.exception("freeing what a failed start set up failed")
 
 
-class SupervisedRuntime(Runtime):
+C = TypeVar("C", bound=SupervisedContainer)
+
+
+class SupervisedRuntime(Runtime, Generic[C]):
     """A runtime whose container is a host process it starts. A start is always: check
     the launch, take its environment, let the container's user reach the channel socket
     (isolating runtimes), :meth:`prepare` the rest (a root, a network, the command), make
@@ -246,16 +249,16 @@ class SupervisedRuntime(Runtime):
         """Set up what the container needs and fill ``st``'s command (``st.hold`` what
         must be freed if the start fails)."""
 
-    container_class: type[SupervisedContainer]
+    container_class: type[C]
 
-    def wrap(self, st: Launching) -> RunningContainer:
+    def wrap(self, st: Launching) -> C:
         """The running container of the process ``st`` started."""
         return self.container_class(st)
 
     def describe_limits(self) -> str:
         return describe_limits(self.cgroups, self.cgroup_reason)
 
-    async def start(self, launch: ContainerLaunch) -> RunningContainer:
+    async def start(self, launch: ContainerLaunch) -> C:
         self.check(launch)
         st = Launching(launch, list(launch.argv), self.environment(launch), launch.cwd)
         if self.capabilities.isolation and launch.channel_socket is not None:
