@@ -18,6 +18,7 @@ import importlib
 import os
 import sys
 
+from strato import settings
 from strato.protocol import messages as m
 
 from .target import Target
@@ -42,11 +43,11 @@ def load_template() -> None:
     global _template
     import msgspec
 
-    with open(os.environ["STRATO_CONTAINER_SPEC"], "rb") as f:
+    with open(settings.CONTAINER_SPEC.required(), "rb") as f:
         spec = msgspec.msgpack.decode(f.read(), type=m.FunctionSpec)
-    paths = [p for p in os.environ.get("STRATO_MOUNT_PATHS", "").split(os.pathsep) if p]
+    paths = settings.MOUNT_PATHS.get()
     sys.path[:0] = [p for p in paths if p not in sys.path]
-    os.environ["STRATO_IN_CONTAINER"] = "1"
+    os.environ[settings.IN_CONTAINER.name] = "1"
     target = Target(spec)
     target.load()
     _template = (spec, target)

@@ -224,7 +224,7 @@ class SandboxForking(Forking):
             caps=list(DEFAULT_CAPS),
             seccomp=bpf,
             binds=list(binds),
-            spec_path=env.get("STRATO_CONTAINER_SPEC"),
+            spec_path=settings.CONTAINER_SPEC.get(env) or None,
         )
         if launch.channel_socket is not None:
             made.binds.append((CHANNEL_PATH, CHANNEL_PATH))

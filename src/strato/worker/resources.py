@@ -12,13 +12,13 @@ memory limit, ``nvidia-smi``), each overridable by configuration:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from strato import settings
 from strato.exceptions import InvalidError
 
 log = logging.getLogger("strato.worker")
@@ -157,29 +157,6 @@ def parse_gpu_override(text: str, var: str = "STRATO_NODE_GPUS") -> dict[str, li
     return gpus
 
 
-def _float(env: Mapping[str, str], var: str, minimum: float, strict: bool) -> float | None:
-    text = env.get(var, "").strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        bound = f"above {minimum:g}" if strict else f"{minimum:g} or more"
-        raise _bad(var, text, f"a number {bound}")
-    return value
-
-
-def _int(env: Mapping[str, str], var: str) -> int | None:
-    text = env.get(var, "").strip()
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise _bad(var, text, "a whole number of MiB, 1 or more")
-    return int(text)
-
-
 def parse_labels(text: str, var: str = "STRATO_NODE_LABELS") -> dict[str, str]:
     labels: dict[str, str] = {}
     for entry in (e.strip() for e in text.split(",")):
@@ -202,12 +179,12 @@ def detect_inventory(
     ``nvidia_smi`` returns the output of the GPU query (tests pass a fake); it is not
     called when ``STRATO_NODE_GPUS`` is set.
     """
-    cpu = _float(env, "STRATO_NODE_CPU", 0.0, strict=True)
-    memory_mb = _int(env, "STRATO_NODE_MEMORY_MB")
-    price = _float(env, "STRATO_NODE_PRICE_PER_HOUR", 0.0, strict=False)
-    labels = parse_labels(env.get("STRATO_NODE_LABELS", ""))
-    if "STRATO_NODE_GPUS" in env:
-        gpus = parse_gpu_override(env["STRATO_NODE_GPUS"])
+    cpu = settings.NODE_CPU.get(env)
+    memory_mb = settings.NODE_MEMORY_MB.get(env)
+    price = settings.NODE_PRICE_PER_HOUR.get(env)
+    labels = parse_labels(settings.NODE_LABELS.get(env))
+    if settings.NODE_GPUS.is_set(env):
+        gpus = parse_gpu_override(settings.NODE_GPUS.get(env))
     else:
         output = nvidia_smi()
         gpus = parse_nvidia_smi(output) if output else {}
@@ -215,7 +192,7 @@ def detect_inventory(
         cpu=cpu if cpu is not None else detect_cpu(),
         memory_mb=memory_mb if memory_mb is not None else detect_memory_mb(),
         gpus=gpus,
-        region=env.get("STRATO_NODE_REGION", "").strip() or None,
-        price_per_hour=price if price is not None else 0.0,
+        region=settings.NODE_REGION.get(env).strip() or None,
+        price_per_hour=price,
         labels=labels,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from strato import settings
+from strato.exceptions import SettingError
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.protocol import zygote as zp
@@ -262,7 +263,10 @@ class ZygotePool:
             image_env = {k: v for k, v in like.env.items() if private.get(k) != v}
             env = {k: v for k, v in image_env.items() if not k.startswith("STRATO_")}
             # the image's declared imports: Image.env({"STRATO_PREIMPORT": "torch,numpy"})
-            preimport = f"{preimport} {image_env.get('STRATO_PREIMPORT', '')}".strip()
+            try:
+                preimport = " ".join((preimport, *settings.PREIMPORT.get(image_env)))
+            except SettingError as e:
+                raise ForkFailed(f"the image's {e}") from None
             binds += [b for b in like.binds if b.dst == STRATO_SRC + "/strato"]
             binds += code
             workdir = like.workdir
