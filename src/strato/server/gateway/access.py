@@ -15,7 +15,7 @@ from strato.protocol import messages as m
 
 FLUSH_S = 0.1
 FLUSH_LINES = 500
-STREAM = "access"
+STREAM: m.LogStream = "access"
 
 
 class AccessLog:

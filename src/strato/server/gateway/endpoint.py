@@ -18,13 +18,69 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from strato.protocol import messages as m
+
+from ..containers import ContainerState
 
 if TYPE_CHECKING:
-    from ..calls.manager import FunctionState
-    from .proxy import Exchange, Upstream
+    from ..autoscaler import ContainerStat
+    from .exchange import Exchange
+    from .upstream import Upstream
 
-SERVING = "ready"
+SERVING = ContainerState.READY
+
+
+class ContainerView(Protocol):
+    """What the gateway reads of one of the fleet's containers (``containers.Container``)."""
+
+    @property
+    def container_id(self) -> str: ...
+    @property
+    def function_id(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+    @property
+    def idle_since(self) -> float | None: ...
+    @property
+    def started_at(self) -> float: ...
+    def note_busy(self) -> None: ...
+    def note_idle(self, now: float) -> None: ...
+
+
+class FleetView(Protocol):
+    """What the gateway asks of the fleet."""
+
+    def container(self, container_id: str) -> ContainerView | None: ...
+    def containers_of(self, function_id: str) -> Sequence[ContainerView]: ...
+    def live_containers_of(self, function_id: str) -> Sequence[ContainerView]: ...
+    def backing_off(self, function_id: str, now: float) -> bool: ...
+    def container_stats(
+        self, function_id: str, load: Callable[[ContainerView], tuple[int, float | None]]
+    ) -> list[ContainerStat]: ...
+    def stop(self, container_id: str) -> None: ...
+
+
+class FunctionView(Protocol):
+    """What the gateway reads of a function (``calls.FunctionQueue``)."""
+
+    @property
+    def function_id(self) -> str: ...
+    @property
+    def app_id(self) -> str: ...
+    @property
+    def spec(self) -> m.FunctionSpec: ...
+
+
+class CallsView(Protocol):
+    """What the gateway asks of the call manager."""
+
+    def function(self, function_id: str) -> FunctionView: ...
+    def note_arrival(self, function_id: str, now: float | None = None) -> None: ...
 
 
 class Backend:
@@ -32,8 +88,8 @@ class Backend:
 
     __slots__ = ("session", "endpoint", "idle", "tunnels", "inflight", "idle_since")
 
-    def __init__(self, session, endpoint: Endpoint) -> None:
-        self.session = session  # the fleet's ContainerSession (state, container_id, ...)
+    def __init__(self, session: ContainerView, endpoint: Endpoint) -> None:
+        self.session = session  # the fleet's container (state, container_id, ...)
         self.endpoint = endpoint
         self.idle: list[Upstream] = []  # connected tunnels not carrying a request
         self.tunnels = 0  # connected tunnels, idle or busy
@@ -48,18 +104,17 @@ class Backend:
         self.inflight += 1
         if self.idle_since is not None:
             self.idle_since = None
-            self.session.idle_since = None  # the fleet must not reclaim a busy container
+            self.session.note_busy()  # the fleet must not reclaim a busy container
 
     def mark_free(self, now: float) -> None:
         self.inflight -= 1
         if self.inflight == 0:
             self.idle_since = now
-            if self.session.state == SERVING:
-                self.session.idle_since = now
+            self.session.note_idle(now)
 
 
 class Endpoint:
-    def __init__(self, fn: FunctionState, max_waiting: int) -> None:
+    def __init__(self, fn: FunctionView, max_waiting: int) -> None:
         self.fn = fn
         self.function_id = fn.function_id
         self.app_id = fn.app_id
@@ -102,7 +157,7 @@ class Endpoint:
             if got is None:
                 return
             ex = waiters.popleft()
-            ex.granted(*got)
+            ex.bind(*got)
 
     def pump_all(self) -> None:
         """After a slot or tunnel of this endpoint frees up: its own waiters, and those of
@@ -125,7 +180,7 @@ class Endpoint:
         inflight = self.inflight() + sum(ep.inflight() for ep in self.previous)
         return len(self.waiters), inflight
 
-    def backend_for(self, session) -> Backend:
+    def backend_for(self, session: ContainerView) -> Backend:
         b = self.backends.get(session.container_id)
         if b is None:
             b = self.backends[session.container_id] = Backend(session, self)
@@ -133,5 +188,5 @@ class Endpoint:
 
     def forget_gone(self) -> None:
         for cid, b in list(self.backends.items()):
-            if b.session.state == "gone" and b.tunnels == 0:
+            if b.session.state == ContainerState.GONE and b.tunnels == 0:
                 del self.backends[cid]

@@ -37,20 +37,26 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import msgspec
 
 from strato.exceptions import InvalidError, NotFoundError, RouteConflictError
 from strato.protocol import messages as m
 
-from ..autoscaler import ContainerStat, FunctionStats
+from ..autoscaler import FunctionStats
+from ..containers import ContainerState
 from ..listeners import ConnectionGuard
 from .access import AccessLog
 from .config import TOKEN_HEADER, GatewayConfig
-from .endpoint import Endpoint
-from .proxy import ClientConn, Exchange, Upstream, error_body, simple_response
+from .endpoint import CallsView, ContainerView, Endpoint, FleetView, FunctionView
+from .exchange import Exchange, Phase
+from .proxy import ClientConn
 from .results import DeferredResult, ResultStore
 from .routes import RouteTable, route_name
+from .upstream import adopt
+from .wire import error_body, simple_response
 
 log = logging.getLogger("strato.gateway")
 _spec_decoder = msgspec.msgpack.Decoder(m.FunctionSpec)
@@ -61,8 +67,28 @@ SPARE_TUNNELS_MAX = 64  # tunnels a container may hold beyond twice its request 
 RETIRED_IDLE_S = 30.0  # a replaced version's idle container, while the new one cannot serve
 
 
+class StoreView(Protocol):
+    """What the gateway reads of the store: live apps and their functions' specs."""
+
+    def apps(self) -> list[dict[str, Any]]: ...
+    def functions_of(self, app_id: str) -> list[dict[str, Any]]: ...
+
+
+class LogSink(Protocol):
+    def append(self, app_id: str, lines: list[m.LogLine]) -> None: ...
+
+
 class Gateway:
-    def __init__(self, config: GatewayConfig, *, calls, fleet, store, logs, wake) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        calls: CallsView,
+        fleet: FleetView,
+        store: StoreView,
+        logs: LogSink,
+        wake: Callable[[], None],
+    ) -> None:
         self.config = config
         self.calls = calls
         self.fleet = fleet
@@ -194,7 +220,7 @@ class Gateway:
                 ex.endpoint = succ
                 succ.waiters.append(ex)
             succ.pump()
-            keep |= set(ep.fn.sessions)
+            keep |= {c.container_id for c in self.fleet.containers_of(ep.function_id)}
         if keep:
             self._wake()
         return keep
@@ -256,9 +282,7 @@ class Gateway:
             ex.respond(503, "the endpoint's function is gone")
             return
         ex.endpoint = ep
-        fn = ep.fn
-        if fn.arrival_at is None:
-            fn.arrival_at = time.monotonic()
+        self.calls.note_arrival(ep.function_id)
         loop = asyncio.get_running_loop()
         if not ex.upgrade:
             ex.limit_handle = loop.call_later(self.config.http_limit_s, ex.limit_reached)
@@ -274,9 +298,7 @@ class Gateway:
                 "(STRATO_WEB_MAX_WAITING)",
             )
             return
-        ex.state = "waiting"
-        ep.waiters.append(ex)
-        ex.wait_handle = loop.call_later(self.config.wait_timeout_s, ex.wait_expired)
+        ex.wait(ep, self.config.wait_timeout_s)
         self._wake()  # from zero: start a container now, not at the next tick
 
     def _authorized(self, ex: Exchange) -> bool:
@@ -289,7 +311,7 @@ class Gateway:
     def _internal(self, ex: Exchange, path: str) -> None:
         if path == "/__strato/health":
             body = b'{"ok": true}'
-            ex.respond_raw(simple_response(200, body, ex.rid))
+            ex.respond_raw(200, simple_response(200, body, ex.rid))
             return
         if not path.startswith(RESULTS_PREFIX):
             ex.respond(404, f"no such gateway path: {path[:200]}")
@@ -308,12 +330,12 @@ class Gateway:
         if entry.done:
             self._send_result(ex, entry)
             return
-        ex.state = "waiting-result"
+        ex.fetching()
         loop = asyncio.get_running_loop()
 
         def ready() -> None:
             timer.cancel()
-            if ex.state == "waiting-result" and not ex.conn.closed:
+            if ex.phase is Phase.FETCHING:
                 self._send_result(ex, entry)
 
         def again() -> None:
@@ -321,16 +343,16 @@ class Gateway:
                 entry.waiters.remove(ready)
             except ValueError:
                 pass
-            if ex.state != "waiting-result" or ex.conn.closed:
+            if ex.phase is not Phase.FETCHING:
                 return
-            ex.state = "done"
             ex.respond_raw(
+                303,
                 simple_response(
                     303,
                     error_body(303, "still running; fetch its result here", entry.rid),
                     ex.rid,
                     extra=[(b"location", path.encode()), (b"retry-after", b"1")],
-                )
+                ),
             )
 
         timer = loop.call_later(self.config.http_limit_s, again)
@@ -338,14 +360,13 @@ class Gateway:
 
     def _send_result(self, ex: Exchange, entry: DeferredResult) -> None:
         if entry.overflow:
-            ex.state = "new"
             ex.respond(
                 502,
                 f"the result was over {self.config.result_max_bytes} bytes "
                 "(STRATO_WEB_RESULT_MAX) and was not kept",
             )
             return
-        ex.respond_raw(entry.body(), close=True)
+        ex.respond_raw(entry.status, entry.body(), close=True)
 
     def access(self, ex: Exchange, status: int, note: str | None = None) -> None:
         route = ex.route
@@ -365,10 +386,10 @@ class Gateway:
 
     def adopt_tunnel(self, hello: m.WebTunnelHello, writer: asyncio.StreamWriter) -> bool:
         """A container's tunnel connection: pool it as an upstream of its endpoint."""
-        s = self.fleet.containers.get(hello.container_id)
+        s = self.fleet.container(hello.container_id)
         if s is None or not hmac.compare_digest(s.token, hello.token):
             return False
-        if s.state in ("killing", "gone"):
+        if s.state in (ContainerState.KILLING, ContainerState.GONE):
             return False
         ep = self._endpoint(s.function_id)
         if ep is None:
@@ -379,42 +400,31 @@ class Gateway:
             # taking the channel's share of the open files from the others
             log.warning("container %s dials too many web tunnels; refused", s.container_id)
             return False
-        up = Upstream(b, writer)
-        transport = writer.transport
-        transport.set_protocol(up)
-        up.connection_made(transport)
+        up = adopt(b, writer)
         b.tunnels += 1
         b.idle.append(up)
-        if s.state == "ready":
+        if s.state == ContainerState.READY:
             ep.pump_all()
         return True
 
-    def container_ready(self, session) -> None:
-        ep = self.endpoints.get(session.function_id)
+    def container_ready(self, container: ContainerView) -> None:
+        ep = self.endpoints.get(container.function_id)
         if ep is not None:
             ep.pump_all()
 
     # ------------------------------------------------------------------ scaling
 
-    def stats(self, fn, now: float) -> FunctionStats:
+    def stats(self, fn: FunctionView, now: float) -> FunctionStats:
         """What the autoscaler sees of a web function: waiting requests as queued,
         requests in flight as running inputs."""
         ep = self.endpoints.get(fn.function_id)
         queued, inflight = ep.load() if ep is not None else (0, 0)
-        containers = []
-        for s in fn.sessions.values():
-            b = ep.backends.get(s.container_id) if ep is not None else None
-            ready = s.state == "ready"
-            idle_since = (b.idle_since if b is not None else s.idle_since) if ready else None
-            containers.append(
-                ContainerStat(
-                    container_id=s.container_id,
-                    state=s.state if s.state in ("starting", "ready") else "stopping",
-                    inflight=b.inflight if b is not None else 0,
-                    idle_since=idle_since,
-                    started_at=s.started_at,
-                )
-            )
+
+        def load(c: ContainerView) -> tuple[int, float | None]:
+            b = ep.backends.get(c.container_id) if ep is not None else None
+            return (b.inflight, b.idle_since) if b is not None else (0, c.idle_since)
+
+        containers = self.fleet.container_stats(fn.function_id, load)
         return FunctionStats(now=now, queued=queued, inflight=inflight, containers=containers)
 
     def tick(self, now: float) -> None:
@@ -422,8 +432,7 @@ class Gateway:
         waiters of endpoints whose containers cannot start, drain replaced versions."""
         for ep in list(self.endpoints.values()):
             if ep.waiters:
-                if ep.fn.arrival_at is None:
-                    ep.fn.arrival_at = now
+                self.calls.note_arrival(ep.function_id, now)
                 self._fail_if_backing_off(ep, now)
             if ep.successor is not None:
                 self._drain(ep, now)
@@ -433,11 +442,9 @@ class Gateway:
             self.results.sweep(now)
 
     def _fail_if_backing_off(self, ep: Endpoint, now: float) -> None:
-        until, _ = self.fleet.backoff.get(ep.function_id, (0.0, 0.0))
-        if until <= now:
+        if not self.fleet.backing_off(ep.function_id, now):
             return
-        live = [s for s in ep.fn.sessions.values() if s.state in ("starting", "ready")]
-        if live or ep.previous:
+        if self.fleet.live_containers_of(ep.function_id) or ep.previous:
             return
         for ex in list(ep.waiters):
             ex.respond(
@@ -450,14 +457,14 @@ class Gateway:
     def _drain(self, ep: Endpoint, now: float) -> None:
         """A replaced version: stop its containers once the new one serves (or nobody
         waits), each when it has nothing in flight; all of them after the drain limit."""
-        head = ep.successor
+        succ = ep.successor
+        assert succ is not None
+        head = succ
         while head.successor is not None:
             head = head.successor
         serving = head.has_ready()
         overdue = now - (ep.retired_at or now) > self.config.drain_timeout_s
-        for s in list(ep.fn.sessions.values()):
-            if s.state not in ("starting", "ready"):
-                continue
+        for s in self.fleet.live_containers_of(ep.function_id):
             b = ep.backends.get(s.container_id)
             idle_since = b.idle_since if b is not None else s.started_at
             if b is not None and b.inflight > 0 and not overdue:
@@ -467,8 +474,7 @@ class Gateway:
             lingering = not head.waiters and now - (idle_since or now) > RETIRED_IDLE_S
             if overdue or serving or lingering:
                 self.fleet.stop(s.container_id)
-        if not ep.fn.sessions and not ep.backends:
-            for succ_prev in (ep.successor.previous,):
-                if ep in succ_prev:
-                    succ_prev.remove(ep)
+        if not self.fleet.containers_of(ep.function_id) and not ep.backends:
+            if ep in succ.previous:
+                succ.previous.remove(ep)
             self.endpoints.pop(ep.function_id, None)

@@ -43,6 +43,7 @@ class DeferredResult:
         "max_bytes",
         "overflow",
         "exchange",
+        "status",
     )
 
     def __init__(self, ex: Exchange, max_bytes: int) -> None:
@@ -59,6 +60,7 @@ class DeferredResult:
         self.max_bytes = max_bytes
         self.overflow = False
         self.exchange: Exchange | None = ex
+        self.status = 0  # of the response kept (the container's, or the gateway's error)
 
     def append(self, data: bytes) -> None:
         if self.overflow:
@@ -73,10 +75,11 @@ class DeferredResult:
             return
         self.chunks.append(data)
 
-    def finish(self) -> None:
+    def finish(self, status: int) -> None:
         if self.done:
             return
         self.done = True
+        self.status = status
         self.done_at = time.monotonic()
         self.exchange = None
         waiters, self.waiters = self.waiters, []
