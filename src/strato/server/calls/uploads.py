@@ -127,7 +127,10 @@ class Uploads:
         """Every chunk taken so far is written (or dropped)."""
         fut = self._serial.last()
         if not fut.done():
-            await asyncio.wait_for(asyncio.wrap_future(fut), WAIT_S)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), WAIT_S)
+            except TimeoutError:
+                raise InvalidError(f"a chunked value was not written within {WAIT_S:g}s") from None
 
     def _wait_sync(self) -> None:
         try:
