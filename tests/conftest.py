@@ -31,6 +31,16 @@ INTEGRATION_DIR = TESTS_DIR / "integration"
 STOP_TIMEOUT_S = 30.0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # a run stopped with SIGTERM (`timeout`, a CI runner) stops like one stopped with ^C:
+    # fixtures tear down, so control planes stop and their homes under /tmp are removed
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,9 +189,9 @@ class ServerHandle:
         for stray, _ in left:
             with contextlib.suppress(OSError):
                 os.kill(stray, signal.SIGKILL)
-        assert not left, f"processes left behind by the control plane: {left}"
-        if not os.environ.get("STRATO_TEST_KEEP_HOME"):
+        if not os.environ.get("STRATO_TEST_KEEP_HOME"):  # removed even when the check fails
             shutil.rmtree(self.home, ignore_errors=True)
+        assert not left, f"processes left behind by the control plane: {left}"
 
 
 def _new_server() -> ServerHandle:

@@ -4,6 +4,7 @@ dynamic batching, end to end through real containers."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -12,17 +13,24 @@ import pytest
 
 from strato import exceptions as exc
 
-MARKS = Path(tempfile.mkdtemp(prefix="strato-marks-"))
-os.environ.setdefault("TEST_MARKS", str(MARKS))  # read by the app module at import
+# where the @exit hooks leave their marks: named at import (the app module reads it then),
+# made and removed by the `running` fixture, so that collecting leaves nothing behind
+MARKS = Path(tempfile.gettempdir()) / f"strato-marks-{os.getpid()}"
+os.environ.setdefault("TEST_MARKS", str(MARKS))
 
 from apps import classes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def running(strato_server):
+    marks = Path(os.environ["TEST_MARKS"])
+    marks.mkdir(mode=0o700, exist_ok=True)
     strato_server.activate()
-    with classes.app.run(quiet=True):
-        yield classes.app
+    try:
+        with classes.app.run(quiet=True):
+            yield classes.app
+    finally:
+        shutil.rmtree(marks, ignore_errors=True)
 
 
 def test_parameters_select_separate_pools_and_enter_runs_once(running):

@@ -73,18 +73,20 @@ def control_plane():
     os.environ["STRATO_LOCAL_WORKER"] = "0"
     os.environ.pop("STRATO_TOKEN", None)
     try:
-        start_server(handle.url, home, None, 60.0)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    try:
+        try:
+            start_server(handle.url, home, None, 60.0)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         yield handle
-    finally:
-        handle.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    finally:  # also when the start failed: its home is removed
+        try:
+            handle.stop()
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def _seed(http: requests.Session, url: str) -> dict[str, list[str]]:

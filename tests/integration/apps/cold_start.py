@@ -82,17 +82,20 @@ def _processes() -> list[str]:
 
 @app.function(scaledown_window=2, max_containers=2)
 def where(marker: str, hold_s: float = 0.0, host_port: int = 0) -> dict:
-    """Leave a mark in /tmp, wait, then report what this container sees."""
+    """Leave a mark in /tmp, wait, then report what this container sees (and take the
+    mark away: under the ``process`` runtime /tmp is the host's)."""
     with open(f"/tmp/mark-{marker}", "w") as f:
         f.write(marker)
     time.sleep(hold_s)
+    tmp = sorted(os.listdir("/tmp"))
+    os.unlink(f"/tmp/mark-{marker}")
     return {
         "marker": marker,
         "forked": _forked(),
         "pid": os.getpid(),
         "pids": [p for p in os.listdir("/proc") if p.isdigit()],
         "processes": _processes(),
-        "tmp": sorted(os.listdir("/tmp")),
+        "tmp": tmp,
         "hostname": socket.gethostname(),
         "container_id": os.environ.get("STRATO_CONTAINER_ID"),
         "cap_sys_admin": bool(_capabilities() & (1 << 21)),

@@ -34,7 +34,9 @@ def _share_tmp(tag: str) -> list[str]:
     import time
 
     time.sleep(1.0)  # both containers are alive at once
-    return sorted(os.listdir("/tmp"))
+    seen = sorted(os.listdir("/tmp"))
+    os.unlink(f"/tmp/mark-{tag}")  # the container's own /tmp, or the host's if not isolated
+    return seen
 
 
 def _connect(port: int) -> str:

@@ -135,16 +135,34 @@ def wsgi():
     return wsgi_app
 
 
+# a plain http.server in a process of its own, serving one file from memory (a file on
+# disk would outlive the container in the host's /tmp under the process runtime)
+PLAIN_SERVER = """
+import http.server, sys
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path != "/hello.txt":
+            self.send_error(404)
+            return
+        body = b"served by a plain http.server\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hello).serve_forever()
+"""
+
+
 @app.function(max_containers=1)
 @strato.web_server(port=SERVER_PORT, startup_timeout=20)
 def server():
-    root = "/tmp/strato-web-server-test"
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "hello.txt"), "w") as f:
-        f.write("served by a plain http.server\n")
     subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(SERVER_PORT), "--bind", "127.0.0.1"],
-        cwd=root,
+        [sys.executable, "-c", PLAIN_SERVER, str(SERVER_PORT)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
