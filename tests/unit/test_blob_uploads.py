@@ -103,3 +103,21 @@ def test_streamed_put_checks_its_key_and_size(tmp_path):
     asyncio.run(main())
     assert blobs.get(_sha(b"small")) == b"small"
     assert _leftovers(blobs) == []
+
+
+def test_a_cancelled_wait_does_not_stop_the_uploads(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    up = Uploads(blobs, max_payload=64 << 20)
+
+    async def main() -> tuple[str | None, int]:
+        data = b"w" * (4 << 20)
+        up.chunk(data, last=True)
+        waiter = asyncio.ensure_future(up.ready())
+        await asyncio.sleep(0)
+        waiter.cancel()  # a channel that went away while its value was being written
+        up.chunk(b"next", last=True)
+        await up.ready()
+        assert up.take(_sha(data)) == (_sha(data), 4 << 20)
+        return up.take(_sha(b"next"))
+
+    assert asyncio.run(main()) == (_sha(b"next"), 4)

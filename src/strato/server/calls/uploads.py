@@ -50,12 +50,16 @@ class _Serial:
                     self._running = False
                     return
                 fn, fut = self._tasks.popleft()
+            # the work runs even if a waiter gave up on it: later chunks build on it
+            waited = fut.set_running_or_notify_cancel()
             try:
                 fn()
             except BaseException as e:
-                fut.set_exception(e)
+                if waited:
+                    fut.set_exception(e)
             else:
-                fut.set_result(None)
+                if waited:
+                    fut.set_result(None)
 
     def last(self) -> concurrent.futures.Future:
         """Done when everything submitted so far is."""
@@ -128,7 +132,8 @@ class Uploads:
         fut = self._serial.last()
         if not fut.done():
             try:
-                await asyncio.wait_for(asyncio.wrap_future(fut), WAIT_S)
+                # shielded: a timeout must not cancel the blob thread's future
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), WAIT_S)
             except TimeoutError:
                 raise InvalidError(f"a chunked value was not written within {WAIT_S:g}s") from None
 
