@@ -18,7 +18,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 from strato.exceptions import SettingError
 
@@ -60,14 +60,14 @@ class Setting(Generic[T]):
     def __init__(
         self,
         name: str,
-        *,
         kind: str,
         parse: Callable[[str], T],
+        expected: str,
         default: Callable[[], T],
         shown_default: str,
         meaning: str,
         readers: tuple[Reader, ...],
-        expected: str,
+        *,
         internal: bool = False,
         empty_is_unset: bool = True,
     ) -> None:
@@ -153,30 +153,51 @@ def _duration(s: float) -> str:
     return f"{s:g} s"
 
 
-def _bounds(lo: float | None, hi: float | None, lo_open: bool) -> str:
-    if lo is not None and hi is not None:
-        return f" from {lo:g} to {hi:g}" if not lo_open else f" above {lo:g}, at most {hi:g}"
-    if lo is not None:
-        return f" above {lo:g}" if lo_open else f" of {lo:g} or more"
-    return f" of at most {hi:g}" if hi is not None else ""
+class Range(NamedTuple):
+    """The values a number may take: from ``lo`` (excluded where ``lo_open``) to ``hi``."""
 
+    lo: float | None = 0
+    hi: float | None = None
+    lo_open: bool = False
 
-def _number_parser(
-    integral: bool, lo: float | None, hi: float | None, lo_open: bool
-) -> Callable[[str], float]:
-    def parse(text: str) -> float:
+    def __str__(self) -> str:
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None:
+            return f" above {lo:g}, at most {hi:g}" if self.lo_open else f" from {lo:g} to {hi:g}"
+        if lo is not None:
+            return f" above {lo:g}" if self.lo_open else f" of {lo:g} or more"
+        return f" of at most {hi:g}" if hi is not None else ""
+
+    def check(self, text: str, whole: bool) -> float:
         value = float(text.strip())  # ValueError where it is no number
-        if not math.isfinite(value):
+        if not math.isfinite(value) or (whole and not value.is_integer()):
             raise ValueError(text)
-        if integral and not value.is_integer():
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             raise ValueError(text)
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise ValueError(text)
-        if hi is not None and value > hi:
+        if self.hi is not None and value > self.hi:
             raise ValueError(text)
         return value
 
-    return parse
+
+POSITIVE = Range(0, lo_open=True)
+_NOUNS = {"bytes": "number of bytes", "MiB": "number of MiB", "seconds": "number of seconds"}
+_NOUNS |= {"ms": "number of milliseconds", "share": "share"}
+
+
+def _whole(unit: str, within: Range) -> tuple[str, Callable[[str], int], str]:
+    """(kind, parser, what it expects) of a whole number (``1e6`` is one; ``1.5`` is not)."""
+    expected = f"a whole {_NOUNS.get(unit, 'number')}{within}"
+    return ("bytes" if unit == "bytes" else "int"), lambda t: int(within.check(t, True)), expected
+
+
+def _real(unit: str, within: Range) -> tuple[str, Callable[[str], float], str]:
+    """(kind, parser, what it expects) of a finite number."""
+    kind = unit if unit in ("seconds", "ms") else "float"
+    return kind, lambda t: within.check(t, False), f"a {_NOUNS.get(unit, 'number')}{within}"
+
+
+IntUnit = Literal["bytes", "count", "MiB", "id", "pid", "port"]
+RealUnit = Literal["seconds", "ms", "share", "number"]
 
 
 def integer(
@@ -185,63 +206,26 @@ def integer(
     meaning: str,
     readers: tuple[Reader, ...],
     *,
-    unit: Literal["bytes", "count", "MiB", "id", "port"] = "count",
-    lo: int | None = 0,
-    hi: int | None = None,
-    lo_open: bool = False,
+    unit: IntUnit = "count",
+    within: Range = Range(0),
     shown_default: str | None = None,
-    internal: bool = False,
 ) -> Setting[int]:
-    """A whole number (``1e6`` is accepted; ``1.5`` is not), ``lo`` or more by default."""
-    check = _number_parser(True, lo, hi, lo_open)
-    noun = {"bytes": "number of bytes", "MiB": "number of MiB"}.get(unit, "number")
+    """A whole number, 0 or more unless ``within`` says otherwise."""
     shown = shown_default or (_size(default) if unit == "bytes" else str(default))
-    return _declare(
-        Setting(
-            name,
-            kind="bytes" if unit == "bytes" else "int",
-            parse=lambda text: int(check(text)),
-            default=_const(default),
-            shown_default=shown,
-            meaning=meaning,
-            readers=readers,
-            expected=f"a whole {noun}{_bounds(lo, hi, lo_open)}",
-            internal=internal,
-        )
-    )
+    return _declare(Setting(name, *_whole(unit, within), _const(default), shown, meaning, readers))
 
 
 def optional_integer(
-    name: str,
-    shown_default: str,
-    meaning: str,
-    readers: tuple[Reader, ...],
-    *,
-    unit: Literal["bytes", "count", "MiB", "pid", "port"] = "count",
-    lo: int | None = 0,
-    hi: int | None = None,
-    lo_open: bool = False,
-    internal: bool = False,
+    name: str, shown_default: str, meaning: str, readers: tuple[Reader, ...], **how: Any
 ) -> Setting[int | None]:
-    """A whole number whose default its reader computes: ``get`` returns ``None`` where
-    the variable is unset."""
-    check = _number_parser(True, lo, hi, lo_open)
-    noun = {"bytes": "number of bytes", "MiB": "number of MiB"}.get(unit, "number")
-
-    def parse(text: str) -> int | None:
-        return int(check(text))
-
+    """A whole number whose default its reader computes (``shown_default`` says how):
+    ``get`` returns ``None`` where the variable is unset. ``how``: ``unit``, ``within``
+    as for :func:`integer`, and ``internal``."""
+    kind = _whole(how.get("unit", "count"), how.get("within", Range(0)))
+    internal = how.get("internal", False)
     return _declare(
-        Setting(
-            name,
-            kind="bytes" if unit == "bytes" else "int",
-            parse=parse,
-            default=_const(None),
-            shown_default=shown_default,
-            meaning=meaning,
-            readers=readers,
-            expected=f"a whole {noun}{_bounds(lo, hi, lo_open)}",
-            internal=internal,
+        Setting[int | None](
+            name, *kind, _const(None), shown_default, meaning, readers, internal=internal
         )
     )
 
@@ -252,57 +236,21 @@ def number(
     meaning: str,
     readers: tuple[Reader, ...],
     *,
-    unit: Literal["seconds", "ms", "share", "number"] = "seconds",
-    lo: float | None = 0.0,
-    hi: float | None = None,
-    lo_open: bool = True,
-    shown_default: str | None = None,
+    unit: RealUnit = "seconds",
+    within: Range = POSITIVE,
 ) -> Setting[float]:
-    """A finite number (seconds by default, which must be above 0)."""
-    check = _number_parser(False, lo, hi, lo_open)
-    noun = {"seconds": "number of seconds", "ms": "number of milliseconds", "share": "share"}
-    shown = shown_default or (_duration(default) if unit == "seconds" else f"{default:g}")
-    return _declare(
-        Setting(
-            name,
-            kind={"seconds": "seconds", "ms": "ms"}.get(unit, "float"),
-            parse=check,
-            default=_const(default),
-            shown_default=shown,
-            meaning=meaning,
-            readers=readers,
-            expected=f"a {noun.get(unit, 'number')}{_bounds(lo, hi, lo_open)}",
-        )
-    )
+    """A finite number: seconds above 0 unless ``unit`` and ``within`` say otherwise."""
+    shown = _duration(default) if unit == "seconds" else f"{default:g}"
+    return _declare(Setting(name, *_real(unit, within), _const(default), shown, meaning, readers))
 
 
 def optional_number(
-    name: str,
-    shown_default: str,
-    meaning: str,
-    readers: tuple[Reader, ...],
-    *,
-    lo: float | None = 0.0,
-    hi: float | None = None,
-    lo_open: bool = True,
+    name: str, shown_default: str, meaning: str, readers: tuple[Reader, ...]
 ) -> Setting[float | None]:
-    """A finite number whose default its reader computes (``None`` where unset)."""
-    check = _number_parser(False, lo, hi, lo_open)
-
-    def parse(text: str) -> float | None:
-        return check(text)
-
+    """A number above 0 whose default its reader computes (``None`` where unset)."""
+    kind = _real("number", POSITIVE)
     return _declare(
-        Setting(
-            name,
-            kind="float",
-            parse=parse,
-            default=_const(None),
-            shown_default=shown_default,
-            meaning=meaning,
-            readers=readers,
-            expected=f"a number{_bounds(lo, hi, lo_open)}",
-        )
+        Setting[float | None](name, *kind, _const(None), shown_default, meaning, readers)
     )
 
 
@@ -319,19 +267,10 @@ def flag(
     name: str, default: bool, meaning: str, readers: tuple[Reader, ...], *, internal: bool = False
 ) -> Setting[bool]:
     """On or off: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
-    return _declare(
-        Setting(
-            name,
-            kind="bool",
-            parse=_parse_flag,
-            default=_const(default),
-            shown_default="1" if default else "0",
-            meaning=meaning,
-            readers=readers,
-            expected="1, true, yes, on, 0, false, no or off",
-            internal=internal,
-        )
-    )
+    expected = "1, true, yes, on, 0, false, no or off"
+    shown = "1" if default else "0"
+    how = ("bool", _parse_flag, expected, _const(default), shown, meaning, readers)
+    return _declare(Setting(name, *how, internal=internal))
 
 
 def text(
@@ -356,50 +295,21 @@ def text(
             raise ValueError(value)
         return value
 
-    return _declare(
-        Setting(
-            name,
-            kind=kind,
-            parse=parse,
-            default=_const(default),
-            shown_default=shown_default if shown_default is not None else (default or "-"),
-            meaning=meaning,
-            readers=readers,
-            expected=f"one of {', '.join(choices)}" if choices else "text",
-            internal=internal,
-            empty_is_unset=empty_is_unset,
-        )
-    )
+    expected = f"one of {', '.join(choices)}" if choices else "text"
+    shown = shown_default if shown_default is not None else (default or "-")
+    setting = Setting(name, kind, parse, expected, _const(default), shown, meaning, readers)
+    setting.internal, setting.empty_is_unset = internal, empty_is_unset
+    return _declare(setting)
 
 
 def path(
-    name: str,
-    default: Callable[[], Path | None],
-    shown_default: str,
-    meaning: str,
-    readers: tuple[Reader, ...],
-    *,
-    internal: bool = False,
+    name: str, shown_default: str, meaning: str, readers: tuple[Reader, ...]
 ) -> Setting[Path | None]:
-    """A filesystem path (``~`` expanded); ``default`` makes it where unset (``None``:
-    the reader decides, as ``shown_default`` says)."""
-
-    def parse(value: str) -> Path | None:
-        return _parse_path(value)
-
-    return _declare(
-        Setting(
-            name,
-            kind="path",
-            parse=parse,
-            default=default,
-            shown_default=shown_default,
-            meaning=meaning,
-            readers=readers,
-            expected="a filesystem path",
-            internal=internal,
-        )
-    )
+    """A filesystem path (``~`` expanded) whose default its reader decides (``None`` where
+    unset; ``shown_default`` says what it is)."""
+    how = ("path", _parse_path, "a filesystem path", _const(None), shown_default)
+    setting: Setting[Path | None] = Setting(name, *how, meaning, readers)
+    return _declare(setting)
 
 
 def _parse_names(value: str) -> tuple[str, ...]:
@@ -488,8 +398,7 @@ PORT = integer(
     "The port of the control plane's HTTP API.",
     (SERVER,),
     unit="port",
-    lo=0,
-    hi=65535,
+    within=Range(0, 65535),
 )
 DATABASE_URL = text(
     "STRATO_DATABASE_URL",
@@ -515,7 +424,7 @@ MAX_PAYLOAD = integer(
     "goes through a Volume.",
     (SERVER,),
     unit="bytes",
-    lo=1,
+    within=Range(1),
 )
 OUTPUT_RETENTION = number(
     "STRATO_OUTPUT_RETENTION",
@@ -550,7 +459,7 @@ WORKER_HEARTBEAT_TIMEOUT = number(
     30.0,
     "A worker agent silent for this long is counted lost, with its containers.",
     (SERVER,),
-    hi=86400.0,
+    within=Range(0.0, 86400.0, lo_open=True),
 )
 WORKER_RESTART_BACKOFF = _declare(
     Setting(
@@ -570,7 +479,7 @@ WORKER_RESTART_RESET_S = number(
     60.0,
     "A worker agent that stayed up this long restarts with the first delay again.",
     (SERVER,),
-    hi=86400.0,
+    within=Range(0.0, 86400.0, lo_open=True),
 )
 
 FAULT_DB_LATENCY_MS = number(
@@ -580,7 +489,7 @@ FAULT_DB_LATENCY_MS = number(
     "first, as if the database were across a network.",
     (SERVER,),
     unit="ms",
-    lo_open=False,
+    within=Range(0.0),
 )
 
 # -- per-app quotas
@@ -590,8 +499,7 @@ APP_MAX_CONTAINERS = integer(
     "Live containers one app may hold; a function whose `min_containers` alone is over it "
     "is refused at deploy.",
     (SERVER,),
-    lo=1,
-    hi=1_000_000,
+    within=Range(1, 1_000_000),
 )
 APP_MAX_SHARE = number(
     "STRATO_APP_MAX_SHARE",
@@ -599,9 +507,7 @@ APP_MAX_SHARE = number(
     "The share of the cluster's CPU and memory one app's containers may reserve.",
     (SERVER,),
     unit="share",
-    lo=0.01,
-    hi=1.0,
-    lo_open=False,
+    within=Range(0.01, 1.0),
 )
 APP_WARM_SHARE = number(
     "STRATO_APP_WARM_SHARE",
@@ -610,9 +516,7 @@ APP_WARM_SHARE = number(
     "`buffer_containers`) may reserve; more is capped and logged.",
     (SERVER,),
     unit="share",
-    lo=0.0,
-    hi=1.0,
-    lo_open=False,
+    within=Range(0.0, 1.0),
 )
 APP_FAIR_SHARE = number(
     "STRATO_APP_FAIR_SHARE",
@@ -621,9 +525,7 @@ APP_FAIR_SHARE = number(
     "share of the cluster starts none and stops its surplus (1.0: off).",
     (SERVER,),
     unit="share",
-    lo=0.01,
-    hi=1.0,
-    lo_open=False,
+    within=Range(0.01, 1.0),
 )
 
 # -- the listeners: API, gateway and channel
@@ -632,31 +534,28 @@ MAX_OPEN_FILES = optional_integer(
     "the hard limit, at most 65536",
     "The control plane's open-file limit, shared out between its listeners.",
     (SERVER,),
-    lo=1,
+    within=Range(1),
 )
 API_MAX_CONNECTIONS = optional_integer(
     "STRATO_API_MAX_CONNECTIONS",
     "20% of the open files, at most 4096",
     "Client connections the HTTP API holds at once; more get a 503.",
     (SERVER,),
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 GATEWAY_MAX_CONNECTIONS = optional_integer(
     "STRATO_GATEWAY_MAX_CONNECTIONS",
     "50% of the open files, at most 20000",
     "Client connections the web gateway holds at once; more get a 503.",
     (SERVER,),
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 CHANNEL_MAX_CONNECTIONS = optional_integer(
     "STRATO_CHANNEL_MAX_CONNECTIONS",
     "30% of the open files, at most 20000",
     "Connections of workers, containers and web tunnels the channel holds at once.",
     (SERVER,),
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 HEADER_TIMEOUT = number(
     "STRATO_HEADER_TIMEOUT",
@@ -676,16 +575,14 @@ MAX_HEADER_BYTES = integer(
     "A request head over this size gets a 431.",
     (SERVER,),
     unit="bytes",
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 MAX_HEADERS = integer(
     "STRATO_MAX_HEADERS",
     100,
     "A request with more header lines gets a 431.",
     (SERVER,),
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 
 # -- the web gateway
@@ -703,8 +600,7 @@ GATEWAY_PORT = optional_integer(
     "is taken stops the start.",
     (SERVER,),
     unit="port",
-    lo=-1,
-    hi=65535,
+    within=Range(-1, 65535),
 )
 GATEWAY_URL = text(
     "STRATO_GATEWAY_URL",
@@ -726,8 +622,7 @@ WEB_MAX_BODY = integer(
     "A web request body over this size gets a 413.",
     (SERVER,),
     unit="bytes",
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 WEB_WAIT_TIMEOUT = number(
     "STRATO_WEB_WAIT_TIMEOUT",
@@ -790,7 +685,7 @@ NODE_MEMORY_MB = optional_integer(
     "Memory this node offers to containers.",
     (WORKER,),
     unit="MiB",
-    lo=1,
+    within=Range(1),
 )
 NODE_GPUS = text(
     "STRATO_NODE_GPUS",
@@ -810,7 +705,7 @@ NODE_PRICE_PER_HOUR = number(
     "What an hour of this node costs, for placement and metering.",
     (WORKER,),
     unit="number",
-    lo_open=False,
+    within=Range(0.0),
 )
 NODE_LABELS = text(
     "STRATO_NODE_LABELS",
@@ -840,15 +735,15 @@ WORKER_PARENT_PID = optional_integer(
     "The control plane's pid; the local worker agent exits when it is gone.",
     (WORKER,),
     unit="pid",
-    lo=1,
     internal=True,
+    within=Range(1),
 )
 WORKER_HEARTBEAT_S = number(
     "STRATO_WORKER_HEARTBEAT_S",
     5.0,
     "How often a worker agent sends its heartbeat.",
     (WORKER,),
-    hi=86400.0,
+    within=Range(0.0, 86400.0, lo_open=True),
 )
 LOG_QUOTA = integer(
     "STRATO_LOG_QUOTA",
@@ -860,7 +755,6 @@ LOG_QUOTA = integer(
 )
 IMAGE_CACHE = path(
     "STRATO_IMAGE_CACHE",
-    lambda: None,
     "`$STRATO_HOME/images`",
     "The image build cache of this machine, shared by its worker agents.",
     (WORKER, CLIENT),
@@ -881,8 +775,7 @@ CONTAINER_UID = integer(
     "The unprivileged user containers run as, the same inside and on the host.",
     (WORKER,),
     unit="id",
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 CONTAINER_GID = integer(
     "STRATO_CONTAINER_GID",
@@ -890,19 +783,17 @@ CONTAINER_GID = integer(
     "The unprivileged group containers run as.",
     (WORKER,),
     unit="id",
-    lo=0,
-    lo_open=True,
+    within=POSITIVE,
 )
 CONTAINER_PIDS_MAX = integer(
     "STRATO_CONTAINER_PIDS_MAX",
     4096,
     "Processes and threads one container may have.",
     (WORKER,),
-    lo=1,
+    within=Range(1),
 )
 RUNTIME_DIR = path(
     "STRATO_RUNTIME_DIR",
-    lambda: None,
     "`/var/lib/strato/runtime` for root, else `<tmp>/strato-runtime-<uid>`",
     "The isolating runtimes' state: containers' root filesystems and writable layers. "
     "Its filesystem must hold an overlayfs upper layer (not overlayfs itself).",
@@ -967,7 +858,6 @@ SNAPSHOT_KEEP = number(
 )
 CRIU = path(
     "STRATO_CRIU",
-    lambda: None,
     "`criu` on the PATH",
     "The CRIU binary memory snapshots are checkpointed with.",
     (WORKER,),

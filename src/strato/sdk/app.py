@@ -41,6 +41,30 @@ def _input_handling(f: Callable) -> dict:
 _MISSING = object()
 
 
+SHARED_OPTIONS = (
+    "image",
+    "cpu",
+    "memory",
+    "gpu",
+    "timeout",
+    "retries",
+    "env",
+    "min_containers",
+    "max_containers",
+    "buffer_containers",
+    "scaledown_window",
+    "enable_memory_snapshot",
+    "block_network",
+    "runtime",
+)
+"""The options ``@app.function()`` and ``@app.cls()`` share (``App._spec_base``)."""
+
+
+def _shared_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The shared options among a decorator's parameters (its ``locals()`` on entry)."""
+    return {name: params[name] for name in SHARED_OPTIONS}
+
+
 class App:
     """A group of functions that run and deploy together (Modal's ``modal.App``)."""
 
@@ -155,22 +179,7 @@ class App:
     ) -> Callable[[Callable], Function]:
         if _warn_parentheses_missing is not None:
             raise exc.InvalidError("Did you forget parentheses? Use `@app.function()`.")
-        base, image_obj = self._spec_base(
-            image=image,
-            cpu=cpu,
-            memory=memory,
-            gpu=gpu,
-            timeout=timeout,
-            retries=retries,
-            env=env,
-            min_containers=min_containers,
-            max_containers=max_containers,
-            buffer_containers=buffer_containers,
-            scaledown_window=scaledown_window,
-            enable_memory_snapshot=enable_memory_snapshot,
-            block_network=block_network,
-            runtime=runtime,
-        )
+        base, image_obj = self._spec_base(**_shared_options(locals()))
         if not isinstance(serialized, bool):
             raise exc.InvalidError("serialized= must be True or False")
 
@@ -251,22 +260,7 @@ class App:
         its ``@method()``s."""
         if _warn_parentheses_missing is not None:
             raise exc.InvalidError("Did you forget parentheses? Use `@app.cls()`.")
-        base, image_obj = self._spec_base(
-            image=image,
-            cpu=cpu,
-            memory=memory,
-            gpu=gpu,
-            timeout=timeout,
-            retries=retries,
-            env=env,
-            min_containers=min_containers,
-            max_containers=max_containers,
-            buffer_containers=buffer_containers,
-            scaledown_window=scaledown_window,
-            enable_memory_snapshot=enable_memory_snapshot,
-            block_network=block_network,
-            runtime=runtime,
-        )
+        base, image_obj = self._spec_base(**_shared_options(locals()))
 
         def wrap(user_cls: type) -> Cls:
             if not inspect.isclass(user_cls):
