@@ -71,7 +71,8 @@ def test_take_async_waits_for_the_chunks_on_the_blob_thread(tmp_path):
         return await up.take_async(_sha(data))
 
     key, size = asyncio.run(main())
-    assert size == 8 << 20 and blobs.get(key) == b"q" * (8 << 20)
+    assert key is not None and size == 8 << 20
+    assert blobs.get(key) == b"q" * (8 << 20)
 
 
 def test_a_half_sent_value_is_dropped_on_close(tmp_path):

@@ -25,7 +25,18 @@ def _v2_error_type(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE inputs ADD COLUMN error_type TEXT"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_error_type]
+def _v3_journal_applied(conn: Connection) -> None:
+    """Where the intake journal's replay starts (databases made before it)."""
+    schema.journal_applied.create(conn, checkfirst=True)
+    if conn.execute(select(schema.journal_applied.c.seq)).first() is None:
+        conn.execute(schema.journal_applied.insert().values(seq=0))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1_initial,
+    _v2_error_type,
+    _v3_journal_applied,
+]
 LATEST = len(MIGRATIONS)
 
 

@@ -138,3 +138,10 @@ logs = Table(
     Column("text", Text, nullable=False),
     Index("ix_logs_app_seq", "app_id", "seq"),
 )
+
+journal_applied = Table(
+    "journal_applied",
+    metadata,
+    # the last intake-journal entry whose rows are in the database (one row)
+    Column("seq", BigInteger, nullable=False),
+)

@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -49,6 +50,7 @@ from sqlalchemy.pool import StaticPool
 from strato import settings
 
 from . import schema as t
+from .journal import Journal
 from .migrations import migrate
 from .rows import CallRow, FinalRow, FunctionRow, GenItemRow, InputRow, OutputRow, PendingRow
 from .writer import WAIT_S, StoreClosed, StoreTimeout, Write, WriteFailed, _Op, _Writer
@@ -277,7 +279,12 @@ def _run(stmt: Any) -> Callable[[Connection], None]:
 
 
 class Store:
-    def __init__(self, url: str, wait_s: float = WAIT_S) -> None:
+    def __init__(
+        self, url: str, wait_s: float = WAIT_S, journal: Path | bool | None = True
+    ) -> None:
+        """``journal``: the intake journal's file (`journal.py`), True for the default
+        (beside a SQLite database file; none for PostgreSQL or memory), None/False for
+        none (then `accept_call` and `accept_inputs` wait for the database)."""
         self.url = url
         self.wait_s = wait_s
         self.engine = make_engine(url)
@@ -288,11 +295,78 @@ class Store:
         self.q = _Statements()
         self._owner = threading.get_ident()
         self._memory = _memory_db(url)  # one shared connection: reads go to the writer
-        self._writer = _Writer(self.engine, wait_s)
         db = self.engine.url.database
+        if journal is True:
+            journal = (
+                Path(f"{db}.intake")
+                if url.startswith("sqlite") and db and not self._memory
+                else None
+            )
+        self._journal = Journal(journal) if isinstance(journal, Path) else None
+        self._accept_lock = threading.Lock()  # journal order == queue order
+        self._writer = _Writer(
+            self.engine,
+            wait_s,
+            mark_journal=self._mark_journal if self._journal else None,
+            journal_done=self._journal.applied if self._journal else None,
+        )
+        if self._journal is not None:
+            self._replay(self._journal)
         self._checkpointer = (
             Checkpointer(db) if url.startswith("sqlite") and db and not self._memory else None
         )
+
+    # ------------------------------------------------------------------ the intake journal
+
+    def _mark_journal(self, conn: Connection, seq: int) -> None:
+        conn.execute(update(t.journal_applied).values(seq=seq))
+
+    def _replay(self, journal: Journal) -> None:
+        """Write again what the journal holds past what the database has, then empty it."""
+        with self.conn.begin():
+            applied = self.conn.execute(select(t.journal_applied.c.seq)).scalar() or 0
+        entries = journal.entries()
+        todo = [e for e in entries if e[0] > applied]
+        for seq, kind, payload in todo:
+            if kind == "create_call":
+                self._create_call(payload[0], payload[1], seq)
+            elif kind == "add_inputs":
+                self._add_inputs(payload[0], payload[1], payload[2], payload[3], seq)
+            else:
+                log.error("store: journal entry %d of unknown kind %r skipped", seq, kind)
+        if todo:
+            log.warning("store: wrote %d accepted writes again from the journal", len(todo))
+            self._writer.wait_done(self._writer.queued, max(self.wait_s, 300.0))
+        journal.seq = max([applied, *(e[0] for e in entries)])
+        if not self._writer.take_failures(self._writer.queued):
+            journal.clear()
+
+    def accept_call(self, call: CallRow, inputs: list[InputRow]) -> Write[bool]:
+        """`queue_create_call_rows` that is durable when it returns: written to the intake
+        journal first (or, without one, committed), so that the caller may answer that
+        the call is accepted without waiting for the database. The `Write` says later
+        whether the call was new (False: a call with that id existed)."""
+        row, rows = _call_params(call), [_input_params(i) for i in inputs]
+        if self._journal is None:
+            w = self._create_call(row, rows, 0)
+            w.wait()
+            return w
+        with self._accept_lock:
+            seq = self._journal.append("create_call", [row, rows])
+            return self._create_call(row, rows, seq)
+
+    def accept_inputs(
+        self, call_id: str, inputs: list[InputRow], closed: bool | None, n_inputs: int | None
+    ) -> Write[None]:
+        """`add_input_rows`, durable when it returns (see `accept_call`)."""
+        rows = [_input_params(i) for i in inputs]
+        if self._journal is None:
+            w = self._add_inputs(call_id, rows, closed, n_inputs, 0)
+            w.wait()
+            return w
+        with self._accept_lock:
+            seq = self._journal.append("add_inputs", [call_id, rows, closed, n_inputs])
+            return self._add_inputs(call_id, rows, closed, n_inputs, seq)
 
     def close(self, timeout: float | None = None) -> None:
         """Commit every queued write, stop the writer, close the connections."""
@@ -307,6 +381,8 @@ class Store:
         self.engine.dispose()
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        if self._journal is not None:
+            self._journal.close()
 
     # ------------------------------------------------------------------ writer plumbing
 
@@ -315,8 +391,10 @@ class Store:
         name: str,
         run: Callable[[Connection], T],
         recover: Callable[[Connection, BaseException], T] | None = None,
+        journal_seq: int = 0,
     ) -> Write[T]:
-        return self._writer.submit(_Op(name, run, Write(name, self.wait_s), recover=recover))
+        op = _Op(name, run, Write(name, self.wait_s), recover=recover, journal_seq=journal_seq)
+        return self._writer.submit(op)
 
     def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]:
         """A plain executemany: consecutive ones of one statement share a round trip."""
@@ -553,6 +631,9 @@ class Store:
         return self.queue_create_call(row, input_rows).wait()
 
     def queue_create_call(self, row: dict, input_rows: list[dict]) -> Write[bool]:
+        return self._create_call(row, input_rows, 0)
+
+    def _create_call(self, row: dict, input_rows: list[dict], journal_seq: int) -> Write[bool]:
         q = self.q
 
         def run(c: Connection) -> bool:
@@ -566,7 +647,7 @@ class Store:
                 return False
             raise e
 
-        return self._write("create_call", run, recover)
+        return self._write("create_call", run, recover, journal_seq)
 
     # typed forms: callers that use them never name a column or a bind parameter
 
@@ -638,6 +719,16 @@ class Store:
         self, call_id: str, rows: list[dict], closed: bool | None, n_inputs: int | None
     ) -> Write[None]:
         """Insert input rows and update the call's count in one transaction."""
+        return self._add_inputs(call_id, rows, closed, n_inputs, 0)
+
+    def _add_inputs(
+        self,
+        call_id: str,
+        rows: list[dict],
+        closed: bool | None,
+        n_inputs: int | None,
+        journal_seq: int,
+    ) -> Write[None]:
         values: dict = {}
         if n_inputs is not None:
             values["n_inputs"] = n_inputs
@@ -651,7 +742,7 @@ class Store:
             if values:
                 c.execute(update(t.calls).where(t.calls.c.call_id == call_id).values(**values))
 
-        return self._write("add_inputs", run)
+        return self._write("add_inputs", run, None, journal_seq)
 
     def finish_inputs(self, rows: list[dict]) -> Write[None]:
         """Record final outputs: rows of b_id (the input_id), b_status, b_output, b_blob,

@@ -93,6 +93,7 @@ class _Op:
     # after the write failed with this error in a transaction of its own, gives its
     # result from a fresh transaction (or raises): create_call's "exists already"
     recover: Callable[[Connection, BaseException], Any] | None = None
+    journal_seq: int = 0  # its entry in the intake journal (0: not journaled)
 
 
 def _transient(e: BaseException) -> bool:
@@ -106,8 +107,19 @@ class _Writer:
     """The thread that owns every write: takes what is queued, commits it as one
     transaction, resolves each write's future, and records how far it got."""
 
-    def __init__(self, engine: Engine, wait_s: float, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        wait_s: float,
+        max_batch: int = MAX_BATCH,
+        mark_journal: Callable[[Connection, int], None] | None = None,
+        journal_done: Callable[[int], None] | None = None,
+    ) -> None:
         self.engine = engine
+        # records, in a batch's transaction, the last journal entry the batch applies;
+        # then told when that transaction is over
+        self.mark_journal = mark_journal
+        self.journal_done = journal_done
         self.wait_s = wait_s
         self.max_batch = max_batch
         self._q: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -223,8 +235,7 @@ class _Writer:
         else:
             op.future.set_result(result)
 
-    @staticmethod
-    def _execute(conn: Connection, batch: list[_Op]) -> list[Any]:
+    def _execute(self, conn: Connection, batch: list[_Op]) -> list[Any]:
         """Run a batch in the open transaction; consecutive plain writes of the same
         statement go to the database as one executemany."""
         results: list[Any] = []
@@ -244,7 +255,18 @@ class _Writer:
                 conn.execute(op.stmt, params)
             results += [None] * (j - i)
             i = j
+        self._mark(conn, batch)
         return results
+
+    def _mark(self, conn: Connection, ops: list[_Op]) -> None:
+        top = max(op.journal_seq for op in ops)
+        if top and self.mark_journal is not None:
+            self.mark_journal(conn, top)
+
+    def _journal_done(self, ops: list[_Op]) -> None:
+        top = max(op.journal_seq for op in ops)
+        if top and self.journal_done is not None:
+            self.journal_done(top)
 
     def _commit(self, batch: list[_Op]) -> None:
         conn = self.conn
@@ -265,6 +287,7 @@ class _Writer:
             self.batches += 1
             for op, r in zip(batch, results, strict=True):
                 op.future.set_result(r)
+        self._journal_done(batch)
 
     def _one(self, op: _Op) -> None:
         conn = self.conn
@@ -279,6 +302,7 @@ class _Writer:
                     try:
                         with conn.begin():
                             result = op.recover(conn, e)
+                            self._mark(conn, [op])
                     except Exception as e2:
                         self._failed(op, e2)
                     else:

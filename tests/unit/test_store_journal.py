@@ -1,0 +1,160 @@
+"""The store's intake journal: a call or inputs accepted through it survive a crash of
+the control plane before the database has them, are written again once (never twice),
+and a record cut short by the crash is ignored. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from strato.server.store import CallRow, InputRow, Store
+
+PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """(url, journal path): SQLite's journal is the default one beside its file."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "state.db.intake"
+        return
+    name = "strato_test_" + secrets.token_hex(4)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", tmp_path / "pg.intake"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _open(url: str, journal: Path) -> Store:
+    return Store(url) if url.startswith("sqlite") else Store(url, journal=journal)
+
+
+def _call(call_id: str, n: int = 0) -> CallRow:
+    return CallRow(call_id, "fu-1", "map", None, n, False, False, 1.0, time.time() + 600)
+
+
+CRASH = """
+import os, sys, threading
+from pathlib import Path
+from strato.server.store import CallRow, InputRow, Store
+url, journal = sys.argv[1], Path(sys.argv[2])
+store = Store(url) if url.startswith("sqlite") else Store(url, journal=journal)
+store._write("hold", lambda _c: threading.Event().wait())  # the database gets nothing more
+call = CallRow("fc-1", "fu-1", "map", None, 2, False, False, 1.0, 4e9)
+first = [InputRow(1, "fc-1", 0, b"a", None), InputRow(2, "fc-1", 1, b"b", None)]
+w = store.accept_call(call, first)
+store.accept_inputs("fc-1", [InputRow(3, "fc-1", 2, b"c", None)], True, 3)
+assert not w.done()
+print("accepted", flush=True)
+os._exit(0)  # a crash: nothing is flushed or closed
+"""
+
+
+def test_accepted_writes_survive_a_crash_before_the_database_has_them(db):
+    url, journal = db
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH), url, str(journal)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == "accepted", out.stderr
+    store = _open(url, journal)
+    try:
+        assert store.call_row("fc-1") == CallRow(
+            "fc-1", "fu-1", "map", None, 3, True, False, 1.0, 4e9
+        )
+        assert [(p.input_id, p.args) for p in store.pending_inputs()] == [
+            (1, b"a"),
+            (2, b"b"),
+            (3, b"c"),
+        ]
+        assert store.max_ids()[0] == 3
+    finally:
+        store.close()
+    assert journal.stat().st_size == 0  # all in the database: emptied
+    again = _open(url, journal)  # nothing left to write again
+    try:
+        assert len(again.pending_inputs()) == 3
+    finally:
+        again.close()
+
+
+def test_journal_entries_the_database_has_are_not_written_twice(db, caplog):
+    url, journal = db
+    store = _open(url, journal)
+    assert store.accept_call(_call("fc-1", 1), [InputRow(1, "fc-1", 0, b"a", None)]).wait()
+    assert store.accept_call(_call("fc-1"), []).wait() is False  # a retried request
+    store.accept_inputs("fc-1", [InputRow(2, "fc-1", 1, b"b", None)], None, 2).wait()
+    store.flush()
+    # a crash now: the journal still holds all three, the database has them
+    store._writer.close(30)
+    assert journal.stat().st_size > 0
+    again = _open(url, journal)
+    try:
+        assert [p.input_id for p in again.pending_inputs()] == [1, 2]
+        row = again.call_row("fc-1")
+        assert row is not None and row.n_inputs == 2
+        assert not [r for r in caplog.records if "again from the journal" in r.getMessage()]
+    finally:
+        again.close()
+        store.close()
+
+
+def test_a_record_cut_short_by_a_crash_is_ignored(db):
+    url, journal = db
+    store = _open(url, journal)
+    store._write("hold", lambda _c: __import__("threading").Event().wait(0.5))
+    store.accept_call(_call("fc-1", 1), [InputRow(1, "fc-1", 0, b"a", None)])
+    with open(journal, "ab") as f:
+        f.write(b"\x40\x00\x00\x00partial")  # a length of 64, and 7 bytes of it
+    again = _open(url, journal)
+    try:
+        assert [p.input_id for p in again.pending_inputs()] == [1]
+        again.accept_call(_call("fc-2", 1), [InputRow(2, "fc-2", 0, b"b", None)]).wait()
+        assert [p.input_id for p in again.pending_inputs()] == [1, 2]
+    finally:
+        again.close()
+        store.close()
+
+
+def test_without_a_journal_accepting_waits_for_the_database(db):
+    url, _ = db
+    store = Store(url, journal=None)
+    try:
+        w = store.accept_call(_call("fc-1", 1), [InputRow(1, "fc-1", 0, b"a", None)])
+        assert w.done() and w.result() is True
+        v = store.accept_inputs("fc-1", [InputRow(2, "fc-1", 1, b"b", None)], True, 2)
+        assert v.done()
+    finally:
+        store.close()
+
+
+def test_records_written_after_a_cut_short_one_are_read_back(tmp_path):
+    from strato.server.store.journal import Journal
+
+    path = tmp_path / "j.intake"
+    j = Journal(path)
+    j.append("create_call", [{"call_id": "fc-1"}, []])
+    j.close()
+    with open(path, "ab") as f:
+        f.write(b"\x40\x00\x00\x00partial")
+    j = Journal(path)
+    assert [e[0] for e in j.entries()] == [1]
+    assert j.append("add_inputs", ["fc-1", [], True, 0]) == 2
+    j.close()
+    assert [(e[0], e[1]) for e in Journal(path).entries()] == [
+        (1, "create_call"),
+        (2, "add_inputs"),
+    ]
