@@ -13,12 +13,11 @@ settings too.
 
 from __future__ import annotations
 
-import enum
 import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from strato.exceptions import SettingError
 
@@ -29,16 +28,13 @@ T = TypeVar("T")
 Env = Mapping[str, str]
 
 
-class Reader(enum.Enum):
-    """A process that reads a setting."""
-
-    CLIENT = "client"  # the SDK, the CLI, `strato run`
-    SERVER = "server"  # the control plane (API, gateway, channel, local provider)
-    WORKER = "worker"  # the worker agent on a node (and the image builder it runs)
-    CONTAINER = "container"  # strato's entrypoint inside a container
-
-
-CLIENT, SERVER, WORKER, CONTAINER = Reader.CLIENT, Reader.SERVER, Reader.WORKER, Reader.CONTAINER
+# the processes that read a setting (a Literal, not an Enum: this module is imported on a
+# container's start path, where building an Enum class costs more than all the rest)
+Reader = Literal["client", "server", "worker", "container"]
+CLIENT: Reader = "client"  # the SDK, the CLI, `strato run`
+SERVER: Reader = "server"  # the control plane (API, gateway, channel, local provider)
+WORKER: Reader = "worker"  # the worker agent on a node (and the image builder it runs)
+CONTAINER: Reader = "container"  # strato's entrypoint inside a container
 
 ZygoteMode = Literal["zygote", "template"]
 
@@ -153,12 +149,13 @@ def _duration(s: float) -> str:
     return f"{s:g} s"
 
 
-class Range(NamedTuple):
+class Range:
     """The values a number may take: from ``lo`` (excluded where ``lo_open``) to ``hi``."""
 
-    lo: float | None = 0
-    hi: float | None = None
-    lo_open: bool = False
+    __slots__ = ("lo", "hi", "lo_open")
+
+    def __init__(self, lo: float | None = 0, hi: float | None = None, lo_open: bool = False):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
 
     def __str__(self) -> str:
         lo, hi = self.lo, self.hi
@@ -989,7 +986,7 @@ def markdown() -> str:
         for s in REGISTRY.values():
             if s.internal != internal:
                 continue
-            readers = ", ".join(r.value for r in s.readers)
+            readers = ", ".join(s.readers)
             default = s.shown_default
             if default not in ("-",) and not default.startswith("`") and " " not in default:
                 default = f"`{default}`"
