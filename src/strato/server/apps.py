@@ -157,9 +157,12 @@ class Apps:
             refs.append(m.FunctionRef(f["function_id"], f["name"], url))
         return m.AppInfo(row["app_id"], row["name"], row["state"], row["created_at"], refs, n)
 
-    def find(self, ref: str) -> dict:
-        rows = self.store.apps([ref]) if ref.startswith("ap-") else []
-        row = rows[0] if rows else self.store.find_app(ref)
+    async def find(self, ref: str) -> dict:
+        """The app of that id, else the deployed app of that name, else the newest running
+        one (reads on the store's thread)."""
+        store = self.store
+        rows = await store.aread(store.apps, [ref]) if ref.startswith("ap-") else []
+        row = rows[0] if rows else await store.aread(store.find_app, ref)
         if row is None:
             raise NotFoundError(
                 f"no running or deployed app named {ref!r}; deploy it with `strato deploy FILE`"

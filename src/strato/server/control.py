@@ -305,7 +305,7 @@ class ControlPlane:
                 self.apps.stop_silent(now, self.config.ephemeral_app_timeout_s)
                 if now - last_expiry > EXPIRY_EVERY_S:
                     last_expiry = now
-                    n = self.store.expire(time.time())
+                    n = await self.store.queue_expire(time.time())  # off the loop
                     if n:
                         log.info("expired %d calls past their retention", n)
             except Exception:

@@ -152,15 +152,6 @@ class Fleet:
         """The nodes whose worker agent is connected."""
         return [n.view for n in self.nodes.values() if n.peer is not None]
 
-    # Compatibility for readers that have not moved to the methods above yet.
-    @property
-    def containers(self) -> ContainerRegistry:
-        return self.registry
-
-    @property
-    def backoff(self) -> dict[str, tuple[float, float]]:
-        return self._backoff
-
     # ------------------------------------------------------------------ workers
 
     def worker_hello(self, hello: m.WorkerHello, peer: Peer) -> str:
@@ -419,8 +410,9 @@ class Fleet:
             why = explain_unplaceable(request, empty)
             self.calls.fail_queued(
                 fn.function_id,
-                f"ResourceUnavailableError: no node of this cluster can run {fn.name}: {why}",
+                f"no node of this cluster can run {fn.name}: {why}",
                 count_attempt=False,
+                error_type="ResourceUnavailableError",
             )
             return
         now = time.monotonic()
@@ -480,18 +472,27 @@ class Fleet:
         self.calls.on_ready(s.function_id)
 
     def container_init_failed(self, s: Container, msg: m.ContainerInitFailed) -> None:
-        self._init_failed(s, msg.error, msg.traceback, msg.exc)
+        self._init_failed(s, msg.error, msg.traceback, msg.exc, msg.error_type)
         self.kill(s.container_id, "its start-up code raised")
 
-    def _init_failed(self, s: Container, error: str, tb: str | None, exc: bytes | None) -> None:
-        log.warning("container %s failed to start: %s", s.container_id, error)
-        self._tell(s.app_id, f"container failed to start: {error}", s.container_id)
+    def _init_failed(
+        self,
+        s: Container,
+        error: str,
+        tb: str | None,
+        exc: bytes | None,
+        error_type: str | None = None,
+    ) -> None:
+        """``error``: the failure's message (with no ``error_type``, "Type: message")."""
+        said = f"{error_type}: {error}" if error_type else error
+        log.warning("container %s failed to start: %s", s.container_id, said)
+        self._tell(s.app_id, f"container failed to start: {said}", s.container_id)
         _, delay = self._backoff.get(s.function_id, (0.0, INIT_FAILURE_BACKOFF_S[0]))
         self._backoff[s.function_id] = (
             time.monotonic() + delay,
             min(delay * 2, INIT_FAILURE_BACKOFF_S[1]),
         )
-        self.calls.fail_queued(s.function_id, error, exc, tb)
+        self.calls.fail_queued(s.function_id, error, exc, tb, error_type=error_type)
 
     def channel_lost(self, s: Container) -> None:
         """The container's channel closed: wait briefly for the worker's exit report."""
@@ -547,17 +548,18 @@ class Fleet:
         s.state = ContainerState.GONE
         status: Status = "died"
         what = f"was {description}" if description.startswith("killed") else description
-        error = f"ContainerDiedError: the container running this input {what}"
+        kind, error = "ContainerDiedError", f"the container running this input {what}"
         if oom:
-            error = (
-                f"OutOfMemoryError: the container running this input {what}; give the "
-                "function more memory (memory=...) or make it use less"
+            kind, error = (
+                "OutOfMemoryError",
+                f"the container running this input {what}; give the function more memory "
+                "(memory=...) or make it use less",
             )
         if node_lost:
-            self.calls.release_leases(s, blamed, status, error, known=True)
+            self.calls.release_leases(s, blamed, status, error, error_type=kind, known=True)
         else:
             running = 1 if prior != ContainerState.KILLING else 0
-            self.calls.release_leases(s, running, status, error, known=False)
+            self.calls.release_leases(s, running, status, error, error_type=kind, known=False)
         fn = self.calls.functions.get(s.function_id)
         self.registry.remove(s)
         node = self.nodes.get(s.node_id)
@@ -571,7 +573,7 @@ class Fleet:
         if prior == ContainerState.STARTING and fn is not None and fn.queue and not node_lost:
             # died before it was ready (a crash at import): back off before the next try
             self._init_failed(
-                s, f"ContainerDiedError: the container {what} while starting", None, None
+                s, f"the container {what} while starting", None, None, "ContainerDiedError"
             )
         self._on_change()
 

@@ -47,11 +47,11 @@ def build_app(cp: ControlPlane) -> Router:
 
     @route("GET", "/apps/{ref}", "An app by id or name", response=m.AppInfo)
     async def get_app(req: Request) -> Reply:
-        return reply(cp.apps.info(cp.apps.find(req.path_params["ref"])))
+        return reply(cp.apps.info(await cp.apps.find(req.path_params["ref"])))
 
     @route("POST", "/apps/{ref}/stop", "Stop an app")
     async def stop_app(req: Request) -> Reply:
-        cp.apps.stop(cp.apps.find(req.path_params["ref"])["app_id"])
+        cp.apps.stop((await cp.apps.find(req.path_params["ref"]))["app_id"])
         return empty
 
     @route("POST", "/apps/{app_id}/heartbeat", "Keep an ephemeral app alive")
@@ -67,11 +67,11 @@ def build_app(cp: ControlPlane) -> Router:
         query={"after": int, "timeout": float},
     )
     async def app_logs(req: Request) -> Reply:
-        app_id = cp.apps.find(req.path_params["ref"])["app_id"]
+        app_id = (await cp.apps.find(req.path_params["ref"]))["app_id"]
         batch = await cp.logs.wait(
             app_id, req.param("after", int, 0), min(req.param("timeout", float, 0.0), MAX_POLL_S)
         )
-        rows = cp.store.apps([app_id])
+        rows = await cp.store.aread(cp.store.apps, [app_id])
         batch.app_state = rows[0]["state"] if rows else "stopped"
         return reply(batch)
 
@@ -83,8 +83,8 @@ def build_app(cp: ControlPlane) -> Router:
     )
     async def function_by_name(req: Request) -> Reply:
         ref, name = req.path_params["ref"], req.path_params["name"]
-        app = cp.apps.find(ref)
-        for f in cp.store.functions_of(app["app_id"]):
+        app = await cp.apps.find(ref)
+        for f in await cp.store.aread(cp.store.functions_of, app["app_id"]):
             if f["name"] == name:
                 return reply(m.FunctionRef(f["function_id"], name))
         raise exc.NotFoundError(f"app {ref!r} has no function {name!r}")
@@ -202,7 +202,7 @@ def build_app(cp: ControlPlane) -> Router:
     @route("GET", "/calls/{call_id}", "A call's progress", response=m.CallStatus)
     async def call_status(req: Request) -> Reply:
         call_id = req.path_params["call_id"]
-        call = cp.store.call(call_id)
+        call = await cp.store.aread(cp.store.call, call_id)
         if call is None:
             raise exc.NotFoundError(f"call {call_id} does not exist (or has expired)")
         return reply(
@@ -210,7 +210,7 @@ def build_app(cp: ControlPlane) -> Router:
                 call_id,
                 call["function_id"],
                 call["n_inputs"],
-                cp.store.count_done(call_id),
+                await cp.store.aread(cp.store.count_done, call_id),
                 call["closed"],
                 call["cancelled"],
             )
@@ -221,9 +221,9 @@ def build_app(cp: ControlPlane) -> Router:
     @route("GET", "/containers", "Running containers", response=m.ContainerList, query={"app": str})
     async def containers(req: Request) -> Reply:
         app = req.param("app")
-        app_id = cp.apps.find(app)["app_id"] if app else None
+        app_id = (await cp.apps.find(app))["app_id"] if app else None
         out = []
-        for r in cp.store.containers(app_id):
+        for r in await cp.store.aread(cp.store.containers, app_id):
             try:
                 fn = cp.calls.function(r["function_id"])
                 name, spec = fn.name, fn.spec

@@ -46,6 +46,7 @@ class Failures:
         error: str | None,
         tb: str | None,
         blob: str | None = None,
+        error_type: str | None = None,
     ) -> FinalRow | None:
         """Retry per policy (returns None) or end the input (returns its final row)."""
         p.attempts += 1
@@ -58,13 +59,13 @@ class Failures:
                 "input %s of %s failed (%s); retry %d in %.1fs",
                 p.idx,
                 fn.name,
-                error,
+                f"{error_type}: {error}" if error_type else error,
                 p.attempts,
                 delay,
             )
             asyncio.get_running_loop().call_later(delay, self.retry_due, p)
             return None
-        return self.outputs.final(p, status, data, error, tb, blob)
+        return self.outputs.final(p, status, data, error, tb, blob, error_type)
 
     def retry_due(self, p: Pending) -> None:
         if p.where != Where.RETRY:
@@ -82,6 +83,7 @@ class Failures:
         status: Status,
         error: str,
         *,
+        error_type: str | None = None,
         known: bool = True,
     ) -> None:
         """A container is gone (or being killed): its first ``running`` leases count as
@@ -90,7 +92,8 @@ class Failures:
         ``known=False`` (the container died) says that which lease was running is not
         known: a container holds many inputs of a fast function, and outputs of finished
         ones may have died with it. Unless it held just one, none is blamed: each goes back
-        to run alone, so that an input that kills its container fails on its own."""
+        to run alone, so that an input that kills its container fails on its own.
+        ``error`` is the failure's message, ``error_type`` its exception type."""
         fn = self.ledger.functions.get(session.function_id)
         leases = list(session.inflight.values())
         session.inflight.clear()
@@ -112,7 +115,7 @@ class Failures:
             if p.where != Where.LEASED or p.session is not session:
                 continue
             if i < running:
-                row = self.attempt_failed(fn, p, status, None, error, None)
+                row = self.attempt_failed(fn, p, status, None, error, None, None, error_type)
                 if row:
                     finals.append(row)
             else:
@@ -128,6 +131,7 @@ class Failures:
         data: bytes | None = None,
         tb: str | None = None,
         count_attempt: bool = True,
+        error_type: str | None = None,
     ) -> None:
         """Fail (or retry) every queued input of a function: its containers cannot start."""
         fn = self.ledger.functions.get(function_id)
@@ -139,9 +143,9 @@ class Failures:
         for p in queued:
             row: FinalRow | None
             if count_attempt:
-                row = self.attempt_failed(fn, p, "failure", data, error, tb)
+                row = self.attempt_failed(fn, p, "failure", data, error, tb, None, error_type)
             else:
-                row = self.outputs.final(p, "failure", data, error, tb)
+                row = self.outputs.final(p, "failure", data, error, tb, None, error_type)
             if row:
                 finals.append(row)
         self.outputs.flush(finals, {p.call_id for p in queued})
@@ -173,20 +177,20 @@ class Failures:
                 self._time_out(fn, s, late)
 
     def _time_out(self, fn: FunctionQueue, s: ContainerRef, late: list[Lease]) -> None:
-        error = (
-            "FunctionTimeoutError: the input ran past the function's timeout of "
-            f"{fn.spec.timeout:g}s"
+        kind, error = (
+            "FunctionTimeoutError",
+            f"the input ran past the function's timeout of {fn.spec.timeout:g}s",
         )
         log.info("%d input(s) of %s timed out; killing %s", len(late), fn.name, s.container_id)
         self.ledger.containers.mark_killing(s)
         finals = []
         for lease in late:
             s.inflight.pop(lease.pending.input_id, None)
-            row = self.attempt_failed(fn, lease.pending, "timeout", None, error, None)
+            row = self.attempt_failed(fn, lease.pending, "timeout", None, error, None, None, kind)
             if row:
                 finals.append(row)
         self.outputs.flush(finals, {lease.pending.call_id for lease in late})
-        self.release_leases(s, 0, "timeout", error)  # the others never ran too long
+        self.release_leases(s, 0, "timeout", error, error_type=kind)  # none else ran too long
         self._kill_container(s.container_id, "an input ran past its timeout")
 
     # ------------------------------------------------------------------ cancellation
@@ -198,10 +202,13 @@ class Failures:
         self.cancel_inputs(
             list(self.ledger.live.get(call_id, {}).values()),
             terminate_containers,
-            "InputCancellation: the call was cancelled",
+            "the call was cancelled",
+            "InputCancellation",
         )
 
-    def cancel_inputs(self, pendings: list[Pending], terminate: bool, error: str) -> None:
+    def cancel_inputs(
+        self, pendings: list[Pending], terminate: bool, error: str, error_type: str
+    ) -> None:
         finals = []
         by_session: dict[ContainerRef, list[int]] = {}
         for p in pendings:
@@ -212,11 +219,13 @@ class Failures:
                     s.idle_since = time.monotonic()
                 by_session.setdefault(s, []).append(p.input_id)
             if p.where != Where.DONE:
-                finals.append(self.outputs.final(p, "cancelled", None, error))
+                finals.append(
+                    self.outputs.final(p, "cancelled", None, error, error_type=error_type)
+                )
         for s, ids in by_session.items():
             if terminate:
                 self.ledger.containers.mark_killing(s)
-                self.release_leases(s, 0, "cancelled", error)
+                self.release_leases(s, 0, "cancelled", error, error_type=error_type)
                 self._kill_container(s.container_id, "its input was cancelled")
             else:
                 s.send(m.CancelInputs(ids))

@@ -173,7 +173,9 @@ class Intake:
             self.outputs.unknown(p.call_id)
             if fn.app_state == AppState.STOPPED:
                 stopped.append(
-                    self.outputs.final(p, "cancelled", None, "AppStoppedError: the app was stopped")
+                    self.outputs.final(
+                        p, "cancelled", None, "the app was stopped", error_type="AppStoppedError"
+                    )
                 )
             elif r.retry_at and r.retry_at > now:
                 p.where = Where.RETRY

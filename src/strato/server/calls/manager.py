@@ -35,8 +35,6 @@ log = logging.getLogger("strato.calls")
 
 __all__ = ["CallManager", "FunctionQueue", "Pending"]
 
-FunctionState = FunctionQueue  # the name readers knew it by, until they move
-
 
 class CallManager:
     def __init__(
@@ -117,7 +115,7 @@ class CallManager:
             fn.app_state = AppState.STOPPED
         pendings = [p for live in self.live.values() for p in live.values() if p.function_id in ids]
         if pendings:
-            self.failures.cancel_inputs(pendings, True, "AppStoppedError: the app was stopped")
+            self.failures.cancel_inputs(pendings, True, "the app was stopped", "AppStoppedError")
 
     # ------------------------------------------------------------------ a container's outputs
 
@@ -158,7 +156,10 @@ class CallManager:
             if o.status == "success" and nbytes > self.max_payload:
                 # a result over the limit ends its input (a generator's too) with an error
                 del session.inflight[o.input_id]
-                finals.append(self.outputs.final(p, "failure", None, self._too_big(fn, o, nbytes)))
+                too_big = self._too_big(fn, o, nbytes)
+                finals.append(
+                    self.outputs.final(p, "failure", None, too_big, error_type="RequestSizeError")
+                )
                 continue
             if o.gen_index is not None:
                 gens.append(self.outputs.yielded(p, o.gen_index, o.data, o.blob))
@@ -170,7 +171,7 @@ class CallManager:
                 finals.append(self.outputs.final(p, "success", o.data, blob=o.blob))
             else:
                 row = self.failures.attempt_failed(
-                    fn, p, "failure", o.data, o.error, o.traceback, blob=o.blob
+                    fn, p, "failure", o.data, o.error, o.traceback, o.blob, o.error_type
                 )
                 if row:
                     finals.append(row)
@@ -192,7 +193,7 @@ class CallManager:
     def _too_big(self, fn: FunctionQueue, o: m.TaskOutput, nbytes: int) -> str:
         what = "a value yielded" if o.gen_index is not None else "the value returned"
         return (
-            f"RequestSizeError: {what} by {fn.name} pickles to {nbytes} bytes, over the "
+            f"{what} by {fn.name} pickles to {nbytes} bytes, over the "
             f"limit of {self.max_payload} bytes (STRATO_MAX_PAYLOAD); return large data "
             "through a Volume instead"
         )

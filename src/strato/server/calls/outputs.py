@@ -62,13 +62,15 @@ class Outputs:
         error: str | None = None,
         tb: str | None = None,
         blob: str | None = None,
+        error_type: str | None = None,
     ) -> FinalRow:
-        """End ``p`` with its final output; the row is written by ``flush``."""
+        """End ``p`` with its final output; the row is written by ``flush``. ``error``
+        is the failure's message, ``error_type`` its exception type."""
         data, blob = self._offload(data, blob)
         p.where = Where.DONE
         self.ledger.untrack(p)
         seq = self._seq(p.call_id)
-        return FinalRow(p.input_id, status, data, blob, error, tb, seq, time.time())
+        return FinalRow(p.input_id, status, data, blob, error, tb, seq, time.time(), error_type)
 
     def yielded(
         self, p: Pending, gen_index: int, data: bytes | None, blob: str | None
@@ -108,14 +110,20 @@ class Outputs:
                     not live
                     or ledger.functions[next(iter(live.values())).function_id].spec.is_generator
                 )
-                found = self.store.outputs_after(call_id, after, limit, with_gens=gens)
+                # reads run on the store's thread (after the writes queued before them),
+                # not on the loop; ``ev`` is armed first, so no output is missed meanwhile
+                store = self.store
+                found = await store.aread(store.outputs_after, call_id, after, limit, gens)
                 if found:
                     return _outputs(found)
             if not live:  # nothing of it in memory: ask the store whether it is complete
-                call = self.store.call_row(call_id)
+                call = await self.store.aread(self.store.call_row, call_id)
                 if call is None:
                     raise NotFoundError(f"call {call_id} does not exist (or its outputs expired)")
-                done = call.closed and self.store.count_done(call_id) >= call.n_inputs
+                done = (
+                    call.closed
+                    and await self.store.aread(self.store.count_done, call_id) >= call.n_inputs
+                )
                 if done:
                     return m.Outputs([], after, done=True, n_inputs=call.n_inputs)
             if time.monotonic() >= deadline:
@@ -137,6 +145,7 @@ def _outputs(found: list[OutputRow]) -> m.Outputs:
             r.traceback,
             r.seq,
             r.gen_index,
+            error_type=r.error_type,
         )
         for r in found
     ]

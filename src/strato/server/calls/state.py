@@ -107,27 +107,6 @@ class FunctionQueue:
     queue: deque[Pending] = field(default_factory=deque)
     ewma_duration: float | None = None  # seconds one input takes, smoothed
     last_activity: float = field(default_factory=time.monotonic)
-    # set by the ledger: the fleet's containers, and the scaling module's arrival hook
-    _containers: ContainerDirectory | None = field(default=None, repr=False)
-    _arrived: Callable[[str, float], None] | None = field(default=None, repr=False)
-
-    # Compatibility for readers that have not moved to the fleet and the scaling module yet.
-    @property
-    def sessions(self) -> dict[str, ContainerRef]:
-        """The function's containers (ask the fleet: ``fleet.containers_of``)."""
-        if self._containers is None:
-            return {}
-        return {c.container_id: c for c in self._containers.of_function(self.function_id)}
-
-    @property
-    def arrival_at(self) -> float | None:
-        """Always None: arrivals are events now (``CallManager.note_arrival``)."""
-        return None
-
-    @arrival_at.setter
-    def arrival_at(self, now: float | None) -> None:
-        if now is not None and self._arrived is not None:
-            self._arrived(self.function_id, now)
 
 
 _spec_decoder = msgspec.msgpack.Decoder(m.FunctionSpec)
@@ -161,8 +140,6 @@ class Ledger:
                 name=row.name,
                 spec=_spec_decoder.decode(row.spec),
                 app_state=AppState(row.app_state),
-                _containers=self.containers,
-                _arrived=self.on_arrival,
             )
             self.functions[function_id] = fn
         return fn
