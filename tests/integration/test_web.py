@@ -276,13 +276,13 @@ def test_scale_from_zero_and_back(web):
     web_scale.app.deploy()
     url = web_scale.work.get_web_url()
     assert containers("web-scale") == []
-    r = httpx.get(url, timeout=TIMEOUT)
+    r = httpx.get(url, timeout=TIMEOUT, follow_redirects=True)
     assert r.status_code == 200
     first = r.json()["container"]
     assert [c.container_id for c in containers("web-scale")] == [first]
     # idle past its scale-down window: back to zero, and from zero again
     wait_until(lambda: not containers("web-scale"), 30, "the endpoint to scale to zero")
-    r = httpx.get(url, timeout=TIMEOUT)
+    r = httpx.get(url, timeout=TIMEOUT, follow_redirects=True)
     assert r.status_code == 200
     assert r.json()["container"] != first
 

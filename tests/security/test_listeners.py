@@ -62,7 +62,9 @@ def ports(server) -> tuple[int, int]:
     import json
 
     info = json.loads((server.home / "server.json").read_text())
-    return info["port"], httpx.URL(info["gateway_url"]).port
+    gateway = httpx.URL(info["gateway_url"]).port
+    assert gateway is not None
+    return info["port"], gateway
 
 
 def rss_kib(pid: int) -> int:
@@ -97,12 +99,15 @@ def closed_by_server(s: socket.socket) -> bool:
         return True
 
 
-def verdicts(socks: list[socket.socket], wait: float) -> tuple[list, list]:
+def verdicts(
+    socks: list[socket.socket], wait: float
+) -> tuple[list[socket.socket], list[socket.socket]]:
     """(refused, held) after ``wait`` s: the server refuses a connection over its limit at
     once (a 503, then EOF, or a reset); one it holds has sent nothing."""
     time.sleep(wait)
     ready = readable(socks)
-    refused_, held = [], []
+    refused_: list[socket.socket] = []
+    held: list[socket.socket] = []
     for s in socks:
         (refused_ if s.fileno() in ready else held).append(s)
     for s in refused_:

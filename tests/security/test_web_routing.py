@@ -42,7 +42,9 @@ def server(strato_server):
 
 def gateway_port(server) -> int:
     url = json.loads((server.home / "server.json").read_text())["gateway_url"]
-    return httpx.URL(url).port
+    port = httpx.URL(url).port
+    assert port is not None
+    return port
 
 
 # ---------------------------------------------------------------------- route names

@@ -5,6 +5,8 @@ another protocol (a web tunnel) counts until that protocol loses it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from strato.server.listeners import ConnectionGuard, ListenerLimits, guard_stream_handler
 
@@ -13,20 +15,20 @@ class Tunnel(asyncio.Protocol):
     """Like the gateway's ``Upstream``: calls ``on_lost`` when its connection closes."""
 
     def __init__(self) -> None:
-        self.on_lost = None
-        self.transport = None
+        self.on_lost: Callable[[], None] | None = None
+        self.transport: asyncio.BaseTransport | None = None
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self.on_lost is not None:
             self.on_lost()
 
 
 def test_channel_guard_counts_handed_off_connections(tmp_path):
     async def main() -> None:
-        guard = ConnectionGuard("channel", ListenerLimits(max_connections=2))
+        guard: ConnectionGuard[Any] = ConnectionGuard("channel", ListenerLimits(max_connections=2))
         tunnels: list[Tunnel] = []
 
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,7 +73,9 @@ def test_channel_guard_counts_handed_off_connections(tmp_path):
             w.close()
             assert guard.refused == 1 and len(tunnels) == 2
             # a tunnel that closes frees its place
-            tunnels[0].transport.close()
+            first = tunnels[0].transport
+            assert first is not None
+            first.close()
             await asyncio.sleep(0.05)
             assert len(guard.conns) == 1
             for _, w in held:

@@ -23,15 +23,22 @@ Imported only for web functions, so the plain container start path stays lean.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
+from strato import settings
 from strato.protocol import frames
 from strato.protocol import messages as m
+
+from .failure import describe_failure
+
+if TYPE_CHECKING:
+    from uvicorn.server import ServerState
 
 SPARE_TUNNELS = 4
 MAX_TUNNELS = 4096
@@ -44,17 +51,21 @@ class WebContainer:
         self.channel = channel
         self.token = token
         self.spec = spec
-        self.web = spec.web
+        if spec.web is None:
+            raise ValueError(f"{spec.name} is not a web endpoint")
+        self.web: m.WebConfig = spec.web
         self.hello = frames.encode(m.WebTunnelHello(container_id, token))
         self.sock = frames.connect(channel)
         self.sock.sendall(frames.encode(m.ContainerHello(container_id, token)))
         self.stopping = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.factory = None  # protocol factory for a tunnel's server side
-        self.count = None  # () -> connected tunnels
-        self.pipes: set = set()
-        self.lifespan = None
-        self.server_state = None
+        # set by start(), on the serving loop
+        self.loop: asyncio.AbstractEventLoop
+        self.factory: Callable[[], asyncio.Protocol]  # a tunnel's server side
+        self.count: Callable[[], int]  # connected tunnels
+        self._stop: asyncio.Event
+        self.pipes: set[PortPipe] = set()
+        self.lifespan: Any = None  # uvicorn's lifespan handler
+        self.server_state: ServerState | None = None
         self._dialing = 0
 
     def send(self, msg: object) -> None:
@@ -62,9 +73,14 @@ class WebContainer:
 
     # ------------------------------------------------------------------ start-up
 
-    def build(self, target) -> object | None:
+    def build(self, target: Any) -> Any:
         """The ASGI app to serve (None for ``web_server``, which only pipes bytes)."""
-        fn = target._fn if not self.spec.is_class else getattr(target.instance, self.web.attr)
+        if self.spec.is_class:
+            if self.web.attr is None:
+                raise ValueError(f"{self.spec.name}: a class's web endpoint names its method")
+            fn = getattr(target.instance, self.web.attr)
+        else:
+            fn = target._fn
         kind = self.web.kind
         if kind == "fastapi":
             try:
@@ -76,13 +92,13 @@ class WebContainer:
                 ) from None
 
             docs = self.web.docs
-            app = FastAPI(
+            api = FastAPI(
                 docs_url="/docs" if docs else None,
                 redoc_url="/redoc" if docs else None,
                 openapi_url="/openapi.json" if docs else None,
             )
-            app.add_api_route("/", fn, methods=[self.web.method])
-            return app
+            api.add_api_route("/", fn, methods=[self.web.method])
+            return api
         if kind in ("asgi", "wsgi"):
             app = fn()
             if asyncio.iscoroutine(app):
@@ -105,14 +121,15 @@ class WebContainer:
 
     # ------------------------------------------------------------------ serving
 
-    async def start(self, app) -> None:
+    async def start(self, app: Any) -> None:
         """Start the app (lifespan), connect the first tunnels, say ready."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if app is not None:
             await self._start_asgi(app)
         else:
-            self.factory = lambda: PortPipe(self, self.web.port)
+            port = self.web.port
+            self.factory = lambda: PortPipe(self, port)
             self.count = lambda: len(self.pipes)
         await asyncio.gather(*(self._dial() for _ in range(SPARE_TUNNELS)))
         if self.count() == 0:
@@ -133,7 +150,7 @@ class WebContainer:
         stop.cancel()
         await self.shutdown(grace)
 
-    async def _read_channel(self, reader) -> float:
+    async def _read_channel(self, reader: asyncio.StreamReader) -> float:
         try:
             while (msg := await frames.read_frame(reader)) is not None:
                 if isinstance(msg, m.StopContainer):
@@ -142,7 +159,7 @@ class WebContainer:
             pass
         return STOP_GRACE_S
 
-    async def _start_asgi(self, app) -> None:
+    async def _start_asgi(self, app: Any) -> None:
         try:
             import uvicorn
             from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -172,8 +189,9 @@ class WebContainer:
             raise RuntimeError("the app's lifespan startup failed (see the log above)")
         state = self.server_state = ServerState()
         app_state = self.lifespan.state
+        loop = self.loop
         self.factory = lambda: HttpToolsProtocol(
-            config=config, server_state=state, app_state=app_state, _loop=self.loop
+            config=config, server_state=state, app_state=app_state, _loop=loop
         )
         self.count = lambda: len(state.connections)
 
@@ -181,7 +199,7 @@ class WebContainer:
         family, addr = frames.parse_address(self.channel)
         self._dialing += 1
         try:
-            if family == "unix":
+            if isinstance(addr, str):
                 await self.loop.create_unix_connection(lambda: Fresh(self), addr)
             else:
                 await self.loop.create_connection(lambda: Fresh(self), *addr)
@@ -224,11 +242,11 @@ class Fresh(asyncio.Protocol):
     def __init__(self, owner: WebContainer) -> None:
         self.owner = owner
         self.inner = owner.factory()
-        self.transport = None
+        self.transport: asyncio.Transport
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.write(self.owner.hello)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.owner.hello)
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -236,10 +254,10 @@ class Fresh(asyncio.Protocol):
         self.owner.tunnel_used()
         self.inner.data_received(data)
 
-    def eof_received(self):
+    def eof_received(self) -> bool | None:
         return self.inner.eof_received()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -255,42 +273,45 @@ class PortPipe(asyncio.Protocol):
     def __init__(self, owner: WebContainer, port: int) -> None:
         self.owner = owner
         self.port = port
-        self.transport = None
+        self.transport: asyncio.Transport
         self.peer: _PeerSide | None = None
-        self.pending: list[bytes] | None = []
+        self.pending: list[bytes] = []  # bytes for the user's server, until connected
+        self.connected = False
         self.busy = False
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
         self.owner.pipes.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.busy = True
-        if self.peer is not None and self.pending is None:
-            self.peer.transport.write(data)
+        peer = self.peer
+        if peer is not None and peer.transport is not None and self.connected:
+            peer.transport.write(data)
             return
         self.pending.append(data)
-        if self.peer is None:
+        if peer is None:
             self.peer = _PeerSide(self)
-            self.owner.loop.create_task(self._connect())
+            self.owner.loop.create_task(self._connect(self.peer))
 
-    async def _connect(self) -> None:
+    async def _connect(self, peer: _PeerSide) -> None:
         try:
-            await self.owner.loop.create_connection(lambda: self.peer, "127.0.0.1", self.port)
+            await self.owner.loop.create_connection(lambda: peer, "127.0.0.1", self.port)
         except OSError as e:
             print(f"strato: cannot reach the web server on port {self.port}: {e}", file=sys.stderr)
             self.transport.close()
             return
-        pending, self.pending = self.pending, None
-        if pending:
-            self.peer.transport.write(b"".join(pending))
+        pending, self.pending = self.pending, []
+        self.connected = True
+        if pending and peer.transport is not None:
+            peer.transport.write(b"".join(pending))
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write_eof()
         return True
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.owner.pipes.discard(self)
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
@@ -311,18 +332,18 @@ class PortPipe(asyncio.Protocol):
 class _PeerSide(asyncio.Protocol):
     def __init__(self, pipe: PortPipe) -> None:
         self.pipe = pipe
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.pipe.transport.write(data)
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.pipe.transport.close()
 
     def pause_writing(self) -> None:
@@ -339,11 +360,11 @@ class EdgeMiddleware:
     prefix, so that ``/docs`` points at the right ``openapi.json``; other apps see the
     prefix only in ``x-forwarded-prefix``."""
 
-    def __init__(self, app, root_path: bool = False) -> None:
+    def __init__(self, app: Any, root_path: bool = False) -> None:
         self.app = app
         self.root_path = root_path
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         rid = b"-"
@@ -356,7 +377,7 @@ class EdgeMiddleware:
                 scope["root_path"] = value.decode("latin-1")
         started = False
 
-        async def tracked(message):
+        async def tracked(message: dict[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -401,11 +422,13 @@ def wait_for_port(port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def serve_web(spec: m.FunctionSpec, target_cls, describe_exception) -> None:
+def serve_web(spec: m.FunctionSpec, target_cls: Any, describe_exception: Any = None) -> None:
     """The container's main for a web endpoint (called by ``runner.main``)."""
-    env = os.environ
     wc = WebContainer(
-        env["STRATO_CONTAINER_ID"], env["STRATO_CHANNEL"], env["STRATO_CONTAINER_TOKEN"], spec
+        settings.CONTAINER_ID.required(),
+        settings.CHANNEL.required(),
+        settings.CONTAINER_TOKEN.required(),
+        spec,
     )
     target = target_cls(spec)
     loop = _new_loop()
@@ -416,9 +439,9 @@ def serve_web(spec: m.FunctionSpec, target_cls, describe_exception) -> None:
         app = wc.build(target)
         loop.run_until_complete(wc.start(app))
     except BaseException as e:  # noqa: BLE001 - reported, then the container exits
-        error, tb, data = describe_exception(e)
-        print(tb, file=sys.stderr, end="")
-        wc.send(m.ContainerInitFailed(error, tb, data))
+        failure = describe_failure(e)
+        print(failure.traceback, file=sys.stderr, end="")
+        wc.send(failure.init_failed(max_data=frames.CHUNK))
         sys.exit(1)
     try:
         loop.run_until_complete(wc.run())

@@ -50,7 +50,9 @@ class _Input(io.RawIOBase):
             out, self._buf = self._buf[:size], self._buf[size:]
         return out
 
-    def readline(self, size: int = -1) -> bytes:
+    def readline(self, size: int | None = -1) -> bytes:
+        if size is None:
+            size = -1
         while b"\n" not in self._buf and (size < 0 or len(self._buf) < size) and self._more():
             pass
         end = self._buf.find(b"\n") + 1 or len(self._buf)

@@ -31,20 +31,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
-from strato.exceptions import InvalidError
+from strato import settings
 
 log = logging.getLogger("strato.listeners")
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_KEEPALIVE_S = 75.0
-DEFAULT_MAX_HEADER_BYTES = 64 << 10
-DEFAULT_MAX_HEADERS = 100
+DEFAULT_HEADER_TIMEOUT_S = settings.HEADER_TIMEOUT.default
+DEFAULT_KEEPALIVE_S = settings.KEEPALIVE_TIMEOUT.default
+DEFAULT_MAX_HEADER_BYTES = settings.MAX_HEADER_BYTES.default
+DEFAULT_MAX_HEADERS = settings.MAX_HEADERS.default
 SWEEP_EVERY_S = 1.0
 # shares of the open files left after the reserve
 GATEWAY_SHARE, API_SHARE, CHANNEL_SHARE = 0.5, 0.2, 0.3
@@ -53,19 +53,6 @@ GATEWAY_CAP, API_CAP, CHANNEL_CAP = 20000, 4096, 20000
 RESERVE_MIN = 256  # open files kept for the rest of the process
 NOFILE_CEILING = 1 << 20  # where the hard limit is unlimited
 NOFILE_DEFAULT = 1 << 16  # raised this far by default (the worker agent inherits it)
-
-
-def _num(env, name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidError(f"{name}={raw!r} is not a number") from None
-    if not value > 0:  # also NaN
-        raise InvalidError(f"{name}={raw!r} must be a positive number")
-    return value
 
 
 @dataclass(frozen=True)
@@ -95,26 +82,24 @@ def raise_nofile(want: int | None = None) -> int:
     return soft
 
 
-def fd_budget(env=None) -> FdBudget:
+def fd_budget(env: Mapping[str, str] | None = None) -> FdBudget:
     """Raise the open-file limit and split it between the listeners (see the module's
     doc). ``STRATO_GATEWAY_MAX_CONNECTIONS``, ``STRATO_API_MAX_CONNECTIONS`` and
     ``STRATO_CHANNEL_MAX_CONNECTIONS`` override a share."""
-    env = os.environ if env is None else env
-    want = env.get("STRATO_MAX_OPEN_FILES")
-    limit = raise_nofile(int(_num(env, "STRATO_MAX_OPEN_FILES", 1)) if want else None)
+    limit = raise_nofile(settings.MAX_OPEN_FILES.get(env))
     reserved = max(RESERVE_MIN, limit // 10)
     usable = max(limit - reserved, 64)
 
-    def share(name: str, frac: float, cap: int) -> int:
-        default = max(16, min(cap, int(usable * frac)))
-        return int(_num(env, name, default))
+    def share(setting: settings.Setting[int | None], frac: float, cap: int) -> int:
+        given = setting.get(env)
+        return given if given is not None else max(16, min(cap, int(usable * frac)))
 
     budget = FdBudget(
         limit=limit,
         reserved=reserved,
-        gateway=share("STRATO_GATEWAY_MAX_CONNECTIONS", GATEWAY_SHARE, GATEWAY_CAP),
-        api=share("STRATO_API_MAX_CONNECTIONS", API_SHARE, API_CAP),
-        channel=share("STRATO_CHANNEL_MAX_CONNECTIONS", CHANNEL_SHARE, CHANNEL_CAP),
+        gateway=share(settings.GATEWAY_MAX_CONNECTIONS, GATEWAY_SHARE, GATEWAY_CAP),
+        api=share(settings.API_MAX_CONNECTIONS, API_SHARE, API_CAP),
+        channel=share(settings.CHANNEL_MAX_CONNECTIONS, CHANNEL_SHARE, CHANNEL_CAP),
     )
     if budget.gateway + budget.api + budget.channel > limit - RESERVE_MIN // 2:
         log.warning(
@@ -137,14 +122,13 @@ class ListenerLimits:
     max_headers: int = DEFAULT_MAX_HEADERS
 
     @classmethod
-    def from_env(cls, max_connections: int, env=None) -> ListenerLimits:
-        env = os.environ if env is None else env
+    def from_env(cls, max_connections: int, env: Mapping[str, str] | None = None) -> ListenerLimits:
         return cls(
             max_connections=max_connections,
-            header_timeout_s=_num(env, "STRATO_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT_S),
-            keepalive_s=_num(env, "STRATO_KEEPALIVE_TIMEOUT", DEFAULT_KEEPALIVE_S),
-            max_header_bytes=int(_num(env, "STRATO_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES)),
-            max_headers=int(_num(env, "STRATO_MAX_HEADERS", DEFAULT_MAX_HEADERS)),
+            header_timeout_s=settings.HEADER_TIMEOUT.get(env),
+            keepalive_s=settings.KEEPALIVE_TIMEOUT.get(env),
+            max_header_bytes=settings.MAX_HEADER_BYTES.get(env),
+            max_headers=settings.MAX_HEADERS.get(env),
         )
 
     @property
@@ -154,7 +138,20 @@ class ListenerLimits:
         return max(64, min(4096, self.max_connections // 4))
 
 
-class ConnectionGuard:
+class Guarded(Protocol):
+    """A connection the guard watches."""
+
+    @property
+    def head_since(self) -> float | None: ...
+    @property
+    def idle_since(self) -> float | None: ...
+    def guard_close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Guarded)
+
+
+class ConnectionGuard(Generic[C]):
     """The connections of one listener: admission against its limit, and the deadlines
     that a sweep enforces. A guarded connection has ``head_since`` (monotonic time its
     current request head began, or ``None`` when it is not reading one), ``idle_since``
@@ -164,13 +161,13 @@ class ConnectionGuard:
     def __init__(self, name: str, limits: ListenerLimits) -> None:
         self.name = name
         self.limits = limits
-        self.conns: set = set()
+        self.conns: set[C] = set()
         self.refused = 0
         self.timed_out = 0
         self._warned_at = 0.0
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
-    def admit(self, conn) -> bool:
+    def admit(self, conn: C) -> bool:
         if self._sweeper is None:  # on the listener's loop, with its first connection
             self._sweeper = asyncio.get_running_loop().create_task(
                 sweep_forever([self]), name=f"sweep {self.name}"
@@ -190,7 +187,7 @@ class ConnectionGuard:
         self.conns.add(conn)
         return True
 
-    def release(self, conn) -> None:
+    def release(self, conn: C) -> None:
         self.conns.discard(conn)
 
     def stop(self) -> None:
@@ -217,7 +214,7 @@ class ConnectionGuard:
         return closed
 
 
-async def sweep_forever(guards: list[ConnectionGuard]) -> None:
+async def sweep_forever(guards: list[ConnectionGuard[Any]]) -> None:
     """The sweep of every guard, once a second, until cancelled."""
     while True:
         await asyncio.sleep(SWEEP_EVERY_S)
@@ -255,7 +252,7 @@ class HeadTooLarge(Exception):
 # ---------------------------------------------------------------------- the API (uvicorn)
 
 
-def api_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
+def api_protocol(guard: ConnectionGuard[Any]) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with ``guard``'s limits: connections over the limit
     get a 503 and are closed; a head must be complete within the header timeout and
     within the size and count limits (else 431). Keep-alive idling is uvicorn's own
@@ -270,7 +267,7 @@ def api_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.head_since: float | None = None
-            self.idle_since = None  # uvicorn closes idle keep-alive connections itself
+            self.idle_since: float | None = None  # uvicorn closes idle keep-alive ones itself
             self.head_bytes = 0  # bytes received while a head is incomplete
             self.head_size = 0  # bytes of the head parsed (url, headers)
             self.nheaders = 0
@@ -348,10 +345,10 @@ def api_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
     return GuardedHttpToolsProtocol
 
 
-def api_uvicorn_options(env=None) -> dict:
+def api_uvicorn_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The ``uvicorn.Config`` arguments that give the API listener its limits."""
     limits = ListenerLimits.from_env(fd_budget(env).api, env)
-    guard = ConnectionGuard("API listener", limits)
+    guard: ConnectionGuard[Any] = ConnectionGuard("API listener", limits)
     return {
         "http": api_protocol(guard),
         "ws": "none",  # the API has no WebSocket routes
@@ -366,17 +363,17 @@ def api_uvicorn_options(env=None) -> dict:
 class _ChannelConn:
     __slots__ = ("transport", "head_since", "idle_since")
 
-    def __init__(self, transport) -> None:
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self.head_since = None  # the channel's handler times its first frame itself
-        self.idle_since = None
+        self.head_since: float | None = None  # the channel's handler times its first frame
+        self.idle_since: float | None = None
 
     def guard_close(self) -> None:
         self.transport.close()
 
 
 def guard_stream_handler(
-    guard: ConnectionGuard,
+    guard: ConnectionGuard[Any],
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """Wrap an ``asyncio.start_*_server`` handler so that connections over the guard's
@@ -406,8 +403,9 @@ def guard_stream_handler(
 
 def guard_channel(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    env=None,
+    env: Mapping[str, str] | None = None,
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """The channel's handler with its share of the open files as its connection limit."""
     limits = ListenerLimits.from_env(fd_budget(env).channel, env)
-    return guard_stream_handler(ConnectionGuard("channel", limits), handler)
+    guard: ConnectionGuard[Any] = ConnectionGuard("channel", limits)
+    return guard_stream_handler(guard, handler)

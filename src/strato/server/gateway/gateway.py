@@ -98,7 +98,7 @@ class Gateway:
         self.endpoints: dict[str, Endpoint] = {}
         self.results = ResultStore(config.result_ttl_s, config.result_max_bytes)
         self.access_log = AccessLog(logs.append)
-        self.guard = ConnectionGuard("web gateway", config.limits)  # listeners.py
+        self.guard: ConnectionGuard[ClientConn] = ConnectionGuard("web gateway", config.limits)
         self.url = ""
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
