@@ -56,6 +56,9 @@ class Container:
     last_progress: float = field(default_factory=time.monotonic)
     idle_since: float | None = None
     lost_handle: asyncio.TimerHandle | None = None
+    # the worker's exit report (description, oom), kept while the container's own channel
+    # may still carry its last frames
+    exit_report: tuple[str, bool] | None = None
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def send(self, msg: object) -> None:

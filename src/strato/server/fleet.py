@@ -292,7 +292,7 @@ class Fleet:
         if isinstance(msg, m.ContainerExited):
             s = self.registry.get(msg.container_id)
             if s is not None:
-                self._gone(s, msg.description, oom=msg.oom_killed)
+                self._exited(s, msg.description, msg.oom_killed)
         elif isinstance(msg, m.ContainerStartFailed):
             s = self.registry.get(msg.container_id)
             if s is not None:
@@ -302,7 +302,9 @@ class Fleet:
                 self._gone(s, f"failed to start: {msg.error}", oom=False)
         elif isinstance(msg, m.ContainerStarted):
             s = self.registry.get(msg.container_id)
-            if s is not None:
+            # its "ready" comes over its own channel and may be handled first: a record
+            # never goes back from ready (or stopping) to starting
+            if s is not None and s.state == ContainerState.STARTING:
                 self.store.set_container_state(s.container_id, "starting")
 
     # ------------------------------------------------------------------ containers
@@ -494,11 +496,31 @@ class Fleet:
         )
         self.calls.fail_queued(s.function_id, error, exc, tb, error_type=error_type)
 
+    def _exited(self, s: Container, description: str, oom: bool) -> None:
+        """The worker reports the container's exit. Its own channel is another connection:
+        while that is open, frames it sent before it exited (its last outputs) may still
+        be on their way, so it ends when its channel closes (every frame read), or after
+        ``EXIT_REPORT_GRACE_S``."""
+        if s.state == ContainerState.GONE:
+            return
+        if s.peer is None:  # its channel is closed (or never opened): nothing more comes
+            self._gone(s, description, oom=oom)
+            return
+        s.exit_report = (description, oom)
+        if s.lost_handle is None:
+            loop = asyncio.get_running_loop()
+            s.lost_handle = loop.call_later(EXIT_REPORT_GRACE_S, self._gone, s, description, oom)
+
     def channel_lost(self, s: Container) -> None:
-        """The container's channel closed: wait briefly for the worker's exit report."""
+        """The container's channel closed: wait briefly for the worker's exit report,
+        or end it now if that came first."""
         if s.state == ContainerState.GONE:
             return
         s.peer = None
+        if s.exit_report is not None:
+            description, oom = s.exit_report
+            self._gone(s, description, oom=oom)
+            return
         loop = asyncio.get_running_loop()
         s.lost_handle = loop.call_later(
             EXIT_REPORT_GRACE_S, self._gone, s, "closed its channel unexpectedly", False
