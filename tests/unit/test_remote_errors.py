@@ -41,20 +41,17 @@ def test_type_names():
     assert type_name(Unpicklable) == f"{__name__}.Unpicklable"
 
 
-def test_type_and_message_travel_apart(monkeypatch):
-    monkeypatch.setattr(failure_mod, "LEGACY_TEXT", False)
+def test_type_and_message_travel_apart():
     f = describe_failure(_raise(ValueError("bad: value 3")))
     assert (f.type, f.message) == ("ValueError", "bad: value 3")
     item = _through_the_wire(f.task_output(1, 1, 0.5))
-    assert (item.error_type, item.error) == ("ValueError", "bad: value 3")
+    assert (item.error_type, item.error) == ("ValueError", "bad: value 3")  # no "Type: " in it
     e = error_from_output(item, item.data)
     assert type(e) is ValueError and str(e) == "bad: value 3"
     assert "Remote traceback" in "\n".join(e.__notes__)
 
 
-@pytest.mark.parametrize("legacy", [True, False])
-def test_an_unpicklable_exception_becomes_a_remote_error(monkeypatch, legacy):
-    monkeypatch.setattr(failure_mod, "LEGACY_TEXT", legacy)
+def test_an_unpicklable_exception_becomes_a_remote_error():
     f = describe_failure(_raise(Unpicklable("you cannot: import me")))
     assert f.data is None
     e = error_from_output(_through_the_wire(f.task_output(1, 1, 0.1)), None)
@@ -69,6 +66,11 @@ def test_a_strato_error_without_its_pickle_keeps_its_class():
     assert type(e) is exc.ResourceUnavailableError and str(e) == "no node fits"
     qualified = m.OutputItem(0, "failure", error="x", error_type="strato.exceptions.InvalidError")
     assert type(error_from_output(qualified, None)) is exc.InvalidError
+
+
+def test_a_message_that_starts_like_a_type_is_kept_whole():
+    item = m.OutputItem(0, "failure", error="KeyError: 'x' was missing", error_type="LookupFailed")
+    assert error_type_and_message(item) == ("LookupFailed", "KeyError: 'x' was missing")
 
 
 def test_an_output_without_error_type_is_read_as_type_and_message():

@@ -61,6 +61,50 @@ def test_the_scan_sees_reads_and_writes(tmp_path):
     assert set(_names_in(tmp_path)) == {"STRATO_NOT_DECLARED", "STRATO_ALSO_NOT"}
 
 
+def _reads_by_name(root: Path) -> list[str]:
+    """Places under ``root`` that read a ``STRATO_*`` variable by name instead of through
+    its declaration: ``env["STRATO_X"]``, ``env.get("STRATO_X")``, ``os.getenv("STRATO_X")``
+    (setting one for a child process, ``env["STRATO_X"] = ...``, is no read)."""
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            key = None
+            if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+                key = node.slice
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("get", "getenv", "pop")
+                and node.args
+            ):
+                key = node.args[0]
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                if NAME.fullmatch(key.value):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {key.value}")
+    return found
+
+
+def test_settings_are_read_only_through_their_declarations():
+    reads = [r for r in _reads_by_name(SRC) if not r.startswith("settings.py:")]
+    assert reads == []
+
+
+def test_the_read_scan_sees_reads_but_not_writes(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import os\n"
+        'a = os.environ.get("STRATO_A")\n'
+        'b = os.environ["STRATO_B"]\n'
+        'c = os.getenv("STRATO_C", "")\n'
+        'os.environ["STRATO_D"] = "1"\n'
+        'env = dict(STRATO_E="1")\n'
+    )
+    assert [r.rsplit(" ", 1)[1] for r in _reads_by_name(tmp_path)] == [
+        "STRATO_A",
+        "STRATO_B",
+        "STRATO_C",
+    ]
+
+
 def test_each_setting_is_declared_once_with_meaning_and_readers():
     for name, s in settings.REGISTRY.items():
         assert s.name == name

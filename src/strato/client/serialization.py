@@ -51,9 +51,7 @@ def error_type_and_message(out: OutputItem) -> tuple[str, str]:
     ``error``, or, from a control plane that sends no ``error_type``, the two halves of
     its ``"TypeName: message"``."""
     if out.error_type:
-        message = out.error or ""
-        # a container may also put its type ahead of the message, for such control planes
-        return out.error_type, message.removeprefix(f"{out.error_type}: ")
+        return out.error_type, out.error or ""
     type_name, _, message = (out.error or "Error: the input failed").partition(": ")
     return type_name, message
 

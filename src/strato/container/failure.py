@@ -19,9 +19,6 @@ from strato.protocol import messages as m
 MAX_ERROR_CHARS = 64 << 10  # an exception's message and traceback, each, as sent
 # strato's own errors and builtins go by their bare names (the caller knows them)
 _BARE_MODULES = ("builtins", "strato.exceptions")
-# the message also carries its type (``"Type: message"``) while control planes that drop
-# ``error_type`` may be in between: a caller then still finds the type in the message
-LEGACY_TEXT = True
 
 
 class Failure(NamedTuple):
@@ -30,18 +27,13 @@ class Failure(NamedTuple):
     traceback: str
     data: bytes | None  # the pickled exception; None where it does not survive pickling
 
-    @property
-    def error(self) -> str:
-        """What goes in a message's ``error`` field beside ``error_type``."""
-        return _cut(f"{self.type}: {self.message}") if LEGACY_TEXT else self.message
-
     def task_output(self, input_id: int, attempt: int, duration: float) -> m.TaskOutput:
         return m.TaskOutput(
             input_id,
             attempt,
             "failure",
             self.data,
-            self.error,
+            self.message,
             self.traceback,
             duration=duration,
             error_type=self.type,
@@ -54,7 +46,7 @@ class Failure(NamedTuple):
         data = self.data
         if data is not None and max_data is not None and len(data) > max_data:
             data = None
-        return m.ContainerInitFailed(self.error, self.traceback, data, error_type=self.type)
+        return m.ContainerInitFailed(self.message, self.traceback, data, error_type=self.type)
 
 
 def type_name(cls: type) -> m.ErrorType:
@@ -81,13 +73,6 @@ def describe_failure(e: BaseException) -> Failure:
         message = f"<the exception's str() failed: {type(inner).__name__}>"
     # the channel takes small frames: long texts are cut, the middle elided
     return Failure(type_name(cls), _cut(message), _cut(text), data)
-
-
-def describe_exception(e: BaseException) -> tuple[str, str, bytes | None]:
-    """``(error, traceback, pickled exception)``: the fields of a ``ContainerInitFailed``
-    without its ``error_type`` (for callers not yet on :func:`describe_failure`)."""
-    f = describe_failure(e)
-    return f.error, f.traceback, f.data
 
 
 def _cut(text: str) -> str:

@@ -28,7 +28,7 @@ from strato.exceptions import DeserializationError, InputCancellation, Serializa
 from strato.protocol import frames
 from strato.protocol import messages as m
 
-from .failure import describe_exception, describe_failure
+from .failure import describe_failure
 from .target import Target
 
 FLUSH_EVERY = 128
@@ -452,7 +452,7 @@ def main() -> None:
     if spec.web is not None:  # a web endpoint serves HTTP, not inputs (issue 5)
         from .web import serve_web
 
-        serve_web(spec, Target, describe_exception)
+        serve_web(spec, Target)
         return
     runner = ContainerRunner(
         settings.CONTAINER_ID.required(),

@@ -465,7 +465,8 @@ class ContainerExited(ChannelMsg, tag="exited"):
 
 class ContainerStartFailed(ChannelMsg, tag="startfail"):
     container_id: str
-    error: str
+    error: str  # the message (with no error_type, "TypeName: message")
+    error_type: ErrorType | None = None
 
 
 class Logs(ChannelMsg, tag="logs"):
