@@ -206,3 +206,38 @@ def test_recover_requeues_inputs_without_outputs(env, tmp_path):
         assert [o.idx for o in out.outputs] == [0]
 
     asyncio.run(go())
+
+
+def test_a_call_retried_after_a_restart_runs_nothing_twice(env, tmp_path):
+    """A request for a call this process did not create is accepted at once (the store's
+    intake journal makes it durable) and its inputs run while the database writes it; if
+    the database had that call already (a client that retried across a restart), what
+    the request queued is withdrawn and only what the call lacks is added: nothing."""
+    make, store, _ = env
+
+    async def go():
+        mgr = make()
+        _call(mgr, "fc-1", [1, 2])
+        fresh = CallManager(
+            store,
+            BlobStore(tmp_path / "blobs"),
+            containers=ContainerRegistry(),
+            blob_threshold=1 << 20,
+            max_payload=8 << 20,
+            retention_s=3600,
+            kill_container=lambda *a: None,
+            wake_scaler=lambda: None,
+        )
+        c = attach(fresh, "ct-9")
+        _call(fresh, "fc-1", [1, 2])  # the retry, before recovery found the call
+        assert len(c.inputs()) == 1  # it ran at once (the function is slow: one at a time)
+        for _ in range(200):  # until the database's answer comes back
+            if "fc-1" not in fresh.live:
+                break
+            await asyncio.sleep(0.01)
+        assert "fc-1" not in fresh.live and not fresh.function("fu-1").queue
+        cancelled = [i for msg in c.sent if isinstance(msg, m.CancelInputs) for i in msg.input_ids]
+        assert cancelled == [c.inputs()[0].input_id] and not c.inflight
+        assert sorted(p.idx for p in store.pending_inputs()) == [0, 1]  # the call's own
+
+    asyncio.run(go())

@@ -6,6 +6,7 @@ alone, so that the input that kills its container is the one that fails."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import time
 
@@ -51,44 +52,53 @@ def _ok(c: RecordingContainer, inp: m.TaskInput) -> m.TaskOutput:
 
 
 def test_a_container_dying_with_many_inputs_blames_none_and_isolates_them(mgr):
-    _start_call(mgr, 4)
-    a = _attach(mgr, "ct-a")
-    assert len(a.inputs()) == 4  # a fast function's container takes them all
-    _die(mgr, a)
-    assert _outputs(mgr) == {}  # nobody failed
-    b = _attach(mgr, "ct-b")
-    c = _attach(mgr, "ct-c")
-    # each runs alone: one per idle container, nothing more until it is done
-    assert [len(b.inputs()), len(c.inputs())] == [1, 1]
-    first = b.inputs()[0]
-    mgr.on_outputs(b, [_ok(b, first)])
-    assert len(b.inputs()) == 2  # b is free again: it gets the next one, alone
-    assert len(b.inflight) == 1
+    async def go() -> None:
+        _start_call(mgr, 4)
+        a = _attach(mgr, "ct-a")
+        assert len(a.inputs()) == 4  # a fast function's container takes them all
+        _die(mgr, a)
+        assert _outputs(mgr) == {}  # nobody failed
+        b = _attach(mgr, "ct-b")
+        c = _attach(mgr, "ct-c")
+        # each runs alone: one per idle container, nothing more until it is done
+        assert [len(b.inputs()), len(c.inputs())] == [1, 1]
+        first = b.inputs()[0]
+        mgr.on_outputs(b, [_ok(b, first)])
+        assert len(b.inputs()) == 2  # b is free again: it gets the next one, alone
+        assert len(b.inflight) == 1
+
+    asyncio.run(go())
 
 
 def test_the_input_that_kills_its_container_alone_fails(mgr):
-    _start_call(mgr, 3)
-    a = _attach(mgr, "ct-a")
-    _die(mgr, a)  # held 3: none blamed
-    b = _attach(mgr, "ct-b")
-    (culprit,) = b.inputs()
-    _die(mgr, b)  # held 1: that one is blamed (retries=0: it fails)
-    idx = {p.input_id: p.idx for p in mgr.live["fc-1"].values()}
-    assert _outputs(mgr) == {0: "died"}
-    assert culprit.input_id not in idx
-    c = _attach(mgr, "ct-c")
-    for _ in range(2):
-        (inp,) = [i for i in c.inputs() if i.input_id in c.inflight]
-        mgr.on_outputs(c, [_ok(c, inp)])
-    assert _outputs(mgr) == {0: "died", 1: "success", 2: "success"}
+    async def go() -> None:
+        _start_call(mgr, 3)
+        a = _attach(mgr, "ct-a")
+        _die(mgr, a)  # held 3: none blamed
+        b = _attach(mgr, "ct-b")
+        (culprit,) = b.inputs()
+        _die(mgr, b)  # held 1: that one is blamed (retries=0: it fails)
+        idx = {p.input_id: p.idx for p in mgr.live["fc-1"].values()}
+        assert _outputs(mgr) == {0: "died"}
+        assert culprit.input_id not in idx
+        c = _attach(mgr, "ct-c")
+        for _ in range(2):
+            (inp,) = [i for i in c.inputs() if i.input_id in c.inflight]
+            mgr.on_outputs(c, [_ok(c, inp)])
+        assert _outputs(mgr) == {0: "died", 1: "success", 2: "success"}
+
+    asyncio.run(go())
 
 
 def test_a_timeout_blames_the_first_lease(mgr):
-    mgr.function("fu-1").spec = msgspec.structs.replace(mgr.function("fu-1").spec, timeout=1.0)
-    _start_call(mgr, 3)
-    a = _attach(mgr, "ct-a")
-    assert len(a.inputs()) == 3
-    mgr.check_timeouts(time.monotonic() + 5)
-    assert _outputs(mgr) == {0: "timeout"}
-    # the others go back as usual, not one by one
-    assert all(not p.solo for p in mgr.live["fc-1"].values())
+    async def go() -> None:
+        mgr.function("fu-1").spec = msgspec.structs.replace(mgr.function("fu-1").spec, timeout=1.0)
+        _start_call(mgr, 3)
+        a = _attach(mgr, "ct-a")
+        assert len(a.inputs()) == 3
+        mgr.check_timeouts(time.monotonic() + 5)
+        assert _outputs(mgr) == {0: "timeout"}
+        # the others go back as usual, not one by one
+        assert all(not p.solo for p in mgr.live["fc-1"].values())
+
+    asyncio.run(go())

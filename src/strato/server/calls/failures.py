@@ -206,6 +206,27 @@ class Failures:
             "InputCancellation",
         )
 
+    def withdraw(self, pendings: list[Pending]) -> None:
+        """Forget inputs that were never stored: out of the queue, their leases ended
+        (their containers are told to cancel them), no output."""
+        by_session: dict[ContainerRef, list[int]] = {}
+        for p in pendings:
+            if p.where == Where.LEASED and p.session is not None:
+                s = p.session
+                s.inflight.pop(p.input_id, None)
+                if not s.inflight:
+                    s.idle_since = time.monotonic()
+                by_session.setdefault(s, []).append(p.input_id)
+            p.where, p.session = Where.DONE, None
+            self.ledger.untrack(p)
+        for s, ids in by_session.items():
+            s.send(m.CancelInputs(ids))
+        for fn_id in {p.function_id for p in pendings}:
+            fn = self.ledger.functions.get(fn_id)
+            if fn is not None:
+                fn.queue = deque(p for p in fn.queue if p.where == Where.QUEUED)
+        self.outputs.flush([], {p.call_id for p in pendings})
+
     def cancel_inputs(
         self, pendings: list[Pending], terminate: bool, error: str, error_type: str
     ) -> None:

@@ -5,8 +5,11 @@ is queued again."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future
 
 from strato.exceptions import (
     AlreadyExistsError,
@@ -23,6 +26,10 @@ from .dispatch import Dispatcher
 from .failures import Failures
 from .outputs import Outputs
 from .state import AppState, FunctionQueue, Ledger, Pending, Where
+
+log = logging.getLogger("strato.calls")
+
+RECENT_CALLS = 100_000  # call ids remembered as this process's own
 
 
 class Intake:
@@ -50,6 +57,9 @@ class Intake:
         self.retention_s = retention_s
         next_input, _, _ = store.max_ids()
         self._next_input = next_input + 1
+        # ids of the calls this process created (the newest): a request that names one
+        # again is a retry, known without asking the store
+        self._created: OrderedDict[str, None] = OrderedDict()
 
     def _inputs(
         self, fn: FunctionQueue, call_id: str, method: str | None, items: Iterable[m.InputItem]
@@ -106,20 +116,62 @@ class Intake:
             created_at=now,
             expires_at=now + self.retention_s,
         )
-        if not self.store.create_call_rows(call, new):  # a retried request: add what is missing
+        if req.call_id in self._created:  # a retried request: add only what is missing
             self._next_input -= len(new)
-            known = self.store.call_row(req.call_id)
-            if known is not None and (
-                known.function_id != req.function_id or known.method != req.method
-            ):
-                raise AlreadyExistsError(
-                    f"call id {req.call_id} is taken by a call of another function"
-                    f"{' or method' if known.function_id == req.function_id else ''}; "
-                    "choose a new call id for a new call"
-                )
-            self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
+            self._retried(req)
+            return
+        # durable when it returns (the store's intake journal), committed later: the
+        # inputs run meanwhile, and every later write of theirs is queued after it
+        w = self.store.accept_call(call, new)
+        self._created[req.call_id] = None
+        while len(self._created) > RECENT_CALLS:
+            self._created.popitem(last=False)
+        if w.done() and w.exception() is None and not w.result():  # known at once
+            self._next_input -= len(new)
+            self._retried(req)
             return
         self._accepted(fn, pendings)
+        if not w.done() or w.exception() is not None:
+            loop = asyncio.get_running_loop()
+
+            def written(w: Future[bool]) -> None:  # on the store's thread
+                try:
+                    loop.call_soon_threadsafe(self._call_written, w, req, pendings)
+                except RuntimeError:  # the loop is closed: the control plane stopped
+                    pass
+
+            w.add_done_callback(written)
+
+    def _retried(self, req: m.CreateCall) -> None:
+        """A call with this id exists: add the inputs it lacks (a client that retried
+        after a lost answer), unless it is another function's."""
+        known = self.store.call_row(req.call_id)
+        if known is not None and (
+            known.function_id != req.function_id or known.method != req.method
+        ):
+            raise AlreadyExistsError(
+                f"call id {req.call_id} is taken by a call of another function"
+                f"{' or method' if known.function_id == req.function_id else ''}; "
+                "choose a new call id for a new call"
+            )
+        self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
+
+    def _call_written(self, w: Future[bool], req: m.CreateCall, pendings: list[Pending]) -> None:
+        """The database has the call now, or it had one of that id already (created
+        before this process started, and retried): then the inputs queued for this
+        request were never stored; they are withdrawn and only what the call lacks is
+        added."""
+        error = w.exception()
+        if error is not None:
+            log.error("call %s could not be written: %s", req.call_id, error)
+            return
+        if w.result():
+            return
+        self.failures.withdraw(pendings)
+        try:
+            self._retried(req)
+        except AlreadyExistsError as e:
+            log.warning("a retried request was dropped: %s", e)
 
     def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
         call = self.store.call_row(call_id)
@@ -139,7 +191,7 @@ class Intake:
         n_inputs = call.n_inputs + len(new)
         if req.total is not None:
             n_inputs = max(n_inputs, req.total)
-        self.store.add_input_rows(call_id, new, req.closed or None, n_inputs)
+        self.store.accept_inputs(call_id, new, req.closed or None, n_inputs)  # durable
         self._accepted(fn, pendings)
 
     def _accepted(self, fn: FunctionQueue, pendings: list[Pending]) -> None:
