@@ -64,6 +64,9 @@ BODY_BUFFER = 1 << 20  # request bytes held while waiting for a tunnel, before p
 
 
 class Phase(enum.Enum):
+    bit: int  # (set below: the table NEXT as bit masks, for the check on every move)
+    allowed: int
+
     HEAD = "head"
     QUEUED = "queued"
     WAITING = "waiting"
@@ -85,8 +88,14 @@ NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.DONE: frozenset(),
 }
 
-# phases in which the exchange holds a tunnel
-UPSTREAM_PHASES = frozenset({Phase.SENT, Phase.RECEIVING, Phase.TUNNEL})
+# The members as module names: looking a member up on its enum class costs several times
+# a global's, and an exchange does that many times a request.
+HEAD, QUEUED, WAITING, FETCHING, SENT, RECEIVING, TUNNEL, DONE = Phase
+
+for _i, _phase in enumerate(Phase):
+    _phase.bit = 1 << _i
+for _phase, _next in NEXT.items():
+    _phase.allowed = sum(p.bit for p in _next)
 
 
 class After(enum.Enum):
@@ -99,12 +108,17 @@ class After(enum.Enum):
     NONE = "none"  # nothing: the client is gone
 
 
-class Pause(enum.Flag):
-    """Why a client connection stops reading (it reads again once no reason is left)."""
+class Pause:
+    """Why a client connection stops reading, as bits (it reads again once none is left).
+    Plain ints: they are combined on every request, and enum flags are slow at that."""
 
-    BUFFER = enum.auto()  # a request's body (or an upgrade's early bytes) waits for a tunnel
-    UPSTREAM = enum.auto()  # the tunnel's write buffer is full
-    PIPELINE = enum.auto()  # too many pipelined requests wait their turn
+    BUFFER = 1  # a request's body (or an upgrade's early bytes) waits for a tunnel
+    UPSTREAM = 2  # the tunnel's write buffer is full
+    PIPELINE = 4  # too many pipelined requests wait their turn
+    ANY_EXCHANGE = BUFFER | UPSTREAM  # the reasons that end with an exchange
+
+
+KEEP, CLOSE, DISCARD, ABORT, NONE = After
 
 
 class PhaseError(RuntimeError):
@@ -160,7 +174,7 @@ class Exchange:
         self.gw: Gateway = conn.gw
         self.rid = rid
         self.t0 = time.monotonic()
-        self.phase = Phase.HEAD
+        self.phase = HEAD
         self.method = b""
         self.url = b""
         self.version = "1.1"
@@ -198,7 +212,7 @@ class Exchange:
         return f"<Exchange {self.rid} {self.phase.value} {self.method!r} {self.url[:80]!r}>"
 
     def _to(self, phase: Phase) -> None:
-        if phase not in NEXT[self.phase]:
+        if not self.phase.allowed & phase.bit:
             raise PhaseError(f"exchange {self.rid}: {self.phase.value} -> {phase.value}")
         self.phase = phase
 
@@ -209,24 +223,24 @@ class Exchange:
         self.keep_alive, self.upgrade = keep_alive, upgrade
         # a request without a body has all of it already (on_message_complete follows)
         self.body_done = not self.chunked and not self.content_length
-        self._to(Phase.QUEUED)
+        self._to(QUEUED)
 
     def refuse(self, status: int, why: str, then: After) -> None:
         """The request cannot be read: answer ``status`` in its turn (its head or body
         was malformed or over a limit)."""
         phase = self.phase
-        if phase is Phase.HEAD:
+        if phase is HEAD:
             self.refusal = (status, why, then)
-            self._to(Phase.QUEUED)
-        elif phase is Phase.QUEUED:
+            self._to(QUEUED)
+        elif phase is QUEUED:
             self.refusal = (status, why, then)
-        elif phase in (Phase.RECEIVING, Phase.TUNNEL):
-            self._end(self.status, note=why, then=After.ABORT)
+        elif phase in (RECEIVING, TUNNEL):
+            self._end(self.status, note=why, then=ABORT)
         else:
             self.respond(status, why, then=then)
 
     def body(self, data: bytes) -> None:
-        if self.phase is Phase.DONE:
+        if self.phase is DONE:
             return
         self.body_size += len(data)
         if self.body_size > self.gw.config.max_body:
@@ -242,7 +256,7 @@ class Exchange:
 
     def body_end(self) -> None:
         self.body_done = True
-        if self.phase is Phase.DONE or not self.chunked:
+        if self.phase is DONE or not self.chunked:
             return
         if self.up is not None:
             self.up.write(LAST_CHUNK)
@@ -252,9 +266,9 @@ class Exchange:
     def client_raw(self, data: bytes) -> None:
         """Bytes from the client after an upgrade request's head: the pipe's, once a
         ``101`` came back; held until then."""
-        if not data or self.phase is Phase.DONE:
+        if not data or self.phase is DONE:
             return
-        if self.phase is Phase.TUNNEL and self.up is not None:
+        if self.phase is TUNNEL and self.up is not None:
             self.up.write(data)
             return
         if self.raw_buf is None:
@@ -265,16 +279,16 @@ class Exchange:
 
     def client_gone(self) -> None:
         """The client closed its connection under this exchange."""
-        if self.phase is Phase.DONE or self.detached is not None:
+        if self.phase is DONE or self.detached is not None:
             return
-        status = self.status if self.phase is Phase.TUNNEL else 499
-        self._end(status, note="the client went away", then=After.NONE)
+        status = self.status if self.phase is TUNNEL else 499
+        self._end(status, note="the client went away", then=NONE)
 
     def _body_too_large(self) -> None:
         limit = self.gw.config.max_body
         why = f"the request body is over the gateway's limit of {limit} bytes (STRATO_WEB_MAX_BODY)"
-        if self.phase is Phase.RECEIVING:  # the response is under way: nothing to answer
-            self._end(self.status, note=why, then=After.ABORT)
+        if self.phase is RECEIVING:  # the response is under way: nothing to answer
+            self._end(self.status, note=why, then=ABORT)
         else:
             self.respond(413, why)
 
@@ -282,7 +296,7 @@ class Exchange:
 
     def wait(self, endpoint: Endpoint, timeout_s: float) -> None:
         """No container has a free slot: wait for one (``Endpoint.pump`` binds it)."""
-        self._to(Phase.WAITING)
+        self._to(WAITING)
         endpoint.waiters.append(self)
         loop = asyncio.get_running_loop()
         self.wait_handle = loop.call_later(timeout_s, self.wait_expired)
@@ -292,7 +306,7 @@ class Exchange:
         if self.wait_handle is not None:
             self.wait_handle.cancel()
             self.wait_handle = None
-        self._to(Phase.SENT)
+        self._to(SENT)
         self.backend, self.up, self.slot = backend, up, True
         up.ex = self
         out = upstream_head(
@@ -312,15 +326,16 @@ class Exchange:
             out += self.pending
         self.pending = None
         up.write(b"".join(out))
-        self.conn.resume_reading(Pause.BUFFER)
+        if self.conn.paused:
+            self.conn.resume_reading(Pause.BUFFER)
 
     def fetching(self) -> None:
         """A request for a deferred result that is not complete yet."""
-        self._to(Phase.FETCHING)
+        self._to(FETCHING)
 
     def wait_expired(self) -> None:
         self.wait_handle = None
-        if self.phase is not Phase.WAITING:
+        if self.phase is not WAITING:
             return
         self.respond(
             503,
@@ -331,7 +346,7 @@ class Exchange:
     def limit_reached(self) -> None:
         """The HTTP limit passed: answer 303 and let the exchange finish detached."""
         self.limit_handle = None
-        if self.phase not in (Phase.WAITING, Phase.SENT) or self.detached is not None:
+        if self.phase not in (WAITING, SENT) or self.detached is not None:
             return
         if not self.body_done:
             return  # still uploading: the client is slow, not the endpoint
@@ -347,17 +362,17 @@ class Exchange:
         )
         self.gw.access(self, 303, note="redirected to its result")
         self.detached = entry
-        self.conn.exchange_done(self, After.KEEP if self.keep_alive else After.CLOSE)
+        self.conn.exchange_done(self, KEEP if self.keep_alive else CLOSE)
 
     # ------------------------------------------------------------------ the response
 
     def from_upstream(self, data: bytes) -> None:
         phase = self.phase
-        if phase is Phase.RECEIVING:
+        if phase is RECEIVING:
             self._receive(data)
-        elif phase is Phase.TUNNEL:
+        elif phase is TUNNEL:
             self._emit(data)
-        elif phase is Phase.SENT:
+        elif phase is SENT:
             self._head(data)
 
     def _head(self, data: bytes) -> None:
@@ -380,7 +395,7 @@ class Exchange:
             if not self.upgrade:
                 self._fail("the endpoint switched protocols for a request that asked for none")
                 return
-            self._to(Phase.TUNNEL)
+            self._to(TUNNEL)
             self._emit(scan.final)
             if self.raw_buf and self.up is not None:
                 self.up.write(b"".join(self.raw_buf))
@@ -393,7 +408,7 @@ class Exchange:
         except httptools.HttpParserError:
             self._fail("the endpoint sent an invalid HTTP response")
             return
-        self._to(Phase.RECEIVING)
+        self._to(RECEIVING)
         if self.limit_handle is not None:
             self.limit_handle.cancel()
             self.limit_handle = None
@@ -435,12 +450,12 @@ class Exchange:
         """The tunnel closed under this exchange."""
         self.up = None
         phase = self.phase
-        if phase is Phase.SENT:
+        if phase is SENT:
             self._fail("the endpoint's container closed the connection (it may have died)")
-        elif phase is Phase.RECEIVING:  # a body delimited by the close ends here
-            self._end(self.status, note="the container closed the connection", then=After.CLOSE)
-        elif phase is Phase.TUNNEL:
-            self._end(self.status, then=After.CLOSE)
+        elif phase is RECEIVING:  # a body delimited by the close ends here
+            self._end(self.status, note="the container closed the connection", then=CLOSE)
+        elif phase is TUNNEL:
+            self._end(self.status, then=CLOSE)
 
     def _finished(self) -> None:
         """The response is complete."""
@@ -448,35 +463,35 @@ class Exchange:
             reuse = self.body_done and self.up_keep_alive
         else:
             reuse = self.body_done and not self.upgrade and self.up_keep_alive
-        then = After.KEEP if self.keep_alive and not self.upgrade else After.CLOSE
+        then = KEEP if self.keep_alive and not self.upgrade else CLOSE
         self._end(self.status, reuse=reuse, then=then)
 
     def _fail(self, why: str) -> None:
         """The tunnel failed: a 502 where the response has not begun, else a reset."""
-        if self.phase is Phase.SENT:
+        if self.phase is SENT:
             self.respond(502, why)
         else:
-            self._end(self.status or 502, note=why, then=After.ABORT)
+            self._end(self.status or 502, note=why, then=ABORT)
 
     # ------------------------------------------------------------------ the gateway's own
 
     def respond(self, status: int, message: str, *, then: After | None = None) -> None:
         """Answer with the gateway's own JSON error (or status) response. Unless told,
         the connection goes on where the request was read whole and asked for it."""
-        if self.phase is Phase.DONE:
+        if self.phase is DONE:
             return
         if then is None:
             if not self.body_done or self.upgrade:
-                then = After.DISCARD
+                then = DISCARD
             else:
-                then = After.KEEP if self.keep_alive else After.CLOSE
+                then = KEEP if self.keep_alive else CLOSE
         body = error_body(status, message, self.rid)
-        data = simple_response(status, body, self.rid, close=then is not After.KEEP)
+        data = simple_response(status, body, self.rid, close=then is not KEEP)
         self._end(status, note=message, then=then, answer=data)
 
     def respond_raw(self, status: int, data: bytes, *, close: bool = False) -> None:
         """Answer with bytes the gateway holds (a deferred result, its health)."""
-        then = After.KEEP if self.keep_alive and not close else After.CLOSE
+        then = KEEP if self.keep_alive and not close else CLOSE
         self._end(status, then=then, answer=data)
 
     # ------------------------------------------------------------------ the end
@@ -492,16 +507,16 @@ class Exchange:
     ) -> None:
         """The one way an exchange ends."""
         before = self.phase
-        if before is Phase.DONE:
+        if before is DONE:
             return
-        self._to(Phase.DONE)
+        self._to(DONE)
         if self.wait_handle is not None:
             self.wait_handle.cancel()
             self.wait_handle = None
         if self.limit_handle is not None:
             self.limit_handle.cancel()
             self.limit_handle = None
-        if before is Phase.WAITING and self.endpoint is not None:
+        if before is WAITING and self.endpoint is not None:
             try:
                 self.endpoint.waiters.remove(self)
             except ValueError:
@@ -530,7 +545,8 @@ class Exchange:
         if up is not None:
             up.ex = None
             if reuse and not up.closed:
-                up.resume_reading()  # (the client's backpressure may have paused it)
+                if up.paused:  # (by the client's backpressure)
+                    up.resume_reading()
                 backend.idle.append(up)
             else:
                 up.close()

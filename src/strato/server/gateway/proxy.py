@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from ..listeners import HeadTooLarge, refusal
-from .exchange import After, Exchange, Pause, Phase
+from .exchange import ABORT, CLOSE, DISCARD, DONE, HEAD, KEEP, QUEUED, After, Exchange, Pause
 from .wire import connection_tokens
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ class ConnPhase(enum.Enum):
     REFUSED = "refused"
 
 
-# phases in which the connection still answers the requests it has read
-ANSWERING = frozenset((ConnPhase.OPEN, ConnPhase.UPGRADED, ConnPhase.DISCARDING, ConnPhase.ENDING))
+# (as module names, for the same reason as exchange.py's)
+OPEN, UPGRADED, DISCARDING, ENDING, CLOSING, CLOSED, REFUSED = ConnPhase
 
 
 class StopParsing(Exception):
@@ -75,12 +75,12 @@ class ClientConn(asyncio.Protocol):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.transport: asyncio.Transport
-        self.phase = ConnPhase.OPEN
+        self.phase = OPEN
         self.parser = httptools.HttpRequestParser(self)
         self.queue: list[Exchange] = []  # the first one is running
         self.cur: Exchange | None = None  # the one being parsed
         self.upgraded: Exchange | None = None
-        self.paused = Pause(0)
+        self.paused = 0  # Pause bits
         self.discard_budget = 0  # bytes still read and dropped while discarding
         self.eof_sent = False
         self.advancing = False  # starting the next requests (see _next)
@@ -99,7 +99,7 @@ class ClientConn(asyncio.Protocol):
         # (uvloop's transports are not asyncio.Transport subclasses, only alike)
         self.transport = cast(asyncio.Transport, transport)
         if not self.gw.guard.admit(self):
-            self.phase = ConnPhase.REFUSED  # (reads nothing more)
+            self.phase = REFUSED  # (reads nothing more)
             self.transport.write(refusal())
             self.transport.close()
             return
@@ -115,32 +115,32 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
-        if phase is ConnPhase.UPGRADED:
+        if phase is UPGRADED:
             assert self.upgraded is not None
             self.upgraded.client_raw(data)
             return
-        if phase is ConnPhase.DISCARDING:
+        if phase is DISCARDING:
             self.discard_budget -= len(data)
             if self.discard_budget < 0:
                 self.close_after_write()
             return
-        if phase is not ConnPhase.OPEN:
+        if phase is not OPEN:
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             ex = self.cur
-            if self.phase is not ConnPhase.OPEN or ex is None:
+            if self.phase is not OPEN or ex is None:
                 return
-            if ex.phase is Phase.DONE:  # answered without a switch: the parser is stuck
+            if ex.phase is DONE:  # answered without a switch: the parser is stuck
                 self.close_after_write()
                 return
-            self.phase = ConnPhase.UPGRADED
+            self.phase = UPGRADED
             self.upgraded = ex
             ex.client_raw(data[e.args[0] :])
             return
         except httptools.HttpParserError as e:
-            if self.phase is not ConnPhase.OPEN:
+            if self.phase is not OPEN:
                 return  # (StopParsing: answered, or closing)
             if self.overflow is not None:
                 self._refuse(431, self.overflow, HEAD_DISCARD_LIMIT)
@@ -150,7 +150,7 @@ class ClientConn(asyncio.Protocol):
                     log.error("the gateway failed on a request", exc_info=cause)
                 self._refuse(400, "invalid HTTP request", 0)
             return
-        if self.head_since is not None and self.phase is ConnPhase.OPEN:
+        if self.head_since is not None and self.phase is OPEN:
             # (a head that began in this chunk counts it all)
             self.head_bytes += len(data)
             limit = self.gw.config.limits.max_header_bytes
@@ -162,9 +162,9 @@ class ClientConn(asyncio.Protocol):
                 )
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase is ConnPhase.REFUSED:
+        if self.phase is REFUSED:
             return
-        self.phase = ConnPhase.CLOSED
+        self.phase = CLOSED
         self.gw.guard.release(self)
         self.upgraded = None
         queue, self.queue = self.queue, []
@@ -182,7 +182,7 @@ class ClientConn(asyncio.Protocol):
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
-        if self.phase is not ConnPhase.OPEN:
+        if self.phase is not OPEN:
             raise StopParsing
         self.cur = ex = Exchange(self, self.gw.next_rid())
         if self.head_since is None:
@@ -249,7 +249,8 @@ class ClientConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.cur is not None
         self.cur.body_end()
-        self._maybe_idle()
+        if not self.queue:  # (its exchange ended before the last of its body came)
+            self._maybe_idle()
 
     # ------------------------------------------------------------------ exchanges
 
@@ -267,22 +268,23 @@ class ClientConn(asyncio.Protocol):
             queue.pop(0)
         elif ex in queue:
             queue.remove(ex)
-        self.resume_reading(Pause.BUFFER | Pause.UPSTREAM)
-        if len(queue) <= MAX_PIPELINED:
-            self.resume_reading(Pause.PIPELINE)
+        if self.paused:
+            self.resume_reading(Pause.ANY_EXCHANGE)
+            if len(queue) <= MAX_PIPELINED:
+                self.resume_reading(Pause.PIPELINE)
         if self.upgraded is ex:
             self.upgraded = None
-            if self.phase is ConnPhase.UPGRADED:
-                self.phase = ConnPhase.OPEN  # (and closed just below)
-            if then is After.KEEP:
-                then = After.CLOSE
-        if then is After.KEEP:
+            if self.phase is UPGRADED:
+                self.phase = OPEN  # (and closed just below)
+            if then is KEEP:
+                then = CLOSE
+        if then is KEEP:
             self._next()
-        elif then is After.CLOSE:
+        elif then is CLOSE:
             self.close_after_write()
-        elif then is After.DISCARD:
+        elif then is DISCARD:
             self.discard_then_close()
-        elif then is After.ABORT:
+        elif then is ABORT:
             self.abort()
 
     def _next(self) -> None:
@@ -292,14 +294,19 @@ class ClientConn(asyncio.Protocol):
             return
         self.advancing = True
         try:
-            while self.queue and self.queue[0].phase is Phase.QUEUED and self.phase in ANSWERING:
+            while (
+                self.queue
+                and self.queue[0].phase is QUEUED
+                and self.phase is not CLOSING
+                and self.phase is not CLOSED
+            ):
                 self._start(self.queue[0])
         finally:
             self.advancing = False
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if self.queue or self.phase is not ConnPhase.OPEN or self.head_since is not None:
+        if self.queue or self.phase is not OPEN or self.head_since is not None:
             return
         if self.cur is None or self.cur.body_done:
             self.idle_since = time.monotonic()
@@ -311,16 +318,16 @@ class ClientConn(asyncio.Protocol):
         self.head_bytes = 0
         self.parser = httptools.HttpRequestParser(self)  # drop what it holds
         if discard:
-            self.phase = ConnPhase.DISCARDING
+            self.phase = DISCARDING
             self.discard_budget = discard
-            then = After.DISCARD
+            then = DISCARD
         else:
-            self.phase = ConnPhase.ENDING
-            then = After.CLOSE
+            self.phase = ENDING
+            then = CLOSE
         ex = self.cur
-        if ex is None or not (ex.phase is Phase.HEAD or (ex in self.queue and not ex.body_done)):
+        if ex is None or not (ex.phase is HEAD or (ex in self.queue and not ex.body_done)):
             ex = Exchange(self, self.gw.next_rid())  # between requests: one of its own
-        queued = ex.phase is not Phase.HEAD
+        queued = ex.phase is not HEAD
         ex.refuse(status, why, then)
         if not queued:
             self.queue.append(ex)
@@ -330,41 +337,41 @@ class ClientConn(asyncio.Protocol):
     # ------------------------------------------------------------------ the transport
 
     def write(self, data: bytes) -> None:
-        if self.phase is not ConnPhase.CLOSED and not self.eof_sent:
+        if self.phase is not CLOSED and not self.eof_sent:
             self.transport.write(data)
 
-    def pause_reading(self, why: Pause) -> None:
-        if not self.paused and self.phase is not ConnPhase.CLOSED:
+    def pause_reading(self, why: int) -> None:
+        if not self.paused and self.phase is not CLOSED:
             self.transport.pause_reading()
         self.paused |= why
 
-    def resume_reading(self, why: Pause) -> None:
+    def resume_reading(self, why: int) -> None:
         if not self.paused:
             return
         self.paused &= ~why
-        if not self.paused and self.phase is not ConnPhase.CLOSED:
+        if not self.paused and self.phase is not CLOSED:
             self.transport.resume_reading()
 
     def close_after_write(self) -> None:
-        if self.phase not in (ConnPhase.CLOSED, ConnPhase.REFUSED):
-            self.phase = ConnPhase.CLOSING
+        if self.phase not in (CLOSED, REFUSED):
+            self.phase = CLOSING
             self.transport.close()  # asyncio flushes the write buffer first
 
     def abort(self) -> None:
-        if self.phase is not ConnPhase.CLOSED:
-            self.phase = ConnPhase.CLOSING
+        if self.phase is not CLOSED:
+            self.phase = CLOSING
             self.transport.abort()
 
     def discard_then_close(self) -> None:
         """Answered early (413, 401, ...) while the body still comes: read and drop it
         for a while (at most ``discard_budget`` bytes), so that the client reads the
         answer instead of a reset."""
-        if self.phase in (ConnPhase.CLOSED, ConnPhase.CLOSING, ConnPhase.REFUSED):
+        if self.phase in (CLOSED, CLOSING, REFUSED):
             return
-        if self.phase is not ConnPhase.DISCARDING:
-            self.phase = ConnPhase.DISCARDING
+        if self.phase is not DISCARDING:
+            self.phase = DISCARDING
             self.discard_budget = DISCARD_LIMIT
-        self.resume_reading(Pause.BUFFER | Pause.UPSTREAM | Pause.PIPELINE)
+        self.resume_reading(Pause.ANY_EXCHANGE | Pause.PIPELINE)
         try:
             self.transport.write_eof()
             self.eof_sent = True

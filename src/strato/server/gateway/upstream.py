@@ -20,13 +20,14 @@ if TYPE_CHECKING:
 
 
 class Upstream(asyncio.Protocol):
-    __slots__ = ("backend", "transport", "ex", "closed", "owner", "on_lost")
+    __slots__ = ("backend", "transport", "ex", "closed", "paused", "owner", "on_lost")
 
     def __init__(self, backend: Backend, owner: object = None) -> None:
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.ex: Exchange | None = None
         self.closed = False
+        self.paused = False  # reading paused (the client's write buffer is full)
         # the channel's StreamWriter this connection came in with: it closes the transport
         # when garbage-collected, so it lives as long as the tunnel
         self.owner = owner
@@ -78,10 +79,12 @@ class Upstream(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if not self.closed and self.transport is not None:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if not self.closed and self.transport is not None:
+            self.paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
