@@ -422,7 +422,7 @@ def wait_for_port(port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def serve_web(spec: m.FunctionSpec, target_cls: Any, describe_exception: Any = None) -> None:
+def serve_web(spec: m.FunctionSpec, target_cls: Any) -> None:
     """The container's main for a web endpoint (called by ``runner.main``)."""
     wc = WebContainer(
         settings.CONTAINER_ID.required(),
