@@ -4,7 +4,9 @@ and a recording stand-in for a container's channel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
+import sqlite3
 import time
 
 import pytest
@@ -36,8 +38,8 @@ def _args(x) -> bytes:
     return pickle.dumps(((x,), {}))
 
 
-def _call(mgr: CallManager, call_id: str, xs: list) -> None:
-    mgr.create_call(
+async def _call(mgr: CallManager, call_id: str, xs: list) -> None:
+    await mgr.create_call(
         m.CreateCall(call_id, "fu-1", [m.InputItem(i, _args(x)) for i, x in enumerate(xs)])
     )
 
@@ -55,7 +57,7 @@ def test_inputs_are_stored_before_dispatch_and_outputs_recorded_once(env):
 
     async def go():
         mgr = make()
-        _call(mgr, "fc-1", [1, 2])
+        await _call(mgr, "fc-1", [1, 2])
         assert len(store.pending_inputs()) == 2  # durable before any container exists
         c = _attach(mgr)
         first = c.inputs()[0]
@@ -71,7 +73,7 @@ def test_stale_lease_token_is_ignored(env):
 
     async def go():
         mgr = make()
-        _call(mgr, "fc-1", [1])
+        await _call(mgr, "fc-1", [1])
         c = _attach(mgr)
         inp = c.inputs()[0]
         stale = m.TaskOutput(inp.input_id, inp.attempt + 1000, "success", pickle.dumps(0))
@@ -89,7 +91,7 @@ def test_container_death_charges_only_the_running_input(env):
     async def go():
         mgr = make(retries=m.RetryPolicy(max_retries=0))
         mgr.function("fu-1").ewma_duration = 0.001  # fast: several inputs in flight at once
-        _call(mgr, "fc-1", [1, 2, 3])
+        await _call(mgr, "fc-1", [1, 2, 3])
         c = _attach(mgr)
         assert len(c.inflight) == 3
         die(mgr, c, 1, "ContainerDiedError: killed by signal SIGKILL", known=True)
@@ -113,7 +115,7 @@ def test_failures_are_retried_with_backoff_then_fail(env):
         assert policy.delay(1) == pytest.approx(0.05)
         assert policy.delay(2) == pytest.approx(0.1)
         mgr = make(retries=policy)
-        _call(mgr, "fc-1", [1])
+        await _call(mgr, "fc-1", [1])
         c = _attach(mgr)
         attempts = 0
         for _ in range(3):
@@ -141,7 +143,7 @@ def test_timeout_kills_the_container_and_fails_the_input(env):
 
     async def go():
         mgr = make(timeout=1.0)
-        _call(mgr, "fc-1", [1])
+        await _call(mgr, "fc-1", [1])
         _attach(mgr)
         mgr.check_timeouts(time.monotonic() + 0.5)
         assert killed == []
@@ -158,7 +160,7 @@ def test_cancel_ends_queued_and_running_inputs(env):
 
     async def go():
         mgr = make()
-        _call(mgr, "fc-1", [1, 2])
+        await _call(mgr, "fc-1", [1, 2])
         c = _attach(mgr)  # one input running, one queued (slow function: one at a time)
         mgr.cancel_call("fc-1", terminate_containers=False)
         assert any(isinstance(msg, m.CancelInputs) for msg in c.sent)
@@ -174,8 +176,8 @@ def test_retried_create_call_adds_nothing_twice(env):
 
     async def go():
         mgr = make()
-        _call(mgr, "fc-1", [1, 2])
-        _call(mgr, "fc-1", [1, 2])  # the client retried after a lost answer
+        await _call(mgr, "fc-1", [1, 2])
+        await _call(mgr, "fc-1", [1, 2])  # the client retried after a lost answer
         assert len(store.pending_inputs()) == 2
         assert len(mgr.function("fu-1").queue) == 2
 
@@ -187,7 +189,7 @@ def test_recover_requeues_inputs_without_outputs(env, tmp_path):
 
     async def go():
         mgr = make()
-        _call(mgr, "fc-1", [1, 2, 3])
+        await _call(mgr, "fc-1", [1, 2, 3])
         c = _attach(mgr)
         mgr.on_outputs(c, [_ok(c.inputs()[0], 1)])
         fresh = CallManager(
@@ -209,15 +211,15 @@ def test_recover_requeues_inputs_without_outputs(env, tmp_path):
 
 
 def test_a_call_retried_after_a_restart_runs_nothing_twice(env, tmp_path):
-    """A request for a call this process did not create is accepted at once (the store's
-    intake journal makes it durable) and its inputs run while the database writes it; if
-    the database had that call already (a client that retried across a restart), what
-    the request queued is withdrawn and only what the call lacks is added: nothing."""
+    """A request for a call this process did not create is accepted through the store's
+    intake journal and its inputs run while the database writes it; if the database had
+    that call already (a client that retried across a restart), what the request queued
+    is withdrawn and only what the call lacks is added: nothing."""
     make, store, _ = env
 
     async def go():
         mgr = make()
-        _call(mgr, "fc-1", [1, 2])
+        await _call(mgr, "fc-1", [1, 2])
         fresh = CallManager(
             store,
             BlobStore(tmp_path / "blobs"),
@@ -229,15 +231,25 @@ def test_a_call_retried_after_a_restart_runs_nothing_twice(env, tmp_path):
             wake_scaler=lambda: None,
         )
         c = attach(fresh, "ct-9")
-        _call(fresh, "fc-1", [1, 2])  # the retry, before recovery found the call
-        assert len(c.inputs()) == 1  # it ran at once (the function is slow: one at a time)
-        for _ in range(200):  # until the database's answer comes back
-            if "fc-1" not in fresh.live:
-                break
-            await asyncio.sleep(0.01)
-        assert "fc-1" not in fresh.live and not fresh.function("fu-1").queue
+        await _call(fresh, "fc-1", [1, 2])  # the retry, before recovery found the call
+        (ran,) = c.inputs()  # it ran at once (a slow function: one at a time), then
         cancelled = [i for msg in c.sent if isinstance(msg, m.CancelInputs) for i in msg.input_ids]
-        assert cancelled == [c.inputs()[0].input_id] and not c.inflight
+        assert cancelled == [ran.input_id] and not c.inflight  # was withdrawn
+        assert "fc-1" not in fresh.live and not fresh.function("fu-1").queue
         assert sorted(p.idx for p in store.pending_inputs()) == [0, 1]  # the call's own
+
+    asyncio.run(go())
+
+
+def test_an_acknowledged_call_is_in_the_database(env, tmp_path):
+    make, _, _ = env
+
+    async def go():
+        mgr = make()
+        await _call(mgr, "fc-1", [1])
+        # read beside the store (not through its queue): committed, not only journaled
+        with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
+            rows = db.execute("select idx, status from inputs where call_id = 'fc-1'").fetchall()
+        assert rows == [(0, "pending")]
 
     asyncio.run(go())

@@ -100,10 +100,10 @@ def test_started_before_ready_is_recorded(world):
     asyncio.run(go())
 
 
-def _run_one(world, s: Container, peer: RecordingPeer) -> m.TaskInput:
+async def _run_one(world, s: Container, peer: RecordingPeer) -> m.TaskInput:
     world.fleet.container_ready(s)
     args = pickle.dumps(((1,), {}))
-    world.calls.create_call(m.CreateCall("fc-1", "fu-1", [m.InputItem(0, args)]))
+    await world.calls.create_call(m.CreateCall("fc-1", "fu-1", [m.InputItem(0, args)]))
     (inp,) = [i for msg in peer.sent if isinstance(msg, m.RunInputs) for i in msg.inputs]
     return inp
 
@@ -115,7 +115,7 @@ def _exited(s: Container) -> m.ContainerExited:
 def test_an_exit_report_before_the_last_output_keeps_the_output(world):
     async def go():
         s, peer = world.container()
-        inp = _run_one(world, s, peer)
+        inp = await _run_one(world, s, peer)
         world.fleet.on_worker_message(world.node_id, _exited(s))  # heard first
         assert world.fleet.container(s.container_id) is s  # its channel may hold more
         out = m.TaskOutput(inp.input_id, inp.attempt, "success", pickle.dumps(2), duration=0.01)
@@ -135,7 +135,7 @@ def test_an_exit_report_ends_a_container_whose_channel_stays_open(world, monkeyp
 
     async def go():
         s, peer = world.container()
-        _run_one(world, s, peer)
+        await _run_one(world, s, peer)
         world.fleet.on_worker_message(world.node_id, _exited(s))
         assert s.state == ContainerState.READY
         for _ in range(100):  # the grace timer ends it, with its input failed as died
@@ -152,7 +152,7 @@ def test_an_exit_report_ends_a_container_whose_channel_stays_open(world, monkeyp
 def test_an_exit_report_after_the_channel_closed_ends_it_at_once(world):
     async def go():
         s, peer = world.container()
-        _run_one(world, s, peer)
+        await _run_one(world, s, peer)
         world.fleet.channel_lost(s)
         assert s.state == ContainerState.READY  # it waits for the worker's word
         world.fleet.on_worker_message(world.node_id, _exited(s))

@@ -29,9 +29,9 @@ def mgr(tmp_path):
     store.close()
 
 
-def _start_call(mgr: CallManager, n: int) -> None:
+async def _start_call(mgr: CallManager, n: int) -> None:
     items = [m.InputItem(i, pickle.dumps(((i,), {}))) for i in range(n)]
-    mgr.create_call(m.CreateCall("fc-1", "fu-1", items))
+    await mgr.create_call(m.CreateCall("fc-1", "fu-1", items))
 
 
 def _attach(mgr: CallManager, cid: str) -> RecordingContainer:
@@ -53,7 +53,7 @@ def _ok(c: RecordingContainer, inp: m.TaskInput) -> m.TaskOutput:
 
 def test_a_container_dying_with_many_inputs_blames_none_and_isolates_them(mgr):
     async def go() -> None:
-        _start_call(mgr, 4)
+        await _start_call(mgr, 4)
         a = _attach(mgr, "ct-a")
         assert len(a.inputs()) == 4  # a fast function's container takes them all
         _die(mgr, a)
@@ -72,7 +72,7 @@ def test_a_container_dying_with_many_inputs_blames_none_and_isolates_them(mgr):
 
 def test_the_input_that_kills_its_container_alone_fails(mgr):
     async def go() -> None:
-        _start_call(mgr, 3)
+        await _start_call(mgr, 3)
         a = _attach(mgr, "ct-a")
         _die(mgr, a)  # held 3: none blamed
         b = _attach(mgr, "ct-b")
@@ -93,7 +93,7 @@ def test_the_input_that_kills_its_container_alone_fails(mgr):
 def test_a_timeout_blames_the_first_lease(mgr):
     async def go() -> None:
         mgr.function("fu-1").spec = msgspec.structs.replace(mgr.function("fu-1").spec, timeout=1.0)
-        _start_call(mgr, 3)
+        await _start_call(mgr, 3)
         a = _attach(mgr, "ct-a")
         assert len(a.inputs()) == 3
         mgr.check_timeouts(time.monotonic() + 5)

@@ -162,7 +162,7 @@ def build_app(cp: ControlPlane) -> Router:
     )
     async def create_call(req: Request) -> Reply:
         call = req.decode(m.CreateCall)
-        cp.calls.create_call(call)
+        await cp.calls.create_call(call)
         if call.wait > 0:
             return reply(
                 await cp.calls.wait_outputs(

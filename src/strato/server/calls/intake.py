@@ -9,7 +9,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Future
 
 from strato.exceptions import (
     AlreadyExistsError,
@@ -100,7 +99,10 @@ class Intake:
                 "run or deploy the app again to call it"
             )
 
-    def create_call(self, req: m.CreateCall) -> None:
+    async def create_call(self, req: m.CreateCall) -> None:
+        """Store a new call with its first inputs and queue them. The inputs run while the
+        database writes the call (the store's intake journal has made it durable first);
+        the answer waits for the database, so an acknowledged call is in it."""
         fn = self.ledger.function(req.function_id)
         self._check_callable(fn)
         new, pendings = self._inputs(fn, req.call_id, req.method, req.inputs)
@@ -120,8 +122,6 @@ class Intake:
             self._next_input -= len(new)
             self._retried(req)
             return
-        # durable when it returns (the store's intake journal), committed later: the
-        # inputs run meanwhile, and every later write of theirs is queued after it
         w = self.store.accept_call(call, new)
         self._created[req.call_id] = None
         while len(self._created) > RECENT_CALLS:
@@ -130,17 +130,17 @@ class Intake:
             self._next_input -= len(new)
             self._retried(req)
             return
-        self._accepted(fn, pendings)
-        if not w.done() or w.exception() is not None:
-            loop = asyncio.get_running_loop()
-
-            def written(w: Future[bool]) -> None:  # on the store's thread
-                try:
-                    loop.call_soon_threadsafe(self._call_written, w, req, pendings)
-                except RuntimeError:  # the loop is closed: the control plane stopped
-                    pass
-
-            w.add_done_callback(written)
+        self._accepted(fn, pendings)  # every later write of theirs is queued after it
+        try:
+            created = await w
+        except BaseException:
+            self.failures.withdraw(pendings)
+            raise
+        if not created:
+            # a call of that id existed before this process started (a client that
+            # retried across a restart): what this request queued was never stored
+            self.failures.withdraw(pendings)
+            self._retried(req)
 
     def _retried(self, req: m.CreateCall) -> None:
         """A call with this id exists: add the inputs it lacks (a client that retried
@@ -155,23 +155,6 @@ class Intake:
                 "choose a new call id for a new call"
             )
         self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
-
-    def _call_written(self, w: Future[bool], req: m.CreateCall, pendings: list[Pending]) -> None:
-        """The database has the call now, or it had one of that id already (created
-        before this process started, and retried): then the inputs queued for this
-        request were never stored; they are withdrawn and only what the call lacks is
-        added."""
-        error = w.exception()
-        if error is not None:
-            log.error("call %s could not be written: %s", req.call_id, error)
-            return
-        if w.result():
-            return
-        self.failures.withdraw(pendings)
-        try:
-            self._retried(req)
-        except AlreadyExistsError as e:
-            log.warning("a retried request was dropped: %s", e)
 
     def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
         call = self.store.call_row(call_id)
