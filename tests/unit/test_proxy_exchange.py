@@ -694,3 +694,76 @@ def test_requires_auth_needs_the_web_token(loop):
         assert (await c.response())[0] == 200
 
     run(t, loop=loop, requires_auth=True)
+
+
+# ---------------------------------------------------------------------- backpressure
+
+
+def test_a_slow_client_pauses_the_container(loop):
+    """A client that does not read: the gateway stops reading the tunnel (instead of
+    buffering the response), and reads again once the client does."""
+
+    async def t(h: Harness) -> None:
+        tun = await h.tunnel()
+        c = await h.client()
+        c.send(get(b"/big"))
+        await tun.request()
+        size = 64 << 20
+        tun.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        piece = b"x" * (1 << 20)
+
+        async def produce() -> None:
+            for _ in range(size // len(piece)):
+                tun.send(piece)
+                await tun.writer.drain()
+
+        producer = asyncio.create_task(produce())
+        ex = conn_of(h).queue[0]
+        await h.until(lambda: ex.up is not None and ex.up.paused, "the tunnel to be paused")
+        assert not producer.done()  # (it cannot finish: nothing reads the client's side)
+        buffered = conn_of(h).transport.get_write_buffer_size()
+        assert buffered < 8 << 20, f"the gateway buffered {buffered} bytes for a slow client"
+        status, _, _ = await c.response(head_only=True)
+        got = 0
+        while got < size:
+            got += len(await asyncio.wait_for(c.reader.read(1 << 20), 10))
+        assert status == 200 and got == size
+        await producer
+        c.send(get(b"/next"))  # and the tunnel, reading again, serves the next one
+        await tun.request()
+        tun.send(response(b"small"))
+        assert (await c.response())[2] == b"small"
+
+    run(t, loop=loop)
+
+
+def test_a_slow_container_pauses_the_client(loop):
+    """A container that does not read a large upload: the gateway stops reading the
+    client instead of buffering the body."""
+
+    async def t(h: Harness) -> None:
+        tun = await h.tunnel()
+        c = await h.client()
+        size = 64 << 20
+        c.send(get(b"/up", b"content-length: %d\r\n" % size, method=b"POST"))
+        await tun.head()
+        piece = b"y" * (1 << 20)
+
+        async def upload() -> None:
+            for _ in range(size // len(piece)):
+                c.send(piece)
+                await c.writer.drain()
+
+        uploader = asyncio.create_task(upload())
+        conn = conn_of(h)
+        await h.until(lambda: conn.paused != 0, "the client to be paused")
+        assert not uploader.done()
+        got = 0
+        while got < size:
+            got += len(await asyncio.wait_for(tun.reader.read(1 << 20), 10))
+        assert got == size
+        await uploader
+        tun.send(response(b"stored"))
+        assert (await c.response())[2] == b"stored"
+
+    run(t, loop=loop)

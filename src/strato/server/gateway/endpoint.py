@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from strato.protocol import messages as m
 
 from ..containers import ContainerState
+from .exchange import Phase
 
 if TYPE_CHECKING:
     from ..autoscaler import ContainerStat
@@ -153,11 +154,13 @@ class Endpoint:
         """Hand free slots to waiting requests, oldest first."""
         waiters = self.waiters
         while waiters:
+            if waiters[0].phase is not Phase.WAITING:  # (an exchange leaves when it ends)
+                waiters.popleft()
+                continue
             got = self.pick()
             if got is None:
                 return
-            ex = waiters.popleft()
-            ex.bind(*got)
+            waiters.popleft().bind(*got)
 
     def pump_all(self) -> None:
         """After a slot or tunnel of this endpoint frees up: its own waiters, and those of

@@ -258,8 +258,12 @@ class ClientConn(asyncio.Protocol):
         if ex.refusal is not None:
             status, why, then = ex.refusal
             ex.respond(status, why, then=then)
-        else:
+            return
+        try:
             self.gw.begin(ex)
+        except Exception:  # a bug: answer it rather than leave the connection hanging
+            log.exception("the gateway failed to route %r", ex)
+            ex.respond(500, "the gateway failed on this request (see its log)", then=CLOSE)
 
     def exchange_done(self, ex: Exchange, then: After) -> None:
         """``ex`` is over for this connection (ended, or detached from it)."""

@@ -47,6 +47,7 @@ REASONS = {
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
     499: "Client Closed Request",
+    500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
