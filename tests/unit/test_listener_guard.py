@@ -12,9 +12,12 @@ from strato.server.listeners import ConnectionGuard, ListenerLimits, guard_strea
 
 
 class Tunnel(asyncio.Protocol):
-    """Like the gateway's ``Upstream``: calls ``on_lost`` when its connection closes."""
+    """Like the gateway's ``Upstream``: calls ``on_lost`` when its connection closes, and
+    keeps the handler's StreamWriter (which closes the transport when garbage-collected,
+    at a moment the garbage collector chooses)."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: asyncio.StreamWriter) -> None:
+        self.owner = owner
         self.on_lost: Callable[[], None] | None = None
         self.transport: asyncio.BaseTransport | None = None
 
@@ -26,6 +29,15 @@ class Tunnel(asyncio.Protocol):
             self.on_lost()
 
 
+async def until(cond: Callable[[], bool]) -> None:
+    """Wait for ``cond`` (the loop closes connections in its own time); fail after 10 s."""
+    for _ in range(1000):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the guard's count never got there")
+
+
 def test_channel_guard_counts_handed_off_connections(tmp_path):
     async def main() -> None:
         guard: ConnectionGuard[Any] = ConnectionGuard("channel", ListenerLimits(max_connections=2))
@@ -34,7 +46,7 @@ def test_channel_guard_counts_handed_off_connections(tmp_path):
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             line = await reader.readline()
             if line == b"tunnel\n":  # hand the connection to another protocol
-                t = Tunnel()
+                t = Tunnel(writer)
                 writer.transport.set_protocol(t)
                 t.connection_made(writer.transport)
                 tunnels.append(t)
@@ -49,8 +61,7 @@ def test_channel_guard_counts_handed_off_connections(tmp_path):
             w.write(b"plain\n")
             assert await r.read() == b""
             w.close()
-            await asyncio.sleep(0.05)
-            assert len(guard.conns) == 0
+            await until(lambda: len(guard.conns) == 0)
             # two tunnels fill the limit and stay counted after their handler returned
             held = []
             for _ in range(2):
@@ -76,8 +87,7 @@ def test_channel_guard_counts_handed_off_connections(tmp_path):
             first = tunnels[0].transport
             assert first is not None
             first.close()
-            await asyncio.sleep(0.05)
-            assert len(guard.conns) == 1
+            await until(lambda: len(guard.conns) == 1)
             for _, w in held:
                 w.close()
         finally:
