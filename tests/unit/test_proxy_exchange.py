@@ -767,3 +767,35 @@ def test_a_slow_container_pauses_the_client(loop):
         assert (await c.response())[2] == b"stored"
 
     run(t, loop=loop)
+
+
+# ---------------------------------------------------------------------- what the scaler sees
+
+
+def test_the_scaler_sees_waiting_requests_as_queued_and_slots_in_use_as_in_flight(loop):
+    async def t(h: Harness) -> None:
+        box = h.container()
+        tun = await h.tunnel(box)
+        busy = await h.client()
+        busy.send(get(b"/a"))
+        await tun.request()
+        waiting = await h.client()
+        waiting.send(get(b"/b"))  # (one slot, taken: it waits)
+        await h.until(lambda: len(h.endpoint.waiters) == 1, "the second request to wait")
+        stats = h.gw.stats(h.calls.fn, 0.0)
+        assert (stats.queued, stats.inflight) == (1, 1)
+        (c,) = stats.containers
+        assert (c.container_id, c.state, c.inflight) == (box.container_id, "ready", 1)
+        assert c.idle_since is None
+        tun.send(response(b"a"))
+        assert (await busy.response())[2] == b"a"
+        await tun.request()  # the waiter took the slot
+        stats = h.gw.stats(h.calls.fn, 0.0)
+        assert (stats.queued, stats.inflight) == (0, 1)
+        tun.send(response(b"b"))
+        assert (await waiting.response())[2] == b"b"
+        stats = h.gw.stats(h.calls.fn, 0.0)
+        assert (stats.queued, stats.inflight) == (0, 0)
+        assert stats.containers[0].idle_since is not None and box.idle_since is not None
+
+    run(t, loop=loop, max_inputs=1)

@@ -108,6 +108,9 @@ class After(enum.Enum):
     NONE = "none"  # nothing: the client is gone
 
 
+KEEP, CLOSE, DISCARD, ABORT, NONE = After
+
+
 class Pause:
     """Why a client connection stops reading, as bits (it reads again once none is left).
     Plain ints: they are combined on every request, and enum flags are slow at that."""
@@ -116,9 +119,6 @@ class Pause:
     UPSTREAM = 2  # the tunnel's write buffer is full
     PIPELINE = 4  # too many pipelined requests wait their turn
     ANY_EXCHANGE = BUFFER | UPSTREAM  # the reasons that end with an exchange
-
-
-KEEP, CLOSE, DISCARD, ABORT, NONE = After
 
 
 class PhaseError(RuntimeError):
