@@ -211,10 +211,10 @@ def test_recover_requeues_inputs_without_outputs(env, tmp_path):
 
 
 def test_a_call_retried_after_a_restart_runs_nothing_twice(env, tmp_path):
-    """A request for a call this process did not create is accepted through the store's
-    intake journal and its inputs run while the database writes it; if the database had
-    that call already (a client that retried across a restart), what the request queued
-    is withdrawn and only what the call lacks is added: nothing."""
+    """A request for a call this process did not create queues its inputs, which run
+    while the database writes the call; if the database had that call already (a client
+    that retried across a restart), what the request queued is withdrawn and only what
+    the call lacks is added: nothing."""
     make, store, _ = env
 
     async def go():
@@ -247,7 +247,7 @@ def test_an_acknowledged_call_is_in_the_database(env, tmp_path):
     async def go():
         mgr = make()
         await _call(mgr, "fc-1", [1])
-        # read beside the store (not through its queue): committed, not only journaled
+        # read beside the store (not through its queue): committed, not only queued
         with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
             rows = db.execute("select idx, status from inputs where call_id = 'fc-1'").fetchall()
         assert rows == [(0, "pending")]

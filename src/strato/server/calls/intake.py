@@ -101,8 +101,8 @@ class Intake:
 
     async def create_call(self, req: m.CreateCall) -> None:
         """Store a new call with its first inputs and queue them. The inputs run while the
-        database writes the call (the store's intake journal has made it durable first);
-        the answer waits for the database, so an acknowledged call is in it."""
+        database writes the call; the answer waits for the database, so an acknowledged
+        call is in it."""
         fn = self.ledger.function(req.function_id)
         self._check_callable(fn)
         new, pendings = self._inputs(fn, req.call_id, req.method, req.inputs)
@@ -122,7 +122,9 @@ class Intake:
             self._next_input -= len(new)
             self._retried(req)
             return
-        w = self.store.accept_call(call, new)
+        # queued, not journaled: the answer waits for the database anyway, and the
+        # journal's own statement would add to that wait
+        w = self.store.queue_create_call_rows(call, new)
         self._created[req.call_id] = None
         while len(self._created) > RECENT_CALLS:
             self._created.popitem(last=False)
