@@ -203,6 +203,15 @@ def _new_server() -> ServerHandle:
 _SAVED_ENV = ("STRATO_HOME", "STRATO_SERVER_URL")
 
 
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back environment variables saved as ``{name: value, or None where unset}``."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def dedicated_server(env: dict[str, str]) -> Iterator[ServerHandle]:
     """A second control plane whose process (and local worker agent) gets ``env``; the
@@ -212,11 +221,7 @@ def dedicated_server(env: dict[str, str]) -> Iterator[ServerHandle]:
     os.environ.update(env)
     try:
         handle.start()
-        for k in env:  # only the server needed them
-            if saved[k] is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = saved[k]
+        restore_env({k: saved[k] for k in env})  # only the server needed them
         yield handle
     finally:
         from strato.client import session
@@ -224,11 +229,7 @@ def dedicated_server(env: dict[str, str]) -> Iterator[ServerHandle]:
         try:
             handle.stop()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore_env(saved)
             session.reset()
 
 
@@ -259,11 +260,7 @@ def strato_server() -> Iterator[ServerHandle]:
             session.reset()
             handle.stop()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore_env(saved)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import msgspec
 import pytest
 import requests
 import schemathesis
-from conftest import ServerHandle, free_port
+from conftest import ServerHandle, free_port, restore_env
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -76,11 +76,7 @@ def control_plane():
         try:
             start_server(handle.url, home, None, 60.0)
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore_env(saved)
         yield handle
     finally:  # also when the start failed: its home is removed
         try:
