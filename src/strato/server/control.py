@@ -50,7 +50,12 @@ class ControlPlane:
         self.http_url = http_url
         self.token = config.load_or_create_token()
         self.epoch = secrets.token_hex(6)
-        self.store = Store(config.database_url)
+        url = config.database_url
+        # accepted inputs are durable in the intake journal before the database has them
+        # (SQLite keeps it beside its file; elsewhere it lives in STRATO_HOME)
+        self.store = Store(
+            url, journal=True if url.startswith("sqlite") else config.home / "store.intake"
+        )
         self.blobs = BlobStore(config.home / "blobs")
         self.logs = LogHub(self.store)
         self._wake = asyncio.Event()
