@@ -296,10 +296,11 @@ class Fleet:
         elif isinstance(msg, m.ContainerStartFailed):
             s = self.registry.get(msg.container_id)
             if s is not None:
-                # the worker sends "Type: message"; unknown types reach the caller as
-                # RemoteError, strato's own (ImageBuildError, ...) as themselves
-                self._init_failed(s, msg.error, None, None)
-                self._gone(s, f"failed to start: {msg.error}", oom=False)
+                # unknown types reach the caller as RemoteError, strato's own
+                # (ImageBuildError, ...) as themselves
+                self._init_failed(s, msg.error, None, None, msg.error_type)
+                said = f"{msg.error_type}: {msg.error}" if msg.error_type else msg.error
+                self._gone(s, f"failed to start: {said}", oom=False)
         elif isinstance(msg, m.ContainerStarted):
             s = self.registry.get(msg.container_id)
             # its "ready" comes over its own channel and may be handled first: a record
