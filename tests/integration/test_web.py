@@ -20,7 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from apps import web_basic, web_fail, web_redeploy_v1, web_redeploy_v2, web_scale
+from apps import (
+    web_basic,
+    web_fail,
+    web_paths,
+    web_redeploy_v1,
+    web_redeploy_v2,
+    web_scale,
+)
 from conftest import dedicated_server, wait_until
 
 from strato.client import session
@@ -109,7 +116,82 @@ def test_host_based_url(web):
         follow_redirects=True,
     )
     assert r.status_code == 200
-    assert r.text.startswith("raw /x ")
+    assert r.text.startswith("raw /x ")  # no prefix, no root_path
+
+
+@pytest.fixture(scope="module")
+def paths(web):
+    web_paths.app.deploy()
+    return web_paths
+
+
+def test_path_based_url_sets_root_path(paths):
+    base = paths.api.get_web_url()
+    assert base.endswith("/web-paths/api")
+    r = httpx.get(base + "/where", params={"q": "1"}, timeout=TIMEOUT, follow_redirects=True)
+    assert r.status_code == 200
+    got = r.json()
+    assert got["root_path"] == "/web-paths/api"
+    assert got["url"] == base + "/where?q=1"
+    assert got["base_url"] == base + "/"
+    assert got["link"] == base + "/items/3"
+    # a redirect the app builds leads back through the gateway
+    r = httpx.get(base + "/go", timeout=TIMEOUT)
+    assert r.status_code == 307
+    assert r.headers["location"] == base + "/items/7"
+    r = httpx.get(r.headers["location"], timeout=TIMEOUT)
+    assert r.json() == {"n": 7}
+    # by host name there is no prefix
+    port = httpx.URL(base).port
+    r = httpx.get(
+        f"http://127.0.0.1:{port}/where",
+        headers={"host": f"web-paths-api.localhost:{port}"},
+        timeout=TIMEOUT,
+    )
+    assert r.json()["root_path"] == ""
+    assert r.json()["link"] == f"http://web-paths-api.localhost:{port}/items/3"
+
+
+def test_response_failing_after_its_head_is_cut_short(paths):
+    url = paths.api.get_web_url() + "/stream-fail"
+    got = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", url, timeout=TIMEOUT) as r:
+            assert r.status_code == 200
+            rid = r.headers["x-strato-request-id"]
+            for part in r.iter_raw():
+                got += part
+    assert got == b"first part\n"  # what came before the failure, then no clean end
+
+    def logged():
+        lines = [line for line in app_logs("web-paths") if rid in line.text]
+        failed = [line for line in lines if line.stream == "stderr" and "failed" in line.text]
+        broke = [line for line in app_logs("web-paths") if "the stream broke" in line.text]
+        access = [line for line in lines if line.stream == "access"]
+        return (failed, access) if failed and broke and access else None
+
+    failed, access = wait_until(logged, 15, "the failure in the app's logs")
+    assert "GET /web-paths/api/stream-fail" in failed[0].text
+    assert " 200 " in access[0].text and "cut short" in access[0].text
+
+
+def test_endpoint_that_cannot_be_placed_is_a_503_at_once(paths):
+    url = paths.on_gpu.get_web_url()
+    t0 = time.monotonic()
+    r = httpx.get(url, timeout=TIMEOUT)
+    assert r.status_code == 503
+    assert time.monotonic() - t0 < WAIT_S / 2  # not the wait for a container
+    message = r.json()["message"]
+    assert "no node of this cluster can run" in message and "H100" in message
+    rid = r.headers["x-strato-request-id"]
+    wait_until(
+        lambda: any(
+            rid in line.text and " 503 " in line.text and "H100" in line.text
+            for line in app_logs("web-paths")
+        ),
+        15,
+        "the reason in the app's logs",
+    )
 
 
 def test_wsgi_app(web):

@@ -37,7 +37,10 @@ async def headers_app(scope, receive, send):
     while (await receive()).get("more_body"):
         pass
     pairs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
-    body = json.dumps({"headers": pairs, "path": scope["path"]}).encode()
+    # behind /<app>/<label>, path carries root_path in front: the path the app routes on
+    # is what follows it
+    route = scope["path"][len(scope.get("root_path", "")) :]
+    body = json.dumps({"headers": pairs, "path": route}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -21,9 +21,11 @@ import msgspec
 
 from strato.exceptions import NotFoundError
 from strato.protocol import messages as m
+from strato.protocol.gpu import parse_gpu
 from strato.server.autoscaler import ContainerStat
 from strato.server.gateway import Gateway, GatewayConfig
 from strato.server.listeners import ListenerLimits
+from strato.server.scheduler import ContainerRequest, NodeView
 
 APP_ID = "ap-test"
 FUNCTION_ID = "fu-test"
@@ -92,6 +94,7 @@ class Fleet:
     def __init__(self) -> None:
         self.boxes: dict[str, Box] = {}
         self.stopped: list[str] = []
+        self.nodes: list[NodeView] = []  # connected nodes (none: placement is not judged)
 
     def container(self, container_id: str) -> Box | None:
         return self.boxes.get(container_id)
@@ -117,6 +120,15 @@ class Fleet:
 
     def stop(self, container_id: str) -> None:
         self.stopped.append(container_id)
+
+    def live_views(self) -> list[NodeView]:
+        return list(self.nodes)
+
+    def request_for(self, spec: m.FunctionSpec) -> ContainerRequest:
+        res = spec.resources
+        return ContainerRequest(
+            cpu=res.cpu, memory_mb=res.memory_mb, gpu=parse_gpu(res.gpu or None)
+        )
 
 
 class Logs:
@@ -247,9 +259,17 @@ class Harness:
         max_body: int = 4 << 30,
         limits: ListenerLimits | None = None,
         requires_auth: bool = False,
+        gpu: str | None = None,
     ) -> None:
         web = m.WebConfig(kind="asgi", label="ep", requires_auth=requires_auth)
-        spec = m.FunctionSpec(name="ep", module="m", qualname="ep", max_inputs=max_inputs, web=web)
+        spec = m.FunctionSpec(
+            name="ep",
+            module="m",
+            qualname="ep",
+            max_inputs=max_inputs,
+            web=web,
+            resources=m.Resources(gpu=[gpu] if gpu else []),
+        )
         self.config = GatewayConfig(
             host="127.0.0.1",
             port=0,

@@ -18,6 +18,7 @@ from proxy_harness import PREFIX, Harness, get, response, run
 
 from strato.server.gateway.exchange import NEXT, Exchange, Phase, PhaseError
 from strato.server.gateway.proxy import ClientConn
+from strato.server.scheduler import NodeView
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])
@@ -541,23 +542,27 @@ def test_container_gone_in_the_middle_of_a_head_is_a_502(loop):
     run(t, loop=loop)
 
 
-def test_container_gone_in_the_middle_of_a_body(loop):
-    """The response is cut: the client gets what came, then the connection closes
-    (nothing can say "error" after the head)."""
+@pytest.mark.parametrize(
+    "head", [b"content-length: 100", b"Transfer-Encoding: chunked"], ids=["sized", "chunked"]
+)
+def test_container_gone_in_the_middle_of_a_body(loop, head):
+    """The response is cut: the client gets what came, then the connection ends without
+    the body's end (nothing can say "error" after the head), and the access line says so."""
 
     async def t(h: Harness) -> None:
         tun = await h.tunnel()
         c = await h.client()
         c.send(get(b"/a"))
         await tun.request()
-        tun.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        part = b"9\r\nonly this\r\n" if b"chunked" in head else b"only this"
+        tun.send(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + part)
         status, _, _ = await c.response(head_only=True)
         assert status == 200
-        assert await c.read(9) == b"only this"
+        assert await c.read(len(part)) == part
         tun.close()
         assert await c.eof() == b""
         await h.until(lambda: len(h.access()) == 1, "the access line")
-        assert "the container closed the connection" in h.access()[0]
+        assert " 200 " in h.access()[0] and "cut short" in h.access()[0]
 
     run(t, loop=loop)
 
@@ -658,6 +663,38 @@ def test_waiting_too_long_is_a_503(loop):
         assert not h.endpoint.waiters
 
     run(t, loop=loop, wait_timeout_s=0.2)
+
+
+@pytest.mark.parametrize("gpus", [{}, {"A100": [0]}], ids=["no-gpu", "other-gpu"])
+def test_an_endpoint_no_node_can_run_is_a_503_at_once(loop, gpus):
+    async def t(h: Harness) -> None:
+        h.fleet.nodes = [NodeView("node-a", "local", None, 0.0, 4.0, 8192, gpus)]
+        c = await h.client()
+        c.send(get(b"/a"))
+        status, _, body = await c.response()
+        message = json.loads(body)["message"]
+        assert status == 503
+        assert "no node of this cluster can run ep" in message and "H100" in message
+        assert not h.endpoint.waiters
+        await h.until(lambda: len(h.access()) == 1, "the access line")
+        assert " 503 " in h.access()[0] and "H100" in h.access()[0]
+
+    run(t, loop=loop, gpu="H100", wait_timeout_s=60)
+
+
+def test_an_endpoint_a_node_can_run_waits_for_its_container(loop):
+    async def t(h: Harness) -> None:
+        h.fleet.nodes = [NodeView("node-a", "local", None, 0.0, 4.0, 8192, {"H100": [0]})]
+        h.fleet.nodes[0].gpus_in_use.add(0)  # busy now, but it could run it
+        c = await h.client()
+        c.send(get(b"/a"))
+        await h.until(lambda: len(h.endpoint.waiters) == 1, "the request to wait")
+        tun = await h.tunnel()
+        await tun.request()
+        tun.send(response(b"late"))
+        assert (await c.response())[2] == b"late"
+
+    run(t, loop=loop, gpu="H100", wait_timeout_s=60)
 
 
 def test_http_limit_redirects_to_the_result(loop):

@@ -23,6 +23,7 @@ Imported only for web functions, so the plain container start path stays lean.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -39,6 +40,12 @@ from .failure import describe_failure
 
 if TYPE_CHECKING:
     from uvicorn.server import ServerState
+
+# strato's serving stack in an image (uvicorn, httptools, websockets, uvloop: the deps
+# layer's strato.images.deps.SERVING_DIR), appended to sys.path after the image's own
+# site-packages: the image needs only what the user's code imports, and a version the
+# user installed wins
+SERVING_DIR = "/opt/strato/serving"
 
 SPARE_TUNNELS = 4
 MAX_TUNNELS = 4096
@@ -171,7 +178,7 @@ class WebContainer:
             ) from None
 
         config = uvicorn.Config(
-            EdgeMiddleware(app, root_path=self.web.kind == "fastapi"),
+            EdgeMiddleware(app),
             http="httptools",
             ws="auto",
             lifespan="auto",
@@ -354,15 +361,17 @@ class _PeerSide(asyncio.Protocol):
 
 
 class EdgeMiddleware:
-    """Sets the ASGI client from ``x-forwarded-for``, and logs an exception of the user's
-    code with the request id (answering 500 when no response has started). For the
-    FastAPI app strato builds (``fastapi_endpoint``), ``root_path`` is the gateway's path
-    prefix, so that ``/docs`` points at the right ``openapi.json``; other apps see the
-    prefix only in ``x-forwarded-prefix``."""
+    """Sets the ASGI client from ``x-forwarded-for`` and, behind a path-based URL, the
+    ``root_path`` from ``x-forwarded-prefix`` (the gateway's ``/<app>/<label>``, which it
+    strips), as an ASGI server mounted there would: ``root_path`` is the prefix and
+    ``path``/``raw_path`` carry it in front, so ``request.url``, ``url_for`` and redirects
+    point back through the gateway while routing still sees the path after the prefix.
+    Logs an exception of the user's code with the request id, and answers 500 when no
+    response has started (after that, the connection is cut: the client must not take a
+    truncated response for a whole one)."""
 
-    def __init__(self, app: Any, root_path: bool = False) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.root_path = root_path
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -373,8 +382,13 @@ class EdgeMiddleware:
                 rid = value
             elif name == b"x-forwarded-for":
                 scope["client"] = (value.rpartition(b",")[2].strip().decode("latin-1"), 0)
-            elif name == b"x-forwarded-prefix" and self.root_path:
-                scope["root_path"] = value.decode("latin-1")
+            elif name == b"x-forwarded-prefix" and value:
+                prefix = value.decode("latin-1")
+                scope["root_path"] = prefix
+                scope["path"] = prefix + scope["path"]
+                raw = scope.get("raw_path")
+                if raw is not None:
+                    scope["raw_path"] = value + raw
         started = False
 
         async def tracked(message: dict[str, Any]) -> None:
@@ -422,8 +436,17 @@ def wait_for_port(port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
+def add_serving_stack() -> None:
+    """Put strato's serving stack on ``sys.path``, behind everything else (in an image
+    built by strato; elsewhere the environment has it, or the import error says what to
+    install)."""
+    if SERVING_DIR not in sys.path and os.path.isdir(SERVING_DIR):
+        sys.path.append(SERVING_DIR)
+
+
 def serve_web(spec: m.FunctionSpec, target_cls: Any) -> None:
     """The container's main for a web endpoint (called by ``runner.main``)."""
+    add_serving_stack()
     wc = WebContainer(
         settings.CONTAINER_ID.required(),
         settings.CHANNEL.required(),

@@ -3,8 +3,10 @@
 Each request runs the WSGI app in a worker thread. ``wsgi.input`` pulls the request body
 from the ASGI ``receive`` on demand (so an upload streams, with uvicorn's backpressure),
 and each chunk of the response iterable is sent as it is produced (so a streamed or
-chunked response is not buffered whole). ``SCRIPT_NAME`` is the gateway's path prefix
-(``x-forwarded-prefix``), so ``url_for`` and friends build links that work behind it.
+chunked response is not buffered whole). ``SCRIPT_NAME`` is the ASGI ``root_path`` (the
+gateway's path prefix), so ``url_for`` and friends build links that work behind it. An
+exception of the app after the response's head went out propagates, so that the server
+cuts the connection rather than end a truncated response as if it were whole.
 """
 
 from __future__ import annotations
@@ -12,28 +14,37 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
+from asyncio import AbstractEventLoop
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 MAX_THREADS = 64
 
 
 class _Input(io.RawIOBase):
-    """``wsgi.input``: reads the body from the event loop's ``receive`` when asked."""
+    """``wsgi.input``: reads the body from the event loop's ``receive`` when asked. A raw
+    stream with ``readinto`` (werkzeug's ``LimitedStream`` reads through it), ``read``,
+    ``readline`` and iteration."""
 
-    def __init__(self, receive, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, receive: Callable[[], Coroutine[Any, Any, dict[str, Any]]], loop: AbstractEventLoop
+    ) -> None:
+        super().__init__()
         self._receive = receive
         self._loop = loop
-        self._buf = b""
+        self._buf = bytearray()
         self._eof = False
 
     def readable(self) -> bool:
         return True
 
     def _more(self) -> bool:
+        """Receive the next piece of the body into the buffer; False at its end."""
         if self._eof:
             return False
         msg = asyncio.run_coroutine_threadsafe(self._receive(), self._loop).result()
-        if msg["type"] != "http.request":
+        if msg["type"] != "http.request":  # http.disconnect: the body ends here
             self._eof = True
             return False
         self._buf += msg.get("body", b"")
@@ -41,14 +52,31 @@ class _Input(io.RawIOBase):
             self._eof = True
         return True
 
-    def read(self, size: int = -1) -> bytes:
-        while (size < 0 or len(self._buf) < size) and self._more():
-            pass
-        if size < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:size], self._buf[size:]
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
         return out
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        while not self._buf and self._more():
+            pass
+        n = min(len(view), len(self._buf))
+        view[:n] = self._buf[:n]
+        del self._buf[:n]
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._more():
+                pass
+            return self._take(len(self._buf))
+        while len(self._buf) < size and self._more():
+            pass
+        return self._take(size)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
     def readline(self, size: int | None = -1) -> bytes:
         if size is None:
@@ -58,22 +86,26 @@ class _Input(io.RawIOBase):
         end = self._buf.find(b"\n") + 1 or len(self._buf)
         if size >= 0:
             end = min(end, size)
-        out, self._buf = self._buf[:end], self._buf[end:]
-        return out
+        return self._take(end)
 
-    def readlines(self, hint: int = -1) -> list[bytes]:
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
         return list(iter(self.readline, b""))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
 
 
-def _environ(scope: dict, body: _Input) -> dict:
-    headers = scope["headers"]
-    prefix = ""
-    env = {
+def _environ(scope: dict[str, Any], body: _Input) -> dict[str, Any]:
+    # behind a path-based URL the ASGI root_path is the gateway's /<app>/<label> prefix and
+    # path starts with it (EdgeMiddleware); WSGI splits them as SCRIPT_NAME and PATH_INFO
+    root = scope.get("root_path", "")
+    path = scope["path"]
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    env: dict[str, Any] = {
         "REQUEST_METHOD": scope["method"],
-        "PATH_INFO": scope["path"].encode("utf-8").decode("latin-1"),
+        "SCRIPT_NAME": root.encode("utf-8").decode("latin-1"),
+        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
         "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
         "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
         "SERVER_NAME": "localhost",
@@ -87,7 +119,7 @@ def _environ(scope: dict, body: _Input) -> dict:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
-    for name, value in headers:
+    for name, value in scope["headers"]:
         key = name.decode("latin-1").upper().replace("-", "_")
         val = value.decode("latin-1")
         if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
@@ -97,11 +129,8 @@ def _environ(scope: dict, body: _Input) -> dict:
             host, _, port = val.rpartition(":") if ":" in val else (val, "", "")
             env["SERVER_NAME"] = host or val
             env["SERVER_PORT"] = port or "80"
-        elif key == "X_FORWARDED_PREFIX":
-            prefix = val
         key = "HTTP_" + key
         env[key] = env[key] + "," + val if key in env else val
-    env["SCRIPT_NAME"] = prefix
     return env
 
 

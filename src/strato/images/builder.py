@@ -153,7 +153,7 @@ class _Build:
             if isinstance(step, Workdir):  # after its layer: that creates the directory
                 self.workdir = os.path.normpath(step.path)
         deps_key = deps.deps_key(self.keys[0])
-        self.log(f"building image {self.image_id}: strato runtime (msgspec, cloudpickle)")
+        self.log(f"building image {self.image_id}: strato runtime (msgspec, cloudpickle, uvicorn)")
         self._ensure_deps(deps_key)
         manifest = ImageManifest(
             image_id=self.image_id,

@@ -73,7 +73,8 @@ async def raw_app(scope, receive, send):
                 await send({"type": "websocket.send", "text": "echo:" + text})
             else:
                 await send({"type": "websocket.send", "bytes": msg.get("bytes") or b""})
-    path = scope["path"]
+    # behind /<app>/<label>, path carries the root_path in front (as the ASGI spec has it)
+    path = scope["path"][len(scope.get("root_path", "")) :]
     if path == "/echo":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         total = 0

@@ -28,6 +28,7 @@ from .exchange import Phase
 
 if TYPE_CHECKING:
     from ..autoscaler import ContainerStat
+    from ..scheduler import ContainerRequest, NodeView
     from .exchange import Exchange
     from .upstream import Upstream
 
@@ -64,6 +65,8 @@ class FleetView(Protocol):
         self, function_id: str, load: Callable[[ContainerView], tuple[int, float | None]]
     ) -> list[ContainerStat]: ...
     def stop(self, container_id: str) -> None: ...
+    def live_views(self) -> list[NodeView]: ...
+    def request_for(self, spec: m.FunctionSpec) -> ContainerRequest: ...
 
 
 class FunctionView(Protocol):

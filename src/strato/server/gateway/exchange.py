@@ -45,6 +45,7 @@ import httptools
 from .wire import (
     LAST_CHUNK,
     BadResponse,
+    body_is_framed,
     chunk,
     error_body,
     scan_response_head,
@@ -162,6 +163,7 @@ class Exchange:
         "detached",
         # the response
         "status",
+        "resp_head",
         "head_buf",
         "parser",
         "complete",
@@ -202,6 +204,7 @@ class Exchange:
         self.limit_handle: asyncio.TimerHandle | None = None
         self.detached: DeferredResult | None = None
         self.status = 0
+        self.resp_head = b""  # the final response head as the container sent it (and more)
         self.head_buf = b""  # an incomplete response head
         self.parser: httptools.HttpResponseParser | None = None
         self.complete = False  # the response parser saw the end of the response
@@ -402,6 +405,7 @@ class Exchange:
             self.raw_buf = None
             self.conn.resume_reading(Pause.BUFFER)
             return
+        self.resp_head = scan.raw_final
         self.parser = parser = httptools.HttpResponseParser(self)
         try:
             parser.feed_data(scan.raw_final)
@@ -452,8 +456,15 @@ class Exchange:
         phase = self.phase
         if phase is SENT:
             self._fail("the endpoint's container closed the connection (it may have died)")
-        elif phase is RECEIVING:  # a body delimited by the close ends here
-            self._end(self.status, note="the container closed the connection", then=CLOSE)
+        elif phase is RECEIVING:
+            if body_is_framed(self.resp_head):  # the app failed (or died) mid-response
+                self._end(
+                    self.status,
+                    note="cut short: the container ended the response before its end (see its log)",
+                    then=ABORT,
+                )
+            else:  # a body delimited by the close ends here
+                self._end(self.status, note="the container closed the connection", then=CLOSE)
         elif phase is TUNNEL:
             self._end(self.status, then=CLOSE)
 

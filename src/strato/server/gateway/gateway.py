@@ -48,6 +48,7 @@ from strato.protocol import messages as m
 from ..autoscaler import FunctionStats
 from ..containers import ContainerState
 from ..listeners import ConnectionGuard
+from ..scheduler import explain_unplaceable, place
 from .access import AccessLog
 from .config import TOKEN_HEADER, GatewayConfig
 from .endpoint import CallsView, ContainerView, Endpoint, FleetView, FunctionView
@@ -291,6 +292,8 @@ class Gateway:
             if got is not None:
                 ex.bind(*got)
                 return
+        if not ep.waiters and self._cannot_start(ex, ep):
+            return
         if len(ep.waiters) >= ep.max_waiting:
             ex.respond(
                 503,
@@ -442,17 +445,48 @@ class Gateway:
             self.results.sweep(now)
 
     def _fail_if_backing_off(self, ep: Endpoint, now: float) -> None:
-        if not self.fleet.backing_off(ep.function_id, now):
-            return
         if self.fleet.live_containers_of(ep.function_id) or ep.previous:
             return
+        if not self.fleet.backing_off(ep.function_id, now):
+            why = self.never_placeable(ep)
+            if why is not None:
+                self._fail_waiters(ep, why)
+            return
+        self._fail_waiters(
+            ep,
+            "the endpoint's containers fail to start (its start-up code raised or its "
+            "server did not come up); see `strato app logs` for the error",
+        )
+
+    def _fail_waiters(self, ep: Endpoint, why: str) -> None:
         for ex in list(ep.waiters):
-            ex.respond(
-                503,
-                "the endpoint's containers fail to start (its start-up code raised or its "
-                "server did not come up); see `strato app logs` for the error",
-            )
+            ex.respond(503, why)
         ep.waiters.clear()
+
+    def never_placeable(self, ep: Endpoint) -> str | None:
+        """Why no node of the cluster could ever run a container of ``ep`` (not even one
+        with nothing on it: a GPU type or a size no node has), or None. Asked only while
+        the endpoint has no container, so it costs nothing on the warm path."""
+        nodes = [v.emptied() for v in self.fleet.live_views()]
+        if not nodes:  # no worker agent yet (or none connected): it may come
+            return None
+        request = self.fleet.request_for(ep.fn.spec)
+        if place(request, nodes) is not None:
+            return None
+        why = explain_unplaceable(request, nodes)
+        return f"no node of this cluster can run {ep.fn.spec.name}: {why}"
+
+    def _cannot_start(self, ex: Exchange, ep: Endpoint) -> bool:
+        """Answer 503 at once (the reason in the access line, so in the app's logs) when
+        the endpoint has no container and none can ever be placed, as ``.remote()``
+        fails at once."""
+        if ep.backends or ep.previous or self.fleet.live_containers_of(ep.function_id):
+            return False
+        why = self.never_placeable(ep)
+        if why is None:
+            return False
+        ex.respond(503, why)
+        return True
 
     def _drain(self, ep: Endpoint, now: float) -> None:
         """A replaced version: stop its containers once the new one serves (or nobody

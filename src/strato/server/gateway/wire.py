@@ -174,3 +174,12 @@ def scan_response_head(buf: bytes, rid: str) -> HeadScan:
             continue
         final = buf[start:end] + b"\r\nx-strato-request-id: " + rid.encode() + buf[end:]
         return HeadScan(buf[:start], final, buf[start:], b"", status)
+
+
+def body_is_framed(raw: bytes) -> bool:
+    """Whether the response whose head begins ``raw`` says where its body ends (chunked,
+    or a ``content-length``), so that a close before that end is a response cut short,
+    not its end. Asked only when a tunnel closes under a response."""
+    end = raw.find(b"\r\n\r\n")
+    head = (raw if end < 0 else raw[:end]).lower()
+    return b"\r\ntransfer-encoding:" in head or b"\r\ncontent-length:" in head
