@@ -95,7 +95,7 @@ class WebContainer:
             except ImportError:
                 raise ImportError(
                     "fastapi_endpoint needs FastAPI in the container's environment: add it to "
-                    'the image: .pip_install("fastapi[standard]")'
+                    'the image: .pip_install("fastapi") (the server comes with strato)'
                 ) from None
 
             docs = self.web.docs
@@ -173,8 +173,10 @@ class WebContainer:
             from uvicorn.server import ServerState
         except ImportError as e:
             raise ImportError(
-                f"{e}: a web endpoint's container serves it with uvicorn (and httptools); "
-                'add them to its image: .pip_install("fastapi[standard]")'
+                f"{e}: a web endpoint's container serves it with uvicorn and httptools, which "
+                f"come with strato's runtime layer of an image ({SERVING_DIR}) and with the "
+                "environment strato runs in; this container's Python has neither: install "
+                "strato's server dependencies there (uvicorn[standard])"
             ) from None
 
         config = uvicorn.Config(
