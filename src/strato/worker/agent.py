@@ -286,7 +286,7 @@ class WorkerAgent:
                 if type(e).__module__.startswith("strato")
                 else ("ContainerStartError")
             )
-            self.send(m.ContainerStartFailed(cid, f"{name}: {e}"))
+            self.send(m.ContainerStartFailed(cid, str(e), error_type=name))
             return
         finally:
             self.starting.discard(cid)
