@@ -23,6 +23,7 @@ Imported only for web functions, so the plain container start path stays lean.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -192,6 +193,7 @@ class WebContainer:
             timeout_keep_alive=10**9,  # the gateway decides when a tunnel closes
         )
         config.load()
+        logging.getLogger("uvicorn.error").addFilter(_reported_by_edge)
         self.lifespan = config.lifespan_class(config)
         await self.lifespan.startup()
         if self.lifespan.should_exit:
@@ -420,6 +422,12 @@ class EdgeMiddleware:
                 }
             )
             await send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+
+def _reported_by_edge(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's own report of an exception of the app: EdgeMiddleware logged it
+    already, with the request id (the traceback would be in the logs twice)."""
+    return not str(record.msg).startswith("Exception in ASGI application")
 
 
 def wait_for_port(port: int, timeout: float) -> None:
