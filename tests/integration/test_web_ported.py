@@ -132,3 +132,27 @@ def test_a_server_the_user_installed_is_not_shadowed(ported):
     got = r.json()
     assert "/dist-packages/uvicorn/" in got["uvicorn"]  # the image's own
     assert got["httptools"].startswith(SERVING)  # what it lacks still comes from strato
+
+
+def test_mcp_server_over_streamable_http(ported):
+    url = ported.mcp_server.get_web_url() + "/mcp"
+    headers = {"accept": "application/json, text/event-stream"}
+
+    def rpc(n: int, method: str, params: dict, **extra: str) -> dict:
+        body = {"jsonrpc": "2.0", "id": n, "method": method, "params": params}
+        r = httpx.post(
+            url, json=body, headers={**headers, **extra}, timeout=TIMEOUT, follow_redirects=True
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["result"]
+
+    hello = {"name": "test", "version": "1"}
+    init = rpc(
+        1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": hello}
+    )
+    assert init["serverInfo"]["name"] == "strato-test"
+    version = {"mcp-protocol-version": init["protocolVersion"]}
+    tools = rpc(2, "tools/list", {}, **version)
+    assert [t["name"] for t in tools["tools"]] == ["add"]
+    out = rpc(3, "tools/call", {"name": "add", "arguments": {"a": 2, "b": 3}}, **version)
+    assert out["content"][0]["text"] == "5"

@@ -113,3 +113,19 @@ def sockets():
 @strato.asgi_app(label="own-uvicorn")
 def own_uvicorn():
     return _asgi
+
+
+# an MCP server (the SDK brings uvicorn, not httptools), served over streamable HTTP
+@app.function(image=image.pip_install("mcp"))
+@strato.asgi_app(label="mcp")
+def mcp_server():
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("strato-test")
+
+    @server.tool()
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    return server.streamable_http_app(stateless_http=True, json_response=True)
