@@ -31,6 +31,12 @@ _LAZY = {
     "wsgi_app": "strato.sdk.web",
     "web_server": "strato.sdk.web",
     "exceptions": "strato.exceptions",
+    # Modal's module paths of ported imports (``modal.exception.NotFoundError``)
+    "exception": "strato.exception",
+    "functions": "strato.functions",
+    "is_local": "strato.sdk.context",
+    "current_input_id": "strato.sdk.context",
+    "enable_output": "strato.sdk.context",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -6,6 +6,8 @@ Every message says what to do next.
 
 from __future__ import annotations
 
+import builtins
+
 
 class Error(Exception):
     """Base class of every strato error."""
@@ -98,8 +100,11 @@ class RemoteError(Error):
         self.remote_message = message
 
 
-class TimeoutError(Error):  # noqa: A001 - Modal's name
-    """A wait ran past its timeout."""
+class TimeoutError(Error, builtins.TimeoutError):  # noqa: A001 - Modal's name
+    """A wait ran past its timeout.
+
+    Also the builtin ``TimeoutError``: Modal's ``FunctionCall.get(timeout=)`` raises the
+    builtin one, so ported ``except TimeoutError:`` clauses catch this."""
 
 
 class FunctionTimeoutError(TimeoutError):
@@ -121,6 +126,16 @@ class AppStoppedError(InvalidError):
 class RouteConflictError(AlreadyExistsError):
     """A web endpoint's URL is already served by another app (web URLs are unique across
     apps); the message names the other app."""
+
+
+class UserCodeException(Exception):
+    """Modal's former wrapper of an exception returned by ``map(return_exceptions=True)``;
+    strato returns the original exception (as Modal does since 1.4), so this is only here
+    for code that names it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
 
 
 class InputCancellation(BaseException):

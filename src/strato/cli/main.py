@@ -162,7 +162,7 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 @main.group("app")
 def app_group() -> None:
-    """List, stop and read the logs of apps."""
+    """List, stop and read the logs and history of apps."""
 
 
 @app_group.command("list")
@@ -178,6 +178,19 @@ def app_list(show_all: bool) -> None:
     _table(rows, ["APP ID", "NAME", "STATE", "CONTAINERS", "CREATED"])
 
 
+@app_group.command("history")
+@click.argument("name")
+def app_history(name: str) -> None:
+    """List the apps named NAME, newest first: its deployments (and runs), stopped too."""
+    apps = session.api().call("GET", f"/apps/{name}/history", None, m.AppList).apps
+    n = len(apps)
+    rows = [
+        [f"v{n - i}", a.app_id, a.state, str(len(a.functions)), _ago(a.created_at)]
+        for i, a in enumerate(apps)
+    ]
+    _table(rows, ["VERSION", "APP ID", "STATE", "FUNCTIONS", "CREATED"])
+
+
 @app_group.command("stop")
 @click.argument("app")
 def app_stop(app: str) -> None:
@@ -190,7 +203,8 @@ def app_stop(app: str) -> None:
 @click.argument("app")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
 def app_logs(app: str, follow: bool) -> None:
-    """Print the logs of APP (by id or name), each line tagged with its container."""
+    """Print the logs of APP (by id or name; a stopped app: the most recent of that name),
+    each line tagged with its container."""
     client = session.api()
     cursor = 0
     while True:
@@ -204,7 +218,7 @@ def app_logs(app: str, follow: bool) -> None:
         )
         for line in batch.lines:
             stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
-            click.echo(f"{stamp} [{line.container_id}] {line.text}")
+            click.echo(f"{stamp} [{line.container_id}] {line.text.rstrip(chr(13))}")
         cursor = batch.cursor
         if not follow and not batch.lines:
             return

@@ -65,7 +65,16 @@ def is_loopback(url: str) -> bool:
 def ensure_server(
     progress: Callable[[str], None] | None = None, timeout: float = START_TIMEOUT_S
 ) -> tuple[str, str]:
-    """(url, token) of a control plane that answers, starting the embedded one if needed."""
+    """(url, token) of a control plane that answers, starting the embedded one if needed.
+
+    Never inside a container: a function's code calling another function (``.remote()``
+    in a container) would otherwise start a second control plane there."""
+    if settings.IN_CONTAINER.get():
+        raise exc.ExecutionError(
+            "calling a strato function from inside a container (a nested .remote(), .map() "
+            "or .spawn()) is not supported yet: call it from the local entrypoint, or "
+            "return what the next call needs and make that call there"
+        )
     home = strato_home()
     url = server_url(home)
     if ping(url) is not None:

@@ -28,6 +28,7 @@ from strato.exceptions import DeserializationError, InputCancellation, Serializa
 from strato.protocol import frames
 from strato.protocol import messages as m
 
+from . import current
 from .failure import describe_failure
 from .target import Target
 
@@ -296,6 +297,7 @@ class ContainerRunner:
     def _run(self, target: Target, item: m.TaskInput) -> m.TaskOutput:
         self.running[item.input_id] = threading.get_ident()
         t0 = time.perf_counter()
+        token = current.INPUT_ID.set(current.input_id(self.container_id, item.input_id))
         try:
             try:
                 fn, is_gen, is_async = target.resolve(item.method)
@@ -314,10 +316,14 @@ class ContainerRunner:
             if isinstance(e, KeyboardInterrupt):
                 raise
             return self._failure(item, e, t0)
+        finally:
+            current.INPUT_ID.reset(token)
 
     async def _run_async(self, target: Target, item: m.TaskInput) -> m.TaskOutput:
         self.running[item.input_id] = self._main_thread
         t0 = time.perf_counter()
+        # each input is its own task, with its own copy of the context
+        current.INPUT_ID.set(current.input_id(self.container_id, item.input_id))
         try:
             try:
                 fn, is_gen, _ = target.resolve(item.method)

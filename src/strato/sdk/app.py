@@ -280,6 +280,18 @@ class App:
                 )
             handling = _input_handling(methods[batched[0]]) if batched else {}
             concurrency = getattr(user_cls, "__strato_concurrency__", None)
+            per_method = {
+                f.__strato_concurrency__
+                for f in methods.values()
+                if hasattr(f, "__strato_concurrency__")
+            }
+            if len(per_method) > 1:
+                raise exc.InvalidError(
+                    f"{user_cls.__name__}: its methods have different @concurrent settings; "
+                    "the class's containers share one: decorate the class instead"
+                )
+            if concurrency is None and per_method:
+                concurrency = per_method.pop()
             if concurrency is not None:
                 if batched:
                     raise exc.InvalidError("a class cannot be both @concurrent and @batched")
@@ -383,6 +395,9 @@ class App:
         """Run the app for the duration of the ``with`` block (an ephemeral app)."""
         if self._running:
             raise exc.InvalidError(f"{self!r} is already running")
+        from .context import output_enabled
+
+        quiet = quiet and not output_enabled()
         client, info = self._create(deployed=False, detached=detach)
         if not quiet:
             session.progress(f"app {info.app_id} running ({len(info.functions)} functions)")
@@ -424,6 +439,29 @@ class App:
             + ", ".join(f.name for f in info.functions)
         )
         return self
+
+    @classmethod
+    def lookup(cls, name: str, *, create_if_missing: bool = False) -> App:
+        """A handle to the running or deployed app ``name`` (Modal's ``App.lookup``); with
+        ``create_if_missing=True``, an empty deployed app of that name is created if none
+        runs. Its functions: ``strato.Function.from_name(name, function_name)``."""
+        if not isinstance(name, str) or not name:
+            raise exc.InvalidError(f"App.lookup({name!r}): give the app's name")
+        client = session.api()
+        try:
+            info = client.call("GET", f"/apps/{name}", None, m.AppInfo)
+            if info.state == "stopped":
+                raise exc.NotFoundError(name)
+        except exc.NotFoundError:
+            if not create_if_missing:
+                raise exc.NotFoundError(
+                    f"no running or deployed app named {name!r}: deploy it with `strato "
+                    "deploy FILE`, or pass create_if_missing=True to create an empty one"
+                ) from None
+            info = client.call("POST", "/apps", m.CreateApp(name, [], deployed=True), m.AppInfo)
+        app = cls(name)
+        app._app_id = info.app_id
+        return app
 
     def stop(self) -> None:
         if self._app_id is not None:

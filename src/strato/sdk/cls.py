@@ -28,8 +28,14 @@ def class_parameters(user_cls: type) -> dict[str, _Parameter]:
 
 
 def class_methods(user_cls: type) -> dict[str, Callable]:
+    """The remotely callable methods: ``@method()``, or ``@batched`` / ``@concurrent``
+    alone (as in Modal); web endpoints are their own functions, not among them."""
     return {
-        k: v for k, v in vars(user_cls).items() if callable(v) and hasattr(v, "__strato_method__")
+        k: v
+        for k, v in vars(user_cls).items()
+        if callable(v)
+        and hasattr(v, "__strato_method__")
+        and getattr(v, "__strato_web__", None) is None
     }
 
 

@@ -224,37 +224,58 @@ class Function:
 
     @with_aio(iterates=True)
     def map(
-        self, *iterables: Iterable, order_outputs: bool = True, return_exceptions: bool = False
+        self,
+        *iterables: Iterable,
+        kwargs: dict | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        wrap_returned_exceptions: bool = True,
     ) -> Iterator:
-        """Run the function on every element (zipped across ``iterables``), in parallel."""
-        return self._map(zip(*iterables, strict=False), order_outputs, return_exceptions)
+        """Run the function on every element (zipped across ``iterables``), in parallel;
+        ``kwargs`` go to every call. Returned exceptions are the original ones (as in Modal
+        since 1.4: ``wrap_returned_exceptions`` is accepted and changes nothing)."""
+        return self._map(zip(*iterables, strict=False), kwargs, order_outputs, return_exceptions)
 
     @with_aio(iterates=True)
     def starmap(
-        self, iterable: Iterable[tuple], order_outputs: bool = True, return_exceptions: bool = False
+        self,
+        iterable: Iterable[tuple],
+        *,
+        kwargs: dict | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        wrap_returned_exceptions: bool = True,
     ) -> Iterator:
-        return self._map((tuple(a) for a in iterable), order_outputs, return_exceptions)
+        """Like ``map``, each element of ``iterable`` being the arguments of one call."""
+        return self._map((tuple(a) for a in iterable), kwargs, order_outputs, return_exceptions)
 
     @with_aio
-    def for_each(self, *iterables: Iterable, ignore_exceptions: bool = False) -> None:
+    def for_each(
+        self, *iterables: Iterable, kwargs: dict | None = None, ignore_exceptions: bool = False
+    ) -> None:
         """Like ``map``, discarding results."""
-        for _ in self._map(zip(*iterables, strict=False), False, ignore_exceptions):
+        for _ in self._map(zip(*iterables, strict=False), kwargs, False, ignore_exceptions):
             pass
 
     @with_aio
-    def spawn_map(self, *iterables: Iterable) -> FunctionCall:
+    def spawn_map(self, *iterables: Iterable, kwargs: dict | None = None) -> FunctionCall:
         """Submit every input and return at once; results stay fetchable by call id."""
         client, fid = self._ensure()
         call_id = _new_call_id()
-        _MapSender(self, client, fid, call_id, zip(*iterables, strict=False), "spawn_map").run()
+        args_iter = zip(*iterables, strict=False)
+        _MapSender(self, client, fid, call_id, args_iter, "spawn_map", _kwargs(kwargs)).run()
         return FunctionCall(call_id)
 
     def _map(
-        self, args_iter: Iterable[tuple], order_outputs: bool, return_exceptions: bool
+        self,
+        args_iter: Iterable[tuple],
+        kwargs: dict | None,
+        order_outputs: bool,
+        return_exceptions: bool,
     ) -> Iterator:
         client, fid = self._ensure()
         call_id = _new_call_id()
-        sender = _MapSender(self, client, fid, call_id, args_iter, "map")
+        sender = _MapSender(self, client, fid, call_id, args_iter, "map", _kwargs(kwargs))
         return _map_results(client, sender, order_outputs, return_exceptions)
 
     # ------------------------------------------------------------------ variants
@@ -306,6 +327,14 @@ class Function:
         return next((f.web_url for f in info.functions if f.function_id == fid), None)
 
 
+def _kwargs(kwargs: dict | None) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise exc.InvalidError(f"kwargs={kwargs!r}: use a dict of keyword arguments")
+    return kwargs
+
+
 def _limits(client: ApiClient) -> dict:
     """The control plane's payload limits (from /health, once per client)."""
     if client.health is None:
@@ -346,8 +375,10 @@ class _MapSender:
         call_id: str,
         args_iter: Iterable[tuple],
         kind: m.CallKind,
+        kwargs: dict | None = None,
     ) -> None:
         self.fn = fn
+        self.kwargs = kwargs or {}
         self.client = client
         self.function_id = function_id
         self.call_id = call_id
@@ -366,7 +397,7 @@ class _MapSender:
                 batch: list[m.InputItem] = []
                 size = 0
                 for args in itertools.islice(it, MAP_BATCH):
-                    item = self.fn._input(self.client, idx, tuple(args), {})
+                    item = self.fn._input(self.client, idx, tuple(args), self.kwargs)
                     batch.append(item)
                     idx += 1
                     size += len(item.args or b"")

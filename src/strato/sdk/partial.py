@@ -26,6 +26,20 @@ def _mark(f: Callable, attr: str, value: object) -> Callable:
     return f
 
 
+def _in_class_body(f: Callable) -> bool:
+    """Whether ``f`` was defined directly in a class body (its qualname ends in
+    ``Class.name``, not ``function.<locals>.name``)."""
+    parts = getattr(f, "__qualname__", "").split(".")
+    return len(parts) > 1 and parts[-2] != "<locals>" and not isinstance(f, type)
+
+
+def _as_method(f: Callable) -> None:
+    """``@batched`` / ``@concurrent`` on a class method make it a method, as in Modal
+    (no separate ``@method()``); a ``@method()`` mark already there is kept."""
+    if _in_class_body(f) and not hasattr(f, "__strato_method__"):
+        f.__strato_method__ = {"is_generator": None}  # type: ignore[attr-defined]
+
+
 def _no_parens(name: str, arg) -> None:
     if arg is not None:
         raise InvalidError(f"Did you forget parentheses? Use `@strato.{name}()`.")
@@ -113,6 +127,7 @@ def concurrent(
         )
 
     def mark(f: Callable) -> Callable:
+        _as_method(f)
         return _mark(f, "__strato_concurrency__", ConcurrencyConfig(max_inputs, target_inputs))
 
     return mark
@@ -136,6 +151,7 @@ def batched(_warn_parentheses_missing=None, *, max_batch_size: int, wait_ms: int
         raise InvalidError(f"batched(wait_ms={wait_ms!r}): use 0 to {MAX_BATCH_WAIT_MS - 1} ms")
 
     def mark(f: Callable) -> Callable:
+        _as_method(f)
         return _mark(f, "__strato_batch__", BatchConfig(max_batch_size, wait_ms))
 
     return mark

@@ -29,6 +29,7 @@ from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
 from .coldstart import ZygotePool
 from .launch import prepare_launch
+from .lines import LineSplitter
 from .resources import detect_inventory
 
 log = logging.getLogger("strato.worker")
@@ -38,6 +39,8 @@ LOG_QUOTA_WINDOW_S = 60.0
 # the control plane counts the node lost after STRATO_WORKER_HEARTBEAT_TIMEOUT (30 s)
 # without one
 MAX_LOG_LINE = 16 << 10
+LOG_READ = 64 << 10
+PARTIAL_LINE_S = 0.5  # how long a line without its end waits before it is shown
 _CONTAINER_ID = re.compile(r"ct-[0-9a-f]{1,64}")
 
 
@@ -365,15 +368,24 @@ class WorkerAgent:
             rc.signal(signal.SIGKILL)
 
     async def _pump_logs(self, cid: str, stream: asyncio.StreamReader, name: m.LogStream) -> None:
+        """Ship what the container writes, line by line; a progress bar's ``\r`` redraws
+        and a partial line that waits ``PARTIAL_LINE_S`` go out at once (see ``lines``)."""
+        splitter = LineSplitter(MAX_LOG_LINE)
         while True:
+            wait = PARTIAL_LINE_S if splitter.pending and not splitter.partial_shown else None
             try:
-                line = await stream.readline()
-            except ValueError:  # a line over the reader's limit
-                line = await stream.read(MAX_LOG_LINE)
-            if not line:
+                data = await asyncio.wait_for(stream.read(LOG_READ), wait)
+            except TimeoutError:
+                partial = splitter.partial()
+                if partial is not None:
+                    self._output(cid, name, partial)
+                continue
+            if not data:
+                for text in splitter.close():
+                    self._output(cid, name, text)
                 return
-            text = line.decode("utf-8", "replace").rstrip("\n")
-            self._output(cid, name, text[:MAX_LOG_LINE])
+            for text in splitter.feed(data):
+                self._output(cid, name, text)
 
     def _output(self, cid: str, stream: m.LogStream, text: str) -> None:
         """A line a container wrote: shipped within its log quota."""

@@ -67,13 +67,43 @@ def build_app(cp: ControlPlane) -> Router:
         query={"after": int, "timeout": float},
     )
     async def app_logs(req: Request) -> Reply:
-        app_id = (await cp.apps.find(req.path_params["ref"]))["app_id"]
+        ref = req.path_params["ref"]
+        try:
+            app_id = (await cp.apps.find(ref))["app_id"]
+        except exc.NotFoundError:  # a stopped app: the most recent of that name
+            named = await _apps_named(ref)
+            if not named:
+                raise exc.NotFoundError(
+                    f"no app named {ref!r} (running, deployed or stopped); "
+                    "`strato app list --all` lists them"
+                ) from None
+            app_id = named[0]["app_id"]
         batch = await cp.logs.wait(
             app_id, req.param("after", int, 0), min(req.param("timeout", float, 0.0), MAX_POLL_S)
         )
         rows = await cp.store.aread(cp.store.apps, [app_id])
         batch.app_state = rows[0]["state"] if rows else "stopped"
         return reply(batch)
+
+    async def _apps_named(name: str) -> list[dict]:
+        """Every app of that name, stopped ones too, newest first."""
+        rows = await cp.store.aread(cp.store.apps)
+        return sorted(
+            (r for r in rows if r["name"] == name), key=lambda r: r["created_at"], reverse=True
+        )
+
+    @route(
+        "GET",
+        "/apps/{ref}/history",
+        "Every app of that name, newest first: its deployments (and runs), stopped ones too",
+        response=m.AppList,
+    )
+    async def app_history(req: Request) -> Reply:
+        ref = req.path_params["ref"]
+        named = await _apps_named(ref)
+        if not named:
+            raise exc.NotFoundError(f"no app named {ref!r} was ever run or deployed")
+        return reply(m.AppList([cp.apps.info(r) for r in named]))
 
     @route(
         "GET",
