@@ -128,6 +128,62 @@ class RouteConflictError(AlreadyExistsError):
     apps); the message names the other app."""
 
 
+class VersionError(Error):
+    """The client and the control plane do not speak the same version."""
+
+
+class InternalError(Error):
+    """strato itself failed; the message says where."""
+
+
+class InternalFailure(Error):
+    """A failure inside strato that a retry may get past."""
+
+
+class ClientClosed(Error):
+    """The client was closed while a request was in flight."""
+
+
+class SandboxTerminatedError(Error):
+    """The sandbox was terminated."""
+
+
+class FilesystemExecutionError(Error):
+    """A filesystem operation in a container failed."""
+
+
+class SandboxTimeoutError(TimeoutError):
+    """A sandbox ran past its timeout."""
+
+
+class MountUploadTimeoutError(TimeoutError):
+    """Uploading local files took too long."""
+
+
+class VolumeUploadTimeoutError(TimeoutError):
+    """Uploading to a volume took too long."""
+
+
+class InteractiveTimeoutError(TimeoutError):
+    """An interactive session timed out."""
+
+
+class DeprecationError(UserWarning):
+    """A warning: the API used is deprecated and will go (Modal's name)."""
+
+
+class PendingDeprecationError(UserWarning):
+    """A warning: the API used will be deprecated (Modal's name)."""
+
+
+class ServerWarning(UserWarning):
+    """A warning the control plane sent."""
+
+
+class ModuleNotMountable(Exception):
+    """A module cannot be shipped to containers (Modal's name)."""
+
+
 class UserCodeException(Exception):
     """Modal's former wrapper of an exception returned by ``map(return_exceptions=True)``;
     strato returns the original exception (as Modal does since 1.4), so this is only here
@@ -170,6 +226,13 @@ ERRORS_BY_NAME: dict[str, type[BaseException]] = {
         AppStoppedError,
         RouteConflictError,
         InputCancellation,
+        VersionError,
+        InternalError,
+        InternalFailure,
+        ClientClosed,
+        SandboxTerminatedError,
+        FilesystemExecutionError,
+        SandboxTimeoutError,
     )
 }
 

@@ -25,6 +25,31 @@ def test_exception_module_is_the_same_objects():
     assert strato.exception is exception
 
 
+MODAL_EXCEPTIONS = [
+    "Error", "AlreadyExistsError", "RemoteError", "TimeoutError", "ConnectionError",
+    "InvalidError", "VersionError", "NotFoundError", "ExecutionError", "DeserializationError",
+    "SerializationError", "RequestSizeError", "DeprecationError", "PendingDeprecationError",
+    "ServerWarning", "InternalError", "InternalFailure", "FunctionTimeoutError",
+    "MountUploadTimeoutError", "VolumeUploadTimeoutError", "InteractiveTimeoutError",
+    "OutputExpiredError", "SandboxTimeoutError", "SandboxTerminatedError", "InputCancellation",
+    "ModuleNotMountable", "ClientClosed", "FilesystemExecutionError",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODAL_EXCEPTIONS)
+def test_modal_exception_names_exist(name):
+    import strato.exception as exception
+
+    assert getattr(exception, name) is getattr(exc, name)
+
+
+def test_modal_exception_hierarchy():
+    assert issubclass(exc.SandboxTimeoutError, exc.TimeoutError)
+    assert issubclass(exc.InputCancellation, BaseException)
+    assert not issubclass(exc.InputCancellation, Exception)
+    assert issubclass(exc.DeprecationError, UserWarning)
+
+
 @pytest.mark.parametrize(
     "cls", [exc.TimeoutError, exc.FunctionTimeoutError, exc.OutputExpiredError]
 )
