@@ -143,15 +143,24 @@ def _input_status(server, call_id: str) -> list[tuple[str]]:
         db.close()
 
 
-def test_input_is_stored_before_the_call_is_acknowledged(server, tmp_path):
-    """A spawned input is in the database when spawn() returns: a control plane killed
-    (SIGKILL) right after the acknowledgement still runs it once it is back."""
+def test_an_acknowledged_input_survives_a_crash_before_the_database_has_it(
+    server, tmp_path, monkeypatch
+):
+    """spawn() is answered once the input is durable (the store's journal), not once the
+    database has it. With every database statement 150 ms away, a control plane killed
+    (SIGKILL) right after the acknowledgement has not committed the call yet; the
+    restarted one (its store writes the journal into the database when it opens) has the
+    input, runs it and answers. Were the answer given before the input was durable, the
+    input would be lost here."""
     deployed.app.deploy()
     try:
+        monkeypatch.setenv("STRATO_FAULT_DB_LATENCY_MS", "150")
+        server.restart()  # a control plane whose database is slow
+        monkeypatch.delenv("STRATO_FAULT_DB_LATENCY_MS")
         path = tmp_path / "runs"
         call = deployed.logged_triple.spawn(7, 0.5, str(path))
-        assert _input_status(server, call.object_id) == [("pending",)]
-        server.restart()
+        server.restart()  # SIGKILL at once, then a control plane without the latency
+        assert len(_input_status(server, call.object_id)) == 1
         assert call.get(timeout=90) == 21
         assert "started" in path.read_text()
         assert deployed.triple.remote(2) == 6  # the restarted control plane serves calls

@@ -62,21 +62,28 @@ def _runs(path) -> collections.Counter:
 
 def _stored_map_call(server) -> dict:
     """The newest 2,000-input map call of ``reliable.work``, as the store has it, and the
-    indices of its outputs as a client reading them page by page gets them."""
-    db = sqlite3.connect(f"file:{server.home / 'state.db'}?mode=ro", uri=True)
-    try:
-        (call_id,) = db.execute(
-            "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' AND n_inputs = ? "
-            "ORDER BY created_at DESC LIMIT 1",
-            (reliable.work.object_id, N),
-        ).fetchone()
-        done, successes = db.execute(
-            "SELECT SUM(status = 'done'), SUM(out_status = 'success') FROM inputs "
-            "WHERE call_id = ?",
-            (call_id,),
-        ).fetchone()
-    finally:
-        db.close()
+    indices of its outputs as a client reading them page by page gets them. The database
+    gets the outputs behind the answers (the store's journal has them first), so this
+    waits, with a timeout, for it to have all N."""
+    deadline = time.monotonic() + 60
+    while True:
+        db = sqlite3.connect(f"file:{server.home / 'state.db'}?mode=ro", uri=True)
+        try:
+            (call_id,) = db.execute(
+                "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' "
+                "AND n_inputs = ? ORDER BY created_at DESC LIMIT 1",
+                (reliable.work.object_id, N),
+            ).fetchone()
+            done, successes = db.execute(
+                "SELECT SUM(status = 'done'), SUM(out_status = 'success') FROM inputs "
+                "WHERE call_id = ?",
+                (call_id,),
+            ).fetchone()
+        finally:
+            db.close()
+        if done == N or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     indices, after = [], 0
     while True:
         page = session.api().call(

@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,21 +134,28 @@ def app_logs(app_id: str) -> list[m.LogLine]:
 
 def stored_outputs(home: Path, function_id: str) -> dict:
     """The map call as the store has it, and its outputs as a client paging through the
-    raw API (no client-side de-duplication) receives them."""
-    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
-    try:
-        (call_id,) = db.execute(
-            "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' AND n_inputs = ? "
-            "ORDER BY created_at DESC LIMIT 1",
-            (function_id, N),
-        ).fetchone()
-        done, successes, attempts = db.execute(
-            "SELECT SUM(status = 'done'), SUM(out_status = 'success'), SUM(attempts) "
-            "FROM inputs WHERE call_id = ?",
-            (call_id,),
-        ).fetchone()
-    finally:
-        db.close()
+    raw API (no client-side de-duplication) receives them. The database gets the outputs
+    behind the answers (the store's journal has them first), so this waits, with a
+    timeout, for it to have all N."""
+    deadline = time.monotonic() + 60
+    while True:
+        db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+        try:
+            (call_id,) = db.execute(
+                "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' "
+                "AND n_inputs = ? ORDER BY created_at DESC LIMIT 1",
+                (function_id, N),
+            ).fetchone()
+            done, successes, attempts = db.execute(
+                "SELECT SUM(status = 'done'), SUM(out_status = 'success'), SUM(attempts) "
+                "FROM inputs WHERE call_id = ?",
+                (call_id,),
+            ).fetchone()
+        finally:
+            db.close()
+        if done == N or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     indices, after = [], 0
     while True:
         page = session.api().call(

@@ -7,7 +7,12 @@ import asyncio
 import contextlib
 import pickle
 import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from manager_helpers import RecordingContainer, attach, die, make_manager
@@ -17,6 +22,7 @@ from strato.server.calls.manager import CallManager
 from strato.server.containers import ContainerRegistry
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
+from strato.server.store.journal import Journal
 
 
 @pytest.fixture
@@ -232,6 +238,7 @@ def test_a_call_retried_after_a_restart_runs_nothing_twice(env, tmp_path):
         )
         c = attach(fresh, "ct-9")
         await _call(fresh, "fc-1", [1, 2])  # the retry, before recovery found the call
+        await fresh.intake.settled()  # the database said the call existed
         (ran,) = c.inputs()  # it ran at once (a slow function: one at a time), then
         cancelled = [i for msg in c.sent if isinstance(msg, m.CancelInputs) for i in msg.input_ids]
         assert cancelled == [ran.input_id] and not c.inflight  # was withdrawn
@@ -241,15 +248,160 @@ def test_a_call_retried_after_a_restart_runs_nothing_twice(env, tmp_path):
     asyncio.run(go())
 
 
-def test_an_acknowledged_call_is_in_the_database(env, tmp_path):
-    make, _, _ = env
+def test_an_acknowledged_call_is_in_the_journal_before_the_database(env, tmp_path):
+    """The answer waits for the journal, not for the database: with the database held,
+    the call is acknowledged, journaled and not yet committed; then committed."""
+    make, store, _ = env
+
+    async def go():
+        mgr = make()
+        mgr.function("fu-1")  # loaded from the store on first use
+        release = threading.Event()
+        store._write("hold", lambda _c: release.wait(30))  # the database gets nothing
+        try:
+            await asyncio.wait_for(_call(mgr, "fc-1", [1]), 10)
+            entries = Journal(tmp_path / "state.db.intake").entries()
+            assert [(kind, payload[0]["call_id"]) for _, kind, payload in entries] == [
+                ("create_call", "fc-1")
+            ]
+            assert _committed(tmp_path) == []
+        finally:
+            release.set()
+        await mgr.intake.settled()
+        assert _committed(tmp_path) == [(0, "pending")]
+
+    asyncio.run(go())
+
+
+def _committed(tmp_path) -> list:
+    """Inputs of fc-1, read beside the store (not through its queue): committed ones."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
+        return db.execute("select idx, status from inputs where call_id = 'fc-1'").fetchall()
+
+
+def test_outputs_are_journaled_then_served_from_memory(env, tmp_path):
+    """A long-poll of a call created here is answered from memory, without waiting for
+    the database, and only with outputs the journal has (durable)."""
+    make, store, _ = env
 
     async def go():
         mgr = make()
         await _call(mgr, "fc-1", [1])
-        # read beside the store (not through its queue): committed, not only queued
-        with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db:
-            rows = db.execute("select idx, status from inputs where call_id = 'fc-1'").fetchall()
-        assert rows == [(0, "pending")]
+        c = _attach(mgr)
+        await mgr.intake.settled()
+        release = threading.Event()
+        store._write("hold", lambda _c: release.wait(30))  # the database gets nothing
+        try:
+            mgr.on_outputs(c, [_ok(c.inputs()[0], 10)])
+            out = await asyncio.wait_for(mgr.wait_outputs("fc-1", 0, 5.0, 10), 10)
+            assert [pickle.loads(o.data) for o in out.outputs] == [10]
+            journaled = [
+                row["b_seq"]
+                for _, kind, payload in Journal(tmp_path / "state.db.intake").entries()
+                if kind == "outputs"
+                for row in payload[0]
+            ]
+            assert journaled == [out.outputs[0].seq]
+            assert _committed(tmp_path) == [(0, "pending")]  # not in the database yet
+        finally:
+            release.set()
+        await store.aflush()
+        assert _committed(tmp_path) == [(0, "done")]
 
     asyncio.run(go())
+
+
+def test_the_output_buffer_is_bounded_in_bytes_and_the_store_answers_beyond_it(env):
+    make, _, _ = env
+
+    async def go():
+        mgr = make()
+        mgr.outputs.buffer_bytes = 4096
+        c = _attach(mgr)
+        await _call(mgr, "fc-1", [1])
+        mgr.on_outputs(c, [_ok(c.inputs()[-1], b"a" * 3000)])
+        assert "fc-1" in mgr.outputs._buffers
+        await _call(mgr, "fc-2", [2])
+        mgr.on_outputs(c, [_ok(c.inputs()[-1], b"b" * 3000)])
+        # the oldest call's outputs made room: its long-polls read the store
+        assert "fc-1" not in mgr.outputs._buffers and "fc-2" in mgr.outputs._buffers
+        assert 3000 < mgr.outputs._buffered <= 4096
+        one = await mgr.wait_outputs("fc-1", 0, 0.0, 10)
+        assert [pickle.loads(o.data) for o in one.outputs] == [b"a" * 3000]
+        two = await mgr.wait_outputs("fc-2", 0, 0.0, 10)
+        assert [pickle.loads(o.data) for o in two.outputs] == [b"b" * 3000]
+        # what a client has seen is dropped; the complete call's buffer goes
+        done = await mgr.wait_outputs("fc-2", two.last_seq, 0.0, 10)
+        assert done.done and done.outputs == []
+        assert mgr.outputs._buffered == 0 and not mgr.outputs._buffers
+
+    asyncio.run(go())
+
+
+CRASH_AFTER_OUTPUT = """
+import asyncio, os, pickle, sys, threading
+sys.path.insert(0, sys.argv[2])
+from manager_helpers import attach, make_manager
+from strato.protocol import messages as m
+from strato.server.store import Store
+
+async def go():
+    store = Store(f"sqlite:///{sys.argv[1]}/state.db")
+    spec = m.FunctionSpec(name="f", module="mod", qualname="f")
+    mgr = make_manager(store, __import__("pathlib").Path(sys.argv[1]) / "blobs", spec)
+    mgr.function("fu-1").ewma_duration = 0.001  # both inputs in flight at once
+    args = [m.InputItem(i, pickle.dumps(((i,), {}))) for i in range(2)]
+    await mgr.create_call(m.CreateCall("fc-1", "fu-1", args))
+    c = attach(mgr)
+    first = c.inputs()[0]
+    store._write("hold", lambda _c: threading.Event().wait())  # the database gets nothing
+    out = m.TaskOutput(first.input_id, first.attempt, "success", pickle.dumps(10), duration=0.1)
+    mgr.on_outputs(c, [out])
+    seen = await mgr.wait_outputs("fc-1", 0, 5.0, 10)  # a client saw it
+    print(seen.outputs[0].seq, flush=True)
+    os._exit(0)  # a crash: nothing is flushed or closed
+
+asyncio.run(go())
+"""
+
+
+def test_after_a_crash_an_output_a_client_saw_is_in_and_its_input_does_not_rerun(tmp_path):
+    """The restarted store writes the journaled output before recovery reads what is
+    pending: only the other input runs again, and the client reads the same output under
+    the same sequence number."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(CRASH_AFTER_OUTPUT),
+            str(tmp_path),
+            str(Path(__file__).parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    seen_seq = int(proc.stdout.strip())
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+
+    async def go():
+        fresh = CallManager(
+            store,
+            BlobStore(tmp_path / "blobs"),
+            containers=ContainerRegistry(),
+            blob_threshold=1 << 20,
+            max_payload=8 << 20,
+            retention_s=3600,
+            kill_container=lambda *a: None,
+            wake_scaler=lambda: None,
+        )
+        assert fresh.recover() == 1
+        assert [p.idx for p in fresh.function("fu-1").queue] == [1]
+        out = await fresh.wait_outputs("fc-1", 0, 0.0, 10)
+        assert [(o.idx, o.seq, pickle.loads(o.data)) for o in out.outputs] == [(0, seen_seq, 10)]
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()

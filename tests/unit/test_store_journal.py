@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from strato.server.store import CallRow, InputRow, Store
+from strato.server.store import CallRow, FinalRow, InputRow, Store
 
 PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
@@ -47,7 +47,7 @@ def _call(call_id: str, n: int = 0) -> CallRow:
 CRASH = """
 import os, sys, threading
 from pathlib import Path
-from strato.server.store import CallRow, InputRow, Store
+from strato.server.store import CallRow, FinalRow, InputRow, Store
 url, journal = sys.argv[1], Path(sys.argv[2])
 store = Store(url) if url.startswith("sqlite") else Store(url, journal=journal)
 store._write("hold", lambda _c: threading.Event().wait())  # the database gets nothing more
@@ -158,3 +158,61 @@ def test_records_written_after_a_cut_short_one_are_read_back(tmp_path):
         (1, "create_call"),
         (2, "add_inputs"),
     ]
+
+
+CRASH_OUTPUTS = """
+import os, sys, threading
+from pathlib import Path
+from strato.server.store import CallRow, FinalRow, GenItemRow, InputRow, Store
+url, journal = sys.argv[1], Path(sys.argv[2])
+store = Store(url) if url.startswith("sqlite") else Store(url, journal=journal)
+call = CallRow("fc-1", "fu-1", "map", None, 2, True, False, 1.0, 4e9)
+store.accept_call(call, [InputRow(1, "fc-1", 0, b"a", None), InputRow(2, "fc-1", 1, b"b", None)])
+store._write("hold", lambda _c: threading.Event().wait())  # the database gets nothing more
+w = store.accept_outputs(
+    [FinalRow(1, "success", b"out", None, None, None, 8, 2.0, None)],
+    [GenItemRow(7, "fc-1", 0, 0, b"item", None)],
+)
+assert not w.done()
+print("accepted", flush=True)
+os._exit(0)  # a crash: nothing is flushed or closed
+"""
+
+
+def test_accepted_outputs_survive_a_crash_and_their_inputs_are_not_pending(db):
+    """An output accepted through the journal is in the database after a crash, under
+    its sequence number, before anything reads what is pending: its input never reruns
+    (and so never gets a second output under a new number)."""
+    url, journal = db
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH_OUTPUTS), url, str(journal)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == "accepted", out.stderr
+    store = _open(url, journal)
+    try:
+        assert [p.input_id for p in store.pending_inputs()] == [2]  # input 1 is done
+        found = store.outputs_after("fc-1", 0, 10)
+        assert [(o.seq, o.idx, o.status, o.data, o.gen_index) for o in found] == [
+            (7, 0, "success", b"item", 0),
+            (8, 0, "success", b"out", None),
+        ]
+        assert store.max_ids()[1] == 8  # new outputs are numbered after these
+        assert store.count_done("fc-1") == 1
+    finally:
+        store.close()
+
+
+def test_without_a_journal_accepted_outputs_are_only_queued(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}", journal=None)
+    try:
+        assert not store.journaled
+        call = CallRow("fc-1", "fu-1", "map", None, 1, True, False, 1.0, 4e9)
+        store.accept_call(call, [InputRow(1, "fc-1", 0, b"a", None)])
+        w = store.accept_outputs([FinalRow(1, "success", b"o", None, None, None, 3, 2.0)], [])
+        w.wait()
+        assert store.pending_inputs() == []
+    finally:
+        store.close()

@@ -1,6 +1,6 @@
-"""Intake: a call's inputs are written to the store before the API answers (an accepted
-input is never lost), then queued; after a restart, every input without a final output
-is queued again."""
+"""Intake: a call's inputs are accepted by the store (its journal: durable, the database
+gets them behind it) before the API answers (an accepted input is never lost), then
+queued; after a restart, every input without a final output is queued again."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+
+import msgspec
 
 from strato.exceptions import (
     AlreadyExistsError,
@@ -19,7 +21,7 @@ from strato.exceptions import (
 )
 from strato.protocol import messages as m
 
-from ..store import CallRow, FinalRow, InputRow, Store
+from ..store import CallRow, FinalRow, InputRow, Store, Write
 from ..store.blobs import BlobStore
 from .dispatch import Dispatcher
 from .failures import Failures
@@ -100,12 +102,13 @@ class Intake:
             )
 
     async def create_call(self, req: m.CreateCall) -> None:
-        """Store a new call with its first inputs and queue them. The inputs run while the
-        database writes the call; the answer waits for the database, so an acknowledged
-        call is in it."""
+        """Accept a new call with its first inputs and queue them. The answer waits for
+        the store's journal only (durable on return: see `Store.accept_call`); the
+        inputs run while the database writes the call behind it."""
         fn = self.ledger.function(req.function_id)
         self._check_callable(fn)
-        new, pendings = self._inputs(fn, req.call_id, req.method, req.inputs)
+        items = await self._offload(req.inputs)
+        new, pendings = self._inputs(fn, req.call_id, req.method, items)
         now = time.time()
         call = CallRow(
             call_id=req.call_id,
@@ -122,9 +125,7 @@ class Intake:
             self._next_input -= len(new)
             self._retried(req)
             return
-        # queued, not journaled: the answer waits for the database anyway, and the
-        # journal's own statement would add to that wait
-        w = self.store.queue_create_call_rows(call, new)
+        w = self.store.accept_call(call, new)
         self._created[req.call_id] = None
         while len(self._created) > RECENT_CALLS:
             self._created.popitem(last=False)
@@ -132,17 +133,49 @@ class Intake:
             self._next_input -= len(new)
             self._retried(req)
             return
+        self.outputs.open(req.call_id)
         self._accepted(fn, pendings)  # every later write of theirs is queued after it
+        loop = asyncio.get_running_loop()
+
+        def settled(_f: object) -> None:  # on the store's writer thread
+            if w.exception() is not None or not w.result():
+                loop.call_soon_threadsafe(self._settle, req, pendings, w)
+
+        w.add_done_callback(settled)
+
+    async def _offload(self, items: list[m.InputItem]) -> list[m.InputItem]:
+        """Arguments over the blob threshold go to the blob store (hashed and written
+        off the loop); the inputs then carry the key."""
+        out = items
+        for i, it in enumerate(items):
+            args = it.args
+            if args is not None and self.blob_threshold < len(args) <= self.max_payload:
+                if out is items:
+                    out = list(items)
+                out[i] = msgspec.structs.replace(it, args=None, blob=await self.blobs.aput(args))
+        return out
+
+    def _settle(self, req: m.CreateCall, pendings: list[Pending], w: Write[bool]) -> None:
+        """The database did not take the accepted call as new. A call of that id that
+        existed before this process started (a client that retried across a restart)
+        keeps what it has, and what this request queued is withdrawn (its rows were
+        never written)."""
+        e = w.exception()
+        if e is not None:  # logged by the store; the journal has it for the next start
+            log.error("call %s: the database did not take the call: %s", req.call_id, e)
+            return
+        self.failures.withdraw(pendings)
+        self.outputs.forget(req.call_id)
         try:
-            created = await w
-        except BaseException:
-            self.failures.withdraw(pendings)
-            raise
-        if not created:
-            # a call of that id existed before this process started (a client that
-            # retried across a restart): what this request queued was never stored
-            self.failures.withdraw(pendings)
             self._retried(req)
+        except Exception as e:
+            log.warning("call %s: a retried request refused after its answer: %s", req.call_id, e)
+
+    async def settled(self) -> None:
+        """Wait until the database has settled every call accepted so far (tests): each
+        call it did not take as new is handled by then."""
+        await self.store.aflush()
+        await asyncio.sleep(0)
 
     def _retried(self, req: m.CreateCall) -> None:
         """A call with this id exists: add the inputs it lacks (a client that retried
@@ -219,7 +252,7 @@ class Intake:
                 asyncio.get_running_loop().call_later(r.retry_at - now, self.failures.retry_due, p)
             else:
                 by_fn.setdefault(r.function_id, []).append(p)
-        self.store.finish_input_rows(stopped)
+        self.outputs.flush(stopped, ())
         for fid, ps in by_fn.items():
             self.dispatcher.enqueue(self.ledger.functions[fid], ps)
         return len(found)

@@ -185,9 +185,7 @@ class CallManager:
         if not session.inflight:
             session.idle_since = now
         fn.last_activity = now
-        if gens:
-            self.outputs.add_gen_items(gens)
-        self.outputs.flush(finals, touched)
+        self.outputs.flush(finals, touched, gens)
         self.dispatcher.pump(fn)
 
     def _too_big(self, fn: FunctionQueue, o: m.TaskOutput, nbytes: int) -> str:

@@ -1,8 +1,9 @@
-"""The store's intake journal: accepted calls and inputs, on local disk before the
-database has them.
+"""The store's intake journal: accepted calls, inputs and outputs, on local disk before
+the database has them.
 
-The event loop must not wait for the database, and an accepted input must never be lost.
-So `Store.accept_call` and `Store.accept_inputs` append the write to this journal (one
+The event loop must not wait for the database, an accepted input must never be lost, and
+an output a client has seen must never be produced again. So `Store.accept_call`,
+`Store.accept_inputs` and `Store.accept_outputs` append the write to this journal (one
 ``write`` to a file opened for appending: it survives a crash of the control plane, as a
 SQLite commit with ``synchronous=NORMAL`` does) and queue it for the writer, which records
 the journal sequence number it reached in the same transaction as the rows

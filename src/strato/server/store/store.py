@@ -271,6 +271,31 @@ def _input_params(i: InputRow) -> dict:
     }
 
 
+def _final_params(f: FinalRow) -> dict:
+    return {
+        "b_id": f.input_id,
+        "b_status": f.status,
+        "b_output": f.output,
+        "b_blob": f.output_blob,
+        "b_error": f.error,
+        "b_error_type": f.error_type,
+        "b_tb": f.traceback,
+        "b_seq": f.seq,
+        "b_at": f.done_at,
+    }
+
+
+def _gen_params(g: GenItemRow) -> dict:
+    return {
+        "seq": g.seq,
+        "call_id": g.call_id,
+        "idx": g.idx,
+        "gen_index": g.gen_index,
+        "data": g.data,
+        "blob": g.blob,
+    }
+
+
 def _run(stmt: Any) -> Callable[[Connection], None]:
     def run(c: Connection) -> None:
         c.execute(stmt)
@@ -332,6 +357,8 @@ class Store:
                 self._create_call(payload[0], payload[1], seq)
             elif kind == "add_inputs":
                 self._add_inputs(payload[0], payload[1], payload[2], payload[3], seq)
+            elif kind == "outputs":
+                self._outputs(payload[0], payload[1], seq)
             else:
                 log.error("store: journal entry %d of unknown kind %r skipped", seq, kind)
         if todo:
@@ -367,6 +394,35 @@ class Store:
         with self._accept_lock:
             seq = self._journal.append("add_inputs", [call_id, rows, closed, n_inputs])
             return self._add_inputs(call_id, rows, closed, n_inputs, seq)
+
+    @property
+    def journaled(self) -> bool:
+        """Whether `accept_*` are durable without waiting for the database."""
+        return self._journal is not None
+
+    def accept_outputs(self, finals: list[FinalRow], gens: list[GenItemRow]) -> Write[None]:
+        """`add_gen_item_rows` then `finish_input_rows`, as one write, durable when it
+        returns with a journal (see `accept_call`), so that the caller may serve the
+        outputs before the database has them. Without a journal it is only queued: the
+        caller must wait for the `Write` before serving them."""
+        rows = [_final_params(f) for f in finals]
+        items = [_gen_params(g) for g in gens]
+        if self._journal is None:
+            return self._outputs(rows, items, 0)
+        with self._accept_lock:
+            seq = self._journal.append("outputs", [rows, items])
+            return self._outputs(rows, items, seq)
+
+    def _outputs(self, rows: list[dict], items: list[dict], journal_seq: int) -> Write[None]:
+        q = self.q
+
+        def run(c: Connection) -> None:
+            if items:
+                c.execute(q.insert_gens, items)
+            if rows:
+                c.execute(q.finish, rows)
+
+        return self._write("outputs", run, None, journal_seq)
 
     def close(self, timeout: float | None = None) -> None:
         """Commit every queued write, stop the writer, close the connections."""
@@ -678,37 +734,10 @@ class Store:
 
     def finish_input_rows(self, finals: list[FinalRow]) -> Write[None]:
         """`finish_inputs` with typed rows: only inputs still pending are updated."""
-        return self.finish_inputs(
-            [
-                {
-                    "b_id": f.input_id,
-                    "b_status": f.status,
-                    "b_output": f.output,
-                    "b_blob": f.output_blob,
-                    "b_error": f.error,
-                    "b_error_type": f.error_type,
-                    "b_tb": f.traceback,
-                    "b_seq": f.seq,
-                    "b_at": f.done_at,
-                }
-                for f in finals
-            ]
-        )
+        return self.finish_inputs([_final_params(f) for f in finals])
 
     def add_gen_item_rows(self, items: list[GenItemRow]) -> Write[None]:
-        return self.add_gen_items(
-            [
-                {
-                    "seq": g.seq,
-                    "call_id": g.call_id,
-                    "idx": g.idx,
-                    "gen_index": g.gen_index,
-                    "data": g.data,
-                    "blob": g.blob,
-                }
-                for g in items
-            ]
-        )
+        return self.add_gen_items([_gen_params(g) for g in items])
 
     def existing_idx(self, call_id: str, lo: int, hi: int) -> set[int]:
         params = {"call_id": call_id, "lo": lo, "hi": hi}
