@@ -11,7 +11,7 @@ import pytest
 
 import strato
 from strato import exceptions as exc
-from strato.client import config, session
+from strato.client import config, console, session
 from strato.protocol import messages as m
 from strato.sdk.cls import class_methods
 from strato.worker.lines import LineSplitter
@@ -142,26 +142,42 @@ class _Tty(io.StringIO):
         return True
 
 
+@pytest.fixture
+def fresh_console(monkeypatch):
+    monkeypatch.setattr(console, "_redrawing", None)
+
+
+@pytest.mark.usefixtures("fresh_console")
+def test_redraws_are_drawn_in_place_on_a_terminal():
+    out = _Tty()
+    console.container_line(out, "[ct-1] ", " 10%\r")
+    console.container_line(out, "[ct-1] ", " 20%\r")
+    console.container_line(out, "[ct-1] ", "100%")  # the bar's last state, over it
+    console.container_line(out, "[ct-1] ", "next")
+    assert out.getvalue() == "[ct-1]  10%\r\x1b[K[ct-1]  20%\r\x1b[K[ct-1] 100%\n[ct-1] next\n"
+
+
+@pytest.mark.usefixtures("fresh_console")
+def test_other_lines_start_below_a_bar():
+    out = _Tty()
+    console.container_line(out, "[ct-1] ", " 10%\r")
+    console.container_line(out, "[ct-2] ", "hello")  # another container: the bar stays
+    lines = console.WholeLines(out)
+    console.container_line(out, "[ct-1] ", " 20%\r")
+    lines.write("local print\n")  # the entrypoint's own print: below the bar too
+    assert out.getvalue() == "[ct-1]  10%\n[ct-2] hello\n[ct-1]  20%\nlocal print\n"
+
+
+@pytest.mark.usefixtures("fresh_console")
+def test_each_redraw_is_a_line_elsewhere():
+    out = io.StringIO()
+    console.container_line(out, "[ct-1] ", " 10%\r")
+    console.container_line(out, "[ct-1] ", "done")
+    assert out.getvalue() == "[ct-1]  10%\n[ct-1] done\n"
+
+
 def _follower() -> session.LogFollower:
     return session.LogFollower(None, "ap-x", heartbeat=False)  # type: ignore[arg-type]
-
-
-def test_follower_draws_redraws_in_place_on_a_terminal():
-    f = _follower()
-    out = _Tty()
-    f._print(out, "[ct-1] ", " 10%\r")
-    f._print(out, "[ct-1] ", " 20%\r")
-    f._print(out, "[ct-1] ", "100%")
-    text = out.getvalue()
-    assert text == "\r\x1b[K[ct-1]  10%\r\x1b[K[ct-1]  20%\r\x1b[K[ct-1] 100%\n"
-
-
-def test_follower_prints_each_redraw_as_a_line_elsewhere():
-    f = _follower()
-    out = io.StringIO()
-    f._print(out, "[ct-1] ", " 10%\r")
-    f._print(out, "[ct-1] ", "done")
-    assert out.getvalue() == "[ct-1]  10%\n[ct-1] done\n"
 
 
 def test_follower_show_routes_lines(capsys):

@@ -13,6 +13,41 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 _lock = threading.Lock()  # one lock for both streams: they often share a terminal
+# the tag of the container line being redrawn in place on the terminal (a progress bar),
+# None when the cursor is at the start of a line
+_redrawing: str | None = None
+
+
+def _end_redraw(raw: TextIO) -> None:
+    """Keep the progress bar drawn as it is: what comes next starts on a new line."""
+    global _redrawing
+    if _redrawing is not None:
+        raw.write("\n")
+        _redrawing = None
+
+
+def container_line(out: TextIO, tag: str, text: str) -> None:
+    """Print a container's line, ``tag`` before it. A line ending in ``\r`` (a progress
+    bar redrawing itself) is drawn in place on a terminal, and its container's next line
+    (the bar's last state) over it; any other line starts below it. Elsewhere (a file, a
+    pipe) each redraw is a line of its own."""
+    global _redrawing
+    redraw = text.endswith("\r")
+    text = text.rstrip("\r")
+    if not out.isatty():
+        print(f"{tag}{text}", file=out, flush=True)
+        return
+    raw = out.raw if isinstance(out, WholeLines) else out
+    with _lock:
+        if _redrawing == tag:
+            raw.write("\r\x1b[K")
+            _redrawing = None
+        else:
+            _end_redraw(raw)
+        raw.write(f"{tag}{text}" if redraw else f"{tag}{text}\n")
+        if redraw:
+            _redrawing = tag
+        raw.flush()
 
 
 class WholeLines:
@@ -31,6 +66,7 @@ class WholeLines:
             held = self._pending.pop(me, "") + text
             whole, newline, rest = held.rpartition("\n")
             if newline:
+                _end_redraw(self.raw)
                 self.raw.write(whole + newline)
             if rest:
                 self._pending[me] = rest
@@ -40,12 +76,14 @@ class WholeLines:
         with _lock:
             rest = self._pending.pop(threading.get_ident(), "")
             if rest:
+                _end_redraw(self.raw)
                 self.raw.write(rest)
             self.raw.flush()
 
     def close_lines(self) -> None:
         """Write every thread's partial line (the run is over)."""
         with _lock:
+            _end_redraw(self.raw)
             for rest in self._pending.values():
                 self.raw.write(rest)
             self._pending.clear()

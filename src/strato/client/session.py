@@ -7,11 +7,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
 
+from . import console
 from .config import ensure_server
 from .http import ApiClient
 from .mounts import LocalMount
@@ -70,7 +70,6 @@ class LogFollower:
         self.quiet = quiet
         self.heartbeat = heartbeat
         self.cursor = 0
-        self._drawn: set[int] = set()  # streams whose last line is a redraw in progress
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one poll at a time prints and moves the cursor
         self._thread = threading.Thread(target=self._run, name="strato-logs", daemon=True)
@@ -117,27 +116,8 @@ class LogFollower:
                     )
                     continue
                 out = sys.stderr if line.stream == "stderr" else sys.stdout
-                self._print(out, f"[{line.container_id}] ", line.text)
+                console.container_line(out, f"[{line.container_id}] ", line.text)
         return len(batch.lines)
-
-    def _print(self, out: TextIO, tag: str, text: str) -> None:
-        """One container line. A line ending in ``\r`` (a progress bar redrawing itself)
-        is drawn in place on a terminal, the next line drawn over it; elsewhere (a file,
-        a pipe) each redraw is a line of its own."""
-        redraw = text.endswith("\r")
-        text = text.rstrip("\r")
-        if not out.isatty():
-            print(f"{tag}{text}", file=out, flush=True)
-            return
-        if redraw:
-            out.write(f"\r\x1b[K{tag}{text}")
-            out.flush()
-            self._drawn.add(id(out))
-        elif id(out) in self._drawn:
-            self._drawn.discard(id(out))
-            print(f"\r\x1b[K{tag}{text}", file=out, flush=True)
-        else:
-            print(f"{tag}{text}", file=out, flush=True)
 
     def stop(self, drain_s: float = 0.3, *, until_gone: bool = False) -> None:
         """Stop following, after printing what arrived during the last ``drain_s``.
