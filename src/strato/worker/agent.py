@@ -29,7 +29,7 @@ from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
 from .coldstart import ZygotePool
 from .launch import prepare_launch
-from .lines import LineSplitter
+from .lines import REDRAW, LineSplitter
 from .resources import detect_inventory
 
 log = logging.getLogger("strato.worker")
@@ -409,7 +409,17 @@ class WorkerAgent:
             self._add_log(m.LogLine(time.time(), cid, "system", dropped))
 
     def _add_log(self, line: m.LogLine) -> None:
-        self._log_buf.append(line)
+        buf = self._log_buf
+        if line.text.endswith(REDRAW) and buf:
+            last = buf[-1]
+            if (
+                last.container_id == line.container_id
+                and last.stream == line.stream
+                and last.text.endswith(REDRAW)
+            ):  # a progress bar redrawn before its last state went out: only the newest
+                buf[-1] = line
+                return
+        buf.append(line)
         if len(self._log_buf) >= 500:
             self._flush_logs()
         elif self._log_flush is None:
