@@ -88,7 +88,7 @@ def test_nested_call_fails_fast_with_a_clear_message():
 
 
 def test_app_lookup():
-    found = strato.App.lookup(surface.app.name)
+    found = strato.App.lookup(surface.app.name, environment_name="main")
     assert found.app_id == surface.app.app_id
     assert strato.Function.from_name(found.name, "scaled").remote(5, factor=2) == 10
     with pytest.raises(exc.NotFoundError, match="create_if_missing"):

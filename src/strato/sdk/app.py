@@ -441,10 +441,14 @@ class App:
         return self
 
     @classmethod
-    def lookup(cls, name: str, *, create_if_missing: bool = False) -> App:
+    def lookup(
+        cls, name: str, *, create_if_missing: bool = False, environment_name: str | None = None
+    ) -> App:
         """A handle to the running or deployed app ``name`` (Modal's ``App.lookup``); with
         ``create_if_missing=True``, an empty deployed app of that name is created if none
-        runs. Its functions: ``strato.Function.from_name(name, function_name)``."""
+        runs. Its functions: ``strato.Function.from_name(name, function_name)``.
+        (``environment_name``: a control plane is one environment; accepted for ported
+        code.)"""
         if not isinstance(name, str) or not name:
             raise exc.InvalidError(f"App.lookup({name!r}): give the app's name")
         client = session.api()
