@@ -405,3 +405,18 @@ def test_after_a_crash_an_output_a_client_saw_is_in_and_its_input_does_not_rerun
         asyncio.run(go())
     finally:
         store.close()
+
+
+def test_arguments_over_the_blob_threshold_are_stored_as_a_blob(env, tmp_path):
+    make, store, _ = env
+
+    async def go():
+        mgr = make()
+        big = _args(b"x" * (2 << 20))  # over the manager's 1 MiB threshold
+        await mgr.create_call(m.CreateCall("fc-1", "fu-1", [m.InputItem(0, big)]))
+        await mgr.intake.settled()
+        (row,) = store.pending_inputs()
+        assert row.args is None and row.args_blob is not None
+        assert BlobStore(tmp_path / "blobs").get(row.args_blob) == big
+
+    asyncio.run(go())

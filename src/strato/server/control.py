@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
+
 from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
@@ -247,6 +249,12 @@ class ControlPlane:
                     for i, o in enumerate(msg.outputs):
                         if o.blob is not None:
                             sizes[i] = (await uploads.take_async(o.blob))[1]
+                        elif o.data is not None and (
+                            self.config.blob_threshold < len(o.data) <= self.config.max_payload
+                        ):  # a large value sent inline: hashed and written off the loop too
+                            key = await self.blobs.aput(o.data)
+                            msg.outputs[i] = msgspec.structs.replace(o, data=None, blob=key)
+                            sizes[i] = len(o.data)
                     self.calls.on_outputs(s, msg.outputs, sizes)
                 elif isinstance(msg, m.BlobChunk):
                     await uploads.chunk_async(msg.data, msg.last)
