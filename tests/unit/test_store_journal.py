@@ -216,3 +216,32 @@ def test_without_a_journal_accepted_outputs_are_only_queued(tmp_path):
         assert store.pending_inputs() == []
     finally:
         store.close()
+
+
+def test_a_journal_that_never_catches_up_drops_what_the_database_has(tmp_path, monkeypatch):
+    """Under a steady load the database never has every entry at once: the file is
+    rewritten without the entries it has (once they are half of it), whole, and a journal
+    opened on it reads back exactly the others."""
+    from strato.server.store import journal as jmod
+
+    monkeypatch.setattr(jmod, "TRUNCATE_BYTES", 4096)
+    path = tmp_path / "j"
+    j = jmod.Journal(path)
+    for i in range(100):
+        j.append("add_inputs", ["fc-1", [{"idx": i, "args": b"x" * 64}], None, i])
+    size = path.stat().st_size
+    assert size > 4096
+    j.applied(30)  # under half of the file: kept as is
+    assert path.stat().st_size == size
+    j.applied(80)
+    assert path.stat().st_size < size // 2
+    j.append("add_inputs", ["fc-1", [], True, 100])  # appends go on in the new file
+    j.close()
+    again = jmod.Journal(path)
+    try:
+        assert [seq for seq, _, _ in again.entries()] == list(range(81, 102))
+        assert again.entries()[-1][2] == ["fc-1", [], True, 100]
+        assert again.seq == 101
+    finally:
+        again.close()
+    assert not (tmp_path / "j.tmp").exists()
