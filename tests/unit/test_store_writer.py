@@ -64,8 +64,15 @@ def _log(seq: int, app_id: str = "ap-1") -> dict:
 def _hold(store: Store) -> threading.Event:
     """Queue a write that keeps the writer busy until the returned event is set, so
     that what is queued next waits, and is committed together."""
-    release = threading.Event()
-    store._write("hold", lambda _c: release.wait(30))
+    release, holding = threading.Event(), threading.Event()
+
+    def hold(_c) -> None:
+        holding.set()
+        release.wait(30)
+
+    store._write("hold", hold)
+    # the writer has taken the hold (alone): what is queued now waits behind it
+    assert holding.wait(30)
     return release
 
 
