@@ -373,6 +373,7 @@ class TaskInput(msgspec.Struct, array_like=True):
     attempt: Index
     args: bytes
     method: str | None = None
+    call_id: str | None = None  # the call of the input (strato.current_function_call_id())
 
 
 class RunInputs(ChannelMsg, tag="inputs"):
