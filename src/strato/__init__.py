@@ -36,6 +36,7 @@ _LAZY = {
     "functions": "strato.functions",
     "is_local": "strato.sdk.context",
     "current_input_id": "strato.sdk.context",
+    "current_function_call_id": "strato.sdk.context",
     "enable_output": "strato.sdk.context",
 }
 

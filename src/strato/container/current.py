@@ -1,7 +1,7 @@
 """What a container is running right now, per thread and per asyncio task.
 
-Read by ``strato.current_input_id()``; set by the container's runner around each input.
-Stdlib only: it is on the container's start path."""
+Read by ``strato.current_input_id()`` and ``strato.current_function_call_id()``; set by the
+container's runner around each input. Stdlib only: it is on the container's start path."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import contextvars
 INPUT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "strato_input_id", default=None
 )
+# the id of the call that input belongs to (``FunctionCall.object_id``)
+CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("strato_call_id", default=None)
 
 
 def input_id(container_id: str, index: int) -> str:

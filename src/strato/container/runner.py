@@ -298,6 +298,7 @@ class ContainerRunner:
         self.running[item.input_id] = threading.get_ident()
         t0 = time.perf_counter()
         token = current.INPUT_ID.set(current.input_id(self.container_id, item.input_id))
+        call_token = current.CALL_ID.set(item.call_id)
         try:
             try:
                 fn, is_gen, is_async = target.resolve(item.method)
@@ -318,12 +319,14 @@ class ContainerRunner:
             return self._failure(item, e, t0)
         finally:
             current.INPUT_ID.reset(token)
+            current.CALL_ID.reset(call_token)
 
     async def _run_async(self, target: Target, item: m.TaskInput) -> m.TaskOutput:
         self.running[item.input_id] = self._main_thread
         t0 = time.perf_counter()
         # each input is its own task, with its own copy of the context
         current.INPUT_ID.set(current.input_id(self.container_id, item.input_id))
+        current.CALL_ID.set(item.call_id)
         try:
             try:
                 fn, is_gen, _ = target.resolve(item.method)

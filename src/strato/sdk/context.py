@@ -1,5 +1,5 @@
 """Where the code runs and what it is running: ``is_local()``, ``current_input_id()``,
-and ``enable_output()`` (Modal's names)."""
+``current_function_call_id()``, and ``enable_output()`` (Modal's names)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def current_input_id() -> str | None:
     from strato.container import current
 
     return current.INPUT_ID.get()
+
+
+def current_function_call_id() -> str | None:
+    """The id of the call (``FunctionCall.object_id``) whose input this thread (or asyncio
+    task) runs in a container; None outside a container or between inputs."""
+    if is_local():
+        return None
+    from strato.container import current
+
+    return current.CALL_ID.get()
 
 
 @contextlib.contextmanager
