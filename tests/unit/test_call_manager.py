@@ -399,7 +399,9 @@ def test_after_a_crash_an_output_a_client_saw_is_in_and_its_input_does_not_rerun
         assert fresh.recover() == 1
         assert [p.idx for p in fresh.function("fu-1").queue] == [1]
         out = await fresh.wait_outputs("fc-1", 0, 0.0, 10)
-        assert [(o.idx, o.seq, pickle.loads(o.data)) for o in out.outputs] == [(0, seen_seq, 10)]
+        assert [(o.idx, o.seq, pickle.loads(o.data or b"")) for o in out.outputs] == [
+            (0, seen_seq, 10)
+        ]
 
     try:
         asyncio.run(go())
