@@ -67,6 +67,7 @@ def test_inputs_are_stored_before_dispatch_and_outputs_recorded_once(env):
         assert len(store.pending_inputs()) == 2  # durable before any container exists
         c = _attach(mgr)
         first = c.inputs()[0]
+        assert first.call_id == "fc-1"  # a container knows the call of its input
         mgr.on_outputs(c, [_ok(first, 10), _ok(first, 99)])  # a duplicate is ignored
         out = await mgr.wait_outputs("fc-1", 0, 0.0, 10)
         assert [(o.idx, pickle.loads(o.data)) for o in out.outputs] == [(0, 10)]

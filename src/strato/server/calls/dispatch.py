@@ -106,7 +106,7 @@ class Dispatcher:
                     s.last_progress = now
                 s.inflight[p.input_id] = Lease(p, token, now)
                 s.idle_since = None
-                batch.append(m.TaskInput(p.input_id, token, self._args_of(p), p.method))
+                batch.append(m.TaskInput(p.input_id, token, self._args_of(p), p.method, p.call_id))
                 room -= 1
             if batch:
                 s.send(m.RunInputs(batch))
