@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from manager_helpers import RecordingContainer, attach, die, make_manager
 
+from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.calls.manager import CallManager
 from strato.server.containers import ContainerRegistry
@@ -343,6 +344,7 @@ CRASH_AFTER_OUTPUT = """
 import asyncio, os, pickle, sys, threading
 sys.path.insert(0, sys.argv[2])
 from manager_helpers import attach, make_manager
+from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store import Store
 
@@ -421,5 +423,36 @@ def test_arguments_over_the_blob_threshold_are_stored_as_a_blob(env, tmp_path):
         (row,) = store.pending_inputs()
         assert row.args is None and row.args_blob is not None
         assert BlobStore(tmp_path / "blobs").get(row.args_blob) == big
+
+    asyncio.run(go())
+
+
+def test_inputs_added_to_a_call_of_this_process_read_nothing_from_the_store(env, tmp_path):
+    """With the database held, a call created here takes more inputs (a retried batch
+    adds nothing twice) without a read, which would wait for the database; a cancelled
+    call refuses them. Once the database has caught up it holds what was acknowledged."""
+    make, store, _ = env
+
+    async def go():
+        mgr = make()
+        mgr.function("fu-1")  # loaded from the store on first use
+        release = threading.Event()
+        # the database gets nothing meanwhile: a read would raise StoreTimeout (30 s)
+        store._write("hold", lambda _c: release.wait(120))
+        try:
+            await _call(mgr, "fc-1", [1])
+            more = m.AddInputs([m.InputItem(1, _args(2)), m.InputItem(2, _args(3))])
+            mgr.add_inputs("fc-1", more)
+            mgr.add_inputs("fc-1", m.AddInputs([m.InputItem(2, _args(3))], closed=True))
+            assert len(mgr.function("fu-1").queue) == 3
+        finally:
+            release.set()
+        await store.aflush()
+        call = store.call_row("fc-1")
+        assert call is not None and (call.n_inputs, call.closed) == (3, True)
+        assert sorted(p.idx for p in store.pending_inputs()) == [0, 1, 2]
+        mgr.cancel_call("fc-1", terminate_containers=False)
+        with pytest.raises(exc.InvalidError, match="cancelled"):
+            mgr.add_inputs("fc-1", m.AddInputs([m.InputItem(3, _args(4))]))
 
     asyncio.run(go())

@@ -34,6 +34,7 @@ class Failures:
         self.outputs = outputs
         self.dispatcher = dispatcher
         self._kill_container = kill_container
+        self.on_cancel: Callable[[str], None] = lambda call_id: None  # a call was cancelled
 
     # ------------------------------------------------------------------ attempts
 
@@ -199,6 +200,7 @@ class Failures:
         if self.store.call_row(call_id) is None:
             raise NotFoundError(f"call {call_id} does not exist (or has expired)")
         self.store.cancel_call(call_id)
+        self.on_cancel(call_id)
         self.cancel_inputs(
             list(self.ledger.live.get(call_id, {}).values()),
             terminate_containers,

@@ -9,6 +9,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import msgspec
 
@@ -31,6 +32,16 @@ from .state import AppState, FunctionQueue, Ledger, Pending, Where
 log = logging.getLogger("strato.calls")
 
 RECENT_CALLS = 100_000  # call ids remembered as this process's own
+# calls of this process whose row (and input indices) are kept in memory, so that adding
+# inputs to them reads nothing from the store; past these bounds, the store answers
+KNOWN_CALLS = 10_000
+KNOWN_IDX = 100_000
+
+
+@dataclass(eq=False)
+class _Known:
+    call: CallRow  # as the store has it once every write queued so far is in
+    idx: set[int]  # the indices of its inputs
 
 
 class Intake:
@@ -61,6 +72,7 @@ class Intake:
         # ids of the calls this process created (the newest): a request that names one
         # again is a retry, known without asking the store
         self._created: OrderedDict[str, None] = OrderedDict()
+        self._known: OrderedDict[str, _Known] = OrderedDict()
 
     def _inputs(
         self, fn: FunctionQueue, call_id: str, method: str | None, items: Iterable[m.InputItem]
@@ -126,10 +138,14 @@ class Intake:
             self._retried(req)
             return
         w = self.store.accept_call(call, new)
+        self._known[req.call_id] = _Known(call, {r.idx for r in new})
+        while len(self._known) > KNOWN_CALLS:
+            self._known.popitem(last=False)
         self._created[req.call_id] = None
         while len(self._created) > RECENT_CALLS:
             self._created.popitem(last=False)
         if w.done() and w.exception() is None and not w.result():  # known at once
+            self.forget_call(req.call_id)
             self._next_input -= len(new)
             self._retried(req)
             return
@@ -166,6 +182,7 @@ class Intake:
             return
         self.failures.withdraw(pendings)
         self.outputs.forget(req.call_id)
+        self.forget_call(req.call_id)
         try:
             self._retried(req)
         except Exception as e:
@@ -180,7 +197,7 @@ class Intake:
     def _retried(self, req: m.CreateCall) -> None:
         """A call with this id exists: add the inputs it lacks (a client that retried
         after a lost answer), unless it is another function's."""
-        known = self.store.call_row(req.call_id)
+        known, _ = self._call(req.call_id)
         if known is not None and (
             known.function_id != req.function_id or known.method != req.method
         ):
@@ -191,8 +208,21 @@ class Intake:
             )
         self.add_inputs(req.call_id, m.AddInputs(req.inputs, closed=req.closed))
 
+    def forget_call(self, call_id: str) -> None:
+        """Read the call from the store from now on (it was cancelled, or not ours)."""
+        self._known.pop(call_id, None)
+
+    def _call(self, call_id: str) -> tuple[CallRow | None, _Known | None]:
+        """The call's row: from memory for a call of this process, else from the store."""
+        known = self._known.get(call_id)
+        if known is not None:
+            if known.call.expires_at > time.time():
+                return known.call, known
+            self.forget_call(call_id)
+        return self.store.call_row(call_id), None
+
     def add_inputs(self, call_id: str, req: m.AddInputs) -> None:
-        call = self.store.call_row(call_id)
+        call, known = self._call(call_id)
         if call is None:
             raise NotFoundError(f"call {call_id} does not exist (or has expired)")
         fn = self.ledger.function(call.function_id)
@@ -201,8 +231,12 @@ class Intake:
             raise InvalidError(f"call {call_id} was cancelled; it takes no more inputs")
         items = req.inputs
         if items:
-            have = self.store.existing_idx(
-                call_id, min(i.idx for i in items), max(i.idx for i in items)
+            have = (
+                known.idx
+                if known is not None
+                else self.store.existing_idx(
+                    call_id, min(i.idx for i in items), max(i.idx for i in items)
+                )
             )
             items = [i for i in items if i.idx not in have]
         new, pendings = self._inputs(fn, call_id, call.method, items)
@@ -210,6 +244,11 @@ class Intake:
         if req.total is not None:
             n_inputs = max(n_inputs, req.total)
         self.store.accept_inputs(call_id, new, req.closed or None, n_inputs)  # durable
+        if known is not None:
+            known.call = replace(call, n_inputs=n_inputs, closed=call.closed or req.closed)
+            known.idx.update(r.idx for r in new)
+            if len(known.idx) > KNOWN_IDX:
+                self.forget_call(call_id)
         self._accepted(fn, pendings)
 
     def _accepted(self, fn: FunctionQueue, pendings: list[Pending]) -> None:

@@ -67,6 +67,7 @@ class CallManager:
             max_payload=max_payload,
             retention_s=retention_s,
         )
+        self.failures.on_cancel = self.intake.forget_call
         self.functions = self.ledger.functions
         self.live = self.ledger.live
         # the public operations, each where its concern lives
