@@ -128,7 +128,9 @@ def test_call_spawned_by_another_process_is_fetchable_here(server):
             print("CALL", f.spawn(5, 0.5).object_id, flush=True)
             """
         )
-        call_id = re.search(r"CALL (fc-\w+)", proc.stdout).group(1)
+        found = re.search(r"CALL (fc-\w+)", proc.stdout)
+        assert found, proc.stdout
+        call_id = found.group(1)
         # the spawning process has exited; its call goes on and its output is kept
         assert strato.FunctionCall.from_id(call_id).get(timeout=60) == 15
     finally:

@@ -121,7 +121,8 @@ def wait_for_new_worker(home: Path, old: int) -> int:
 
 
 def app_logs(app_id: str) -> list[m.LogLine]:
-    lines, after = [], 0
+    lines: list[m.LogLine] = []
+    after = 0
     while True:
         batch = session.api().call(
             "GET", f"/apps/{app_id}/logs", None, m.LogBatch, params={"after": after, "timeout": 0}
