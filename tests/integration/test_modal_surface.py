@@ -74,12 +74,15 @@ def test_concurrent_method_without_method_decorator():
     assert len(set(ids)) == 3  # each thread sees its own input
 
 
-def test_is_local_and_current_input_id():
+def test_is_local_current_input_id_and_call_id():
     assert strato.is_local() is True
     assert strato.current_input_id() is None
-    inside = surface.where.remote()
+    assert strato.current_function_call_id() is None
+    call = surface.where.spawn()
+    inside = call.get()
     assert inside["is_local"] is False
     assert inside["input_id"].startswith("in-ct-")
+    assert inside["call_id"] == call.object_id
 
 
 def test_nested_call_fails_fast_with_a_clear_message():

@@ -37,7 +37,11 @@ def sleep_then(delay: float, value: str) -> str:
 
 @app.function()
 def where() -> dict:
-    return {"is_local": strato.is_local(), "input_id": strato.current_input_id()}
+    return {
+        "is_local": strato.is_local(),
+        "input_id": strato.current_input_id(),
+        "call_id": strato.current_function_call_id(),
+    }
 
 
 @app.function()

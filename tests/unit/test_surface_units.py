@@ -212,3 +212,4 @@ def test_outside_a_container(monkeypatch):
     monkeypatch.delenv("STRATO_IN_CONTAINER", raising=False)
     assert strato.is_local() is True
     assert strato.current_input_id() is None
+    assert strato.current_function_call_id() is None
