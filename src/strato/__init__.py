@@ -24,7 +24,7 @@ _LAZY = {
     "parameter": "strato.sdk.partial",
     "concurrent": "strato.sdk.partial",
     "batched": "strato.sdk.partial",
-    # web endpoints (issue 5)
+    # web endpoints
     "fastapi_endpoint": "strato.sdk.web",
     "web_endpoint": "strato.sdk.web",
     "asgi_app": "strato.sdk.web",

@@ -2,7 +2,7 @@
 range) and the fields that must agree, whatever the client; the SDK refuses the same
 values before they leave the process. Also: node reservations never go negative and
 return to zero, per-app quotas keep one app from taking the machine, and the smaller API
-defects of issue 14 (``?after=`` past 2^63, a duplicated input index, undecodable bind
+defects (``?after=`` past 2^63, a duplicated input index, undecodable bind
 overrides, a call id reused with another function) answer 4xx instead of 500 or a wrong
 result."""
 

@@ -116,7 +116,7 @@ def deploy(file: str, name: str | None) -> None:
     """Deploy the app in FILE: its functions stay callable with Function.from_name()."""
     app, _, _ = load_app(file)
     app.deploy(name=name)
-    # web endpoints (issue 5): print each one's URL
+    # web endpoints: print each one's URL
     info = session.api().call("GET", f"/apps/{app.app_id}", None, m.AppInfo)
     for f in info.functions:
         if f.web_url:

@@ -63,7 +63,7 @@ class ContainerRunner:
 
     def _send(self, msg: object) -> None:
         # large values go ahead of their outputs in chunks: the control plane refuses
-        # large frames (issue 14)
+        # large frames
         parts = frames.split_outputs(msg) if isinstance(msg, m.TaskOutputs) else [msg]
         with self._send_lock:  # the main thread and the flusher both write
             for part in parts:
@@ -458,7 +458,7 @@ def main() -> None:
         spec = msgspec.msgpack.decode(f.read(), type=m.FunctionSpec)
     sys.path[:0] = settings.MOUNT_PATHS.get()
     os.environ[settings.IN_CONTAINER.name] = "1"
-    if spec.web is not None:  # a web endpoint serves HTTP, not inputs (issue 5)
+    if spec.web is not None:  # a web endpoint serves HTTP, not inputs
         from .web import serve_web
 
         serve_web(spec, Target)

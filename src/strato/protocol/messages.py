@@ -96,7 +96,7 @@ class ScalingConfig(msgspec.Struct, frozen=True):
     scaledown_window: ScaledownWindow | None = None
 
 
-# --- web endpoints (issue 5): begin
+# --- web endpoints: begin
 class WebConfig(msgspec.Struct, frozen=True):
     """How a function serves HTTP (``@fastapi_endpoint``, ``@asgi_app``, ``@wsgi_app``,
     ``@web_server``); see ``strato.sdk.web`` and ``strato.server.gateway``."""
@@ -112,7 +112,7 @@ class WebConfig(msgspec.Struct, frozen=True):
     attr: str | None = None  # a class's web method: the attribute that serves it
 
 
-# --- web endpoints (issue 5): end
+# --- web endpoints: end
 
 
 class FunctionSpec(msgspec.Struct, frozen=True):
@@ -146,7 +146,7 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     image: ImageSpec | None = None
     block_network: bool = False
     runtime: str | None = None  # bwrap | gvisor | process; None = the worker's default
-    web: WebConfig | None = None  # a web endpoint (issue 5); keep this field last
+    web: WebConfig | None = None  # a web endpoint; keep this field last
 
 
 # --------------------------------------------------------------------------- apps (HTTP)
@@ -163,7 +163,7 @@ class CreateApp(msgspec.Struct):
 class FunctionRef(msgspec.Struct):
     function_id: str
     name: str
-    web_url: str | None = None  # a web endpoint's URL on the gateway (issue 5)
+    web_url: str | None = None  # a web endpoint's URL on the gateway
 
 
 class AppInfo(msgspec.Struct):
@@ -478,7 +478,7 @@ class Heartbeat(ChannelMsg, tag="hb"):
     running: list[str] = []
 
 
-# --- web endpoints (issue 5): begin
+# --- web endpoints: begin
 class WebTunnelHello(ChannelMsg, tag="webtunnel"):
     """First frame of a connection a web container dials to the channel socket: after it
     the connection carries raw HTTP/1.1 (the gateway writes requests, the container's
@@ -488,7 +488,7 @@ class WebTunnelHello(ChannelMsg, tag="webtunnel"):
     token: str
 
 
-# --- web endpoints (issue 5): end
+# --- web endpoints: end
 
 
 ChannelMessage = (

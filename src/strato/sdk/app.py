@@ -227,7 +227,7 @@ class App:
                 **_input_handling(f),
                 **base,
             )
-            web = function_web_spec(f, tag, _input_handling(f))  # web endpoints (issue 5)
+            web = function_web_spec(f, tag, _input_handling(f))  # web endpoints
             if web is not None:
                 spec = msgspec.structs.replace(spec, web=web)
             fn = Function(f, spec, self)
@@ -270,7 +270,7 @@ class App:
                     f"{user_cls.__qualname__} is defined inside a function: move it to module level"
                 )
             methods = class_methods(user_cls)
-            if not methods and not web_methods(user_cls):  # web methods: issue 5
+            if not methods and not web_methods(user_cls):  # web methods
                 raise exc.InvalidError(f"{user_cls.__name__} has no @strato.method()")
             batched = [n for n, f in methods.items() if hasattr(f, "__strato_batch__")]
             if batched and len(methods) > 1:
@@ -321,7 +321,7 @@ class App:
             service._image = image_obj
             handle = Cls(user_cls, spec, self, service)
             self._register(user_cls.__qualname__, service)
-            for tag, raw, web_spec_ in class_web_specs(user_cls, spec):  # issue 5
+            for tag, raw, web_spec_ in class_web_specs(user_cls, spec):
                 endpoint = Function(raw, web_spec_, self)
                 endpoint._image = image_obj
                 self._register(tag, endpoint)
@@ -417,7 +417,7 @@ class App:
                     client.call("POST", f"/apps/{info.app_id}/stop")
                 except exc.Error as e:
                     session.progress(f"could not stop app {info.app_id}: {e}")
-                # every line its containers printed, up to their end (issue 14)
+                # every line its containers printed, up to their end
                 follower.stop(until_gone=not quiet)
             else:
                 follower.stop()

@@ -316,7 +316,7 @@ class Function:
 
     def get_web_url(self) -> str | None:
         """The URL of a web endpoint on the gateway (stable across deploys: by app and
-        label); None when the function is not a web endpoint. (Issue 5.)"""
+        label); None when the function is not a web endpoint."""
         if self._spec is not None and self._spec.web is None:
             return None
         client, fid = self._ensure()
