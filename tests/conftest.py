@@ -106,6 +106,52 @@ def container_pid(container_id: str) -> int | None:
     return None
 
 
+def stored_map_call(home: Path, function_id: str, n: int, page: int = 1000) -> dict:
+    """The newest ``n``-input map call of a function as the store has it (inputs done,
+    successes, attempts), and the indices of its outputs as a client paging through the
+    raw API (``page`` at a time, no client-side de-duplication) receives them. The
+    database gets the outputs behind the answers (the store's journal has them first), so
+    this waits, with a timeout, for it to have all ``n``."""
+    import sqlite3
+
+    from strato.client import session
+    from strato.protocol import messages as m
+
+    deadline = time.monotonic() + 60
+    while True:
+        db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+        try:
+            (call_id,) = db.execute(
+                "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' "
+                "AND n_inputs = ? ORDER BY created_at DESC LIMIT 1",
+                (function_id, n),
+            ).fetchone()
+            done, successes, attempts = db.execute(
+                "SELECT SUM(status = 'done'), SUM(out_status = 'success'), SUM(attempts) "
+                "FROM inputs WHERE call_id = ?",
+                (call_id,),
+            ).fetchone()
+        finally:
+            db.close()
+        if done == n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    indices, after = [], 0
+    while True:
+        got = session.api().call(
+            "GET",
+            f"/calls/{call_id}/outputs",
+            None,
+            m.Outputs,
+            params={"after": after, "limit": page},
+        )
+        if not got.outputs:
+            break
+        indices += [o.idx for o in got.outputs if o.gen_index is None]
+        after = got.last_seq
+    return {"done": done, "successes": successes, "attempts": attempts, "indices": indices}
+
+
 def live_containers(app_id: str) -> list[str]:
     """Ids of the containers of an app that the control plane counts as ready."""
     from strato.client import session

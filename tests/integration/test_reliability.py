@@ -7,17 +7,13 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from apps import reliable
-from conftest import container_pid, live_containers, pid_alive, wait_until
-
-from strato.client import session
-from strato.protocol import messages as m
+from conftest import container_pid, live_containers, pid_alive, stored_map_call, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,46 +56,6 @@ def _runs(path) -> collections.Counter:
     return collections.Counter(int(x) for x in path.read_text().split())
 
 
-def _stored_map_call(server) -> dict:
-    """The newest 2,000-input map call of ``reliable.work``, as the store has it, and the
-    indices of its outputs as a client reading them page by page gets them. The database
-    gets the outputs behind the answers (the store's journal has them first), so this
-    waits, with a timeout, for it to have all N."""
-    deadline = time.monotonic() + 60
-    while True:
-        db = sqlite3.connect(f"file:{server.home / 'state.db'}?mode=ro", uri=True)
-        try:
-            (call_id,) = db.execute(
-                "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' "
-                "AND n_inputs = ? ORDER BY created_at DESC LIMIT 1",
-                (reliable.work.object_id, N),
-            ).fetchone()
-            done, successes = db.execute(
-                "SELECT SUM(status = 'done'), SUM(out_status = 'success') FROM inputs "
-                "WHERE call_id = ?",
-                (call_id,),
-            ).fetchone()
-        finally:
-            db.close()
-        if done == N or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    indices, after = [], 0
-    while True:
-        page = session.api().call(
-            "GET",
-            f"/calls/{call_id}/outputs",
-            None,
-            m.Outputs,
-            params={"after": after, "limit": 97},
-        )
-        if not page.outputs:
-            break
-        indices += [o.idx for o in page.outputs if o.gen_index is None]
-        after = page.last_seq
-    return {"done": done, "successes": successes, "indices": indices}
-
-
 @pytest.mark.parametrize("sleep_s", [0.002, 0.007], ids=["prefetched", "one-at-a-time"])
 def test_map_survives_sigkilled_containers(reliable_app, strato_server, tmp_path, sleep_s):
     """A fast function's container holds many inputs at once ("prefetched"); a slower
@@ -120,7 +76,7 @@ def test_map_survives_sigkilled_containers(reliable_app, strato_server, tmp_path
     runs = _runs(runs_log)
     assert set(runs) == set(range(N))
     assert max(runs.values()) >= 2  # the kills interrupted running inputs, which ran again
-    stored = _stored_map_call(strato_server)
+    stored = stored_map_call(strato_server.home, reliable.work.object_id, N, page=97)
     assert stored["done"] == stored["successes"] == N
     assert sorted(stored["indices"]) == list(range(N))  # one output each, no repeats
     for pid in killed:
@@ -175,7 +131,7 @@ def test_map_survives_a_control_plane_restart(reliable_app, strato_server, tmp_p
     assert set(runs) == set(range(N))
     # the restart happened mid-map: inputs running then lost their outputs and ran again
     assert max(runs.values()) >= 2
-    stored = _stored_map_call(strato_server)
+    stored = stored_map_call(strato_server.home, reliable.work.object_id, N, page=97)
     assert stored["done"] == stored["successes"] == N
     assert sorted(stored["indices"]) == list(range(N))  # one output each, no repeats
     # the app is still usable after the restart

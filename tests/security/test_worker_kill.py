@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import dedicated_server, pid_alive, processes_of, wait_until
+from conftest import dedicated_server, pid_alive, processes_of, stored_map_call, wait_until
 
 from strato.client import session
 from strato.exceptions import ContainerDiedError
@@ -133,46 +131,6 @@ def app_logs(app_id: str) -> list[m.LogLine]:
         after = batch.cursor
 
 
-def stored_outputs(home: Path, function_id: str) -> dict:
-    """The map call as the store has it, and its outputs as a client paging through the
-    raw API (no client-side de-duplication) receives them. The database gets the outputs
-    behind the answers (the store's journal has them first), so this waits, with a
-    timeout, for it to have all N."""
-    deadline = time.monotonic() + 60
-    while True:
-        db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
-        try:
-            (call_id,) = db.execute(
-                "SELECT call_id FROM calls WHERE function_id = ? AND kind = 'map' "
-                "AND n_inputs = ? ORDER BY created_at DESC LIMIT 1",
-                (function_id, N),
-            ).fetchone()
-            done, successes, attempts = db.execute(
-                "SELECT SUM(status = 'done'), SUM(out_status = 'success'), SUM(attempts) "
-                "FROM inputs WHERE call_id = ?",
-                (call_id,),
-            ).fetchone()
-        finally:
-            db.close()
-        if done == N or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    indices, after = [], 0
-    while True:
-        page = session.api().call(
-            "GET",
-            f"/calls/{call_id}/outputs",
-            None,
-            m.Outputs,
-            params={"after": after, "limit": 1000},
-        )
-        if not page.outputs:
-            break
-        indices += [o.idx for o in page.outputs if o.gen_index is None]
-        after = page.last_seq
-    return {"done": done, "successes": successes, "attempts": attempts, "indices": indices}
-
-
 def test_map_survives_a_sigkilled_worker_agent(server):
     home = server.home
     with apps.app.run(quiet=True):
@@ -190,7 +148,7 @@ def test_map_survives_a_sigkilled_worker_agent(server):
         # every output exactly once, with its value, in input order
         assert len(results) == N
         assert results == [2 * x for x in range(N)]
-        stored = stored_outputs(home, apps.double.object_id)
+        stored = stored_map_call(home, apps.double.object_id, N)
         assert stored["done"] == stored["successes"] == N
         assert sorted(stored["indices"]) == list(range(N)), "an input's output is repeated"
         # the node failed, not the inputs: none counted a failed attempt

@@ -211,28 +211,17 @@ class Failures:
     def withdraw(self, pendings: list[Pending]) -> None:
         """Forget inputs that were never stored: out of the queue, their leases ended
         (their containers are told to cancel them), no output."""
-        by_session: dict[ContainerRef, list[int]] = {}
+        by_session = self._take_off_containers(pendings)
         for p in pendings:
-            if p.where == Where.LEASED and p.session is not None:
-                s = p.session
-                s.inflight.pop(p.input_id, None)
-                if not s.inflight:
-                    s.idle_since = time.monotonic()
-                by_session.setdefault(s, []).append(p.input_id)
             p.where, p.session = Where.DONE, None
             self.ledger.untrack(p)
         for s, ids in by_session.items():
             s.send(m.CancelInputs(ids))
-        for fn_id in {p.function_id for p in pendings}:
-            fn = self.ledger.functions.get(fn_id)
-            if fn is not None:
-                fn.queue = deque(p for p in fn.queue if p.where == Where.QUEUED)
-        self.outputs.flush([], {p.call_id for p in pendings})
+        self._drop_from_queues(pendings, [])
 
-    def cancel_inputs(
-        self, pendings: list[Pending], terminate: bool, error: str, error_type: str
-    ) -> None:
-        finals = []
+    def _take_off_containers(self, pendings: list[Pending]) -> dict[ContainerRef, list[int]]:
+        """End the leases of those of ``pendings`` that a container holds: the ids each
+        container must be told about."""
         by_session: dict[ContainerRef, list[int]] = {}
         for p in pendings:
             if p.where == Where.LEASED and p.session is not None:
@@ -241,10 +230,25 @@ class Failures:
                 if not s.inflight:
                     s.idle_since = time.monotonic()
                 by_session.setdefault(s, []).append(p.input_id)
-            if p.where != Where.DONE:
-                finals.append(
-                    self.outputs.final(p, "cancelled", None, error, error_type=error_type)
-                )
+        return by_session
+
+    def _drop_from_queues(self, pendings: list[Pending], finals: list) -> None:
+        """Out of their functions' queues (they are no longer queued), then the outputs."""
+        for fn_id in {p.function_id for p in pendings}:
+            fn = self.ledger.functions.get(fn_id)
+            if fn is not None:
+                fn.queue = deque(p for p in fn.queue if p.where == Where.QUEUED)
+        self.outputs.flush(finals, {p.call_id for p in pendings})
+
+    def cancel_inputs(
+        self, pendings: list[Pending], terminate: bool, error: str, error_type: str
+    ) -> None:
+        by_session = self._take_off_containers(pendings)
+        finals = [
+            self.outputs.final(p, "cancelled", None, error, error_type=error_type)
+            for p in pendings
+            if p.where != Where.DONE
+        ]
         for s, ids in by_session.items():
             if terminate:
                 self.ledger.containers.mark_killing(s)
@@ -252,8 +256,4 @@ class Failures:
                 self._kill_container(s.container_id, "its input was cancelled")
             else:
                 s.send(m.CancelInputs(ids))
-        for fn_id in {p.function_id for p in pendings}:
-            fn = self.ledger.functions.get(fn_id)
-            if fn is not None:
-                fn.queue = deque(p for p in fn.queue if p.where == Where.QUEUED)
-        self.outputs.flush(finals, {p.call_id for p in pendings})
+        self._drop_from_queues(pendings, finals)
