@@ -9,6 +9,7 @@ import shutil
 import socket
 import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import dedicated_server
@@ -23,6 +24,7 @@ if os.geteuid() != 0 or not shutil.which("bwrap") or not shutil.which("debootstr
 from apps import isolated  # noqa: E402
 
 IMAGE_CACHE = os.environ.get("STRATO_TEST_IMAGE_CACHE", "/tmp/strato-test-image-cache")
+PROJECT_FILE = Path(__file__).resolve().parents[2] / "pyproject.toml"  # this checkout
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,8 @@ def fns(request, running):
 
 def test_image_packages_and_no_view_of_the_host(fns):
     with tempfile.NamedTemporaryFile(dir="/var/tmp") as host_file:
-        env = fns["environment"].remote(host_file.name)
+        env = fns["environment"].remote(host_file.name, str(PROJECT_FILE))
+    assert PROJECT_FILE.exists()  # the host sees this checkout; the container must not
     assert env["humanize"] == "2.0 MB"  # a package this client does not have
     assert env["debian"] is True
     assert env["sees_host_file"] is False

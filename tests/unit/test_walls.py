@@ -1,4 +1,4 @@
-"""The walls of DESIGN.md: the SDK never imports the server; the container's start path
+"""The package walls: the SDK never imports the server; the container's start path
 imports neither the server nor heavy modules."""
 
 from __future__ import annotations

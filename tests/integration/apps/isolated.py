@@ -13,7 +13,7 @@ app = strato.App("test-isolated", image=image)
 RUNTIMES = ("bwrap", "gvisor")
 
 
-def _environment(host_file: str) -> dict:
+def _environment(host_file: str, project_file: str = "/nonexistent") -> dict:
     import humanize  # only in the image
 
     with open("/etc/os-release") as f:
@@ -23,7 +23,7 @@ def _environment(host_file: str) -> dict:
         "humanize": humanize.naturalsize(2_000_000),
         "debian": "Debian" in os_release,
         "sees_host_file": os.path.exists(host_file),
-        "sees_project": os.path.exists("/work/main/pyproject.toml"),
+        "sees_project": os.path.exists(project_file),
         "pids": pids,
     }
 
