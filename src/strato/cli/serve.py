@@ -93,16 +93,17 @@ def _show(info: dict) -> None:
 def serve(file: str, timeout: float | None) -> None:
     path = Path(file).resolve()
     root = path.parent
-    current = Child(str(path))
-    info = current.wait_ready(START_TIMEOUT_S)
-    if info is None:
-        current.stop()
-        raise click.ClickException(f"{file} did not start; see the error above")
-    _show(info)
-    click.echo(f"watching {root} for changes (Ctrl-C to stop)")
-    seen = snapshot(root)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    live: list[Child] = []  # every child not yet stopped: Ctrl-C stops them all
     try:
+        current = Child(str(path))
+        live.append(current)
+        info = current.wait_ready(START_TIMEOUT_S)
+        if info is None:
+            raise click.ClickException(f"{file} did not start; see the error above")
+        _show(info)
+        click.echo(f"watching {root} for changes (Ctrl-C to stop)")
+        seen = snapshot(root)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
             time.sleep(POLL_S)
             now = snapshot(root)
@@ -113,18 +114,22 @@ def serve(file: str, timeout: float | None) -> None:
             seen = now
             click.echo("files changed: reloading")
             nxt = Child(str(path))
+            live.append(nxt)
             new_info = nxt.wait_ready(START_TIMEOUT_S)
             if new_info is None:
                 nxt.stop()
+                live.remove(nxt)
                 click.secho("the new version did not start; the old one keeps serving", fg="red")
                 continue
-            current.stop()  # its app drains into the new one
-            current, info = nxt, new_info
+            old, current, info = current, nxt, new_info
             _show(info)
+            old.stop()  # its app drains into the new one
+            live.remove(old)
     except KeyboardInterrupt:
         pass
     finally:
-        current.stop()
+        for child in reversed(live):  # the newest first: it serves
+            child.stop()
 
 
 def serve_child(file: str, ready_path: str) -> None:
