@@ -244,6 +244,7 @@ class WorkerAgent:
         try:
             while (msg := await frames.read_frame(reader)) is not None:
                 if isinstance(msg, m.ContainerStart):
+                    self.starting.add(msg.container_id)  # a kill right behind it finds it
                     asyncio.create_task(self._start(msg))
                 elif isinstance(msg, m.ContainerKill):
                     self._kill(msg.container_id, msg.grace_s)
@@ -277,7 +278,9 @@ class WorkerAgent:
         try:
             runtime = self._runtime(msg.spec.runtime or msg.runtime)
             launch = await asyncio.to_thread(self._prepare, msg, runtime)
-            if cid in self.killed:
+            if cid in self.killed:  # killed while its image or code was being prepared
+                self.killed.discard(cid)
+                self.send(m.ContainerExited(cid, None, None, False, "killed before it started"))
                 return
             rc = await self.zygotes.start(msg, launch, runtime)  # forked; None: start normally
             if rc is None:
@@ -358,10 +361,14 @@ class WorkerAgent:
             group.remove()
 
     def _kill(self, cid: str, grace_s: float) -> None:
-        self.killed.add(cid)
         rc = self.containers.get(cid)
         if rc is None:
+            if cid in self.starting:
+                self.killed.add(cid)  # _start reports its end
+            else:  # never started here (or long gone): say so, or its record waits forever
+                self.send(m.ContainerExited(cid, None, None, False, "not running on its node"))
             return
+        self.killed.add(cid)
         if grace_s > 0:
             asyncio.create_task(rc.stop(grace_s))
         else:
