@@ -194,8 +194,28 @@ def test_a_version_1_database_gains_error_type(store):
     try:
         with again.conn.begin():
             cols = {c["name"] for c in inspect(again.conn).get_columns("inputs")}
-            assert current_version(again.conn) == LATEST == 3
+            assert current_version(again.conn) == LATEST == 5
         assert "error_type" in cols
     finally:
         again.close()
     # the fixture closes ``store`` again: closing twice is harmless
+
+
+def test_a_version_3_database_gains_call_parents_and_state_tables(store):
+    from sqlalchemy import inspect, text
+
+    url = store.url
+    with store.conn.begin():
+        store.conn.execute(text("DROP INDEX ix_calls_parent_input_id"))
+        store.conn.execute(text("ALTER TABLE calls DROP COLUMN parent_input_id"))
+        store.conn.execute(text("ALTER TABLE calls DROP COLUMN caller_app_id"))
+        store.conn.execute(text("UPDATE schema_version SET version = 3"))
+    store.close()
+    again = Store(url)
+    try:
+        with again.conn.begin():
+            cols = {c["name"] for c in inspect(again.conn).get_columns("calls")}
+            assert current_version(again.conn) == LATEST
+        assert {"parent_input_id", "caller_app_id"} <= cols
+    finally:
+        again.close()

@@ -478,6 +478,29 @@ class Heartbeat(ChannelMsg, tag="hb"):
     running: list[str] = []
 
 
+# --- nested calls: a container's API requests over its own channel
+
+
+class ApiRequest(ChannelMsg, tag="api"):
+    """A request of the control plane's API made by code in a container (a nested
+    ``.remote()``, ``Dict`` access...), answered by an ``ApiResponse`` with the same
+    ``req_id``. The container's channel is its credential: only the routes open to
+    containers, scoped to its app (``server/api/scope.py``)."""
+
+    req_id: Index
+    method: Literal["GET", "POST", "PUT", "DELETE"]
+    path: Annotated[str, Meta(max_length=2048)]
+    query: dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=4096)]] = {}
+    body: bytes = b""
+    input_id: Index | None = None  # the input the calling code runs (the call's parent)
+
+
+class ApiResponse(ChannelMsg, tag="apiresp"):
+    req_id: Index
+    status: Annotated[int, Meta(ge=100, le=599)]
+    body: bytes = b""
+
+
 # --- web endpoints: begin
 class WebTunnelHello(ChannelMsg, tag="webtunnel"):
     """First frame of a connection a web container dials to the channel socket: after it
@@ -510,4 +533,6 @@ ChannelMessage = (
     | ContainerStartFailed
     | Logs
     | Heartbeat
+    | ApiRequest
+    | ApiResponse
 )

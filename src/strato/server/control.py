@@ -11,7 +11,9 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgspec
@@ -33,6 +35,9 @@ from .scaling import Scaler
 from .scheduler.quota import AppQuota, QuotaGate
 from .store import Store
 from .store.blobs import BlobStore
+
+if TYPE_CHECKING:
+    from .api.router import Router
 
 log = logging.getLogger("strato.control")
 
@@ -118,6 +123,7 @@ class ControlPlane:
             self.logs,
             self._wake.set,
         )
+        self.api: Router | None = None  # set by api.routes.build_app
         self._tasks: list[asyncio.Task] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._closing = False
@@ -144,6 +150,10 @@ class ControlPlane:
         await self.gateway.start()  # web endpoints
         self._tasks.append(asyncio.create_task(self._scale_loop(), name="scale-loop"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+
+    def spawn_loop(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a background loop of a feature until ``close()`` (on the running loop)."""
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def close(self) -> None:
         self._closing = True

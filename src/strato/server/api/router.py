@@ -50,12 +50,26 @@ def error_reply(e: exc.Error) -> Reply:
     return reply(ErrorBody(type(e).__name__, str(e)), status)
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request that came over a container's channel (``None`` on a request is
+    the holder of the API token). A container may use only the routes marked
+    ``container=True``, and those check that what it names is its own app's or one it
+    may call (``server/api/scope.py``)."""
+
+    container_id: str
+    app_id: str
+    function_id: str
+    input_id: int | None = None  # the input the calling code runs, held by that container
+
+
 @dataclass
 class Request:
     path_params: dict[str, str]
     query: dict[str, str]
     body: bytes
     content_type: str = MSGPACK
+    principal: Principal | None = None
 
     def param(self, name: str, cast: type = str, default=None):
         """A query parameter; numbers must be finite and from 0 to 2^62 (HTTP 400 else)."""
@@ -99,6 +113,7 @@ class Route:
     query: dict[str, type] = field(default_factory=dict)
     raw_body: bool = False
     auth: bool = True
+    container: bool = False  # a container may use it (over its channel), scoped to its app
     regex: re.Pattern = field(init=False)
     params: list[str] = field(init=False)
 
@@ -151,14 +166,10 @@ class Router:
         path = scope["path"]
         if path == "/openapi.json" and scope["method"] == "GET":
             return Reply(self.openapi(), content_type="application/json")
-        for route in self._by_method.get(scope["method"], ()):
-            match = route.regex.match(path)
-            if match is not None:
-                break
-        else:
-            if any(r.regex.match(path) for rs in self._by_method.values() for r in rs):
-                return error_reply(exc.InvalidError(f"{scope['method']} is not allowed on {path}"))
-            return error_reply(exc.NotFoundError(f"no route {scope['method']} {path}"))
+        found = self._match(scope["method"], path)
+        if isinstance(found, Reply):
+            return found
+        route, params = found
         if route.auth and not self._authorized(scope):
             return error_reply(
                 exc.AuthError("missing or wrong token: set STRATO_TOKEN or use $STRATO_HOME/token")
@@ -171,7 +182,39 @@ class Router:
             if k == b"content-type":
                 ctype = v.decode("latin-1").lower()
                 break
-        return await route.handler(Request(match.groupdict(), query, body, ctype))
+        return await route.handler(Request(params, query, body, ctype))
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | Reply:
+        for route in self._by_method.get(method, ()):
+            match = route.regex.match(path)
+            if match is not None:
+                return route, match.groupdict()
+        if any(r.regex.match(path) for rs in self._by_method.values() for r in rs):
+            return error_reply(exc.InvalidError(f"{method} is not allowed on {path}"))
+        return error_reply(exc.NotFoundError(f"no route {method} {path}"))
+
+    async def dispatch_for(
+        self, principal: Principal, method: str, path: str, query: dict[str, str], body: bytes
+    ) -> Reply:
+        """A request a container sent over its channel, on behalf of ``principal``: only
+        routes marked ``container=True``; the same handlers, errors and replies as HTTP."""
+        try:
+            found = self._match(method, path)
+            if isinstance(found, Reply):
+                return found
+            route, params = found
+            if not route.container:
+                raise exc.AuthError(
+                    f"{method} {route.path} is not open to code in a container: its "
+                    "credential may call functions and read its own calls, never the admin API"
+                )
+            if len(body) > self.max_body:
+                raise exc.RequestSizeError(
+                    f"request body over {self.max_body} bytes (STRATO_MAX_PAYLOAD)"
+                )
+            return await route.handler(Request(params, query, body, MSGPACK, principal))
+        except exc.Error as e:
+            return error_reply(e)
 
     def _authorized(self, scope) -> bool:
         for k, v in scope["headers"]:

@@ -17,6 +17,7 @@ from strato.protocol.images import image_id as image_id_of
 from strato.server.store.blobs import check_key
 
 from ..control import ControlPlane
+from . import routes_graph, routes_schedules, routes_secrets, routes_state, routes_volumes
 from .router import Reply, Request, Router, reply
 
 MAX_POLL_S = 55.0
@@ -293,4 +294,8 @@ def build_app(cp: ControlPlane) -> Router:
             )
         )
 
+    # the call graph and the shared-state objects: each module adds its own routes (and loops)
+    for feature in (routes_graph, routes_state, routes_secrets, routes_volumes, routes_schedules):
+        feature.register(api, cp)
+    cp.api = api  # containers' requests over the channel go through the same routes
     return api

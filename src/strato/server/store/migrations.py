@@ -32,10 +32,27 @@ def _v3_journal_applied(conn: Connection) -> None:
         conn.execute(schema.journal_applied.insert().values(seq=0))
 
 
+def _v4_call_parents(conn: Connection) -> None:
+    """Calls made from inside containers record their parent input and caller app."""
+    have = {c["name"] for c in inspect(conn).get_columns("calls")}
+    if "parent_input_id" not in have:
+        conn.execute(text("ALTER TABLE calls ADD COLUMN parent_input_id BIGINT"))
+        conn.execute(text("CREATE INDEX ix_calls_parent_input_id ON calls (parent_input_id)"))
+    if "caller_app_id" not in have:
+        conn.execute(text("ALTER TABLE calls ADD COLUMN caller_app_id VARCHAR(64)"))
+
+
+def _v5_shared_state(conn: Connection) -> None:
+    """The tables of Dict, Queue, Secret, Volume and schedules (databases made before)."""
+    schema.metadata.create_all(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _v2_error_type,
     _v3_journal_applied,
+    _v4_call_parents,
+    _v5_shared_state,
 ]
 LATEST = len(MIGRATIONS)
 

@@ -66,6 +66,9 @@ calls = Table(
     Column("cancelled", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False, index=True),
+    # a call made from inside a container: the input that made it, and that app
+    Column("parent_input_id", BigInteger, nullable=True, index=True),
+    Column("caller_app_id", String(64), nullable=True),
 )
 
 inputs = Table(
@@ -145,3 +148,6 @@ journal_applied = Table(
     # the last intake-journal entry whose rows are in the database (one row)
     Column("seq", BigInteger, nullable=False),
 )
+
+# Tables of the shared-state objects, each in its own module on this metadata.
+from . import tables_schedules, tables_secrets, tables_state, tables_volumes  # noqa: E402,F401
