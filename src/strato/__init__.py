@@ -34,6 +34,7 @@ _LAZY = {
     # Modal's module paths of ported imports (``modal.exception.NotFoundError``)
     "exception": "strato.exception",
     "functions": "strato.functions",
+    "call_graph": "strato.call_graph",
     "is_local": "strato.sdk.context",
     "current_input_id": "strato.sdk.context",
     "current_function_call_id": "strato.sdk.context",

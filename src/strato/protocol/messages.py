@@ -266,6 +266,32 @@ class UpdateAutoscaler(msgspec.Struct):
     scaledown_window: ScaledownWindow | None = None
 
 
+# --- call graph: begin
+InputStatusName = Literal["PENDING", "SUCCESS", "FAILURE", "INIT_FAILURE", "TERMINATED", "TIMEOUT"]
+"""An input's status as Modal's ``InputStatus`` names it."""
+
+
+class GraphInput(msgspec.Struct):
+    """One input of a call graph (``GET /calls/{id}/graph``) and, in ``children``, the
+    inputs of the calls its code made, in the order it made them."""
+
+    input_id: str
+    function_call_id: str
+    task_id: str  # the container that ran it (last), or ""
+    status: InputStatusName
+    function_name: str
+    module_name: str
+    children: list[GraphInput] = []
+
+
+class CallGraph(msgspec.Struct):
+    inputs: list[GraphInput]  # the call's own inputs
+    truncated: bool = False  # more levels or inputs than one answer carries were left out
+
+
+# --- call graph: end
+
+
 # --------------------------------------------------------------------------- logs
 
 

@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from strato.protocol import messages as m
 from .aio import with_aio
 
 if TYPE_CHECKING:
+    from .call_graph import InputInfo
     from .image import Image
 
 REMOTE_WAIT_S = 50.0  # one long-poll of a .remote() call
@@ -521,6 +523,21 @@ class FunctionCall:
         session.api().call(
             "POST", f"/calls/{self.object_id}/cancel", m.Cancel(terminate_containers)
         )
+
+    @with_aio
+    def get_call_graph(self) -> list[InputInfo]:
+        """The call's inputs, each with the inputs of the calls its code made (from inside
+        its container), recursively: Modal's ``InputInfo`` trees."""
+        from .call_graph import from_wire
+
+        graph = session.api().call("GET", f"/calls/{self.object_id}/graph", None, m.CallGraph)
+        if graph.truncated:
+            warnings.warn(
+                f"the call graph of {self.object_id} is too large for one answer; "
+                "deeper levels or later inputs are left out",
+                stacklevel=2,
+            )
+        return from_wire(graph)
 
     @staticmethod
     def gather(*calls: FunctionCall) -> list:

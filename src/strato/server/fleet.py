@@ -495,7 +495,9 @@ class Fleet:
             time.monotonic() + delay,
             min(delay * 2, INIT_FAILURE_BACKOFF_S[1]),
         )
-        self.calls.fail_queued(s.function_id, error, exc, tb, error_type=error_type)
+        self.calls.fail_queued(
+            s.function_id, error, exc, tb, error_type=error_type, init_failure=True
+        )
 
     def _exited(self, s: Container, description: str, oom: bool) -> None:
         """The worker reports the container's exit. Its own channel is another connection:

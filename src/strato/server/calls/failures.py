@@ -9,7 +9,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from strato.exceptions import NotFoundError
 from strato.protocol import messages as m
 
 from ..store import FinalRow, Store
@@ -35,6 +34,9 @@ class Failures:
         self.dispatcher = dispatcher
         self._kill_container = kill_container
         self.on_cancel: Callable[[str], None] = lambda call_id: None  # a call was cancelled
+        # inputs were cancelled (their ids, terminate_containers): the calls they made are
+        # cancelled too (``graph.CallTree``)
+        self.on_inputs_cancelled: Callable[[list[int], bool], None] = lambda ids, terminate: None
 
     # ------------------------------------------------------------------ attempts
 
@@ -133,8 +135,10 @@ class Failures:
         tb: str | None = None,
         count_attempt: bool = True,
         error_type: str | None = None,
+        init_failure: bool = False,
     ) -> None:
-        """Fail (or retry) every queued input of a function: its containers cannot start."""
+        """Fail (or retry) every queued input of a function: its containers cannot start
+        (``init_failure``: a container's start-up code failed)."""
         fn = self.ledger.functions.get(function_id)
         if fn is None or not fn.queue:
             return
@@ -149,6 +153,8 @@ class Failures:
                 row = self.outputs.final(p, "failure", data, error, tb, None, error_type)
             if row:
                 finals.append(row)
+                if init_failure:
+                    self.ledger.init_failed.put(row.input_id, None)
         self.outputs.flush(finals, {p.call_id for p in queued})
 
     # ------------------------------------------------------------------ timeouts
@@ -196,21 +202,23 @@ class Failures:
 
     # ------------------------------------------------------------------ cancellation
 
-    def cancel_call(self, call_id: str, terminate_containers: bool) -> None:
-        if self.store.call_row(call_id) is None:
-            raise NotFoundError(f"call {call_id} does not exist (or has expired)")
-        self.store.cancel_call(call_id)
-        self.on_cancel(call_id)
-        self.cancel_inputs(
-            list(self.ledger.live.get(call_id, {}).values()),
-            terminate_containers,
-            "the call was cancelled",
-            "InputCancellation",
-        )
+    def cancel_calls(self, call_ids: list[str], terminate: bool, error: str) -> None:
+        """Mark calls that exist cancelled and cancel their inputs not ended (not the
+        calls those made: see ``graph.CallTree.cancel_call``)."""
+        if len(call_ids) == 1:
+            self.store.cancel_call(call_ids[0])
+        else:
+            self.store.cancel_calls(call_ids)
+        pendings: list[Pending] = []
+        for call_id in call_ids:
+            self.on_cancel(call_id)
+            pendings += self.ledger.live.get(call_id, {}).values()
+        self.cancel_inputs(pendings, terminate, error, "InputCancellation", cascade=False)
 
     def withdraw(self, pendings: list[Pending]) -> None:
         """Forget inputs that were never stored: out of the queue, their leases ended
-        (their containers are told to cancel them), no output."""
+        (their containers are told to cancel them), no output; the calls they made are
+        cancelled."""
         by_session = self._take_off_containers(pendings)
         for p in pendings:
             p.where, p.session = Where.DONE, None
@@ -218,6 +226,8 @@ class Failures:
         for s, ids in by_session.items():
             s.send(m.CancelInputs(ids))
         self._drop_from_queues(pendings, [])
+        if pendings:
+            self.on_inputs_cancelled([p.input_id for p in pendings], False)
 
     def _take_off_containers(self, pendings: list[Pending]) -> dict[ContainerRef, list[int]]:
         """End the leases of those of ``pendings`` that a container holds: the ids each
@@ -241,8 +251,15 @@ class Failures:
         self.outputs.flush(finals, {p.call_id for p in pendings})
 
     def cancel_inputs(
-        self, pendings: list[Pending], terminate: bool, error: str, error_type: str
+        self,
+        pendings: list[Pending],
+        terminate: bool,
+        error: str,
+        error_type: str,
+        cascade: bool = True,
     ) -> None:
+        """End inputs as cancelled; with ``cascade``, the calls they made are cancelled
+        too (``on_inputs_cancelled``)."""
         by_session = self._take_off_containers(pendings)
         finals = [
             self.outputs.final(p, "cancelled", None, error, error_type=error_type)
@@ -257,3 +274,5 @@ class Failures:
             else:
                 s.send(m.CancelInputs(ids))
         self._drop_from_queues(pendings, finals)
+        if cascade and pendings:
+            self.on_inputs_cancelled([p.input_id for p in pendings], terminate)

@@ -26,6 +26,7 @@ from ..store import CallRow, FinalRow, InputRow, Store, Write
 from ..store.blobs import BlobStore
 from .dispatch import Dispatcher
 from .failures import Failures
+from .graph import Owners
 from .outputs import Outputs
 from .state import AppState, FunctionQueue, Ledger, Pending, Where
 
@@ -57,6 +58,7 @@ class Intake:
         blob_threshold: int,
         max_payload: int,
         retention_s: float,
+        owners: Owners | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -64,6 +66,7 @@ class Intake:
         self.dispatcher = dispatcher
         self.failures = failures
         self.outputs = outputs
+        self.owners = owners if owners is not None else Owners()
         self.blob_threshold = blob_threshold
         self.max_payload = max_payload
         self.retention_s = retention_s
@@ -113,10 +116,20 @@ class Intake:
                 "run or deploy the app again to call it"
             )
 
-    async def create_call(self, req: m.CreateCall) -> None:
+    async def create_call(
+        self,
+        req: m.CreateCall,
+        *,
+        parent_input_id: int | None = None,
+        caller_app_id: str | None = None,
+    ) -> None:
         """Accept a new call with its first inputs and queue them. The answer waits for
         the store's journal only (durable on return: see `Store.accept_call`); the
-        inputs run while the database writes the call behind it."""
+        inputs run while the database writes the call behind it.
+
+        A call made from inside a container names the input that made it
+        (``parent_input_id``: cancelling that input's call cancels this one) and that
+        container's app (``caller_app_id``: it may read and cancel the call)."""
         fn = self.ledger.function(req.function_id)
         self._check_callable(fn)
         items = await self._offload(req.inputs)
@@ -132,6 +145,8 @@ class Intake:
             cancelled=False,
             created_at=now,
             expires_at=now + self.retention_s,
+            parent_input_id=parent_input_id,
+            caller_app_id=caller_app_id,
         )
         if req.call_id in self._created:  # a retried request: add only what is missing
             self._next_input -= len(new)
@@ -144,8 +159,10 @@ class Intake:
         self._created[req.call_id] = None
         while len(self._created) > RECENT_CALLS:
             self._created.popitem(last=False)
+        self.owners.note(req.call_id, fn.app_id, caller_app_id, call.expires_at)
         if w.done() and w.exception() is None and not w.result():  # known at once
             self.forget_call(req.call_id)
+            self.owners.drop(req.call_id)
             self._next_input -= len(new)
             self._retried(req)
             return
@@ -183,6 +200,7 @@ class Intake:
         self.failures.withdraw(pendings)
         self.outputs.forget(req.call_id)
         self.forget_call(req.call_id)
+        self.owners.drop(req.call_id)
         try:
             self._retried(req)
         except Exception as e:

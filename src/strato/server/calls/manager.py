@@ -27,6 +27,7 @@ from ..store import FinalRow, GenItemRow, Store
 from ..store.blobs import BlobStore
 from .dispatch import Dispatcher, slots, target_inputs
 from .failures import Failures
+from .graph import CallTree, Owners
 from .intake import Intake
 from .outputs import Outputs
 from .state import AppState, ContainerDirectory, ContainerRef, FunctionQueue, Ledger, Pending
@@ -56,6 +57,7 @@ class CallManager:
         self.outputs = Outputs(store, blobs, self.ledger, blob_threshold=blob_threshold)
         self.dispatcher = Dispatcher(self.ledger, blobs, wake_scaler)
         self.failures = Failures(store, self.ledger, self.outputs, self.dispatcher, kill_container)
+        owners = Owners()
         self.intake = Intake(
             store,
             blobs,
@@ -66,8 +68,10 @@ class CallManager:
             blob_threshold=blob_threshold,
             max_payload=max_payload,
             retention_s=retention_s,
+            owners=owners,
         )
         self.failures.on_cancel = self.intake.forget_call
+        self.tree = CallTree(store, self.ledger, self.failures, owners)
         self.functions = self.ledger.functions
         self.live = self.ledger.live
         # the public operations, each where its concern lives
@@ -77,8 +81,10 @@ class CallManager:
         self.release_leases = self.failures.release_leases
         self.fail_queued = self.failures.fail_queued
         self.check_timeouts = self.failures.check_timeouts
-        self.cancel_call = self.failures.cancel_call
+        self.cancel_call = self.tree.cancel_call
         self.wait_outputs = self.outputs.wait
+        self.call_owner = self.tree.call_owner
+        self.call_graph = self.tree.graph
 
     # ------------------------------------------------------------------ functions
 

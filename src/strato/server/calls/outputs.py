@@ -128,6 +128,8 @@ class Outputs:
         data, blob = self._offload(data, blob)
         p.where = Where.DONE
         self.ledger.untrack(p)
+        if p.session is not None:  # for the call graph
+            self.ledger.ran_on.put(p.input_id, p.session.container_id)
         seq = self._seq(p.call_id)
         self._staged[p.input_id] = (
             p.call_id,

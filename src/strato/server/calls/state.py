@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -24,6 +24,38 @@ from ..store import Store
 
 # how an input ended (what its final output says)
 Status = Literal["success", "failure", "died", "timeout", "cancelled"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+# inputs whose container (and whether it failed to start) is remembered once they ended
+RAN_KEPT = 100_000
+
+
+class Recent(Generic[K, V]):
+    """A map that keeps its ``limit`` newest entries."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._d: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def put(self, key: K, value: V) -> None:
+        d = self._d
+        d[key] = value
+        if len(d) > self.limit:
+            d.popitem(last=False)
+
+    def get(self, key: K) -> V | None:
+        return self._d.get(key)
+
+    def pop(self, key: K) -> V | None:
+        return self._d.pop(key, None)
 
 
 class Where(enum.StrEnum):
@@ -127,6 +159,10 @@ class Ledger:
         self.on_arrival = on_arrival
         self.functions: dict[str, FunctionQueue] = {}
         self.live: dict[str, dict[int, Pending]] = {}  # call_id -> input_id -> Pending
+        # input_id -> the container that ran it last, of the inputs that ended (newest)
+        self.ran_on: Recent[int, str] = Recent(RAN_KEPT)
+        # input_ids of the inputs that ended because their containers failed to start
+        self.init_failed: Recent[int, None] = Recent(RAN_KEPT)
 
     def function(self, function_id: str) -> FunctionQueue:
         fn = self.functions.get(function_id)

@@ -26,6 +26,9 @@ class CallRow:
     cancelled: bool
     created_at: float
     expires_at: float
+    # a call made from inside a container: the input that made it, and that input's app
+    parent_input_id: int | None = None
+    caller_app_id: str | None = None
 
 
 @dataclass
@@ -86,3 +89,34 @@ class OutputRow:
     seq: int
     gen_index: int | None = None
     error_type: str | None = None
+
+
+@dataclass
+class GraphCallRow:
+    """A call in a call graph: who made it (``parent_input_id``; None for the root)."""
+
+    call_id: str
+    function_id: str
+    method: str | None
+    parent_input_id: int | None
+
+
+@dataclass
+class GraphInputRow:
+    """An input in a call graph: ``out_status`` is None while it has no final output."""
+
+    input_id: int
+    call_id: str
+    idx: int
+    out_status: str | None
+
+
+@dataclass
+class CallGraphRows:
+    """A call and the calls its inputs made, recursively, level by level: at most
+    ``max_depth`` levels and ``max_inputs`` inputs (``truncated`` when there is more)."""
+
+    calls: list[GraphCallRow]
+    inputs: list[GraphInputRow]
+    functions: list[FunctionRow]
+    truncated: bool

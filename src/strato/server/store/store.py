@@ -52,7 +52,18 @@ from strato import settings
 from . import schema as t
 from .journal import Journal
 from .migrations import migrate
-from .rows import CallRow, FinalRow, FunctionRow, GenItemRow, InputRow, OutputRow, PendingRow
+from .rows import (
+    CallGraphRows,
+    CallRow,
+    FinalRow,
+    FunctionRow,
+    GenItemRow,
+    GraphCallRow,
+    GraphInputRow,
+    InputRow,
+    OutputRow,
+    PendingRow,
+)
 from .writer import WAIT_S, StoreClosed, StoreTimeout, Write, WriteFailed, _Op, _Writer
 
 __all__ = [
@@ -242,6 +253,8 @@ def _call_params(c: CallRow) -> dict:
         "cancelled": c.cancelled,
         "created_at": c.created_at,
         "expires_at": c.expires_at,
+        "parent_input_id": c.parent_input_id,
+        "caller_app_id": c.caller_app_id,
     }
 
 
@@ -256,6 +269,8 @@ def _call_row(r: dict) -> CallRow:
         bool(r["cancelled"]),
         r["created_at"],
         r["expires_at"],
+        r.get("parent_input_id"),
+        r.get("caller_app_id"),
     )
 
 
@@ -294,6 +309,12 @@ def _gen_params(g: GenItemRow) -> dict:
         "data": g.data,
         "blob": g.blob,
     }
+
+
+def _chunks(items: Sequence[T], size: int = 500) -> Iterable[Sequence[T]]:
+    """``items`` in slices of ``size`` (bound parameters per statement stay few)."""
+    for at in range(0, len(items), size):
+        yield items[at : at + size]
 
 
 def _run(stmt: Any) -> Callable[[Connection], None]:
@@ -820,6 +841,130 @@ class Store:
     def cancel_call(self, call_id: str) -> Write[None]:
         stmt = update(t.calls).where(t.calls.c.call_id == call_id).values(cancelled=True)
         return self._write("cancel_call", _run(stmt))
+
+    def cancel_calls(self, call_ids: Sequence[str]) -> Write[None]:
+        """Mark calls cancelled (the descendants of a cancelled call)."""
+        if not call_ids:
+            return self._done("cancel_calls")
+        ids = list(call_ids)
+
+        def run(c: Connection) -> None:
+            for chunk in _chunks(ids):
+                c.execute(
+                    update(t.calls).where(t.calls.c.call_id.in_(chunk)).values(cancelled=True)
+                )
+
+        return self._write("cancel_calls", run)
+
+    def call_owner(self, call_id: str) -> tuple[str, str | None, float] | None:
+        """(the app of the call's function, the app that made the call or None, when
+        the call expires), or None when there is no such call."""
+        c, f = t.calls.c, t.functions.c
+        q = (
+            select(f.app_id, c.caller_app_id, c.expires_at)
+            .join(t.functions, f.function_id == c.function_id)
+            .where(c.call_id == call_id)
+        )
+        r = self._read(lambda conn: conn.execute(q).first())
+        return (r[0], r[1], r[2]) if r is not None else None
+
+    def descendant_calls(
+        self, call_ids: Sequence[str], input_ids: Sequence[int], limit: int
+    ) -> tuple[list[str], bool]:
+        """The calls made by the inputs of ``call_ids`` and by ``input_ids``, and the calls
+        their inputs made, recursively: (those not cancelled yet, whether the walk stopped
+        at ``limit`` calls before it ended)."""
+        c, i = t.calls.c, t.inputs.c
+
+        def run(conn: Connection) -> tuple[list[str], bool]:
+            seen: set[str] = set(call_ids)
+            walked = 0
+            found: list[str] = []
+            parents = list(input_ids)
+            frontier = list(call_ids)
+            while frontier or parents:
+                for calls in _chunks(frontier):
+                    q = select(i.input_id).where(i.call_id.in_(calls))
+                    parents += [r[0] for r in conn.execute(q)]
+                frontier = []
+                for ids in _chunks(parents):
+                    q = select(c.call_id, c.cancelled).where(c.parent_input_id.in_(ids))
+                    for call_id, cancelled in conn.execute(q):
+                        if call_id in seen:
+                            continue
+                        if walked >= limit:
+                            return found, True
+                        walked += 1
+                        seen.add(call_id)
+                        frontier.append(call_id)
+                        if not cancelled:
+                            found.append(call_id)
+                parents = []
+            return found, False
+
+        return self._read(run)
+
+    def call_graph(self, call_id: str, max_depth: int, max_inputs: int) -> CallGraphRows | None:
+        """The call, its inputs and the calls they made, recursively (``CallGraphRows``),
+        read in one transaction; None when there is no such call."""
+        c, i = t.calls.c, t.inputs.c
+        f = t.functions.c
+
+        def run(conn: Connection) -> CallGraphRows | None:
+            root = conn.execute(
+                select(c.call_id, c.function_id, c.method).where(c.call_id == call_id)
+            ).first()
+            if root is None:
+                return None
+            calls = [GraphCallRow(root[0], root[1], root[2], None)]
+            inputs: list[GraphInputRow] = []
+            truncated = False
+            level: list[str] = [root[0]]
+            for depth in range(max_depth):
+                found: list[GraphInputRow] = []
+                for chunk in _chunks(level):
+                    room = max_inputs - len(inputs) - len(found)
+                    q = (
+                        select(i.input_id, i.call_id, i.idx, i.out_status)
+                        .where(i.call_id.in_(chunk))
+                        .order_by(i.input_id)
+                        .limit(room + 1)
+                    )
+                    found += [GraphInputRow(*r) for r in conn.execute(q)]
+                    if len(found) + len(inputs) > max_inputs:
+                        found = found[: max_inputs - len(inputs)]
+                        truncated = True
+                        break
+                inputs += found
+                if truncated or not found:
+                    break
+                made: list[GraphCallRow] = []
+                for ids in _chunks([r.input_id for r in found]):
+                    q = (
+                        select(c.call_id, c.function_id, c.method, c.parent_input_id)
+                        .where(c.parent_input_id.in_(ids))
+                        .order_by(c.created_at, c.call_id)
+                    )
+                    made += [GraphCallRow(r[0], r[1], r[2], r[3]) for r in conn.execute(q)]
+                if made and depth == max_depth - 1:
+                    truncated = True  # calls one level too deep are left out
+                    break
+                calls += made
+                level = [r.call_id for r in made]
+                if not level:
+                    break
+            fids = sorted({r.function_id for r in calls})
+            functions: list[FunctionRow] = []
+            for chunk in _chunks(fids):
+                q = (
+                    select(f.function_id, f.app_id, f.name, f.spec, t.apps.c.state)
+                    .join(t.apps, t.apps.c.app_id == f.app_id)
+                    .where(f.function_id.in_(chunk))
+                )
+                functions += [FunctionRow(*r) for r in conn.execute(q)]
+            return CallGraphRows(calls, inputs, functions, truncated)
+
+        return self._read(run)
 
     def pending_inputs(self) -> list[PendingRow]:
         """Every input without a final output, oldest first (for recovery at start)."""
