@@ -34,6 +34,7 @@ BENCHMARKS = {
     "cold_start": "bench_cold_start.py",
     "image_build": "bench_image_build.py",
     "store_latency": "bench_store_latency.py",
+    "nested": "bench_nested.py",
 }
 TIMEOUT_S = 300
 

@@ -1,7 +1,7 @@
 """The everyday surface that code ported from Modal relies on, end to end: module paths,
 exceptions builtin ``except`` clauses catch, ``map(kwargs=)``, ``@batched`` /
 ``@concurrent`` methods, ``App.lookup``, ``enable_output``, live progress bars, logs and
-history of stopped apps, where code runs, and nested calls refused."""
+history of stopped apps, where code runs, and a nested call."""
 
 from __future__ import annotations
 
@@ -85,9 +85,9 @@ def test_is_local_current_input_id_and_call_id():
     assert inside["call_id"] == call.object_id
 
 
-def test_nested_call_fails_fast_with_a_clear_message():
-    with pytest.raises(exc.ExecutionError, match="not supported yet"):
-        surface.nested.remote()
+def test_a_nested_call_runs_over_the_containers_channel():
+    # (tests/integration/test_nested_calls.py covers nested calls in depth)
+    assert surface.nested.remote() == surface.scaled.remote(2)
 
 
 def test_app_lookup():

@@ -193,7 +193,7 @@ def test_no_control_plane_is_started_inside_a_container(monkeypatch, tmp_path):
     monkeypatch.setenv("STRATO_HOME", str(tmp_path))
     started = []
     monkeypatch.setattr(config, "start_server", lambda *a, **k: started.append(a))
-    with pytest.raises(exc.ExecutionError, match="not supported yet"):
+    with pytest.raises(exc.ExecutionError, match="never starts or dials a control plane"):
         config.ensure_server()
     assert started == [] and not (tmp_path / "server.lock").exists()
 

@@ -39,6 +39,9 @@ def test_container_start_path_is_lean():
     mods = _loaded_after("import strato.container.runner")
     assert _heavy(mods) == []
     assert "strato.sdk.app" not in mods  # only the user's own module pulls the SDK in
+    # nested calls go over the channel: no HTTP client, no server discovery at start
+    assert {"strato.client.http", "strato.client.session", "http.client"}.isdisjoint(mods)
+    assert "strato.client.channel_api" in mods
 
 
 def test_probe_sees_heavy_imports():

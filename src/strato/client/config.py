@@ -71,9 +71,9 @@ def ensure_server(
     in a container) would otherwise start a second control plane there."""
     if settings.IN_CONTAINER.get():
         raise exc.ExecutionError(
-            "calling a strato function from inside a container (a nested .remote(), .map() "
-            "or .spawn()) is not supported yet: call it from the local entrypoint, or "
-            "return what the next call needs and make that call there"
+            "a container never starts or dials a control plane: calls from inside a "
+            "container go over the container's channel, which this process does not have "
+            "(it was not started by strato's container entrypoint, or its channel closed)"
         )
     home = strato_home()
     url = server_url(home)

@@ -14,25 +14,14 @@ import threading
 import time
 from urllib.parse import urlencode, urlsplit
 
-import msgspec
-
 from strato import exceptions as exc
-from strato.protocol.messages import ErrorBody
 
-MSGPACK = "application/msgpack"
-_encoder = msgspec.msgpack.Encoder()
-_decoders: dict[type, msgspec.msgpack.Decoder] = {}
-_error_decoder = msgspec.msgpack.Decoder(ErrorBody)
+from .api_base import MSGPACK, ApiBase
+
+__all__ = ["MSGPACK", "ApiBase", "ApiClient"]
 
 
-def _decoder(typ: type) -> msgspec.msgpack.Decoder:
-    dec = _decoders.get(typ)
-    if dec is None:
-        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
-    return dec
-
-
-class ApiClient:
+class ApiClient(ApiBase):
     def __init__(
         self,
         url: str,
@@ -124,44 +113,3 @@ class ApiClient:
         if status >= 400:
             raise self._error(status, data)
         return data
-
-    def _error(self, status: int, data: bytes) -> BaseException:
-        try:
-            body = _error_decoder.decode(data)
-            cls = exc.ERRORS_BY_NAME.get(body.error, exc.Error)
-            return cls(body.message)
-        except (msgspec.DecodeError, TypeError):
-            return exc.Error(f"control plane answered HTTP {status}: {data[:300]!r}")
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: object = None,
-        response: type | None = None,
-        *,
-        params: dict | None = None,
-        timeout: float | None = None,
-    ):
-        raw = self.request_raw(
-            method,
-            path,
-            None if body is None else _encoder.encode(body),
-            params=params,
-            timeout=timeout,
-        )
-        if response is None:
-            return None
-        return _decoder(response).decode(raw)
-
-    def get_blob(self, key: str) -> bytes:
-        return self.request_raw("GET", f"/blobs/{key}", timeout=max(self.timeout, 300.0))
-
-    def put_blob(self, key: str, data: bytes) -> None:
-        self.request_raw(
-            "PUT",
-            f"/blobs/{key}",
-            data,
-            timeout=max(self.timeout, 300.0),
-            content_type="application/octet-stream",
-        )

@@ -11,15 +11,15 @@ from collections.abc import Callable
 from strato import exceptions as exc
 from strato.protocol import messages as m
 
-from . import console
+from . import channel_api, console
 from .config import ensure_server
-from .http import ApiClient
+from .http import ApiBase, ApiClient
 from .mounts import LocalMount
 
 HEARTBEAT_S = 5.0
 # after its app stopped, how long a run waits for the last lines of its containers
 DRAIN_TIMEOUT_S = 60.0
-_session: ApiClient | None = None
+_session: ApiBase | None = None
 _lock = threading.Lock()
 
 
@@ -27,12 +27,15 @@ def progress(text: str) -> None:
     print(f"\u2022 {text}", file=sys.stderr, flush=True)
 
 
-def api(progress_cb: Callable[[str], None] | None = progress) -> ApiClient:
-    """The process-wide API client, starting the embedded control plane if none answers."""
+def api(progress_cb: Callable[[str], None] | None = progress) -> ApiBase:
+    """The process-wide API client, starting the embedded control plane if none answers.
+    In a container: the client over the container's channel (``channel_api.CURRENT``)."""
     global _session
+    if channel_api.CURRENT is not None:
+        return channel_api.CURRENT
     with _lock:
         if _session is None:
-            url, token = ensure_server(progress_cb)
+            url, token = ensure_server(progress_cb)  # refuses inside a container
             _session = ApiClient(url, token)
         return _session
 
@@ -46,7 +49,7 @@ def reset() -> None:
         _session = None
 
 
-def upload_mount(client: ApiClient, mount: LocalMount) -> int:
+def upload_mount(client: ApiBase, mount: LocalMount) -> int:
     """Upload the source files the control plane does not have yet; returns how many."""
     shas = list(mount.files)
     if not shas:
@@ -63,7 +66,7 @@ class LogFollower:
     keeps the app's heartbeat going. Stops with ``stop()``."""
 
     def __init__(
-        self, client: ApiClient, app_id: str, *, quiet: bool = False, heartbeat: bool = True
+        self, client: ApiBase, app_id: str, *, quiet: bool = False, heartbeat: bool = True
     ) -> None:
         self.client = client
         self.app_id = app_id

@@ -19,3 +19,9 @@ CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("strato_cal
 def input_id(container_id: str, index: int) -> str:
     """The input's id as ``current_input_id()`` gives it: unique among the app's inputs."""
     return f"in-{container_id}-{index}"
+
+
+def input_index() -> int | None:
+    """The control plane's id of the input the calling code runs (None outside inputs)."""
+    value = INPUT_ID.get()
+    return None if value is None else int(value.rsplit("-", 1)[1])

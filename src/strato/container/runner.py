@@ -24,6 +24,7 @@ import cloudpickle
 import msgspec
 
 from strato import settings
+from strato.client import channel_api
 from strato.exceptions import DeserializationError, InputCancellation, SerializationError
 from strato.protocol import frames
 from strato.protocol import messages as m
@@ -43,6 +44,9 @@ class ContainerRunner:
         self._send_lock = threading.Lock()
         self.sock = frames.connect(channel)
         self._send(m.ContainerHello(container_id, token))
+        # code in this container calls the control plane over this channel (nested calls)
+        self.api = channel_api.ChannelApiClient(self._send_frames, current.input_index)
+        channel_api.CURRENT = self.api
         self.queue: deque[m.TaskInput] = deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -60,6 +64,8 @@ class ContainerRunner:
         self._out_cond = threading.Condition(self._out_lock)
         self._flusher_idle = False  # waiting for outputs (not timing a batch)
         self._serving = True
+        # the reader runs from the start: @enter hooks may call other functions
+        threading.Thread(target=self._read, name="strato-channel", daemon=True).start()
 
     def _send(self, msg: object) -> None:
         # large values go ahead of their outputs in chunks: the control plane refuses
@@ -68,6 +74,10 @@ class ContainerRunner:
         with self._send_lock:  # the main thread and the flusher both write
             for part in parts:
                 self.sock.sendall(frames.encode(part))
+
+    def _send_frames(self, msgs: list[object]) -> None:
+        with self._send_lock:  # in order, nothing of another sender between them
+            self.sock.sendall(b"".join(frames.encode(msg) for msg in msgs))
 
     # ------------------------------------------------------------------ reader thread
 
@@ -80,12 +90,15 @@ class ContainerRunner:
                         self.queue.extend(msg.inputs)
                         self.cond.notify_all()
                     self._wake_async()
+                elif isinstance(msg, m.ApiResponse):
+                    self.api.deliver(msg)
                 elif isinstance(msg, m.CancelInputs):
                     self._cancel(set(msg.input_ids))
                 elif isinstance(msg, m.StopContainer):
                     break
         except (OSError, frames.FrameError):
             pass
+        self.api.close_channel("the container's channel to the control plane closed")
         self._request_stop(drop_queued=False)  # the control plane is gone or asked us to stop
 
     def _wake_async(self) -> None:
@@ -119,7 +132,6 @@ class ContainerRunner:
     def serve(self, target: Target) -> None:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
-        threading.Thread(target=self._read, name="strato-channel", daemon=True).start()
         threading.Thread(target=self._flush_loop, name="strato-flush", daemon=True).start()
         self._send(m.ContainerReady())
         spec = self.spec

@@ -28,12 +28,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from strato import settings
+from strato.client import channel_api
 from strato.protocol import frames
 from strato.protocol import messages as m
 
@@ -64,7 +66,16 @@ class WebContainer:
         self.web: m.WebConfig = spec.web
         self.hello = frames.encode(m.WebTunnelHello(container_id, token))
         self.sock = frames.connect(channel)
+        self._send_lock = threading.Lock()
         self.sock.sendall(frames.encode(m.ContainerHello(container_id, token)))
+        # the channel's reader is a thread (not the serving loop): the answers to the
+        # endpoint's own API requests (nested calls) arrive even while a sync call in an
+        # async handler blocks the loop, and during @enter before the loop serves
+        self.api = channel_api.ChannelApiClient(self._send_frames, lambda: None)
+        channel_api.CURRENT = self.api
+        self._grace: float | None = None  # set when the control plane says stop
+        self._loop_ready = False
+        threading.Thread(target=self._read_channel, name="strato-channel", daemon=True).start()
         self.stopping = False
         # set by start(), on the serving loop
         self.loop: asyncio.AbstractEventLoop
@@ -77,7 +88,11 @@ class WebContainer:
         self._dialing = 0
 
     def send(self, msg: object) -> None:
-        self.sock.sendall(frames.encode(msg))
+        self._send_frames([msg])
+
+    def _send_frames(self, msgs: list[object]) -> None:
+        with self._send_lock:
+            self.sock.sendall(b"".join(frames.encode(msg) for msg in msgs))
 
     # ------------------------------------------------------------------ start-up
 
@@ -133,6 +148,9 @@ class WebContainer:
         """Start the app (lifespan), connect the first tunnels, say ready."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop_ready = True
+        if self._grace is not None:  # told to stop before the loop ran
+            self._stop.set()
         if app is not None:
             await self._start_asgi(app)
         else:
@@ -148,24 +166,25 @@ class WebContainer:
         """Serve until the control plane says stop (or goes away, or SIGTERM)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stop.set)
-        self.sock.setblocking(False)
-        reader, _ = await asyncio.open_connection(sock=self.sock)
-        channel = asyncio.ensure_future(self._read_channel(reader))
-        stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait([channel, stop], return_when=asyncio.FIRST_COMPLETED)
-        grace = channel.result() if channel.done() else STOP_GRACE_S
-        channel.cancel()
-        stop.cancel()
-        await self.shutdown(grace)
+        await self._stop.wait()
+        await self.shutdown(self._grace or STOP_GRACE_S)
 
-    async def _read_channel(self, reader: asyncio.StreamReader) -> float:
+    def _read_channel(self) -> None:
+        reader = frames.SocketReader(self.sock)
+        grace = STOP_GRACE_S
         try:
-            while (msg := await frames.read_frame(reader)) is not None:
-                if isinstance(msg, m.StopContainer):
-                    return msg.grace_s or STOP_GRACE_S
+            while (msg := reader.read()) is not None:
+                if isinstance(msg, m.ApiResponse):
+                    self.api.deliver(msg)
+                elif isinstance(msg, m.StopContainer):
+                    grace = msg.grace_s or STOP_GRACE_S
+                    break
         except (OSError, frames.FrameError):
             pass
-        return STOP_GRACE_S
+        self.api.close_channel("the container's channel to the control plane closed")
+        self._grace = grace
+        if self._loop_ready:
+            self.loop.call_soon_threadsafe(self._stop.set)
 
     async def _start_asgi(self, app: Any) -> None:
         try:

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from strato import exceptions as exc
+from strato import settings
 from strato.client import serialization as ser
 from strato.client import session
-from strato.client.http import ApiClient
+from strato.client.http import ApiBase
 from strato.protocol import messages as m
 
 from .aio import with_aio
@@ -107,7 +108,7 @@ class Function:
         self._hyd.function_id = function_id
         self._hyd.app_id = app_id
 
-    def _ensure(self) -> tuple[ApiClient, str]:
+    def _ensure(self) -> tuple[ApiBase, str]:
         client = session.api()
         if self._obj is not None:
             return client, self._obj._bind()
@@ -117,6 +118,14 @@ class Function:
             ref = client.call("POST", f"/functions/{parent_id}/bind", req, m.FunctionRef)
             self._hyd.function_id = ref.function_id
         if self._hyd.function_id is None:
+            if self._hyd.app_name is None and settings.IN_CONTAINER.get():
+                # code in a container calls a function of its own app: by name in that app
+                self._hyd.app_id = settings.APP_ID.required()
+                ref = client.call(
+                    "GET", f"/apps/{self._hyd.app_id}/functions/{self.tag}", None, m.FunctionRef
+                )
+                self._hyd.function_id = ref.function_id
+                return client, ref.function_id
             if self._hyd.app_name is None:
                 raise exc.ExecutionError(
                     f"{self.tag} is not running: call it inside `with app.run():`, from a "
@@ -135,7 +144,7 @@ class Function:
 
     # ------------------------------------------------------------------ helpers
 
-    def _input(self, client: ApiClient, idx: int, args: tuple, kwargs: dict) -> m.InputItem:
+    def _input(self, client: ApiBase, idx: int, args: tuple, kwargs: dict) -> m.InputItem:
         data = ser.serialize_args(self.tag, args, kwargs)
         health = _limits(client)
         if len(data) > health["max_payload_bytes"]:
@@ -337,14 +346,14 @@ def _kwargs(kwargs: dict | None) -> dict:
     return kwargs
 
 
-def _limits(client: ApiClient) -> dict:
+def _limits(client: ApiBase) -> dict:
     """The control plane's payload limits (from /health, once per client)."""
     if client.health is None:
         client.health = json.loads(client.request_raw("GET", "/health"))
     return client.health
 
 
-def _poll(client: ApiClient, call_id: str, after: int, timeout: float) -> m.Outputs:
+def _poll(client: ApiBase, call_id: str, after: int, timeout: float) -> m.Outputs:
     return client.call(
         "GET",
         f"/calls/{call_id}/outputs",
@@ -355,7 +364,7 @@ def _poll(client: ApiClient, call_id: str, after: int, timeout: float) -> m.Outp
     )
 
 
-def _value(client: ApiClient, out: m.OutputItem):
+def _value(client: ApiBase, out: m.OutputItem):
     data = out.data
     if data is None and out.blob is not None:
         data = client.get_blob(out.blob)
@@ -372,7 +381,7 @@ class _MapSender:
     def __init__(
         self,
         fn: Function,
-        client: ApiClient,
+        client: ApiBase,
         function_id: str,
         call_id: str,
         args_iter: Iterable[tuple],
@@ -443,7 +452,7 @@ class _MapSender:
 
 
 def _map_results(
-    client: ApiClient, sender: _MapSender, order_outputs: bool, return_exceptions: bool
+    client: ApiBase, sender: _MapSender, order_outputs: bool, return_exceptions: bool
 ) -> Iterator:
     thread = sender.start()
     sender.created.wait()
@@ -479,7 +488,7 @@ def _map_results(
     thread.join(5.0)
 
 
-def _result_or_exception(client: ApiClient, o: m.OutputItem, return_exceptions: bool):
+def _result_or_exception(client: ApiBase, o: m.OutputItem, return_exceptions: bool):
     try:
         return _value(client, o)
     except Exception as e:

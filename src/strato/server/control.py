@@ -22,6 +22,7 @@ from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
 
+from .api.channel import ContainerRequests
 from .apps import Apps
 from .calls.manager import CallManager
 from .calls.uploads import Uploads
@@ -252,6 +253,8 @@ class ControlPlane:
             peer.send(m.StopContainer(0.0))
             return
         uploads = Uploads(self.blobs, self.config.max_payload)
+        assert self.api is not None, "build_app(cp) wires the API before containers dial"
+        requests = ContainerRequests(self.api, s, peer, uploads)  # its own API calls
         try:
             while (msg := await frames.read_frame(reader, self.max_frame)) is not None:
                 if isinstance(msg, m.TaskOutputs):
@@ -268,6 +271,8 @@ class ControlPlane:
                     self.calls.on_outputs(s, msg.outputs, sizes)
                 elif isinstance(msg, m.BlobChunk):
                     await uploads.chunk_async(msg.data, msg.last)
+                elif isinstance(msg, m.ApiRequest):
+                    await requests.take(msg)
                 elif isinstance(msg, m.ContainerReady):
                     self.fleet.container_ready(s)
                     self.gateway.container_ready(s)
@@ -289,6 +294,7 @@ class ControlPlane:
             self.logs.system(s.app_id, f"container dropped: {why}", s.container_id)
             self.fleet.kill(s.container_id, why)
         finally:
+            requests.close()
             uploads.close()
             if not self._closing and s.peer is peer:  # not when a newer connection took over
                 self.fleet.channel_lost(s)

@@ -46,7 +46,7 @@ def where() -> dict:
 
 @app.function()
 def nested() -> int:
-    # a call from inside a container: refused with a clear message (not supported yet)
+    # a call from inside a container (over its channel)
     return scaled.remote(2)
 
 

@@ -19,6 +19,7 @@ from strato.server.store.blobs import check_key
 from ..control import ControlPlane
 from . import routes_graph, routes_schedules, routes_secrets, routes_state, routes_volumes
 from .router import Reply, Request, Router, reply
+from .scope import Scope
 
 MAX_POLL_S = 55.0
 VERSION = "0.1.0"
@@ -28,8 +29,9 @@ def build_app(cp: ControlPlane) -> Router:
     api = Router("strato control plane", VERSION, cp.token, cp.config.max_payload + (1 << 20))
     route = api.add
     empty = reply({})
+    scope = Scope(cp)  # what a container's requests may reach (container=True routes)
 
-    @route("GET", "/health", "Liveness, version and payload limits", auth=False)
+    @route("GET", "/health", "Liveness, version and payload limits", auth=False, container=True)
     async def health(_: Request) -> Reply:
         h = m.Health(
             VERSION, cp.epoch, os.getpid(), cp.config.max_payload, cp.config.blob_threshold
@@ -46,9 +48,9 @@ def build_app(cp: ControlPlane) -> Router:
     async def list_apps(_: Request) -> Reply:
         return reply(m.AppList([cp.apps.info(r) for r in cp.store.apps()]))
 
-    @route("GET", "/apps/{ref}", "An app by id or name", response=m.AppInfo)
+    @route("GET", "/apps/{ref}", "An app by id or name", response=m.AppInfo, container=True)
     async def get_app(req: Request) -> Reply:
-        return reply(cp.apps.info(await cp.apps.find(req.path_params["ref"])))
+        return reply(cp.apps.info(await scope.app(req, req.path_params["ref"])))
 
     @route("POST", "/apps/{ref}/stop", "Stop an app")
     async def stop_app(req: Request) -> Reply:
@@ -111,10 +113,11 @@ def build_app(cp: ControlPlane) -> Router:
         "/apps/{ref}/functions/{name}",
         "A function of a running or deployed app",
         response=m.FunctionRef,
+        container=True,
     )
     async def function_by_name(req: Request) -> Reply:
         ref, name = req.path_params["ref"], req.path_params["name"]
-        app = await cp.apps.find(ref)
+        app = await scope.app(req, ref)
         for f in await cp.store.aread(cp.store.functions_of, app["app_id"]):
             if f["name"] == name:
                 return reply(m.FunctionRef(f["function_id"], name))
@@ -138,20 +141,21 @@ def build_app(cp: ControlPlane) -> Router:
         "The function of a class's parameter set or an options variant",
         body=m.BindFunction,
         response=m.FunctionRef,
+        container=True,
     )
     async def bind_function(req: Request) -> Reply:
-        return reply(
-            cp.apps.bind_function(req.path_params["function_id"], req.decode(m.BindFunction))
-        )
+        fn = scope.function(req, req.path_params["function_id"])
+        return reply(cp.apps.bind_function(fn.function_id, req.decode(m.BindFunction)))
 
     @route(
         "GET",
         "/functions/{function_id}/stats",
         "Queue depth and containers",
         response=m.FunctionStats,
+        container=True,
     )
     async def function_stats(req: Request) -> Reply:
-        fn = cp.calls.function(req.path_params["function_id"])
+        fn = scope.function(req, req.path_params["function_id"])
         return reply(m.FunctionStats(len(fn.queue), len(cp.fleet.containers_of(fn.function_id))))
 
     # ---------------------------------------------------------------- blobs
@@ -162,12 +166,19 @@ def build_app(cp: ControlPlane) -> Router:
         "Which of these blobs are missing",
         body=m.BlobCheck,
         response=m.MissingBlobs,
+        container=True,
     )
     async def check_blobs(req: Request) -> Reply:
         keys = req.decode(m.BlobCheck).sha256s
         return reply(m.MissingBlobs([k for k in keys if not cp.blobs.has(check_key(k))]))
 
-    @route("PUT", "/blobs/{key}", "Upload a blob (its key is its sha256)", raw_body=True)
+    @route(
+        "PUT",
+        "/blobs/{key}",
+        "Upload a blob (its key is its sha256)",
+        raw_body=True,
+        container=True,
+    )
     async def put_blob(req: Request) -> Reply:
         if len(req.body) > cp.config.max_payload:
             raise exc.RequestSizeError(
@@ -177,7 +188,7 @@ def build_app(cp: ControlPlane) -> Router:
         await cp.blobs.aput(req.body, check_key(req.path_params["key"]))
         return empty
 
-    @route("GET", "/blobs/{key}", "Download a blob")
+    @route("GET", "/blobs/{key}", "Download a blob", container=True)
     async def get_blob(req: Request) -> Reply:
         data = await cp.blobs.aget(req.path_params["key"])
         return Reply(data, content_type="application/octet-stream")
@@ -190,10 +201,16 @@ def build_app(cp: ControlPlane) -> Router:
         "Create a call with its first inputs; optionally wait for outputs",
         body=m.CreateCall,
         response=m.Outputs,
+        container=True,
     )
     async def create_call(req: Request) -> Reply:
         call = req.decode(m.CreateCall)
-        await cp.calls.create_call(call)
+        who = req.principal
+        if who is None:
+            await cp.calls.create_call(call)
+        else:  # a nested call: the container's app may call it; its input is the parent
+            scope.function(req, call.function_id)
+            await cp.calls.create_call(call, parent_input_id=who.input_id, caller_app_id=who.app_id)
         if call.wait > 0:
             return reply(
                 await cp.calls.wait_outputs(
@@ -202,8 +219,11 @@ def build_app(cp: ControlPlane) -> Router:
             )
         return reply(m.Outputs([], 0))
 
-    @route("POST", "/calls/{call_id}/inputs", "Add inputs to a call", body=m.AddInputs)
+    @route(
+        "POST", "/calls/{call_id}/inputs", "Add inputs to a call", body=m.AddInputs, container=True
+    )
     async def add_inputs(req: Request) -> Reply:
+        await scope.call(req, req.path_params["call_id"])
         cp.calls.add_inputs(req.path_params["call_id"], req.decode(m.AddInputs))
         return empty
 
@@ -213,8 +233,10 @@ def build_app(cp: ControlPlane) -> Router:
         "Long-poll a call's outputs after a sequence number",
         response=m.Outputs,
         query={"after": int, "timeout": float, "limit": int},
+        container=True,
     )
     async def outputs(req: Request) -> Reply:
+        await scope.call(req, req.path_params["call_id"])
         limit = max(1, min(req.param("limit", int, 1000), 10000))
         return reply(
             await cp.calls.wait_outputs(
@@ -225,14 +247,19 @@ def build_app(cp: ControlPlane) -> Router:
             )
         )
 
-    @route("POST", "/calls/{call_id}/cancel", "Cancel a call", body=m.Cancel)
+    @route("POST", "/calls/{call_id}/cancel", "Cancel a call", body=m.Cancel, container=True)
     async def cancel(req: Request) -> Reply:
-        cp.calls.cancel_call(req.path_params["call_id"], req.decode(m.Cancel).terminate_containers)
+        await scope.call(req, req.path_params["call_id"])
+        # answered once its children's calls (made from its inputs) are cancelled too
+        await cp.calls.cancel_call(
+            req.path_params["call_id"], req.decode(m.Cancel).terminate_containers
+        )
         return empty
 
-    @route("GET", "/calls/{call_id}", "A call's progress", response=m.CallStatus)
+    @route("GET", "/calls/{call_id}", "A call's progress", response=m.CallStatus, container=True)
     async def call_status(req: Request) -> Reply:
         call_id = req.path_params["call_id"]
+        await scope.call(req, call_id)
         call = await cp.store.aread(cp.store.call, call_id)
         if call is None:
             raise exc.NotFoundError(f"call {call_id} does not exist (or has expired)")

@@ -1,0 +1,97 @@
+"""API requests that code in a container sends over its channel (``ApiRequest`` frames).
+
+A container holds no API token: its channel connection, opened with its own secret, is its
+credential, valid while the container lives. Each request runs the route it names, as
+``Principal(container, app, function, input)``, through ``Router.dispatch_for``: only
+routes open to containers, each scoped to the container's app (``scope.py``). Requests run
+as tasks, so a long-poll does not hold up the container's outputs; at most
+``MAX_INFLIGHT`` at once per container (more are refused at once), and all of them end
+with the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from strato import exceptions as exc
+from strato.protocol import messages as m
+from strato.server.store.blobs import check_key
+
+from .router import Principal, Reply, error_reply, reply
+
+if TYPE_CHECKING:
+    from ..calls.uploads import Uploads
+    from ..containers import Container
+    from ..fleet import Peer
+    from .router import Router
+
+log = logging.getLogger("strato.api.channel")
+
+MAX_INFLIGHT = 256  # requests of one container at once (each a task, maybe a long-poll)
+_BLOBS = "/blobs/"
+
+
+class ContainerRequests:
+    """The API requests of one container connection."""
+
+    def __init__(self, router: Router, container: Container, peer: Peer, uploads: Uploads) -> None:
+        self.router = router
+        self.container = container
+        self.peer = peer
+        self.uploads = uploads
+        self.tasks: set[asyncio.Task] = set()
+
+    async def take(self, req: m.ApiRequest) -> None:
+        """Start one request (called by the connection's reader, in frame order)."""
+        if req.method == "PUT" and req.query.get("chunked") == "1":
+            # a large blob sent as BlobChunk frames just ahead: claimed here, in order
+            self._answer(req.req_id, await self._chunked_blob(req))
+            return
+        if len(self.tasks) >= MAX_INFLIGHT:
+            self._answer(
+                req.req_id,
+                error_reply(
+                    exc.ExecutionError(
+                        f"over {MAX_INFLIGHT} API requests of this container at once: "
+                        "wait for some of its calls to finish"
+                    )
+                ),
+            )
+            return
+        task = asyncio.create_task(self._run(req), name=f"api-{self.container.container_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, req: m.ApiRequest) -> None:
+        s = self.container
+        # the calling code's input, only when this container holds it
+        input_id = req.input_id if req.input_id in s.inflight else None
+        who = Principal(s.container_id, s.app_id, s.function_id, input_id)
+        try:
+            out = await self.router.dispatch_for(who, req.method, req.path, req.query, req.body)
+        except Exception:  # a bug must answer, not leave the container waiting
+            log.exception("container %s: %s %s failed", s.container_id, req.method, req.path)
+            out = error_reply(exc.InternalError(f"{req.method} {req.path} failed"))
+        self._answer(req.req_id, out)
+
+    async def _chunked_blob(self, req: m.ApiRequest) -> Reply:
+        if not req.path.startswith(_BLOBS):
+            raise exc.InvalidError(f"only a blob upload may be chunked, not {req.path}")
+        key, size = await self.uploads.take_async(check_key(req.path[len(_BLOBS) :]))
+        if key is None:
+            return error_reply(
+                exc.RequestSizeError(
+                    f"blob of {size} bytes is over the limit of {self.uploads.max_payload} "
+                    "bytes (STRATO_MAX_PAYLOAD)"
+                )
+            )
+        return reply({})
+
+    def _answer(self, req_id: int, out: Reply) -> None:
+        self.peer.send(m.ApiResponse(req_id, out.status, out.body))
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
