@@ -125,3 +125,11 @@ def test_dispatch_for_a_container_reaches_only_open_routes():
     assert b"not open to code in a container" in denied.body
     assert run("GET", "/nothing").status == 404
     assert run("POST", "/open/7").status == 400  # method not allowed
+
+
+def test_a_forked_child_is_refused_before_it_writes(monkeypatch):
+    cp = FakeControlPlane(lambda req: None)
+    monkeypatch.setattr(channel_api.os, "getpid", lambda: -1)  # as in a forked child
+    with pytest.raises(exc.ExecutionError, match="forked"):
+        cp.client.request_raw("GET", "/health")
+    assert cp.frames == []  # nothing reached the shared socket

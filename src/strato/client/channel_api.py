@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import threading
 from collections.abc import Callable
 
@@ -64,6 +65,7 @@ class ChannelApiClient(ApiBase):
         self._lock = threading.Lock()
         self._waiting: dict[int, _Waiter] = {}
         self._closed: str | None = None  # why the channel is gone
+        self._pid = os.getpid()  # a forked child shares the socket but not its reader
 
     def request_raw(
         self,
@@ -103,6 +105,12 @@ class ChannelApiClient(ApiBase):
         ahead: list[object],
     ) -> bytes:
         timeout = self.timeout if timeout is None else timeout
+        if os.getpid() != self._pid:
+            raise exc.ExecutionError(
+                "a process forked inside a container cannot call the control plane (it "
+                "shares the container's channel but not its reader): make the call from "
+                "the container's own process (threads and asyncio tasks are fine)"
+            )
         if "?" in path:
             raise exc.InvalidError(f"pass query parameters as params, not in the path: {path}")
         query = {str(k): str(v) for k, v in (params or {}).items()}
