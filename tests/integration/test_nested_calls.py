@@ -46,6 +46,10 @@ def test_every_call_form_from_inside_a_container(running):
     assert out["call_id"] == call.object_id
 
 
+def test_large_values_go_over_the_channel_in_chunks(running):
+    assert nested.large_values.remote(5 << 20) is True
+
+
 def test_a_web_endpoint_calls_functions(running):
     import httpx
 

@@ -80,6 +80,18 @@ def every_form(n: int) -> dict:
 
 
 @app.function()
+def reverse(data: bytes) -> bytes:
+    return data[::-1]
+
+
+@app.function()
+def large_values(n: int) -> bool:
+    # an argument and a result over the blob threshold: chunked over the channel
+    data = os.urandom(n)
+    return reverse.remote(data) == data[::-1]
+
+
+@app.function()
 def parent_of_failure(x: int) -> int:
     return fails.remote(x)
 
