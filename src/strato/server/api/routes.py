@@ -17,7 +17,14 @@ from strato.protocol.images import image_id as image_id_of
 from strato.server.store.blobs import check_key
 
 from ..control import ControlPlane
-from . import routes_graph, routes_schedules, routes_secrets, routes_state, routes_volumes
+from . import (
+    routes_graph,
+    routes_sandboxes,
+    routes_schedules,
+    routes_secrets,
+    routes_state,
+    routes_volumes,
+)
 from .router import Reply, Request, Router, reply
 from .scope import Scope
 
@@ -322,7 +329,14 @@ def build_app(cp: ControlPlane) -> Router:
         )
 
     # the call graph and the shared-state objects: each module adds its own routes (and loops)
-    for feature in (routes_graph, routes_state, routes_secrets, routes_volumes, routes_schedules):
+    for feature in (
+        routes_graph,
+        routes_state,
+        routes_secrets,
+        routes_volumes,
+        routes_schedules,
+        routes_sandboxes,
+    ):
         feature.register(api, cp)
     cp.api = api  # containers' requests over the channel go through the same routes
     return api

@@ -150,4 +150,10 @@ journal_applied = Table(
 )
 
 # Tables of the shared-state objects, each in its own module on this metadata.
-from . import tables_schedules, tables_secrets, tables_state, tables_volumes  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    tables_sandboxes,
+    tables_schedules,
+    tables_secrets,
+    tables_state,
+    tables_volumes,
+)
