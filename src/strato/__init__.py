@@ -18,6 +18,8 @@ _LAZY = {
     "Obj": "strato.sdk.cls",
     "Image": "strato.sdk.image",
     "Retries": "strato.sdk.options",
+    "Dict": "strato.sdk.dict",
+    "Queue": "strato.sdk.queue",
     "enter": "strato.sdk.partial",
     "exit": "strato.sdk.partial",
     "method": "strato.sdk.partial",
@@ -34,6 +36,8 @@ _LAZY = {
     # Modal's module paths of ported imports (``modal.exception.NotFoundError``)
     "exception": "strato.exception",
     "functions": "strato.functions",
+    "dict": "strato.dict",
+    "queue": "strato.queue",
     "call_graph": "strato.call_graph",
     "is_local": "strato.sdk.context",
     "current_input_id": "strato.sdk.context",

@@ -429,6 +429,12 @@ OUTPUT_RETENTION = number(
     "How long a call's outputs are kept before they are deleted.",
     (SERVER,),
 )
+DICT_TTL = number(
+    "STRATO_DICT_TTL",
+    7 * 86400.0,
+    "How long a Dict entry is kept without being read or written (Modal's 7 days).",
+    (SERVER,),
+)
 RUNTIME = text(
     "STRATO_RUNTIME",
     "",

@@ -1,0 +1,224 @@
+"""Dict: entries keyed by the sha256 of their pickled key, committed before the API
+answers, large values in the blob store, paged iteration, and expiry of entries not
+accessed for ``STRATO_DICT_TTL``."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Literal
+
+from sqlalchemy import Connection, and_, delete, func, select, update
+
+from strato import exceptions as exc
+from strato.protocol import messages as m
+from strato.server.store import tables_state as ts
+from strato.server.store.blobs import BlobStore
+
+from .db import StateDb
+from .names import check_id
+from .objects import NamedObjects
+
+PAGE_MAX = 1000
+What = Literal["keys", "values", "items"]
+
+
+def key_hash(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()
+
+
+class Dicts:
+    def __init__(
+        self,
+        db: StateDb,
+        blobs: BlobStore,
+        *,
+        blob_threshold: int,
+        max_payload: int,
+        ttl_s: float,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.blob_threshold = blob_threshold
+        self.max_payload = max_payload
+        self.ttl_s = ttl_s
+        # an access refreshes an entry's clock only when it is this old (a read of a hot
+        # key does not write each time); far below the TTL
+        self.touch_after_s = min(ttl_s / 100.0, 3600.0)
+        self.objects = NamedObjects("Dict", db, ts.dicts, [ts.dict_entries])
+        self._seq: int | None = None  # the last entry seq given (writer thread only)
+        e = ts.dict_entries.c
+        self._entry = select(e.value, e.value_blob, e.accessed_at)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _next_seq(self, c: Connection) -> int:
+        if self._seq is None:
+            self._seq = c.execute(select(func.max(ts.dict_entries.c.seq))).scalar() or 0
+        self._seq += 1
+        return self._seq
+
+    def _check_key(self, key: bytes) -> str:
+        if len(key) > m.DICT_KEY_MAX_BYTES:
+            raise exc.RequestSizeError(
+                f"a Dict key pickles to {len(key)} bytes, over the limit of "
+                f"{m.DICT_KEY_MAX_BYTES} bytes for keys: use a smaller key (a hash, an id)"
+            )
+        return key_hash(key)
+
+    @staticmethod
+    def _where(object_id: str, kh: str):
+        e = ts.dict_entries.c
+        return and_(e.dict_id == object_id, e.key_hash == kh)
+
+    # ------------------------------------------------------------------ operations
+
+    async def get(self, object_id: str, key: bytes, *, touch: bool = True) -> m.DictValue:
+        check_id("Dict", object_id)
+        kh = self._check_key(key)
+        where = self._where(object_id, kh)
+
+        def run(c: Connection) -> m.DictValue:
+            row = c.execute(self._entry.where(where)).first()
+            if row is None:
+                self.objects.exists(c, object_id)
+                return m.DictValue(False)
+            now = time.time()
+            if touch and row[2] < now - self.touch_after_s:
+                c.execute(update(ts.dict_entries).where(where).values(accessed_at=now))
+            return m.DictValue(True, row[0], row[1])
+
+        return await self.db.run("Dict get", run)
+
+    async def put(self, object_id: str, body: m.DictPut) -> int:
+        """Store the entries (in order; a later one of the same key wins); returns how
+        many were stored (``skip_if_exists`` skips keys present)."""
+        check_id("Dict", object_id)
+        rows: list[tuple[str, bytes, bytes | None, str | None]] = []
+        for entry in body.entries:
+            kh = self._check_key(entry.key)
+            value, blob = entry.value, entry.blob
+            if blob is not None:
+                if not self.blobs.has(blob):
+                    raise exc.InvalidError(
+                        f"the value's blob {blob} is not in the blob store: upload it first"
+                    )
+                value = None
+            elif value is None:
+                raise exc.InvalidError("a Dict entry needs a value (or its blob key)")
+            elif len(value) > self.max_payload:
+                raise exc.RequestSizeError(
+                    f"a Dict value of {len(value)} bytes is over the limit of "
+                    f"{self.max_payload} bytes (STRATO_MAX_PAYLOAD)"
+                )
+            elif len(value) > self.blob_threshold:
+                blob, value = await self.blobs.aput(value), None
+            rows.append((kh, entry.key, value, blob))
+        skip = body.skip_if_exists
+        e = ts.dict_entries.c
+
+        def run(c: Connection) -> int:
+            self.objects.exists(c, object_id)
+            now = time.time()
+            stored = 0
+            for kh, key, value, blob in rows:
+                where = self._where(object_id, kh)
+                if c.execute(select(e.seq).where(where)).first() is not None:
+                    if skip:
+                        continue
+                    c.execute(
+                        update(ts.dict_entries)
+                        .where(where)
+                        .values(value=value, value_blob=blob, accessed_at=now)
+                    )
+                else:
+                    c.execute(
+                        ts.dict_entries.insert().values(
+                            dict_id=object_id,
+                            key_hash=kh,
+                            seq=self._next_seq(c),
+                            key=key,
+                            value=value,
+                            value_blob=blob,
+                            accessed_at=now,
+                        )
+                    )
+                stored += 1
+            return stored
+
+        return await self.db.run("Dict put", run)
+
+    async def pop(self, object_id: str, key: bytes) -> m.DictValue:
+        check_id("Dict", object_id)
+        where = self._where(object_id, self._check_key(key))
+
+        def run(c: Connection) -> m.DictValue:
+            row = c.execute(self._entry.where(where)).first()
+            if row is None:
+                self.objects.exists(c, object_id)
+                return m.DictValue(False)
+            c.execute(delete(ts.dict_entries).where(where))
+            return m.DictValue(True, row[0], row[1])
+
+        return await self.db.run("Dict pop", run)
+
+    async def delete_key(self, object_id: str, key: bytes) -> bool:
+        return (await self.pop(object_id, key)).found
+
+    async def length(self, object_id: str) -> int:
+        check_id("Dict", object_id)
+
+        def run(c: Connection) -> int:
+            self.objects.exists(c, object_id)
+            q = select(func.count()).select_from(ts.dict_entries)
+            return c.execute(q.where(ts.dict_entries.c.dict_id == object_id)).scalar() or 0
+
+        return await self.db.read("Dict len", run)
+
+    async def clear(self, object_id: str) -> None:
+        check_id("Dict", object_id)
+
+        def run(c: Connection) -> None:
+            self.objects.exists(c, object_id)
+            c.execute(delete(ts.dict_entries).where(ts.dict_entries.c.dict_id == object_id))
+
+        await self.db.run("Dict clear", run)
+
+    async def page(self, object_id: str, after: int, limit: int, what: What) -> m.DictPage:
+        """Entries after ``after`` in insertion order (the first put of each key), at most
+        ``limit``; ``what`` says which halves to send."""
+        check_id("Dict", object_id)
+        limit = max(1, min(limit, PAGE_MAX))
+        e = ts.dict_entries.c
+        cols = [e.seq, e.key, e.value, e.value_blob]
+
+        def run(c: Connection) -> m.DictPage:
+            rows = c.execute(
+                select(*cols)
+                .where(e.dict_id == object_id, e.seq > after)
+                .order_by(e.seq)
+                .limit(limit)
+            ).all()
+            if not rows:
+                self.objects.exists(c, object_id)
+            entries = [
+                m.DictEntry(
+                    r[1] if what != "values" else b"",
+                    r[2] if what != "keys" else None,
+                    r[3] if what != "keys" else None,
+                )
+                for r in rows
+            ]
+            return m.DictPage(entries, rows[-1][0] if rows else after, len(rows) < limit)
+
+        return await self.db.read("Dict page", run)
+
+    def expire_op(self, now: float):
+        """An operation deleting entries not accessed for the TTL; returns how many."""
+        cutoff = now - self.ttl_s
+
+        def run(c: Connection) -> int:
+            res = c.execute(delete(ts.dict_entries).where(ts.dict_entries.c.accessed_at < cutoff))
+            return res.rowcount or 0
+
+        return run

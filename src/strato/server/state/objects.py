@@ -1,0 +1,148 @@
+"""What Dicts and Queues share: find or create one by name, make an ephemeral one (kept
+while its client heartbeats), delete one, list them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Table, delete, select, update
+
+from strato import exceptions as exc
+from strato.protocol import messages as m
+
+from .db import StateDb
+from .names import check_id, check_name, new_id
+
+EPHEMERAL_TIMEOUT_S = 300.0  # an ephemeral object without a heartbeat this long is deleted
+
+
+class NamedObjects:
+    """The rows of one kind (``Dict`` or ``Queue``): ``table`` has ``<id_col>``, ``name``,
+    ``created_at`` and ``heartbeat_at``; ``children`` are the tables of its contents,
+    each with ``<id_col>``."""
+
+    def __init__(self, kind: str, db: StateDb, table: Table, children: list[Table]) -> None:
+        self.kind = kind
+        self.db = db
+        self.table = table
+        self.children = children
+        self.id_col = table.c[table.primary_key.columns.keys()[0]]
+
+    # ------------------------------------------------------------------ writer-thread parts
+
+    def exists(self, c: Connection, object_id: str) -> None:
+        """Raise `NotFoundError` unless the object exists (run inside an operation)."""
+        if c.execute(select(self.id_col).where(self.id_col == object_id)).first() is None:
+            raise exc.NotFoundError(
+                f"{self.kind} {object_id} does not exist (it was deleted, or it was "
+                "ephemeral and its owner stopped)"
+            )
+
+    def _drop(self, c: Connection, ids: list[str]) -> None:
+        for child in self.children:
+            c.execute(delete(child).where(child.c[self.id_col.name].in_(ids)))
+        c.execute(delete(self.table).where(self.id_col.in_(ids)))
+
+    # ------------------------------------------------------------------ operations
+
+    async def lookup(self, name: str, create_if_missing: bool) -> m.StateRef:
+        name = check_name(self.kind, name)
+        t = self.table
+
+        def run(c: Connection) -> str:
+            row = c.execute(select(self.id_col).where(t.c.name == name)).first()
+            if row is not None:
+                return row[0]
+            if not create_if_missing:
+                raise exc.NotFoundError(
+                    f"no {self.kind} named {name!r}: create it with "
+                    f"{self.kind}.from_name({name!r}, create_if_missing=True)"
+                )
+            object_id = new_id(self.kind)
+            c.execute(
+                t.insert().values(
+                    {self.id_col.name: object_id, "name": name, "created_at": time.time()}
+                )
+            )
+            return object_id
+
+        return m.StateRef(await self.db.run(f"{self.kind} lookup", run), name)
+
+    async def ephemeral(self) -> m.StateRef:
+        object_id = new_id(self.kind)
+        now = time.time()
+        row = {self.id_col.name: object_id, "name": None, "created_at": now, "heartbeat_at": now}
+        await self.db.run(f"{self.kind} ephemeral", lambda c: c.execute(self.table.insert(), row))
+        return m.StateRef(object_id, None)
+
+    async def heartbeat(self, object_id: str) -> None:
+        check_id(self.kind, object_id)
+
+        def run(c: Connection) -> None:
+            self.exists(c, object_id)
+            c.execute(
+                update(self.table)
+                .where(self.id_col == object_id, self.table.c.name.is_(None))
+                .values(heartbeat_at=time.time())
+            )
+
+        await self.db.run(f"{self.kind} heartbeat", run)
+
+    async def delete_id(self, object_id: str, *, named_ok: bool) -> None:
+        """Delete by id: an ephemeral object, or (``named_ok``) a named one too."""
+        check_id(self.kind, object_id)
+
+        def run(c: Connection) -> None:
+            row = c.execute(select(self.table.c.name).where(self.id_col == object_id)).first()
+            if row is None:
+                return  # deleted already: deleting is idempotent
+            if row[0] is not None and not named_ok:
+                raise exc.AuthError(
+                    f"{self.kind} {row[0]!r} is a named {self.kind}: delete it with "
+                    f"{self.kind}.delete({row[0]!r}) from outside a container"
+                )
+            self._drop(c, [object_id])
+
+        await self.db.run(f"{self.kind} delete", run)
+
+    async def delete_name(self, name: str) -> str:
+        """Delete a named object and its contents; returns its id."""
+        name = check_name(self.kind, name)
+
+        def run(c: Connection) -> str:
+            row = c.execute(select(self.id_col).where(self.table.c.name == name)).first()
+            if row is None:
+                raise exc.NotFoundError(f"no {self.kind} named {name!r}")
+            self._drop(c, [row[0]])
+            return row[0]
+
+        return await self.db.run(f"{self.kind} delete", run)
+
+    async def list_all(self) -> m.StateList:
+        t = self.table
+
+        def run(c: Connection) -> list[m.StateRef]:
+            rows = c.execute(select(self.id_col, t.c.name).order_by(t.c.created_at)).all()
+            return [m.StateRef(r[0], r[1]) for r in rows]
+
+        return m.StateList(await self.db.read(f"{self.kind} list", run))
+
+    def expire_ephemeral(self, now: float) -> Callable[[Connection], list[str]]:
+        """An operation deleting ephemeral objects whose heartbeat stopped; returns ids."""
+
+        def run(c: Connection) -> list[str]:
+            t = self.table
+            ids = [
+                r[0]
+                for r in c.execute(
+                    select(self.id_col).where(
+                        t.c.name.is_(None), t.c.heartbeat_at < now - EPHEMERAL_TIMEOUT_S
+                    )
+                ).all()
+            ]
+            if ids:
+                self._drop(c, ids)
+            return ids
+
+        return run
