@@ -276,6 +276,22 @@ def test_stopping_an_app_cancels_the_calls_its_inputs_made_in_other_apps(mgr):
     asyncio.run(go())
 
 
+def test_withdrawn_inputs_cancel_the_calls_they_made(mgr):
+    # inputs of a call the database did not take as new are withdrawn: what they made
+    # while they ran is cancelled
+    async def go():
+        await _call(mgr, "fc-1", "fu-1", [1])
+        c1 = attach(mgr, "ct-1")
+        (root,) = c1.inputs()
+        await _call(mgr, "fc-2", "fu-2", [2], parent=root.input_id, caller="ap-1")
+        mgr.failures.withdraw(list(mgr.ledger.live["fc-1"].values()))
+        await mgr.tree.settled()
+        assert await _statuses(mgr, "fc-2") == ["cancelled"]
+        assert root.input_id in _cancelled_ids(c1)
+
+    asyncio.run(go())
+
+
 def test_a_cancel_walk_without_children_reads_the_store_off_the_loop(mgr, store, monkeypatch):
     async def go():
         await _call(mgr, "fc-1", "fu-1", [1])
