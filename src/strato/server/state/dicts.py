@@ -8,7 +8,7 @@ import hashlib
 import time
 from typing import Literal
 
-from sqlalchemy import Connection, and_, delete, func, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
@@ -48,7 +48,18 @@ class Dicts:
         self.objects = NamedObjects("Dict", db, ts.dicts, [ts.dict_entries])
         self._seq: int | None = None  # the last entry seq given (writer thread only)
         e = ts.dict_entries.c
-        self._entry = select(e.value, e.value_blob, e.accessed_at)
+        where = and_(e.dict_id == bindparam("d"), e.key_hash == bindparam("h"))
+        # the hot statements, built once (building one costs more than running it)
+        self._entry = select(e.value, e.value_blob, e.accessed_at).where(where)
+        self._has = select(e.seq).where(where)
+        self._touch = update(ts.dict_entries).where(where).values(accessed_at=bindparam("now"))
+        self._set = (
+            update(ts.dict_entries)
+            .where(where)
+            .values(value=bindparam("v"), value_blob=bindparam("b"), accessed_at=bindparam("now"))
+        )
+        self._insert = ts.dict_entries.insert()
+        self._delete = delete(ts.dict_entries).where(where)
 
     # ------------------------------------------------------------------ helpers
 
@@ -66,26 +77,20 @@ class Dicts:
             )
         return key_hash(key)
 
-    @staticmethod
-    def _where(object_id: str, kh: str):
-        e = ts.dict_entries.c
-        return and_(e.dict_id == object_id, e.key_hash == kh)
-
     # ------------------------------------------------------------------ operations
 
     async def get(self, object_id: str, key: bytes, *, touch: bool = True) -> m.DictValue:
         check_id("Dict", object_id)
-        kh = self._check_key(key)
-        where = self._where(object_id, kh)
+        where = {"d": object_id, "h": self._check_key(key)}
 
         def run(c: Connection) -> m.DictValue:
-            row = c.execute(self._entry.where(where)).first()
+            row = c.execute(self._entry, where).first()
             if row is None:
                 self.objects.exists(c, object_id)
                 return m.DictValue(False)
             now = time.time()
             if touch and row[2] < now - self.touch_after_s:
-                c.execute(update(ts.dict_entries).where(where).values(accessed_at=now))
+                c.execute(self._touch, {**where, "now": now})
             return m.DictValue(True, row[0], row[1])
 
         return await self.db.run("Dict get", run)
@@ -115,33 +120,29 @@ class Dicts:
                 blob, value = await self.blobs.aput(value), None
             rows.append((kh, entry.key, value, blob))
         skip = body.skip_if_exists
-        e = ts.dict_entries.c
 
         def run(c: Connection) -> int:
             self.objects.exists(c, object_id)
             now = time.time()
             stored = 0
             for kh, key, value, blob in rows:
-                where = self._where(object_id, kh)
-                if c.execute(select(e.seq).where(where)).first() is not None:
+                where = {"d": object_id, "h": kh}
+                if c.execute(self._has, where).first() is not None:
                     if skip:
                         continue
-                    c.execute(
-                        update(ts.dict_entries)
-                        .where(where)
-                        .values(value=value, value_blob=blob, accessed_at=now)
-                    )
+                    c.execute(self._set, {**where, "v": value, "b": blob, "now": now})
                 else:
                     c.execute(
-                        ts.dict_entries.insert().values(
-                            dict_id=object_id,
-                            key_hash=kh,
-                            seq=self._next_seq(c),
-                            key=key,
-                            value=value,
-                            value_blob=blob,
-                            accessed_at=now,
-                        )
+                        self._insert,
+                        {
+                            "dict_id": object_id,
+                            "key_hash": kh,
+                            "seq": self._next_seq(c),
+                            "key": key,
+                            "value": value,
+                            "value_blob": blob,
+                            "accessed_at": now,
+                        },
                     )
                 stored += 1
             return stored
@@ -150,14 +151,14 @@ class Dicts:
 
     async def pop(self, object_id: str, key: bytes) -> m.DictValue:
         check_id("Dict", object_id)
-        where = self._where(object_id, self._check_key(key))
+        where = {"d": object_id, "h": self._check_key(key)}
 
         def run(c: Connection) -> m.DictValue:
-            row = c.execute(self._entry.where(where)).first()
+            row = c.execute(self._entry, where).first()
             if row is None:
                 self.objects.exists(c, object_id)
                 return m.DictValue(False)
-            c.execute(delete(ts.dict_entries).where(where))
+            c.execute(self._delete, where)
             return m.DictValue(True, row[0], row[1])
 
         return await self.db.run("Dict pop", run)

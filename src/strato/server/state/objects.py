@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Table, delete, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, select, update
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
@@ -28,12 +28,13 @@ class NamedObjects:
         self.table = table
         self.children = children
         self.id_col = table.c[table.primary_key.columns.keys()[0]]
+        self._exists = select(self.id_col).where(self.id_col == bindparam("object_id"))
 
     # ------------------------------------------------------------------ writer-thread parts
 
     def exists(self, c: Connection, object_id: str) -> None:
         """Raise `NotFoundError` unless the object exists (run inside an operation)."""
-        if c.execute(select(self.id_col).where(self.id_col == object_id)).first() is None:
+        if c.execute(self._exists, {"object_id": object_id}).first() is None:
             raise exc.NotFoundError(
                 f"{self.kind} {object_id} does not exist (it was deleted, or it was "
                 "ephemeral and its owner stopped)"

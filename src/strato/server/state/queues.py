@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import TypeVar
 
 import msgspec
-from sqlalchemy import Connection, and_, delete, func, select, update
+from sqlalchemy import Connection, String, and_, bindparam, delete, func, select, update
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
@@ -35,6 +35,44 @@ RECEIPT_S = 600.0  # how long a request id is remembered (a client retries for 3
 qp, qi, qr = ts.queue_partitions, ts.queue_items, ts.queue_receipts
 
 
+class _Sql:
+    """The hot statements, built once (building one costs more than running it)."""
+
+    def __init__(self) -> None:
+        q, p = bindparam("q", type_=String), bindparam("p", type_=String)
+        part = and_(qp.c.queue_id == q, qp.c.partition == p)
+        items = and_(qi.c.queue_id == q, qi.c.partition == p)
+        self.partition = select(qp.c.n_items, qp.c.expires_at).where(part)
+        self.receipt = select(qr.c.taken).where(
+            and_(qr.c.request_id == bindparam("r"), qr.c.queue_id == q)
+        )
+        self.insert_receipt = qr.insert()
+        self.insert_items = qi.insert()
+        self.insert_partition = qp.insert()
+        self.set_partition = (
+            update(qp)
+            .where(part)
+            .values(n_items=bindparam("n"), expires_at=bindparam("expires_at"))
+        )
+        self.set_count = update(qp).where(part).values(n_items=bindparam("n"))
+        self.first_items = (
+            select(qi.c.seq, qi.c.data).where(items).order_by(qi.c.seq).limit(bindparam("n"))
+        )
+        self.take_items = delete(qi).where(and_(items, qi.c.seq <= bindparam("last")))
+        self.items_after = (
+            select(qi.c.seq, qi.c.data)
+            .where(and_(items, qi.c.seq > bindparam("after")))
+            .order_by(qi.c.seq)
+            .limit(ITERATE_PAGE)
+        )
+        self.drop_items = delete(qi).where(items)
+        self.drop_partition = delete(qp).where(part)
+        self.n_partitions = select(func.count()).select_from(qp).where(qp.c.queue_id == q)
+        self.total = select(func.sum(qp.c.n_items)).where(
+            and_(qp.c.queue_id == q, qp.c.expires_at >= bindparam("now"))
+        )
+
+
 def _shown(partition: str) -> str:
     return "the default partition" if partition == "" else f"partition {partition!r}"
 
@@ -45,6 +83,7 @@ class Queues:
         self.objects = NamedObjects("Queue", db, ts.queues, [qi, qp, qr])
         self.signals = Signals()  # ("items" | "room", queue_id, partition)
         self._seq: int | None = None  # the last item seq given (writer thread only)
+        self.sql = _Sql()
 
     # ------------------------------------------------------------------ writer-thread parts
 
@@ -56,49 +95,39 @@ class Queues:
         self._seq += n
         return first
 
-    @staticmethod
-    def _part(qid: str, partition: str):
-        return and_(qp.c.queue_id == qid, qp.c.partition == partition)
-
-    @staticmethod
-    def _items(qid: str, partition: str):
-        return and_(qi.c.queue_id == qid, qi.c.partition == partition)
-
-    def _partition(self, c: Connection, qid: str, partition: str, now: float) -> int | None:
+    def _partition(self, c: Connection, key: dict, now: float) -> int | None:
         """The partition's item count, None when it is empty or gone (an expired partition
-        is deleted here, before its expiry loop gets to it)."""
-        row = c.execute(
-            select(qp.c.n_items, qp.c.expires_at).where(self._part(qid, partition))
-        ).first()
+        is deleted here, before its expiry loop gets to it). ``key``: ``q`` and ``p``."""
+        row = c.execute(self.sql.partition, key).first()
         if row is None:
             return None
         if row[1] < now:
-            self._drop_partition(c, qid, partition)
+            self._drop_partition(c, key)
             return None
         return row[0]
 
-    @staticmethod
-    def _receipt(c: Connection, qid: str, request_id: str) -> tuple[bool, bytes | None]:
+    def _receipt(self, c: Connection, qid: str, request_id: str) -> tuple[bool, bytes | None]:
         """Whether a request with this id was carried out already, and a get's items."""
         if not request_id:
             return False, None
-        row = c.execute(
-            select(qr.c.taken).where(qr.c.request_id == request_id, qr.c.queue_id == qid)
-        ).first()
+        row = c.execute(self.sql.receipt, {"r": request_id, "q": qid}).first()
         return (True, row[0]) if row is not None else (False, None)
 
-    @staticmethod
-    def _keep_receipt(c: Connection, qid: str, request_id: str, items: bytes | None) -> None:
+    def _keep_receipt(self, c: Connection, qid: str, request_id: str, items: bytes | None) -> None:
         if request_id:
             c.execute(
-                qr.insert().values(
-                    request_id=request_id, queue_id=qid, taken=items, created_at=time.time()
-                )
+                self.sql.insert_receipt,
+                {
+                    "request_id": request_id,
+                    "queue_id": qid,
+                    "taken": items,
+                    "created_at": time.time(),
+                },
             )
 
-    def _drop_partition(self, c: Connection, qid: str, partition: str) -> None:
-        c.execute(delete(qi).where(self._items(qid, partition)))
-        c.execute(delete(qp).where(self._part(qid, partition)))
+    def _drop_partition(self, c: Connection, key: dict) -> None:
+        c.execute(self.sql.drop_items, key)
+        c.execute(self.sql.drop_partition, key)
 
     # ------------------------------------------------------------------ put / get
 
@@ -117,18 +146,17 @@ class Queues:
             return m.QueuePutResult(True)
         ttl = body.partition_ttl
         rid = body.request_id
+        key = {"q": qid, "p": part}
 
         def run(c: Connection) -> str | None:
-            self.objects.exists(c, qid)
             if self._receipt(c, qid, rid)[0]:
                 return None  # this put was carried out; its answer was lost
             now = time.time()
-            have = self._partition(c, qid, part, now)
+            have = self._partition(c, key, now)
             if have is None:
-                n_parts = c.execute(
-                    select(func.count()).select_from(qp).where(qp.c.queue_id == qid)
-                ).scalar()
-                if (n_parts or 0) >= m.QUEUE_MAX_PARTITIONS:
+                self.objects.exists(c, qid)
+                n_parts = c.execute(self.sql.n_partitions, key).scalar() or 0
+                if n_parts >= m.QUEUE_MAX_PARTITIONS:
                     raise exc.InvalidError(
                         f"Queue {qid} has {n_parts} partitions, the limit of "
                         f"{m.QUEUE_MAX_PARTITIONS:,} partitions per Queue: a new partition "
@@ -141,7 +169,7 @@ class Queues:
                 )
             first = self._next_seqs(c, len(items))
             c.execute(
-                qi.insert(),
+                self.sql.insert_items,
                 [
                     {"seq": first + i, "queue_id": qid, "partition": part, "data": data}
                     for i, data in enumerate(items)
@@ -149,15 +177,17 @@ class Queues:
             )
             if have is None:
                 c.execute(
-                    qp.insert().values(
-                        queue_id=qid, partition=part, n_items=len(items), expires_at=now + ttl
-                    )
+                    self.sql.insert_partition,
+                    {
+                        "queue_id": qid,
+                        "partition": part,
+                        "n_items": len(items),
+                        "expires_at": now + ttl,
+                    },
                 )
             else:
                 c.execute(
-                    update(qp)
-                    .where(self._part(qid, part))
-                    .values(n_items=have + len(items), expires_at=now + ttl)
+                    self.sql.set_partition, {**key, "n": have + len(items), "expires_at": now + ttl}
                 )
             self._keep_receipt(c, qid, rid, None)
             return None
@@ -175,28 +205,24 @@ class Queues:
         part = check_partition(body.partition)
         n = min(body.n, m.QUEUE_PARTITION_MAX_ITEMS)
         rid = body.request_id
+        key = {"q": qid, "p": part}
 
         def run(c: Connection) -> list[bytes]:
             done, kept = self._receipt(c, qid, rid)
             if done:  # this get was carried out; its answer was lost: the same items
                 return msgspec.msgpack.decode(kept or b"\x90", type=list[bytes])
-            have = self._partition(c, qid, part, time.time())
+            have = self._partition(c, key, time.time())
             if have is None:
                 self.objects.exists(c, qid)
                 return []
-            rows = c.execute(
-                select(qi.c.seq, qi.c.data)
-                .where(self._items(qid, part))
-                .order_by(qi.c.seq)
-                .limit(n)
-            ).all()
+            rows = c.execute(self.sql.first_items, {**key, "n": n}).all()
             if rows:
-                c.execute(delete(qi).where(self._items(qid, part), qi.c.seq <= rows[-1][0]))
+                c.execute(self.sql.take_items, {**key, "last": rows[-1][0]})
             left = have - len(rows)
             if left <= 0:
-                c.execute(delete(qp).where(self._part(qid, part)))
+                c.execute(self.sql.drop_partition, key)
             else:
-                c.execute(update(qp).where(self._part(qid, part)).values(n_items=left))
+                c.execute(self.sql.set_count, {**key, "n": left})
             items = [r[1] for r in rows]
             if items:
                 self._keep_receipt(c, qid, rid, msgspec.msgpack.encode(items))
@@ -246,11 +272,8 @@ class Queues:
             self.objects.exists(c, qid)
             now = time.time()
             if total:
-                q = select(func.sum(qp.c.n_items)).where(
-                    qp.c.queue_id == qid, qp.c.expires_at >= now
-                )
-                return int(c.execute(q).scalar() or 0)
-            return self._partition(c, qid, part, now) or 0
+                return int(c.execute(self.sql.total, {"q": qid, "now": now}).scalar() or 0)
+            return self._partition(c, {"q": qid, "p": part}, now) or 0
 
         return await self.db.run("Queue len", run)
 
@@ -264,7 +287,7 @@ class Queues:
                 c.execute(delete(qi).where(qi.c.queue_id == qid))
                 c.execute(delete(qp).where(qp.c.queue_id == qid))
             else:
-                self._drop_partition(c, qid, part)
+                self._drop_partition(c, {"q": qid, "p": part})
 
         await self.db.run("Queue clear", run)
         self.signals.pulse_where(lambda k: k[0] == "room" and k[1] == qid)
@@ -276,15 +299,11 @@ class Queues:
         part = check_partition(partition)
 
         def run(c: Connection) -> tuple[list[bytes], int]:
-            if self._partition(c, qid, part, time.time()) is None:
+            key = {"q": qid, "p": part}
+            if self._partition(c, key, time.time()) is None:
                 self.objects.exists(c, qid)
                 return [], after
-            rows = c.execute(
-                select(qi.c.seq, qi.c.data)
-                .where(self._items(qid, part), qi.c.seq > after)
-                .order_by(qi.c.seq)
-                .limit(ITERATE_PAGE)
-            ).all()
+            rows = c.execute(self.sql.items_after, {**key, "after": after}).all()
             return [r[1] for r in rows], (rows[-1][0] if rows else after)
 
         items, cursor = await self._until(
@@ -308,7 +327,7 @@ class Queues:
             gone = c.execute(select(qp.c.queue_id, qp.c.partition).where(qp.c.expires_at < now))
             parts = gone.all()
             for qid, part in parts:
-                self._drop_partition(c, qid, part)
+                self._drop_partition(c, {"q": qid, "p": part})
             return len(parts)
 
         return run
