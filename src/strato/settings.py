@@ -429,6 +429,14 @@ OUTPUT_RETENTION = number(
     "How long a call's outputs are kept before they are deleted.",
     (SERVER,),
 )
+SECRET_KEY_FILE = path(
+    "STRATO_SECRET_KEY_FILE",
+    "`$STRATO_HOME/secret.key`",
+    "The file of the key that encrypts Secrets in the database (32 random bytes, "
+    "base64; made with mode 0600 when missing). Keep it apart from the database and its "
+    "backups: without it the secrets cannot be read.",
+    (SERVER,),
+)
 DICT_TTL = number(
     "STRATO_DICT_TTL",
     7 * 86400.0,

@@ -401,5 +401,7 @@ def server_status() -> None:
     click.echo(f"{len(containers)} containers running")
 
 
+main.add_command(__import__("strato.cli.secret", fromlist=["x"]).secret_group)  # secrets
+
 if __name__ == "__main__":  # pragma: no cover
     main()

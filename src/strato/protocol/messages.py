@@ -115,6 +115,97 @@ class WebConfig(msgspec.Struct, frozen=True):
 # --- web endpoints: end
 
 
+# --- secrets and schedules: begin
+SECRET_NAME_MAX = 64
+SECRET_MAX_KEYS = 1000
+SECRET_VALUE_MAX = 64 << 10  # one environment variable's value (the kernel takes 128 KiB)
+SecretName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")]
+SecretValue = Annotated[str, Meta(max_length=SECRET_VALUE_MAX)]
+SecretId = Annotated[str, Meta(pattern=r"^(st-[0-9a-f]{16})?$")]
+
+
+class SecretRef(msgspec.Struct, frozen=True):
+    """A secret whose keys become environment variables of a function's containers: by
+    ``name`` (``Secret.from_name``) or by the id of an anonymous one (``from_dict``,
+    ``from_dotenv``, ``from_local_environ``, created when the app is). The control plane
+    fills in the id of a named one when the app is created. Never a value."""
+
+    secret_id: SecretId = ""
+    name: SecretName | None = None
+    required_keys: Annotated[list[EnvName], Meta(max_length=SECRET_MAX_KEYS)] = []
+
+
+class Schedule(msgspec.Struct, frozen=True):
+    """When a deployed function runs by itself: every ``period_s`` seconds
+    (``strato.Period``) or at the times of a cron expression in ``timezone``
+    (``strato.Cron``); exactly one of the two."""
+
+    period_s: Annotated[float, Meta(ge=1.0, le=100 * 366 * 86400.0)] | None = None
+    cron: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    timezone: Annotated[str, Meta(min_length=1, max_length=64)] = "UTC"
+
+
+class CreateSecret(msgspec.Struct):
+    """``strato secret create`` (named) or an anonymous secret of an app (``name`` None)."""
+
+    values: Annotated[dict[EnvName, SecretValue], Meta(max_length=SECRET_MAX_KEYS)]
+    name: SecretName | None = None
+    overwrite: bool = False  # --force: replace the values of an existing named secret
+
+
+class SecretInfo(msgspec.Struct):
+    """What the API says of a secret: never its values."""
+
+    secret_id: str
+    name: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    n_keys: Count = 0
+
+
+class SecretList(msgspec.Struct):
+    secrets: list[SecretInfo]
+
+
+class ScheduleInfo(msgspec.Struct):
+    app_id: str
+    function_id: str
+    function_name: str
+    schedule: Schedule
+    next_run_at: Timestamp
+    last_run_at: Timestamp | None = None
+    last_call_id: str | None = None
+
+
+class ScheduleList(msgspec.Struct):
+    schedules: list[ScheduleInfo]
+
+
+# --- secrets and schedules: end
+
+
+# --- sandboxes: begin (the spec's part; the API and frames are further down)
+SANDBOX_MAX_ARGS = 1024
+SANDBOX_ARG_MAX = 128 << 10
+SandboxArgs = Annotated[
+    list[Annotated[str, Meta(max_length=SANDBOX_ARG_MAX)]], Meta(max_length=SANDBOX_MAX_ARGS)
+]
+SandboxPath = Annotated[str, Meta(max_length=4096)]
+
+
+class SandboxConfig(msgspec.Struct, frozen=True):
+    """What makes a function's container a sandbox: the container runs the sandbox agent
+    (``strato.container.sandbox_agent``) instead of serving inputs."""
+
+    sandbox_id: Annotated[str, Meta(pattern="^sb-[0-9a-f]{16}$")]
+    entrypoint: SandboxArgs = []  # run at start as process 1; the sandbox ends with it
+    workdir: SandboxPath | None = None
+
+
+# --- sandboxes: end
+
+
 class FunctionSpec(msgspec.Struct, frozen=True):
     """Everything the control plane and a container need to know about one function."""
 
@@ -146,6 +237,8 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     image: ImageSpec | None = None
     block_network: bool = False
     runtime: str | None = None  # bwrap | gvisor | process; None = the worker's default
+    secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []  # --- secrets (ids, no values)
+    schedule: Schedule | None = None  # --- schedules: deployed functions only
     web: WebConfig | None = None  # a web endpoint; keep this field last
 
 
@@ -469,6 +562,9 @@ class ContainerStart(ChannelMsg, tag="start"):
     channel: str = ""  # address the container dials: "unix:/path" or "tcp:host:port"
     runtime: str | None = None
     token: str = ""  # the container's own secret for its ContainerHello
+    # --- secrets: the values of the function's secrets, sent to the worker for this start
+    # only (set as environment variables; never stored, logged or written to a file)
+    secret_env: dict[str, str] = {}
 
 
 class ContainerKill(ChannelMsg, tag="kill"):

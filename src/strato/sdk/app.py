@@ -20,6 +20,8 @@ from . import options
 from .cls import Cls, class_methods
 from .function import Function
 from .image import Image, upload_image_files
+from .schedule import schedule_spec
+from .secret import Secret, check_secrets, secret_refs
 from .web import class_web_specs, function_web_spec, web_methods
 
 RUNTIMES = ("bwrap", "gvisor", "process")
@@ -65,6 +67,24 @@ def _shared_options(params: dict[str, Any]) -> dict[str, Any]:
     return {name: params[name] for name in SHARED_OPTIONS}
 
 
+def _check_schedulable(f: Callable, tag: str) -> None:
+    """A scheduled function is called with no arguments."""
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):
+        return
+    needed = [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if needed:
+        raise exc.InvalidError(
+            f"{tag}: a scheduled function is called with no arguments, but it needs {needed}; "
+            "give them defaults"
+        )
+
+
 class App:
     """A group of functions that run and deploy together (Modal's ``modal.App``)."""
 
@@ -81,7 +101,8 @@ class App:
             raise exc.InvalidError(f"App name {name!r}: use a non-empty str of at most 64 chars")
         self.name = name
         self.image = image
-        self.secrets = list(secrets or [])
+        self.secrets = check_secrets(secrets, "App(secrets=...)")
+        self._secret_objs: dict[str, list[Secret]] = {}  # function tag -> its secrets
         self.volumes = dict(volumes or {})
         self._functions: dict[str, Function] = {}
         self._entrypoints: dict[str, Callable] = {}
@@ -175,6 +196,8 @@ class App:
         enable_memory_snapshot: bool = False,
         block_network: bool = False,
         runtime: str | None = None,
+        secrets: list[Secret] | None = None,
+        schedule=None,
         name: str | None = None,
     ) -> Callable[[Callable], Function]:
         if _warn_parentheses_missing is not None:
@@ -182,6 +205,8 @@ class App:
         base, image_obj = self._spec_base(**_shared_options(locals()))
         if not isinstance(serialized, bool):
             raise exc.InvalidError("serialized= must be True or False")
+        secret_objs = [*self.secrets, *check_secrets(secrets)]  # secrets: sent at app creation
+        schedule_ = schedule_spec(schedule)  # schedules: run by the control plane when deployed
 
         def wrap(f: Callable) -> Function:
             if isinstance(f, Function):
@@ -230,6 +255,10 @@ class App:
             web = function_web_spec(f, tag, _input_handling(f))  # web endpoints
             if web is not None:
                 spec = msgspec.structs.replace(spec, web=web)
+            if schedule_ is not None:
+                _check_schedulable(f, tag)
+                spec = msgspec.structs.replace(spec, schedule=schedule_)
+            self._secret_objs[tag] = secret_objs
             fn = Function(f, spec, self)
             fn._image = image_obj
             self._register(tag, fn)
@@ -255,12 +284,14 @@ class App:
         enable_memory_snapshot: bool = False,
         block_network: bool = False,
         runtime: str | None = None,
+        secrets: list[Secret] | None = None,
     ) -> Callable[[type], Cls]:
         """A class whose containers build one instance, run its ``@enter`` hooks, and serve
         its ``@method()``s."""
         if _warn_parentheses_missing is not None:
             raise exc.InvalidError("Did you forget parentheses? Use `@app.cls()`.")
         base, image_obj = self._spec_base(**_shared_options(locals()))
+        secret_objs = [*self.secrets, *check_secrets(secrets)]  # secrets: sent at app creation
 
         def wrap(user_cls: type) -> Cls:
             if not inspect.isclass(user_cls):
@@ -321,10 +352,12 @@ class App:
             service._image = image_obj
             handle = Cls(user_cls, spec, self, service)
             self._register(user_cls.__qualname__, service)
+            self._secret_objs[user_cls.__qualname__] = secret_objs
             for tag, raw, web_spec_ in class_web_specs(user_cls, spec):
                 endpoint = Function(raw, web_spec_, self)
                 endpoint._image = image_obj
                 self._register(tag, endpoint)
+                self._secret_objs[tag] = secret_objs
             return handle
 
         return wrap
@@ -362,6 +395,7 @@ class App:
     def _create(self, *, deployed: bool, detached: bool = False, name: str | None = None):
         client = session.api()
         specs, mount = self._specs()
+        specs = self._with_secrets(client, specs)  # secrets: names, ids of anonymous ones
         session.upload_mount(client, mount)
         images: dict[int, Image] = {}
         for fn in self._functions.values():
@@ -389,6 +423,14 @@ class App:
             fn._hydrate(ids[tag], info.app_id)
         self._app_id = info.app_id
         return client, info
+
+    def _with_secrets(self, client, specs: list[m.FunctionSpec]) -> list[m.FunctionSpec]:
+        """Each spec with its secrets' references (anonymous ones created now, once)."""
+        out = []
+        for spec in specs:
+            objs = self._secret_objs.get(spec.name, self.secrets)
+            out.append(msgspec.structs.replace(spec, secrets=secret_refs(client, objs)))
+        return out
 
     @contextlib.contextmanager
     def run(self, *, detach: bool = False, quiet: bool = False):

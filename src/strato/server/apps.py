@@ -72,6 +72,12 @@ class Apps:
         self.logs = logs
         self._wake = wake
         self.heartbeats: dict[str, float] = {}  # ephemeral app -> when its client last said so
+        # features that complete or check a function's spec when an app is created (secrets:
+        # names to ids), and are told of apps created and stopped (schedules); each one's
+        # routes module adds its own. A hook that raises refuses the app: nothing is made.
+        self.spec_hooks: list[Callable[[m.FunctionSpec, bool], m.FunctionSpec]] = []
+        self.on_created: list[Callable[[m.AppInfo, list[m.FunctionSpec]], None]] = []
+        self.on_stopped: list[Callable[[str], None]] = []
 
     def recover(self) -> None:
         """After a restart: each ephemeral app's client gets time to come back."""
@@ -112,6 +118,8 @@ class Apps:
         self.gateway.check_app(req.functions, req.name, req.deployed)
         if req.deployed and not req.name:
             raise InvalidError("a deployed app needs a name: strato.App('my-app')")
+        for hook in self.spec_hooks:  # secrets, schedules: checked before anything is made
+            req.functions = [hook(spec, req.deployed) for spec in req.functions]
         app_id = "ap-" + secrets.token_hex(8)
         fns = []
         for spec in req.functions:
@@ -143,7 +151,10 @@ class Apps:
             )
             for fid, name, _ in fns
         ]
-        return m.AppInfo(app_id, req.name, state.value, time.time(), refs)
+        info = m.AppInfo(app_id, req.name, state.value, time.time(), refs)
+        for created in self.on_created:
+            created(info, req.functions)
+        return info
 
     def info(self, row: dict) -> m.AppInfo:
         fns = self.store.functions_of(row["app_id"])
@@ -179,6 +190,8 @@ class Apps:
         # web containers of an app that a newer one replaces drain instead
         draining = self.gateway.retire_app(app_id)
         self.fleet.stop_app(app_id, keep=draining)
+        for stopped in self.on_stopped:
+            stopped(app_id)
         self.logs.system(app_id, "app stopped")
 
     def heartbeat(self, app_id: str) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from strato import settings
+from strato.exceptions import ContainerStartError, Error
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.protocol.gpu import parse_gpu
@@ -115,6 +116,9 @@ class Fleet:
         self.heartbeat_timeout_s = settings.WORKER_HEARTBEAT_TIMEOUT.get()
         self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
         self._node_losses: dict[int, int] = {}  # input_id -> lost nodes that held it
+        # --- secrets: the plain environment of a function's secrets for one start (set by
+        # api/routes_secrets.py); None: secrets are not served and such functions wait
+        self.secret_env: Callable[[m.FunctionSpec], dict[str, str]] | None = None
 
     # ------------------------------------------------------------------ what others ask
 
@@ -321,6 +325,9 @@ class Fleet:
         until, _ = self._backoff.get(fn.function_id, (0.0, 0.0))
         if time.monotonic() < until:
             return None
+        secret_env = self._secret_env(fn)  # --- secrets
+        if secret_env is None:
+            return None
         request = self.request_for(fn.spec)
         views = self.live_views()
         if self.quota is not None and self.quota.blocks(  # per-app quotas
@@ -364,11 +371,36 @@ class Fleet:
                 channel=self.channel_address(node.view.node_id),
                 runtime=self.runtime,
                 token=s.token,
+                secret_env=secret_env,
             )
         )
         log.info("starting container %s for %s on %s", cid, fn.name, s.node_id)
         self._tell(fn.app_id, f"starting a container for {fn.name} on {s.node_id}", cid)
         return s
+
+    def _secret_env(self, fn: FunctionQueue) -> dict[str, str] | None:
+        """The values of ``fn``'s secrets for a start; None (its queued inputs failed and
+        its starts backing off, as for a failed start) when they cannot be had: a secret
+        deleted since the deploy, a key that cannot open it. Errors never carry values."""
+        if not fn.spec.secrets:
+            return {}
+        try:
+            if self.secret_env is None:
+                raise ContainerStartError("this control plane serves no secrets")
+            return self.secret_env(fn.spec)
+        except Error as e:
+            why = f"cannot start a container for {fn.name}: {e}"
+            log.warning("%s", why)
+            self._tell(fn.app_id, why, "-")
+            _, delay = self._backoff.get(fn.function_id, (0.0, INIT_FAILURE_BACKOFF_S[0]))
+            self._backoff[fn.function_id] = (
+                time.monotonic() + delay,
+                min(delay * 2, INIT_FAILURE_BACKOFF_S[1]),
+            )
+            self.calls.fail_queued(
+                fn.function_id, str(e), count_attempt=False, error_type=type(e).__name__
+            )
+            return None
 
     def _reclaim_idle(self, fn: FunctionQueue, request: ContainerRequest) -> bool:
         """Make room for ``fn`` by stopping idle containers of other functions (those kept

@@ -100,6 +100,7 @@ def prepare_launch(
         python = image.python
         workdir = image.workdir or "/root"
     env.update(spec.env)
+    env.update(msg.secret_env)  # --- secrets: in this container's environment only
     res = spec.resources
     return ContainerLaunch(
         container_id=msg.container_id,

@@ -1,8 +1,16 @@
-"""Routes of schedules (Period, Cron)."""
+"""Routes of schedules (Period, Cron): the schedules of deployed apps, with their next
+run times. The scheduler itself is wired here: it checks schedules when an app is
+created, starts and ends them with deployed apps, and runs its loop on the control
+plane (``server/schedules.py``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from strato.protocol import messages as m
+
+from ..schedules import Scheduler
+from .router import Reply, Request, reply
 
 if TYPE_CHECKING:
     from ..control import ControlPlane
@@ -11,3 +19,21 @@ if TYPE_CHECKING:
 
 def register(api: Router, cp: ControlPlane) -> None:
     """Add this feature's routes to ``api`` (and its background loops to ``cp``)."""
+    scheduler = Scheduler(cp.store, cp.calls, cp.logs)
+    scheduler.recover()  # before the API serves: the durable next run times
+    cp.apps.spec_hooks.append(scheduler.check_spec)
+    cp.apps.on_created.append(scheduler.app_created)
+    cp.apps.on_stopped.append(scheduler.app_stopped)
+    cp.spawn_loop(scheduler.run(), "schedules")
+
+    @api.add(
+        "GET",
+        "/schedules",
+        "Schedules of deployed apps and their next run times (all, or one app's)",
+        response=m.ScheduleList,
+        query={"app": str},
+    )
+    async def list_schedules(req: Request) -> Reply:
+        ref = req.param("app")
+        app_id = (await cp.apps.find(ref))["app_id"] if ref else None
+        return reply(m.ScheduleList(scheduler.listing(app_id)))

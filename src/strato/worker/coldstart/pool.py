@@ -115,7 +115,11 @@ class ZygotePool:
                 zygote = await self._get_template(msg, launch, runtime)
             else:
                 zygote = await self._get_zygote(
-                    runtime, msg.channel, launch.channel_socket, launch, msg.spec.env
+                    runtime,
+                    msg.channel,
+                    launch.channel_socket,
+                    launch,
+                    {**msg.spec.env, **msg.secret_env},  # never in a shared zygote
                 )
             return await self._fork(zygote, msg, launch, runtime)
         except Exception as e:  # noqa: BLE001 - whatever fails, the container starts normally
