@@ -455,3 +455,16 @@ def test_a_container_sees_the_graphs_of_its_own_apps_calls_only(mgr):
         assert [c.function_call_id for c in g.inputs[0].children] == ["fc-2"]
 
     asyncio.run(go())
+
+
+def test_recent_keeps_the_newest_entries():
+    from strato.server.calls.state import Recent
+
+    r: Recent[int, str] = Recent(10)
+    for i in range(100):
+        r.put(i, str(i))
+    assert all(r.get(i) == str(i) for i in range(95, 100))  # at least the newest half
+    assert r.get(0) is None and 0 not in r
+    assert sum(1 for i in range(100) if i in r) <= 10
+    r.put(99, "again")
+    assert r.pop(99) == "again" and r.get(99) is None
