@@ -35,6 +35,8 @@ _LAZY = {
     "asgi_app": "strato.sdk.web",
     "wsgi_app": "strato.sdk.web",
     "web_server": "strato.sdk.web",
+    "Volume": "strato.sdk.volume",  # volumes
+    "volume": "strato.volume",
     "exceptions": "strato.exceptions",
     # Modal's module paths of ported imports (``modal.exception.NotFoundError``)
     "exception": "strato.exception",

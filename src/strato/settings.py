@@ -423,6 +423,15 @@ MAX_PAYLOAD = integer(
     unit="bytes",
     within=Range(1),
 )
+VOLUME_MAX_BYTES = integer(
+    "STRATO_VOLUME_MAX_BYTES",
+    1 << 40,
+    "The most bytes of files one Volume may hold; a commit or upload that would go over "
+    "it is refused and changes nothing.",
+    (SERVER,),
+    unit="bytes",
+    within=Range(1),
+)
 OUTPUT_RETENTION = number(
     "STRATO_OUTPUT_RETENTION",
     7 * 86400.0,

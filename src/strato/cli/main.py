@@ -403,5 +403,7 @@ def server_status() -> None:
 
 main.add_command(__import__("strato.cli.secret", fromlist=["x"]).secret_group)  # secrets
 
+main.add_command(__import__("strato.cli.volume", fromlist=["volume"]).volume)  # volumes
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -22,6 +22,7 @@ from .function import Function
 from .image import Image, upload_image_files
 from .schedule import schedule_spec
 from .secret import Secret, check_secrets, secret_refs
+from .volume import Volume, hydrate_mounts, volume_mounts
 from .web import class_web_specs, function_web_spec, web_methods
 
 RUNTIMES = ("bwrap", "gvisor", "process")
@@ -58,6 +59,7 @@ SHARED_OPTIONS = (
     "enable_memory_snapshot",
     "block_network",
     "runtime",
+    "volumes",
 )
 """The options ``@app.function()`` and ``@app.cls()`` share (``App._spec_base``)."""
 
@@ -143,6 +145,7 @@ class App:
         enable_memory_snapshot,
         block_network,
         runtime,
+        volumes,
     ) -> tuple[dict[str, Any], Image | None]:
         """The FunctionSpec fields every function and class shares, validated now, and the
         image they run on."""
@@ -170,6 +173,7 @@ class App:
             image=image.spec if image is not None else None,
             block_network=block_network,
             runtime=runtime,
+            volumes=volume_mounts({**self.volumes, **(volumes or {})}),
         ), image
 
     def _register(self, tag: str, obj) -> None:
@@ -196,6 +200,7 @@ class App:
         enable_memory_snapshot: bool = False,
         block_network: bool = False,
         runtime: str | None = None,
+        volumes: dict[str, Volume] | None = None,
         secrets: list[Secret] | None = None,
         schedule=None,
         name: str | None = None,
@@ -284,6 +289,7 @@ class App:
         enable_memory_snapshot: bool = False,
         block_network: bool = False,
         runtime: str | None = None,
+        volumes: dict[str, Volume] | None = None,
         secrets: list[Secret] | None = None,
     ) -> Callable[[type], Cls]:
         """A class whose containers build one instance, run its ``@enter`` hooks, and serve
@@ -395,6 +401,7 @@ class App:
     def _create(self, *, deployed: bool, detached: bool = False, name: str | None = None):
         client = session.api()
         specs, mount = self._specs()
+        specs = hydrate_mounts(client, specs)  # volumes: their ids (made if asked)
         specs = self._with_secrets(client, specs)  # secrets: names, ids of anonymous ones
         session.upload_mount(client, mount)
         images: dict[int, Image] = {}

@@ -27,6 +27,7 @@ from strato.protocol import messages as m
 from strato.runtime import get_runtime
 from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
+from . import volumes
 from .coldstart import ZygotePool
 from .launch import prepare_launch
 from .lines import REDRAW, LineSplitter
@@ -281,6 +282,7 @@ class WorkerAgent:
             if cid in self.killed:  # killed while its image or code was being prepared
                 self.killed.discard(cid)
                 self.send(m.ContainerExited(cid, None, None, False, "killed before it started"))
+                volumes.finish(self.cache, cid, None, commit=False)
                 return
             rc = await self.zygotes.start(msg, launch, runtime)  # forked; None: start normally
             if rc is None:
@@ -293,6 +295,7 @@ class WorkerAgent:
                 else ("ContainerStartError")
             )
             self.send(m.ContainerStartFailed(cid, str(e), error_type=name))
+            volumes.finish(self.cache, cid, None, commit=False)
             return
         finally:
             self.starting.discard(cid)
@@ -312,6 +315,10 @@ class WorkerAgent:
         self._flush_logs()
         self.containers.pop(cid, None)
         self.killed.discard(cid)
+        # --- volumes: what it changed and did not commit is committed at its exit
+        for line in await asyncio.to_thread(volumes.finish, self.cache, cid, self._http):
+            self._add_log(m.LogLine(time.time(), cid, "system", line))
+        self._flush_logs()
         self.send(
             m.ContainerExited(
                 cid, status.exit_code, status.signal, status.oom_killed, status.description
@@ -326,13 +333,15 @@ class WorkerAgent:
             entry = m.LogLine(time.time(), msg.container_id, "system", line)
             loop.call_soon_threadsafe(self._add_log, entry)
 
-        return prepare_launch(
+        launch = prepare_launch(
             msg,
             cache=self.cache,
             isolated=runtime.capabilities.isolation,
             fetch_blob=http.get_blob,
             log=build_log,
         )
+        isolated = runtime.capabilities.isolation  # --- volumes: mounted from the cache
+        return volumes.add_to_launch(self.cache, msg, launch, isolated, http)
 
     def _runtime(self, name: str | None) -> Runtime:
         name = name or self.default_runtime

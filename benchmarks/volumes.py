@@ -1,0 +1,194 @@
+"""Volumes: reading a large file from a mounted volume in a container vs from local disk,
+and committing many small files vs writing them with plain Python to a local folder.
+
+One embedded control plane, one app (the ``process`` runtime, which mounts the volume in
+the container's own mount namespace: run as root). Every figure is measured in the same
+container in one run, the baselines right beside what they compare with:
+
+- ``volume_read``: the container reads ``--size-mib`` from the mounted volume and from a
+  copy on its local disk (the same bytes), ``--rounds`` times alternating, each cold
+  (the file's pages dropped from the page cache with ``posix_fadvise(DONTNEED)`` first)
+  and warm; best round of each. Target: volume >= 80% of local.
+- ``volume_commit``: the container writes ``--files`` files of ``--file-bytes`` into the
+  mount and commits them (``vol.commit()``: hash, upload of the blocks the control plane
+  lacks, one merge); the baseline writes the same files with plain Python into a local
+  folder. Target: the commit < 5 s. Also the client's ``batch_upload`` of those files.
+
+    .venv/bin/python benchmarks/volumes.py [--size-mib 1024] [--files 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+from _common import emit, note, strato_env
+
+import strato
+
+MOUNT = "/srv"  # a folder that exists on the host (the process runtime binds over it)
+app = strato.App("bench-volumes")
+vol = strato.Volume.from_name("bench-volume", create_if_missing=True)
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _read_mib_s(path: str, cold: bool) -> float:
+    if cold:
+        _drop_cache(path)
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                break
+            total += n
+    return total / (1 << 20) / (time.perf_counter() - t0)
+
+
+@app.function(runtime="process", volumes={MOUNT: vol}, timeout=1800, memory=2048)
+def read_bench(rel: str, rounds: int) -> dict:
+    src = os.path.join(MOUNT, rel)
+    local_dir = tempfile.mkdtemp(prefix="strato-bench-local-")
+    local = os.path.join(local_dir, "copy.bin")
+    try:
+        shutil.copyfile(src, local)
+        out: dict[str, float] = {}
+        for _ in range(rounds):
+            for cold in (True, False):
+                kind = "cold" if cold else "warm"
+                for name, path in (("volume", src), ("local", local)):
+                    key = f"{name}_{kind}_mib_s"
+                    out[key] = max(out.get(key, 0.0), _read_mib_s(path, cold))
+        out["bytes"] = os.path.getsize(src)
+        return out
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _write_files(root: str, n: int, size: int, salt: str) -> float:
+    """Write n files of ``size`` bytes (distinct contents); seconds taken."""
+    t0 = time.perf_counter()
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        head = f"{salt}:{i}:".encode()
+        with open(os.path.join(root, f"{i:05d}.txt"), "wb") as f:
+            f.write(head + b"x" * max(0, size - len(head)))
+    return time.perf_counter() - t0
+
+
+@app.function(runtime="process", volumes={MOUNT: vol}, timeout=1800)
+def commit_bench(n: int, size: int, tag: str) -> dict:
+    local_dir = tempfile.mkdtemp(prefix="strato-bench-local-")
+    try:
+        local_s = _write_files(local_dir, n, size, tag)
+        write_s = _write_files(os.path.join(MOUNT, f"many-{tag}"), n, size, tag)
+        t0 = time.perf_counter()
+        vol.commit()
+        commit_s = time.perf_counter() - t0
+        return {"local_write_s": local_s, "volume_write_s": write_s, "commit_s": commit_s}
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--file-bytes", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("the process runtime mounts volumes as root: run this as root")
+    with strato_env():
+        try:
+            strato.Volume.delete("bench-volume")
+        except strato.exceptions.NotFoundError:
+            pass
+        size = args.size_mib << 20
+        note(f"uploading a {args.size_mib} MiB file to the volume")
+        with tempfile.TemporaryDirectory() as d:
+            big = os.path.join(d, "big.bin")
+            with open(big, "wb") as f:
+                chunk = os.urandom(1 << 20)
+                for i in range(args.size_mib):
+                    f.write(i.to_bytes(8, "little") + chunk[8:])
+            t0 = time.perf_counter()
+            with vol.batch_upload(force=True) as batch:
+                batch.put_file(big, "big.bin")
+            upload_s = time.perf_counter() - t0
+        with app.run(quiet=True):
+            t0 = time.perf_counter()
+            r = read_bench.remote("big.bin", args.rounds)
+            first_call_s = time.perf_counter() - t0
+            for kind in ("cold", "warm"):
+                vol_mib_s, local_mib_s = r[f"volume_{kind}_mib_s"], r[f"local_{kind}_mib_s"]
+                emit(
+                    {
+                        "benchmark": "volume_read",
+                        "cache": kind,
+                        "bytes": r["bytes"],
+                        "volume_mib_s": round(vol_mib_s, 1),
+                        "local_mib_s": round(local_mib_s, 1),
+                        "ratio_to_local": round(vol_mib_s / local_mib_s, 3),
+                        "target_ratio": 0.8,
+                        "ok": vol_mib_s / local_mib_s >= 0.8,
+                    }
+                )
+            emit(
+                {
+                    "benchmark": "volume_first_call",
+                    "bytes": size,
+                    "client_upload_s": round(upload_s, 3),
+                    "first_call_s": round(first_call_s, 3),
+                    "note": "upload: hash + 8 MiB blocks; first call: container start with "
+                    "the volume materialised (blocks fetched, copied) and the read rounds",
+                }
+            )
+            c = commit_bench.remote(args.files, args.file_bytes, "a")
+            emit(
+                {
+                    "benchmark": "volume_commit",
+                    "files": args.files,
+                    "file_bytes": args.file_bytes,
+                    "commit_s": round(c["commit_s"], 3),
+                    "local_write_s": round(c["local_write_s"], 3),
+                    "volume_write_s": round(c["volume_write_s"], 3),
+                    "ratio_to_local_write": round(c["commit_s"] / c["local_write_s"], 2),
+                    "target_s": 5.0,
+                    "ok": c["commit_s"] < 5.0,
+                }
+            )
+        with tempfile.TemporaryDirectory() as d:
+            local_s = _write_files(d, args.files, args.file_bytes, "client")
+            t0 = time.perf_counter()
+            with vol.batch_upload(force=True) as batch:
+                batch.put_directory(d, "uploaded")
+            upload_s = time.perf_counter() - t0
+        emit(
+            {
+                "benchmark": "volume_batch_upload",
+                "files": args.files,
+                "file_bytes": args.file_bytes,
+                "upload_s": round(upload_s, 3),
+                "local_write_s": round(local_s, 3),
+                "ratio_to_local_write": round(upload_s / local_s, 2),
+            }
+        )
+
+
+if __name__ == "__main__":
+    main()

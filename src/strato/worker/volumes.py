@@ -1,0 +1,305 @@
+"""Volumes on a node: each mounted volume's latest version materialised for a container.
+
+Layout under the worker's cache::
+
+    blobs/ab/<sha256>                    blocks, fetched once per node (shared with code mounts)
+    volumes/files/ab/<id>                a file of several blocks, put together once per node
+    volumes/trees/<volume_id>/<version>  a version's tree of hard links (read-only mounts)
+    volumes/containers/<cid>/<i>         a container's own writable copy of mount i
+    volumes/containers/<cid>/state/      its VolumeState files (the container rewrites them)
+
+A writable mount is a copy (the container may write its files in place, which must never
+reach the node's shared blocks); a read-only mount binds the shared tree read-only. When
+the container exits, the worker commits what changed in its writable copies (against the
+state the container last committed or reloaded) and removes them.
+
+The ``process`` runtime has no mount namespace of its own: there the container is started
+under ``unshare --mount`` with the volumes bound at their paths in that namespace only
+(this needs root, and the mount point must exist as a folder on this machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strato import exceptions as exc
+from strato import settings
+from strato.client import volumes as cv
+from strato.client.api_base import ApiBase
+from strato.protocol import messages as m
+from strato.protocol.volumes import norm_path
+from strato.runtime.base import Bind, ContainerLaunch
+
+from .mounts import blob_path
+
+log = logging.getLogger("strato.worker.volumes")
+
+IN_CONTAINER_STATE = "/run/strato/volstate"
+
+
+@dataclass
+class Prepared:
+    """What a container's volumes add to its launch."""
+
+    binds: list[Bind] = field(default_factory=list)  # for isolating runtimes
+    argv_prefix: list[str] = field(default_factory=list)  # for the process runtime
+    writable: list[tuple[str, str, cv.VolumeState]] = field(default_factory=list)
+    """(volume_id, host tree, the state it was made from) of each writable mount."""
+
+
+def _root(cache: Path) -> Path:
+    return cache / "volumes"
+
+
+def container_dir(cache: Path, cid: str) -> Path:
+    return _root(cache) / "containers" / cid
+
+
+def _file_source(cache: Path, api: ApiBase, f: m.VolumeFile, fetched: dict[str, str]) -> str:
+    """A node-cached file with ``f``'s content (its one block, or its blocks put together)."""
+    if len(f.blocks) == 1:
+        return fetched[f.blocks[0]]
+    fid = hashlib.sha256(" ".join(f.blocks).encode()).hexdigest() if f.blocks else "0" * 64
+    path = _root(cache) / "files" / fid[:2] / fid
+    if path.exists():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{fid}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for b in f.blocks:
+                with open(fetched[b], "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(path)
+
+
+def _fetch_missing(cache: Path, api: ApiBase, files: list[m.VolumeFile]) -> dict[str, str]:
+    """Every block of ``files`` in the node's blob cache (fetched once); key -> path."""
+    sizes = cv.block_sizes(files)
+    out, missing = {}, []
+    for key in sizes:
+        p = blob_path(str(cache), key)
+        out[key] = p
+        if not os.path.isfile(p):
+            missing.append(key)
+    for key, data in cv.fetch_blocks(api, missing, sizes):
+        p = out[key]
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=os.path.dirname(p))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, p)
+    return out
+
+
+def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict[str, str]) -> str:
+    """The version's tree of hard links, built once per node (read-only mounts)."""
+    final = _root(cache) / "trees" / man.volume_id / str(man.version)
+    if final.is_dir():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{man.version}.", dir=final.parent))
+    try:
+        for f in man.files:
+            dest = tmp / norm_path(f.path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = _file_source(cache, api, f, fetched) if f.blocks else None
+            if src is None:
+                dest.touch(0o444)
+                continue
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copyfile(src, dest)
+                os.chmod(dest, 0o444)
+        for d, _, _ in os.walk(tmp):
+            os.chmod(d, 0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def _own_tree(
+    cache: Path,
+    api: ApiBase,
+    man: m.VolumeManifest,
+    fetched: dict[str, str],
+    dest_root: Path,
+    owner: tuple[int, int] | None,
+) -> cv.VolumeState:
+    """A writable copy of the version for one container; its state."""
+    dest_root.mkdir(parents=True)
+    files: dict[str, cv.BaseFile] = {}
+    for f in man.files:
+        rel = norm_path(f.path)
+        dest = dest_root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if f.blocks:
+            shutil.copyfile(_file_source(cache, api, f, fetched), dest)
+        else:
+            dest.touch()
+        os.chmod(dest, f.mode & 0o777)
+        if owner is not None:
+            os.chown(dest, *owner)
+        files[rel] = cv.BaseFile(f.size, f.mode & 0o777, list(f.blocks), dest.stat().st_mtime_ns)
+    for d, _, _ in os.walk(dest_root):
+        os.chmod(d, 0o755)
+        if owner is not None:
+            os.chown(d, *owner)
+    return cv.VolumeState(man.volume_id, man.version, files)
+
+
+def prepare(
+    msg: m.ContainerStart, host_dir: Path, cache: Path, isolated: bool, api: ApiBase | None
+) -> Prepared:
+    """Materialise the container's volumes; what its launch needs. Writes
+    ``volumes.msgpack`` (the mounts as the container sees them) into ``host_dir``."""
+    out = Prepared()
+    vols = msg.spec.volumes
+    if not vols:
+        return out
+    if api is None:
+        raise exc.InvalidError("this worker has no API connection to fetch volumes")
+    if not isolated and os.geteuid() != 0:
+        raise exc.InvalidError(
+            "mounting a volume under the 'process' runtime needs a worker running as root; "
+            "use the bwrap or gvisor runtime"
+        )
+    mine = container_dir(cache, msg.container_id)
+    state_dir = mine / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    owner = None
+    if isolated and os.geteuid() == 0:
+        owner = (settings.CONTAINER_UID.get(), settings.CONTAINER_GID.get())
+        os.chown(state_dir, *owner)
+    os.chmod(mine, 0o755)
+    os.chmod(state_dir, 0o755)
+    mounts: list[cv.MountedVolume] = []
+    shell: list[str] = []
+    for i, v in enumerate(vols):
+        ref = v.volume_id or v.name
+        if not ref:
+            raise exc.InvalidError(f"the volume at {v.path} has neither id nor name")
+        if not isolated and not os.path.isdir(v.path):
+            raise exc.InvalidError(
+                f"the 'process' runtime mounts a volume only at a folder that exists on this "
+                f"machine; {v.path} does not: mount it elsewhere or use the bwrap runtime"
+            )
+        man = api.call("GET", f"/volumes/{ref}/manifest", None, m.VolumeManifest, timeout=300.0)
+        fetched = _fetch_missing(cache, api, man.files)
+        state_in = (
+            (IN_CONTAINER_STATE if isolated else str(state_dir)) + f"/{i}.msgpack"
+            if not v.read_only
+            else ""
+        )
+        if v.read_only:
+            src = _shared_tree(cache, api, man, fetched)
+        else:
+            tree = mine / str(i)
+            state = _own_tree(cache, api, man, fetched, tree, owner)
+            cv.write_state(str(state_dir / f"{i}.msgpack"), state)
+            if owner is not None:
+                os.chown(state_dir / f"{i}.msgpack", *owner)
+            out.writable.append((man.volume_id, str(tree), state))
+            src = str(tree)
+        mounts.append(cv.MountedVolume(man.volume_id, v.name, v.path, v.read_only, state_in))
+        if isolated:
+            out.binds.append(Bind(src, v.path, readonly=v.read_only))
+        else:
+            shell.append(f"mount --bind -- {shlex.quote(src)} {shlex.quote(v.path)}")
+            if v.read_only:
+                shell.append(f"mount -o remount,bind,ro -- {shlex.quote(v.path)}")
+    if isolated:
+        out.binds.append(Bind(str(state_dir), IN_CONTAINER_STATE, readonly=False))
+    else:
+        script = " && ".join([*shell, 'exec "$@"'])
+        out.argv_prefix = ["unshare", "--mount", "--propagation", "private", "--"]
+        out.argv_prefix += ["sh", "-c", script, "strato-volumes"]
+    cv.write_mounts(str(host_dir / "volumes.msgpack"), mounts)
+    os.chmod(host_dir / "volumes.msgpack", 0o644)
+    return out
+
+
+def commit_at_exit(cache: Path, cid: str, api: ApiBase | None, prepared: Prepared) -> list[str]:
+    """Commit what changed in the container's writable mounts, then remove its copies;
+    a line per volume committed or failed (for the app's logs)."""
+    lines: list[str] = []
+    try:
+        for i, (volume_id, tree, first) in enumerate(prepared.writable):
+            state = first
+            sf = container_dir(cache, cid) / "state" / f"{i}.msgpack"
+            try:
+                last = cv.read_state(str(sf))
+                if last.volume_id == volume_id:
+                    state = last
+            except (OSError, ValueError, TypeError):
+                pass  # the container's file is unreadable: compare with the start
+            if api is None:
+                continue
+            try:
+                new = cv.commit_tree(api, volume_id, tree, state)
+                if new is not state:
+                    lines.append(f"volume {volume_id}: committed at exit (version {new.version})")
+            except Exception as e:  # noqa: BLE001 - reported in the app's logs
+                log.warning("commit of volume %s at the exit of %s failed: %s", volume_id, cid, e)
+                lines.append(f"volume {volume_id}: commit at exit failed: {e}")
+    finally:
+        shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
+    return lines
+
+
+# the containers of this worker with volumes: what their launch prepared
+_PREPARED: dict[str, Prepared] = {}
+
+
+def add_to_launch(
+    cache: Path, msg: m.ContainerStart, launch: ContainerLaunch, isolated: bool, api: ApiBase | None
+) -> ContainerLaunch:
+    """``launch`` with the container's volumes mounted (unchanged without volumes)."""
+    if not msg.spec.volumes:
+        return launch
+    host_dir = Path(launch.cwd)  # the container's folder, beside its spec
+    try:
+        prepared = prepare(msg, host_dir, cache, isolated, api)
+    except BaseException:
+        shutil.rmtree(container_dir(cache, msg.container_id), ignore_errors=True)
+        raise
+    _PREPARED[msg.container_id] = prepared
+    return dataclasses.replace(
+        launch,
+        binds=[*launch.binds, *prepared.binds],
+        argv=[*prepared.argv_prefix, *launch.argv],
+    )
+
+
+def finish(cache: Path, cid: str, api: ApiBase | None, *, commit: bool = True) -> list[str]:
+    """The container has exited (or never started): commit its writable mounts (unless
+    ``commit`` is false) and remove them. Lines for the app's logs."""
+    prepared = _PREPARED.pop(cid, None)
+    if prepared is None:
+        return []
+    if not commit:
+        shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
+        return []
+    return commit_at_exit(cache, cid, api, prepared)
