@@ -5,19 +5,53 @@ again by the client, and the control plane answers it as it did the first time).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import secrets
 import threading
+from collections.abc import Iterator
 
 import pytest
-from conftest import dedicated_server, wait_until
+from conftest import dedicated_server, restore_env, wait_until
 
 import strato
 
 pytestmark = pytest.mark.slow
+PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
-def test_a_sigkill_between_puts_and_gets_loses_nothing_and_repeats_nothing():
-    with dedicated_server({}) as srv:
+@contextlib.contextmanager
+def _database(kind: str) -> Iterator[dict[str, str]]:
+    """The control plane's environment: its default SQLite, or a fresh PostgreSQL database."""
+    if kind == "sqlite":
+        yield {}
+        return
+    import psycopg
+
+    name = "strato_test_" + secrets.token_hex(4)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield {"STRATO_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _restart(srv, env: dict[str, str]) -> None:
+    """SIGKILL the control plane, then start it again on the same home and database."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        srv.restart()
+    finally:
+        restore_env(saved)
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_sigkill_between_puts_and_gets_loses_nothing_and_repeats_nothing(db):
+    with _database(db) as env, dedicated_server(env) as srv:
         q = strato.Queue.from_name("jobs", create_if_missing=True)
         d = strato.Dict.from_name("results", create_if_missing=True)
         for i in range(0, 1000, 100):
@@ -27,7 +61,7 @@ def test_a_sigkill_between_puts_and_gets_loses_nothing_and_repeats_nothing():
         d["big"] = b"\x02" * (2 << 20)  # in the blob store
         first = q.get_many(300)
         old_pid = srv.pid
-        srv.restart()  # SIGKILL, then start again on the same home
+        _restart(srv, env)
         assert srv.pid != old_pid
         rest: list[int] = []
         while True:
@@ -40,9 +74,10 @@ def test_a_sigkill_between_puts_and_gets_loses_nothing_and_repeats_nothing():
         assert d.len() == 501 and d["k123"] == 123 and d["big"] == b"\x02" * (2 << 20)
 
 
-def test_a_sigkill_while_consumers_take_items():
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_sigkill_while_consumers_take_items(db):
     n, consumers = 3000, 4
-    with dedicated_server({}) as srv:
+    with _database(db) as env, dedicated_server(env) as srv:
         q = strato.Queue.from_name("work", create_if_missing=True)
         for i in range(0, n, 500):
             q.put_many(list(range(i, i + 500)))
@@ -63,7 +98,7 @@ def test_a_sigkill_while_consumers_take_items():
         for t in threads:
             t.start()
         wait_until(lambda: sum(map(len, got)) >= n // 3, 60, "a third of the items taken")
-        srv.restart()
+        _restart(srv, env)
         for t in threads:
             t.join(120)
         assert not errors, errors

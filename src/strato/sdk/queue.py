@@ -37,7 +37,12 @@ def _partition(partition: object) -> str:
         raise exc.InvalidError(
             f"a Queue partition key must be a str, not {type(partition).__name__}"
         )
-    size = len(partition.encode())
+    try:
+        size = len(partition.encode())
+    except UnicodeEncodeError:
+        raise exc.InvalidError(
+            f"partition key {partition[:80]!r} is not valid Unicode text"
+        ) from None
     if not 1 <= size <= m.QUEUE_PARTITION_KEY_MAX_BYTES:
         raise exc.InvalidError(
             f"partition key {partition[:80]!r} is {size} bytes: a partition key must be 1 "

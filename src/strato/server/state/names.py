@@ -37,9 +37,15 @@ def check_id(kind: str, object_id: str) -> str:
 
 def check_partition(partition: str) -> str:
     """A partition key ("" is the default partition): 1 to 64 bytes of UTF-8."""
-    if len(partition.encode()) > m.QUEUE_PARTITION_KEY_MAX_BYTES:
+    try:
+        size = len(partition.encode())
+    except UnicodeEncodeError:
         raise exc.InvalidError(
-            f"partition key {partition[:80]!r} is {len(partition.encode())} bytes: a partition "
-            f"key must be 1 to {m.QUEUE_PARTITION_KEY_MAX_BYTES} bytes"
+            f"partition key {partition[:80]!r} is not valid Unicode text"
+        ) from None
+    if size > m.QUEUE_PARTITION_KEY_MAX_BYTES:
+        raise exc.InvalidError(
+            f"partition key {partition[:80]!r} is {size} bytes: a partition key must be 1 to "
+            f"{m.QUEUE_PARTITION_KEY_MAX_BYTES} bytes"
         )
     return partition
