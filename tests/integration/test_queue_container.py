@@ -51,3 +51,10 @@ def test_a_container_cannot_delete_named_objects(running, request):
         assert d["kept"] is True
     finally:
         strato.Dict.delete(name)
+
+
+def test_dicts_and_queues_passed_as_arguments(running):
+    with strato.Queue.ephemeral() as q, strato.Dict.ephemeral() as d:
+        q.put_many([1, 2, 3])
+        assert state_worker.drain.remote(q, d) == 3
+        assert d["drained"] == [1, 2, 3] and q.len() == 0

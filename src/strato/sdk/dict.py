@@ -218,6 +218,12 @@ class StateObject:
     def _path(self, op: str) -> str:
         return f"{self._base}/{self._id()}/{op}"
 
+    def __reduce__(self) -> tuple:
+        # passed to a function (``f.remote(q)``): the same object on the other side
+        if self._object_id is not None:
+            return (_restore, (type(self), self._object_id, self._name, False))
+        return (_restore, (type(self), None, self._name, self._create))
+
     def __repr__(self) -> str:
         what = repr(self._name) if self._name else "ephemeral"
         return f"strato.{self._kind}({what}, id={self._object_id})"
@@ -227,6 +233,12 @@ class StateObject:
     _create: bool
     _object_id: str | None
     _hyd_lock: threading.Lock
+
+
+def _restore(cls: type[S], object_id: str | None, name: str | None, create: bool) -> S:
+    if object_id is not None:
+        return cls._hydrated(object_id, name)
+    return cls._new(name, create)
 
 
 class Dict(StateObject):

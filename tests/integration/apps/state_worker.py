@@ -46,3 +46,11 @@ def try_admin(dict_name: str) -> list[str]:
     except exc.AuthError as e:
         refused.append(f"delete by id: {e}")
     return refused
+
+
+@app.function()
+def drain(q: strato.Queue, d: strato.Dict) -> int:
+    """Objects passed as arguments: the caller's Queue and Dict."""
+    items = q.get_many(100, timeout=30)
+    d["drained"] = items
+    return len(items)
