@@ -133,3 +133,22 @@ def test_bad_input_is_refused_and_changes_nothing(d, server):
         strato.Dict.from_name("never-made").len()
     with pytest.raises(exc.NotFoundError):
         strato.Dict.delete("never-made")
+
+
+def test_cli(d):
+    from click.testing import CliRunner
+
+    from strato.cli.main import main as cli
+
+    d.update({"a": 1, "b": [2]})
+    run = CliRunner().invoke
+    out = run(cli, ["dict", "list"])
+    assert out.exit_code == 0 and d.name in out.output
+    assert run(cli, ["dict", "get", d.name, "b"]).output.strip() == "[2]"
+    assert "no key 'zz'" in run(cli, ["dict", "get", d.name, "zz"]).output
+    assert run(cli, ["dict", "items", d.name]).output.splitlines() == ["'a': 1", "'b': [2]"]
+    assert run(cli, ["dict", "clear", d.name, "--yes"]).exit_code == 0 and d.len() == 0
+    assert "invalid Dict name" in run(cli, ["dict", "delete", "bad name", "--yes"]).output
+    assert run(cli, ["dict", "delete", d.name, "--yes"]).exit_code == 0
+    with pytest.raises(exc.NotFoundError):
+        d.len()

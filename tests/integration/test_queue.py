@@ -183,3 +183,23 @@ def test_ephemeral_and_aio(server):
     from strato.queue import Queue  # Modal's module path
 
     assert Queue is strato.Queue
+
+
+def test_cli(q):
+    from click.testing import CliRunner
+
+    from strato.cli.main import main as cli
+
+    q.put_many([1, 2, 3])
+    q.put("x", partition="p")
+    run = CliRunner().invoke
+    assert q.name in run(cli, ["queue", "list"]).output
+    assert run(cli, ["queue", "len", q.name]).output.strip() == "3"
+    assert run(cli, ["queue", "len", q.name, "--total"]).output.strip() == "4"
+    assert run(cli, ["queue", "peek", q.name, "2"]).output.split() == ["1", "2"]
+    assert run(cli, ["queue", "peek", q.name, "--partition", "p"]).output.strip() == "'x'"
+    assert run(cli, ["queue", "clear", q.name, "--all", "--yes"]).exit_code == 0
+    assert q.len(total=True) == 0
+    assert run(cli, ["queue", "delete", q.name, "--yes"]).exit_code == 0
+    with pytest.raises(exc.NotFoundError):
+        q.len()

@@ -404,6 +404,8 @@ def server_status() -> None:
 main.add_command(__import__("strato.cli.secret", fromlist=["x"]).secret_group)  # secrets
 
 main.add_command(__import__("strato.cli.volume", fromlist=["volume"]).volume)  # volumes
+main.add_command(__import__("strato.cli.state", fromlist=["x"]).dict_group)  # Dict
+main.add_command(__import__("strato.cli.state", fromlist=["x"]).queue_group)  # Queue
 
 if __name__ == "__main__":  # pragma: no cover
     main()
