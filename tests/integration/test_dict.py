@@ -5,9 +5,12 @@ iteration, ephemeral Dicts, and bad input refused with a clear error and no chan
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+import time
 
 import pytest
+from conftest import dedicated_server, wait_until
 
 import strato
 from strato import exceptions as exc
@@ -89,6 +92,7 @@ def test_ephemeral_dict_is_deleted_at_exit(server):
         assert d["seed"] == 1 and d.name is None
         d["x"] = 2
         object_id = d.object_id
+        session.api().call("POST", f"/dicts/{object_id}/heartbeat")  # what keeps it
     with pytest.raises(exc.NotFoundError):
         d.get("x")
     names = session.api().call("GET", "/dicts", None, m.StateList).objects
@@ -152,3 +156,24 @@ def test_cli(d):
     assert run(cli, ["dict", "delete", d.name, "--yes"]).exit_code == 0
     with pytest.raises(exc.NotFoundError):
         d.len()
+
+
+@pytest.mark.slow
+def test_entries_expire_after_the_ttl_without_access():
+    # STRATO_DICT_TTL=2: the behaviour under test is time itself
+    with dedicated_server({"STRATO_DICT_TTL": "2"}) as srv:
+        d = strato.Dict.from_name("ttl", create_if_missing=True)
+        d.update(old=1, kept=2)
+        deadline = time.monotonic() + 1.9
+        while time.monotonic() < deadline:  # reading "kept" keeps it
+            assert d["kept"] == 2
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert "old" not in d and d["kept"] == 2 and d.len() == 1
+
+        def rows() -> int:
+            with sqlite3.connect(srv.home / "state.db") as db:
+                return db.execute("SELECT count(*) FROM dict_entries").fetchone()[0]
+
+        wait_until(lambda: rows() == 0, 30, "the expiry loop to delete the entries")
+        assert d.len() == 0

@@ -91,6 +91,14 @@ def test_entries_expire_after_the_ttl_without_access(db_url, tmp_path):
         assert await d.db.run("expiry", d.expire_op(time.time())) == 1
         assert not (await d.get(did, b"old")).found
         assert (await d.get(did, b"kept")).found
+        # past its TTL an entry is gone at once, before the expiry loop deletes it
+        await put(d, did, {b"a": b"1", b"b": b"2"})
+        await asyncio.sleep(1.2)
+        assert not (await d.get(did, b"a")).found and not (await d.pop(did, b"b")).found
+        await put(d, did, {b"c": b"3"})
+        await asyncio.sleep(1.2)
+        assert await d.length(did) == 0 and (await d.page(did, 0, 10, "keys")).entries == []
+        assert await put(d, did, {b"c": b"new"}, skip=True) == 1  # an expired key is absent
 
     run(db_url, tmp_path, body, ttl_s=1.0)
 

@@ -51,7 +51,7 @@ class Dicts:
         where = and_(e.dict_id == bindparam("d"), e.key_hash == bindparam("h"))
         # the hot statements, built once (building one costs more than running it)
         self._entry = select(e.value, e.value_blob, e.accessed_at).where(where)
-        self._has = select(e.seq).where(where)
+        self._has = select(e.accessed_at).where(where)
         self._touch = update(ts.dict_entries).where(where).values(accessed_at=bindparam("now"))
         self._set = (
             update(ts.dict_entries)
@@ -89,6 +89,9 @@ class Dicts:
                 self.objects.exists(c, object_id)
                 return m.DictValue(False)
             now = time.time()
+            if row[2] < now - self.ttl_s:  # expired; the expiry loop has not got to it
+                c.execute(self._delete, where)
+                return m.DictValue(False)
             if touch and row[2] < now - self.touch_after_s:
                 c.execute(self._touch, {**where, "now": now})
             return m.DictValue(True, row[0], row[1])
@@ -127,8 +130,9 @@ class Dicts:
             stored = 0
             for kh, key, value, blob in rows:
                 where = {"d": object_id, "h": kh}
-                if c.execute(self._has, where).first() is not None:
-                    if skip:
+                had = c.execute(self._has, where).first()
+                if had is not None:
+                    if skip and had[0] >= now - self.ttl_s:  # (an expired one is not there)
                         continue
                     c.execute(self._set, {**where, "v": value, "b": blob, "now": now})
                 else:
@@ -159,6 +163,8 @@ class Dicts:
                 self.objects.exists(c, object_id)
                 return m.DictValue(False)
             c.execute(self._delete, where)
+            if row[2] < time.time() - self.ttl_s:  # expired
+                return m.DictValue(False)
             return m.DictValue(True, row[0], row[1])
 
         return await self.db.run("Dict pop", run)
@@ -171,8 +177,10 @@ class Dicts:
 
         def run(c: Connection) -> int:
             self.objects.exists(c, object_id)
+            e = ts.dict_entries.c
             q = select(func.count()).select_from(ts.dict_entries)
-            return c.execute(q.where(ts.dict_entries.c.dict_id == object_id)).scalar() or 0
+            q = q.where(e.dict_id == object_id, e.accessed_at >= time.time() - self.ttl_s)
+            return c.execute(q).scalar() or 0
 
         return await self.db.read("Dict len", run)
 
@@ -196,7 +204,11 @@ class Dicts:
         def run(c: Connection) -> m.DictPage:
             rows = c.execute(
                 select(*cols)
-                .where(e.dict_id == object_id, e.seq > after)
+                .where(
+                    e.dict_id == object_id,
+                    e.seq > after,
+                    e.accessed_at >= time.time() - self.ttl_s,
+                )
                 .order_by(e.seq)
                 .limit(limit)
             ).all()
