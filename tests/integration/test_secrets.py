@@ -165,6 +165,38 @@ def test_secrets_survive_a_sigkill_of_the_control_plane(server):
             assert secrets_deleted.has_temp.remote() is True
 
 
+def _anonymous(home: Path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM secrets WHERE name IS NULL").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_an_apps_anonymous_secrets_go_when_it_stops(server):
+    import strato
+
+    app = strato.App("strato-test-secrets-anonymous")
+    shared = strato.Secret.from_dict({"ITEST_DICT": FROM_DICT})
+
+    @app.function(secrets=[shared], serialized=True)
+    def f() -> str:
+        return hashlib.sha256(os.environ["ITEST_DICT"].encode()).hexdigest()
+
+    @app.function(secrets=[shared], serialized=True)
+    def g() -> bool:
+        return "ITEST_DICT" in os.environ
+
+    before = _anonymous(server.home)
+    for _ in range(2):  # the same App run twice: each run has its own
+        with app.run(quiet=True):
+            assert f.remote() == digest(FROM_DICT) and g.remote() is True
+            assert _anonymous(server.home) == before + 1  # one, shared by both functions
+        wait_until(lambda: _anonymous(server.home) == before, 30, "its secret deleted")
+
+
 def _files(home: Path):
     for p in home.rglob("*"):
         if p.is_file() and not p.is_symlink() and p.name != "secret.key":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 
 import pytest
 from test_store import store  # noqa: F401 - the store fixture, on SQLite and PostgreSQL
@@ -229,6 +230,48 @@ def test_app_and_function_secrets_resolve_once_each():
     assert [r.name for r in specs[0].secrets] == [None, None, "named"]
     assert specs[1].secrets == [specs[0].secrets[0]]  # the app's secret, created once
     assert [c.values for c in client.created] == [{"SHARED": VALUE}, {"OWN": "1"}]
-    assert VALUE not in repr(specs) and shared._values is None  # sent, then dropped
+    assert VALUE not in repr(specs)
+    again = app._with_secrets(client, [f._spec])  # another app created: its own ones
+    assert len(client.created) == 4 and again[0].secrets[0] != specs[0].secrets[0]
     with pytest.raises(exc.InvalidError, match=r"App\(secrets=...\)"):
         strato.App("x", secrets=shared)
+
+
+def test_anonymous_secrets_live_as_long_as_their_app(store, monkeypatch):  # noqa: F811
+    s = srv.Secrets(store, srv.Cipher(os.urandom(32)))
+    named = run(s.create(m.CreateSecret({"A": "1"}, name="kept")))
+    mine = run(s.create(m.CreateSecret({"A": VALUE})))
+    other = run(s.create(m.CreateSecret({"A": "2"})))
+    store.create_app("ap-1", "a", "deployed", [], None, False)
+    spec = m.FunctionSpec(
+        "f", "m", "f", secrets=[m.SecretRef(mine.secret_id), m.SecretRef(named.secret_id, "kept")]
+    )
+    s.claim(m.AppInfo("ap-1", "a", "deployed", 0.0), [spec])
+    s.release("ap-2")  # another app: nothing of its own
+    assert s.env_for(spec) == {"A": "1"}  # (the named one is last: it wins)
+    s.release("ap-1")
+    store.flush()
+    assert {r["secret_id"] for r in _rows(store)} == {named.secret_id, other.secret_id}
+    # an anonymous one no app claimed goes after ORPHAN_AFTER_S (at the next start, or the
+    # next anonymous one made)
+    later = time.time() + srv.ORPHAN_AFTER_S + 1
+    monkeypatch.setattr(srv.time, "time", lambda: later)
+    again = srv.Secrets(store, s.cipher)
+    store.flush()
+    assert [r["secret_id"] for r in _rows(store)] == [named.secret_id]
+    assert [i.name for i in again.named()] == ["kept"]
+
+
+def test_anonymous_secrets_of_apps_stopped_while_down_go_at_start(store):  # noqa: F811
+    s = srv.Secrets(store, srv.Cipher(os.urandom(32)))
+    a = run(s.create(m.CreateSecret({"A": "1"})))
+    store.create_app("ap-1", "a", "deployed", [], None, False)
+    s.claim(
+        m.AppInfo("ap-1", "a", "deployed", 0.0),
+        [m.FunctionSpec("f", "m", "f", secrets=[m.SecretRef(a.secret_id)])],
+    )
+    store.set_app_state("ap-1", "stopped")  # ... and the control plane died before release
+    store.flush()
+    srv.Secrets(store, s.cipher)
+    store.flush()
+    assert _rows(store) == []

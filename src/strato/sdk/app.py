@@ -434,9 +434,11 @@ class App:
     def _with_secrets(self, client, specs: list[m.FunctionSpec]) -> list[m.FunctionSpec]:
         """Each spec with its secrets' references (anonymous ones created now, once)."""
         out = []
+        made: dict[int, m.SecretRef] = {}  # anonymous secrets of this app, each made once
         for spec in specs:
             objs = self._secret_objs.get(spec.name, self.secrets)
-            out.append(msgspec.structs.replace(spec, secrets=secret_refs(client, objs)))
+            refs = secret_refs(client, objs, made)
+            out.append(msgspec.structs.replace(spec, secrets=refs))
         return out
 
     @contextlib.contextmanager

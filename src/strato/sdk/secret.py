@@ -121,7 +121,7 @@ class Secret:
         required_keys: Iterable[str] = (),
     ) -> None:
         self._name = name
-        self._values = values  # anonymous: sent when the app is created, then dropped
+        self._values = values  # anonymous: sent with each app created (each gets its own)
         self._required = list(required_keys)
         self._secret_id = ""
 
@@ -202,15 +202,14 @@ class Secret:
     # ------------------------------------------------------------------ the app's side
 
     def _ref(self, client) -> m.SecretRef:
-        """How a spec names this secret; an anonymous one is created (once) first."""
+        """How a spec names this secret. An anonymous one is created first: one per app
+        created (the control plane deletes it when that app stops)."""
         if self._name is not None:
             return m.SecretRef(name=self._name, required_keys=self._required)
-        if not self._secret_id:
-            info = client.call(
-                "POST", "/secrets", m.CreateSecret(values=self._values or {}), m.SecretInfo
-            )
-            self._secret_id = info.secret_id
-            self._values = None  # the control plane has them now
+        info = client.call(
+            "POST", "/secrets", m.CreateSecret(values=self._values or {}), m.SecretInfo
+        )
+        self._secret_id = info.secret_id
         return m.SecretRef(secret_id=self._secret_id)
 
 
@@ -225,13 +224,19 @@ def check_secrets(secrets: object, what: str = "secrets=") -> list[Secret]:
     return list(secrets)
 
 
-def secret_refs(client, secrets: Iterable[Secret]) -> list[m.SecretRef]:
+def secret_refs(
+    client, secrets: Iterable[Secret], made: dict[int, m.SecretRef] | None = None
+) -> list[m.SecretRef]:
     """The references a spec carries for ``secrets`` (anonymous ones created now), in
-    order, each once. Reused by whatever starts containers with secrets."""
+    order, each once. ``made`` (one per app created) shares an anonymous secret among the
+    functions of one app. Reused by whatever starts containers with secrets."""
+    made = {} if made is None else made
     out: list[m.SecretRef] = []
     seen: set[int] = set()
     for s in secrets:
         if id(s) not in seen:
             seen.add(id(s))
-            out.append(s._ref(client))
+            if id(s) not in made:
+                made[id(s)] = s._ref(client)
+            out.append(made[id(s)])
     return out

@@ -14,7 +14,10 @@ containers of the functions that name them.
   frame and the container's environment.
 
 The rows' ciphertexts are cached in memory (this process is the store's only writer), so
-starting a container reads nothing from the database.
+starting a container reads nothing from the database. An anonymous secret belongs to the
+app it was made for (``claim``) and is deleted when that app stops (``release``); one
+never claimed (its app was refused, or its client died first) goes after
+``ORPHAN_AFTER_S``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ log = logging.getLogger("strato.secrets")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 FORMAT = 1  # the first byte of a row's data: AES-GCM, 12-byte nonce, msgpack map
+ORPHAN_AFTER_S = 3600.0  # an anonymous secret no app claimed is deleted after this
 
 
 def key_path(home: Path) -> Path:
@@ -129,6 +133,7 @@ class _Row:
     updated_at: float
     key_id: str
     data: bytes
+    app_id: str | None = None  # an anonymous secret's app, once it is created
 
     def info(self, n_keys: int = 0) -> m.SecretInfo:
         return m.SecretInfo(self.secret_id, self.name, self.created_at, self.updated_at, n_keys)
@@ -165,6 +170,12 @@ class Secrets:
             self._rows[row.secret_id] = row
             if row.name is not None:
                 self._by_name[row.name] = row.secret_id
+        # anonymous secrets of apps stopped while their delete was not yet written
+        live = {a["app_id"] for a in store.apps() if a["state"] != "stopped"}
+        self._drop(
+            [r for r in self._rows.values() if r.name is None and r.app_id and r.app_id not in live]
+        )
+        self._drop_orphans(time.time())
 
     @classmethod
     def open(cls, store: Store, home: Path) -> Secrets:
@@ -177,6 +188,8 @@ class Secrets:
         anonymous one. Durable when it returns."""
         check_values(req.values)
         now = time.time()
+        if req.name is None:
+            self._drop_orphans(now)
         old = self._rows.get(self._by_name.get(req.name, "")) if req.name else None
         if old is not None and not req.overwrite:
             raise exc.AlreadyExistsError(
@@ -245,6 +258,55 @@ class Secrets:
         self._rows.pop(sid, None)
         self._by_name.pop(name, None)
         log.info("secret %r deleted", name)
+
+    # ------------------------------------------------------------------ anonymous ones
+
+    def claim(self, info: m.AppInfo, specs: list[m.FunctionSpec]) -> None:
+        """The anonymous secrets of an app just created are that app's."""
+        ids = {
+            ref.secret_id
+            for spec in specs
+            for ref in spec.secrets
+            if ref.name is None and ref.secret_id in self._rows
+        }
+        mine = [self._rows[sid] for sid in ids if self._rows[sid].app_id is None]
+        if not mine:
+            return
+        for row in mine:
+            row.app_id = info.app_id
+        t = secrets_table
+        owned = [row.secret_id for row in mine]
+        self.store._write(
+            "secret_claim",
+            lambda c: c.execute(
+                update(t).where(t.c.secret_id.in_(owned)).values(app_id=info.app_id)
+            ),
+        )
+
+    def release(self, app_id: str) -> None:
+        """An app stopped: its anonymous secrets go (its containers have their values)."""
+        self._drop([r for r in self._rows.values() if r.name is None and r.app_id == app_id])
+
+    def _drop_orphans(self, now: float) -> None:
+        self._drop(
+            [
+                r
+                for r in self._rows.values()
+                if r.name is None and r.app_id is None and r.created_at < now - ORPHAN_AFTER_S
+            ]
+        )
+
+    def _drop(self, rows: list[_Row]) -> None:
+        if not rows:
+            return
+        gone = [r.secret_id for r in rows]
+        for sid in gone:
+            self._rows.pop(sid, None)
+        t = secrets_table
+        self.store._write(
+            "secret_drop", lambda c: c.execute(delete(t).where(t.c.secret_id.in_(gone)))
+        )
+        log.info("deleted %d anonymous secrets of stopped or refused apps", len(gone))
 
     # ------------------------------------------------------------------ functions
 

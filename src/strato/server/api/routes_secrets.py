@@ -32,6 +32,8 @@ def register(api: Router, cp: ControlPlane) -> None:
         return msgspec.structs.replace(spec, secrets=secrets.resolve(spec.secrets, spec.name))
 
     cp.apps.spec_hooks.append(resolve)
+    cp.apps.on_created.append(secrets.claim)  # anonymous secrets: the app's own
+    cp.apps.on_stopped.append(secrets.release)  # ... deleted when it stops
     cp.fleet.secret_env = secrets.env_for
     route = api.add
 

@@ -1,7 +1,8 @@
 """Tables of Secret (on the shared schema metadata).
 
 ``secrets``: one row per secret, named (``strato secret create``) or anonymous (an app's
-``Secret.from_dict`` / ``from_dotenv`` / ``from_local_environ``, with no name). ``data``
+``Secret.from_dict`` / ``from_dotenv`` / ``from_local_environ``, with no name, owned by
+the app it was made for and deleted when that app stops). ``data``
 is the secret's key/value map, encrypted with AES-GCM under a key kept outside the
 database (``server/secrets.py``); ``key_id`` says which key. No column holds a value or
 a key name in the clear.
@@ -22,4 +23,5 @@ secrets = Table(
     Column("updated_at", Float, nullable=False),
     Column("key_id", String(32), nullable=False),  # a fingerprint of the key that encrypted it
     Column("data", LargeBinary, nullable=False),  # version byte + nonce + AES-GCM ciphertext
+    Column("app_id", String(64), nullable=True, index=True),  # an anonymous one's app
 )
