@@ -924,6 +924,23 @@ MOUNT_PATHS = _declare(
         internal=True,
     )
 )
+# --- ops: begin (metrics and dashboard)
+METRICS_OPEN_LOOPBACK = flag(
+    "STRATO_METRICS_OPEN_LOOPBACK",
+    False,
+    "Serve `GET /metrics` without the API token to clients on loopback (a Prometheus on "
+    "the same host); from anywhere else it still needs the token.",
+    (SERVER,),
+)
+METRICS_MAX_FUNCTIONS = integer(
+    "STRATO_METRICS_MAX_FUNCTIONS",
+    500,
+    "Functions (app and function name pairs) that get their own labels in `/metrics`; "
+    'the rest are counted under app="other", function="other".',
+    (SERVER,),
+    within=Range(1),
+)
+# --- ops: end
 FUNCTION_ID = text(
     "STRATO_FUNCTION_ID",
     "",

@@ -406,6 +406,7 @@ main.add_command(__import__("strato.cli.secret", fromlist=["x"]).secret_group)  
 main.add_command(__import__("strato.cli.volume", fromlist=["volume"]).volume)  # volumes
 main.add_command(__import__("strato.cli.state", fromlist=["x"]).dict_group)  # Dict
 main.add_command(__import__("strato.cli.state", fromlist=["x"]).queue_group)  # Queue
+main.add_command(__import__("strato.cli.dashboard", fromlist=["x"]).dashboard)  # /ui
 
 if __name__ == "__main__":  # pragma: no cover
     main()

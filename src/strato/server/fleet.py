@@ -27,6 +27,7 @@ from strato.protocol import messages as m
 from strato.protocol.gpu import parse_gpu
 from strato.protocol.mounts import MountManifest
 
+from . import metrics
 from .autoscaler import ContainerStat
 from .calls.manager import CallManager, FunctionQueue
 from .calls.state import Status
@@ -500,6 +501,7 @@ class Fleet:
         s.state = ContainerState.READY
         s.idle_since = time.monotonic()
         self._backoff.pop(s.function_id, None)
+        metrics.cold_start(s.function_id, time.monotonic() - s.started_at, s.container_id)
         self.store.set_container_state(s.container_id, "ready")
         self._tell(
             s.app_id, f"container ready in {time.monotonic() - s.started_at:.2f}s", s.container_id

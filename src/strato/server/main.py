@@ -19,6 +19,7 @@ from strato.providers.local import LocalProvider
 from .api.routes import build_app
 from .config import ServerConfig
 from .control import ControlPlane, server_info_path
+from .dashboard import with_ops
 from .listeners import api_uvicorn_options
 
 log = logging.getLogger("strato.server")
@@ -99,7 +100,7 @@ async def serve(config: ServerConfig) -> None:
     await cp.start()
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(cp),
+            with_ops(build_app(cp), cp),  # /metrics and the dashboard (/ui) in front
             lifespan="off",
             log_level="warning",
             access_log=False,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from strato.protocol import messages as m
 
+from .. import metrics
 from ..store import FinalRow, Store
 from .dispatch import Dispatcher, slots
 from .outputs import Outputs
@@ -56,6 +57,7 @@ class Failures:
         policy = fn.spec.retries
         if p.attempts <= policy.max_retries and not fn.spec.is_generator:
             delay = policy.delay(p.attempts)
+            metrics.input_retry(fn.function_id)
             self.store.set_attempts([(p.input_id, p.attempts, time.time() + delay)])
             p.where, p.session = Where.RETRY, None
             log.info(

@@ -23,6 +23,7 @@ import msgspec
 from strato.exceptions import InvalidError
 from strato.protocol import messages as m
 
+from .. import metrics
 from ..store import FinalRow, GenItemRow, Store
 from ..store.blobs import BlobStore
 from .dispatch import Dispatcher, slots, target_inputs
@@ -173,6 +174,7 @@ class CallManager:
                 continue
             del session.inflight[o.input_id]
             d = o.duration
+            metrics.input_duration(fn.function_id, d)
             fn.ewma_duration = d if fn.ewma_duration is None else 0.8 * fn.ewma_duration + 0.2 * d
             if o.status == "success":
                 finals.append(self.outputs.final(p, "success", o.data, blob=o.blob))

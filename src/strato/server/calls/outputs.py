@@ -24,6 +24,7 @@ from typing import cast
 from strato.exceptions import NotFoundError
 from strato.protocol import messages as m
 
+from .. import metrics
 from ..store import FinalRow, GenItemRow, OutputRow, Store
 from ..store.blobs import BlobStore
 from .state import Ledger, Pending, Status, Where
@@ -126,6 +127,7 @@ class Outputs:
         """End ``p`` with its final output; the row is written by ``flush``. ``error``
         is the failure's message, ``error_type`` its exception type."""
         data, blob = self._offload(data, blob)
+        metrics.input_final(p.function_id, status)
         p.where = Where.DONE
         self.ledger.untrack(p)
         if p.session is not None:  # for the call graph

@@ -45,6 +45,7 @@ import msgspec
 from strato.exceptions import InvalidError, NotFoundError, RouteConflictError
 from strato.protocol import messages as m
 
+from .. import metrics
 from ..autoscaler import FunctionStats
 from ..containers import ContainerState
 from ..listeners import ConnectionGuard
@@ -376,6 +377,7 @@ class Gateway:
         if route is None:
             return  # no app to log it in (an unknown URL)
         ms = (time.monotonic() - ex.t0) * 1000
+        metrics.gateway_request(route.app_id, status, ms / 1000)
         cid = ex.backend.container_id if ex.backend is not None else "gateway"
         text = (
             f"{ex.method.decode('latin-1')} {ex.url[:300].decode('latin-1')} {status} "

@@ -131,6 +131,8 @@ class _Writer:
         self.batches = 0  # transactions committed (for tests and stats)
         self.closed = False
         self.conn: Connection | None = None
+        # told (on this thread) how long each read and each committed batch took (metrics)
+        self.on_op: Callable[[str, float], None] | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="strato-store-writer", daemon=True)
@@ -197,7 +199,9 @@ class _Writer:
                 if op is None:
                     break
                 if op.read:
+                    t0 = time.perf_counter()
                     self._read(op)
+                    self._timed("read", t0)
                     self._processed(op.future.seq)
                     continue
                 batch = [op]
@@ -214,12 +218,21 @@ class _Writer:
                         carry = nxt
                         break
                     batch.append(nxt)
+                t0 = time.perf_counter()
                 self._commit(batch)
+                self._timed("write_batch", t0)
                 self._processed(batch[-1].future.seq)
                 if stop:
                     break
         finally:
             self.conn.close()
+
+    def _timed(self, kind: str, t0: float) -> None:
+        if self.on_op is not None:
+            try:
+                self.on_op(kind, time.perf_counter() - t0)
+            except Exception:  # metrics must never stop the writer
+                pass
 
     def _processed(self, seq: int) -> None:
         with self._cond:
