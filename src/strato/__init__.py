@@ -37,6 +37,10 @@ _LAZY = {
     "web_server": "strato.sdk.web",
     "Volume": "strato.sdk.volume",  # volumes
     "volume": "strato.volume",
+    "Sandbox": "strato.sdk.sandbox",  # sandboxes
+    "ContainerProcess": "strato.sdk.container_process",
+    "sandbox": "strato.sandbox",
+    "container_process": "strato.container_process",
     "exceptions": "strato.exceptions",
     # Modal's module paths of ported imports (``modal.exception.NotFoundError``)
     "exception": "strato.exception",

@@ -156,6 +156,35 @@ class SandboxTimeoutError(TimeoutError):
     """A sandbox ran past its timeout."""
 
 
+# --- sandboxes: a file operation in a sandbox that failed, by the OS's reason
+class SandboxFilesystemError(FilesystemExecutionError):
+    """A file operation in a sandbox failed."""
+
+
+class SandboxFilesystemNotFoundError(SandboxFilesystemError, FileNotFoundError):
+    """No such file or folder in the sandbox."""
+
+
+class SandboxFilesystemPermissionError(SandboxFilesystemError, PermissionError):
+    """The sandbox's user may not do that to that path."""
+
+
+class SandboxFilesystemIsADirectoryError(SandboxFilesystemError, IsADirectoryError):
+    """The path is a folder."""
+
+
+class SandboxFilesystemNotADirectoryError(SandboxFilesystemError, NotADirectoryError):
+    """A part of the path is not a folder."""
+
+
+class SandboxFilesystemDirectoryNotEmptyError(SandboxFilesystemError):
+    """The folder is not empty (remove it with recursive=True)."""
+
+
+class SandboxFilesystemFileExistsError(SandboxFilesystemError, FileExistsError):
+    """The path exists already."""
+
+
 class MountUploadTimeoutError(TimeoutError):
     """Uploading local files took too long."""
 
@@ -233,6 +262,13 @@ ERRORS_BY_NAME: dict[str, type[BaseException]] = {
         SandboxTerminatedError,
         FilesystemExecutionError,
         SandboxTimeoutError,
+        SandboxFilesystemError,
+        SandboxFilesystemNotFoundError,
+        SandboxFilesystemPermissionError,
+        SandboxFilesystemIsADirectoryError,
+        SandboxFilesystemNotADirectoryError,
+        SandboxFilesystemDirectoryNotEmptyError,
+        SandboxFilesystemFileExistsError,
     )
 }
 

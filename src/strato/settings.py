@@ -459,6 +459,23 @@ RUNTIME = text(
     (SERVER, WORKER),
     shown_default="`bwrap` where bubblewrap is installed, else `process`",
 )
+SANDBOX_RUNTIME = text(
+    "STRATO_SANDBOX_RUNTIME",
+    "",
+    "The runtime of sandboxes created without `runtime=`: `gvisor`, `bwrap` or `process`.",
+    (SERVER,),
+    shown_default="`gvisor` where runsc is installed, else `bwrap`",
+    choices=("gvisor", "bwrap", "process"),
+)
+SANDBOX_WARM_POOL = integer(
+    "STRATO_SANDBOX_WARM_POOL",
+    0,
+    "Sandboxes kept started ahead, for the default runtime with no image and default "
+    "resources: `Sandbox.create` hands one out (and another is started). Each idle one "
+    "holds its runtime's memory.",
+    (SERVER,),
+    within=Range(0, 64),
+)
 LOCAL_WORKER = flag(
     "STRATO_LOCAL_WORKER",
     True,

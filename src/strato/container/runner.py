@@ -470,6 +470,11 @@ def main() -> None:
         spec = msgspec.msgpack.decode(f.read(), type=m.FunctionSpec)
     sys.path[:0] = settings.MOUNT_PATHS.get()
     os.environ[settings.IN_CONTAINER.name] = "1"
+    if spec.sandbox is not None:  # --- sandboxes: the agent runs the driver's processes
+        from .sandbox_agent import main as sandbox_main
+
+        sandbox_main(spec)
+        return
     if spec.web is not None:  # a web endpoint serves HTTP, not inputs
         from .web import serve_web
 

@@ -115,6 +115,28 @@ class WebConfig(msgspec.Struct, frozen=True):
 # --- web endpoints: end
 
 
+# --- volumes: begin
+VOLUME_NAME_MAX = 64
+VOLUME_PATH_MAX = 4096
+VolumeName = Annotated[str, Meta(min_length=1, max_length=VOLUME_NAME_MAX)]
+VolumePath = Annotated[str, Meta(max_length=VOLUME_PATH_MAX)]
+BlockKey = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class VolumeMount(msgspec.Struct, frozen=True):
+    """A volume mounted in a function's containers at ``path``. The SDK names it (``name``,
+    or the ``volume_id`` of an ephemeral one); the id is filled in when the app is created."""
+
+    path: VolumePath
+    volume_id: Annotated[str, Meta(max_length=64)] = ""
+    name: VolumeName | None = None
+    read_only: bool = False
+    create_if_missing: bool = False
+
+
+# --- volumes: end
+
+
 # --- secrets and schedules: begin
 SECRET_NAME_MAX = 64
 SECRET_MAX_KEYS = 1000
@@ -206,28 +228,6 @@ class SandboxConfig(msgspec.Struct, frozen=True):
 # --- sandboxes: end
 
 
-# --- volumes: begin
-VOLUME_NAME_MAX = 64
-VOLUME_PATH_MAX = 4096
-VolumeName = Annotated[str, Meta(min_length=1, max_length=VOLUME_NAME_MAX)]
-VolumePath = Annotated[str, Meta(max_length=VOLUME_PATH_MAX)]
-BlockKey = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
-
-
-class VolumeMount(msgspec.Struct, frozen=True):
-    """A volume mounted in a function's containers at ``path``. The SDK names it (``name``,
-    or the ``volume_id`` of an ephemeral one); the id is filled in when the app is created."""
-
-    path: VolumePath
-    volume_id: Annotated[str, Meta(max_length=64)] = ""
-    name: VolumeName | None = None
-    read_only: bool = False
-    create_if_missing: bool = False
-
-
-# --- volumes: end
-
-
 class FunctionSpec(msgspec.Struct, frozen=True):
     """Everything the control plane and a container need to know about one function."""
 
@@ -259,9 +259,10 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     image: ImageSpec | None = None
     block_network: bool = False
     runtime: str | None = None  # bwrap | gvisor | process; None = the worker's default
+    volumes: Annotated[list[VolumeMount], Meta(max_length=32)] = []  # --- volumes
     secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []  # --- secrets (ids, no values)
     schedule: Schedule | None = None  # --- schedules: deployed functions only
-    volumes: Annotated[list[VolumeMount], Meta(max_length=32)] = []  # --- volumes
+    sandbox: SandboxConfig | None = None  # --- sandboxes: the container is a sandbox
     web: WebConfig | None = None  # a web endpoint; keep this field last
 
 
@@ -635,7 +636,10 @@ class ApiRequest(ChannelMsg, tag="api"):
     req_id: Index
     method: Literal["GET", "POST", "PUT", "DELETE"]
     path: Annotated[str, Meta(max_length=2048)]
-    query: dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=4096)]] = {}
+    query: Annotated[
+        dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=4096)]],
+        Meta(max_length=32),
+    ] = {}
     body: bytes = b""
     input_id: Index | None = None  # the input the calling code runs (the call's parent)
 
@@ -658,6 +662,80 @@ class WebTunnelHello(ChannelMsg, tag="webtunnel"):
 
 # --- web endpoints: end
 
+
+# --- volumes: begin
+# A volume's file: its content is the concatenation of ``blocks`` (content-addressed blobs
+# of at most VOLUME_BLOCK bytes each).
+VOLUME_BLOCK = 8 << 20
+VOLUME_INLINE = 4096  # a file up to this size travels and is stored inline, not as a blob
+
+
+class VolumeFile(msgspec.Struct, frozen=True):
+    path: VolumePath
+    size: Annotated[int, Meta(ge=0, le=1 << 50)]
+    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o644
+    mtime: Timestamp = 0.0
+    blocks: Annotated[list[BlockKey], Meta(max_length=1 << 24)] = []
+    data: Annotated[bytes, Meta(max_length=VOLUME_INLINE)] | None = None  # inline content
+
+
+class VolumeInfo(msgspec.Struct):
+    volume_id: str
+    name: str | None
+    created_at: Timestamp
+    version: Count = 0
+    size: Count = 0
+    n_files: Count = 0
+
+
+class VolumeList(msgspec.Struct):
+    volumes: list[VolumeInfo]
+
+
+class CreateVolume(msgspec.Struct):
+    name: VolumeName | None = None  # None: an ephemeral volume
+    create_if_missing: bool = False
+    exists_ok: bool = True  # strato volume create: False (an error when it exists)
+
+
+class VolumeManifest(msgspec.Struct):
+    volume_id: str
+    version: Count
+    files: list[VolumeFile]
+
+
+class VolumeCommit(msgspec.Struct):
+    """Changes merged into the latest version: per file, the last commit wins."""
+
+    puts: Annotated[list[VolumeFile], Meta(max_length=1 << 22)] = []
+    deletes: Annotated[list[VolumePath], Meta(max_length=1 << 22)] = []
+    recursive_deletes: Annotated[list[VolumePath], Meta(max_length=1024)] = []
+    missing_ok: bool = True  # False: a delete of a path that is not there is an error
+
+
+class VolumeVersion(msgspec.Struct):
+    version: Count
+    size: Count = 0
+    n_files: Count = 0
+
+
+class VolumeCopy(msgspec.Struct):
+    src_paths: Annotated[list[VolumePath], Meta(min_length=1, max_length=10_000)]
+    dst: VolumePath
+    recursive: bool = False  # directories are copied only with recursive=True
+
+
+class BlobBatch(msgspec.Struct):
+    """Small blobs in one request (each stored under its sha256)."""
+
+    blobs: Annotated[list[bytes], Meta(max_length=100_000)]
+
+
+class BlobKeys(msgspec.Struct):
+    keys: Annotated[list[BlockKey], Meta(max_length=100_000)]
+
+
+# --- volumes: end
 
 # --- state: begin
 # Dict and Queue (``strato.Dict``, ``strato.Queue``). Keys, values and items are pickled
@@ -755,77 +833,224 @@ class QueueItems(msgspec.Struct):
 
 # --- state: end
 
-# --- volumes: begin
-# A volume's file: its content is the concatenation of ``blocks`` (content-addressed blobs
-# of at most VOLUME_BLOCK bytes each).
-VOLUME_BLOCK = 8 << 20
+# --- sandboxes: begin
+SANDBOX_CHUNK = 1 << 20  # one chunk of a process's stdin or output
+SANDBOX_MAX_TAGS = 64
+SandboxId = Annotated[str, Meta(pattern="^sb-[0-9a-f]{16}$")]
+SandboxName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+SandboxTagMap = Annotated[
+    dict[Annotated[str, Meta(min_length=1, max_length=64)], Annotated[str, Meta(max_length=256)]],
+    Meta(max_length=SANDBOX_MAX_TAGS),
+]
+SandboxStatus = Literal["starting", "running", "success", "failure", "timeout", "terminated"]
+"""``success``/``failure``: its entrypoint exited (0 / not 0); ``timeout``: it outlived its
+``timeout`` or ``idle_timeout``; ``terminated``: ``terminate()``, or it ended otherwise
+(the reason says how)."""
+Pid = Annotated[int, Meta(ge=1, le=MAX_INT)]
+ReturnCode = Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)]
+Stream = Literal[1, 2]  # stdout, stderr
+ExecId = Annotated[str, Meta(pattern="^[0-9a-f]{8,32}$")]
+SandboxEnv = Annotated[
+    dict[
+        Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")],
+        Annotated[str, Meta(max_length=64 << 10)],
+    ],
+    Meta(max_length=1000),
+]
+FileOp = Literal["read", "write", "stat", "ls", "mkdir", "rm"]
+FileErrorKind = Literal[
+    "not_found", "exists", "is_dir", "not_dir", "permission", "not_empty", "other"
+]
 
 
-class VolumeFile(msgspec.Struct, frozen=True):
-    path: VolumePath
-    size: Annotated[int, Meta(ge=0, le=1 << 50)]
-    mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o644
-    mtime: Timestamp = 0.0
-    blocks: Annotated[list[BlockKey], Meta(max_length=1 << 24)] = []
+class CreateSandbox(msgspec.Struct):
+    """``Sandbox.create``. ``runtime`` None: the control plane's default for sandboxes
+    (gVisor where runsc is installed, else bwrap)."""
+
+    app_id: Annotated[str, Meta(max_length=64)]
+    entrypoint: SandboxArgs = []
+    image: ImageSpec | None = None
+    timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] = 300.0
+    idle_timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] | None = None
+    workdir: SandboxPath | None = None
+    cpu: Cpu | None = None
+    memory_mb: MemoryMb | None = None
+    gpu: GpuList = []
+    block_network: bool = False
+    env: SandboxEnv = {}
+    name: SandboxName | None = None
+    runtime: Literal["gvisor", "bwrap", "process"] | None = None
+    tags: SandboxTagMap = {}
+    mount_id: Annotated[str, Meta(max_length=64)] | None = None
 
 
-class VolumeInfo(msgspec.Struct):
-    volume_id: str
+class SandboxInfo(msgspec.Struct):
+    sandbox_id: str
+    app_id: str
     name: str | None
-    created_at: Timestamp
-    version: Count = 0
-    size: Count = 0
-    n_files: Count = 0
+    status: SandboxStatus
+    returncode: ReturnCode | None = None
+    reason: str = ""
+    tags: dict[str, str] = {}
+    created_at: Timestamp = 0.0
+    runtime: str = ""
 
 
-class VolumeList(msgspec.Struct):
-    volumes: list[VolumeInfo]
+class SandboxList(msgspec.Struct):
+    sandboxes: list[SandboxInfo]
 
 
-class CreateVolume(msgspec.Struct):
-    name: VolumeName | None = None  # None: an ephemeral volume
-    create_if_missing: bool = False
-    exists_ok: bool = True  # strato volume create: False (an error when it exists)
+class SandboxTags(msgspec.Struct):
+    tags: SandboxTagMap
 
 
-class VolumeManifest(msgspec.Struct):
-    volume_id: str
-    version: Count
-    files: list[VolumeFile]
+class ExecRequest(msgspec.Struct):
+    """``sb.exec``; ``exec_id`` (the client's) makes a request sent again start nothing."""
+
+    argv: Annotated[SandboxArgs, Meta(min_length=1)]
+    exec_id: ExecId
+    workdir: SandboxPath | None = None
+    env: SandboxEnv = {}
+    timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] | None = None
 
 
-class VolumeCommit(msgspec.Struct):
-    """Changes merged into the latest version: per file, the last commit wins."""
-
-    puts: Annotated[list[VolumeFile], Meta(max_length=1 << 22)] = []
-    deletes: Annotated[list[VolumePath], Meta(max_length=1 << 22)] = []
-    recursive_deletes: Annotated[list[VolumePath], Meta(max_length=1024)] = []
-    missing_ok: bool = True  # False: a delete of a path that is not there is an error
+class ExecStarted(msgspec.Struct):
+    pid: Pid
 
 
-class VolumeVersion(msgspec.Struct):
-    version: Count
-    size: Count = 0
-    n_files: Count = 0
+class ProcessOutput(msgspec.Struct):
+    """A process's output from ``offset``; ``eof``: the stream has ended and nothing of it
+    is left to read past ``offset + len(data)``."""
+
+    data: bytes
+    offset: Count
+    eof: bool
+    returncode: ReturnCode | None = None
 
 
-class VolumeCopy(msgspec.Struct):
-    src_paths: Annotated[list[VolumePath], Meta(min_length=1, max_length=10_000)]
-    dst: VolumePath
-    recursive: bool = False  # directories are copied only with recursive=True
+class StdinWrite(msgspec.Struct):
+    """Bytes for a process's stdin from ``offset`` (what the control plane already has of
+    it is skipped, so a request sent again writes nothing twice); ``eof`` closes it."""
+
+    data: Annotated[bytes, Meta(max_length=SANDBOX_CHUNK)]
+    offset: Count
+    eof: bool = False
 
 
-class BlobBatch(msgspec.Struct):
-    """Small blobs in one request (each stored under its sha256)."""
-
-    blobs: Annotated[list[bytes], Meta(max_length=100_000)]
-
-
-class BlobKeys(msgspec.Struct):
-    keys: Annotated[list[BlockKey], Meta(max_length=100_000)]
+class ProcessStatus(msgspec.Struct):
+    returncode: ReturnCode | None = None
+    reason: str = ""
 
 
-# --- volumes: end
+class FileRequest(msgspec.Struct):
+    """One file operation in a sandbox (``sb.open``/``ls``/``mkdir``/``rm``): ``read``
+    up to ``length`` bytes at ``offset``; ``write`` ``data`` at ``offset`` (or at the
+    end with ``append``; ``truncate`` first empties the file, creating it if missing);
+    ``stat``; ``ls``; ``mkdir`` (``recursive``: with its parents, and no error if it
+    exists); ``rm`` (``recursive``: a folder and all it holds). A relative path is from
+    the sandbox's working directory."""
+
+    op: FileOp
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    offset: Count = 0
+    length: Annotated[int, Meta(ge=0, le=SANDBOX_CHUNK)] = 0
+    data: Annotated[bytes, Meta(max_length=SANDBOX_CHUNK)] = b""
+    append: bool = False
+    truncate: bool = False
+    recursive: bool = False
+
+
+class FileResult(msgspec.Struct):
+    data: Annotated[bytes, Meta(max_length=SANDBOX_CHUNK)] = b""
+    size: Count = 0  # stat: the file's size; write: its size after the write
+    is_dir: bool = False
+    entries: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=100_000)] = []
+    error: Annotated[str, Meta(max_length=4096)] | None = None
+    error_kind: FileErrorKind | None = None
+
+
+# control plane -> sandbox agent
+
+
+class SbExec(ChannelMsg, tag="sbexec"):
+    pid: Pid
+    argv: Annotated[SandboxArgs, Meta(min_length=1)]
+    workdir: SandboxPath | None = None
+    env: dict[str, str] = {}
+    timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] | None = None
+
+
+class SbStdin(ChannelMsg, tag="sbstdin"):
+    pid: Pid
+    data: Annotated[bytes, Meta(max_length=SANDBOX_CHUNK)] = b""
+    eof: bool = False
+
+
+class SbFile(ChannelMsg, tag="sbfile"):
+    req_id: Index
+    request: FileRequest
+
+
+class SbConfigure(ChannelMsg, tag="sbconf"):
+    """A sandbox from the warm pool is handed to its driver: its environment, working
+    directory and entrypoint (started as process 1)."""
+
+    env: dict[str, str] = {}
+    workdir: SandboxPath | None = None
+    entrypoint: SandboxArgs = []
+
+
+class SbFlow(ChannelMsg, tag="sbflow"):
+    """Stop (or resume) reading a process's output: the control plane holds as much of it
+    unread as it will."""
+
+    pid: Pid
+    stream: Stream
+    paused: bool
+
+
+# sandbox agent -> control plane
+
+
+class SbChunk(msgspec.Struct, array_like=True):
+    pid: Pid
+    stream: Stream
+    data: Annotated[bytes, Meta(max_length=SANDBOX_CHUNK)]
+    eof: bool = False
+
+
+class SbOutput(ChannelMsg, tag="sbout"):
+    chunks: Annotated[list[SbChunk], Meta(max_length=4096)]
+
+
+class SbExit(ChannelMsg, tag="sbexit"):
+    pid: Pid
+    returncode: ReturnCode
+    reason: Annotated[str, Meta(max_length=1024)] = ""
+
+
+class SbFileResult(ChannelMsg, tag="sbfileres"):
+    req_id: Index
+    result: FileResult
+
+
+# control plane <-> worker agent: how many processes the OOM killer has killed in a
+# sandbox's container (its cgroup), asked when one of its processes died of SIGKILL
+
+
+class SbOomQuery(ChannelMsg, tag="sboomq"):
+    container_id: Annotated[str, Meta(max_length=64)]
+
+
+class SbOomCount(ChannelMsg, tag="sboomc"):
+    container_id: Annotated[str, Meta(max_length=64)]
+    count: Count
+
+
+SANDBOX_SENDS = (SbOutput, SbExit, SbFileResult)  # what a sandbox's agent may send
+
+
+# --- sandboxes: end
 
 ChannelMessage = (
     ContainerHello
@@ -848,4 +1073,14 @@ ChannelMessage = (
     | Heartbeat
     | ApiRequest
     | ApiResponse
+    | SbExec  # --- sandboxes
+    | SbStdin
+    | SbFlow
+    | SbConfigure
+    | SbFile
+    | SbOutput
+    | SbExit
+    | SbFileResult
+    | SbOomQuery
+    | SbOomCount
 )

@@ -39,6 +39,7 @@ from .store.blobs import BlobStore
 
 if TYPE_CHECKING:
     from .api.router import Router
+    from .sandboxes import Sandboxes
 
 log = logging.getLogger("strato.control")
 
@@ -47,7 +48,13 @@ SCALE_TICK_S = 0.25
 # frames stay a few MiB (STRATO_MAX_FRAME overrides)
 DEFAULT_MAX_FRAME = 16 << 20
 # what a worker agent may send after its hello (anything else drops it)
-WORKER_SENDS = (m.ContainerExited, m.ContainerStartFailed, m.ContainerStarted, m.Heartbeat)
+WORKER_SENDS = (
+    m.ContainerExited,
+    m.ContainerStartFailed,
+    m.ContainerStarted,
+    m.Heartbeat,
+    m.SbOomCount,  # --- sandboxes
+)
 EXPIRY_EVERY_S = 60.0
 
 
@@ -125,6 +132,7 @@ class ControlPlane:
             self._wake.set,
         )
         self.api: Router | None = None  # set by api.routes.build_app
+        self.sandboxes: Sandboxes | None = None  # set by api/routes_sandboxes.py
         self._tasks: list[asyncio.Task] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._closing = False
@@ -255,9 +263,13 @@ class ControlPlane:
         uploads = Uploads(self.blobs, self.config.max_payload)
         assert self.api is not None, "build_app(cp) wires the API before containers dial"
         requests = ContainerRequests(self.api, s, peer, uploads)  # its own API calls
+        # --- sandboxes: a sandbox's agent may send only its own frames (no API requests)
+        sandbox = self.sandboxes if self.sandboxes and self.sandboxes.owns(s) else None
         try:
             while (msg := await frames.read_frame(reader, self.max_frame)) is not None:
-                if isinstance(msg, m.TaskOutputs):
+                if sandbox is not None and not isinstance(msg, m.ContainerReady):
+                    sandbox.on_frame(s, msg)  # (raises FrameError for any other message)
+                elif isinstance(msg, m.TaskOutputs):
                     sizes = {}  # of values that came in chunks, written off the loop
                     for i, o in enumerate(msg.outputs):
                         if o.blob is not None:

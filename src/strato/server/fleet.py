@@ -39,6 +39,7 @@ from .scheduler.eviction import Resident, eviction_victims
 from .store import Store
 
 if TYPE_CHECKING:
+    from .sandboxes import Sandboxes as SandboxWatch
     from .scheduler.quota import QuotaGate
 
 log = logging.getLogger("strato.fleet")
@@ -120,6 +121,9 @@ class Fleet:
         # --- secrets: the plain environment of a function's secrets for one start (set by
         # api/routes_secrets.py); None: secrets are not served and such functions wait
         self.secret_env: Callable[[m.FunctionSpec], dict[str, str]] | None = None
+        # --- sandboxes: told when a sandbox's container is ready or gone (set by
+        # api/routes_sandboxes.py; server/sandboxes)
+        self.sandbox_watch: SandboxWatch | None = None
 
     # ------------------------------------------------------------------ what others ask
 
@@ -306,6 +310,9 @@ class Fleet:
                 self._init_failed(s, msg.error, None, None, msg.error_type)
                 said = f"{msg.error_type}: {msg.error}" if msg.error_type else msg.error
                 self._gone(s, f"failed to start: {said}", oom=False)
+        elif isinstance(msg, m.SbOomCount):  # --- sandboxes
+            if self.sandbox_watch is not None:
+                self.sandbox_watch.oom_count(msg.container_id, msg.count)
         elif isinstance(msg, m.ContainerStarted):
             s = self.registry.get(msg.container_id)
             # its "ready" comes over its own channel and may be handled first: a record
@@ -503,6 +510,8 @@ class Fleet:
         self._backoff.pop(s.function_id, None)
         metrics.cold_start(s.function_id, time.monotonic() - s.started_at, s.container_id)
         self.store.set_container_state(s.container_id, "ready")
+        if self.sandbox_watch is not None:  # --- sandboxes
+            self.sandbox_watch.ready(s)
         self._tell(
             s.app_id, f"container ready in {time.monotonic() - s.started_at:.2f}s", s.container_id
         )
@@ -627,6 +636,8 @@ class Fleet:
         if s.peer is not None:
             s.peer.close()
         self.store.set_container_state(s.container_id, "stopped", description)
+        if self.sandbox_watch is not None:  # --- sandboxes
+            self.sandbox_watch.gone(s, description, oom)
         if prior not in LEAVING:
             self._tell(s.app_id, f"container {description}", s.container_id)
         if prior == ContainerState.STARTING and fn is not None and fn.queue and not node_lost:

@@ -249,6 +249,10 @@ class WorkerAgent:
                     asyncio.create_task(self._start(msg))
                 elif isinstance(msg, m.ContainerKill):
                     self._kill(msg.container_id, msg.grace_s)
+                elif isinstance(msg, m.SbOomQuery):  # --- sandboxes
+                    rc = self.containers.get(msg.container_id)
+                    count = oom_kills(getattr(rc, "cgroup", None))
+                    self.send(m.SbOomCount(msg.container_id, count))
         finally:
             beat.cancel()
             self._writer = None
@@ -485,3 +489,25 @@ def main() -> None:
         await agent.run()
 
     asyncio.run(run())
+
+
+def oom_kills(cgroup: object) -> int:
+    """--- sandboxes: how many processes the OOM killer has killed in a container's cgroup
+    (``oom_kill`` of cgroup v2's ``memory.events`` or v1's ``memory.oom_control``)."""
+    if cgroup is None:
+        return 0
+    version, dirs = getattr(cgroup, "version", 0), getattr(cgroup, "dirs", {})
+    if version == 2:
+        path = Path(getattr(cgroup, "path", "")) / "memory.events"
+    elif "memory" in dirs:
+        path = Path(dirs["memory"]) / "memory.oom_control"
+    else:
+        return 0
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,340 @@
+"""Sandboxes end to end (issue 9): a real control plane, real containers under bwrap and
+gVisor (and the plain ``process`` runtime for what does not depend on isolation)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from conftest import dedicated_server, wait_until
+
+import strato
+from strato import exceptions as exc
+
+pytestmark = pytest.mark.slow
+
+ISOLATING = [r for r in ("bwrap", "gvisor") if shutil.which("bwrap" if r == "bwrap" else "runsc")]
+if os.geteuid() != 0 or len(ISOLATING) < 2:
+    pytest.fail("these tests need root, bubblewrap and runsc (.ci/run installs them)")
+
+
+@pytest.fixture(scope="module")
+def app(strato_server):
+    strato_server.activate()
+    return strato.App.lookup(f"sandbox-test-{uuid.uuid4().hex[:8]}", create_if_missing=True)
+
+
+@pytest.fixture(params=ISOLATING)
+def runtime(request, server):
+    return request.param
+
+
+@pytest.fixture
+def sb(app, runtime):
+    sandbox = strato.Sandbox.create(app=app, runtime=runtime, timeout=120)
+    yield sandbox
+    sandbox.terminate()
+
+
+def test_exec_streams_output_and_exit_code(sb):
+    p = sb.exec("sh", "-c", "echo out; echo err >&2; exit 3")
+    assert p.stdout.read() == "out\n"
+    assert p.stderr.read() == "err\n"
+    assert p.wait() == 3
+    assert p.returncode == 3
+    assert p.poll() == 3
+
+
+def test_stdin_and_iteration_by_line(sb):
+    p = sb.exec("python3", "-c", "import sys\nfor line in sys.stdin: print(line.strip().upper())")
+    p.stdin.write("hello\nworld\n")
+    p.stdin.write_eof()
+    p.stdin.drain()
+    assert list(p.stdout) == ["HELLO\n", "WORLD\n"]
+    assert p.wait() == 0
+
+
+def test_poll_while_running_then_exit(sb):
+    p = sb.exec("sh", "-c", "read x; echo got $x")
+    assert p.poll() is None
+    p.stdin.write(b"1\n")
+    p.stdin.drain()
+    assert p.stdout.read() == "got 1\n"
+    assert p.wait() == 0
+
+
+def test_missing_program_exits_127_with_the_shells_message(sb):
+    p = sb.exec("no-such-program-here", "x")
+    assert p.wait() == 127
+    err = p.stderr.read()
+    assert "no-such-program-here" in err and "not found" in err
+
+
+def test_exec_env_workdir_and_binary_output(sb):
+    p = sb.exec("sh", "-c", "echo $FOO; pwd", env={"FOO": "bar"}, workdir="/tmp")
+    assert p.stdout.read() == "bar\n/tmp\n"
+    p = sb.exec(
+        "python3", "-c", "import sys; sys.stdout.buffer.write(bytes(range(256)))", text=False
+    )
+    assert p.stdout.read() == bytes(range(256))
+
+
+def test_large_output_streams_with_flow_control(sb):
+    # 24 MiB: more than the control plane holds unread (the agent is paused and resumed)
+    n = 24 << 20
+    p = sb.exec("python3", "-c", f"import sys; sys.stdout.buffer.write(b'x' * {n})", text=False)
+    time.sleep(1.0)  # let it fill what the control plane holds before anyone reads
+    got = 0
+    for line in p.stdout:
+        got += len(line)
+    assert got == n
+    assert p.wait() == 0
+
+
+def test_exec_timeout_kills_the_process(sb):
+    p = sb.exec("sleep", "1000", timeout=1)
+    assert p.wait() == 124
+
+
+def test_terminated_sandbox_raises_on_exec(app, runtime):
+    sb = strato.Sandbox.create(app=app, runtime=runtime)
+    assert sb.exec("true").wait() == 0
+    sb.terminate()
+    with pytest.raises(exc.SandboxTerminatedError):
+        sb.wait()
+    assert sb.returncode == 137
+    sb.wait(raise_on_termination=False)
+    with pytest.raises(exc.SandboxTerminatedError):
+        sb.exec("true")
+
+
+def test_sandbox_past_its_timeout_is_killed(app, runtime):
+    sb = strato.Sandbox.create(app=app, runtime=runtime, timeout=2)
+    p = sb.exec("sleep", "1000")
+    with pytest.raises(exc.SandboxTimeoutError):
+        sb.wait()
+    assert sb.returncode == 124
+    assert "timeout" in sb.reason
+    assert p.wait() == 137
+
+
+def test_idle_timeout(app):
+    sb = strato.Sandbox.create(app=app, runtime="bwrap", idle_timeout=1)
+    assert sb.exec("true").wait() == 0
+    with pytest.raises(exc.SandboxTimeoutError):
+        sb.wait()
+
+
+def test_entrypoint_sets_the_return_code(app, runtime):
+    sb = strato.Sandbox.create("sh", "-c", "exit 7", app=app, runtime=runtime)
+    sb.wait()
+    assert sb.returncode == 7
+    assert sb.poll() == 7
+
+
+def test_from_id_reattaches_and_reads_unread_output(app):
+    sb = strato.Sandbox.create(app=app, runtime="bwrap")
+    p = sb.exec("sh", "-c", "echo one; echo two")
+    assert p.wait() == 0
+    again = strato.Sandbox.from_id(sb.object_id)
+    assert again.poll() is None
+    from strato.container_process import ContainerProcess
+
+    assert ContainerProcess(again.object_id, p.pid).stdout.read() == "one\ntwo\n"
+    again.terminate()
+
+
+def test_names_tags_list_and_from_name(app):
+    name = f"box-{uuid.uuid4().hex[:6]}"
+    sb = strato.Sandbox.create(app=app, runtime="bwrap", name=name, tags={"k": "v"})
+    try:
+        assert strato.Sandbox.from_name(app.name, name).object_id == sb.object_id
+        with pytest.raises(exc.AlreadyExistsError):
+            strato.Sandbox.create(app=app, runtime="bwrap", name=name)
+        sb.set_tags({"k": "w", "team": "a"})
+        assert sb.get_tags() == {"k": "w", "team": "a"}
+        ids = [s.object_id for s in strato.Sandbox.list(app_id=app.app_id, tags={"team": "a"})]
+        assert ids == [sb.object_id]
+        assert strato.Sandbox.list(app_id=app.app_id, tags={"team": "b"}) == []
+    finally:
+        sb.terminate()
+    with pytest.raises(exc.NotFoundError):
+        strato.Sandbox.from_name(app.name, name)
+
+
+def test_aio_twins(app):
+    async def main():
+        sb = strato.Sandbox.create(app=app, runtime="bwrap")
+        p = await sb.exec.aio("sh", "-c", "echo a; echo b")
+        lines = [line async for line in p.stdout]
+        assert lines == ["a\n", "b\n"]
+        assert await p.wait.aio() == 0
+        assert await sb.poll.aio() is None
+        await sb.terminate.aio()
+        await sb.wait.aio(raise_on_termination=False)
+        assert sb.returncode == 137
+
+    asyncio.run(main())
+
+
+def test_bad_input(app):
+    with pytest.raises(exc.InvalidError):
+        strato.Sandbox.create(app=app, runtime="nope")
+    with pytest.raises(exc.InvalidError):
+        strato.Sandbox.create(app=app, timeout=0)
+    with pytest.raises(exc.InvalidError):
+        strato.Sandbox.create(runtime="bwrap")  # no app outside a container
+    with pytest.raises(exc.NotFoundError):
+        strato.Sandbox.from_id("sb-0000000000000000")
+
+
+def test_a_stopped_app_ends_its_sandboxes(strato_server):
+    app = strato.App.lookup(f"sandbox-stop-{uuid.uuid4().hex[:8]}", create_if_missing=True)
+    sb = strato.Sandbox.create(app=app, runtime="bwrap")
+    assert sb.exec("true").wait() == 0
+    app.stop()
+    wait_until(lambda: sb.poll() is not None, 30, "the sandbox to end with its app")
+    assert sb.returncode == 137
+
+
+def test_files_write_read_append_seek_ls_mkdir_rm(sb):
+    sb.mkdir("/tmp/work/deep", parents=True)
+    with sb.open("/tmp/work/a.txt", "w") as f:
+        f.write("hello\n")
+        f.write("world\n")
+    with sb.open("/tmp/work/a.txt", "a") as f:
+        f.write("again\n")
+    with sb.open("/tmp/work/a.txt") as f:
+        assert f.readline() == "hello\n"
+        assert f.read() == "world\nagain\n"
+        f.seek(6)
+        assert f.read(5) == "world"
+        assert f.tell() == 11
+        f.seek(-6, 2)
+        assert f.read() == "again\n"
+    with sb.open("/tmp/work/a.txt") as f:
+        assert list(f) == ["hello\n", "world\n", "again\n"]
+    # what a process wrote is what the file API reads, and the other way round
+    assert sb.exec("cat", "/tmp/work/a.txt").stdout.read() == "hello\nworld\nagain\n"
+    with sb.open("/tmp/work/b.bin", "wb") as f:
+        f.write(bytes(range(256)))
+    with sb.open("/tmp/work/b.bin", "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff\xff")
+        f.seek(0)
+        data = f.read()
+    assert data[:10] == bytes(range(10)) and data[10:12] == b"\xff\xff" and len(data) == 256
+    assert sb.ls("/tmp/work") == ["a.txt", "b.bin", "deep"]
+    with pytest.raises(exc.SandboxFilesystemNotFoundError):
+        sb.open("/tmp/work/missing.txt")
+    with pytest.raises(FileNotFoundError):  # the Python class too
+        sb.ls("/tmp/nowhere")
+    with pytest.raises(exc.SandboxFilesystemFileExistsError):
+        sb.open("/tmp/work/a.txt", "x")
+    with pytest.raises(exc.SandboxFilesystemDirectoryNotEmptyError):
+        sb.rm("/tmp/work")
+    sb.rm("/tmp/work/a.txt")
+    sb.rm("/tmp/work", recursive=True)
+    assert "work" not in sb.ls("/tmp")
+    with pytest.raises(exc.InvalidError):
+        sb.open("/tmp/x", "rw")
+
+
+def test_large_file_moves_in_chunks(sb):
+    n = (5 << 20) + 123  # several chunks, not a multiple of one
+    p = sb.exec(
+        "python3", "-c", f"open('/tmp/big', 'wb').write(bytes(i % 251 for i in range({n})))"
+    )
+    assert p.wait() == 0
+    with sb.open("/tmp/big", "rb") as f:
+        data = f.read()
+    assert data == bytes(i % 251 for i in range(n))
+    with sb.open("/tmp/big2", "wb") as f:
+        f.write(data)
+    p = sb.exec(
+        "python3",
+        "-c",
+        "import hashlib; print(hashlib.sha256(open('/tmp/big2','rb').read()).hexdigest())",
+    )
+    import hashlib
+
+    assert p.stdout.read().strip() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_driver_that_disconnects_does_not_end_the_sandbox(app):
+    script = (
+        "import os, strato\n"
+        f"app = strato.App.lookup({app.name!r})\n"
+        "sb = strato.Sandbox.create(app=app, runtime='bwrap')\n"
+        "sb.exec('sh', '-c', 'sleep 1; echo later > /tmp/note')\n"
+        "print(sb.object_id, flush=True)\n"
+        "os._exit(0)\n"  # no goodbye: its connection just drops
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    sb = strato.Sandbox.from_id(out.stdout.strip())
+    assert sb.poll() is None
+    wait_until(
+        lambda: sb.exec("cat", "/tmp/note").stdout.read() == "later\n",
+        30,
+        "the sandbox's process to write its note",
+        every=0.5,
+    )
+    sb.terminate()
+
+
+def test_a_control_plane_restart_reports_its_sandboxes_terminated(strato_server):
+    with dedicated_server({}) as handle:
+        app = strato.App.lookup("restart-sb", create_if_missing=True)
+        sb = strato.Sandbox.create(app=app, runtime="bwrap")
+        assert sb.exec("true").wait() == 0
+        handle.restart()
+        again = strato.Sandbox.from_id(sb.object_id)
+        assert again.poll() == 137
+        assert "control plane restarted" in again.reason
+        with pytest.raises(exc.SandboxTerminatedError):
+            again.wait()
+        with pytest.raises(exc.SandboxTerminatedError):
+            again.exec("true")
+
+
+def test_warm_pool_hands_out_a_started_sandbox_configured_as_asked(strato_server):
+    env = {"STRATO_SANDBOX_WARM_POOL": "1", "STRATO_SANDBOX_RUNTIME": "bwrap"}
+    with dedicated_server(env):
+        app = strato.App.lookup("pool-sb", create_if_missing=True)
+        wait_until(  # the pool's sandbox is up: it is no sandbox of the app's
+            lambda: any(
+                c["function_id"].startswith("fn-sb-") and c["state"] == "ready"
+                for c in containers()
+            ),
+            60,
+            "the warm pool to fill",
+        )
+        sb = strato.Sandbox.create(
+            app=app, env={"GREETING": "hi"}, workdir="/tmp", name="pooled", tags={"a": "b"}
+        )
+        out = sb.exec("sh", "-c", "echo $GREETING; pwd").stdout.read()
+        assert out == "hi\n/tmp\n"
+        assert [s.object_id for s in strato.Sandbox.list(app_id=app.app_id)] == [sb.object_id]
+        assert strato.Sandbox.from_name("pool-sb", "pooled").get_tags() == {"a": "b"}
+        # one right after (the pool refills in the background, or it starts cold)
+        other = strato.Sandbox.create("sh", "-c", "echo entry; exit 4", app=app)
+        other.wait()
+        assert other.returncode == 4
+        sb.terminate()
+
+
+def containers() -> list[dict]:
+    from strato.client import session
+
+    raw = session.api().request_raw("GET", "/containers")
+    import msgspec
+
+    return msgspec.msgpack.decode(raw)["containers"]
