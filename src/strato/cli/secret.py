@@ -16,7 +16,7 @@ from strato.sdk.secret import check_name, check_values, parse_dotenv
 @click.group("secret")
 def secret_group() -> None:
     """Named secrets: key/value pairs that functions get as environment variables
-    (``secrets=[strato.Secret.from_name(NAME)]``)."""
+    (secrets=[strato.Secret.from_name(NAME)])."""
 
 
 @secret_group.command("create")
