@@ -63,9 +63,17 @@ def test_upload_list_read_copy_remove(vols, tmp_path):
     (tmp_path / "d" / "one.txt").write_bytes(b"one")
     (tmp_path / "d" / "e" / "two.txt").write_bytes(b"two")
     big = os.urandom(9 << 20) + b"tail"  # two blocks
+    sizes = {"tiny": 10, "small": 10 << 10, "medium": 200 << 10, "empty": 0}  # inline, blobs
+    mixed = {name: os.urandom(n) for name, n in sizes.items()}
     with vol.batch_upload() as batch:
         batch.put_directory(tmp_path / "d", "/dir")
         batch.put_file(io.BytesIO(big), "/big.bin")
+        for name, data in mixed.items():
+            batch.put_file(io.BytesIO(data), f"mixed/{name}")
+    assert {p: d for p, d in files_of(vol).items() if p.startswith("mixed/")} == {
+        f"mixed/{k}": v for k, v in mixed.items()
+    }
+    vol.remove_file("mixed", recursive=True)
     names = {(e.path, e.type.name) for e in vol.listdir("/")}
     assert names == {("dir", "DIRECTORY"), ("big.bin", "FILE")}
     deep = {e.path for e in vol.listdir("/dir", recursive=True)}
@@ -256,6 +264,10 @@ def test_commit_in_one_container_is_seen_by_another_after_reload(running):
     # a deletion travels the same way
     assert va.write.remote({}, remove=["b.txt"]) == {"x/a.txt": "A"}
     assert va.read.remote(reload=True)["srv"] == {"x/a.txt": "A"}
+    # larger files go as blobs, not inline
+    mid = {"m/20k.txt": "m" * 20_000, "m/300k.txt": "n" * 300_000}
+    assert va.write.remote(mid) == {"x/a.txt": "A", **mid}
+    assert va.read.remote(reload=True)["srv"] == {"x/a.txt": "A", **mid}
 
 
 def test_read_only_mount_refuses_writes(running):
@@ -303,3 +315,22 @@ def test_class_with_two_writable_volumes(running):
         batch.put_file(io.BytesIO(b"moved"), "m.txt")
     assert va.Shelf().swap.remote() == {"srv": {}, "media": {"m.txt": "moved"}}
     assert files_of(vol) == {} and files_of(other) == {"m.txt": b"moved"}
+
+
+def test_a_container_reaches_only_the_volumes_it_mounts(running):
+    vol, other = running
+    for v in (vol, other):
+        with v.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"keep"), "keep.txt")
+    assert va.foreign.remote(vol.object_id, other.object_id) == [
+        "NotFoundError",  # not mounted: as if it did not exist
+        "NotFoundError",
+        "AuthError",  # the admin API is closed to containers
+        "AuthError",
+        "InvalidError",  # the SDK: not mounted in this container
+        "ok",  # mounted read-only: readable
+        "InvalidError",  # and never written
+    ]
+    assert files_of(vol) == {"keep.txt": b"keep"} and files_of(other) == {"keep.txt": b"keep"}
+    with pytest.raises(exc.NotFoundError):
+        strato.Volume.from_name("made-inside").info()

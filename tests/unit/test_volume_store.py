@@ -97,6 +97,9 @@ def test_refused_commits_change_nothing(db_url, tmp_path):
             await svc.commit("v", m.VolumeCommit(deletes=["../small"]))
         with pytest.raises(exc.NotFoundError):
             await svc.commit("v", m.VolumeCommit(deletes=["nope"], missing_ok=False))
+        with pytest.raises(exc.InvalidError, match="inline"):
+            lie = m.VolumeFile("i", 5, data=b"abc")
+            await svc.commit("v", m.VolumeCommit([lie]))
         with pytest.raises(exc.InvalidError, match="both a file and a directory"):
             await svc.commit("v", m.VolumeCommit([put(blobs, "p", b"1"), put(blobs, "p/q", b"2")]))
         info = await svc.info("v")
@@ -112,7 +115,7 @@ def test_copy_remove_and_paths_replacing_each_other(db_url, tmp_path):
 
     async def body(svc: VolumeService):
         await svc.create(m.CreateVolume("v", create_if_missing=True))
-        f1, f2 = put(blobs, "d/one", b"1"), put(blobs, "d/e/two", b"2")
+        f1, f2 = put(blobs, "d/one", b"1"), m.VolumeFile("d/e/two", 1, data=b"2")  # inline
         await svc.commit("v", m.VolumeCommit([f1, f2]))
         with pytest.raises(exc.InvalidError, match="recursive"):
             await svc.copy("v", m.VolumeCopy(["d"], "c"))
@@ -120,7 +123,11 @@ def test_copy_remove_and_paths_replacing_each_other(db_url, tmp_path):
         await svc.copy("v", m.VolumeCopy(["d/one", "d/e/two"], "flat/"))
         got = files(await svc.manifest("v"))
         assert set(got) == {"d/one", "d/e/two", "c/one", "c/e/two", "flat/one", "flat/two"}
-        assert got["c/e/two"] == f2.blocks  # copies share blocks
+        assert got["c/one"] == f1.blocks  # copies share blocks
+        inline = {f.path: f.data for f in (await svc.manifest("v", "c")).files}
+        assert inline["c/e/two"] == b"2"
+        no_data = (await svc.manifest("v", "c", data=False)).files
+        assert [f.data for f in no_data] == [None, None]
         with pytest.raises(exc.InvalidError, match="recursive"):
             await svc.commit("v", m.VolumeCommit(deletes=["c"]))
         await svc.commit("v", m.VolumeCommit(recursive_deletes=["c"]))

@@ -17,6 +17,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
@@ -30,8 +31,12 @@ from .api_base import ApiBase
 BLOCK = m.VOLUME_BLOCK
 BATCH_BYTES = 4 << 20  # small blobs per upload / download request (a channel frame is <= 16 MiB)
 SMALL = 1 << 20  # blocks up to this size travel in batches
+INLINE = m.VOLUME_INLINE  # files up to this size travel inside the commit, not as blobs
+ALWAYS_SEND = 64 << 10  # blocks up to this size are uploaded without a check first
+KEEP_BYTES = 64 << 20  # small files' contents kept from hashing to upload (at most)
 CHECK_KEYS = 20_000  # keys per POST /blobs/check
 COMMIT_FILES = 20_000  # files per commit request (a larger commit is several)
+COMMIT_BYTES = 6 << 20  # and bytes (a channel frame is at most 16 MiB)
 
 
 class BaseFile(msgspec.Struct, array_like=True):
@@ -117,11 +122,24 @@ class LocalFile:
     mtime: float
     blocks: list[str]
     mtime_ns: int = 0
+    data: bytes | None = None  # its content, kept from hashing (small files)
 
     def entry(self) -> m.VolumeFile:
-        return m.VolumeFile(
-            self.path, self.size, self.mode & 0o777, max(0.0, self.mtime), self.blocks
-        )
+        mtime = max(0.0, self.mtime)
+        if 0 < self.size <= INLINE:  # inline: no blob
+            data = self.data if self.data is not None else _read_block(self.local, 0, self.size)
+            if [hashlib.sha256(data).hexdigest()] != self.blocks:
+                raise exc.InvalidError(f"{self.local} changed while it was being sent; retry")
+            return m.VolumeFile(self.path, self.size, self.mode & 0o777, mtime, [], data)
+        return m.VolumeFile(self.path, self.size, self.mode & 0o777, mtime, self.blocks)
+
+
+def content_id(f: m.VolumeFile) -> list[str]:
+    """What identifies a file's content: its blocks (an inline file's: the one block it
+    would have)."""
+    if f.data:
+        return [hashlib.sha256(f.data).hexdigest()]
+    return list(f.blocks)
 
 
 def open_regular(local: str) -> tuple[int, os.stat_result] | None:
@@ -156,11 +174,18 @@ def local_file(path: str, local: str) -> LocalFile:
 def upload(api: ApiBase, files: Iterable[LocalFile]) -> int:
     """Upload the blocks of ``files`` that the control plane lacks; bytes sent."""
     where: dict[str, tuple[str, int, int]] = {}
+    kept: dict[str, bytes] = {}
     for f in files:
+        if f.size <= INLINE:
+            continue  # sent inline with the commit
+        if f.data is not None and len(f.blocks) == 1:
+            kept[f.blocks[0]] = f.data
         for i, b in enumerate(f.blocks):
             where.setdefault(b, (f.local, i * BLOCK, min(BLOCK, f.size - i * BLOCK)))
-    keys = list(where)
-    missing: list[str] = []
+    # tiny blocks are sent without asking (asking costs about as much; the control plane
+    # keeps one copy), the others only when the control plane lacks them
+    missing = [k for k, w in where.items() if w[2] <= ALWAYS_SEND]
+    keys = [k for k, w in where.items() if w[2] > ALWAYS_SEND]
     for i in range(0, len(keys), CHECK_KEYS):
         missing += api.call(
             "POST", "/blobs/check", m.BlobCheck(keys[i : i + CHECK_KEYS]), m.MissingBlobs
@@ -168,27 +193,39 @@ def upload(api: ApiBase, files: Iterable[LocalFile]) -> int:
     sent = 0
     batch: list[bytes] = []
     batch_bytes = 0
+    # two requests in flight: one is packed and sent while the control plane stores the other
+    with ThreadPoolExecutor(2, thread_name_prefix="strato-volume-upload") as pool:
+        pending: list[Future] = []
 
-    def flush() -> None:
-        nonlocal batch, batch_bytes
-        if batch:
-            api.call("POST", "/volume-blobs", m.BlobBatch(batch), m.BlobKeys, timeout=300.0)
-            batch, batch_bytes = [], 0
+        def flush() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                body = m.BlobBatch(batch)
+                pending.append(
+                    pool.submit(api.call, "POST", "/volume-blobs", body, m.BlobKeys, timeout=300.0)
+                )
+                batch, batch_bytes = [], 0
+            while len(pending) > 2:
+                pending.pop(0).result()
 
-    for key in missing:
-        local, offset, length = where[key]
-        data = _read_block(local, offset, length)
-        if hashlib.sha256(data).hexdigest() != key:
-            raise exc.InvalidError(f"{local} changed while it was being uploaded; try again")
-        sent += len(data)
-        if len(data) > SMALL:
-            api.put_blob(key, data)
-            continue
-        if batch_bytes + len(data) > BATCH_BYTES:
-            flush()
-        batch.append(data)
-        batch_bytes += len(data)
-    flush()
+        for key in missing:
+            data = kept.get(key)
+            if data is None:
+                local, offset, length = where[key]
+                data = _read_block(local, offset, length)
+                if hashlib.sha256(data).hexdigest() != key:
+                    raise exc.InvalidError(f"{local} changed while it was being uploaded; retry")
+            sent += len(data)
+            if len(data) > SMALL:
+                api.put_blob(key, data)
+                continue
+            if batch_bytes + len(data) > BATCH_BYTES:
+                flush()
+            batch.append(data)
+            batch_bytes += len(data)
+        flush()
+        for fut in pending:
+            fut.result()
     return sent
 
 
@@ -255,6 +292,8 @@ def scan(
     and the new base (for files unchanged, or changed and about to be committed)."""
     puts: list[LocalFile] = []
     seen: dict[str, BaseFile] = {}
+    todo: list[tuple[str, str, bool]] = []  # files to hash: (path, local, keep the content)
+    kept = 0
     stack = [("", root)]
     while stack:
         rel_dir, local_dir = stack.pop()
@@ -277,21 +316,43 @@ def scan(
             if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
                 seen[rel] = old
                 continue
-            opened = open_regular(e.path)
-            if opened is None:
-                continue
-            fd, st = opened
-            try:
-                size, blocks = hash_fd(fd)
-            finally:
-                os.close(fd)
-            mode = stat.S_IMODE(st.st_mode)
-            seen[rel] = BaseFile(size, mode, blocks, st.st_mtime_ns)
-            if old is not None and old.blocks == blocks and old.mode == mode:
-                continue  # touched, not changed
-            puts.append(LocalFile(rel, e.path, size, mode, st.st_mtime, blocks, st.st_mtime_ns))
+            keep = st.st_size <= SMALL and kept + st.st_size <= KEEP_BYTES
+            kept += st.st_size if keep else 0
+            todo.append((rel, e.path, keep))
+    for rel, local, keep in todo:  # (threads do not help: the files are small)
+        f = _hashed(rel, local, keep)
+        if f is None:
+            continue
+        seen[rel] = BaseFile(f.size, f.mode, f.blocks, f.mtime_ns)
+        old = base.get(rel)
+        if old is not None and old.blocks == f.blocks and old.mode == f.mode:
+            continue  # touched, not changed
+        puts.append(f)
     deletes = sorted(p for p in base if p not in seen)
     return puts, deletes, seen
+
+
+def _hashed(rel: str, local: str, keep: bool) -> LocalFile | None:
+    """A changed file, hashed (its content kept when ``keep``); None when it is no longer
+    a regular file."""
+    opened = open_regular(local)
+    if opened is None:
+        return None
+    fd, st = opened
+    try:
+        data = None
+        if keep:
+            data = os.pread(fd, SMALL + 1, 0)
+            size, blocks = len(data), [hashlib.sha256(data).hexdigest()] if data else []
+            if size > SMALL:  # it grew meanwhile
+                data = None
+                size, blocks = hash_fd(fd)
+        else:
+            size, blocks = hash_fd(fd)
+    finally:
+        os.close(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    return LocalFile(rel, local, size, mode, st.st_mtime, blocks, st.st_mtime_ns, data)
 
 
 def commit_tree(api: ApiBase, volume_id: str, root: str, state: VolumeState) -> VolumeState:
@@ -300,14 +361,39 @@ def commit_tree(api: ApiBase, volume_id: str, root: str, state: VolumeState) -> 
     if not puts and not deletes:
         return state
     upload(api, puts)
-    version = state.version
-    for i in range(0, max(len(puts), 1), COMMIT_FILES):
-        body = m.VolumeCommit(
-            [f.entry() for f in puts[i : i + COMMIT_FILES]], deletes if i == 0 else []
-        )
+    version = send_commit(api, volume_id, puts, deletes) or state.version
+    return VolumeState(volume_id, version, files)
+
+
+def send_commit(
+    api: ApiBase, volume_id: str, puts: list[LocalFile], deletes: list[str]
+) -> int | None:
+    """Commit ``puts`` (their blocks uploaded) and ``deletes``; the version made. A commit
+    larger than one request (``COMMIT_FILES`` files or ``COMMIT_BYTES``) goes as several,
+    each merged in turn (per file, the result is the same)."""
+    version = None
+    entries: list[m.VolumeFile] = []
+    size = 0
+
+    def send(last: bool) -> None:
+        nonlocal entries, size, version, deletes
+        if not entries and not deletes and not last:
+            return
+        body = m.VolumeCommit(entries, deletes)
         path = f"/volumes/{volume_id}/commit"
         version = api.call("POST", path, body, m.VolumeVersion, timeout=300.0).version
-    return VolumeState(volume_id, version, files)
+        entries, size, deletes = [], 0, []
+
+    for f in puts:
+        e = f.entry()
+        cost = len(e.data or b"") + len(e.path) + 70 * len(e.blocks) + 40
+        if entries and (len(entries) >= COMMIT_FILES or size + cost > COMMIT_BYTES):
+            send(False)
+        entries.append(e)
+        size += cost
+    if entries or deletes:
+        send(True)
+    return version
 
 
 def write_file(dest: str, blocks: Iterable[bytes], mode: int) -> int:
@@ -345,7 +431,7 @@ def reload_tree(
         if p in changed_here:
             continue
         cur = here.get(p)
-        if cur is not None and cur.blocks == f.blocks and cur.mode == f.mode:
+        if cur is not None and cur.blocks == content_id(f) and cur.mode == f.mode:
             new[p] = cur
             continue
         want.append(f)
@@ -371,8 +457,9 @@ def reload_tree(
         blobs.update(fetch_blocks(api, keys, sizes))
         for f in group:
             p = norm_path(f.path)
-            mtime_ns = write_file(os.path.join(root, p), (blobs[b] for b in f.blocks), f.mode)
-            new[p] = BaseFile(f.size, f.mode, list(f.blocks), mtime_ns)
+            content = [f.data] if f.data is not None else (blobs[b] for b in f.blocks)
+            mtime_ns = write_file(os.path.join(root, p), content, f.mode)
+            new[p] = BaseFile(f.size, f.mode, content_id(f), mtime_ns)
         blobs.clear()
     for p in changed_here:
         if p in state.files:

@@ -206,7 +206,7 @@ class Volume:
             f"/volumes/{self._ref()}/manifest",
             None,
             m.VolumeManifest,
-            params={"prefix": prefix},
+            params={"prefix": prefix, "data": 0},
             timeout=300.0,
         )
 
@@ -246,6 +246,8 @@ class Volume:
         p = norm_path(path)
         api = session.api()
         f = api.call("GET", f"/volumes/{self._ref()}/file", None, m.VolumeFile, params={"path": p})
+        if f.data is not None:  # a small file, kept inline
+            yield f.data
         for key in f.blocks:
             yield api.get_blob(key)
 
@@ -358,7 +360,12 @@ class _BatchUpload:
             have = {
                 f.path
                 for f in api.call(
-                    "GET", f"/volumes/{ref}/manifest", None, m.VolumeManifest, timeout=300.0
+                    "GET",
+                    f"/volumes/{ref}/manifest",
+                    None,
+                    m.VolumeManifest,
+                    params={"data": 0},
+                    timeout=300.0,
                 ).files
             }
             clash = sorted(p for p in self._files if p in have)
@@ -374,13 +381,7 @@ class _BatchUpload:
                 f.mode = mode
             files.append(f)
         cv.upload(api, files)
-        api.call(
-            "POST",
-            f"/volumes/{ref}/commit",
-            m.VolumeCommit([f.entry() for f in files]),
-            m.VolumeVersion,
-            timeout=300.0,
-        )
+        cv.send_commit(api, ref, files, [])
 
 
 def _in_container() -> bool:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
@@ -33,8 +33,9 @@ T = TypeVar("T")
 ID_PREFIX = "vo-"
 
 
-def _entry(r: Any) -> m.VolumeFile:
-    return m.VolumeFile(r.path, r.size, r.mode, r.mtime, r.blocks.split() if r.blocks else [])
+def _entry(r: Any, data: bool = True) -> m.VolumeFile:
+    blocks = r.blocks.split() if r.blocks else []
+    return m.VolumeFile(r.path, r.size, r.mode, r.mtime, blocks, r.data if data else None)
 
 
 def _parents(paths: Iterable[str]) -> set[str]:
@@ -128,13 +129,15 @@ class VolumeService:
 
     # ------------------------------------------------------------------ files
 
-    async def manifest(self, ref: str, prefix: str = "") -> m.VolumeManifest:
+    async def manifest(self, ref: str, prefix: str = "", data: bool = True) -> m.VolumeManifest:
+        """The latest version's files under ``prefix`` (with small files' content when
+        ``data``)."""
         prefix = norm_path(prefix, root_ok=True)
 
         def run(conn: Connection) -> m.VolumeManifest:
             row = self._find(conn, ref)
             q = select(volume_files).where(volume_files.c.volume_id == row.volume_id)
-            files = [_entry(r) for r in conn.execute(q) if under(r.path, prefix)]
+            files = [_entry(r, data) for r in conn.execute(q) if under(r.path, prefix)]
             return m.VolumeManifest(row.volume_id, row.version, files)
 
         return await self._tx("volume_manifest", run)
@@ -168,6 +171,12 @@ class VolumeService:
         """Every block is stored, and a file's blocks add up to its size."""
         sizes: dict[str, int] = {}
         for p, f in puts.items():
+            if f.data is not None:
+                if f.blocks or len(f.data) != f.size:
+                    raise exc.InvalidError(
+                        f"{p}: an inline file has no blocks and exactly its size in data"
+                    )
+                continue
             total = 0
             for b in f.blocks:
                 if b not in sizes:
@@ -263,14 +272,13 @@ class VolumeService:
                         mode=f.mode & 0o777,
                         mtime=f.mtime or time.time(),
                         blocks=" ".join(f.blocks),
+                        data=f.data,
                         version=version,
                     )
                     for p, f in puts.items()
                 ],
             )
-        n_files = conn.execute(
-            select(func.count()).select_from(volume_files).where(volume_files.c.volume_id == vid)
-        ).scalar_one()
+        n_files = len(set(have).difference(gone).union(puts))
         conn.execute(
             update(volumes)
             .where(volumes.c.volume_id == vid)
@@ -299,7 +307,9 @@ class VolumeService:
                 target = f"{dst}/{base}".lstrip("/") if dst_is_dir else dst
                 if src in rows:
                     e = _entry(rows[src])
-                    puts[target] = m.VolumeFile(target, e.size, e.mode, time.time(), e.blocks)
+                    puts[target] = m.VolumeFile(
+                        target, e.size, e.mode, time.time(), e.blocks, e.data
+                    )
                     continue
                 inside = [q for q in rows if under(q, src)]
                 if not inside:
@@ -309,7 +319,7 @@ class VolumeService:
                 for q in inside:
                     e = _entry(rows[q])
                     t = f"{target}/{q[len(src) + 1 :]}".lstrip("/")
-                    puts[t] = m.VolumeFile(t, e.size, e.mode, time.time(), e.blocks)
+                    puts[t] = m.VolumeFile(t, e.size, e.mode, time.time(), e.blocks, e.data)
             return self._apply(conn, ref, puts, [], [], True)
 
         return await self._tx("copy_volume_files", run)

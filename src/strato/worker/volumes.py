@@ -119,8 +119,9 @@ def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict
             dest = tmp / norm_path(f.path)
             dest.parent.mkdir(parents=True, exist_ok=True)
             src = _file_source(cache, api, f, fetched) if f.blocks else None
-            if src is None:
-                dest.touch(0o444)
+            if src is None:  # an empty or inline file
+                dest.write_bytes(f.data or b"")
+                os.chmod(dest, 0o444)
                 continue
             try:
                 os.link(src, dest)
@@ -157,12 +158,13 @@ def _own_tree(
         dest.parent.mkdir(parents=True, exist_ok=True)
         if f.blocks:
             shutil.copyfile(_file_source(cache, api, f, fetched), dest)
-        else:
-            dest.touch()
+        else:  # an empty or inline file
+            dest.write_bytes(f.data or b"")
         os.chmod(dest, f.mode & 0o777)
         if owner is not None:
             os.chown(dest, *owner)
-        files[rel] = cv.BaseFile(f.size, f.mode & 0o777, list(f.blocks), dest.stat().st_mtime_ns)
+        mtime_ns = dest.stat().st_mtime_ns
+        files[rel] = cv.BaseFile(f.size, f.mode & 0o777, cv.content_id(f), mtime_ns)
     for d, _, _ in os.walk(dest_root):
         os.chmod(d, 0o755)
         if owner is not None:

@@ -100,3 +100,36 @@ class Shelf:
         vol.commit()
         other.commit()
         return {"srv": _read("/srv"), "media": _read("/media")}
+
+
+def _outcomes(calls) -> list[str]:
+    out = []
+    for call in calls:
+        try:
+            call()
+            out.append("ok")
+        except Exception as e:  # noqa: BLE001 - the test reads the types
+            out.append(type(e).__name__)
+    return out
+
+
+@app.function(runtime="process", volumes={"/media": other.read_only()}, scaledown_window=60)
+def foreign(volume_id: str, read_only_id: str) -> list[str]:
+    """What the control plane lets this container do to a volume it does not mount, and to
+    one it mounts read-only, whatever the SDK would refuse first."""
+    from strato.client import session
+    from strato.protocol import messages as m
+
+    api = session.api()
+    drop = m.VolumeCommit(deletes=["keep.txt"])
+    return _outcomes(
+        [
+            lambda: api.call("GET", f"/volumes/{volume_id}/manifest", None, m.VolumeManifest),
+            lambda: api.call("POST", f"/volumes/{volume_id}/commit", drop, m.VolumeVersion),
+            lambda: api.call("DELETE", f"/volumes/{volume_id}"),
+            lambda: api.call("POST", "/volumes", m.CreateVolume("made-inside", True)),
+            lambda: vol.commit(),
+            lambda: api.call("GET", f"/volumes/{read_only_id}/manifest", None, m.VolumeManifest),
+            lambda: api.call("POST", f"/volumes/{read_only_id}/commit", drop, m.VolumeVersion),
+        ]
+    )

@@ -110,13 +110,14 @@ def register(api: Router, cp: ControlPlane) -> None:
         "/volumes/{ref}/manifest",
         "The latest version's files (under a prefix)",
         response=m.VolumeManifest,
-        query={"prefix": str},
+        query={"prefix": str, "data": int},
         container=True,
     )
     async def volume_manifest(req: Request) -> Reply:
         ref = req.path_params["ref"]
         mounted(req, ref, write=False)
-        return reply(await svc.manifest(ref, req.param("prefix", str, "")))
+        data = bool(req.param("data", int, 1))  # 0: without small files' content
+        return reply(await svc.manifest(ref, req.param("prefix", str, ""), data))
 
     @route(
         "GET",

@@ -2,14 +2,15 @@
 
 ``volumes``: one row per volume (named, or ephemeral with no name), with the version its
 latest commit made and the bytes and files it holds. ``volume_files``: the latest
-manifest, one row per file (its blocks are content-addressed blobs, space-separated).
+manifest, one row per file (its blocks are content-addressed blobs, space-separated; a
+file of at most 4 KiB is kept inline instead).
 A commit rewrites the rows of the files it changes and bumps the version, in one
 transaction.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Integer, LargeBinary, String, Table, Text
 
 from .schema import metadata
 
@@ -33,5 +34,6 @@ volume_files = Table(
     Column("mode", Integer, nullable=False),
     Column("mtime", Float, nullable=False),
     Column("blocks", Text, nullable=False),  # sha256 keys, space-separated, in order
+    Column("data", LargeBinary, nullable=True),  # the content of a small file, inline
     Column("version", BigInteger, nullable=False),  # the commit that wrote it
 )
