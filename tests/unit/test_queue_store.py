@@ -224,3 +224,26 @@ def test_a_request_sent_again_is_carried_out_once(db_url):
         assert (await q.get(qid, get)).items == []  # forgotten after RECEIPT_S
 
     run(db_url, body)
+
+
+def test_refused_requests_are_not_failed_writes(db_url, caplog, monkeypatch):
+    monkeypatch.setattr(m, "QUEUE_MAX_PARTITIONS", 1)
+    store, q = _queues(db_url)
+
+    async def body() -> None:
+        qid = (await q.objects.lookup("refusals", True)).object_id
+        await q.put(qid, m.QueuePut([b"x"], "a"))
+        with pytest.raises(exc.InvalidError, match="partitions per Queue"):
+            await q.put(qid, m.QueuePut([b"x"], "b"))
+        with pytest.raises(exc.NotFoundError):
+            await q.get("qu-" + "1" * 24, m.QueueGet(1))
+        with pytest.raises(exc.NotFoundError):
+            await q.objects.lookup("nothing-here", False)
+
+    try:
+        with caplog.at_level("WARNING", logger="strato.store"):
+            asyncio.run(body())
+            store.flush()  # raises WriteFailed if any of those counted as a failed write
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+    finally:
+        store.close()
