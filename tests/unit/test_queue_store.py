@@ -220,6 +220,9 @@ def test_a_request_sent_again_is_carried_out_once(db_url):
         assert (await q.get(qid, get)).items == [b"a", b"b"]
         assert (await q.get(qid, get)).items == [b"a", b"b"]  # the same items again
         assert (await q.get(qid, m.QueueGet(5, request_id="get-2"))).items == [b"c"]
+        other = (await q.objects.lookup("retry-other", True)).object_id
+        with pytest.raises(exc.InvalidError, match="another Queue"):
+            await q.put(other, put)
         assert await q.db.run("expiry", q.expire_op(time.time() + 3600)) == 0
         assert (await q.get(qid, get)).items == []  # forgotten after RECEIPT_S
 

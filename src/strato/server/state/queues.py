@@ -43,9 +43,7 @@ class _Sql:
         part = and_(qp.c.queue_id == q, qp.c.partition == p)
         items = and_(qi.c.queue_id == q, qi.c.partition == p)
         self.partition = select(qp.c.n_items, qp.c.expires_at).where(part)
-        self.receipt = select(qr.c.taken).where(
-            and_(qr.c.request_id == bindparam("r"), qr.c.queue_id == q)
-        )
+        self.receipt = select(qr.c.taken, qr.c.queue_id).where(qr.c.request_id == bindparam("r"))
         self.insert_receipt = qr.insert()
         self.insert_items = qi.insert()
         self.insert_partition = qp.insert()
@@ -110,8 +108,14 @@ class Queues:
         """Whether a request with this id was carried out already, and a get's items."""
         if not request_id:
             return False, None
-        row = c.execute(self.sql.receipt, {"r": request_id, "q": qid}).first()
-        return (True, row[0]) if row is not None else (False, None)
+        row = c.execute(self.sql.receipt, {"r": request_id}).first()
+        if row is None:
+            return False, None
+        if row[1] != qid:
+            raise exc.InvalidError(
+                f"request id {request_id!r} was used for another Queue: send a new one"
+            )
+        return True, row[0]
 
     def _keep_receipt(self, c: Connection, qid: str, request_id: str, items: bytes | None) -> None:
         if request_id:
