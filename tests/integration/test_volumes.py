@@ -334,3 +334,19 @@ def test_a_container_reaches_only_the_volumes_it_mounts(running):
     assert files_of(vol) == {"keep.txt": b"keep"} and files_of(other) == {"keep.txt": b"keep"}
     with pytest.raises(exc.NotFoundError):
         strato.Volume.from_name("made-inside").info()
+
+
+def test_read_only_trees_of_older_versions_are_removed_from_the_node(vols, server):
+    _, other = vols
+    trees = server.home / "worker" / "volumes" / "trees" / other.object_id
+    with va.app.run(quiet=True):
+        with other.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"v1"), "ro.txt")
+        assert va.read.remote(reload=False)["media"] == {"ro.txt": "v1"}
+    with other.batch_upload(force=True) as batch:
+        batch.put_file(io.BytesIO(b"v2"), "ro.txt")
+    latest = str(other.info().version)
+    with va.app.run(quiet=True):
+        assert va.read.remote(reload=False)["media"] == {"ro.txt": "v2"}
+    # once no container binds it, a version older than the node's newest is removed
+    wait_until(lambda: os.listdir(trees) == [latest], 60, "the older tree to be removed")

@@ -427,23 +427,33 @@ def hydrate_mounts(api, specs: list[m.FunctionSpec]) -> list[m.FunctionSpec]:
     unknown volume is a ``NotFoundError`` before the app starts."""
     import msgspec
 
-    ids: dict[tuple[str | None, str], str] = {}
+    ids: dict[tuple[str | None, bool], str] = {}
     out = []
     for spec in specs:
-        if not spec.volumes:
-            out.append(spec)
-            continue
-        mounts = []
-        for v in spec.volumes:
-            vid = v.volume_id
-            if not vid:
-                key = (v.name, "c" if v.create_if_missing else "")
-                if key not in ids:
-                    req = m.CreateVolume(v.name, create_if_missing=v.create_if_missing)
-                    ids[key] = api.call("POST", "/volumes", req, m.VolumeInfo).volume_id
-                vid = ids[key]
-            mounts.append(msgspec.structs.replace(v, volume_id=vid))
-        out.append(msgspec.structs.replace(spec, volumes=mounts))
+        if spec.volumes:
+            spec = msgspec.structs.replace(spec, volumes=resolve_mounts(api, spec.volumes, ids))
+        out.append(spec)
+    return out
+
+
+def resolve_mounts(
+    api, mounts: list[m.VolumeMount], ids: dict[tuple[str | None, bool], str] | None = None
+) -> list[m.VolumeMount]:
+    """``mounts`` with their volume ids (for anything that starts containers with
+    volumes: functions, classes, sandboxes)."""
+    import msgspec
+
+    ids = {} if ids is None else ids
+    out = []
+    for v in mounts:
+        vid = v.volume_id
+        if not vid:
+            key = (v.name, v.create_if_missing)
+            if key not in ids:
+                req = m.CreateVolume(v.name, create_if_missing=v.create_if_missing)
+                ids[key] = api.call("POST", "/volumes", req, m.VolumeInfo).volume_id
+            vid = ids[key]
+        out.append(msgspec.structs.replace(v, volume_id=vid))
     return out
 
 

@@ -27,6 +27,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Prepared:
     argv_prefix: list[str] = field(default_factory=list)  # for the process runtime
     writable: list[tuple[str, str, cv.VolumeState]] = field(default_factory=list)
     """(volume_id, host tree, the state it was made from) of each writable mount."""
+    shared: list[str] = field(default_factory=list)  # the shared trees it binds
 
 
 def _root(cache: Path) -> Path:
@@ -216,7 +218,10 @@ def prepare(
             else ""
         )
         if v.read_only:
-            src = _shared_tree(cache, api, man, fetched)
+            with _trees_lock:
+                src = _shared_tree(cache, api, man, fetched)
+                _tree_users[src] = _tree_users.get(src, 0) + 1
+            out.shared.append(src)
         else:
             tree = mine / str(i)
             state = _own_tree(cache, api, man, fetched, tree, owner)
@@ -273,6 +278,29 @@ def commit_at_exit(cache: Path, cid: str, api: ApiBase | None, prepared: Prepare
 
 # the containers of this worker with volumes: what their launch prepared
 _PREPARED: dict[str, Prepared] = {}
+# shared (read-only) trees: how many containers bind each; one no container binds is
+# removed once a newer version of its volume is on the node
+_tree_users: dict[str, int] = {}
+_trees_lock = threading.Lock()
+
+
+def _release_trees(trees: list[str]) -> None:
+    with _trees_lock:
+        for t in trees:
+            _tree_users[t] = _tree_users.get(t, 1) - 1
+        for t in trees:
+            if _tree_users.get(t, 0) > 0:
+                continue
+            versions = Path(t).parent
+            newest = max((int(v.name) for v in versions.iterdir() if v.name.isdigit()), default=-1)
+            if int(Path(t).name) < newest:
+                _tree_users.pop(t, None)
+                shutil.rmtree(t, ignore_errors=True)
+            # older versions nobody binds (left by containers of an earlier agent)
+            for v in versions.iterdir():
+                old = str(v)
+                if v.name.isdigit() and int(v.name) < newest and not _tree_users.get(old):
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def add_to_launch(
@@ -301,6 +329,7 @@ def finish(cache: Path, cid: str, api: ApiBase | None, *, commit: bool = True) -
     prepared = _PREPARED.pop(cid, None)
     if prepared is None:
         return []
+    _release_trees(prepared.shared)
     if not commit:
         shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
         return []
