@@ -58,3 +58,9 @@ def test_dicts_and_queues_passed_as_arguments(running):
         q.put_many([1, 2, 3])
         assert state_worker.drain.remote(q, d) == 3
         assert d["drained"] == [1, 2, 3] and q.len() == 0
+
+
+def test_large_dict_values_from_a_container(running):
+    with strato.Dict.ephemeral() as d:
+        assert state_worker.large_value.remote(d) == 3 << 20
+        assert d["big"] == b"\x03" * (3 << 20)

@@ -54,3 +54,10 @@ def drain(q: strato.Queue, d: strato.Dict) -> int:
     items = q.get_many(100, timeout=30)
     d["drained"] = items
     return len(items)
+
+
+@app.function()
+def large_value(d: strato.Dict) -> int:
+    """A value over the blob threshold, written and read back from a container."""
+    d["big"] = b"\x03" * (3 << 20)
+    return len(d["big"])
