@@ -79,6 +79,7 @@ def test_from_name_shares_one_dict_and_delete_removes_it(server, request):
     a = strato.Dict.from_name(name, create_if_missing=True)
     a["k"] = "v"
     assert strato.Dict.from_name(name)["k"] == "v"
+    assert strato.Dict.lookup(name).object_id == a.object_id
     from strato.dict import Dict  # Modal's module path
 
     assert Dict is strato.Dict

@@ -182,6 +182,17 @@ class StateObject:
         Modal's signature; strato has one environment."""
         return cls._new(check_name(cls._kind, name), create_if_missing)
 
+    @classmethod
+    def lookup(
+        cls: type[S],
+        name: str,
+        *,
+        environment_name: str | None = None,
+        create_if_missing: bool = False,
+    ) -> S:
+        """``from_name`` looked up at once (Modal's older spelling)."""
+        return cls.from_name(name, create_if_missing=create_if_missing).hydrate()
+
     @_StaticAio
     def delete(cls, name: str, *, environment_name: str | None = None) -> None:  # noqa: N805
         """Delete the named object and everything in it."""
