@@ -209,7 +209,8 @@ def test_a_failed_input_shows_its_error_and_traceback(ui, strato_server, shots):
     wait_until(lambda: find(ui, 'tr.input[data-status="failure"]'), WAIT_S, "failure")
     assert "ValueError: exploded on 3" in text_of(ui, 'tr.input[data-status="failure"]')
     click(ui, "tr.input details summary")
-    assert "raise ValueError" in text_of(ui, "pre.traceback")
+    tb = find(ui, "pre.traceback")[0].get_attribute("textContent")
+    assert "raise ValueError" in tb
     ui.save_screenshot(str(shots / "call.png"))
 
 
@@ -243,6 +244,53 @@ def test_a_containers_log_line_arrives_live(ui, strato_server, tmp_path, shots):
     finally:
         marker.touch()
     assert call.get(timeout=WAIT_S) == "done"
+
+
+def test_stop_a_container_from_its_page(ui, strato_server, tmp_path):
+    from selenium.webdriver.common.alert import Alert
+
+    marker = tmp_path / "go"
+    call = ops_dash.chatter.spawn(str(marker))
+    try:
+        cid = wait_until(lambda: _ready_container("chatter"), WAIT_S, "chatter's container")
+        ui.get(f"{strato_server.url}/ui/containers/{cid}")
+        click(ui, "#stop-container")
+        wait_until(lambda: _alert(ui), WAIT_S, "the confirmation")
+        assert cid in Alert(ui).text
+        Alert(ui).accept()
+        wait_until(
+            live(lambda: text_of(ui, "#container-state") not in ("", "ready", "starting")),
+            WAIT_S,
+            "the container to leave",
+        )
+        wait_until(lambda: cid not in _live_ids(), WAIT_S, "the container to be gone")
+    finally:
+        marker.touch()
+    assert call.get(timeout=WAIT_S) == "done"  # its input went back to the queue and ran
+
+
+def _containers() -> list[m.ContainerInfo]:
+    app_id = app_id_named(APP)
+    return (
+        session.api()
+        .call("GET", "/containers", None, m.ContainerList, params={"app": app_id})
+        .containers
+    )
+
+
+def _ready_container(function: str) -> str | None:
+    return next(
+        (
+            c.container_id
+            for c in _containers()
+            if c.function_name == function and c.state == "ready"
+        ),
+        None,
+    )
+
+
+def _live_ids() -> set[str]:
+    return {c.container_id for c in _containers() if c.state in ("starting", "ready")}
 
 
 def test_nodes_page_shows_capacity(ui, strato_server, shots):

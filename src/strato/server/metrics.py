@@ -128,14 +128,24 @@ class FunctionLabels:
     """function_id -> its ``(app, function)`` labels, at most ``cap`` distinct pairs.
 
     ``resolve`` names a function id (app name, function name) or returns None when it is
-    unknown; set by the control plane (:func:`install`)."""
+    unknown; set by the control plane (:func:`install`). What it answered is kept for
+    each id (ids it did not know count as ``other``) until it is set again."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.resolve: Callable[[str], tuple[str, str] | None] = lambda fid: None
+        self._resolve: Callable[[str], tuple[str, str] | None] = lambda fid: None
         self._by_id: dict[str, _Children] = {}
         self._pairs: set[tuple[str, str]] = set()
         self.app_names: dict[str, str] = {}  # app_id -> name (or a short id if unnamed)
+
+    @property
+    def resolve(self) -> Callable[[str], tuple[str, str] | None]:
+        return self._resolve
+
+    @resolve.setter
+    def resolve(self, fn: Callable[[str], tuple[str, str] | None]) -> None:
+        self._resolve = fn
+        self._by_id = {}
 
     def app_label(self, app_id: str) -> str:
         name = self.app_names.get(app_id)
@@ -162,7 +172,7 @@ class FunctionLabels:
 
     def _bind(self, function_id: str) -> _Children:
         try:
-            names = self.resolve(function_id)
+            names = self._resolve(function_id)
         except Exception:  # a hook never raises into the hot path
             names = None
         labels = self.pair(names)
@@ -174,10 +184,9 @@ class FunctionLabels:
             COLD_STARTS.labels(*labels),
             COLD_START_SECONDS.labels(*labels),
         )
-        if names is not None:  # an unknown id is asked again next time
-            if len(self._by_id) >= KNOWN_FUNCTIONS:
-                self._by_id.clear()
-            self._by_id[function_id] = c
+        if len(self._by_id) >= KNOWN_FUNCTIONS:
+            self._by_id.clear()
+        self._by_id[function_id] = c
         return c
 
 

@@ -10,6 +10,7 @@ network at install or run time)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import html
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 
 from strato import settings
 from strato.exceptions import Error, NotFoundError
@@ -205,29 +207,39 @@ class Ops:
 
     # ------------------------------------------------------------------ pages
 
+    async def _live_page(
+        self, req: Request, template: str, view: str, ident: str = "", **ctx: Any
+    ) -> Response:
+        """A page whose live part (``view``'s fragment) the state stream keeps current:
+        the stream is told the fragment's hash, and sends nothing until it differs."""
+        live = await self._state_fragment(view, ident)
+        return self._page(
+            req, template, live=Markup(live), live_hash=_digest(live), ident=ident, **ctx
+        )
+
     async def page_apps(self, req: Request, send: Send) -> Response:
-        return self._page(req, "apps.html", apps=await views.apps(self.cp))
+        return await self._live_page(req, "apps.html", "apps")
 
     async def page_app(self, req: Request, send: Send) -> Response:
         a = await views.app(self.cp, req.path_params["app_id"])
-        calls = await views.recent_calls(self.cp, [f.function_id for f in a["functions"]])
-        return self._page(req, "app.html", app=a, calls=calls)
+        return await self._live_page(req, "app.html", "app", a["app_id"], app=a)
 
     async def page_call(self, req: Request, send: Send) -> Response:
-        return self._page(
-            req, "call.html", call=await views.call(self.cp, req.path_params["call_id"])
-        )
+        call = await views.call(self.cp, req.path_params["call_id"])
+        return await self._live_page(req, "call.html", "call", call["call_id"], call=call)
 
     async def page_containers(self, req: Request, send: Send) -> Response:
-        return self._page(req, "containers.html", containers=views.containers(self.cp))
+        return await self._live_page(req, "containers.html", "containers")
 
     async def page_container(self, req: Request, send: Send) -> Response:
         c = await views.container(self.cp, req.path_params["container_id"])
         lines, last = await views.log_tail(self.cp, c["app_id"], c["container_id"])
-        return self._page(req, "container.html", c=c, lines=lines, after=last)
+        return await self._live_page(
+            req, "container.html", "container", c["container_id"], c=c, lines=lines, after=last
+        )
 
     async def page_nodes(self, req: Request, send: Send) -> Response:
-        return self._page(req, "nodes.html", nodes=views.nodes(self.cp))
+        return await self._live_page(req, "nodes.html", "nodes")
 
     async def page_objects(self, req: Request, send: Send) -> Response:
         path = "/" + req.path_params["kind"]
@@ -275,13 +287,15 @@ class Ops:
     async def sse_state(self, req: Request, send: Send) -> None:
         """Re-renders a page's live part each second and sends it when it changed."""
         view, ident = req.query.get("view", ""), req.query.get("id", "")
+        shown = req.query.get("h", "")  # the hash of what the page shows
 
         async def events() -> AsyncIterator[bytes]:
-            last = None
+            nonlocal shown
             while True:
                 frag = await self._state_fragment(view, ident)
-                if frag != last:
-                    last = frag
+                digest = _digest(frag)
+                if digest != shown:
+                    shown = digest
                     yield sse_event(view, frag)
                 else:
                     yield b": keep-alive\n\n"
@@ -334,6 +348,10 @@ class Ops:
 
         self.sampler.viewed()
         await stream_events(req, send, events())
+
+
+def _digest(fragment: str) -> str:
+    return hashlib.sha256(fragment.encode()).hexdigest()[:24]
 
 
 def _log_html(line: Any) -> str:

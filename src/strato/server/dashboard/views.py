@@ -52,17 +52,14 @@ async def query(cp: ControlPlane, run: Any) -> Any:
     return await store.aread(store._read, run)
 
 
-def ago(ts: float | None, now: float | None = None) -> str:
+def ago(ts: float | None) -> str:
+    """A wall-clock time as the page shows it (absolute: a live fragment that said "5s
+    ago" would change every second, and be sent again every second)."""
     if not ts:
         return "-"
-    d = (now or time.time()) - ts
-    if d < 60:
-        return f"{d:.0f}s ago"
-    if d < 3600:
-        return f"{d / 60:.0f}m ago"
-    if d < 86400:
-        return f"{d / 3600:.1f}h ago"
-    return f"{d / 86400:.1f}d ago"
+    if time.time() - ts < 86400:
+        return time.strftime("%H:%M:%S", time.localtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
 def _ended(labels: tuple[str, str]) -> tuple[int, int]:
@@ -292,7 +289,7 @@ def _container_view(cp: ControlPlane, c: Any, now: float) -> dict:
         "function": fname,
         "node_id": c.node_id,
         "state": str(c.state),
-        "age": f"{now - c.started_at:.0f}s",
+        "age": ago(time.time() - (now - c.started_at)),
         "cold_start": f"{cold:.2f}s" if cold is not None else "-",
         "cpu": f"{c.request.cpu:g}",
         "memory_mb": c.request.memory_mb,
@@ -357,10 +354,14 @@ def nodes(cp: ControlPlane) -> list[dict]:
                 "gpus_used": len(v.gpus_in_use),
                 "gpus_total": gpus,
                 "containers": sum(1 for c in cp.containers if c.node_id == v.node_id),
-                "heartbeat": f"{time.monotonic() - n.last_heartbeat:.0f}s ago",
+                "heartbeat": _heartbeat(time.monotonic() - n.last_heartbeat),
             }
         )
     return out
+
+
+def _heartbeat(silent_s: float) -> str:
+    return "recent" if silent_s < 15 else f"silent for {silent_s:.0f}s"
 
 
 async def log_tail(cp: ControlPlane, app_id: str, container_id: str | None) -> tuple[list, int]:

@@ -6,6 +6,19 @@
     if (csrf) e.detail.headers["X-CSRF-Token"] = csrf.content;
   });
 
+  // a log tail follows new lines while it is scrolled to the bottom
+  var logs = document.getElementById("logs");
+  if (logs) {
+    logs.scrollTop = logs.scrollHeight;
+    var stick = true;
+    logs.addEventListener("scroll", function () {
+      stick = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 8;
+    });
+    logs.addEventListener("htmx:afterSettle", function () {
+      if (stick) logs.scrollTop = logs.scrollHeight;
+    });
+  }
+
   var charts = document.getElementById("charts");
   if (!charts || typeof uPlot === "undefined") return;
   var appId = charts.dataset.appId;
