@@ -350,3 +350,12 @@ def test_read_only_trees_of_older_versions_are_removed_from_the_node(vols, serve
         assert va.read.remote(reload=False)["media"] == {"ro.txt": "v2"}
     # once no container binds it, a version older than the node's newest is removed
     wait_until(lambda: os.listdir(trees) == [latest], 60, "the older tree to be removed")
+
+
+def test_exit_commit_ignores_a_forged_state_file(vols):
+    vol, _ = vols
+    with va.app.run(quiet=True):
+        va.write_with_forged_state.remote("forged.txt", "still committed")
+    wait_until(
+        lambda: files_of(vol) == {"forged.txt": b"still committed"}, 60, "the commit at exit"
+    )

@@ -26,10 +26,13 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from strato import exceptions as exc
 from strato import settings
@@ -248,6 +251,28 @@ def prepare(
     return out
 
 
+MAX_STATE_BYTES = 1 << 30
+
+
+def _container_state(path: str) -> cv.VolumeState | None:
+    """The state the container last wrote (its file: untrusted, never followed through a
+    link, bounded); None where it is unusable (then the start's state is compared)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_STATE_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return msgspec.msgpack.decode(f.read(), type=cv.VolumeState)
+    except (OSError, msgspec.DecodeError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def commit_at_exit(cache: Path, cid: str, api: ApiBase | None, prepared: Prepared) -> list[str]:
     """Commit what changed in the container's writable mounts, then remove its copies;
     a line per volume committed or failed (for the app's logs)."""
@@ -256,12 +281,9 @@ def commit_at_exit(cache: Path, cid: str, api: ApiBase | None, prepared: Prepare
         for i, (volume_id, tree, first) in enumerate(prepared.writable):
             state = first
             sf = container_dir(cache, cid) / "state" / f"{i}.msgpack"
-            try:
-                last = cv.read_state(str(sf))
-                if last.volume_id == volume_id:
-                    state = last
-            except (OSError, ValueError, TypeError):
-                pass  # the container's file is unreadable: compare with the start
+            last = _container_state(str(sf))
+            if last is not None and last.volume_id == volume_id:
+                state = last
             if api is None:
                 continue
             try:

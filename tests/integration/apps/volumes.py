@@ -133,3 +133,15 @@ def foreign(volume_id: str, read_only_id: str) -> list[str]:
             lambda: api.call("POST", f"/volumes/{read_only_id}/commit", drop, m.VolumeVersion),
         ]
     )
+
+
+@app.function(runtime="process", volumes={"/srv": vol}, scaledown_window=60)
+def write_with_forged_state(rel: str, text: str) -> str:
+    """Write a file without committing, after pointing this mount's state file (which the
+    worker reads at exit) at a file of the host."""
+    state = vol._mounts()[0].state_file
+    os.unlink(state)
+    os.symlink("/etc/passwd", state)
+    with open(os.path.join("/srv", rel), "w") as f:
+        f.write(text)
+    return rel
