@@ -153,6 +153,13 @@ def test_size_limit_is_refused_and_changes_nothing():
         with vol.batch_upload(force=True) as batch:  # replacing a file counts its new size
             batch.put_file(io.BytesIO(b"d" * 900), "a.bin")
         assert vol.info().size == 900
+        # a container's commit over the limit: refused, the error reaches the caller
+        fresh(va.VOL)
+        with va.app.run(quiet=True):
+            assert va.write.remote({"ok.txt": "x" * 500}) == {"ok.txt": "x" * 500}
+            with pytest.raises(exc.RequestSizeError, match="STRATO_VOLUME_MAX_BYTES"):
+                va.write.remote({"big.txt": "y" * 600})
+        assert files_of(strato.Volume.from_name(va.VOL)) == {"ok.txt": b"x" * 500}
 
 
 def test_bad_input_gets_clear_errors_and_changes_nothing(vols):
