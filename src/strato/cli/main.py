@@ -401,12 +401,12 @@ def server_status() -> None:
     click.echo(f"{len(containers)} containers running")
 
 
-main.add_command(__import__("strato.cli.secret", fromlist=["x"]).secret_group)  # secrets
-
 main.add_command(__import__("strato.cli.volume", fromlist=["volume"]).volume)  # volumes
+main.add_command(__import__("strato.cli.secret", fromlist=["x"]).secret_group)  # secrets
 main.add_command(__import__("strato.cli.state", fromlist=["x"]).dict_group)  # Dict
 main.add_command(__import__("strato.cli.state", fromlist=["x"]).queue_group)  # Queue
 main.add_command(__import__("strato.cli.dashboard", fromlist=["x"]).dashboard)  # /ui
+main.add_command(__import__("strato.cli.sandbox", fromlist=["x"]).sandbox_group)  # sandboxes
 
 if __name__ == "__main__":  # pragma: no cover
     main()

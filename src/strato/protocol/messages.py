@@ -574,6 +574,8 @@ class WorkerWelcome(ChannelMsg, tag="welcome"):
     epoch: str
     http_url: str
     kill: list[str] = []  # containers from an earlier epoch to kill
+    # --- cluster: the API token a joined (remote) agent fetches code and blobs with
+    api_token: str = ""
 
 
 class ContainerStart(ChannelMsg, tag="start"):
@@ -833,6 +835,31 @@ class QueueItems(msgspec.Struct):
 
 # --- state: end
 
+# --- cluster: begin
+# A worker agent on another machine relays its containers' channel connections over its
+# one connection to the control plane: each container connection is a numbered stream of
+# raw channel bytes (``RelayOpen``, ``RelayData`` both ways, ``RelayClose`` both ways).
+# The control plane reads each stream exactly as it reads a direct channel connection.
+
+RELAY_CHUNK = 256 << 10  # the most bytes of one stream a RelayData carries
+
+
+class RelayOpen(ChannelMsg, tag="ropen"):
+    conn: Index
+
+
+class RelayData(ChannelMsg, tag="rdata"):
+    conn: Index
+    data: Annotated[bytes, Meta(max_length=RELAY_CHUNK)]
+
+
+class RelayClose(ChannelMsg, tag="rclose"):
+    conn: Index
+
+
+# --- cluster: end
+
+
 # --- sandboxes: begin
 SANDBOX_CHUNK = 1 << 20  # one chunk of a process's stdin or output
 SANDBOX_MAX_TAGS = 64
@@ -882,6 +909,8 @@ class CreateSandbox(msgspec.Struct):
     runtime: Literal["gvisor", "bwrap", "process"] | None = None
     tags: SandboxTagMap = {}
     mount_id: Annotated[str, Meta(max_length=64)] | None = None
+    volumes: Annotated[list[VolumeMount], Meta(max_length=32)] = []  # ids filled in
+    secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []
 
 
 class SandboxInfo(msgspec.Struct):
@@ -1083,4 +1112,7 @@ ChannelMessage = (
     | SbFileResult
     | SbOomQuery
     | SbOomCount
+    | RelayOpen  # --- cluster
+    | RelayData
+    | RelayClose
 )

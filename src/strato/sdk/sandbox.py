@@ -92,17 +92,12 @@ class Sandbox:
         name: str | None = None,
         runtime: str | None = None,
         tags: dict[str, str] | None = None,
-        secrets: Sequence[Any] = (),
+        secrets: Sequence[Any] | None = None,
         volumes: dict[str, Any] | None = None,
     ) -> Sandbox:
         """Start a sandbox. With an ``entrypoint`` it runs that and ends when it exits;
         without one it stays up until ``terminate()``, ``timeout`` (seconds from its
         start) or ``idle_timeout`` (seconds with no process running and no I/O)."""
-        if secrets or volumes:
-            raise exc.InvalidError(
-                "secrets= and volumes= are not supported by sandboxes yet; pass values "
-                "with env= and files with sb.exec/stdin"
-            )
         if runtime is not None and runtime not in RUNTIMES:
             raise exc.InvalidError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
         if image is not None:
@@ -113,6 +108,15 @@ class Sandbox:
         client = session.api()
         if image is not None:
             upload_image_files(client, image)
+        refs, mounts = [], []
+        if secrets:
+            from .secret import check_secrets, secret_refs
+
+            refs = secret_refs(client, check_secrets(secrets, "Sandbox.create(secrets=...)"))
+        if volumes:
+            from .volume import resolve_mounts, volume_mounts
+
+            mounts = resolve_mounts(client, volume_mounts(volumes))
         if workdir is not None and not workdir.startswith("/"):
             raise exc.InvalidError(f"workdir={workdir!r}: give an absolute path")
         body = m.CreateSandbox(
@@ -130,6 +134,8 @@ class Sandbox:
             name=name,
             runtime=runtime,  # type: ignore[arg-type]
             tags=dict(tags or {}),
+            volumes=mounts,
+            secrets=refs,
         )
         return Sandbox(client.call("POST", "/sandboxes", body, m.SandboxInfo))
 

@@ -1,9 +1,9 @@
 """Routes of sandboxes (``server/sandboxes``).
 
-Every route is open to code in containers (``container=True``): a container reaches the
-sandboxes of the apps it may see (its own, and deployed ones; ``scope.py``), and creates
-sandboxes only in those. Waits are long-polls (``wait``/``timeout`` in seconds, at most
-``MAX_WAIT_S``)."""
+Every route is open to code in containers (``container=True``): a container reaches only
+its own app's sandboxes, and creates sandboxes only in its own app (a sandbox runs
+untrusted code: its handle is not the workspace's, unlike a deployed function). Waits
+are long-polls (``wait``/``timeout`` in seconds, at most ``MAX_WAIT_S``)."""
 
 from __future__ import annotations
 
@@ -53,10 +53,9 @@ def register(api: Router, cp: ControlPlane) -> None:
 
     async def visible(req: Request, app_id: str) -> dict:
         """The app's row, if the requester may reach its sandboxes."""
-        row = await scope.app(req, app_id)
-        if req.principal is not None and row["app_id"] != app_id:  # (a name, not this id)
-            raise exc.NotFoundError(f"app {app_id} does not exist")
-        return row
+        if req.principal is not None and app_id != req.principal.app_id:
+            raise exc.NotFoundError(f"app {app_id} does not exist (or is not this container's)")
+        return await scope.app(req, app_id)
 
     async def sandbox(req: Request) -> Sandbox:
         sid = req.path_params["sandbox_id"]
@@ -69,10 +68,7 @@ def register(api: Router, cp: ControlPlane) -> None:
                 f"sandbox {sid} has ended ({info.status}: {info.reason}); create a new one"
             ) from None
         if req.principal is not None and sb.app_id != req.principal.app_id:
-            try:
-                await visible(req, sb.app_id)
-            except exc.NotFoundError:
-                raise exc.NotFoundError(f"sandbox {sb.sandbox_id} does not exist") from None
+            raise exc.NotFoundError(f"sandbox {sb.sandbox_id} does not exist")
         return sb
 
     @route(
@@ -115,10 +111,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         sid = req.path_params["sandbox_id"]
         info = await sandboxes.info(sid)
         if req.principal is not None and info.app_id != req.principal.app_id:
-            try:
-                await visible(req, info.app_id)
-            except exc.NotFoundError:
-                raise exc.NotFoundError(f"sandbox {sid} does not exist") from None
+            raise exc.NotFoundError(f"sandbox {sid} does not exist")
         return info
 
     @route("GET", "/sandboxes/{sandbox_id}", "A sandbox", response=m.SandboxInfo, container=True)
@@ -134,6 +127,8 @@ def register(api: Router, cp: ControlPlane) -> None:
     )
     async def by_name(req: Request) -> Reply:
         row = await scope.app(req, req.path_params["app"])
+        if req.principal is not None and row["app_id"] != req.principal.app_id:
+            raise exc.NotFoundError(f"no running sandbox named {req.path_params['name']!r}")
         return reply(sandboxes.by_name(row["app_id"], req.path_params["name"]).info())
 
     @route(

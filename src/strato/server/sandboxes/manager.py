@@ -298,10 +298,18 @@ class Sandboxes:
             image=req.image,
             block_network=req.block_network,
             runtime=runtime,
+            volumes=list(req.volumes),
+            secrets=list(req.secrets),
             sandbox=m.SandboxConfig(
                 sandbox_id=sid, entrypoint=list(req.entrypoint), workdir=req.workdir
             ),
         )
+        for hook in self.cp.apps.spec_hooks:  # secrets by name -> ids (NotFoundError else)
+            spec = hook(spec, False)
+        if spec.secrets:  # one that cannot be opened fails the create, not a later start
+            if self.fleet.secret_env is None:
+                raise exc.InvalidError("this control plane serves no secrets")
+            self.fleet.secret_env(spec)  # (the values are not kept)
         request = self.fleet.request_for(spec)
         views = [v.emptied() for v in self.fleet.live_views()]
         if views and place(request, views) is None:
@@ -341,6 +349,8 @@ class Sandboxes:
             and not req.gpu
             and not req.block_network
             and req.mount_id is None
+            and not req.volumes
+            and not req.secrets
         )
 
     def _from_pool(self, req: m.CreateSandbox, runtime: str) -> Sandbox | None:
