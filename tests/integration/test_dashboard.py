@@ -309,9 +309,14 @@ def test_object_pages_that_exist(ui, strato_server):
     d["k"] = 1
     ui.get(f"{strato_server.url}/ui/objects/dicts")
     assert "ops-dash-dict" in text_of(ui, "#objects")
-    for kind in ("queues", "secrets"):
+    # every object page the nav offers opens (volumes and sandboxes where the tree has them)
+    links = [a.get_attribute("href") for a in find(ui, 'header nav a[href^="/ui/objects/"]')]
+    kinds = [href.rsplit("/", 1)[1] for href in links]
+    assert {"dicts", "queues", "secrets"} <= set(kinds)
+    for kind in kinds:
         ui.get(f"{strato_server.url}/ui/objects/{kind}")
         assert find(ui, "h1")[0].text.lower() == kind
+        assert not find(ui, "p.error")
 
 
 def test_stop_an_app_from_the_page(ui, strato_server, shots):

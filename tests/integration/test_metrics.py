@@ -3,6 +3,8 @@ client's text parser while real work runs (calls, failures, cold starts, web req
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import httpx
 import pytest
 from apps import ops_dash
@@ -93,7 +95,14 @@ def test_gateway_requests_by_status(server, ops_app):
     assert r.json() == {"hello": "m"}
     r = httpx.get(url.rstrip("/") + "/no/such/path", timeout=60)
     assert r.status_code == 404
+    base = "{0.scheme}://{0.netloc}".format(urlsplit(url))
+    assert httpx.get(f"{base}/no-such-app/x", timeout=60).status_code == 404
     after = scrape(server)
+    assert (
+        value(after, "strato_gateway_requests_total", app="unrouted", code="404")
+        - value(before, "strato_gateway_requests_total", app="unrouted", code="404")
+        == 1
+    )
     moved = {
         code: value(after, "strato_gateway_requests_total", app=APP, code=code)
         - value(before, "strato_gateway_requests_total", app=APP, code=code)

@@ -230,8 +230,11 @@ def cold_start(function_id: str, seconds: float, container_id: str = "") -> None
         COLD_START_OF[container_id] = seconds
 
 
-def gateway_request(app_id: str, status: int, seconds: float) -> None:
-    app = LABELS.app_label(app_id)
+UNROUTED = "unrouted"  # a web request whose URL no app serves
+
+
+def gateway_request(app_id: str | None, status: int, seconds: float) -> None:
+    app = LABELS.app_label(app_id) if app_id is not None else UNROUTED
     GATEWAY_REQUESTS.labels(app, str(status)).inc()
     GATEWAY_SECONDS.labels(app).observe(max(0.0, seconds))
 

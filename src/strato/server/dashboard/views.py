@@ -401,7 +401,13 @@ async def objects(cp: ControlPlane, path: str) -> list[dict]:
     out = []
     for it in items:
         if isinstance(it, dict):
-            out.append({k: v for k, v in it.items() if not isinstance(v, bytes | dict | list)})
+            out.append(
+                {
+                    k: ago(v) if k.endswith("_at") and isinstance(v, int | float) else v
+                    for k, v in it.items()
+                    if not isinstance(v, bytes | dict | list)
+                }
+            )
         elif isinstance(it, list):  # array-like structs
             out.append({str(i): v for i, v in enumerate(it) if not isinstance(v, bytes)})
     return out

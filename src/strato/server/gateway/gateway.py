@@ -374,10 +374,10 @@ class Gateway:
 
     def access(self, ex: Exchange, status: int, note: str | None = None) -> None:
         route = ex.route
+        ms = (time.monotonic() - ex.t0) * 1000
+        metrics.gateway_request(route.app_id if route else None, status, ms / 1000)
         if route is None:
             return  # no app to log it in (an unknown URL)
-        ms = (time.monotonic() - ex.t0) * 1000
-        metrics.gateway_request(route.app_id, status, ms / 1000)
         cid = ex.backend.container_id if ex.backend is not None else "gateway"
         text = (
             f"{ex.method.decode('latin-1')} {ex.url[:300].decode('latin-1')} {status} "
