@@ -70,6 +70,12 @@ def test_values_move_as_work_runs(server, ops_app):
     assert moved("strato_inputs_total", status="success", **fn) == 5
     assert moved("strato_inputs_total", app=APP, function="explode", status="failure") == 1
     assert moved("strato_input_duration_seconds_count", **fn) == 5
+    # end-to-end latency: from acceptance to output, never shorter than the run time
+    assert moved("strato_input_latency_seconds_count", **fn) == 5
+    assert moved("strato_input_latency_seconds_count", app=APP, function="explode") == 1
+    assert moved("strato_input_latency_seconds_sum", **fn) >= moved(
+        "strato_input_duration_seconds_sum", **fn
+    )
     assert value(after, "strato_input_duration_seconds_bucket", le="+Inf", **fn) >= 5
     # the first call of each function started a container: a cold start, with its time
     assert value(after, "strato_cold_starts_total", **fn) >= 1

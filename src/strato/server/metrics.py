@@ -20,6 +20,7 @@ input or container id is ever a label.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,14 @@ DURATION = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+LATENCY = Histogram(
+    "strato_input_latency_seconds",
+    "From an input's acceptance by the API to its final output: queueing, cold starts, "
+    "retries and run time (inputs accepted by this process).",
+    FN,
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 COLD_STARTS = Counter(
     "strato_cold_starts", "Containers that became ready (each a cold start).", FN, registry=REGISTRY
 )
@@ -118,6 +127,7 @@ class _Children:
 
     labels: tuple[str, str]
     inputs: dict[str, Any]
+    latency: Any
     retries: Any
     duration: Any
     cold_starts: Any
@@ -179,6 +189,7 @@ class FunctionLabels:
         c = _Children(
             labels,
             {s: INPUTS.labels(*labels, s) for s in STATUSES},
+            LATENCY.labels(*labels),
             RETRIES.labels(*labels),
             DURATION.labels(*labels),
             COLD_STARTS.labels(*labels),
@@ -196,12 +207,32 @@ LABELS = FunctionLabels(settings.METRICS_MAX_FUNCTIONS.get())
 # ---------------------------------------------------------------------- hooks (hot path)
 
 
-def input_final(function_id: str, status: str) -> None:
+# input_id -> when the API accepted it (monotonic), until its final output
+_ACCEPTED: dict[int, float] = {}
+ACCEPTED_KEPT = 1_000_000  # past this many inputs without an output, the oldest are forgotten
+
+
+def inputs_accepted(pendings: Iterable[Any]) -> None:
+    """New inputs were accepted (``Pending``s): their latency starts now."""
+    now = time.monotonic()
+    accepted = _ACCEPTED
+    if len(accepted) >= ACCEPTED_KEPT:
+        for input_id in list(accepted)[: ACCEPTED_KEPT // 10]:
+            del accepted[input_id]
+    for p in pendings:
+        accepted[p.input_id] = now
+
+
+def input_final(function_id: str, status: str, input_id: int | None = None) -> None:
     """An input ended with its final output (``status``: a ``calls.state.Status``)."""
     c = LABELS.children(function_id)
     counter = c.inputs.get(status)
     if counter is not None:
         counter.inc()
+    if input_id is not None:
+        t0 = _ACCEPTED.pop(input_id, None)
+        if t0 is not None:
+            c.latency.observe(time.monotonic() - t0)
 
 
 def input_duration(function_id: str, seconds: float) -> None:

@@ -22,6 +22,7 @@ from strato.exceptions import (
 )
 from strato.protocol import messages as m
 
+from .. import metrics
 from ..store import CallRow, FinalRow, InputRow, Store, Write
 from ..store.blobs import BlobStore
 from .dispatch import Dispatcher
@@ -273,6 +274,7 @@ class Intake:
         """New inputs (not retries): an arrival for the autoscaler, then queued."""
         if pendings:
             self.ledger.on_arrival(fn.function_id, time.monotonic())
+            metrics.inputs_accepted(pendings)
         self.dispatcher.enqueue(fn, pendings)
 
     def recover(self) -> int:

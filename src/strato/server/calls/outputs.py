@@ -127,7 +127,7 @@ class Outputs:
         """End ``p`` with its final output; the row is written by ``flush``. ``error``
         is the failure's message, ``error_type`` its exception type."""
         data, blob = self._offload(data, blob)
-        metrics.input_final(p.function_id, status)
+        metrics.input_final(p.function_id, status, p.input_id)
         p.where = Where.DONE
         self.ledger.untrack(p)
         if p.session is not None:  # for the call graph

@@ -1,10 +1,11 @@
 """Time series for the dashboard's charts, sampled from the metrics every few seconds.
 
 Each sample of a function holds: calls/s and errors/s over the last interval, p50 and
-p99 of its inputs' run time over that interval (from the histogram's bucket deltas, as
-Prometheus's ``histogram_quantile`` does), queue depth, inputs running and live
-containers. The last ``KEEP`` samples of each function are kept; functions of stopped
-apps are dropped. Sampling runs only while someone looked at the dashboard recently."""
+p99 of its inputs' latency (acceptance to output) over that interval (from the
+histogram's bucket deltas, as Prometheus's ``histogram_quantile`` does), queue depth,
+inputs running and live containers. The last ``KEEP`` samples of each function are
+kept; functions of stopped apps are dropped. Sampling runs only while someone looked at
+the dashboard recently."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def _counts() -> tuple[dict[tuple[str, str], tuple[float, float]], dict]:
             if s.labels["status"] in FAILED:
                 e[1] += s.value
     buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for fam in metrics.DURATION.collect():
+    for fam in metrics.LATENCY.collect():
         for s in fam.samples:
             if s.name.endswith("_bucket"):
                 key = (s.labels["app"], s.labels["function"])

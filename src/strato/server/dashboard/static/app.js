@@ -24,7 +24,7 @@
   var appId = charts.dataset.appId;
   var KINDS = {
     rate: { title: "calls/s and errors/s", series: [["calls", "calls/s", "#2a7ae2"], ["errors", "errors/s", "#d9534f"]] },
-    latency: { title: "run time p50 / p99 (ms)", ms: true, series: [["p50", "p50", "#5cb85c"], ["p99", "p99", "#f0ad4e"]] },
+    latency: { title: "latency p50 / p99 (ms)", ms: true, series: [["p50", "p50", "#5cb85c"], ["p99", "p99", "#f0ad4e"]] },
     queue: { title: "inputs queued / running", series: [["queued", "queued", "#8e44ad"], ["running", "running", "#16a085"]] },
     containers: { title: "containers", series: [["containers", "containers", "#34495e"]] }
   };
