@@ -147,3 +147,31 @@ def test_ephemeral_dicts_without_heartbeat_are_deleted(db_url, tmp_path, monkeyp
             await d.get(did, b"a")
 
     run(db_url, tmp_path, body)
+
+
+def test_one_page_carries_at_most_8_mib(db_url, tmp_path):
+    store = Store(db_url, journal=False)
+    d = Dicts(
+        StateDb(store),
+        BlobStore(tmp_path / "blobs"),
+        blob_threshold=4 << 20,
+        max_payload=8 << 20,
+        ttl_s=3600.0,
+    )
+
+    async def body() -> None:
+        did = (await d.objects.lookup("wide", True)).object_id
+        await put(d, did, {b"k%d" % i: b"v" * (3 << 20) for i in range(7)})
+        got, after, pages = 0, 0, 0
+        while True:
+            page = await d.page(did, after, 1000, "items")
+            got, after, pages = got + len(page.entries), page.cursor, pages + 1
+            assert len(page.entries) <= 2  # 2 x 3 MiB fit in 8 MiB, 3 do not
+            if page.done:
+                break
+        assert got == 7 and pages == 4
+
+    try:
+        asyncio.run(body())
+    finally:
+        store.close()

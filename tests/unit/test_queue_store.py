@@ -250,3 +250,20 @@ def test_refused_requests_are_not_failed_writes(db_url, caplog, monkeypatch):
         assert not caplog.records, [r.getMessage() for r in caplog.records]
     finally:
         store.close()
+
+
+def test_one_answer_carries_at_most_8_mib(db_url):
+    async def body(q: Queues):
+        qid = (await q.objects.lookup("big", True)).object_id
+        item = b"x" * m.QUEUE_ITEM_MAX_BYTES
+        await q.put(qid, m.QueuePut([item] * 20))
+        first = await q.peek(qid, "", 0, 0.0)
+        assert len(first.items) == 8  # 8 MiB
+        assert len((await q.peek(qid, "", first.cursor, 0.0)).items) == 8
+        assert len((await q.get(qid, m.QueueGet(20))).items) == 8
+        assert len((await q.get(qid, m.QueueGet(20))).items) == 8
+        assert len((await q.get(qid, m.QueueGet(20))).items) == 4
+        await q.put(qid, m.QueuePut([b"small"] * 3000))
+        assert len((await q.get(qid, m.QueueGet(5000))).items) == 3000
+
+    run(db_url, body)

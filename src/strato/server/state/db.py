@@ -9,7 +9,7 @@ only then, so an answer survives a SIGKILL); it never blocks the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
@@ -19,6 +19,17 @@ from strato.server.store import Store, Write
 from strato.server.store.writer import _Op
 
 T = TypeVar("T")
+RESPONSE_BYTES = 8 << 20  # what one answer carries at most (at least one item or entry)
+
+
+def fitting(sizes: Sequence[Any], cap: int = RESPONSE_BYTES) -> int:
+    """How many of the rows ``(seq, size)`` fit in ``cap`` bytes (at least one)."""
+    total = 0
+    for i, row in enumerate(sizes):
+        total += row[1] or 0
+        if total > cap and i > 0:
+            return i
+    return len(sizes)
 
 
 class _Refused:

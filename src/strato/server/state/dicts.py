@@ -15,7 +15,7 @@ from strato.protocol import messages as m
 from strato.server.store import tables_state as ts
 from strato.server.store.blobs import BlobStore
 
-from .db import StateDb
+from .db import StateDb, fitting
 from .names import check_id
 from .objects import NamedObjects
 
@@ -202,16 +202,13 @@ class Dicts:
         cols = [e.seq, e.key, e.value, e.value_blob]
 
         def run(c: Connection) -> m.DictPage:
-            rows = c.execute(
-                select(*cols)
-                .where(
-                    e.dict_id == object_id,
-                    e.seq > after,
-                    e.accessed_at >= time.time() - self.ttl_s,
-                )
-                .order_by(e.seq)
-                .limit(limit)
-            ).all()
+            live = and_(
+                e.dict_id == object_id, e.seq > after, e.accessed_at >= time.time() - self.ttl_s
+            )
+            size = func.length(e.key) + func.coalesce(func.length(e.value), 0)
+            sizes = c.execute(select(e.seq, size).where(live).order_by(e.seq).limit(limit)).all()
+            take = fitting(sizes)
+            rows = c.execute(select(*cols).where(live).order_by(e.seq).limit(take)).all()
             if not rows:
                 self.objects.exists(c, object_id)
             entries = [
@@ -222,7 +219,8 @@ class Dicts:
                 )
                 for r in rows
             ]
-            return m.DictPage(entries, rows[-1][0] if rows else after, len(rows) < limit)
+            done = len(sizes) < limit and take == len(sizes)
+            return m.DictPage(entries, rows[-1][0] if rows else after, done)
 
         return await self.db.read("Dict page", run)
 

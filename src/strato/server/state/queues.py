@@ -22,7 +22,7 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store import tables_state as ts
 
-from .db import StateDb
+from .db import RESPONSE_BYTES, StateDb, fitting
 from .names import check_id, check_partition
 from .objects import NamedObjects
 from .signals import Signals
@@ -59,6 +59,14 @@ class _Sql:
         self.take_items = delete(qi).where(and_(items, qi.c.seq <= bindparam("last")))
         self.items_after = (
             select(qi.c.seq, qi.c.data)
+            .where(and_(items, qi.c.seq > bindparam("after")))
+            .order_by(qi.c.seq)
+            .limit(bindparam("n"))
+        )
+        size = func.length(qi.c.data)
+        self.sizes = select(qi.c.seq, size).where(items).order_by(qi.c.seq).limit(bindparam("n"))
+        self.sizes_after = (
+            select(qi.c.seq, size)
             .where(and_(items, qi.c.seq > bindparam("after")))
             .order_by(qi.c.seq)
             .limit(ITERATE_PAGE)
@@ -219,7 +227,10 @@ class Queues:
             if have is None:
                 self.objects.exists(c, qid)
                 return []
-            rows = c.execute(self.sql.first_items, {**key, "n": n}).all()
+            take = n
+            if take * m.QUEUE_ITEM_MAX_BYTES > RESPONSE_BYTES:  # may not fit in one answer
+                take = fitting(c.execute(self.sql.sizes, {**key, "n": n}).all())
+            rows = c.execute(self.sql.first_items, {**key, "n": take}).all()
             if rows:
                 c.execute(self.sql.take_items, {**key, "last": rows[-1][0]})
             left = have - len(rows)
@@ -307,7 +318,9 @@ class Queues:
             if self._partition(c, key, time.time()) is None:
                 self.objects.exists(c, qid)
                 return [], after
-            rows = c.execute(self.sql.items_after, {**key, "after": after}).all()
+            sizes = c.execute(self.sql.sizes_after, {**key, "after": after}).all()
+            take = fitting(sizes)
+            rows = c.execute(self.sql.items_after, {**key, "after": after, "n": take}).all()
             return [r[1] for r in rows], (rows[-1][0] if rows else after)
 
         items, cursor = await self._until(
