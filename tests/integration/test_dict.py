@@ -178,3 +178,10 @@ def test_entries_expire_after_the_ttl_without_access():
 
         wait_until(lambda: rows() == 0, 30, "the expiry loop to delete the entries")
         assert d.len() == 0
+
+
+def test_update_sends_large_batches_in_several_requests(d):
+    values = {i: bytes([i]) * 900_000 for i in range(12)}  # each under the blob threshold
+    d.update(values)
+    assert d.len() == 12 and d[11] == values[11]
+    assert sum(len(v) for v in d.values()) == 12 * 900_000  # pages of at most 8 MiB

@@ -14,6 +14,7 @@ import pytest
 
 import strato
 from strato import exceptions as exc
+from strato.client import session
 
 
 @pytest.fixture
@@ -203,3 +204,17 @@ def test_cli(q):
     assert run(cli, ["queue", "delete", q.name, "--yes"]).exit_code == 0
     with pytest.raises(exc.NotFoundError):
         q.len()
+
+
+def test_put_many_over_the_request_limit(q):
+    from strato.sdk.dict import limits
+
+    client = session.api()
+    saved = limits(client)
+    client.health = {**saved, "max_payload_bytes": 10_000}  # as a control plane with a low limit
+    try:
+        with pytest.raises(exc.RequestSizeError, match="put fewer items at once"):
+            q.put_many([b"x" * 1000] * 20)
+    finally:
+        client.health = saved
+    assert q.len() == 0

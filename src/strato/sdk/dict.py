@@ -32,6 +32,7 @@ __all__ = ["Dict"]
 
 KEY_PROTOCOL = 4  # keys pickle the same in every Python version that may share a Dict
 PAGE = 1000  # entries per page of keys()/values()/items()
+REQUEST_BYTES = 8 << 20  # update() sends its entries in requests of about this size
 HEARTBEAT_S = 30.0  # an ephemeral object's heartbeat (the control plane allows 300 s)
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _MISSING = object()
@@ -294,11 +295,20 @@ class Dict(StateObject):
         return deserialize(data, "a Dict value")
 
     def _put(self, entries: list[m.DictEntry], skip_if_exists: bool = False) -> int:
+        """Send the entries in requests of at most ``DICT_MAX_BATCH`` entries and about
+        ``REQUEST_BYTES`` (large values are in the blob store already)."""
         client = session.api()
         stored = 0
-        for i in range(0, len(entries), m.DICT_MAX_BATCH):
-            body = m.DictPut(entries[i : i + m.DICT_MAX_BATCH], skip_if_exists)
-            stored += client.call("POST", self._path("put"), body, m.StateCount).n
+        batch: list[m.DictEntry] = []
+        size = 0
+        for entry in [*entries, None]:
+            if entry is not None:
+                batch.append(entry)
+                size += len(entry.key) + len(entry.value or b"")
+            if batch and (entry is None or len(batch) >= m.DICT_MAX_BATCH or size >= REQUEST_BYTES):
+                body = m.DictPut(batch, skip_if_exists)
+                stored += client.call("POST", self._path("put"), body, m.StateCount).n
+                batch, size = [], 0
         return stored
 
     # ------------------------------------------------------------------ reading

@@ -23,7 +23,7 @@ from strato.client.serialization import deserialize
 from strato.protocol import messages as m
 
 from .aio import with_aio
-from .dict import StateObject, _Ephemeral, dumps
+from .dict import StateObject, _Ephemeral, dumps, limits
 
 __all__ = ["Queue"]
 
@@ -125,6 +125,14 @@ class Queue(StateObject):
         if not items:
             return
         client = session.api()
+        total = sum(map(len, items))
+        limit = limits(client)["max_payload_bytes"]
+        if total > limit:
+            raise exc.RequestSizeError(
+                f"put_many of {len(items)} items pickles to {total} bytes, over the control "
+                f"plane's limit of {limit} bytes for one request (STRATO_MAX_PAYLOAD): put "
+                "fewer items at once"
+            )
         path = self._path("put")
         deadline = None if timeout is None else time.monotonic() + timeout
         request_id = uuid.uuid4().hex  # sent again after a lost answer: put only once
