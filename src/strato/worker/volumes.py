@@ -101,14 +101,24 @@ def _fetch_missing(cache: Path, api: ApiBase, files: list[m.VolumeFile]) -> dict
         out[key] = p
         if not os.path.isfile(p):
             missing.append(key)
+    made: set[str] = set()
+    tag = f".tmp{os.getpid()}-{threading.get_ident()}"  # this thread's own temporary names
     for key, data in cv.fetch_blocks(api, missing, sizes):
         p = out[key]
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=os.path.dirname(p))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, p)
+        folder = os.path.dirname(p)
+        if folder not in made:
+            os.makedirs(folder, exist_ok=True)
+            made.add(folder)
+        tmp = p + tag
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)  # whole, or not there: a concurrent fetch of it is harmless
     return out
 
 
@@ -120,19 +130,33 @@ def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{man.version}.", dir=final.parent))
     try:
+        made = {str(tmp)}
         for f in man.files:
-            dest = tmp / norm_path(f.path)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = _file_source(cache, api, f, fetched) if f.blocks else None
-            if src is None:  # an empty or inline file
-                dest.write_bytes(f.data or b"")
-                os.chmod(dest, 0o444)
+            dest = f"{tmp}/{norm_path(f.path)}"
+            parent = dest.rsplit("/", 1)[0]
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            mode = 0o555 if f.mode & 0o111 else 0o444  # read-only; executables stay so
+            if not f.blocks:  # an empty or inline file
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                try:
+                    view = memoryview(f.data or b"")
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
                 continue
-            try:
-                os.link(src, dest)
-            except OSError:
-                shutil.copyfile(src, dest)
-                os.chmod(dest, 0o444)
+            src = _file_source(cache, api, f, fetched)
+            if mode == 0o444:  # the node's blocks are 0444 too: a link shares them
+                try:
+                    os.link(src, dest)
+                    continue
+                except OSError:
+                    pass
+            shutil.copyfile(src, dest)
+            os.chmod(dest, mode)
         for d, _, _ in os.walk(tmp):
             os.chmod(d, 0o755)
         try:
@@ -155,25 +179,49 @@ def _own_tree(
     owner: tuple[int, int] | None,
 ) -> cv.VolumeState:
     """A writable copy of the version for one container; its state."""
-    dest_root.mkdir(parents=True)
+    root = str(dest_root)
+    os.makedirs(root)
+    made = {root}
     files: dict[str, cv.BaseFile] = {}
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for f in man.files:
         rel = norm_path(f.path)
-        dest = dest_root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = f"{root}/{rel}"
+        parent = dest.rsplit("/", 1)[0]
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        mode = f.mode & 0o777
         if f.blocks:
             shutil.copyfile(_file_source(cache, api, f, fetched), dest)
-        else:  # an empty or inline file
-            dest.write_bytes(f.data or b"")
-        os.chmod(dest, f.mode & 0o777)
-        if owner is not None:
-            os.chown(dest, *owner)
-        mtime_ns = dest.stat().st_mtime_ns
-        files[rel] = cv.BaseFile(f.size, f.mode & 0o777, cv.content_id(f), mtime_ns)
-    for d, _, _ in os.walk(dest_root):
+            os.chmod(dest, mode)
+            if owner is not None:
+                os.chown(dest, *owner)
+            mtime_ns = os.stat(dest).st_mtime_ns
+        else:  # an empty or inline file: written here, no blob
+            fd = os.open(dest, flags, 0o600)
+            try:
+                view = memoryview(f.data or b"")
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                mtime_ns = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
+        files[rel] = cv.BaseFile(f.size, mode, cv.content_id(f), mtime_ns)
+    for d in made:
         os.chmod(d, 0o755)
         if owner is not None:
             os.chown(d, *owner)
+    for d, subdirs, _ in os.walk(root):  # folders made by makedirs along the way
+        for sd in subdirs:
+            full = f"{d}/{sd}"
+            if full not in made:
+                os.chmod(full, 0o755)
+                if owner is not None:
+                    os.chown(full, *owner)
     return cv.VolumeState(man.volume_id, man.version, files)
 
 
