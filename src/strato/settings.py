@@ -498,6 +498,43 @@ WORKER_HEARTBEAT_TIMEOUT = number(
     (SERVER,),
     within=Range(0.0, 86400.0, lo_open=True),
 )
+# --- cluster: begin
+AGENT_PORT = optional_integer(
+    "STRATO_AGENT_PORT",
+    "the API's port + 2 when `STRATO_HOST` is not loopback, else no listener",
+    "The port worker agents of other machines join on (`strato worker start --server URL "
+    "--join-token T`); 0 picks a free one. The address is `STRATO_HOST`.",
+    (SERVER, WORKER),
+    unit="port",
+    within=Range(0, 65535),
+)
+TLS_CERT = path(
+    "STRATO_TLS_CERT",
+    "none: plain TCP",
+    "A PEM certificate (chain) the agent listener speaks TLS with.",
+    (SERVER,),
+)
+TLS_KEY = path(
+    "STRATO_TLS_KEY",
+    "in `STRATO_TLS_CERT`",
+    "The private key of `STRATO_TLS_CERT`.",
+    (SERVER,),
+)
+TLS_CA = path(
+    "STRATO_TLS_CA",
+    "none: plain TCP",
+    "A joining worker agent speaks TLS to the control plane, trusting this CA bundle "
+    "(PEM); `strato worker start --tls-ca`.",
+    (WORKER,),
+)
+JOIN_TOKEN = text(
+    "STRATO_JOIN_TOKEN",
+    "",
+    "The join token a worker agent of another machine shows (`strato server join-token`).",
+    (WORKER,),
+    shown_default="-",
+)
+# --- cluster: end
 WORKER_RESTART_BACKOFF = _declare(
     Setting(
         "STRATO_WORKER_RESTART_BACKOFF",

@@ -407,6 +407,8 @@ main.add_command(__import__("strato.cli.state", fromlist=["x"]).dict_group)  # D
 main.add_command(__import__("strato.cli.state", fromlist=["x"]).queue_group)  # Queue
 main.add_command(__import__("strato.cli.dashboard", fromlist=["x"]).dashboard)  # /ui
 main.add_command(__import__("strato.cli.sandbox", fromlist=["x"]).sandbox_group)  # sandboxes
+main.add_command(__import__("strato.cli.worker", fromlist=["x"]).worker_group)  # cluster
+server_group.add_command(__import__("strato.cli.node", fromlist=["x"]).join_token_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -39,6 +39,7 @@ from .store.blobs import BlobStore
 
 if TYPE_CHECKING:
     from .api.router import Router
+    from .cluster.agents import AgentListener
     from .sandboxes import Sandboxes
 
 log = logging.getLogger("strato.control")
@@ -151,6 +152,7 @@ class ControlPlane:
         if sock.exists():
             sock.unlink()
         self._servers.append(
+        self.agents: AgentListener | None = None  # --- cluster: agents of other machines
             await asyncio.start_unix_server(
                 guard_channel(self._on_channel), path=str(sock), limit=1 << 20
             )  # guard_channel: the channel's connection limit (listeners.py)
@@ -172,6 +174,11 @@ class ControlPlane:
             srv.close()
         for node in self.fleet.nodes.values():
             if node.peer is not None:
+        from .cluster.agents import agent_listener  # --- cluster: joined worker agents
+
+        self.agents = agent_listener(self)
+        if self.agents is not None:
+            await self.agents.start()
                 node.peer.close()
         for t in self._tasks:
             try:
@@ -183,23 +190,27 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ channel
 
-    async def _on_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        """One channel connection. Every frame is hostile until proven otherwise: the
-        first one (before the peer has shown a secret) may be at most
-        ``frames.HELLO_MAX_FRAME``; a frame that is too large, does not decode, fails a
-        range check or is not a message that peer may send ends that connection (and a
-        container's session), logged, and nothing else."""
+    async def _on_channel(self, reader, writer, via_node: str | None = None) -> None:
+        """One channel connection (``via_node``: relayed by that node's joined agent,
+        see ``cluster/relay.py``; only its own containers may speak over it). Every frame
+        is hostile until proven otherwise: the first one (before the peer has shown a
+        secret) may be at most ``frames.HELLO_MAX_FRAME``; a frame that is too large,
+        does not decode, fails a range check or is not a message that peer may send ends
+        that connection (and a container's session), logged, and nothing else."""
         peer = Peer(writer)
         adopted = False  # a web tunnel: the gateway owns the connection now
         try:
             first = await asyncio.wait_for(frames.read_frame(reader, frames.HELLO_MAX_FRAME), 10.0)
-            if isinstance(first, m.WorkerHello):
+            if via_node is not None and not isinstance(first, m.ContainerHello):
+                # --- cluster: a relayed connection carries a container's channel only
+                log.warning("relay of %s: first frame %s refused", via_node, type(first).__name__)
+            elif isinstance(first, m.WorkerHello):
                 if not hmac.compare_digest(first.token.encode(), self.token.encode()):
                     log.warning("channel: a worker hello with a wrong token; closed")
                     return
                 await self._worker_loop(first, peer, reader)
             elif isinstance(first, m.ContainerHello):
-                await self._container_loop(first, peer, reader)
+                await self._container_loop(first, peer, reader, via_node)
             elif isinstance(first, m.WebTunnelHello):  # a web endpoint's tunnel: raw HTTP now
                 adopted = self.gateway.adopt_tunnel(first, writer)
             elif first is not None:
@@ -212,11 +223,26 @@ class ControlPlane:
             if not adopted:
                 peer.close()
 
-    async def _worker_loop(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
-        node_id = self.fleet.worker_hello(hello, peer)
+    async def agent_session(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
+        """--- cluster: a worker agent that joined over TCP (``cluster/agents.py``): a
+        local agent's messages plus the relay of its containers' channel connections."""
+        from .cluster.relay import RelayHub
+
+        await self._worker_loop(hello, peer, reader, joined=True, relay=RelayHub)
+
+    async def _worker_loop(
+        self, hello: m.WorkerHello, peer: Peer, reader, joined: bool = False, relay=None
+    ) -> None:
+        node_id = self.fleet.worker_hello(hello, peer, api_token=self.token if joined else "")
+        hub = None
+        if relay is not None:  # --- cluster: its containers' connections, relayed
+            hub = relay(node_id, peer.send, lambda r, w: self._on_channel(r, w, via_node=node_id))
         try:
             while (msg := await frames.read_frame(reader, self.worker_max_frame)) is not None:
-                if isinstance(msg, m.Logs):
+                if hub is not None and isinstance(msg, (m.RelayOpen, m.RelayData, m.RelayClose)):
+                    self.fleet.on_worker_message(node_id, None)  # it is alive
+                    await hub.on_frame(msg)
+                elif isinstance(msg, m.Logs):
                     self._route_logs(msg.lines)
                 elif isinstance(msg, WORKER_SENDS):
                     self.fleet.on_worker_message(node_id, msg)
@@ -244,7 +270,11 @@ class ControlPlane:
                 return row["app_id"]
         return None
 
-    async def _container_loop(self, hello: m.ContainerHello, peer: Peer, reader) -> None:
+    async def _container_loop(
+        self, hello: m.ContainerHello, peer: Peer, reader, via_node: str | None = None
+    ) -> None:
+            if hub is not None:
+                await hub.close()
         known = self.fleet.container(hello.container_id)
         before = known.peer if known is not None else None
         s = self.fleet.container_hello(hello, peer)
@@ -264,6 +294,15 @@ class ControlPlane:
         assert self.api is not None, "build_app(cp) wires the API before containers dial"
         requests = ContainerRequests(self.api, s, peer, uploads)  # its own API calls
         # --- sandboxes: a sandbox's agent may send only its own frames (no API requests)
+        if via_node is not None and (known is None or known.node_id != via_node):
+            # --- cluster: a relaying agent speaks only for the containers of its node
+            log.warning(
+                "relay of %s: a hello for container %r of another node",
+                via_node,
+                hello.container_id,
+            )
+            peer.send(m.StopContainer(0.0))
+            return
         sandbox = self.sandboxes if self.sandboxes and self.sandboxes.owns(s) else None
         try:
             while (msg := await frames.read_frame(reader, self.max_frame)) is not None:

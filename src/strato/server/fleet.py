@@ -163,7 +163,7 @@ class Fleet:
 
     # ------------------------------------------------------------------ workers
 
-    def worker_hello(self, hello: m.WorkerHello, peer: Peer) -> str:
+    def worker_hello(self, hello: m.WorkerHello, peer: Peer, api_token: str = "") -> str:
         info = hello.node
         node_id = "node-" + msgspec.msgpack.encode([info.provider, info.name]).hex()[-12:]
         old = self.nodes.get(node_id)
@@ -197,7 +197,13 @@ class Fleet:
         if old is not None:  # those of its lost agent, whatever this agent knows of them
             kill += [cid for cid in old.lost_containers if cid not in kill]
         peer.send(
-            m.WorkerWelcome(node_id=node_id, epoch=self.epoch, http_url=self.http_url, kill=kill)
+            m.WorkerWelcome(
+                node_id=node_id,
+                epoch=self.epoch,
+                http_url=self.http_url,
+                kill=kill,
+                api_token=api_token,  # --- cluster: for a joined agent's code and blobs
+            )
         )
         log.info(
             "node %s (%s, %s CPU, %s MiB, GPUs %s) joined",

@@ -113,7 +113,15 @@ async def serve(config: ServerConfig) -> None:
     info = server_info_path(config.home)
     tmp = info.with_suffix(".tmp")
     tmp.write_text(
-        json.dumps({"url": url, "pid": os.getpid(), "port": port, "gateway_url": cp.gateway.url})
+        json.dumps(
+            {
+                "url": url,
+                "pid": os.getpid(),
+                "port": port,
+                "gateway_url": cp.gateway.url,
+                "agent_port": cp.agents.port if cp.agents is not None else None,  # --- cluster
+            }
+        )
     )
     os.replace(tmp, info)
     provider = None

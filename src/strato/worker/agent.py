@@ -10,14 +10,18 @@ control plane) exits with its parent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
+
+import msgspec
 
 from strato import settings
 from strato.client.config import strato_home
@@ -31,6 +35,7 @@ from . import volumes
 from .coldstart import ZygotePool
 from .launch import prepare_launch
 from .lines import REDRAW, LineSplitter
+from .relay import Relay
 from .resources import detect_inventory
 
 log = logging.getLogger("strato.worker")
@@ -115,8 +120,19 @@ class WorkerAgent:
         name: str | None = None,
         provider: str = "local",
         parent_pid: int | None = None,
+        server_url: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         self.channel = channel
+        # --- cluster: an agent that joined over the network (``strato worker start``)
+        # fetches code and blobs from ``server_url`` and relays its containers' channels
+        self.server_url = server_url
+        self.tls = tls
+        self.labels = labels or {}
+        self.relay: Relay | None = None
+        if server_url is not None:
+            self.relay = Relay(home / "run" / "relay.sock")
         self.token = token
         self.home = home
         self.cache = home / "worker"
@@ -179,7 +195,7 @@ class WorkerAgent:
             gpus=inv.gpus,
             region=inv.region,
             price_per_hour=inv.price_per_hour,
-            labels=inv.labels,
+            labels={**inv.labels, **self.labels},
         )
         log.info(
             "worker %s: %s CPU, %s MiB, GPUs %s, runtime %s",
@@ -190,6 +206,8 @@ class WorkerAgent:
             self.runtime.describe(),
         )
         watch = asyncio.create_task(self._watch_parent())
+        if self.relay is not None:
+            await self.relay.start()
         delay = 0.1
         try:
             while not self._stop.is_set():
@@ -212,6 +230,8 @@ class WorkerAgent:
                 delay = min(delay * 2, 2.0)
         finally:
             watch.cancel()
+            if self.relay is not None:
+                self.relay.close()
             await self.shutdown()
 
     async def _session(self, node: m.NodeInfo) -> None:
@@ -221,7 +241,15 @@ class WorkerAgent:
             reader, writer = await asyncio.open_unix_connection(addr, limit=1 << 20)
         else:
             assert isinstance(addr, tuple)
-            reader, writer = await asyncio.open_connection(*addr, limit=1 << 20)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*addr, limit=1 << 20, ssl=self.tls), 10.0
+            )
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # a cut link shows within a minute, not TCP's 15
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000)
         writer.write(
             frames.encode(m.WorkerHello(self.token, node, self.worker_id, list(self.containers)))
         )
@@ -230,9 +258,11 @@ class WorkerAgent:
             writer.close()
             raise frames.FrameError("the control plane refused this worker (bad token?)")
         self._writer = writer
-        self._http = ApiClient(welcome.http_url, self.token)
+        self._http = ApiClient(self.server_url or welcome.http_url, welcome.api_token or self.token)
+        if self.relay is not None:  # --- cluster
+            self.relay.attach(self.send, writer.drain)
         log.info("registered as %s with control plane epoch %s", welcome.node_id, welcome.epoch)
-        self.zygotes.prewarm(self.runtime, self.channel)
+        self.zygotes.prewarm(self.runtime, self.container_channel)
         for cid in welcome.kill:
             if cid in self.containers or cid in self.starting:
                 self._kill(cid, 0.0)
@@ -249,6 +279,9 @@ class WorkerAgent:
                     asyncio.create_task(self._start(msg))
                 elif isinstance(msg, m.ContainerKill):
                     self._kill(msg.container_id, msg.grace_s)
+                elif isinstance(msg, (m.RelayData, m.RelayClose)):  # --- cluster
+                    if self.relay is not None:
+                        self.relay.on_frame(msg)
                 elif isinstance(msg, m.SbOomQuery):  # --- sandboxes
                     rc = self.containers.get(msg.container_id)
                     count = oom_kills(getattr(rc, "cgroup", None))
@@ -256,6 +289,8 @@ class WorkerAgent:
         finally:
             beat.cancel()
             self._writer = None
+            if self.relay is not None:
+                self.relay.detach()
             writer.close()
 
     async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
@@ -277,8 +312,15 @@ class WorkerAgent:
 
     # ------------------------------------------------------------------ containers
 
+    @property
+    def container_channel(self) -> str:
+        """The channel address containers of this node dial (a joined node's: its relay)."""
+        return self.relay.address if self.relay is not None else self.channel
+
     async def _start(self, msg: m.ContainerStart) -> None:
         cid = msg.container_id
+        if self.relay is not None:  # --- cluster: they dial this agent's relay
+            msg = msgspec.structs.replace(msg, channel=self.relay.address)
         self.starting.add(cid)
         try:
             runtime = self._runtime(msg.spec.runtime or msg.runtime)

@@ -1,0 +1,131 @@
+"""The control plane's listener for worker agents on other machines.
+
+``STRATO_AGENT_PORT`` opens it (on ``STRATO_HOST``; by default, when the API listens
+beyond loopback, on the API's port + 2). With ``STRATO_TLS_CERT`` and ``STRATO_TLS_KEY``
+it speaks TLS. An agent's first frame is a ``WorkerHello`` whose token is a join token
+(``join_tokens.py``): anything else, or a wrong token, closes the connection. After that
+the connection is the node's: its agent's messages (as a local agent's) and the relay of
+its containers' channel connections (``relay.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from strato import settings
+from strato.protocol import frames
+from strato.protocol import messages as m
+
+from ..fleet import Peer
+from .join_tokens import JoinTokens
+
+if TYPE_CHECKING:
+    from ..control import ControlPlane
+
+log = logging.getLogger("strato.cluster")
+
+HELLO_TIMEOUT_S = 10.0
+
+
+class AgentPeer(Peer):
+    """A joined agent's connection: closing it aborts at once (a node cut off must not
+    keep the control plane flushing into a dead link)."""
+
+    def close(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.abort()
+
+
+def server_ssl(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
+    return ctx
+
+
+class AgentListener:
+    def __init__(self, cp: ControlPlane, host: str, port: int, tls: ssl.SSLContext | None):
+        self.cp = cp
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.tokens = JoinTokens(cp.config.home)
+        self.server: asyncio.AbstractServer | None = None
+        self.peers: set[AgentPeer] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(
+            self._on_agent, self.host, self.port, ssl=self.tls, limit=1 << 20, backlog=256
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info(
+            "listening for worker agents on %s:%d (%s)",
+            self.host,
+            self.port,
+            "TLS" if self.tls else "plain TCP: set STRATO_TLS_CERT and STRATO_TLS_KEY",
+        )
+        return self.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for p in list(self.peers):
+            p.close()
+
+    async def _on_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        peer = AgentPeer(writer)
+        where = writer.get_extra_info("peername")
+        try:
+            first = await asyncio.wait_for(
+                frames.read_frame(reader, frames.HELLO_MAX_FRAME), HELLO_TIMEOUT_S
+            )
+            if not isinstance(first, m.WorkerHello):
+                log.warning("agent listener: %s sent no worker hello; closed", where)
+                return
+            token_id = self.tokens.verify(first.token)
+            if token_id is None:
+                log.warning("agent listener: %s showed an unknown join token; closed", where)
+                return
+            log.info("agent %s (%s) joined with join token %s", first.node.name, where, token_id)
+            self.peers.add(peer)
+            await self.cp.agent_session(first, peer, reader)
+        except frames.FrameError as e:
+            log.warning("agent listener: dropped %s before its hello: %s", where, e)
+        except (TimeoutError, ConnectionError, ssl.SSLError) as e:
+            log.debug("agent connection from %s closed: %s", where, e)
+        finally:
+            self.peers.discard(peer)
+            peer.close()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def agent_listener(cp: ControlPlane) -> AgentListener | None:
+    """The listener ``STRATO_AGENT_PORT`` asks for (see the module's doc), or None."""
+    port = settings.AGENT_PORT.get()
+    host = cp.config.host
+    if port is None:
+        if is_loopback(host):
+            return None
+        port = cp.config.port + 2 if cp.config.port else 0
+    cert = settings.TLS_CERT.get()
+    tls = server_ssl(cert, settings.TLS_KEY.get())
+    if tls is None and not is_loopback(host):
+        log.warning(
+            "worker agents join on %s:%s over plain TCP: the join token and the API token "
+            "it hands to agents travel unencrypted; set STRATO_TLS_CERT and STRATO_TLS_KEY",
+            host,
+            port,
+        )
+    return AgentListener(cp, host, port, tls)

@@ -1,0 +1,105 @@
+"""Join tokens: what a worker agent on another machine shows to join this control plane.
+
+A join token is distinct from the API token: it lets an agent register a node (and, once
+registered, receive the credential it fetches code and blobs with), nothing else. Tokens
+are kept hashed (sha256) in ``$STRATO_HOME/join-tokens.json`` (0600), each with an id and
+a name; ``strato server join-token revoke ID`` removes one, and the file is read again at
+each agent's hello, so a revoked token lets no new connection in (agents already joined
+stay until they disconnect or their node is removed).
+
+A token reads ``stj_<id>_<secret>``: the id finds its record, the secret is checked
+against its hash in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from strato.exceptions import InvalidError, NotFoundError
+
+PREFIX = "stj_"
+FILE = "join-tokens.json"
+
+
+@dataclass
+class JoinToken:
+    id: str
+    name: str
+    sha256: str
+    created_at: float
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class JoinTokens:
+    """The join tokens of the control plane whose home is ``home``."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / FILE
+
+    def _load(self) -> list[JoinToken]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise InvalidError(
+                f"cannot read {self.path}: {e}; remove it and make new tokens"
+            ) from e
+        return [JoinToken(**t) for t in raw.get("tokens", [])]
+
+    def _save(self, tokens: list[JoinToken]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"tokens": [asdict(t) for t in tokens]}, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def create(self, name: str = "") -> tuple[JoinToken, str]:
+        """A new token: its record and the token itself (shown once, never stored)."""
+        tokens = self._load()
+        tid = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(24)
+        rec = JoinToken(id=tid, name=name, sha256=_hash(secret), created_at=time.time())
+        tokens.append(rec)
+        self._save(tokens)
+        return rec, f"{PREFIX}{tid}_{secret}"
+
+    def list(self) -> list[JoinToken]:
+        return self._load()
+
+    def revoke(self, tid: str) -> JoinToken:
+        tokens = self._load()
+        keep = [t for t in tokens if t.id != tid]
+        if len(keep) == len(tokens):
+            raise NotFoundError(
+                f"no join token with id {tid!r} (see `strato server join-token list`)"
+            )
+        self._save(keep)
+        return next(t for t in tokens if t.id == tid)
+
+    def verify(self, token: str) -> str | None:
+        """The id of the token ``token`` is, or None (unknown, revoked, malformed)."""
+        if not token.startswith(PREFIX) or len(token) > 200:
+            return None
+        tid, _, secret = token[len(PREFIX) :].partition("_")
+        if not tid or not secret:
+            return None
+        try:
+            tokens = self._load()
+        except InvalidError:
+            return None
+        for t in tokens:
+            if t.id == tid and hmac.compare_digest(t.sha256, _hash(secret)):
+                return t.id
+        return None

@@ -1,0 +1,197 @@
+"""Helpers of the many-machines tests: a control plane that agents join over TCP, and
+worker agents (``strato worker start``) in this network namespace or in their own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import INTEGRATION_DIR, ServerHandle, free_port, pid_alive, wait_until
+
+from strato.client import config as client_config
+from strato.client import session
+from strato.protocol import messages as m
+
+
+def start_control_plane(env: dict[str, str], host: str = "127.0.0.1") -> ServerHandle:
+    """A control plane without a local worker agent, listening for agents on a free port
+    (``agent_port`` in its server.json); the client of this process points at it."""
+    home = Path(tempfile.mkdtemp(prefix="strato-cluster-"))
+    port = free_port()
+    full = dict(
+        os.environ,
+        STRATO_HOME=str(home),
+        STRATO_PORT=str(port),
+        STRATO_HOST=host,
+        STRATO_LOCAL_WORKER="0",
+        STRATO_AGENT_PORT="0",
+        **env,
+    )
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - the process keeps it
+    subprocess.Popen(
+        [sys.executable, "-m", "strato.server"],
+        env=full,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    handle = ServerHandle(home, f"http://127.0.0.1:{port}", port)
+    wait_until(lambda: client_config.ping(handle.url), 60, "the control plane to answer")
+    handle.activate()
+    return handle
+
+
+def agent_port(handle: ServerHandle) -> int:
+    return json.loads((handle.home / "server.json").read_text())["agent_port"]
+
+
+def join_token(handle: ServerHandle, name: str = "test") -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", "server", "join-token", "--name", name],
+        env=dict(os.environ, STRATO_HOME=str(handle.home)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+@dataclass
+class Agent:
+    name: str
+    home: Path
+    proc: subprocess.Popen
+    netns: str | None = None
+    log: Path = field(default_factory=Path)
+
+    def kill_node(self) -> None:
+        """SIGKILL the agent and every container it started (the whole node)."""
+        pids = [self.proc.pid, *_pids_mentioning(self.home)]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for pid in _pids_mentioning(self.home):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if not os.environ.get("STRATO_TEST_KEEP_HOME"):
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _pids_mentioning(home: Path) -> list[int]:
+    needle = str(home).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if needle in environ and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def start_agent(
+    server_url: str,
+    port: int,
+    token: str,
+    name: str,
+    *,
+    netns: str | None = None,
+    labels: str = "",
+    env: dict[str, str] | None = None,
+) -> Agent:
+    home = Path(tempfile.mkdtemp(prefix=f"strato-node-{name}-"))
+    full = dict(
+        os.environ,
+        STRATO_HOME=str(home),
+        STRATO_RUNTIME=os.environ.get("STRATO_RUNTIME", "process"),
+        STRATO_WORKER_HEARTBEAT_S="0.5",
+        PYTHONPATH=os.pathsep.join([str(INTEGRATION_DIR), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    )
+    full.pop("STRATO_SERVER_URL", None)
+    argv = [
+        sys.executable,
+        "-m",
+        "strato.cli.main",
+        "worker",
+        "start",
+        "--server",
+        server_url,
+        "--join-token",
+        token,
+        "--name",
+        name,
+        "--agent-port",
+        str(port),
+    ]
+    if labels:
+        argv += ["--labels", labels]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    log = home / "agent.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            argv, env=full, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT
+        )
+    return Agent(name, home, proc, netns, log)
+
+
+def nodes() -> list[m.NodeStatus]:
+    return session.api().call("GET", "/nodes", None, m.NodeList).nodes
+
+
+def ready_nodes() -> dict[str, m.NodeStatus]:
+    return {n.info.name: n for n in nodes() if n.state == "ready"}
+
+
+def wait_nodes(names: set[str], timeout: float = 60.0) -> dict[str, m.NodeStatus]:
+    return wait_until(
+        lambda: (r := ready_nodes()) and names <= set(r) and r,
+        timeout,
+        f"nodes {sorted(names)} to join",
+        every=0.1,
+    )
+
+
+def containers_by_node(app_id: str) -> dict[str, int]:
+    listing = session.api().call(
+        "GET", "/containers", None, m.ContainerList, params={"app": app_id}
+    )
+    out: dict[str, int] = {}
+    for c in listing.containers:
+        out[c.node_id] = out.get(c.node_id, 0) + 1
+    return out
+
+
+def stop_control_plane(handle: ServerHandle) -> None:
+    session.reset()
+    handle.stop()
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    wait_until(lambda: not pid_alive(pid), timeout, f"process {pid} to exit")
+    time.sleep(0)

@@ -1,0 +1,120 @@
+"""Worker agents that join a control plane over TCP (``strato worker start``), on this
+machine's loopback: join tokens, the relay of containers' channels (results, large values
+in chunks, nested calls), and a container that tries to speak for another node."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from apps import cluster_work
+from cluster_nodes import (
+    agent_port,
+    containers_by_node,
+    join_token,
+    ready_nodes,
+    start_agent,
+    start_control_plane,
+    stop_control_plane,
+    wait_nodes,
+)
+
+from strato.client import session
+
+pytestmark = pytest.mark.slow
+
+NODE_ENV = {"STRATO_NODE_CPU": "0.5", "STRATO_NODE_MEMORY_MB": "4096"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    saved = {k: __import__("os").environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
+    handle = start_control_plane({"STRATO_WORKER_HEARTBEAT_TIMEOUT": "5"})
+    agents = []
+    try:
+        token = join_token(handle)
+        port = agent_port(handle)
+        for name in ("alpha", "beta"):
+            agents.append(start_agent(handle.url, port, token, name, env=NODE_ENV))
+        wait_nodes({"alpha", "beta"})
+        yield handle, token, port, agents
+    finally:
+        for a in agents:
+            a.stop()
+        stop_control_plane(handle)
+        from conftest import restore_env
+
+        restore_env(saved)
+        session.reset()
+
+
+def test_joined_nodes_run_a_map_spread_over_them(cluster):
+    handle, *_ = cluster
+    nodes = ready_nodes()
+    assert {n.info.provider for n in nodes.values()} == {"joined"}
+    with cluster_work.app.run(quiet=True) as app:
+        n = 400
+        out = list(cluster_work.work.map(range(n), [0.01] * n))
+        assert out == [cluster_work.expected(x) for x in range(n)]
+        spread = containers_by_node(app.app_id)
+        assert len(spread) == 2, spread  # both nodes ran containers
+        # its containers dialled their own agent's relay, not the control plane's socket
+        dialled = cluster_work.channel.remote()
+        assert dialled.endswith("/run/relay.sock") and "strato-node-" in dialled
+
+
+def test_relay_carries_nested_calls_and_large_values(cluster):
+    with cluster_work.app.run(quiet=True):
+        assert cluster_work.nested_sum.remote(10) == sum(x * x for x in range(10)) + 100
+        value = cluster_work.big.remote(3 << 20)  # sent in 1 MiB chunks over the relay
+        assert value == bytes(range(256)) * ((3 << 20) // 256)
+
+
+def test_a_wrong_join_token_is_refused(cluster):
+    handle, token, port, _ = cluster
+    bad = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+    intruder = start_agent(handle.url, port, bad, "intruder", env=NODE_ENV)
+    try:
+        time.sleep(3)  # it would have joined within this on loopback (the others take <1s)
+        assert "intruder" not in ready_nodes()
+        assert intruder.proc.poll() is None  # it keeps trying, as an agent does
+    finally:
+        intruder.stop()
+
+
+def test_a_revoked_join_token_lets_no_new_agent_in(cluster):
+    handle, _, port, _ = cluster
+    import os
+
+    env = dict(os.environ, STRATO_HOME=str(handle.home))
+    token = subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", "server", "join-token", "--name", "once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    token_id = token.split("_")[1]
+    listed = subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", "server", "join-token", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert token_id in listed and token not in listed  # the token itself is not kept
+    assert token not in (handle.home / "join-tokens.json").read_text()
+    subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", "server", "join-token", "revoke", token_id],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    late = start_agent(handle.url, port, token, "late", env=NODE_ENV)
+    try:
+        time.sleep(3)
+        assert "late" not in ready_nodes()
+    finally:
+        late.stop()
