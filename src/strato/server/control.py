@@ -137,6 +137,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._closing = False
+        self.agents: AgentListener | None = None  # --- cluster: agents of other machines
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,13 +153,17 @@ class ControlPlane:
         if sock.exists():
             sock.unlink()
         self._servers.append(
-        self.agents: AgentListener | None = None  # --- cluster: agents of other machines
             await asyncio.start_unix_server(
                 guard_channel(self._on_channel), path=str(sock), limit=1 << 20
             )  # guard_channel: the channel's connection limit (listeners.py)
         )
         os.chmod(sock, 0o600)
         await self.gateway.start()  # web endpoints
+        from .cluster.agents import agent_listener  # --- cluster: joined worker agents
+
+        self.agents = agent_listener(self)
+        if self.agents is not None:
+            await self.agents.start()
         self._tasks.append(asyncio.create_task(self._scale_loop(), name="scale-loop"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
 
@@ -172,13 +177,10 @@ class ControlPlane:
             t.cancel()
         for srv in self._servers:
             srv.close()
+        if self.agents is not None:  # --- cluster
+            self.agents.close()
         for node in self.fleet.nodes.values():
             if node.peer is not None:
-        from .cluster.agents import agent_listener  # --- cluster: joined worker agents
-
-        self.agents = agent_listener(self)
-        if self.agents is not None:
-            await self.agents.start()
                 node.peer.close()
         for t in self._tasks:
             try:
@@ -253,6 +255,8 @@ class ControlPlane:
         finally:
             if not self._closing:
                 self.fleet.worker_gone(node_id, peer)
+            if hub is not None:
+                await hub.close()
 
     def _route_logs(self, lines: list[m.LogLine]) -> None:
         by_app: dict[str, list[m.LogLine]] = {}
@@ -273,9 +277,16 @@ class ControlPlane:
     async def _container_loop(
         self, hello: m.ContainerHello, peer: Peer, reader, via_node: str | None = None
     ) -> None:
-            if hub is not None:
-                await hub.close()
         known = self.fleet.container(hello.container_id)
+        if via_node is not None and (known is None or known.node_id != via_node):
+            # --- cluster: a relaying agent speaks only for the containers of its node
+            log.warning(
+                "relay of %s: a hello for container %r of another node",
+                via_node,
+                hello.container_id,
+            )
+            peer.send(m.StopContainer(0.0))
+            return
         before = known.peer if known is not None else None
         s = self.fleet.container_hello(hello, peer)
         if s is not None and before is not None and before is not peer:
@@ -294,15 +305,6 @@ class ControlPlane:
         assert self.api is not None, "build_app(cp) wires the API before containers dial"
         requests = ContainerRequests(self.api, s, peer, uploads)  # its own API calls
         # --- sandboxes: a sandbox's agent may send only its own frames (no API requests)
-        if via_node is not None and (known is None or known.node_id != via_node):
-            # --- cluster: a relaying agent speaks only for the containers of its node
-            log.warning(
-                "relay of %s: a hello for container %r of another node",
-                via_node,
-                hello.container_id,
-            )
-            peer.send(m.StopContainer(0.0))
-            return
         sandbox = self.sandboxes if self.sandboxes and self.sandboxes.owns(s) else None
         try:
             while (msg := await frames.read_frame(reader, self.max_frame)) is not None:
