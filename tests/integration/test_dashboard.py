@@ -365,3 +365,33 @@ def test_the_cli_prints_the_url(server):
     out = CliRunner().invoke(main, ["dashboard", "--no-open"])
     assert out.exit_code == 0, out.output
     assert out.output.splitlines()[0] == f"{server.url}/ui"
+
+
+def test_an_open_stream_does_not_hold_the_servers_shutdown():
+    """A dashboard left open must not delay a stop: its event streams end when the server
+    shuts down (not only at their 55 s cap, past the harness's 30 s wait for the exit)."""
+    import signal
+    import threading
+
+    from conftest import dedicated_server
+
+    with dedicated_server({}) as other:
+        opened = threading.Event()
+
+        def listen() -> None:
+            headers = {"authorization": f"Bearer {token_of(other)}"}
+            try:
+                with httpx.stream(
+                    "GET", f"{other.url}/ui/sse/state?view=nodes", headers=headers, timeout=90
+                ) as r:
+                    for _ in r.iter_bytes():
+                        opened.set()
+            except httpx.HTTPError:
+                pass
+
+        t = threading.Thread(target=listen, daemon=True)
+        t.start()
+        assert opened.wait(30), "the stream did not open"
+        other.kill(signal.SIGTERM)  # waits for the exit (fails after 30 s)
+        t.join(30)
+        assert not t.is_alive()

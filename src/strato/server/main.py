@@ -98,9 +98,10 @@ async def serve(config: ServerConfig) -> None:
     url = f"http://{config.host}:{port}"
     cp = ControlPlane(config, url)
     await cp.start()
+    app = with_ops(build_app(cp), cp)  # /metrics and the dashboard (/ui) in front
     server = uvicorn.Server(
         uvicorn.Config(
-            with_ops(build_app(cp), cp),  # /metrics and the dashboard (/ui) in front
+            app,
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -110,6 +111,7 @@ async def serve(config: ServerConfig) -> None:
             date_header=False,
         )
     )
+    app.stopping = lambda: server.should_exit  # the dashboard's streams end at once
     info = server_info_path(config.home)
     tmp = info.with_suffix(".tmp")
     tmp.write_text(

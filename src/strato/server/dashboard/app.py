@@ -66,6 +66,8 @@ class Ops:
         self.metrics = metrics.install(cp)
         self.open_loopback = settings.METRICS_OPEN_LOOPBACK.get()
         self.auth = Auth(cp.token)
+        # the server says when it shuts down (server/main.py): streams end then
+        self.stopping: Callable[[], bool] = lambda: cp._closing
         self.sampler = Sampler(cp)
         cp.spawn_loop(self.sampler.run(), "dashboard-series")
         self.env = Environment(
@@ -301,7 +303,7 @@ class Ops:
                     yield b": keep-alive\n\n"
                 await asyncio.sleep(STATE_EVERY_S)
 
-        await stream_events(req, send, events())
+        await stream_events(req, send, events(), self.stopping)
 
     async def sse_logs(self, req: Request, send: Send) -> None:
         """New log lines of an app (of one container, with ``container``) as they come."""
@@ -322,7 +324,7 @@ class Ops:
                 else:
                     yield b": keep-alive\n\n"
 
-        await stream_events(req, send, events())
+        await stream_events(req, send, events(), self.stopping)
 
     async def sse_series(self, req: Request, send: Send) -> None:
         """The charts' series of an app's functions, after each sample."""
@@ -347,7 +349,7 @@ class Ops:
                     yield b": keep-alive\n\n"
 
         self.sampler.viewed()
-        await stream_events(req, send, events())
+        await stream_events(req, send, events(), self.stopping)
 
 
 def _digest(fragment: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -19,6 +20,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_FORM = 64 << 10
+STOP_CHECK_S = 0.5
 HTML = "text/html; charset=utf-8"
 # the pages load scripts and styles from /ui/static only; nothing may frame them
 SECURITY_HEADERS = [
@@ -140,11 +142,16 @@ def sse_event(event: str, data: str) -> bytes:
 
 
 async def stream_events(
-    req: Request, send: Send, events: AsyncIterator[bytes], max_s: float = 55.0
+    req: Request,
+    send: Send,
+    events: AsyncIterator[bytes],
+    stopping: Callable[[], bool] = lambda: False,
+    max_s: float = 55.0,
 ) -> None:
     """Send ``events`` (encoded by ``sse_event``) until the client goes, the generator
-    ends, or ``max_s`` passes (the browser's EventSource reconnects: a stream never
-    holds the server's shutdown for long)."""
+    ends, ``max_s`` passes (the browser's EventSource reconnects) or ``stopping()`` says
+    the server is shutting down (checked every ``STOP_CHECK_S``: an open dashboard never
+    holds a shutdown)."""
     await send(
         {
             "type": "http.response.start",
@@ -168,8 +175,14 @@ async def stream_events(
             pass
 
     tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(gone())]
+    deadline = time.monotonic() + max_s
     try:
-        await asyncio.wait(tasks, timeout=max_s, return_when=asyncio.FIRST_COMPLETED)
+        while not stopping() and (left := deadline - time.monotonic()) > 0:
+            done, _ = await asyncio.wait(
+                tasks, timeout=min(STOP_CHECK_S, left), return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                break
     finally:
         for t in tasks:
             t.cancel()
