@@ -118,3 +118,69 @@ def test_a_revoked_join_token_lets_no_new_agent_in(cluster):
         assert "late" not in ready_nodes()
     finally:
         late.stop()
+
+
+def _strato(handle, *args: str) -> str:
+    import os
+
+    env = dict(os.environ, STRATO_HOME=str(handle.home), STRATO_SERVER_URL=handle.url)
+    out = subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_drain_lets_the_running_input_finish_and_places_nothing_there(cluster):
+    from strato.protocol import messages as m
+
+    handle, *_ = cluster
+    with cluster_work.app.run(quiet=True) as app:
+        call = cluster_work.work.spawn(7, 4.0)  # runs for 4 s
+        from conftest import wait_until
+
+        def running_on():
+            listing = session.api().call(
+                "GET", "/containers", None, m.ContainerList, params={"app": app.app_id}
+            )
+            live = [c for c in listing.containers if c.state == "ready"]
+            return live[0].node_id if live else None
+
+        node_id = wait_until(running_on, 60, "the input's container")
+        time.sleep(0.5)  # the input is running in it (it takes 4 s)
+        out = _strato(handle, "node", "drain", node_id, "--wait", "60")
+        assert "drained" in out
+        assert call.get(timeout=60) == cluster_work.expected(7)  # it finished, not killed
+        d = session.api().call("GET", f"/cluster/nodes/{node_id}", None, m.NodeDetail)
+        assert d.state == "draining" and d.containers == []
+    with cluster_work.app.run(quiet=True) as app2:
+        n = 40
+        assert list(cluster_work.work.map(range(n))) == [cluster_work.expected(x) for x in range(n)]
+        used = containers_by_node(app2.app_id)
+        assert node_id not in used and used, used
+    listed = _strato(handle, "node", "list")
+    assert "draining" in listed
+    _strato(handle, "node", "uncordon", node_id)
+    d = session.api().call("GET", f"/cluster/nodes/{node_id}", None, m.NodeDetail)
+    assert d.state == "ready"
+    described = _strato(handle, "node", "describe", node_id)
+    assert "state:       ready" in described and "joined" in described
+
+
+def test_a_lost_node_can_be_removed(cluster):
+    handle, token, port, _ = cluster
+    gamma = start_agent(handle.url, port, token, "gamma", env=NODE_ENV)
+    try:
+        wait_nodes({"gamma"})
+    finally:
+        gamma.stop()
+    from conftest import wait_until
+
+    wait_until(lambda: "gamma" not in ready_nodes(), 30, "gamma to be lost once its agent stopped")
+    assert "lost" in _strato(handle, "node", "list")
+    _strato(handle, "node", "remove", "gamma")
+    assert "gamma" not in _strato(handle, "node", "list")

@@ -409,6 +409,7 @@ main.add_command(__import__("strato.cli.dashboard", fromlist=["x"]).dashboard)  
 main.add_command(__import__("strato.cli.sandbox", fromlist=["x"]).sandbox_group)  # sandboxes
 main.add_command(__import__("strato.cli.worker", fromlist=["x"]).worker_group)  # cluster
 server_group.add_command(__import__("strato.cli.node", fromlist=["x"]).join_token_group)
+main.add_command(__import__("strato.cli.node", fromlist=["x"]).node_group)  # cluster
 
 if __name__ == "__main__":  # pragma: no cover
     main()

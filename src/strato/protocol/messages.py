@@ -857,6 +857,29 @@ class RelayClose(ChannelMsg, tag="rclose"):
     conn: Index
 
 
+class NodeDetail(msgspec.Struct):
+    """A node as ``strato node list|describe`` shows it."""
+
+    node_id: str
+    name: str
+    provider: str
+    state: Literal["ready", "lost", "cordoned", "draining"]
+    cpu: float
+    cpu_reserved: float
+    memory_mb: int
+    memory_reserved_mb: int
+    gpus: dict[str, int]
+    labels: dict[str, str]
+    region: str | None
+    heartbeat_age_s: float
+    containers: list[str]
+    lost_reason: str = ""
+
+
+class NodeDetailList(msgspec.Struct):
+    nodes: list[NodeDetail]
+
+
 # --- cluster: end
 
 

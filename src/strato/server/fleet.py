@@ -118,6 +118,8 @@ class Fleet:
         self.heartbeat_timeout_s = settings.WORKER_HEARTBEAT_TIMEOUT.get()
         self.agent_note = ""  # what the provider says of a dead agent (restarting in ...)
         self._node_losses: dict[int, int] = {}  # input_id -> lost nodes that held it
+        # --- cluster: nodes that take no new containers (strato node cordon/drain)
+        self.cordoned: set[str] = set()
         # --- secrets: the plain environment of a function's secrets for one start (set by
         # api/routes_secrets.py); None: secrets are not served and such functions wait
         self.secret_env: Callable[[m.FunctionSpec], dict[str, str]] | None = None
@@ -348,7 +350,7 @@ class Fleet:
             fn, request, self.registry.values(), views
         ):
             return None
-        placement = place(request, views)
+        placement = place(request, [v for v in views if v.node_id not in self.cordoned])
         if placement is None:
             if not self._reclaim_idle(fn, request):
                 self._unplaceable(fn, request)
@@ -422,7 +424,7 @@ class Fleet:
         nodes = [
             (node.view, [self._resident(s) for s in self.registry.on_node(node.view.node_id)])
             for node in self.nodes.values()
-            if node.peer is not None
+            if node.peer is not None and node.view.node_id not in self.cordoned
         ]
         spare: dict[str, int] = {}
         for _, residents in nodes:

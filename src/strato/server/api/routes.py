@@ -338,5 +338,6 @@ def build_app(cp: ControlPlane) -> Router:
         routes_sandboxes,
     ):
         feature.register(api, cp)
+    __import__("strato.server.cluster.routes", fromlist=["x"]).register(api, cp)  # --- cluster
     cp.api = api  # containers' requests over the channel go through the same routes
     return api
