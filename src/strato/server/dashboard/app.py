@@ -286,6 +286,28 @@ class Ops:
             return self._fragment("_call_rows.html", call=await views.call(cp, ident))
         raise NotFoundError(f"no live view {view!r}")
 
+    def _version(self, view: str, ident: str) -> object:
+        """What an app page's live part depends on, from memory (None: always render).
+        Its recent calls are read from the store: only when this changed."""
+        if view != "app":
+            return None
+        fns = [fn for fn in list(self.cp.calls.functions.values()) if fn.app_id == ident]
+        try:
+            ended = [views.ended_count(fn.function_id) for fn in fns]
+        except Exception:  # the client library's internals changed: render every time
+            return None
+        return tuple(
+            (
+                fn.function_id,
+                str(fn.app_state),
+                len(fn.queue),
+                self.cp.calls.inflight(fn),
+                len(self.cp.fleet.live_containers_of(fn.function_id)),
+                n,
+            )
+            for fn, n in zip(fns, ended, strict=True)
+        )
+
     async def sse_state(self, req: Request, send: Send) -> None:
         """Re-renders a page's live part each second and sends it when it changed."""
         view, ident = req.query.get("view", ""), req.query.get("id", "")
@@ -293,14 +315,19 @@ class Ops:
 
         async def events() -> AsyncIterator[bytes]:
             nonlocal shown
+            seen: object = None
             while True:
-                frag = await self._state_fragment(view, ident)
-                digest = _digest(frag)
-                if digest != shown:
-                    shown = digest
-                    yield sse_event(view, frag)
-                else:
-                    yield b": keep-alive\n\n"
+                now = self._version(view, ident)
+                if now is None or now != seen:  # else nothing it shows can have changed
+                    seen = now
+                    frag = await self._state_fragment(view, ident)
+                    digest = _digest(frag)
+                    if digest != shown:
+                        shown = digest
+                        yield sse_event(view, frag)
+                        await asyncio.sleep(STATE_EVERY_S)
+                        continue
+                yield b": keep-alive\n\n"
                 await asyncio.sleep(STATE_EVERY_S)
 
         await stream_events(req, send, events(), self.stopping)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..control import ControlPlane
 
 RECENT_CALLS = 25
+RECENT_WINDOW_S = 3600.0  # recent calls: of the last hour (read through expires_at's index)
 MAX_INPUTS = 500
 TAIL_LINES = 200
 # GET routes of other features whose lists the dashboard shows, where the tree has them:
@@ -76,6 +77,12 @@ def _ended(labels: tuple[str, str]) -> tuple[int, int]:
                 elif s.labels["status"] != "cancelled":
                     failed += int(s.value)
     return ok, failed
+
+
+def ended_count(function_id: str) -> float:
+    """Inputs of the function (its labels) that ended, any status (from the counters)."""
+    c = metrics.LABELS.children(function_id)
+    return sum(counter._value.get() for counter in c.inputs.values())
 
 
 async def apps(cp: ControlPlane) -> list[dict]:
@@ -161,6 +168,9 @@ async def recent_calls(cp: ControlPlane, function_ids: list[str]) -> list[dict]:
         except NotFoundError:
             names[fid] = "?"
 
+    # a call expires retention_s after its creation: its index bounds the rows read
+    since = time.time() + cp.config.output_retention_s - RECENT_WINDOW_S
+
     def run(c: Any) -> list[tuple[Any, dict]]:
         calls = c.execute(
             select(
@@ -171,21 +181,19 @@ async def recent_calls(cp: ControlPlane, function_ids: list[str]) -> list[dict]:
                 t.calls.c.cancelled,
                 t.calls.c.created_at,
             )
-            .where(t.calls.c.function_id.in_(function_ids))
+            .where(t.calls.c.expires_at > since, t.calls.c.function_id.in_(function_ids))
             .order_by(desc(t.calls.c.created_at))
             .limit(RECENT_CALLS)
         ).all()
-        out = []
-        for call in calls:
-            counts = dict(
-                c.execute(
-                    select(t.inputs.c.out_status, func.count())
-                    .where(t.inputs.c.call_id == call.call_id)
-                    .group_by(t.inputs.c.out_status)
-                ).all()
-            )
-            out.append((call, counts))
-        return out
+        counts: dict[str, dict] = {call.call_id: {} for call in calls}
+        if counts:  # one grouped read for all of them (this runs on the store's writer)
+            for call_id, status, n in c.execute(
+                select(t.inputs.c.call_id, t.inputs.c.out_status, func.count())
+                .where(t.inputs.c.call_id.in_(list(counts)))
+                .group_by(t.inputs.c.call_id, t.inputs.c.out_status)
+            ).all():
+                counts[call_id][status] = n
+        return [(call, counts[call.call_id]) for call in calls]
 
     rows = await query(cp, run)
     out = []
