@@ -287,8 +287,16 @@ class Ops:
         raise NotFoundError(f"no live view {view!r}")
 
     def _version(self, view: str, ident: str) -> object:
-        """What an app page's live part depends on, from memory (None: always render).
-        Its recent calls are read from the store: only when this changed."""
+        """What a page's live part depends on, from memory (None: render every time). The
+        parts read from the store (an app's recent calls, a call's inputs, a gone
+        container) are read again only when this changed."""
+        cp = self.cp
+        if view == "call":
+            live = cp.calls.live.get(ident, {})
+            return tuple((p.input_id, str(p.where), p.attempts) for p in live.values())
+        if view == "container":
+            c = cp.fleet.container(ident)
+            return "gone" if c is None else (str(c.state), len(c.inflight), c.node_id)
         if view != "app":
             return None
         fns = [fn for fn in list(self.cp.calls.functions.values()) if fn.app_id == ident]
