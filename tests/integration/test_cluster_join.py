@@ -184,3 +184,40 @@ def test_a_lost_node_can_be_removed(cluster):
     assert "lost" in _strato(handle, "node", "list")
     _strato(handle, "node", "remove", "gamma")
     assert "gamma" not in _strato(handle, "node", "list")
+
+
+def test_server_start_beyond_loopback_needs_a_token_and_warns_without_tls(tmp_path):
+    import os
+
+    from conftest import free_port
+
+    port = free_port()
+    home = tmp_path / "home"
+    env = dict(
+        os.environ,
+        STRATO_HOME=str(home),
+        STRATO_SERVER_URL=f"http://127.0.0.1:{port}",
+        STRATO_LOCAL_WORKER="0",
+    )
+    env.pop("STRATO_TOKEN", None)
+    argv = [sys.executable, "-m", "strato.cli.main", "server", "start", "--host", "0.0.0.0"]
+    weak = subprocess.run(
+        argv, env={**env, "STRATO_TOKEN": "short"}, capture_output=True, text=True, timeout=120
+    )
+    assert weak.returncode != 0
+    assert "beyond loopback" in weak.stdout + weak.stderr
+    started = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "0.0.0.0" in started.stdout
+        log = (home / "logs" / "server.log").read_text()
+        assert "plain HTTP" in log and "plain TCP" in log
+        info = __import__("json").loads((home / "server.json").read_text())
+        assert info["agent_port"] == port + 2  # agents join on the API's port + 2
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "strato.cli.main", "server", "stop"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )

@@ -333,8 +333,20 @@ def _server_pid() -> int | None:
 @click.option(
     "--foreground", is_flag=True, help="Run in this terminal instead of in the background."
 )
-def server_start(foreground: bool) -> None:
+@click.option(
+    "--host",
+    default=None,
+    help="Listen on this address (0.0.0.0: every one; needs the API token, see README).",
+)
+def server_start(foreground: bool, host: str | None) -> None:
     """Start the control plane (and this machine's worker agent) if none answers."""
+    if host is not None:  # --- cluster: listen beyond loopback (other machines join)
+        os.environ["STRATO_HOST"] = host
+        if not foreground:
+            from .worker import start_exposed
+
+            click.echo(start_exposed(host))
+            return
     url = config.server_url()
     if config.ping(url) is not None:
         click.echo(f"a control plane already answers at {url}")

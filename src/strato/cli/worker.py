@@ -116,3 +116,41 @@ def worker_start(
         await agent.run()
 
     asyncio.run(run())
+
+
+def start_exposed(host: str, timeout: float = 60.0) -> str:
+    """Start the control plane in the background listening on ``host`` (``strato server
+    start --host``); the client still reaches it on loopback. Returns what to print."""
+    import os
+    import subprocess
+    import time
+
+    from strato.client import config
+
+    url = config.server_url()
+    if config.ping(url) is not None:
+        return f"a control plane already answers at {url}"
+    home = config.strato_home()
+    (home / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = home / "logs" / "server.log"
+    port = urlsplit(url).port or settings.PORT.default
+    env = dict(os.environ, STRATO_HOME=str(home), STRATO_HOST=host, STRATO_PORT=str(port))
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "strato.server"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            umask=0o077,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if config.ping(url, timeout=0.5) is not None:
+            return f"control plane listening on {host}:{port} (state in {home}); see {log_path}"
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise click.ClickException(f"the control plane exited while starting: {' '.join(tail)}")
+        time.sleep(0.1)  # a process starting: nothing to long-poll yet
+    raise click.ClickException(f"the control plane did not answer within {timeout:g}s")

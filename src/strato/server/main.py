@@ -93,6 +93,10 @@ async def serve(config: ServerConfig) -> None:
     os.umask(0o077)  # the state, blobs, tokens and logs are this user's alone
     config.ensure_dirs()
     secure_home(config.home)
+    from .cluster.agents import check_exposure  # --- cluster: beyond loopback
+
+    for warning in check_exposure(config.host, config.load_or_create_token()):
+        log.warning("%s", warning)
     sock = _bind(config.host, config.port)
     port = sock.getsockname()[1]
     url = f"http://{config.host}:{port}"

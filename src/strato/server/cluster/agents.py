@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from strato import settings
+from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
 
@@ -129,3 +130,30 @@ def agent_listener(cp: ControlPlane) -> AgentListener | None:
             port,
         )
     return AgentListener(cp, host, port, tls)
+
+
+MIN_EXPOSED_TOKEN = 16  # characters of API token a control plane beyond loopback needs
+
+
+def check_exposure(host: str, token: str) -> list[str]:
+    """What a control plane listening on ``host`` must have: beyond loopback, a real API
+    token (raises ``InvalidError`` without one, so that it never starts exposed); returns
+    the warnings to log (plain HTTP, plain agent TCP)."""
+    if is_loopback(host):
+        return []
+    if len(token.strip()) < MIN_EXPOSED_TOKEN:
+        raise InvalidError(
+            f"refusing to listen on {host} (beyond loopback) without an API token of at "
+            f"least {MIN_EXPOSED_TOKEN} characters: unset STRATO_TOKEN (one is made in "
+            "$STRATO_HOME/token) or set it to a long random secret"
+        )
+    warnings = [
+        f"the API listens on {host} over plain HTTP: its token travels unencrypted; put it "
+        "behind a TLS-terminating proxy (or keep it on a private network)"
+    ]
+    if settings.TLS_CERT.get() is None:
+        warnings.append(
+            "worker agents join over plain TCP: set STRATO_TLS_CERT and STRATO_TLS_KEY "
+            "(and give agents --tls-ca)"
+        )
+    return warnings
