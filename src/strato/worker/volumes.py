@@ -27,6 +27,7 @@ import os
 import shlex
 import shutil
 import stat
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -92,6 +93,28 @@ def _file_source(cache: Path, api: ApiBase, f: m.VolumeFile, fetched: dict[str, 
     return str(path)
 
 
+def _node_file(cache: Path, api: ApiBase, f: m.VolumeFile, fetched: dict[str, str]) -> str:
+    """A node-cached file with ``f``'s content and mode (the node's blocks are 0444: a file
+    of another mode is a copy, made once per node), shared by the trees of every version
+    that holds it. Never written after it is made."""
+    src = _file_source(cache, api, f, fetched)
+    mode = f.mode & 0o777
+    if mode == 0o444:
+        return src
+    path = f"{src}.{mode:o}" if "/files/" in src else None
+    if path is None:
+        fid = f.blocks[0]
+        path = str(_root(cache) / "files" / fid[:2] / f"{fid}.{mode:o}")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return path
+
+
 def _fetch_missing(cache: Path, api: ApiBase, files: list[m.VolumeFile]) -> dict[str, str]:
     """Every block of ``files`` in the node's blob cache (fetched once); key -> path."""
     sizes = cv.block_sizes(files)
@@ -123,7 +146,8 @@ def _fetch_missing(cache: Path, api: ApiBase, files: list[m.VolumeFile]) -> dict
 
 
 def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict[str, str]) -> str:
-    """The version's tree of hard links, built once per node (read-only mounts)."""
+    """The version's tree of hard links, built once per node: what a read-only mount binds,
+    and the lower layer of a writable one where it is an overlay."""
     final = _root(cache) / "trees" / man.volume_id / str(man.version)
     if final.is_dir():
         return str(final)
@@ -137,7 +161,7 @@ def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict
             if parent not in made:
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
-            mode = 0o555 if f.mode & 0o111 else 0o444  # read-only; executables stay so
+            mode = f.mode & 0o777
             if not f.blocks:  # an empty or inline file
                 fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
                 try:
@@ -148,13 +172,12 @@ def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict
                 finally:
                     os.close(fd)
                 continue
-            src = _file_source(cache, api, f, fetched)
-            if mode == 0o444:  # the node's blocks are 0444 too: a link shares them
-                try:
-                    os.link(src, dest)
-                    continue
-                except OSError:
-                    pass
+            src = _node_file(cache, api, f, fetched)
+            try:
+                os.link(src, dest)  # shares the node's file (never written)
+                continue
+            except OSError:
+                pass
             shutil.copyfile(src, dest)
             os.chmod(dest, mode)
         for d, _, _ in os.walk(tmp):
@@ -275,7 +298,11 @@ def prepare(
             out.shared.append(src)
         else:
             tree = mine / str(i)
-            state = _own_tree(cache, api, man, fetched, tree, owner)
+            state = None
+            if not isolated:  # the container is root here: an overlay over the shared tree
+                state = _overlay(cache, api, man, fetched, mine, i, out)
+            if state is None:
+                state = _own_tree(cache, api, man, fetched, tree, owner)
             cv.write_state(str(state_dir / f"{i}.msgpack"), state)
             if owner is not None:
                 os.chown(state_dir / f"{i}.msgpack", *owner)
@@ -297,6 +324,63 @@ def prepare(
     cv.write_mounts(str(host_dir / "volumes.msgpack"), mounts)
     os.chmod(host_dir / "volumes.msgpack", 0o644)
     return out
+
+
+def _overlay(
+    cache: Path,
+    api: ApiBase,
+    man: m.VolumeManifest,
+    fetched: dict[str, str],
+    mine: Path,
+    i: int,
+    out: Prepared,
+) -> cv.VolumeState | None:
+    """Mount ``mine/i`` as an overlay: the version's shared tree below, the container's
+    own upper layer above (a write copies a file up: the shared tree is never changed);
+    its state. None where the overlay cannot be mounted (then the tree is copied)."""
+    with _trees_lock:
+        lower = _shared_tree(cache, api, man, fetched)
+        _tree_users[lower] = _tree_users.get(lower, 0) + 1
+    merged, upper, work = (str(mine / f"{i}{x}") for x in ("", ".upper", ".work"))
+    for d in (merged, upper, work):
+        os.makedirs(d)
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    done = None
+    if not any(c in d for d in (lower, upper, work) for c in ",:\\\n"):  # unquotable
+        done = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, merged],
+            capture_output=True,
+            text=True,
+        )
+    if done is None or done.returncode != 0:
+        log.warning("no overlay for a volume (%s): copying it", done and done.stderr.strip())
+        _release_trees([lower])
+        for d in (merged, upper, work):
+            shutil.rmtree(d, ignore_errors=True)
+        return None
+    out.shared.append(lower)
+    _MOUNTED.setdefault(mine.name, []).append(merged)
+    files: dict[str, cv.BaseFile] = {}
+    for f in man.files:
+        rel = norm_path(f.path)
+        mtime_ns = os.stat(f"{lower}/{rel}").st_mtime_ns
+        files[rel] = cv.BaseFile(f.size, f.mode & 0o777, cv.content_id(f), mtime_ns)
+    return cv.VolumeState(man.volume_id, man.version, files)
+
+
+def _remove(cache: Path, cid: str) -> None:
+    """Unmount the container's overlays, then remove its copies (an overlay that would not
+    unmount is left in place, said in the log)."""
+    stuck = False
+    for merged in _MOUNTED.pop(cid, []):
+        done = subprocess.run(["umount", merged], capture_output=True, text=True)
+        if done.returncode != 0:
+            done = subprocess.run(["umount", "-l", merged], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("cannot unmount %s: %s", merged, done.stderr.strip())
+            stuck = True
+    if not stuck:
+        shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
 
 
 MAX_STATE_BYTES = 1 << 30
@@ -342,7 +426,7 @@ def commit_at_exit(cache: Path, cid: str, api: ApiBase | None, prepared: Prepare
                 log.warning("commit of volume %s at the exit of %s failed: %s", volume_id, cid, e)
                 lines.append(f"volume {volume_id}: commit at exit failed: {e}")
     finally:
-        shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
+        _remove(cache, cid)
     return lines
 
 
@@ -351,6 +435,7 @@ _PREPARED: dict[str, Prepared] = {}
 # shared (read-only) trees: how many containers bind each; one no container binds is
 # removed once a newer version of its volume is on the node
 _tree_users: dict[str, int] = {}
+_MOUNTED: dict[str, list[str]] = {}  # container id -> its overlays mounted on this node
 _trees_lock = threading.Lock()
 
 
@@ -383,7 +468,7 @@ def add_to_launch(
     try:
         prepared = prepare(msg, host_dir, cache, isolated, api)
     except BaseException:
-        shutil.rmtree(container_dir(cache, msg.container_id), ignore_errors=True)
+        _remove(cache, msg.container_id)
         raise
     _PREPARED[msg.container_id] = prepared
     return dataclasses.replace(
@@ -401,6 +486,6 @@ def finish(cache: Path, cid: str, api: ApiBase | None, *, commit: bool = True) -
         return []
     _release_trees(prepared.shared)
     if not commit:
-        shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
+        _remove(cache, cid)
         return []
     return commit_at_exit(cache, cid, api, prepared)
