@@ -4,7 +4,8 @@ Starts Debian's ``redis-server`` itself (default persistence: no AOF), on a free
 and an embedded strato control plane (SQLite, every change committed before it answers).
 Measures, from a client, one operation at a time after a warm-up:
 
-- ``dict_put`` / ``dict_get``: ``d[k] = v`` / ``d[k]`` vs ``SET`` / ``GET`` (p50, p90, p99);
+- ``dict_put`` / ``dict_get``: ``d[k] = v`` / ``d[k]`` vs ``SET`` / ``GET`` (p50, p90, p99),
+  each key read once after its put; ``dict_get_hot``: reads of 100 keys over and over;
 - ``queue_put_get``: ``q.put(v)`` then ``q.get()`` vs ``RPUSH`` then ``BLPOP`` (pairs/s);
 - ``queue_batch``: ``put_many(100)`` then ``get_many(100)`` vs ``RPUSH`` x100 then
   ``LPOP 100`` (items/s);
@@ -131,6 +132,7 @@ class StratoSide:
         return {
             "dict_put": latency_summary(timed(put, ops)),
             "dict_get": latency_summary(timed(get, ops)),
+            "dict_get_hot": latency_summary(timed(lambda i: get(i % 100), ops)),
             "http_floor": latency_summary(
                 timed(lambda i: client.request_raw("GET", "/health"), ops)
             ),
@@ -185,6 +187,7 @@ class RedisSide:
         return {
             "dict_put": latency_summary(timed(put, ops)),
             "dict_get": latency_summary(timed(get, ops)),
+            "dict_get_hot": latency_summary(timed(lambda i: get(i % 100), ops)),
             "http_floor": latency_summary(timed(lambda i: r.ping(), ops)),
             "queue_put_get": rate(put_get, ops),
             "queue_batch": 100 * rate(put_get_batch, ops // 10),
@@ -247,7 +250,7 @@ def main() -> None:
         note("consumer loops")
         theirs["queue_consumer_container"] = redis_side.consumer(args.consumer_items)
         ours["queue_consumer_container"] = strato_side.consumer(args.consumer_items)
-    for op in ("dict_put", "dict_get", "http_floor"):
+    for op in ("dict_put", "dict_get", "dict_get_hot", "http_floor"):
         for q in ("p50", "p90", "p99"):
             ratio = round(ours[op][f"{q}_ms"] / theirs[op][f"{q}_ms"], 3)
             line = {

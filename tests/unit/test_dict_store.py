@@ -14,6 +14,7 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.state import Dicts
 from strato.server.state.db import StateDb
+from strato.server.state.dicts import key_hash
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
 
@@ -140,9 +141,9 @@ def test_ephemeral_dicts_without_heartbeat_are_deleted(db_url, tmp_path, monkeyp
     async def body(d: Dicts):
         did = (await d.objects.ephemeral()).object_id
         await put(d, did, {b"a": b"1"})
-        assert await d.db.run("x", d.objects.expire_ephemeral(time.time())) == []
+        assert await d.objects.expire_ephemeral(time.time()) == []
         await asyncio.sleep(0.4)
-        assert await d.db.run("x", d.objects.expire_ephemeral(time.time())) == [did]
+        assert await d.objects.expire_ephemeral(time.time()) == [did]
         with pytest.raises(exc.NotFoundError):
             await d.get(did, b"a")
 
@@ -175,3 +176,43 @@ def test_one_page_carries_at_most_8_mib(db_url, tmp_path):
         asyncio.run(body())
     finally:
         store.close()
+
+
+def test_the_read_cache_never_serves_a_changed_entry(db_url, tmp_path):
+    async def body(d: Dicts):
+        did = (await d.objects.lookup("cached", True)).object_id
+        await put(d, did, {b"k": b"1", b"j": b"2"})
+        assert (await d.get(did, b"k")).value == b"1"
+        assert d.cache.get(did, key_hash(b"k")) is not None  # filled by the read
+        await put(d, did, {b"k": b"new"})
+        assert (await d.get(did, b"k")).value == b"new"
+        assert (await d.pop(did, b"k")).value == b"new"
+        assert not (await d.get(did, b"k")).found
+        assert (await d.get(did, b"j")).value == b"2"
+        await d.clear(did)
+        assert not (await d.get(did, b"j")).found
+        # a read in flight while a change is queued does not fill the cache
+        await put(d, did, {b"r": b"old"})
+        reading = asyncio.ensure_future(d.get(did, b"r"))
+        await asyncio.sleep(0)  # the read is queued
+        await put(d, did, {b"r": b"newer"})
+        await reading
+        assert (await d.get(did, b"r")).value == b"newer"
+        # deleting the Dict forgets its entries
+        assert (await d.get(did, b"r")).found
+        await d.objects.delete_name("cached")
+        with pytest.raises(exc.NotFoundError):
+            await d.get(did, b"r")
+
+    run(db_url, tmp_path, body)
+
+
+def test_the_read_cache_keeps_the_ttl(db_url, tmp_path):
+    async def body(d: Dicts):
+        did = (await d.objects.lookup("cached-ttl", True)).object_id
+        await put(d, did, {b"k": b"1"})
+        assert (await d.get(did, b"k")).found  # cached, with its access time
+        await asyncio.sleep(1.2)  # past the 1 s TTL without an access
+        assert not (await d.get(did, b"k")).found
+
+    run(db_url, tmp_path, body, ttl_s=1.0)

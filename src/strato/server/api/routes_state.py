@@ -280,8 +280,8 @@ async def _expiry_loop(db: StateDb, dicts: Dicts, queues: Queues) -> None:
         try:
             n_entries = await db.run("Dict expiry", dicts.expire_op(now))
             n_parts = await db.run("Queue expiry", queues.expire_op(now))
-            gone = await db.run("Dict expiry", dicts.objects.expire_ephemeral(now))
-            gone_q = await db.run("Queue expiry", queues.objects.expire_ephemeral(now))
+            gone = await dicts.objects.expire_ephemeral(now)
+            gone_q = await queues.objects.expire_ephemeral(now)
         except Exception as e:  # noqa: BLE001 - the next round tries again
             log.warning("state expiry failed (next round tries again): %s", e)
             continue

@@ -15,6 +15,7 @@ from strato.protocol import messages as m
 from strato.server.store import tables_state as ts
 from strato.server.store.blobs import BlobStore
 
+from .cache import DictCache
 from .db import StateDb, fitting
 from .names import check_id
 from .objects import NamedObjects
@@ -46,6 +47,9 @@ class Dicts:
         # key does not write each time); far below the TTL
         self.touch_after_s = min(ttl_s / 100.0, 3600.0)
         self.objects = NamedObjects("Dict", db, ts.dicts, [ts.dict_entries])
+        self.cache = DictCache()
+        self.objects.changing = lambda: self.cache.changing()
+        self.objects.deleted = self.cache.forget_dicts
         self._seq: int | None = None  # the last entry seq given (writer thread only)
         e = ts.dict_entries.c
         where = and_(e.dict_id == bindparam("d"), e.key_hash == bindparam("h"))
@@ -81,22 +85,37 @@ class Dicts:
 
     async def get(self, object_id: str, key: bytes, *, touch: bool = True) -> m.DictValue:
         check_id("Dict", object_id)
-        where = {"d": object_id, "h": self._check_key(key)}
+        kh = self._check_key(key)
+        where = {"d": object_id, "h": kh}
+        now = time.time()
+        cached = self.cache.get(object_id, kh)
+        if cached is not None and cached.accessed_at >= now - self.ttl_s:
+            if touch and cached.accessed_at < now - self.touch_after_s:
+                cached.accessed_at = now  # refreshed in the store too (not waited for)
+                self.db.submit(
+                    "Dict touch", lambda c: c.execute(self._touch, {**where, "now": now})
+                )
+            return m.DictValue(True, cached.value, cached.blob)
 
-        def run(c: Connection) -> m.DictValue:
+        def run(c: Connection) -> tuple[m.DictValue, float]:
             row = c.execute(self._entry, where).first()
             if row is None:
                 self.objects.exists(c, object_id)
-                return m.DictValue(False)
+                return m.DictValue(False), 0.0
             now = time.time()
             if row[2] < now - self.ttl_s:  # expired; the expiry loop has not got to it
                 c.execute(self._delete, where)
-                return m.DictValue(False)
+                return m.DictValue(False), 0.0
             if touch and row[2] < now - self.touch_after_s:
                 c.execute(self._touch, {**where, "now": now})
-            return m.DictValue(True, row[0], row[1])
+                return m.DictValue(True, row[0], row[1]), now
+            return m.DictValue(True, row[0], row[1]), row[2]
 
-        return await self.db.run("Dict get", run)
+        writes = self.cache.writes
+        got, accessed_at = await self.db.run("Dict get", run)
+        if got.found:
+            self.cache.fill(object_id, kh, writes, got.value, got.blob, accessed_at)
+        return got
 
     async def put(self, object_id: str, body: m.DictPut) -> int:
         """Store the entries (in order; a later one of the same key wins); returns how
@@ -123,6 +142,7 @@ class Dicts:
                 blob, value = await self.blobs.aput(value), None
             rows.append((kh, entry.key, value, blob))
         skip = body.skip_if_exists
+        self.cache.changing(object_id, [r[0] for r in rows])
 
         def run(c: Connection) -> int:
             self.objects.exists(c, object_id)
@@ -167,6 +187,7 @@ class Dicts:
                 return m.DictValue(False)
             return m.DictValue(True, row[0], row[1])
 
+        self.cache.changing(object_id, [where["h"]])
         return await self.db.run("Dict pop", run)
 
     async def delete_key(self, object_id: str, key: bytes) -> bool:
@@ -191,6 +212,7 @@ class Dicts:
             self.objects.exists(c, object_id)
             c.execute(delete(ts.dict_entries).where(ts.dict_entries.c.dict_id == object_id))
 
+        self.cache.changing(object_id)
         await self.db.run("Dict clear", run)
 
     async def page(self, object_id: str, after: int, limit: int, what: What) -> m.DictPage:
@@ -227,6 +249,7 @@ class Dicts:
     def expire_op(self, now: float):
         """An operation deleting entries not accessed for the TTL; returns how many."""
         cutoff = now - self.ttl_s
+        self.cache.changing()  # (cached entries past the TTL are never served)
 
         def run(c: Connection) -> int:
             res = c.execute(delete(ts.dict_entries).where(ts.dict_entries.c.accessed_at < cutoff))

@@ -29,6 +29,9 @@ class NamedObjects:
         self.children = children
         self.id_col = table.c[table.primary_key.columns.keys()[0]]
         self._exists = select(self.id_col).where(self.id_col == bindparam("object_id"))
+        # told when a deletion is queued, and which objects it deleted (the Dict cache)
+        self.changing: Callable[[], None] = lambda: None
+        self.deleted: Callable[[list[str]], None] = lambda ids: None
 
     # ------------------------------------------------------------------ writer-thread parts
 
@@ -105,7 +108,9 @@ class NamedObjects:
                 )
             self._drop(c, [object_id])
 
+        self.changing()
         await self.db.run(f"{self.kind} delete", run)
+        self.deleted([object_id])
 
     async def delete_name(self, name: str) -> str:
         """Delete a named object and its contents; returns its id."""
@@ -118,7 +123,10 @@ class NamedObjects:
             self._drop(c, [row[0]])
             return row[0]
 
-        return await self.db.run(f"{self.kind} delete", run)
+        self.changing()
+        object_id = await self.db.run(f"{self.kind} delete", run)
+        self.deleted([object_id])
+        return object_id
 
     async def list_all(self) -> m.StateList:
         t = self.table
@@ -129,7 +137,14 @@ class NamedObjects:
 
         return m.StateList(await self.db.read(f"{self.kind} list", run))
 
-    def expire_ephemeral(self, now: float) -> Callable[[Connection], list[str]]:
+    async def expire_ephemeral(self, now: float) -> list[str]:
+        """Delete ephemeral objects whose heartbeat stopped; returns their ids."""
+        self.changing()
+        ids = await self.db.run(f"{self.kind} expiry", self.expire_ephemeral_op(now))
+        self.deleted(ids)
+        return ids
+
+    def expire_ephemeral_op(self, now: float) -> Callable[[Connection], list[str]]:
         """An operation deleting ephemeral objects whose heartbeat stopped; returns ids."""
 
         def run(c: Connection) -> list[str]:
