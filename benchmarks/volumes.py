@@ -188,8 +188,8 @@ def main() -> None:
                     "first_call_s": round(start_s, 3),
                     "without_volume_s": round(plain_s, 3),
                     "ratio_to_without": round(start_s / plain_s, 1),
-                    "note": "a new container whose writable mount is a local copy of the "
-                    "volume (its blocks on the node already)",
+                    "note": "a new container of a new version of the volume (its blocks on "
+                    "the node already): the version's tree is built, an overlay mounted",
                 }
             )
             emit(

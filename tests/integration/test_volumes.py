@@ -366,3 +366,14 @@ def test_exit_commit_ignores_a_forged_state_file(vols):
     wait_until(
         lambda: files_of(vol) == {"forged.txt": b"still committed"}, 60, "the commit at exit"
     )
+
+
+def test_a_write_in_place_never_reaches_another_containers_view(vols):
+    vol, _ = vols
+    with vol.batch_upload() as batch:
+        batch.put_file(io.BytesIO(b"original"), "base.txt")
+    with va.app.run(quiet=True):
+        va.write_no_commit.remote("base.txt", "changed in place")  # not committed
+        # another container of the same version: the node's shared files are untouched
+        assert va.read.remote(reload=False)["srv"] == {"base.txt": "original"}
+    wait_until(lambda: files_of(vol) == {"base.txt": b"changed in place"}, 60, "the commit at exit")
