@@ -221,3 +221,26 @@ def test_server_start_beyond_loopback_needs_a_token_and_warns_without_tls(tmp_pa
             capture_output=True,
             timeout=60,
         )
+
+
+def test_web_endpoints_on_joined_nodes_answer_through_the_relay(cluster):
+    import httpx
+    from apps import web_basic
+
+    from strato.protocol import messages as m
+
+    web_basic.app.deploy()
+    try:
+        url = web_basic.hello.get_web_url()
+        for i in range(20):  # keep-alive tunnels reused across requests
+            r = httpx.get(url, params={"name": f"n{i}"}, timeout=60, follow_redirects=True)
+            assert r.status_code == 200 and r.json() == {"hello": f"n{i}"}
+        r = httpx.post(web_basic.echo.get_web_url(), json={"a": "x" * 300_000}, timeout=60)
+        assert r.status_code == 200 and r.json()["n"] == 1  # a body of many relay chunks
+        listing = session.api().call(
+            "GET", "/containers", None, m.ContainerList, params={"app": "web-basic"}
+        )
+        joined = {n.node_id for n in ready_nodes().values()}
+        assert listing.containers and all(c.node_id in joined for c in listing.containers)
+    finally:
+        session.api().call("POST", "/apps/web-basic/stop", None, None)

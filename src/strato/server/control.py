@@ -203,8 +203,9 @@ class ControlPlane:
         adopted = False  # a web tunnel: the gateway owns the connection now
         try:
             first = await asyncio.wait_for(frames.read_frame(reader, frames.HELLO_MAX_FRAME), 10.0)
-            if via_node is not None and not isinstance(first, m.ContainerHello):
-                # --- cluster: a relayed connection carries a container's channel only
+            if via_node is not None and not self._relayed_hello(first, via_node):
+                # --- cluster: a relayed connection carries a container's channel or web
+                # tunnel only, and only for a container of the relaying node
                 log.warning("relay of %s: first frame %s refused", via_node, type(first).__name__)
             elif isinstance(first, m.WorkerHello):
                 if not hmac.compare_digest(first.token.encode(), self.token.encode()):
@@ -224,6 +225,14 @@ class ControlPlane:
         finally:
             if not adopted:
                 peer.close()
+
+    def _relayed_hello(self, first: object, via_node: str) -> bool:
+        if isinstance(first, m.ContainerHello):
+            return True  # (_container_loop checks its node)
+        if isinstance(first, m.WebTunnelHello):
+            s = self.fleet.container(first.container_id)
+            return s is not None and s.node_id == via_node
+        return False
 
     async def agent_session(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
         """--- cluster: a worker agent that joined over TCP (``cluster/agents.py``): a

@@ -76,6 +76,49 @@ class RelayStream:
             return False
 
 
+class RelayTransport:
+    """What the gateway takes over when it adopts a relayed web tunnel (as it takes over
+    a direct tunnel's transport): writes go to the agent, the agent's bytes go to the
+    protocol set on it, and closing it (either end) tells the protocol."""
+
+    def __init__(self, writer: RelayWriter) -> None:
+        self.writer = writer
+        self.protocol: asyncio.Protocol | None = None
+        self._lost = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return self.protocol
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def is_closing(self) -> bool:
+        return self.writer.is_closing()
+
+    def pause_reading(self) -> None:  # the agent's connection is shared: nothing to pause
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.close()
+
+    def lost(self) -> None:
+        if not self._lost and self.protocol is not None:
+            self._lost = True
+            self.protocol.connection_lost(None)
+
+
 class RelayWriter:
     """The writing side of one relayed connection: what the handler writes goes back to
     the agent as ``RelayData`` frames (``Peer`` wraps it as it wraps a stream writer)."""
@@ -84,7 +127,11 @@ class RelayWriter:
         self.hub = hub
         self.conn = conn
         self.closed = False
-        self.transport = None  # no raw transport: web tunnels are not adopted from relays
+        self.transport = RelayTransport(self)  # adopted by the gateway for a web tunnel
+
+    @property
+    def adopted(self) -> bool:
+        return self.transport.protocol is not None
 
     def is_closing(self) -> bool:
         return self.closed or self.hub.closed
@@ -103,6 +150,7 @@ class RelayWriter:
         if not self.hub.closed:
             self.hub.send(m.RelayClose(self.conn))
         self.hub.forget(self.conn)
+        self.transport.lost()
 
 
 Handler = Callable[[RelayStream, RelayWriter], Awaitable[None]]
@@ -145,6 +193,10 @@ class RelayHub:
             if entry is None:
                 return  # closed here already: what was on its way is dropped
             reader, writer, _ = entry
+            if writer.adopted:  # a web tunnel: raw HTTP from the container's server
+                assert writer.transport.protocol is not None
+                writer.transport.protocol.data_received(msg.data)
+                return
             reader.feed(msg.data)
             if len(reader) > HIGH_WATER and not await reader.drained(STALL_S):
                 log.warning(
@@ -156,6 +208,7 @@ class RelayHub:
             if entry is not None:
                 entry[1].closed = True  # closed by the agent: nothing to say back
                 self.forget(msg.conn)
+                entry[1].transport.lost()
 
     async def _run(self, reader: RelayStream, writer: RelayWriter) -> None:
         try:
@@ -163,15 +216,22 @@ class RelayHub:
         except Exception:  # noqa: BLE001 - one stream's bug must not end the agent's
             log.exception("relayed connection %d of node %s failed", writer.conn, self.node_id)
         finally:
-            writer.close()
+            if not writer.adopted:  # an adopted web tunnel lives on, the gateway's now
+                writer.close()
+            elif len(reader):  # what came behind its hello goes to the gateway
+                data = await reader.readexactly(len(reader))
+                assert writer.transport.protocol is not None
+                writer.transport.protocol.data_received(data)
 
     async def close(self) -> None:
         """The agent's connection ended: every relayed connection ends with it."""
         self.closed = True
         entries = list(self.streams.values())
         self.streams.clear()
-        for reader, _, _ in entries:
+        for reader, writer, _ in entries:
             reader.feed_eof()
+            writer.closed = True
+            writer.transport.lost()
         for _, _, task in entries:
             try:
                 await asyncio.wait_for(asyncio.shield(task), 5.0)
