@@ -120,3 +120,42 @@ def test_relay_stream_reports_a_cut_frame():
 def test_relay_data_is_bounded_on_the_wire():
     with pytest.raises(frames.FrameError):
         frames.decode(frames.encode(m.RelayData(1, b"x" * (m.RELAY_CHUNK + 1)))[4:])
+
+
+def test_the_indexed_placer_decides_as_the_scheduler_does():
+    import random
+
+    from strato.server.cluster.placer import Placer
+    from strato.server.scheduler.placement import place, release, reserve
+
+    sys_path = __import__("pathlib").Path(__file__).parents[2] / "benchmarks"
+    __import__("sys").path.insert(0, str(sys_path))
+    import bench_placement as bp
+
+    rng = random.Random(5)
+    nodes = bp.cluster(120, rng)
+    pending = bp.containers(3000, rng)
+    ref = [n.copy() for n in nodes]
+    by_id = {n.node_id: n for n in ref}
+    placer = Placer([n.copy() for n in nodes])
+    held = []
+    for i, req in enumerate(pending):
+        a, b = place(req, ref), placer.place(req)
+        assert a == b, (i, a, b)
+        if a is not None:
+            reserve(by_id[a.node_id], req, a)
+            placer.reserve(req, b)
+            held.append((req, a))
+        if i % 7 == 0 and held:  # containers end too
+            r, p = held.pop(rng.randrange(len(held)))
+            release(by_id[p.node_id], r, p)
+            placer.release(r, p)
+        if i == 1500:  # a node goes unhealthy, another leaves
+            sick = nodes[3].node_id
+            by_id[sick].healthy = False
+            placer.nodes[sick].healthy = False
+            placer.update(sick)
+            gone = nodes[4].node_id
+            ref.remove(by_id.pop(gone))
+            placer.remove(gone)
+            held = [(r, p) for r, p in held if p.node_id != gone]
