@@ -11,6 +11,7 @@
 - **time-to-interactive from the warm pool** (gVisor; a second control plane with
   ``STRATO_SANDBOX_WARM_POOL=2``): ``create`` hands out a sandbox started ahead (the
   pool is given time to refill between runs, untimed). Target: p50 < 100 ms.
+- ``--idle N``: memory per idle sandbox instead (N per runtime alive at once).
 - **baselines**, measured in the same run, interleaved with the above: a bare
   ``subprocess.run(["echo", "hi"])``, and ``bwrap ... echo hi`` (a new mount, PID, IPC,
   UTS and network namespace over a read-only host root; no cgroup, no image).
@@ -28,10 +29,11 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 
-from _common import emit, latency_summary, note, strato_env
+from _common import descendants, emit, latency_summary, note, server_pid, strato_env
 
 import strato
 
@@ -82,17 +84,68 @@ def exec_round_trip(sb: strato.Sandbox) -> float:
     return elapsed
 
 
+def pss_kb(pids: list[int]) -> int:
+    """The proportional set size of these processes together (shared pages split)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def idle_memory(names: list[str], n: int) -> None:
+    """Memory per idle sandbox: ``n`` sandboxes per runtime alive at once (each has run
+    one exec), as the growth of the PSS of the control plane's process tree (worker,
+    zygotes, runsc, agents), against an idle bare ``python3`` process (the agent is one)."""
+    bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    time.sleep(0.5)
+    bare_kb = pss_kb([bare.pid])
+    bare.kill()
+    with strato_env():
+        app = strato.App.lookup(f"bench-idle-{uuid.uuid4().hex[:6]}", create_if_missing=True)
+        strato.Sandbox.create(app=app, runtime="bwrap").terminate()  # (the server is up)
+        pid = server_pid()
+        for name in names:
+            time.sleep(2.0)
+            before = pss_kb(descendants(pid))
+            made = [strato.Sandbox.create(app=app, runtime=name, timeout=600) for _ in range(n)]
+            for sb in made:
+                assert sb.exec("true").wait() == 0
+            time.sleep(2.0)
+            after = pss_kb(descendants(pid))
+            per = (after - before) / n
+            emit(
+                {
+                    "bench": "sandbox",
+                    "what": f"memory per idle sandbox, {name} ({n} alive at once)",
+                    "pss_kib_per_sandbox": round(per),
+                    "bare_python_pss_kib": bare_kb,
+                    "ratio_to_bare_python": round(per / bare_kb, 2),
+                }
+            )
+            for sb in made:
+                sb.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runtimes", default="bwrap,gvisor")
     ap.add_argument("--no-pool", dest="pool", action="store_false", help="skip the warm pool")
+    ap.add_argument("--idle", type=int, default=0, help="only: memory of N idle sandboxes")
     args = ap.parse_args()
     names = [n for n in args.runtimes.split(",") if n]
     missing = [n for n in names if not shutil.which("runsc" if n == "gvisor" else n)]
     if missing:
         raise SystemExit(f"not installed: {', '.join(missing)}")
+    if args.idle:
+        idle_memory(names, args.idle)
+        return
     samples: dict[str, list[float]] = {"bare": [], "bare_bwrap": []}
     samples.update({f"tti_{n}": [] for n in names})
     samples.update({f"exec_{n}": [] for n in names})

@@ -409,3 +409,33 @@ def test_cli_list_exec_logs_stop(app):
     assert strato_cli("sandbox", "logs", entry.object_id).stdout == "from entrypoint\n"
     gone = strato_cli("sandbox", "exec", sb.object_id, "true")
     assert gone.returncode != 0 and "has ended" in gone.stderr
+
+
+def test_the_entrypoints_own_streams(app, runtime):
+    sb = strato.Sandbox.create(
+        "python3", "-c", "import sys\nfor l in sys.stdin: print('got', l.strip())\nsys.exit(9)",
+        app=app, runtime=runtime, timeout=60,
+    )  # fmt: skip
+    sb.stdin.write("one\ntwo\n")  # (written while it starts: it waits for the agent)
+    sb.stdin.write_eof()
+    sb.stdin.drain()
+    assert list(sb.stdout) == ["got one\n", "got two\n"]
+    assert sb.stderr.read() == ""
+    sb.wait()
+    assert sb.returncode == 9
+
+
+def test_sandboxes_are_never_stopped_to_make_room(strato_server):
+    # a node of 1 CPU holds 8 sandboxes of 0.125: the 9th waits, and none is evicted
+    with dedicated_server({"STRATO_NODE_CPU": "1"}):
+        app = strato.App.lookup("full-node", create_if_missing=True)
+        boxes = [strato.Sandbox.create(app=app, runtime="bwrap") for _ in range(8)]
+        for sb in boxes:
+            assert sb.exec("true").wait() == 0
+        late = strato.Sandbox.create(app=app, runtime="bwrap", timeout=5)
+        with pytest.raises(exc.SandboxTimeoutError):
+            late.wait()  # it never got room
+        assert all(sb.poll() is None for sb in boxes)
+        boxes[0].terminate()
+        for sb in boxes[1:]:
+            assert sb.exec("echo", "alive").stdout.read() == "alive\n"

@@ -126,8 +126,9 @@ def test_flow_control_pauses_resumes_and_refuses_an_agent_that_ignores_it():
 def test_stdin_offsets_make_a_resent_write_harmless():
     async def main():
         sandboxes, sb, s = make_manager()
-        assert sandboxes.stdin(sb, 2, m.StdinWrite(b"abc", 0)) == 3
-        assert sandboxes.stdin(sb, 2, m.StdinWrite(b"abcdef", 0, eof=True)) == 6  # resent
+        s.peer = object()  # (connected)
+        assert await sandboxes.stdin(sb, 2, m.StdinWrite(b"abc", 0)) == 3
+        assert await sandboxes.stdin(sb, 2, m.StdinWrite(b"abcdef", 0, eof=True)) == 6
         assert [x for x in s.sent if isinstance(x, m.SbStdin)] == [
             m.SbStdin(2, b"abc"),
             m.SbStdin(2, b"def", eof=True),

@@ -24,7 +24,7 @@ from strato.client import session
 from strato.protocol import messages as m
 
 from .aio import with_aio
-from .container_process import POLL_S, ContainerProcess, new_exec_id
+from .container_process import POLL_S, ContainerProcess, StreamReader, StreamWriter, new_exec_id
 
 RUNTIMES = ("gvisor", "bwrap", "process")
 
@@ -70,9 +70,32 @@ class Sandbox:
     def __init__(self, info: m.SandboxInfo) -> None:
         self._info = info
         self.object_id: str = info.sandbox_id
+        self._stdout: StreamReader[str] | None = None
+        self._stderr: StreamReader[str] | None = None
+        self._stdin: StreamWriter | None = None
 
     def __repr__(self) -> str:
         return f"Sandbox({self.object_id})"
+
+    # the entrypoint's streams (process 1), as Modal's ``sb.stdout``/``sb.stderr``/``sb.stdin``
+
+    @property
+    def stdout(self) -> StreamReader[str]:
+        if self._stdout is None:
+            self._stdout = StreamReader(self.object_id, 1, 1, True)
+        return self._stdout
+
+    @property
+    def stderr(self) -> StreamReader[str]:
+        if self._stderr is None:
+            self._stderr = StreamReader(self.object_id, 1, 2, True)
+        return self._stderr
+
+    @property
+    def stdin(self) -> StreamWriter:
+        if self._stdin is None:
+            self._stdin = StreamWriter(self.object_id, 1)
+        return self._stdin
 
     # ------------------------------------------------------------------ making one
 

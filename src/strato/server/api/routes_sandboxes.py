@@ -223,7 +223,7 @@ def register(api: Router, cp: ControlPlane) -> None:
     )
     async def stdin(req: Request) -> Reply:
         sb = await sandbox(req)
-        offset = sandboxes.stdin(sb, pid_of(req), req.decode(m.StdinWrite))
+        offset = await sandboxes.stdin(sb, pid_of(req), req.decode(m.StdinWrite))
         return reply({"offset": offset})
 
     @route(

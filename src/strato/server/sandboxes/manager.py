@@ -429,6 +429,7 @@ class Sandboxes:
         sb = self._by_container.get(s.container_id)
         if sb is None or sb.ended:
             return
+        s.note_busy()  # never idle: the fleet must not stop it to make room for another
         sb.status = "running"
         sb.last_active = time.monotonic()
         self._save(sb)
@@ -690,9 +691,13 @@ class Sandboxes:
             except TimeoutError:
                 pass
 
-    def stdin(self, sb: Sandbox, pid: int, req: m.StdinWrite) -> int:
+    async def stdin(self, sb: Sandbox, pid: int, req: m.StdinWrite) -> int:
         """Pass bytes on to the process's stdin; the offset the control plane has
-        reached."""
+        reached. (The entrypoint's stdin may be written while the sandbox starts: this
+        waits for its agent.)"""
+        p = self.process(sb, pid)
+        if not sb.ended and not (sb.container is not None and sb.container.peer is not None):
+            await self.wait_running(sb, FILE_TIMEOUT_S)
         p = self.process(sb, pid)
         if req.offset > p.stdin_offset:
             raise exc.InvalidError(
