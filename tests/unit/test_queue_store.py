@@ -267,3 +267,48 @@ def test_one_answer_carries_at_most_8_mib(db_url):
         assert len((await q.get(qid, m.QueueGet(5000))).items) == 3000
 
     run(db_url, body)
+
+
+def test_a_put_wakes_one_waiting_get_per_item(db_url):
+    async def body(q: Queues):
+        qid = (await q.objects.lookup("herd", True)).object_id
+        looks: list[str] = []
+        submit = q.db.submit
+
+        def counting(name, run):
+            looks.append(name)
+            return submit(name, run)
+
+        q.db.submit = counting  # type: ignore[method-assign]
+        waiters = [asyncio.create_task(q.get(qid, m.QueueGet(1, "", 30.0))) for _ in range(10)]
+        await asyncio.sleep(0.3)  # each looked once and waits
+        assert looks.count("Queue get") == 10
+        await q.put(qid, m.QueuePut([b"one"]))
+        done, _ = await asyncio.wait(waiters, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.2)
+        assert len(done) == 1 and looks.count("Queue get") == 11  # one woken, not ten
+        pending = [w for w in waiters if not w.done()]
+        # a put of several items wakes as many; a get that leaves items wakes the next
+        await q.put(qid, m.QueuePut([b"x"] * 9))
+        got = await asyncio.wait_for(asyncio.gather(*pending), 10)
+        assert sum(len(g.items) for g in got) == 9 and await q.length(qid, "", False) == 0
+
+    run(db_url, body)
+
+
+def test_a_woken_waiter_that_is_cancelled_passes_its_wake_on():
+    from strato.server.state.signals import Signal
+
+    async def body() -> None:
+        sig = Signal()
+        a = asyncio.create_task(sig.wait(0, 30.0))
+        b = asyncio.create_task(sig.wait(0, 30.0))
+        await asyncio.sleep(0.01)  # both wait, a first
+        sig.pulse(1)  # wakes a ...
+        a.cancel()  # ... which goes away before it runs: b gets the wake
+        await asyncio.wait_for(b, 5)
+        assert a.cancelled()
+        c = asyncio.create_task(sig.wait(sig.version, 0.05))
+        await asyncio.wait_for(c, 5)  # nobody pulses: it returns after its timeout
+
+    asyncio.run(body())

@@ -12,7 +12,7 @@ as soon as its write is queued; a ``put`` into a full partition waits likewise f
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import msgspec
@@ -25,7 +25,7 @@ from strato.server.store import tables_state as ts
 from .db import RESPONSE_BYTES, StateDb, fitting
 from .names import check_id, check_partition
 from .objects import NamedObjects
-from .signals import Signals
+from .signals import Key, Signals
 
 T = TypeVar("T")
 MAX_WAIT_S = 55.0  # the longest one request waits (the client asks again for longer)
@@ -206,7 +206,9 @@ class Queues:
 
         def attempt():
             w = self.db.submit("Queue put", run)
-            self.signals.pulse(("items", qid, part))  # a get queued after this sees them
+            # a get queued after this sees them: wake one waiting get per item, and readers
+            self.signals.pulse(("items", qid, part), len(items))
+            self.signals.pulse(("peek", qid, part))
             return w
 
         reason = await self._until(("room", qid, part), body.timeout, attempt, lambda r: r is None)
@@ -219,14 +221,14 @@ class Queues:
         rid = body.request_id
         key = {"q": qid, "p": part}
 
-        def run(c: Connection) -> list[bytes]:
+        def run(c: Connection) -> tuple[list[bytes], int]:
             done, kept = self._receipt(c, qid, rid)
             if done:  # this get was carried out; its answer was lost: the same items
-                return msgspec.msgpack.decode(kept or b"\x90", type=list[bytes])
+                return msgspec.msgpack.decode(kept or b"\x90", type=list[bytes]), 0
             have = self._partition(c, key, time.time())
             if have is None:
                 self.objects.exists(c, qid)
-                return []
+                return [], 0
             take = n
             if take * m.QUEUE_ITEM_MAX_BYTES > RESPONSE_BYTES:  # may not fit in one answer
                 take = fitting(c.execute(self.sql.sizes, {**key, "n": n}).all())
@@ -241,21 +243,23 @@ class Queues:
             items = [r[1] for r in rows]
             if items:
                 self._keep_receipt(c, qid, rid, msgspec.msgpack.encode(items))
-            return items
+            return items, max(left, 0)
 
-        items = await self._until(
+        items, left = await self._until(
             ("items", qid, part),
             body.timeout,
             lambda: self.db.submit("Queue get", run),
-            bool,
+            lambda r: bool(r[0]),
         )
         if items:
             self.signals.pulse(("room", qid, part))
+            if left:
+                self.signals.pulse(("items", qid, part), 1)  # items are left: the next
         return m.QueueItems(items)
 
     async def _until(
         self,
-        key: Hashable,
+        key: Key,
         timeout: float,
         attempt: Callable[[], Awaitable[T]],
         done: Callable[[T], bool],
@@ -324,7 +328,7 @@ class Queues:
             return [r[1] for r in rows], (rows[-1][0] if rows else after)
 
         items, cursor = await self._until(
-            ("items", qid, part),
+            ("peek", qid, part),
             timeout,
             lambda: self.db.submit("Queue iterate", run),
             lambda r: bool(r[0]),
