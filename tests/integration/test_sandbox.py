@@ -439,3 +439,24 @@ def test_sandboxes_are_never_stopped_to_make_room(strato_server):
         boxes[0].terminate()
         for sb in boxes[1:]:
             assert sb.exec("echo", "alive").stdout.read() == "alive\n"
+
+
+def test_a_dead_worker_agent_ends_its_sandboxes_with_the_reason(strato_server):
+    import signal
+
+    from conftest import processes_of
+
+    with dedicated_server({}) as handle:
+        app = strato.App.lookup("worker-dies", create_if_missing=True)
+        sb = strato.Sandbox.create(app=app, runtime="bwrap")
+        assert sb.exec("true").wait() == 0
+        agents = [pid for pid, cmd in processes_of(handle.home) if "-m strato.worker" in cmd]
+        assert len(agents) == 1, processes_of(handle.home)
+        os.kill(agents[0], signal.SIGKILL)
+        wait_until(lambda: sb.poll() is not None, 30, "the sandbox to be reported ended")
+        assert sb.returncode == 137
+        assert "worker agent" in sb.reason, sb.reason
+        handle.wait_for_worker()  # a new agent: new sandboxes run again
+        again = strato.Sandbox.create(app=app, runtime="bwrap")
+        assert again.exec("echo", "back").stdout.read() == "back\n"
+        again.terminate()
