@@ -22,21 +22,29 @@ from strato.client import session
 from strato.protocol import messages as m
 
 
-def start_control_plane(env: dict[str, str], host: str = "127.0.0.1") -> ServerHandle:
-    """A control plane without a local worker agent, listening for agents on a free port
-    (``agent_port`` in its server.json); the client of this process points at it."""
-    home = Path(tempfile.mkdtemp(prefix="strato-cluster-"))
-    port = free_port()
+def start_control_plane(
+    env: dict[str, str],
+    host: str = "127.0.0.1",
+    *,
+    home: Path | None = None,
+    port: int | None = None,
+    agent_port: int = 0,
+) -> ServerHandle:
+    """A control plane without a local worker agent, listening for agents on
+    ``agent_port`` (0: a free one; ``agent_port`` in its server.json); the client of this
+    process points at it. ``home`` and ``port``: start it again where it was."""
+    home = home or Path(tempfile.mkdtemp(prefix="strato-cluster-"))
+    port = port or free_port()
     full = dict(
         os.environ,
         STRATO_HOME=str(home),
         STRATO_PORT=str(port),
         STRATO_HOST=host,
         STRATO_LOCAL_WORKER="0",
-        STRATO_AGENT_PORT="0",
+        STRATO_AGENT_PORT=str(agent_port),
         **env,
     )
-    log = open(home / "server.log", "wb")  # noqa: SIM115 - the process keeps it
+    log = open(home / "server.log", "ab")  # noqa: SIM115 - the process keeps it
     subprocess.Popen(
         [sys.executable, "-m", "strato.server"],
         env=full,
@@ -122,6 +130,7 @@ def start_agent(
     netns: str | None = None,
     labels: str = "",
     env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Agent:
     home = Path(tempfile.mkdtemp(prefix=f"strato-node-{name}-"))
     full = dict(
@@ -150,6 +159,7 @@ def start_agent(
     ]
     if labels:
         argv += ["--labels", labels]
+    argv += list(extra)
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
     log = home / "agent.log"

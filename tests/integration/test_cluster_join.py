@@ -244,3 +244,43 @@ def test_web_endpoints_on_joined_nodes_answer_through_the_relay(cluster):
         assert listing.containers and all(c.node_id in joined for c in listing.containers)
     finally:
         session.api().call("POST", "/apps/web-basic/stop", None, None)
+
+
+def test_agents_join_over_tls(tmp_path):
+    """A control plane with a certificate: an agent that trusts it joins and runs work;
+    one that speaks plain TCP to it does not join."""
+    import os
+
+    from conftest import restore_env
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=strato-test"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
+    handle = start_control_plane({"STRATO_TLS_CERT": str(cert), "STRATO_TLS_KEY": str(key)})
+    agents = []
+    try:
+        token, port = join_token(handle), agent_port(handle)
+        agents.append(
+            start_agent(
+                handle.url, port, token, "secure", env=NODE_ENV, extra=("--tls-ca", str(cert))
+            )
+        )
+        agents.append(start_agent(handle.url, port, token, "plain", env=NODE_ENV))
+        wait_nodes({"secure"})
+        with cluster_work.app.run(quiet=True):
+            assert list(cluster_work.work.map(range(20))) == [
+                cluster_work.expected(x) for x in range(20)
+            ]
+        assert "plain" not in ready_nodes()
+    finally:
+        for a in agents:
+            a.stop()
+        stop_control_plane(handle)
+        restore_env(saved)
+        session.reset()

@@ -35,8 +35,10 @@ HEARTBEAT_TIMEOUT_S = 3.0  # short, so that a cut link counts as a lost node qui
 NODE_ENV = {"STRATO_NODE_CPU": "0.5", "STRATO_NODE_MEMORY_MB": "4096"}
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+def _ip(*args: str, check: bool = True) -> None:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise subprocess.CalledProcessError(out.returncode, ["ip", *args], out.stdout, out.stderr)
 
 
 class Host:
@@ -64,8 +66,8 @@ class Host:
         ):
             _ip("netns", "exec", self.ns, "ip", *cmd)
 
-    def link(self, up: bool) -> None:
-        _ip("link", "set", self.outer, "up" if up else "down")
+    def link(self, up: bool, check: bool = True) -> None:
+        _ip("link", "set", self.outer, "up" if up else "down", check=check)
 
     def destroy(self) -> None:
         subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
@@ -110,7 +112,7 @@ def cluster(hosts):
         yield handle, agents, dict(zip(agents, hosts, strict=True))
     finally:
         for h in hosts:
-            h.link(True)
+            h.link(True, check=False)  # (a link a test cut comes back for the next test)
         for a in agents.values():
             a.stop()
         stop_control_plane(handle)
@@ -201,4 +203,51 @@ def test_a_cut_link_past_the_heartbeat_timeout_then_restored(cluster):
         # the node works again
         assert list(cluster_work.work.map(range(40))) == [
             cluster_work.expected(x) for x in range(40)
+        ]
+
+
+def test_a_control_plane_restart_while_remote_nodes_work(cluster):
+    """SIGKILL the control plane mid-map and start it again on the same state, port and
+    agent port: the nodes join again, the containers of the earlier run are killed, the
+    map ends with every output once."""
+    from cluster_nodes import start_control_plane
+
+    handle, agents, _ = cluster
+    port = agent_port(handle)
+    n = 2000
+    with cluster_work.app.run(quiet=True):
+        t, box = _map_in_thread(n, 0.004)
+        wait_until(lambda: box["done"] >= n // 5 or "out" in box, 120, "a fifth of the map")
+        handle.kill()
+        start_control_plane(
+            {"STRATO_WORKER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S)},
+            host="0.0.0.0",
+            home=handle.home,
+            port=handle.port,
+            agent_port=port,
+        )
+        wait_nodes(set(agents), timeout=60)
+        t.join(300)
+        assert not t.is_alive(), "the map did not finish"
+        assert "error" not in box, box.get("error")
+        assert box["out"] == [cluster_work.expected(x) for x in range(n)]
+
+
+def test_a_node_back_with_the_same_name_and_a_new_inventory(cluster):
+    handle, agents, by_name = cluster
+    token, port = join_token(handle), agent_port(handle)
+    old = agents["host1"]
+    old.stop()
+    wait_until(lambda: {x.info.name: x.state for x in nodes()}["host1"] == "lost", 30, "host1 lost")
+    h = by_name["host1"]
+    bigger = {**NODE_ENV, "STRATO_NODE_CPU": "1.5", "STRATO_NODE_MEMORY_MB": "8192"}
+    url = f"http://{h.gateway}:{handle.port}"
+    agents["host1"] = start_agent(url, port, token, "host1", netns=h.ns, env=bigger)
+    back = wait_nodes({"host1"})["host1"]
+    assert (back.info.cpu, back.info.memory_mb) == (1.5, 8192)
+    assert [x.info.name for x in nodes()].count("host1") == 1  # the same node, not a second
+    with cluster_work.app.run(quiet=True):
+        n = 300
+        assert list(cluster_work.work.map(range(n), [0.01] * n)) == [
+            cluster_work.expected(x) for x in range(n)
         ]
