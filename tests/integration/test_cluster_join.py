@@ -284,3 +284,13 @@ def test_agents_join_over_tls(tmp_path):
         stop_control_plane(handle)
         restore_env(saved)
         session.reset()
+
+
+def test_block_network_containers_under_bwrap_work_on_joined_nodes(cluster):
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bwrap is not installed")
+    with cluster_work.app.run(quiet=True):
+        out = cluster_work.sealed.remote(6)
+    assert out == {"double": 12, "nested": 36, "network": False}

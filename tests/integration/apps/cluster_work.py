@@ -43,3 +43,16 @@ def channel() -> str:
     import os
 
     return os.environ["STRATO_CHANNEL"]
+
+
+@app.function(runtime="bwrap", block_network=True)
+def sealed(x: int) -> dict:
+    """No network at all, yet its channel (relayed on a joined node) works: a nested call."""
+    import socket
+
+    try:
+        socket.create_connection(("10.211.1.1", 80), timeout=2).close()
+        reached = True
+    except OSError:
+        reached = False
+    return {"double": 2 * x, "nested": square.remote(x), "network": reached}
