@@ -535,6 +535,41 @@ JOIN_TOKEN = text(
     shown_default="-",
 )
 # --- cluster: end
+# --- ray: begin
+PROVIDER = text(
+    "STRATO_PROVIDER",
+    "local",
+    "Where the control plane's nodes come from: `local` (this machine, one worker agent) "
+    "or `ray` (one worker agent on each node of the Ray cluster at `RAY_ADDRESS`; "
+    "`strato server start --provider ray`).",
+    (SERVER, CLIENT),
+    choices=("local", "ray"),
+)
+RAY_SHARE = number(
+    "STRATO_RAY_SHARE",
+    1.0,
+    "With `STRATO_PROVIDER=ray`: the share of each Ray node's CPUs, memory and GPUs "
+    "(rounded down to whole GPUs) that strato reserves from Ray and offers to containers.",
+    (SERVER,),
+    unit="number",
+    within=Range(0.0, 1.0, lo_open=True),
+)
+RAY_NODE_RESOURCE = text(
+    "STRATO_RAY_NODE_RESOURCE",
+    "",
+    "With `STRATO_PROVIDER=ray`: only Ray nodes that have this custom resource (`ray start "
+    "--resources '{\"strato\": 1}'`) run a strato worker agent.",
+    (SERVER,),
+    shown_default="every Ray node",
+)
+RAY_AGENT_HOME = path(
+    "STRATO_RAY_AGENT_HOME",
+    "`strato-ray-<uid>` in each Ray node's temporary folder",
+    "With `STRATO_PROVIDER=ray`: the folder on each Ray node under which its worker agent "
+    "keeps its state (code, images, containers), one subfolder per node.",
+    (SERVER,),
+)
+# --- ray: end
 WORKER_RESTART_BACKOFF = _declare(
     Setting(
         "STRATO_WORKER_RESTART_BACKOFF",

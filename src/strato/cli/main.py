@@ -338,8 +338,17 @@ def _server_pid() -> int | None:
     default=None,
     help="Listen on this address (0.0.0.0: every one; needs the API token, see README).",
 )
-def server_start(foreground: bool, host: str | None) -> None:
+@click.option(
+    "--provider",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where nodes come from: this machine (local, the default), or every node of the "
+    "Ray cluster at RAY_ADDRESS (ray). Also STRATO_PROVIDER.",
+)
+def server_start(foreground: bool, host: str | None, provider: str | None) -> None:
     """Start the control plane (and this machine's worker agent) if none answers."""
+    if provider is not None:  # --- ray: the control plane's process reads it
+        os.environ["STRATO_PROVIDER"] = provider
     if host is not None:  # --- cluster: listen beyond loopback (other machines join)
         os.environ["STRATO_HOST"] = host
         if not foreground:

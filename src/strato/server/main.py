@@ -116,6 +116,17 @@ async def serve(config: ServerConfig) -> None:
         )
     )
     app.stopping = lambda: server.should_exit  # the dashboard's streams end at once
+    ray_provider = None  # --- ray: the nodes of a Ray cluster, instead of this machine
+    if settings.PROVIDER.get() == "ray":
+        from strato.providers import ray as ray_provider_mod
+
+        try:
+            ray_provider = await ray_provider_mod.start(
+                cp, os.environ.get("RAY_ADDRESS"), os.environ
+            )
+        except BaseException:
+            await cp.close()
+            raise
     info = server_info_path(config.home)
     tmp = info.with_suffix(".tmp")
     tmp.write_text(
@@ -131,7 +142,7 @@ async def serve(config: ServerConfig) -> None:
     )
     os.replace(tmp, info)
     provider = None
-    if config.start_local_worker:
+    if config.start_local_worker and ray_provider is None:
         provider = LocalProvider(
             config.home,
             f"unix:{config.channel_socket}",
@@ -155,6 +166,8 @@ async def serve(config: ServerConfig) -> None:
             pass
         if provider is not None:
             provider.stop_worker()
+        if ray_provider is not None:
+            await asyncio.to_thread(ray_provider.close)
         await cp.close()
 
 

@@ -36,7 +36,7 @@ from .coldstart import ZygotePool
 from .launch import prepare_launch
 from .lines import REDRAW, LineSplitter
 from .relay import Relay
-from .resources import detect_inventory
+from .resources import NodeInventory, detect_inventory
 
 log = logging.getLogger("strato.worker")
 
@@ -123,8 +123,11 @@ class WorkerAgent:
         server_url: str | None = None,
         tls: ssl.SSLContext | None = None,
         labels: dict[str, str] | None = None,
+        inventory: NodeInventory | None = None,
     ) -> None:
         self.channel = channel
+        # --- ray: what this node offers, as its provider declares it (None: detected)
+        self.inventory = inventory
         # --- cluster: an agent that joined over the network (``strato worker start``)
         # fetches code and blobs from ``server_url`` and relays its containers' channels
         self.server_url = server_url
@@ -186,7 +189,7 @@ class WorkerAgent:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._private_dirs()
-        inv = detect_inventory()
+        inv = self.inventory or detect_inventory()
         node = m.NodeInfo(
             name=self.name,
             provider=self.provider,

@@ -1,0 +1,229 @@
+"""The ``ray`` provider on a real multi-node Ray cluster on this machine (a head and
+raylets started by Ray's own ``ray.cluster_utils.Cluster``): one strato worker agent per
+Ray node (an actor pinned to it, reserving what strato offers there), nodes that join
+later get one, functions spread over the Ray nodes, and a Ray node removed in the middle
+of a ``.map`` loses nothing. Everything is torn down at the end: no raylet, actor, agent
+or container is left.
+
+The machine has 2 cores: the cluster is a head and two raylets of one CPU each, and
+strato takes half of each (``STRATO_RAY_SHARE=0.5``), so a function of 0.25 CPU fits two
+containers per node and a ``.map`` spreads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from apps import cluster_work
+from cluster_nodes import containers_by_node, nodes, ready_nodes
+from conftest import INTEGRATION_DIR, ServerHandle, free_port, pid_alive, restore_env, wait_until
+
+from strato.client import session
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+
+SHARE = 0.5
+
+
+def ray_ready_nodes() -> dict[str, object]:
+    return {k: n for k, n in ready_nodes().items() if n.info.provider == "ray"}
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line or environment names ``text``."""
+    needle = text.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                seen = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                seen += f.read()
+        except OSError:
+            continue
+        if needle in seen and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_strato():
+    from ray.cluster_utils import Cluster
+
+    keys = ("STRATO_HOME", "STRATO_SERVER_URL", "PYTHONPATH", "STRATO_RUNTIME", "RAY_ADDRESS")
+    saved = {k: os.environ.get(k) for k in keys}
+    work = Path(tempfile.mkdtemp(prefix="strato-ray-"))
+    agents_home = work / "agents"
+    # the raylets' workers (strato's actors, their agents, their containers) inherit this
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(INTEGRATION_DIR), *([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])]
+    )
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    raylets = [cluster.add_node(num_cpus=1, resources={"extra": 1})]
+    cluster.wait_for_nodes()
+    home = work / "cp"
+    port = free_port()
+    handle = ServerHandle(home, f"http://127.0.0.1:{port}", port)
+    env = dict(
+        os.environ,
+        STRATO_HOME=str(home),
+        STRATO_SERVER_URL=handle.url,
+        STRATO_RUNTIME=os.environ.get("STRATO_RUNTIME", "process"),
+        STRATO_RAY_SHARE=str(SHARE),
+        STRATO_RAY_AGENT_HOME=str(agents_home),
+        STRATO_WORKER_HEARTBEAT_S="0.5",
+        RAY_ADDRESS=cluster.address,
+    )
+    env.pop("STRATO_PROVIDER", None)
+    try:
+        # the documented command: the control plane joins the Ray cluster at RAY_ADDRESS
+        out = subprocess.run(
+            [sys.executable, "-m", "strato.cli.main", "server", "start", "--provider", "ray"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        handle.activate()
+        ray.init(address=cluster.address, log_to_driver=False)  # this test reads Ray too
+        yield cluster, handle, raylets, agents_home
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        session.reset()
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(handle.pid, signal.SIGTERM)
+                wait_until(lambda: not pid_alive(handle.pid), 60, "the control plane to stop")
+            # the provider stopped every node's agent, which stopped its containers
+            wait_until(lambda: not _pids_mentioning(str(agents_home)), 60, "agents to exit")
+        finally:
+            raylet_pids = [
+                p.process.pid
+                for node in cluster.list_all_nodes()
+                for procs in node.all_processes.values()
+                for p in procs
+            ]
+            cluster.shutdown()
+            left = [p for p in raylet_pids if pid_alive(p)]
+            strays = _pids_mentioning(str(agents_home))
+            for pid in strays:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if not os.environ.get("STRATO_TEST_KEEP_HOME"):
+                shutil.rmtree(work, ignore_errors=True)
+            restore_env(saved)
+            session.reset()
+        assert not left, f"Ray processes left behind: {left}"
+        assert not strays, f"strato agents or containers left behind: {strays}"
+
+
+def _ray_node_ids(cluster) -> set[str]:
+    return {n.node_id for n in cluster.list_all_nodes()}
+
+
+def test_each_ray_node_runs_one_agent_that_declares_what_ray_gives(ray_strato):
+    cluster, handle, raylets, _ = ray_strato
+    ready = wait_until(lambda: len(r := ray_ready_nodes()) == 2 and r, 90, "2 Ray nodes")
+    assert {n.info.provider for n in nodes()} == {"ray"}  # no local agent in this mode
+    by_ray_id = {n.info.labels["ray.io/node-id"]: n for n in ready.values()}
+    assert set(by_ray_id) == _ray_node_ids(cluster)
+    for ray_node in ray.nodes():
+        n = by_ray_id[ray_node["NodeID"]]
+        assert n.info.name == "ray-" + ray_node["NodeID"][:12]
+        assert n.info.cpu == pytest.approx(ray_node["Resources"]["CPU"] * SHARE)
+        assert n.info.memory_mb == int(ray_node["Resources"]["memory"] * SHARE) // (1 << 20)
+        assert n.info.gpus == {}
+    # Ray counts what strato reserved: half of each node's CPUs are taken by its actor
+    wait_until(
+        lambda: ray.available_resources().get("CPU", 0) == pytest.approx(2 * (1 - SHARE)),
+        30,
+        "Ray to show strato's reservations",
+    )
+
+    # a Ray node that joins later gets its agent
+    raylets.append(cluster.add_node(num_cpus=1, resources={"extra": 1}))
+    cluster.wait_for_nodes()
+    wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "the new Ray node's agent")
+
+
+def test_a_map_spreads_over_ray_nodes(ray_strato):
+    wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "3 Ray nodes")
+    with cluster_work.app.run(quiet=True) as app:
+        n = 200
+        out = list(cluster_work.work.map(range(n), [0.02] * n))
+        assert out == [cluster_work.expected(x) for x in range(n)]
+        spread = containers_by_node(app.app_id)
+        ray_nodes = {s.node_id for s in ray_ready_nodes().values()}
+        assert set(spread) <= ray_nodes
+        assert len(spread) >= 2, spread  # 0.5 CPU per node holds 2 of the 4 containers
+        # the containers dialled their own node agent's relay (their home is that node's)
+        dialled = cluster_work.channel.remote()
+        assert dialled.endswith("/run/relay.sock")
+
+
+def test_a_ray_node_removed_mid_map_loses_nothing(ray_strato):
+    cluster, handle, raylets, agents_home = ray_strato
+    wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "3 Ray nodes")
+    ready = ray_ready_nodes()
+    # strato's node of each raylet that is not the head (Ray's head stays)
+    raylet_of = {ready["ray-" + r.node_id[:12]].node_id: r for r in raylets}
+    n = 600
+    victim = victim_id = None
+    with cluster_work.app.run(quiet=True) as app:
+        got: list[int] = []
+        for i, y in enumerate(cluster_work.work.map(range(n), [0.03] * n)):
+            got.append(y)
+            if victim is None and i >= 20:
+                busy = [nid for nid in containers_by_node(app.app_id) if nid in raylet_of]
+                if busy:  # a raylet running containers of the map right now
+                    victim_id = busy[0]
+                    victim = raylet_of[victim_id]
+                    cluster.remove_node(victim)  # its raylet and workers (strato's actor) die
+        assert victim is not None, "no raylet ran a container of the map"
+        assert len(got) == n
+        assert got == [cluster_work.expected(x) for x in range(n)]  # each once, in order
+    # the node is lost in strato, and its agent (with its containers) is gone
+    wait_until(
+        lambda: {x.node_id: x.state for x in nodes()}.get(victim_id) == "lost",
+        60,
+        "the removed Ray node to be lost",
+    )
+    victim_name = "ray-" + victim.node_id[:12]
+    wait_until(
+        lambda: not _pids_mentioning(str(agents_home / victim_name)),
+        60,
+        "the removed node's agent and containers to exit",
+    )
+    raylets.remove(victim)
+    assert len(ray_ready_nodes()) == 2
+
+
+def test_server_status_names_ray_nodes(ray_strato):
+    _, handle, _, _ = ray_strato
+    out = subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", "server", "status"],
+        env=dict(os.environ, STRATO_HOME=str(handle.home), STRATO_SERVER_URL=handle.url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(", ray): ready") == 2, out.stdout
+    info = json.loads((handle.home / "server.json").read_text())
+    assert info["agent_port"]  # the provider opened the agent listener
