@@ -591,6 +591,30 @@ WORKER_RESTART_RESET_S = number(
     within=Range(0.0, 86400.0, lo_open=True),
 )
 
+# --- broker: begin
+PROVIDERS_CONFIG = path(
+    "STRATO_PROVIDERS_CONFIG",
+    "`$STRATO_HOME/providers.toml`",
+    "The providers file: which providers the broker may buy nodes from, their limits, "
+    "the broker's `max_nodes` and budget per hour, and `sim` faults (docs: the README's "
+    "providers section). Absent: no broker, the local node only.",
+    (SERVER, CLIENT),
+)
+SIM_OFFERS = path(
+    "STRATO_SIM_OFFERS",
+    "`../shared/data/gpu-offers/offers.csv` beside the checkout",
+    "The offers catalog (SkyPilot's, 13 providers) that the `sim` providers sell.",
+    (SERVER, CLIENT),
+)
+SIM_TRACES = path(
+    "STRATO_SIM_TRACES",
+    "`../shared/data/spot-availability` beside the checkout",
+    "Spot availability traces: preemption rates of the broker's cost model and the "
+    "preemptions `sim` providers replay.",
+    (SERVER, CLIENT),
+)
+# --- broker: end
+
 FAULT_DB_LATENCY_MS = number(
     "STRATO_FAULT_DB_LATENCY_MS",
     0.0,

@@ -263,6 +263,12 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []  # --- secrets (ids, no values)
     schedule: Schedule | None = None  # --- schedules: deployed functions only
     sandbox: SandboxConfig | None = None  # --- sandboxes: the container is a sandbox
+    # --- broker: begin (where its nodes may be bought: Modal's region=, cloud=,
+    # nonpreemptible=)
+    region: str | list[str] | None = None
+    cloud: str | None = None
+    nonpreemptible: bool = False
+    # --- broker: end
     web: WebConfig | None = None  # a web endpoint; keep this field last
 
 
@@ -1139,3 +1145,65 @@ ChannelMessage = (
     | RelayData
     | RelayClose
 )
+
+
+# --- broker: begin
+class ProviderInfo(msgspec.Struct):
+    name: str
+    enabled: bool
+    kind: str
+    offers: int
+    spot: bool
+    regions: list[str]
+    nodes: int  # instances held now
+    max_nodes: int | None = None
+
+
+class InstanceInfo(msgspec.Struct):
+    instance_id: str
+    provider: str
+    offer_id: str
+    instance_type: str
+    gpu: str | None
+    gpu_count: int
+    spot: bool
+    price_per_hour: float
+    state: str  # provisioning | running | preempted | failed | terminated
+    node_name: str
+    reason: str = ""
+    node_id: str | None = None
+    for_function: str | None = None  # what it was bought for
+    region: str = ""
+
+
+class BrokerStatus(msgspec.Struct):
+    configured: bool
+    config_path: str
+    providers: list[ProviderInfo]
+    instances: list[InstanceInfo]  # held now, then the last ended ones
+    blocked: list[str]  # "provider/region/gpu until +Ns"
+    max_nodes: int
+    budget_per_hour: float
+    spend_per_hour: float
+    failovers: int
+    preemptions: int
+
+
+class UsageRow(msgspec.Struct):
+    key: str
+    containers: int = 0
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    memory_gib_s: float = 0.0
+    gpu_s: float = 0.0
+    cost: float = 0.0
+
+
+class UsageReport(msgspec.Struct):
+    by: str
+    since: float  # unix time
+    rows: list[UsageRow]
+    total: UsageRow
+
+
+# --- broker: end

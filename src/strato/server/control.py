@@ -121,6 +121,21 @@ class ControlPlane:
             web_stats=self.gateway.stats,
             tell=lambda app_id, text: self.logs.system(app_id, text),
         )
+        # --- broker: nodes bought from providers ($STRATO_HOME/providers.toml)
+        from strato.providers.config import ConfigWatch, config_path
+
+        from .broker.service import Broker
+
+        self.broker = Broker(
+            ConfigWatch(config_path(config.home)),
+            self.fleet,
+            self.calls,
+            home=config.home,
+            channel=f"unix:{config.channel_socket}",
+            token=self.token,
+            tell=lambda app_id, text: self.logs.system(app_id, text),
+        )
+        self.fleet.supply = self.broker.can_supply
         self.apps = Apps(
             self.store,
             self.blobs,
@@ -179,6 +194,7 @@ class ControlPlane:
             srv.close()
         if self.agents is not None:  # --- cluster
             self.agents.close()
+        self.broker.close()  # --- broker: its nodes are given back
         for node in self.fleet.nodes.values():
             if node.peer is not None:
                 node.peer.close()
@@ -381,6 +397,7 @@ class ControlPlane:
             self.fleet.check_startups,
             self.gateway.tick,
             self.scaler.tick,
+            self.broker.tick,  # --- broker
         ):
             try:
                 step(now)
