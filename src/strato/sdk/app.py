@@ -60,6 +60,9 @@ SHARED_OPTIONS = (
     "block_network",
     "runtime",
     "volumes",
+    "region",  # --- broker: where its nodes may be bought
+    "cloud",
+    "nonpreemptible",
 )
 """The options ``@app.function()`` and ``@app.cls()`` share (``App._spec_base``)."""
 
@@ -146,6 +149,9 @@ class App:
         block_network,
         runtime,
         volumes,
+        region=None,  # --- broker
+        cloud=None,
+        nonpreemptible=False,
     ) -> tuple[dict[str, Any], Image | None]:
         """The FunctionSpec fields every function and class shares, validated now, and the
         image they run on."""
@@ -174,6 +180,7 @@ class App:
             block_network=block_network,
             runtime=runtime,
             volumes=volume_mounts({**self.volumes, **(volumes or {})}),
+            **options.placement(region, cloud, nonpreemptible),  # --- broker
         ), image
 
     def _register(self, tag: str, obj) -> None:
@@ -202,6 +209,9 @@ class App:
         runtime: str | None = None,
         volumes: dict[str, Volume] | None = None,
         secrets: list[Secret] | None = None,
+        region: str | list[str] | None = None,  # --- broker
+        cloud: str | None = None,
+        nonpreemptible: bool = False,
         schedule=None,
         name: str | None = None,
     ) -> Callable[[Callable], Function]:
@@ -291,6 +301,9 @@ class App:
         runtime: str | None = None,
         volumes: dict[str, Volume] | None = None,
         secrets: list[Secret] | None = None,
+        region: str | list[str] | None = None,  # --- broker
+        cloud: str | None = None,
+        nonpreemptible: bool = False,
     ) -> Callable[[type], Cls]:
         """A class whose containers build one instance, run its ``@enter`` hooks, and serve
         its ``@method()``s."""

@@ -197,3 +197,30 @@ def overrides(
             sc.scaledown_window if scaledown_window is None else scaledown_window,
         )
     return ov
+
+
+# --- broker: begin
+def placement(region, cloud, nonpreemptible) -> dict:
+    """Modal's ``region=`` (a name or a list; "us" matches "us-east-1"), ``cloud=`` (a
+    provider: aws, gcp, lambda, runpod...) and ``nonpreemptible=`` (on-demand nodes only)."""
+    if region is not None:
+        names = [region] if isinstance(region, str) else region
+        if (
+            not isinstance(names, list | tuple)
+            or not names
+            or not all(isinstance(r, str) and r.strip() for r in names)
+        ):
+            raise InvalidError(f"region={region!r}: use a region name or a list of them")
+        region = names[0].strip() if isinstance(region, str) else [r.strip() for r in names]
+    if cloud is not None and (not isinstance(cloud, str) or not cloud.strip()):
+        raise InvalidError(f"cloud={cloud!r}: use a provider name such as 'aws' or 'gcp'")
+    if not isinstance(nonpreemptible, bool):
+        raise InvalidError("nonpreemptible= must be True or False")
+    return {
+        "region": region,
+        "cloud": cloud.strip().lower() if cloud else None,
+        "nonpreemptible": nonpreemptible,
+    }
+
+
+# --- broker: end

@@ -126,6 +126,8 @@ class Fleet:
         # --- sandboxes: told when a sandbox's container is ready or gone (set by
         # api/routes_sandboxes.py; server/sandboxes)
         self.sandbox_watch: SandboxWatch | None = None
+        # --- broker: can it buy a node for this request (then the work waits for it)
+        self.supply: Callable[[ContainerRequest, bool], bool] | None = None
 
     # ------------------------------------------------------------------ what others ask
 
@@ -333,7 +335,11 @@ class Fleet:
     def request_for(self, spec: m.FunctionSpec) -> ContainerRequest:
         res = spec.resources
         return ContainerRequest(
-            cpu=res.cpu, memory_mb=res.memory_mb, gpu=parse_gpu(res.gpu or None)
+            cpu=res.cpu,
+            memory_mb=res.memory_mb,
+            gpu=parse_gpu(res.gpu or None),
+            region=spec.region,  # --- broker: Modal's region= and cloud=
+            provider=spec.cloud,
         )
 
     def start_container(self, fn: FunctionQueue) -> Container | None:
@@ -456,6 +462,8 @@ class Fleet:
 
     def _unplaceable(self, fn: FunctionQueue, request: ContainerRequest) -> None:
         empty = [v.emptied() for v in self.live_views()]
+        if self.supply is not None and self.supply(request, fn.spec.nonpreemptible):
+            return  # --- broker: a node is bought for it (the broker tells the app)
         if empty and place(request, empty) is None:
             # No node could ever run it: fail its inputs rather than let them wait forever.
             why = explain_unplaceable(request, empty)

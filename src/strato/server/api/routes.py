@@ -23,6 +23,7 @@ from . import (
     routes_schedules,
     routes_secrets,
     routes_state,
+    routes_usage,
     routes_volumes,
 )
 from .router import Reply, Request, Router, reply
@@ -336,6 +337,7 @@ def build_app(cp: ControlPlane) -> Router:
         routes_volumes,
         routes_schedules,
         routes_sandboxes,
+        routes_usage,  # --- broker: GET /broker, GET /usage
     ):
         feature.register(api, cp)
     __import__("strato.server.cluster.routes", fromlist=["x"]).register(api, cp)  # --- cluster

@@ -1,0 +1,415 @@
+"""The broker at run time: buys nodes from providers for work no node can take.
+
+On each scaling tick it reads the providers file again if it changed, then:
+
+- demand: each function with queued inputs that no live node can place (its GPU type,
+  CPU, memory, ``region=``, ``cloud=``) wants containers for its queue (up to
+  ``max_containers``), less those the nodes it is already provisioning will hold;
+- it chooses offers (``decide.choose``) within ``max_nodes`` (the broker's and each
+  provider's) and the budget per hour, and provisions them; a provisioning that fails
+  blocks its (provider, region, GPU type) for ``cooldown_s`` and the next choice is
+  provisioned at once (no wait but the scheduler's);
+- a node the broker bought that has held no container for ``keep_alive_s`` is given back;
+- a preempted node: its agent is gone, so the fleet counts its node lost and the inputs
+  its containers held go back to the front of the queue (``Fleet.worker_gone``); the next
+  tick buys the capacity again;
+- work that waits (limits, cool-downs) is told why in the app's logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from strato.protocol import messages as m
+from strato.providers.base import FINAL, Instance, InstanceState, Offer, Provider, StateChange
+from strato.providers.catalog import load_offers
+from strato.providers.config import BrokerConfig, ConfigWatch
+from strato.providers.sim import SimProvider
+from strato.providers.traces import PreemptionModel, load_traces
+
+from ..calls.state import AppState
+from ..scheduler import ContainerRequest, place
+from .decide import BlockKey, Demand, OfferIndex, block_key, choose
+
+if TYPE_CHECKING:
+    from ..calls.manager import CallManager, FunctionQueue
+    from ..fleet import Fleet
+
+log = logging.getLogger("strato.broker")
+
+WAIT_REPORT_EVERY_S = 30.0
+MAX_FAILOVERS_PER_TICK = 16
+
+
+@dataclass
+class Held:
+    """An instance the broker bought, and what it was bought for."""
+
+    instance: Instance
+    provider: str
+    earmark: dict[str, int] = field(default_factory=dict)  # function id -> containers
+    idle_since: float | None = None
+    bought_for: str | None = None
+
+
+class Broker:
+    def __init__(
+        self,
+        watch: ConfigWatch,
+        fleet: Fleet,
+        calls: CallManager,
+        *,
+        home: Path,
+        channel: str,
+        token: str,
+        tell: Callable[[str, str], None],
+        offers: list[Offer] | None = None,
+    ) -> None:
+        self.watch = watch
+        self.fleet = fleet
+        self.calls = calls
+        self.home, self.channel, self.token = home, channel, token
+        self._tell = tell
+        self._catalog = offers
+        self.config = BrokerConfig()
+        self.providers: dict[str, Provider] = {}
+        self.index = OfferIndex([])
+        self.held: dict[str, Held] = {}  # instance id -> held
+        self.blocked: dict[BlockKey, float] = {}  # -> until (monotonic)
+        self.events: list[StateChange] = []
+        self._told: dict[str, tuple[str, float]] = {}  # function id -> (why, when)
+        self.failovers = 0
+        self.preemptions = 0
+        self.history: collections.deque[Held] = collections.deque(maxlen=200)
+
+    # ------------------------------------------------------------------ configuration
+
+    def reload(self) -> None:
+        if not self.watch.poll():
+            return
+        cfg = self.watch.config or BrokerConfig()
+        self.config = cfg
+        catalog = self._catalog if self._catalog is not None else load_offers()
+        for name in cfg.enabled:
+            if name not in self.providers:
+                pc = cfg.providers[name]
+                self.providers[name] = SimProvider(
+                    name,
+                    catalog,
+                    home=self.home,
+                    channel=self.channel,
+                    token=self.token,
+                    on_change=self._on_change,
+                    faults=lambda: self.config.faults,
+                    provisioning_delay_s=cfg.provisioning_delay_s,
+                    regions=pc.regions,
+                )
+        for name in list(self.providers):  # disabled: nothing new; what it holds stays
+            if name not in cfg.enabled and not self.providers[name].instances():
+                del self.providers[name]
+        for p in self.providers.values():
+            if isinstance(p, SimProvider):
+                p.delay_s = cfg.provisioning_delay_s
+        offers = [o for p in self.providers.values() for o in p.offers()]
+        self.index = OfferIndex(
+            offers,
+            PreemptionModel(load_traces()),
+            loss_h=cfg.preemption_loss_h,
+            spot=cfg.spot,
+        )
+        log.info(
+            "broker: providers %s, %d options, max_nodes %d, $%.2f/h",
+            ", ".join(sorted(self.providers)) or "none",
+            len(self.index),
+            cfg.max_nodes,
+            cfg.budget_per_hour,
+        )
+
+    def _reload_safely(self) -> None:
+        try:
+            self.reload()
+        except Exception as e:  # noqa: BLE001 - a bad file: keep the last good one
+            log.error("broker: the providers file is not valid (%s); keeping the last one", e)
+
+    # ------------------------------------------------------------------ what the fleet asks
+
+    def can_supply(self, request: ContainerRequest, spec_nonpreemptible: bool = False) -> bool:
+        """True when some enabled offer could ever hold a container of ``request``."""
+        self._reload_safely()
+        if not self.providers:
+            return False
+        d = Demand("?", request, 1, spec_nonpreemptible)
+        return not choose([d], self.index).infeasible
+
+    def why_waiting(self, function_id: str) -> str | None:
+        told = self._told.get(function_id)
+        return told[0] if told else None
+
+    # ------------------------------------------------------------------ the tick
+
+    def tick(self, now: float) -> None:
+        self._reload_safely()
+        self._events(now)
+        if not self.providers:
+            return
+        self.blocked = {k: u for k, u in self.blocked.items() if u > now}
+        for _ in range(MAX_FAILOVERS_PER_TICK):
+            if not self._buy(now):
+                break
+        self._release_idle(now)
+
+    def _events(self, now: float) -> None:
+        events, self.events = self.events, []
+        for ev in events:
+            h = self.held.get(ev.instance.instance_id)
+            if h is None:
+                continue
+            if ev.state == InstanceState.FAILED:
+                key = block_key(ev.instance.offer)
+                self.blocked[key] = now + self.config.cooldown_s
+                self.failovers += 1
+                log.warning(
+                    "broker: %s failed (%s); %s blocked for %gs, trying the next offer",
+                    ev.instance.offer.offer_id,
+                    ev.reason,
+                    "/".join(key),
+                    self.config.cooldown_s,
+                )
+                for fn_id in h.earmark:
+                    self._say(
+                        fn_id,
+                        f"provisioning {ev.instance.offer.offer_id} failed "
+                        f"({ev.reason}); trying the next offer",
+                        now,
+                        force=True,
+                    )
+                self.history.append(self.held.pop(ev.instance.instance_id))
+            elif ev.state in (InstanceState.PREEMPTED, InstanceState.TERMINATED):
+                if ev.state == InstanceState.PREEMPTED:
+                    self.preemptions += 1
+                self._forget_node(h)
+                self.history.append(self.held.pop(ev.instance.instance_id))
+
+    def _on_change(self, ev: StateChange) -> None:
+        """From a provider (on the loop): handled at the next tick; a preemption is told
+        now, while the fleet still knows the node's containers."""
+        self.events.append(ev)
+        h = self.held.get(ev.instance.instance_id)
+        if h is not None and ev.state == InstanceState.PREEMPTED:
+            self._tell_preempted(h)
+
+    def _forget_node(self, h: Held) -> None:
+        """A node that will not come back: dropped from the fleet once its agent is gone."""
+        node_id = self.node_of(h)
+        if node_id is not None:
+            node = self.fleet.nodes.get(node_id)
+            if node is not None and node.peer is None:
+                del self.fleet.nodes[node_id]
+
+    def node_of(self, h: Held) -> str | None:
+        for node_id, node in self.fleet.nodes.items():
+            if node.info.name == h.instance.node_name:
+                return node_id
+        return None
+
+    def _demands(self, now: float) -> list[Demand]:
+        views = self.fleet.live_views()
+        pending: dict[str, int] = {}
+        for h in self.held.values():
+            if h.instance.state == InstanceState.PROVISIONING or (
+                h.instance.state == InstanceState.RUNNING and self.node_of(h) is None
+            ):
+                for fn_id, k in h.earmark.items():
+                    pending[fn_id] = pending.get(fn_id, 0) + k
+        out = []
+        for fn in list(self.calls.functions.values()):
+            if not fn.queue or fn.app_state == AppState.STOPPED or fn.spec.sandbox is not None:
+                continue
+            request = self.fleet.request_for(fn.spec)
+            if place(request, views) is not None:
+                continue  # a node can take it now: the fleet places it
+            want = self._wanted(fn) - pending.get(fn.function_id, 0)
+            if want > 0:
+                out.append(Demand(fn.function_id, request, want, _nonpreemptible(fn)))
+        return out
+
+    def _wanted(self, fn: FunctionQueue) -> int:
+        per = max(1, self.calls.target_inputs(fn))
+        want = math.ceil(len(fn.queue) / per)
+        cap = fn.spec.scaling.max_containers
+        live = len(self.fleet.registry.live_of(fn.function_id))
+        if cap is not None:
+            want = min(want, cap - live)
+        return max(0, want)
+
+    def _limits(self) -> tuple[int, float, set[str]]:
+        cfg = self.config
+        live = [h for h in self.held.values() if h.instance.state not in FINAL]
+        nodes_left = cfg.max_nodes - len(live)
+        spent = sum(h.instance.price_per_hour for h in live)
+        usable = set()
+        for name in self.providers:
+            pc = cfg.providers.get(name)
+            if pc is None or not pc.enabled:
+                continue
+            mine = sum(1 for h in live if h.provider == name)
+            if pc.max_nodes is None or mine < pc.max_nodes:
+                usable.add(name)
+        return nodes_left, cfg.budget_per_hour - spent, usable
+
+    def _buy(self, now: float) -> bool:
+        """One round of choices; True when a provisioning failed at once (try again)."""
+        demands = self._demands(now)
+        if not demands:
+            return False
+        nodes_left, budget_left, usable = self._limits()
+        decision = choose(
+            demands,
+            self.index,
+            blocked=set(self.blocked),
+            nodes_left=nodes_left,
+            budget_left=budget_left,
+            providers=usable,
+        )
+        for key, why in decision.waits.items():
+            self._say(key, f"waits for a node: {why}", now)
+        failed = False
+        for c in decision.choices:
+            provider = self.providers[c.option.offer.provider]
+            try:
+                inst = provider.provision(c.option.offer, spot=c.option.spot)
+            except Exception as e:  # noqa: BLE001 - a provider's error: fail over
+                self.blocked[block_key(c.option.offer)] = now + self.config.cooldown_s
+                self.failovers += 1
+                log.warning("broker: provisioning %s failed: %s", c.option.label, e)
+                failed = True
+                break
+            self.held[inst.instance_id] = Held(
+                inst, provider.name, {c.key: c.containers}, bought_for=c.key
+            )
+            log.info(
+                "broker: provisioning %s for %d container(s) of %s",
+                c.option.label,
+                c.containers,
+                c.key,
+            )
+            self._say(
+                c.key,
+                f"provisioning {c.option.label} for {c.containers} container(s)",
+                now,
+                force=True,
+            )
+        return failed
+
+    def _release_idle(self, now: float) -> None:
+        for iid, h in list(self.held.items()):
+            if h.instance.state != InstanceState.RUNNING:
+                continue
+            node_id = self.node_of(h)
+            if node_id is None:
+                continue
+            h.earmark.clear()  # registered: the fleet places on it now
+            if self.fleet.registry.on_node(node_id):
+                h.idle_since = None
+                continue
+            if h.idle_since is None:
+                h.idle_since = now
+            elif now - h.idle_since >= self.config.keep_alive_s:
+                log.info("broker: releasing idle %s (%s)", iid, h.instance.offer.offer_id)
+                self.providers[h.provider].terminate(iid, "idle past the keep-alive")
+
+    def _say(self, function_id: str, text: str, now: float, force: bool = False) -> None:
+        prior = self._told.get(function_id)
+        if (
+            not force
+            and prior is not None
+            and prior[0] == text
+            and now - prior[1] < WAIT_REPORT_EVERY_S
+        ):
+            return
+        self._told[function_id] = (text, now)
+        fn = self.calls.functions.get(function_id)
+        if fn is not None:
+            self._tell(fn.app_id, f"{fn.name}: {text}")
+
+    def _tell_preempted(self, h: Held) -> None:
+        node_id = self.node_of(h)
+        told = set()
+        for s in self.fleet.registry.on_node(node_id) if node_id else []:
+            if s.app_id not in told:
+                told.add(s.app_id)
+                self._tell(
+                    s.app_id,
+                    f"spot node {h.instance.offer.offer_id} ({node_id}) was preempted: the "
+                    "inputs its containers held go back to the queue; the broker replaces it",
+                )
+
+    def close(self) -> None:
+        for p in self.providers.values():
+            p.close()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> m.BrokerStatus:
+        cfg = self.config
+        live = [h for h in self.held.values() if h.instance.state not in FINAL]
+        now = time.monotonic()
+        providers = []
+        for name, pc in sorted(cfg.providers.items()):
+            p = self.providers.get(name)
+            providers.append(
+                m.ProviderInfo(
+                    name=name,
+                    enabled=pc.enabled,
+                    kind=pc.kind,
+                    offers=len(p.offers()) if p else 0,
+                    spot=bool(p and p.capabilities.spot),
+                    regions=list(p.capabilities.regions) if p else [],
+                    nodes=sum(1 for h in live if h.provider == name),
+                    max_nodes=pc.max_nodes,
+                )
+            )
+        return m.BrokerStatus(
+            configured=self.watch.config is not None,
+            config_path=str(self.watch.path),
+            providers=providers,
+            instances=[self._info(h) for h in [*self.held.values(), *reversed(self.history)]],
+            blocked=[
+                f"{'/'.join(k)} for {u - now:.0f}s" for k, u in self.blocked.items() if u > now
+            ],
+            max_nodes=cfg.max_nodes,
+            budget_per_hour=cfg.budget_per_hour,
+            spend_per_hour=sum(h.instance.price_per_hour for h in live),
+            failovers=self.failovers,
+            preemptions=self.preemptions,
+        )
+
+    def _info(self, h: Held) -> m.InstanceInfo:
+        i, o = h.instance, h.instance.offer
+        return m.InstanceInfo(
+            instance_id=i.instance_id,
+            provider=h.provider,
+            offer_id=o.offer_id,
+            instance_type=o.instance_type,
+            gpu=o.gpu,
+            gpu_count=o.gpu_count,
+            spot=i.spot,
+            price_per_hour=i.price_per_hour,
+            state=str(i.state),
+            node_name=i.node_name,
+            reason=i.reason,
+            node_id=self.node_of(h),
+            for_function=h.bought_for,
+            region=o.region,
+        )
+
+
+def _nonpreemptible(fn: FunctionQueue) -> bool:
+    return bool(getattr(fn.spec, "nonpreemptible", False))
