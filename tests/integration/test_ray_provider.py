@@ -177,6 +177,56 @@ def test_a_map_spreads_over_ray_nodes(ray_strato):
         assert dialled.endswith("/run/relay.sock")
 
 
+def _agent_pid(agents_home: Path, name: str) -> int:
+    """The worker agent process of strato node ``name`` (not its containers)."""
+    pids = []
+    for pid in _pids_mentioning(str(agents_home / name)):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"strato.providers.ray_agent" in f.read():
+                pids.append(pid)
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_dead_agent_or_actor_is_replaced_and_the_node_comes_back(ray_strato):
+    _, _, raylets, agents_home = ray_strato
+    wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "3 Ray nodes")
+    name = "ray-" + raylets[-1].node_id[:12]
+    node_id = ray_ready_nodes()[name].node_id
+
+    def back(old_pid: int) -> bool:
+        n = ray_ready_nodes().get(name)
+        with contextlib.suppress(AssertionError):
+            return (
+                n is not None and n.node_id == node_id and _agent_pid(agents_home, name) != old_pid
+            )
+        return False
+
+    # the agent dies: its actor starts a new one, which registers as the same node
+    agent = _agent_pid(agents_home, name)
+    actor = _parent(agent)
+    os.kill(agent, signal.SIGKILL)
+    wait_until(lambda: back(agent), 60, "the actor to restart the agent")
+    assert _parent(_agent_pid(agents_home, name)) == actor
+
+    # the actor dies (its Ray node lives on): its agent exits with it, the provider makes
+    # a new actor on that node, and the node comes back under the same name
+    agent = _agent_pid(agents_home, name)
+    os.kill(actor, signal.SIGKILL)
+    wait_until(lambda: back(agent), 60, "the provider to replace the actor")
+    assert _parent(_agent_pid(agents_home, name)) != actor
+    assert not pid_alive(agent)
+    with cluster_work.app.run(quiet=True):
+        n = 60
+        out = list(cluster_work.work.map(range(n)))
+        assert out == [cluster_work.expected(x) for x in range(n)]
+
+
 def test_a_ray_node_removed_mid_map_loses_nothing(ray_strato):
     cluster, handle, raylets, agents_home = ray_strato
     wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "3 Ray nodes")

@@ -349,7 +349,13 @@ class RayProvider:
 def connect(address: str | None) -> str:
     """Join the Ray cluster at ``address`` (``RAY_ADDRESS``; None: ``auto``) as a driver;
     returns this machine's address in it."""
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        raise InvalidError(
+            "the ray provider needs Ray in the control plane's environment: "
+            "pip install 'strato[ray]' (and strato on every Ray node)"
+        ) from e
 
     if address and address != "auto" and "://" not in address:
         reachable(address)
