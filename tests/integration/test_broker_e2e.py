@@ -229,3 +229,34 @@ def test_idle_nodes_are_given_back(broker_app):
     bought = {i.node_name for i in status().instances}
     assert not [n for n in nodes if n.info.name in bought and n.state == "ready"]
     assert any(i.reason == "idle past the keep-alive" for i in status().instances)
+
+
+def test_usage_totals_agree_with_container_lifetimes(broker_app):
+    import sqlite3
+
+    quiet()
+    write(broker_app, config("[providers.lambda]\n"))
+    for _ in range(2):
+        bg.on_h100.remote()
+    quiet()  # every container ended (its node was given back after)
+    report = session.api().call(
+        "GET", "/usage", None, m.UsageReport, params={"by": "function", "app": bg.app.app_id}
+    )
+    home = Path(os.environ["STRATO_HOME"])
+    db = sqlite3.connect(home / "state.db")
+    lifetimes = db.execute(
+        "SELECT container_id, stopped_at - started_at FROM containers WHERE app_id = ?",
+        (bg.app.app_id,),
+    ).fetchall()
+    db.close()
+    assert report.total.containers == len(lifetimes)
+    # each container's row is written beside its record, a few ms apart at most
+    assert report.total.seconds == pytest.approx(sum(s for _, s in lifetimes), abs=0.2)
+    h100 = next(r for r in report.rows if r.key.endswith("/on_h100"))
+    assert h100.gpu_s == pytest.approx(h100.seconds)  # one GPU each
+    by_provider = session.api().call(
+        "GET", "/usage", None, m.UsageReport, params={"by": "provider", "app": bg.app.app_id}
+    )
+    assert {r.key for r in by_provider.rows} >= {"lambda"}
+    assert by_provider.total.cost == pytest.approx(report.total.cost)
+    assert by_provider.total.cost > 0

@@ -429,6 +429,8 @@ main.add_command(__import__("strato.cli.state", fromlist=["x"]).queue_group)  # 
 main.add_command(__import__("strato.cli.dashboard", fromlist=["x"]).dashboard)  # /ui
 main.add_command(__import__("strato.cli.sandbox", fromlist=["x"]).sandbox_group)  # sandboxes
 main.add_command(__import__("strato.cli.worker", fromlist=["x"]).worker_group)  # cluster
+main.add_command(__import__("strato.cli.provider", fromlist=["x"]).provider_group)  # broker
+main.add_command(__import__("strato.cli.usage", fromlist=["x"]).usage)  # metering
 server_group.add_command(__import__("strato.cli.node", fromlist=["x"]).join_token_group)
 main.add_command(__import__("strato.cli.node", fromlist=["x"]).node_group)  # cluster
 

@@ -7,6 +7,8 @@ as listed. GCP lists a GPU VM as an accelerator row plus a host-VM row; they are
 (``a2-highgpu-Ng`` + A100 xN, ``a2-ultragpu-Ng`` + A100-80GB xN, ``a3-highgpu-Ng`` + H100
 xN, ``a3-megagpu-Ng`` + H100-MEGA xN) where both are listed, and accelerator rows without a
 host row are dropped. Rows with neither an on-demand nor a spot price are dropped.
+primeintellect's ``*__SPOT`` types carry their spot price in the price column: they are
+sold as spot only.
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ def _load(path: str, _mtime: int) -> tuple[Offer, ...]:
             spot = spot + hs if spot is not None and hs is not None else None
         if provider == "gcp" and not accel and itype.startswith(("a2-", "a3-")):
             continue  # a GPU VM's host, priced with its accelerator row above
+        if provider == "primeintellect" and itype.endswith("__SPOT"):
+            price, spot = None, price  # its spot price is in the Price column
         if cpu is None or mem is None or (price is None and spot is None):
             continue
         out.append(

@@ -136,6 +136,10 @@ class ControlPlane:
             tell=lambda app_id, text: self.logs.system(app_id, text),
         )
         self.fleet.supply = self.broker.can_supply
+        from .metering import Meter
+
+        self.meter = Meter(self.store)  # usage per container, durable
+        self.fleet.meter = self.meter
         self.apps = Apps(
             self.store,
             self.blobs,
@@ -161,6 +165,7 @@ class ControlPlane:
         if stale:
             log.info("marked %d containers of an earlier run as stopped", len(stale))
         self.apps.recover()
+        self.meter.recover()  # --- broker: usage rows an earlier run left open
         recovered = self.calls.recover()
         if recovered:
             log.info("recovered %d inputs without outputs", recovered)
@@ -398,6 +403,7 @@ class ControlPlane:
             self.gateway.tick,
             self.scaler.tick,
             self.broker.tick,  # --- broker
+            self.meter.tick,
         ):
             try:
                 step(now)

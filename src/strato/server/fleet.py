@@ -39,6 +39,7 @@ from .scheduler.eviction import Resident, eviction_victims
 from .store import Store
 
 if TYPE_CHECKING:
+    from .metering import Meter
     from .sandboxes import Sandboxes as SandboxWatch
     from .scheduler.quota import QuotaGate
 
@@ -128,6 +129,7 @@ class Fleet:
         self.sandbox_watch: SandboxWatch | None = None
         # --- broker: can it buy a node for this request (then the work waits for it)
         self.supply: Callable[[ContainerRequest, bool], bool] | None = None
+        self.meter: Meter | None = None  # --- broker: usage per container (metering.py)
 
     # ------------------------------------------------------------------ what others ask
 
@@ -368,6 +370,8 @@ class Fleet:
         cid = "ct-" + secrets.token_hex(6)
         s = Container(cid, fn.function_id, fn.app_id, node.view.node_id, request, placement)
         self.registry.add(s)
+        if self.meter is not None:  # --- broker: metering
+            self.meter.started(s, node.view, fn.name)
         self.store.insert_container(
             {
                 "container_id": cid,
@@ -646,6 +650,8 @@ class Fleet:
             self.calls.release_leases(s, running, status, error, error_type=kind, known=False)
         fn = self.calls.functions.get(s.function_id)
         self.registry.remove(s)
+        if self.meter is not None:  # --- broker: metering
+            self.meter.ended(s.container_id)
         node = self.nodes.get(s.node_id)
         if node is not None:
             release_resources(node.view, s.request, s.placement)

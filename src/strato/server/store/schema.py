@@ -155,5 +155,6 @@ from . import (  # noqa: E402,F401
     tables_schedules,
     tables_secrets,
     tables_state,
+    tables_usage,
     tables_volumes,
 )
