@@ -1174,7 +1174,6 @@ class InstanceInfo(msgspec.Struct):
     node_id: str | None = None
     for_function: str | None = None  # what it was bought for
     region: str = ""
-    region: str = ""
 
 
 class BrokerStatus(msgspec.Struct):
