@@ -57,6 +57,18 @@ def _pids_mentioning(text: str) -> list[int]:
     return found
 
 
+def start_server(env: dict[str, str]) -> None:
+    """The documented command: the control plane joins the Ray cluster at RAY_ADDRESS."""
+    out = subprocess.run(
+        [sys.executable, "-m", "strato.cli.main", "server", "start", "--provider", "ray"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 @pytest.fixture(scope="module")
 def ray_strato():
     from ray.cluster_utils import Cluster
@@ -90,18 +102,10 @@ def ray_strato():
     )
     env.pop("STRATO_PROVIDER", None)
     try:
-        # the documented command: the control plane joins the Ray cluster at RAY_ADDRESS
-        out = subprocess.run(
-            [sys.executable, "-m", "strato.cli.main", "server", "start", "--provider", "ray"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+        start_server(env)
         handle.activate()
         ray.init(address=cluster.address, log_to_driver=False)  # this test reads Ray too
-        yield cluster, handle, raylets, agents_home
+        yield cluster, handle, raylets, agents_home, env
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
@@ -138,7 +142,7 @@ def _ray_node_ids(cluster) -> set[str]:
 
 
 def test_each_ray_node_runs_one_agent_that_declares_what_ray_gives(ray_strato):
-    cluster, handle, raylets, _ = ray_strato
+    cluster, handle, raylets, *_ = ray_strato
     ready = wait_until(lambda: len(r := ray_ready_nodes()) == 2 and r, 90, "2 Ray nodes")
     assert {n.info.provider for n in nodes()} == {"ray"}  # no local agent in this mode
     by_ray_id = {n.info.labels["ray.io/node-id"]: n for n in ready.values()}
@@ -194,7 +198,7 @@ def _parent(pid: int) -> int:
 
 
 def test_a_dead_agent_or_actor_is_replaced_and_the_node_comes_back(ray_strato):
-    _, _, raylets, agents_home = ray_strato
+    _, _, raylets, agents_home, _ = ray_strato
     wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "3 Ray nodes")
     name = "ray-" + raylets[-1].node_id[:12]
     node_id = ray_ready_nodes()[name].node_id
@@ -228,7 +232,7 @@ def test_a_dead_agent_or_actor_is_replaced_and_the_node_comes_back(ray_strato):
 
 
 def test_a_ray_node_removed_mid_map_loses_nothing(ray_strato):
-    cluster, handle, raylets, agents_home = ray_strato
+    cluster, handle, raylets, agents_home, _ = ray_strato
     wait_until(lambda: len(ray_ready_nodes()) == 3, 90, "3 Ray nodes")
     ready = ray_ready_nodes()
     # strato's node of each raylet that is not the head (Ray's head stays)
@@ -265,7 +269,7 @@ def test_a_ray_node_removed_mid_map_loses_nothing(ray_strato):
 
 
 def test_server_status_names_ray_nodes(ray_strato):
-    _, handle, _, _ = ray_strato
+    _, handle, *_ = ray_strato
     out = subprocess.run(
         [sys.executable, "-m", "strato.cli.main", "server", "status"],
         env=dict(os.environ, STRATO_HOME=str(handle.home), STRATO_SERVER_URL=handle.url),
@@ -277,3 +281,28 @@ def test_server_status_names_ray_nodes(ray_strato):
     assert out.stdout.count(", ray): ready") == 2, out.stdout
     info = json.loads((handle.home / "server.json").read_text())
     assert info["agent_port"]  # the provider opened the agent listener
+
+
+def test_a_control_plane_killed_takes_its_agents_with_it_and_a_new_one_starts_them(ray_strato):
+    """Ray ends the actors of a dead driver: the agents of a SIGKILLed control plane exit
+    (they never serve two control planes), and a new one makes agents on every node."""
+    _, handle, raylets, agents_home, env = ray_strato
+    before = {name: _agent_pid(agents_home, name) for name in ray_ready_nodes()}
+    assert len(before) == len(raylets) + 1
+    os.kill(handle.pid, signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in before.values()), 60, "the agents to exit")
+    session.reset()
+    start_server(env)
+
+    def back() -> bool:
+        with contextlib.suppress(AssertionError):
+            new = {name: _agent_pid(agents_home, name) for name in before}
+            return set(ray_ready_nodes()) == set(before) and not set(new.values()) & set(
+                before.values()
+            )
+        return False
+
+    wait_until(back, 90, "new agents on every node")
+    with cluster_work.app.run(quiet=True):
+        n = 40
+        assert list(cluster_work.work.map(range(n))) == [cluster_work.expected(x) for x in range(n)]
