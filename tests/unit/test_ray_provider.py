@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -172,3 +173,179 @@ def test_the_node_actor_restarts_its_agent_and_stops_it(tmp_path, monkeypatch):
     time.sleep(0.5)  # the supervisor saw the stop: nothing was started again
     assert actor.info()["pid"] == second and not actor.info()["alive"]
     assert ("ray" in sys.modules) == ray_before  # outside Ray, it never imports it
+
+
+# ---------------------------------------------------------------------------------------
+# The provider's loop against a fake ``ray`` module: which actors it makes, and what it
+# does when a node dies, an actor dies, or an actor waits for its resources
+
+
+class _Ref:
+    def __init__(self, value=None, error: Exception | None = None, ready: bool = True):
+        self.value, self.error, self.ready = value, error, ready
+
+
+class _Actor:
+    def __init__(self, fake: _FakeRay, options: dict, spec: str) -> None:
+        self.fake, self.options, self.spec = fake, options, spec
+        self.dead = False
+        self.stopped = False
+        outer = self
+
+        class _Method:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def remote(self, *a):
+                if self.name == "stop":
+                    outer.stopped = True
+                    return _Ref(0)
+                if outer.dead:
+                    return _Ref(error=RuntimeError("The actor died unexpectedly"))
+                return _Ref({"alive": True}, ready=not outer.fake.pending)
+
+        self.info = _Method("info")
+        self.stop = _Method("stop")
+
+
+class _FakeRay:
+    def __init__(self, nodes: list[dict]) -> None:
+        self._nodes = nodes
+        self.actors: list[_Actor] = []
+        self.pending = False
+        self.shut = False
+
+    def nodes(self):
+        return self._nodes
+
+    def remote(self, cls):
+        fake = self
+
+        class _Cls:
+            def options(self, **opts):
+                class _Opt:
+                    def remote(self, spec):
+                        actor = _Actor(fake, opts, spec)
+                        fake.actors.append(actor)
+                        return actor
+
+                return _Opt()
+
+        return _Cls()
+
+    def wait(self, refs, num_returns, timeout):
+        ready = [r for r in refs if r.ready]
+        return ready, [r for r in refs if not r.ready]
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def kill(self, actor):
+        actor.dead = True
+
+    def shutdown(self):
+        self.shut = True
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    import types
+
+    fake = _FakeRay([dict(NODE), {**NODE, "NodeID": "ff" * 28, "Resources": {"CPU": 2.0}}])
+    strategies = types.SimpleNamespace(
+        NodeAffinitySchedulingStrategy=lambda node_id, soft: ("affinity", node_id, soft)
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.util", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "ray.util.scheduling_strategies", strategies)
+    return fake
+
+
+def _provider(lost: list) -> rp.RayProvider:
+    return rp.RayProvider(
+        channel="tcp:10.0.0.1:7751",
+        server_url="http://10.0.0.1:7749",
+        join_token="stj_a_b",
+        on_node_lost=lambda name, why: lost.append((name, why)),
+        share=0.5,
+        env={"STRATO_RUNTIME": "process"},
+    )
+
+
+def test_each_live_node_gets_one_pinned_actor_reserving_its_share(fake_ray):
+    lost: list = []
+    p = _provider(lost)
+    p.reconcile()
+    p.reconcile()  # nothing new: no second actor
+    assert len(fake_ray.actors) == 2
+    by_node = {a.options["scheduling_strategy"][1]: a for a in fake_ray.actors}
+    gpu_node = by_node[NODE["NodeID"]]
+    assert gpu_node.options["scheduling_strategy"] == ("affinity", NODE["NodeID"], False)
+    assert gpu_node.options["num_cpus"] == 4.0 and gpu_node.options["num_gpus"] == 2
+    assert gpu_node.options["accelerator_type"] == "H100"
+    spec = AgentSpec.from_json(gpu_node.spec)
+    assert (spec.name, spec.cpu, spec.gpu_count, spec.gpu_type) == (
+        "ray-881a044f5674",
+        4.0,
+        2,
+        "H100",
+    )
+    assert (spec.channel, spec.join_token, spec.env) == (
+        "tcp:10.0.0.1:7751",
+        "stj_a_b",
+        {"STRATO_RUNTIME": "process"},
+    )
+    # a node without memory in Ray's view still gets an agent, offering none
+    assert by_node["ff" * 28].options["memory"] == 0
+    assert lost == []
+
+
+def test_a_dead_node_is_lost_once_and_gets_no_actor(fake_ray):
+    lost: list = []
+    p = _provider(lost)
+    p.reconcile()
+    fake_ray._nodes[0] = {**NODE, "Alive": False}
+    p.reconcile()
+    p.reconcile()
+    assert lost == [("ray-881a044f5674", "its Ray node left the cluster")]
+    assert NODE["NodeID"] not in p.agents and len(fake_ray.actors) == 2
+
+
+def test_a_dead_actor_on_a_live_node_is_replaced_after_a_backoff(fake_ray, monkeypatch):
+    lost: list = []
+    p = _provider(lost)
+    p.reconcile()
+    first = next(a for a in fake_ray.actors if NODE["NodeID"] in a.spec)
+    first.dead = True
+    p.agents[NODE["NodeID"]].ping = first.info.remote()
+    p.reconcile()  # its answer is an error: the node is lost, a new actor waits 0.5 s
+    assert lost == [("ray-881a044f5674", "its Ray actor died")]
+    assert NODE["NodeID"] not in p.agents and len(fake_ray.actors) == 2
+    later = time.monotonic() + 1.0
+    monkeypatch.setattr(rp.time, "monotonic", lambda: later)
+    p.reconcile()
+    assert len(fake_ray.actors) == 3 and NODE["NodeID"] in p.agents
+
+
+def test_an_actor_that_waits_for_its_resources_is_reported(fake_ray, monkeypatch, caplog):
+    fake_ray.pending = True
+    p = _provider([])
+    p.reconcile()
+    later = time.monotonic() + rp.PENDING_WARN_S + 1
+    monkeypatch.setattr(rp.time, "monotonic", lambda: later)
+    with caplog.at_level("WARNING", logger="strato.providers.ray"):
+        p.reconcile()
+        p.reconcile()
+    waits = [r for r in caplog.records if "has not started" in r.getMessage()]
+    assert len(waits) == 2  # once per node, not once per look
+    assert "lower STRATO_RAY_SHARE" in waits[0].getMessage()
+
+
+def test_close_stops_every_agent_then_leaves_the_cluster(fake_ray):
+    p = _provider([])
+    p.reconcile()
+    p.close()
+    assert all(a.stopped and a.dead for a in fake_ray.actors) and fake_ray.shut
+    assert p.agents == {}

@@ -41,6 +41,7 @@ log = logging.getLogger("strato.providers.ray")
 
 POLL_S = 1.0
 PROBE_TIMEOUT_S = 5.0
+PENDING_WARN_S = 30.0  # an actor not started by then: say what it waits for
 JOIN_TOKEN_NAME = "ray provider"
 MIB = 1024 * 1024
 ACCELERATOR = "accelerator_type:"
@@ -162,6 +163,7 @@ class _Agent:
     ping: Any = None  # an outstanding info() call
     created_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    warned: bool = False  # that it waits for its resources
 
 
 class RayProvider:
@@ -280,6 +282,20 @@ class RayProvider:
         live node is made again after a backoff."""
         import ray
 
+        now = time.monotonic()
+        for nid, a in self.agents.items():
+            if not a.info and not a.warned and now - a.created_at > PENDING_WARN_S:
+                a.warned = True
+                log.warning(
+                    "strato's actor on Ray node %s has not started after %.0fs: Ray has not "
+                    "%g CPU, %d MiB and %d GPU free there (other Ray work holds them?); "
+                    "lower STRATO_RAY_SHARE or free them",
+                    nid[:12],
+                    PENDING_WARN_S,
+                    a.shape.cpu,
+                    a.shape.memory_mb,
+                    a.shape.gpu_count,
+                )
         pending = {a.ping: nid for nid, a in self.agents.items() if a.ping is not None}
         if not pending:
             return
