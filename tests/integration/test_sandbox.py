@@ -460,3 +460,52 @@ def test_a_dead_worker_agent_ends_its_sandboxes_with_the_reason(strato_server):
         again = strato.Sandbox.create(app=app, runtime="bwrap")
         assert again.exec("echo", "back").stdout.read() == "back\n"
         again.terminate()
+
+
+def test_exec_on_a_terminal(sb):
+    p = sb.exec(
+        "sh", "-c", "tty; stty size; read line; echo got $line; echo err >&2",
+        pty=True, pty_size=(100, 30),
+    )  # fmt: skip
+    p.stdin.write("typed\n")
+    p.stdin.drain()
+    assert p.wait() == 0
+    out = p.stdout.read().replace("\r\n", "\n")
+    assert "/dev/pts/" in out, out
+    assert "30 100\n" in out
+    assert "typed\n" in out.replace("got typed", "")  # the terminal echoes what was typed
+    assert "got typed\n" in out
+    assert "err\n" in out and p.stderr.read() == ""
+
+
+@pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux")
+def test_strato_shell_on_a_real_terminal_under_tmux(server):
+    sock = f"strato-shell-{uuid.uuid4().hex[:6]}"
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("STRATO_SERVER_URL", "STRATO_HOME"))
+    cmd = f"env {env} {sys.executable} -m strato.cli.main shell --runtime bwrap; echo SHELL-EXITED=$?; sleep 60"  # noqa: E501
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=30
+        ).stdout
+
+    def screen() -> str:
+        return tmux("capture-pane", "-p", "-t", "t")
+
+    tmux("new-session", "-d", "-s", "t", "-x", "100", "-y", "30", cmd)
+    try:
+        wait_until(lambda: "$" in screen() or "#" in screen(), 60, "the shell's prompt")
+        tmux("send-keys", "-t", "t", "echo hello-$((40+2)); tty; stty size", "Enter")
+        wait_until(lambda: "hello-42" in screen(), 30, "the command's output")
+        size = tmux("display", "-p", "-t", "t", "#{pane_height} #{pane_width}").strip()
+        wait_until(lambda: size in screen(), 30, f"the terminal's size ({size}): {screen()}")
+        assert "/dev/pts/" in screen()
+        tmux("resize-window", "-t", "t", "-x", "90", "-y", "20")
+        tmux("send-keys", "-t", "t", "clear; stty size", "Enter")
+        size = tmux("display", "-p", "-t", "t", "#{pane_height} #{pane_width}").strip()
+        assert size != "30 100"
+        wait_until(lambda: size in screen(), 30, f"the new size ({size}) to reach the sandbox")
+        tmux("send-keys", "-t", "t", "exit 3", "Enter")
+        wait_until(lambda: "SHELL-EXITED=3" in screen(), 30, "the shell to end with its code")
+    finally:
+        tmux("kill-server")

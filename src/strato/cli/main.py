@@ -428,6 +428,7 @@ main.add_command(__import__("strato.cli.state", fromlist=["x"]).dict_group)  # D
 main.add_command(__import__("strato.cli.state", fromlist=["x"]).queue_group)  # Queue
 main.add_command(__import__("strato.cli.dashboard", fromlist=["x"]).dashboard)  # /ui
 main.add_command(__import__("strato.cli.sandbox", fromlist=["x"]).sandbox_group)  # sandboxes
+main.add_command(__import__("strato.cli.sandbox", fromlist=["x"]).shell)  # strato shell
 main.add_command(__import__("strato.cli.worker", fromlist=["x"]).worker_group)  # cluster
 main.add_command(__import__("strato.cli.provider", fromlist=["x"]).provider_group)  # broker
 main.add_command(__import__("strato.cli.usage", fromlist=["x"]).usage)  # metering

@@ -115,3 +115,92 @@ def stop(sandbox_ids: tuple[str, ...]) -> None:
         except exc.Error as e:
             _fail(e)
         click.echo(f"stopped {sid}")
+
+
+@click.command("shell")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--app",
+    "app_name",
+    default="strato-shell",
+    show_default=True,
+    help="The app the shell's sandbox belongs to (made if missing).",
+)
+@click.option("--runtime", default=None, help="gvisor, bwrap or process (default: the server's).")
+@click.option(
+    "--image",
+    "image_ref",
+    default=None,
+    help="An image: debian_slim or debian_slim:PYTHON_VERSION.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="End the sandbox after this many seconds.",
+)
+def shell(command: tuple[str, ...], app_name: str, runtime: str | None,
+          image_ref: str | None, timeout: float) -> None:  # fmt: skip
+    """An interactive shell (or COMMAND) in a fresh sandbox, on a real terminal."""
+    import os
+    import signal
+
+    import strato
+    from strato.sdk.sandbox import Sandbox
+
+    image = None
+    if image_ref:
+        name, _, version = image_ref.partition(":")
+        if name != "debian_slim":
+            raise click.ClickException(f"--image {image_ref}: use debian_slim[:VERSION]")
+        image = strato.Image.debian_slim(version or None)
+    argv = list(command) or ["/bin/sh", "-c", "command -v bash >/dev/null && exec bash || exec sh"]
+    try:
+        app = strato.App.lookup(app_name, create_if_missing=True)
+        sb = Sandbox.create(app=app, runtime=runtime, image=image, timeout=timeout)
+    except exc.Error as e:
+        _fail(e)
+    interactive = sys.stdin.isatty()
+    code = 1
+    try:
+        size = None
+        if interactive:  # the terminal's own size (not $COLUMNS/$LINES)
+            real = os.get_terminal_size(0)
+            size = (real.columns, real.lines)
+        p = sb.exec(*argv, pty=True, pty_size=size)
+        saved = None
+        if interactive:
+            import termios
+            import tty
+
+            saved = termios.tcgetattr(0)
+            tty.setraw(0)
+
+            def on_resize(*_: object) -> None:
+                now = os.get_terminal_size(0)
+                p.resize(now.columns, now.lines)
+
+            signal.signal(signal.SIGWINCH, on_resize)
+
+        def typing() -> None:
+            while data := os.read(0, 4096):
+                p.stdin.write(data)
+                p.stdin.drain()
+            p.stdin.write_eof()
+            p.stdin.drain()
+
+        threading.Thread(target=typing, daemon=True).start()
+        try:
+            _pump(p.stdout, sys.stdout)
+            code = p.wait()
+        finally:
+            if saved is not None:
+                import termios
+
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+    except exc.Error as e:
+        _fail(e)
+    finally:
+        sb.terminate()
+    sys.exit(code)

@@ -62,6 +62,7 @@ class Proc:
         self.streams_done = threading.Event()
         self.timed_out = False
         self.stdin: queue.SimpleQueue[tuple[bytes, bool]] | None = None
+        self.master: int | None = None  # with a terminal: its controlling side (owned)
 
 
 class SandboxAgent:
@@ -116,6 +117,8 @@ class SandboxAgent:
                     self.workdir = msg.workdir or self.workdir
                     if msg.entrypoint:
                         self._exec(m.SbExec(pid=1, argv=list(msg.entrypoint)), entrypoint=True)
+                elif isinstance(msg, m.SbResize):
+                    self._resize(msg)
                 elif isinstance(msg, m.SbFlow):
                     self._commands.put(("flow", msg.pid, msg.stream, msg.paused))
                     os.write(self._wake_w, b"x")
@@ -133,6 +136,9 @@ class SandboxAgent:
         env = dict(self.env)
         env.update(msg.env)
         cwd = msg.workdir or self.workdir
+        if msg.pty:
+            self._exec_pty(msg, env, cwd)
+            return
         try:
             popen = self._popen(list(msg.argv), env, cwd)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
@@ -161,6 +167,67 @@ class SandboxAgent:
         threading.Thread(
             target=self._wait, args=(p, entrypoint), name=f"sandbox-wait-{msg.pid}", daemon=True
         ).start()
+
+    def _exec_pty(self, msg: m.SbExec, env: dict[str, str], cwd: str) -> None:
+        """A process on a terminal of its own (its session's controlling terminal): its
+        output, both streams, is stdout; stdin's end is a ^D."""
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        master, slave = pty.openpty()
+        if msg.size is not None:
+            size = struct.pack("HHHH", msg.size.rows, msg.size.cols, 0, 0)
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+        env.setdefault("TERM", "xterm-256color")
+
+        def controlling_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            popen = subprocess.Popen(
+                list(msg.argv),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=controlling_terminal,  # noqa: PLW1509 - only an ioctl
+                close_fds=True,
+            )
+        except OSError as e:
+            os.close(master)
+            os.close(slave)
+            self._fail_start(msg.pid, f"{msg.argv[0]}: {e.strerror or e}\n", 127)
+            return
+        os.close(slave)
+        p = Proc(msg.pid, popen, msg.timeout)
+        p.master = master
+        with self._lock:
+            self.procs[msg.pid] = p
+        self._send(m.SbOutput([m.SbChunk(msg.pid, 2, b"", eof=True)]))
+        p.open_streams = 1
+        self._commands.put(("add1", msg.pid, os.dup(master)))
+        os.write(self._wake_w, b"x")
+        threading.Thread(
+            target=self._wait, args=(p, False), name=f"sandbox-wait-{msg.pid}", daemon=True
+        ).start()
+
+    def _resize(self, msg: m.SbResize) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        with self._lock:
+            p = self.procs.get(msg.pid)
+        if p is not None and p.master is not None and p.popen.poll() is None:
+            size = struct.pack("HHHH", msg.size.rows, msg.size.cols, 0, 0)
+            try:
+                fcntl.ioctl(p.master, termios.TIOCSWINSZ, size)
+            except OSError:
+                pass
 
     def _popen(self, argv: list[str], env: dict[str, str], cwd: str) -> subprocess.Popen:
         return subprocess.Popen(
@@ -196,8 +263,12 @@ class SandboxAgent:
 
     @staticmethod
     def _write_stdin(p: Proc) -> None:
-        assert p.stdin is not None and p.popen.stdin is not None
-        fd = p.popen.stdin.fileno()
+        assert p.stdin is not None
+        if p.master is not None:
+            fd = p.master
+        else:
+            assert p.popen.stdin is not None
+            fd = p.popen.stdin.fileno()
         while True:
             data, eof = p.stdin.get()
             try:
@@ -206,7 +277,10 @@ class SandboxAgent:
                     n = os.write(fd, view)
                     view = view[n:]
                 if eof:
-                    p.popen.stdin.close()
+                    if p.master is not None:
+                        os.write(fd, b"\x04")  # a terminal's end of input
+                    else:
+                        p.popen.stdin.close()  # type: ignore[union-attr]
                     return
             except (OSError, ValueError):  # it closed its stdin, or exited
                 return
@@ -226,6 +300,9 @@ class SandboxAgent:
             self._send(m.SbExit(p.pid, rc, reason))
         except OSError:
             pass
+        if p.master is not None:  # (its stdin writer, if any, then fails and ends)
+            master, p.master = p.master, None
+            os.close(master)
         if entrypoint:  # the sandbox ends with its entrypoint
             self.stopping.set()
             self._kill_all()
@@ -312,7 +389,12 @@ class SandboxAgent:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
+            if cmd[0] == "add1":  # a terminal: one stream
+                _, pid, fd = cmd
+                os.set_blocking(fd, False)
+                self._fds[(pid, 1)] = fd
+                self.sel.register(fd, selectors.EVENT_READ, (pid, 1))
+            elif cmd[0] == "add":
                 _, pid, out_fd, err_fd = cmd
                 for stream, fd in ((1, out_fd), (2, err_fd)):
                     os.set_blocking(fd, False)

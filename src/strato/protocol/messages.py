@@ -970,6 +970,13 @@ class ExecRequest(msgspec.Struct):
     workdir: SandboxPath | None = None
     env: SandboxEnv = {}
     timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] | None = None
+    pty: bool = False  # a terminal: stdout carries both streams, stderr stays empty
+    size: TerminalSize | None = None  # the terminal's, with pty
+
+
+class TerminalSize(msgspec.Struct, array_like=True):
+    rows: Annotated[int, Meta(ge=1, le=10_000)]
+    cols: Annotated[int, Meta(ge=1, le=10_000)]
 
 
 class ExecStarted(msgspec.Struct):
@@ -1036,6 +1043,13 @@ class SbExec(ChannelMsg, tag="sbexec"):
     workdir: SandboxPath | None = None
     env: dict[str, str] = {}
     timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] | None = None
+    pty: bool = False
+    size: TerminalSize | None = None
+
+
+class SbResize(ChannelMsg, tag="sbresize"):
+    pid: Pid
+    size: TerminalSize
 
 
 class SbStdin(ChannelMsg, tag="sbstdin"):
@@ -1135,6 +1149,7 @@ ChannelMessage = (
     | SbStdin
     | SbFlow
     | SbConfigure
+    | SbResize
     | SbFile
     | SbOutput
     | SbExit

@@ -204,6 +204,14 @@ class ContainerProcess(Generic[T]):
             self._reason = st.reason
         return st.returncode
 
+    def resize(self, columns: int, rows: int) -> None:
+        """Tell a process started with ``pty=True`` its terminal's new size."""
+        session.api().call(
+            "POST",
+            f"/sandboxes/{self.sandbox_id}/processes/{self.pid}/resize",
+            m.TerminalSize(rows, columns),
+        )
+
     @with_aio
     def poll(self) -> int | None:
         """Its exit code, or None while it runs."""

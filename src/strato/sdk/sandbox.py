@@ -261,19 +261,28 @@ class Sandbox:
         text: bool = True,
         secrets: Sequence[Any] = (),
         pty: bool = False,
+        pty_size: tuple[int, int] | None = None,
     ) -> ContainerProcess:
         """Start ``cmd`` in the sandbox (waits for the sandbox to be up). A program that
-        does not exist exits 127 with the shell's message on its stderr."""
+        does not exist exits 127 with the shell's message on its stderr. With ``pty``
+        it runs on a terminal of its own (``pty_size``: (columns, rows), else this
+        terminal's): its stdout carries everything it writes, its stderr stays empty."""
         if not cmd:
             raise exc.InvalidError("exec() needs a command: sb.exec('python', '-c', '...')")
-        if secrets or pty:
-            raise exc.InvalidError("exec(secrets=, pty=True) is not supported by sandboxes yet")
+        if secrets:
+            raise exc.InvalidError("exec(secrets=) is not supported by sandboxes yet")
+        size = None
+        if pty:
+            cols, rows = pty_size or _terminal_size()
+            size = m.TerminalSize(rows, cols)
         body = m.ExecRequest(
             argv=_args("exec", cmd),
             exec_id=new_exec_id(),
             workdir=workdir,
             env=dict(env or {}),
             timeout=_timeout("timeout", timeout),
+            pty=bool(pty),
+            size=size,
         )
         api = session.api()
         deadline = time.monotonic() + 3600.0
@@ -500,6 +509,13 @@ class FileIO:
         if not self.closed:
             self.flush()
             self.closed = True
+
+
+def _terminal_size() -> tuple[int, int]:
+    import shutil
+
+    size = shutil.get_terminal_size((80, 24))
+    return size.columns, size.lines
 
 
 class _MaybePid(msgspec.Struct):

@@ -249,3 +249,15 @@ def register(api: Router, cp: ControlPlane) -> None:
     async def files(req: Request) -> Reply:
         sb = await sandbox(req)
         return reply(await sandboxes.file(sb, req.decode(m.FileRequest)))
+
+    @route(
+        "POST",
+        "/sandboxes/{sandbox_id}/processes/{pid}/resize",
+        "A process's terminal's new size (exec with pty)",
+        body=m.TerminalSize,
+        container=True,
+    )
+    async def resize(req: Request) -> Reply:
+        sb = await sandbox(req)
+        sandboxes.resize(sb, pid_of(req), req.decode(m.TerminalSize))
+        return reply({})

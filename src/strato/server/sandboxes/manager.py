@@ -650,7 +650,11 @@ class Sandboxes:
         sb.processes[pid] = Process(pid, req.exec_id, StreamBufferT(), StreamBufferT())
         sb.by_exec[req.exec_id] = pid
         sb.last_active = time.monotonic()
-        s.send(m.SbExec(pid, list(req.argv), req.workdir, dict(req.env), req.timeout))
+        s.send(
+            m.SbExec(
+                pid, list(req.argv), req.workdir, dict(req.env), req.timeout, req.pty, req.size
+            )
+        )
         return pid
 
     def process(self, sb: Sandbox, pid: int) -> Process:
@@ -754,6 +758,12 @@ class Sandboxes:
                 await asyncio.wait_for(sb.changed.wait(), left)
             except TimeoutError:
                 pass
+
+    def resize(self, sb: Sandbox, pid: int, size: m.TerminalSize) -> None:
+        """A terminal's new size (a process started with ``pty``)."""
+        p = self.process(sb, pid)
+        if p.returncode is None and sb.container is not None:
+            sb.container.send(m.SbResize(pid, size))
 
     async def wait_process(self, sb: Sandbox, pid: int, wait_s: float) -> m.ProcessStatus:
         deadline = time.monotonic() + wait_s
