@@ -509,3 +509,15 @@ def test_strato_shell_on_a_real_terminal_under_tmux(server):
         wait_until(lambda: "SHELL-EXITED=3" in screen(), 30, "the shell to end with its code")
     finally:
         tmux("kill-server")
+
+
+def test_a_sandbox_in_an_image(strato_server, runtime):
+    cache = os.environ.get("STRATO_TEST_IMAGE_CACHE", "/tmp/strato-test-image-cache")
+    with dedicated_server({"STRATO_IMAGE_CACHE": cache}):
+        app = strato.App.lookup("image-sb", create_if_missing=True)
+        image = strato.Image.debian_slim().pip_install("humanize")  # (the isolation tests')
+        sb = strato.Sandbox.create(app=app, image=image, runtime=runtime, timeout=600)
+        p = sb.exec("python3", "-c", "import humanize; print(humanize.naturalsize(2000000))")
+        assert p.stdout.read() == "2.0 MB\n", p.stderr.read()
+        assert sb.exec("cat", "/etc/debian_version").wait() == 0
+        sb.terminate()
