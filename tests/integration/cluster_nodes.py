@@ -160,8 +160,13 @@ def start_agent(
     if labels:
         argv += ["--labels", labels]
     argv += list(extra)
-    if netns is not None:
-        argv = ["ip", "netns", "exec", netns, *argv]
+    if netns is not None:  # a path (/proc/PID/ns/net): nsenter; a name: ip netns exec
+        enter = (
+            ["nsenter", f"--net={netns}"]
+            if netns.startswith("/")
+            else ["ip", "netns", "exec", netns]
+        )
+        argv = [*enter, *argv]
     log = home / "agent.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(

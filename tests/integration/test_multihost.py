@@ -4,7 +4,8 @@ joins the control plane over TCP. A whole node SIGKILLed mid-map, and a node's l
 past the heartbeat timeout then restored: every output present exactly once and correct;
 the returning node's stale containers are killed.
 
-Needs root (``ip netns``); skipped with the reason where namespaces cannot be made."""
+Needs root (``unshare``, ``nsenter``, ``ip``); skipped with the reason where namespaces
+cannot be made."""
 
 from __future__ import annotations
 
@@ -43,20 +44,33 @@ def _ip(*args: str, check: bool = True) -> None:
 
 class Host:
     """A network namespace joined to this one by a veth pair: 10.211.<i>.2 inside,
-    10.211.<i>.1 on this side."""
+    10.211.<i>.1 on this side. The namespace is held by a process of its own (``unshare
+    --net``), not by a bind mount under /run/netns that other tests' mount namespaces
+    could take away; agents enter it with ``nsenter``."""
 
     def __init__(self, i: int) -> None:
         tag = f"{os.getpid() % 10000}{i}"
-        self.ns = f"strato-h{tag}"
         self.outer = f"sth{tag}"
         self.inner = f"stn{tag}"
         self.gateway = f"10.211.{i}.1"
         self.address = f"10.211.{i}.2"
+        self.holder: subprocess.Popen | None = None
+
+    @property
+    def ns(self) -> str:
+        assert self.holder is not None
+        return f"/proc/{self.holder.pid}/ns/net"
 
     def create(self) -> None:
-        _ip("netns", "add", self.ns)
+        self.holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
+        mine = os.readlink("/proc/self/ns/net")
+        wait_until(
+            lambda: os.path.exists(self.ns) and os.readlink(self.ns) != mine,
+            10,
+            "the namespace's holder to enter its namespace",
+        )
         _ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
-        _ip("link", "set", self.inner, "netns", self.ns)
+        _ip("link", "set", self.inner, "netns", str(self.holder.pid))
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.outer)
         _ip("link", "set", self.outer, "up")
         for cmd in (
@@ -64,14 +78,20 @@ class Host:
             ["link", "set", self.inner, "up"],
             ["link", "set", "lo", "up"],
         ):
-            _ip("netns", "exec", self.ns, "ip", *cmd)
+            out = subprocess.run(
+                ["nsenter", f"--net={self.ns}", "ip", *cmd], capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                raise subprocess.CalledProcessError(out.returncode, cmd, out.stdout, out.stderr)
 
     def link(self, up: bool, check: bool = True) -> None:
         _ip("link", "set", self.outer, "up" if up else "down", check=check)
 
     def destroy(self) -> None:
         subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        if self.holder is not None:
+            self.holder.kill()
+            self.holder.wait()
 
 
 @pytest.fixture(scope="module")
