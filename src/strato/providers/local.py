@@ -29,6 +29,8 @@ from pathlib import Path
 
 from strato import settings
 
+from .base import Capabilities, Instance, Offer, ProvisionError
+
 log = logging.getLogger("strato.providers.local")
 
 POLL_S = 0.25
@@ -104,7 +106,11 @@ def kill_orphans(channel: str) -> int:
 
 
 class LocalProvider:
+    """This machine, one fixed node: behind the ``Provider`` interface (``base.py``) it
+    sells nothing and provisions nothing; its one instance is its agent."""
+
     name = "local"
+    capabilities = Capabilities(provisions=False, spot=False)
 
     def __init__(
         self,
@@ -225,6 +231,23 @@ class LocalProvider:
                 f.write(json.dumps(asdict(r)) + "\n")
         except OSError:
             log.exception("could not record the worker restart")
+
+    # --- the Provider interface
+
+    def offers(self) -> list[Offer]:
+        return []
+
+    def provision(self, offer: Offer, *, spot: bool) -> Instance:
+        raise ProvisionError("the local provider has one fixed node: this machine")
+
+    def terminate(self, instance_id: str, reason: str = "released") -> None:
+        """Its node is this machine: never given back (``stop_worker`` stops its agent)."""
+
+    def instances(self) -> list[Instance]:
+        return []
+
+    def close(self) -> None:
+        self.stop_worker()
 
     def stop_worker(self, timeout: float = 10.0) -> None:
         self._stopping = True

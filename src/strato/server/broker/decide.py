@@ -69,7 +69,9 @@ class Decision:
 
 
 class OfferIndex:
-    """Options by GPU type (``None``: CPU-only offers), cheapest expected cost first."""
+    """Options by GPU type (``None``: CPU-only offers), cheapest expected cost first; and
+    by (type, GPU count) and (type, provider, GPU count), which a search walks with a
+    bound (the cost per container no option further down can beat)."""
 
     def __init__(
         self,
@@ -90,9 +92,34 @@ class OfferIndex:
         for opts in self.buckets.values():
             opts.sort(key=lambda op: (op.hourly, op.offer.offer_id, op.spot))
         self.max_gpus = {t: max(op.offer.gpu_count for op in v) for t, v in self.buckets.items()}
+        self.regions = {op.offer.region for opts in self.buckets.values() for op in opts}
+        self._region_sets: dict[tuple[str, ...], frozenset[str]] = {}
+        # type -> [(gpu count, options)], and (type, provider) -> the same
+        self.by_count: dict[str | None, list[tuple[int, list[Option]]]] = {}
+        self.by_provider: dict[tuple[str | None, str], list[tuple[int, list[Option]]]] = {}
+        for t, opts in self.buckets.items():
+            self.by_count[t] = _split(opts)
+            for p in {op.offer.provider for op in opts}:
+                self.by_provider[(t, p)] = _split([op for op in opts if op.offer.provider == p])
+
+    def regions_for(self, wanted: str | list[str]) -> frozenset[str]:
+        """The catalog's regions that ``region=`` matches (computed once per value)."""
+        key = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+        hit = self._region_sets.get(key)
+        if hit is None:
+            hit = frozenset(r for r in self.regions if region_matches(r, wanted))
+            self._region_sets[key] = hit
+        return hit
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.buckets.values())
+
+
+def _split(opts: list[Option]) -> list[tuple[int, list[Option]]]:
+    counts: dict[int, list[Option]] = {}
+    for op in opts:  # keeps the cost order
+        counts.setdefault(op.offer.gpu_count, []).append(op)
+    return sorted(counts.items())
 
 
 def per_node(offer: Offer, request: ContainerRequest, gpus: int) -> int:
@@ -139,33 +166,39 @@ def best_option(
     req = demand.request
     gpus = g.count if g is not None else 0
     best: tuple[float, Option, int] | None = None
+    cloud = req.provider.lower() if req.provider is not None else None
+    regions = index.regions_for(req.region) if req.region is not None else None
     for t in _types(index, g):
-        opts = index.buckets.get(t)
-        if not opts:
-            continue
-        cap = min(n, max(1, index.max_gpus.get(t, 0) // gpus) if gpus else n)
-        for op in opts:
-            if best is not None and op.hourly / cap >= best[0]:
-                break  # sorted: none further can beat it
-            o = op.offer
-            if op.spot and demand.nonpreemptible:
+        groups = (
+            index.by_provider.get((t, cloud), [])
+            if cloud is not None
+            else index.by_count.get(t, [])
+        )
+        for count, opts in groups:
+            if count < gpus:
                 continue
-            if o.gpu_count < gpus or op.price > max_hourly:
-                continue
-            if req.provider is not None and o.provider != req.provider.lower():
-                continue
-            if providers is not None and o.provider not in providers:
-                continue
-            if not region_matches(o.region, req.region):
-                continue
-            if blocked and block_key(o) in blocked:
-                continue
-            k = per_node(o, req, gpus)
-            if k <= 0:
-                continue
-            eff = op.hourly / min(k, n)
-            if best is None or eff < best[0]:
-                best = (eff, op, k)
+            # no option of this group holds more than this many of the n containers
+            cap = min(n, count // gpus) if gpus else n
+            for op in opts:
+                if best is not None and op.hourly / cap >= best[0]:
+                    break  # sorted: none further in this group can beat it
+                o = op.offer
+                if op.spot and demand.nonpreemptible:
+                    continue
+                if op.price > max_hourly:
+                    continue
+                if providers is not None and o.provider not in providers:
+                    continue
+                if regions is not None and o.region not in regions:
+                    continue
+                if blocked and block_key(o) in blocked:
+                    continue
+                k = per_node(o, req, gpus)
+                if k <= 0:
+                    continue
+                eff = op.hourly / min(k, n)
+                if best is None or eff < best[0]:
+                    best = (eff, op, k)
     return None if best is None else (best[1], best[2])
 
 
@@ -181,22 +214,38 @@ def choose(
     """Nodes to provision for ``demands`` (in order), within ``nodes_left`` more nodes and
     ``budget_left`` dollars per hour more."""
     out = Decision()
+    # identical requests find the same option (while the budget does not bind)
+    memo: dict[tuple, tuple[Option, int, GpuRequest | None] | None] = {}
+    why_memo: dict[tuple, tuple[str, str]] = {}
     for d in demands:
         n = d.count
         while n > 0:
             if nodes_left is not None and nodes_left <= 0:
                 out.waits[d.key] = "the broker's max_nodes is reached"
                 break
-            found: tuple[Option, int, GpuRequest | None] | None = None
-            for g in _fallbacks(d.request):
-                hit = best_option(
-                    index, d, g, n, blocked=blocked, max_hourly=budget_left, providers=providers
-                )
-                if hit is not None:
-                    found = (hit[0], hit[1], g)
-                    break
+            key = _shape(d, n) if budget_left == math.inf else None
+            if key is not None and key in memo:
+                found = memo[key]
+            else:
+                found = None
+                for g in _fallbacks(d.request):
+                    hit = best_option(
+                        index, d, g, n, blocked=blocked, max_hourly=budget_left, providers=providers
+                    )
+                    if hit is not None:
+                        found = (hit[0], hit[1], g)
+                        break
+                if key is not None:
+                    memo[key] = found
             if found is None:
-                _why_not(index, d, blocked, budget_left, providers, out)
+                if key is not None and key in why_memo:
+                    kind, why = why_memo[key]
+                    (out.waits if kind == "wait" else out.infeasible)[d.key] = why
+                else:
+                    _why_not(index, d, blocked, budget_left, providers, out)
+                    if key is not None:
+                        w = out.waits.get(d.key)
+                        why_memo[key] = ("wait", w) if w else ("never", out.infeasible[d.key])
                 break
             op, k, g = found
             while n > 0 and (nodes_left is None or nodes_left > 0) and op.price <= budget_left:
@@ -209,6 +258,12 @@ def choose(
                 if take < k or n < k:
                     break  # the rest may fit a smaller node better
     return out
+
+
+def _shape(d: Demand, n: int) -> tuple:
+    r = d.request
+    region = tuple(r.region) if isinstance(r.region, list) else r.region
+    return (r.cpu, r.memory_mb, tuple(r.gpu), region, r.provider, d.nonpreemptible, n)
 
 
 def _why_not(
