@@ -82,3 +82,63 @@ def test_dominant_share():
     assert dominant_share(32.0, 1024, 0, node) == 1.0  # never more than the node
     cpu_node = NodeView("c", "local", None, 0.0, 4.0, 4096, {})
     assert dominant_share(1.0, 2048, 0, cpu_node) == 0.5
+
+
+# --------------------------------------------------------------------------- durable rows
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    import os
+    import secrets
+
+    from strato.server.store import Store
+
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+        yield s
+        s.close()
+        return
+    psycopg = pytest.importorskip("psycopg")
+    admin_dsn = os.environ.get("STRATO_TEST_PG", PG_ADMIN)
+    name = "strato_test_" + secrets.token_hex(4)
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        s = Store(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+        yield s
+        s.close()
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def _container(cid: str, gpus: list[int]):
+    from strato.protocol.gpu import GpuRequest
+    from strato.server.containers import Container
+    from strato.server.scheduler import ContainerRequest, Placement
+
+    req = ContainerRequest(2.0, 4096, [GpuRequest("H100", len(gpus))] if gpus else [])
+    return Container(cid, "fu-1", "ap-1", "node-1", req, Placement("node-1", "H100", gpus))
+
+
+def test_rows_are_durable_and_closed_after_a_crash(store):
+    from strato.server.metering import Meter
+
+    node = NodeView("node-1", "lambda", "us-west-1", 4.0, 8.0, 65536, {"H100": [0, 1]})
+    meter = Meter(store)
+    meter.started(_container("ct-a", [0]), node, "train")
+    meter.started(_container("ct-b", [1]), node, "train")
+    meter.ended("ct-a")
+    store.flush()
+    [a] = [r for r in meter.records(0.0) if r.container_id == "ct-a"]
+    assert a.ended_at is not None and a.share == 0.5 and a.node_price_per_hour == 4.0
+    assert a.gpu_type == "H100" and a.gpu_count == 1 and a.provider == "lambda"
+    # a crash: ct-b never ended; the next run closes it at its last seen_at
+    assert Meter(store).recover() == 1
+    rows = {r.container_id: r for r in meter.records(0.0)}
+    assert rows["ct-b"].ended_at is not None
+    report = meter.report("function", 0.0)
+    assert report.total.containers == 2 and report.rows[0].key == "ap-1/train"
