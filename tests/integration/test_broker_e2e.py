@@ -188,6 +188,17 @@ def test_a_preempted_spot_node_gives_its_input_back(broker_app, tmp_path):
     quiet()
 
 
+def test_preemptions_never_count_as_the_inputs_failure(broker_app, tmp_path):
+    # an input lost with 3 nodes counts a failed attempt (an input that kills its agent
+    # must not loop forever), but not when the provider took the nodes back
+    fault = '[[sim.faults]]\nkind = "preempt"\nprovider = "aws"\nafter_s = 3\ntimes = 3\n'
+    write(broker_app, config("[providers.aws]\n", fault))
+    before = status().preemptions
+    assert bg.preempted_often.remote(str(tmp_path / "runs"), 4) == 4
+    assert status().preemptions == before + 3
+    quiet()
+
+
 def test_preemptions_replayed_from_a_trace(broker_app, tmp_path):
     # us-west-2b of AWS3 is available 90% of the time; 2 samples (10 trace minutes) a second
     fault = (

@@ -130,6 +130,9 @@ class Fleet:
         # --- broker: can it buy a node for this request (then the work waits for it)
         self.supply: Callable[[ContainerRequest, bool], bool] | None = None
         self.meter: Meter | None = None  # --- broker: usage per container (metering.py)
+        # --- broker: nodes whose provider took them back (spot preemption): losing one is
+        # never its inputs' fault, so it never counts toward MAX_NODE_LOSSES
+        self.preempted: set[str] = set()
 
     # ------------------------------------------------------------------ what others ask
 
@@ -254,7 +257,7 @@ class Fleet:
                     "containers held go back to the queue",
                     "-",
                 )
-            blamed = self._repeat_losses(s)
+            blamed = 0 if node_id in self.preempted else self._repeat_losses(s)
             self._gone(
                 s,
                 "lost its node's worker agent"

@@ -212,6 +212,7 @@ class Broker:
             node = self.fleet.nodes.get(node_id)
             if node is not None and node.peer is None:
                 del self.fleet.nodes[node_id]
+                self.fleet.preempted.discard(node_id)
 
     def node_of(self, h: Held) -> str | None:
         for node_id, node in self.fleet.nodes.items():
@@ -341,6 +342,8 @@ class Broker:
 
     def _tell_preempted(self, h: Held) -> None:
         node_id = self.node_of(h)
+        if node_id is not None:
+            self.fleet.preempted.add(node_id)  # its inputs' losses are not their fault
         told = set()
         for s in self.fleet.registry.on_node(node_id) if node_id else []:
             if s.app_id not in told:
