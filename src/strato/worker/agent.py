@@ -170,8 +170,8 @@ class WorkerAgent:
     def send(self, msg: object) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(frames.encode(msg))
-        elif not isinstance(msg, m.Logs):
-            self._outbox.append(msg)
+        elif not isinstance(msg, (m.Logs, m.RelayOpen, m.RelayData, m.RelayClose)):
+            self._outbox.append(msg)  # (a relayed stream ends with its session: not kept)
 
     def _private_dirs(self) -> None:
         """This node's cache and (under STRATO_HOME) image cache: folders only this user

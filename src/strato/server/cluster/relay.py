@@ -27,7 +27,7 @@ log = logging.getLogger("strato.cluster.relay")
 
 MAX_STREAMS = 4096
 HIGH_WATER = 8 << 20
-STALL_S = 30.0
+STALL_S = 10.0  # (well inside the heartbeat timeout: the agent is not read meanwhile)
 
 
 class RelayStream:
