@@ -294,3 +294,32 @@ def test_block_network_containers_under_bwrap_work_on_joined_nodes(cluster):
     with cluster_work.app.run(quiet=True):
         out = cluster_work.sealed.remote(6)
     assert out == {"double": 12, "nested": 36, "network": False}
+
+
+def test_placement_with_many_nodes_goes_through_the_index(cluster):
+    """40 more agents (protocol-level clients, too small for the function) make the fleet
+    place with its index (from 32 nodes on): work still lands on the nodes that fit."""
+    import secrets
+    import socket
+
+    from strato.protocol import frames
+    from strato.protocol import messages as m
+
+    handle, token, port, _ = cluster
+    socks = []
+    try:
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            info = m.NodeInfo(name=f"tiny-{i}", provider="sim", cpu=0.1, memory_mb=64)
+            s.sendall(frames.encode(m.WorkerHello(token, info, "wk-" + secrets.token_hex(6))))
+            assert isinstance(frames.SocketReader(s).read(), m.WorkerWelcome)
+            socks.append(s)
+        assert len(ready_nodes()) >= 42
+        with cluster_work.app.run(quiet=True):
+            n = 100
+            assert list(cluster_work.work.map(range(n))) == [
+                cluster_work.expected(x) for x in range(n)
+            ]
+    finally:
+        for s in socks:
+            s.close()

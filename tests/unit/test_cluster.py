@@ -159,3 +159,37 @@ def test_the_indexed_placer_decides_as_the_scheduler_does():
             ref.remove(by_id.pop(gone))
             placer.remove(gone)
             held = [(r, p) for r, p in held if p.node_id != gone]
+
+
+def test_the_fleet_index_tracks_the_fleets_own_views():
+    import random
+
+    from strato.server.cluster.placer import FleetIndex
+    from strato.server.scheduler.placement import place, release, reserve
+
+    sys_path = __import__("pathlib").Path(__file__).parents[2] / "benchmarks"
+    __import__("sys").path.insert(0, str(sys_path))
+    import bench_placement as bp
+
+    rng = random.Random(9)
+    views = bp.cluster(60, rng)
+    index = FleetIndex()
+    held = []
+    for i, req in enumerate(bp.containers(1500, rng)):
+        eligible = [v for v in views if v.healthy and v.node_id != "node-00007"]
+        expected = place(req, eligible)
+        got = index.place(req, eligible)
+        assert got == expected, i
+        if got is not None:
+            reserve(next(v for v in views if v.node_id == got.node_id), req, got)
+            index.touched(got.node_id)
+            held.append((req, got))
+        if i % 5 == 0 and held:
+            r, p = held.pop(rng.randrange(len(held)))
+            release(next(v for v in views if v.node_id == p.node_id), r, p)
+            index.touched(p.node_id)
+        if i == 700:
+            views[3].healthy = False  # lost: no longer eligible, the index is rebuilt
+    assert index.rebuilds == 2
+    small = FleetIndex(threshold=1000)
+    assert small.place(bp.containers(1, rng)[0], views) is not None and small.placer is None

@@ -31,6 +31,7 @@ from . import metrics
 from .autoscaler import ContainerStat
 from .calls.manager import CallManager, FunctionQueue
 from .calls.state import Status
+from .cluster.placer import FleetIndex
 from .containers import LEAVING, Container, ContainerRegistry, ContainerState
 from .scheduler import ContainerRequest, NodeView, explain_unplaceable, place
 from .scheduler import release as release_resources
@@ -121,6 +122,8 @@ class Fleet:
         self._node_losses: dict[int, int] = {}  # input_id -> lost nodes that held it
         # --- cluster: nodes that take no new containers (strato node cordon/drain)
         self.cordoned: set[str] = set()
+        # --- cluster: the scan for small clusters, an index from 32 nodes on
+        self.placement_index = FleetIndex()
         # --- secrets: the plain environment of a function's secrets for one start (set by
         # api/routes_secrets.py); None: secrets are not served and such functions wait
         self.secret_env: Callable[[m.FunctionSpec], dict[str, str]] | None = None
@@ -361,7 +364,9 @@ class Fleet:
             fn, request, self.registry.values(), views
         ):
             return None
-        placement = place(request, [v for v in views if v.node_id not in self.cordoned])
+        placement = self.placement_index.place(
+            request, [v for v in views if v.node_id not in self.cordoned]
+        )
         if placement is None:
             if not self._reclaim_idle(fn, request):
                 self._unplaceable(fn, request)
@@ -370,6 +375,7 @@ class Fleet:
         node = self.nodes[placement.node_id]
         assert node.peer is not None  # placed on a connected node
         reserve_resources(node.view, request, placement)
+        self.placement_index.touched(node.view.node_id)  # --- cluster
         cid = "ct-" + secrets.token_hex(6)
         s = Container(cid, fn.function_id, fn.app_id, node.view.node_id, request, placement)
         self.registry.add(s)
@@ -658,6 +664,7 @@ class Fleet:
         node = self.nodes.get(s.node_id)
         if node is not None:
             release_resources(node.view, s.request, s.placement)
+            self.placement_index.touched(node.view.node_id)  # --- cluster
         if s.peer is not None:
             s.peer.close()
         self.store.set_container_state(s.container_id, "stopped", description)

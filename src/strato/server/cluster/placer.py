@@ -182,3 +182,37 @@ class Placer:
     def release(self, request: ContainerRequest, placement: Placement) -> None:
         release(self.nodes[placement.node_id], request, placement)
         self.update(placement.node_id)
+
+
+INDEX_FROM_NODES = 32  # below this many eligible nodes the scan is as fast
+
+
+class FleetIndex:
+    """The fleet's placer: the scan (``scheduler.place``) for small clusters, a ``Placer``
+    over the same ``NodeView`` objects from ``INDEX_FROM_NODES`` eligible nodes on. The
+    index is rebuilt when the eligible views change (a node joins, is lost, cordoned,
+    removed: other objects); a reservation or release on a node must be reported with
+    ``touched`` (its free fraction moved)."""
+
+    def __init__(self, threshold: int = INDEX_FROM_NODES) -> None:
+        self.threshold = threshold
+        self.placer: Placer | None = None
+        self._ids: tuple[int, ...] = ()
+        self.rebuilds = 0
+
+    def place(self, request: ContainerRequest, eligible: list[NodeView]) -> Placement | None:
+        from ..scheduler.placement import place
+
+        if len(eligible) < self.threshold:
+            self.placer = None
+            return place(request, eligible)
+        ids = tuple(id(v) for v in eligible)
+        if self.placer is None or ids != self._ids:
+            self.placer = Placer(eligible)  # the fleet's own views, not copies
+            self._ids = ids
+            self.rebuilds += 1
+        return self.placer.place(request)
+
+    def touched(self, node_id: str) -> None:
+        if self.placer is not None and node_id in self.placer.nodes:
+            self.placer.update(node_id)
