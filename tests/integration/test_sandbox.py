@@ -383,6 +383,14 @@ def test_secrets_and_volumes(app, runtime):
     wait_until(committed, 30, "the sandbox's commit", every=0.2)
     with pytest.raises(exc.NotFoundError):
         strato.Sandbox.create(app=app, runtime=runtime, secrets=[strato.Secret.from_name("nope")])
+    # a secret for one process only
+    sb = strato.Sandbox.create(app=app, runtime=runtime, timeout=120)
+    p = sb.exec("sh", "-c", "echo $TOKEN", secrets=[strato.Secret.from_dict({"TOKEN": "t0k"})])
+    assert p.stdout.read() == "t0k\n"
+    assert sb.exec("sh", "-c", "echo [$TOKEN]").stdout.read() == "[]\n"
+    with pytest.raises(exc.NotFoundError):
+        sb.exec("true", secrets=[strato.Secret.from_name("nope")])
+    sb.terminate()
 
 
 def strato_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:

@@ -972,6 +972,7 @@ class ExecRequest(msgspec.Struct):
     timeout: Annotated[float, Meta(ge=1.0, le=MAX_TIMEOUT_S)] | None = None
     pty: bool = False  # a terminal: stdout carries both streams, stderr stays empty
     size: TerminalSize | None = None  # the terminal's, with pty
+    secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []  # into its environment
 
 
 class TerminalSize(msgspec.Struct, array_like=True):

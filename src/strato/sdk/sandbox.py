@@ -259,7 +259,7 @@ class Sandbox:
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         text: bool = True,
-        secrets: Sequence[Any] = (),
+        secrets: Sequence[Any] | None = None,
         pty: bool = False,
         pty_size: tuple[int, int] | None = None,
     ) -> ContainerProcess:
@@ -269,8 +269,11 @@ class Sandbox:
         terminal's): its stdout carries everything it writes, its stderr stays empty."""
         if not cmd:
             raise exc.InvalidError("exec() needs a command: sb.exec('python', '-c', '...')")
+        refs = []
         if secrets:
-            raise exc.InvalidError("exec(secrets=) is not supported by sandboxes yet")
+            from .secret import check_secrets, secret_refs
+
+            refs = secret_refs(session.api(), check_secrets(secrets, "exec(secrets=...)"))
         size = None
         if pty:
             cols, rows = pty_size or _terminal_size()
@@ -283,6 +286,7 @@ class Sandbox:
             timeout=_timeout("timeout", timeout),
             pty=bool(pty),
             size=size,
+            secrets=refs,
         )
         api = session.api()
         deadline = time.monotonic() + 3600.0

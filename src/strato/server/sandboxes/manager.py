@@ -23,7 +23,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -641,6 +641,9 @@ class Sandboxes:
                 await asyncio.wait_for(sb.changed.wait(), left)
             except TimeoutError:
                 return None
+        env = dict(req.env)
+        if req.secrets:  # their values for this process only (never kept)
+            env.update(self._secret_values(sb, req.secrets))
         if sb.next_pid - 1 > MAX_PROCESSES:
             raise exc.InvalidError(
                 f"sandbox {sb.sandbox_id} has started {MAX_PROCESSES} processes, its most"
@@ -650,12 +653,17 @@ class Sandboxes:
         sb.processes[pid] = Process(pid, req.exec_id, StreamBufferT(), StreamBufferT())
         sb.by_exec[req.exec_id] = pid
         sb.last_active = time.monotonic()
-        s.send(
-            m.SbExec(
-                pid, list(req.argv), req.workdir, dict(req.env), req.timeout, req.pty, req.size
-            )
-        )
+        s.send(m.SbExec(pid, list(req.argv), req.workdir, env, req.timeout, req.pty, req.size))
         return pid
+
+    def _secret_values(self, sb: Sandbox, refs: Sequence[m.SecretRef]) -> dict[str, str]:
+        """The environment of ``refs`` (names resolved by the secrets' spec hook)."""
+        spec = msgspec.structs.replace(sb.spec, secrets=list(refs), schedule=None)
+        for hook in self.cp.apps.spec_hooks:
+            spec = hook(spec, False)
+        if self.fleet.secret_env is None:
+            raise exc.InvalidError("this control plane serves no secrets")
+        return self.fleet.secret_env(spec)
 
     def process(self, sb: Sandbox, pid: int) -> Process:
         p = sb.processes.get(pid)
