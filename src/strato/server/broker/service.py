@@ -88,6 +88,7 @@ class Broker:
         self.failovers = 0
         self.preemptions = 0
         self.history: collections.deque[Held] = collections.deque(maxlen=200)
+        self._ended_nodes: set[str] = set()  # nodes of ended instances, until their agent is gone
 
     # ------------------------------------------------------------------ configuration
 
@@ -157,6 +158,7 @@ class Broker:
     def tick(self, now: float) -> None:
         self._reload_safely()
         self._events(now)
+        self._drop_ended_nodes()
         if not self.providers:
             return
         self.blocked = {k: u for k, u in self.blocked.items() if u > now}
@@ -206,13 +208,20 @@ class Broker:
             self._tell_preempted(h)
 
     def _forget_node(self, h: Held) -> None:
-        """A node that will not come back: dropped from the fleet once its agent is gone."""
+        """A node that will not come back: dropped from the fleet once its agent is gone
+        (its agent may still be closing its channel: then at a later tick)."""
         node_id = self.node_of(h)
         if node_id is not None:
+            self._ended_nodes.add(node_id)
+        self._drop_ended_nodes()
+
+    def _drop_ended_nodes(self) -> None:
+        for node_id in list(self._ended_nodes):
             node = self.fleet.nodes.get(node_id)
-            if node is not None and node.peer is None:
-                del self.fleet.nodes[node_id]
+            if node is None or node.peer is None:
+                self.fleet.nodes.pop(node_id, None)
                 self.fleet.preempted.discard(node_id)
+                self._ended_nodes.discard(node_id)
 
     def node_of(self, h: Held) -> str | None:
         for node_id, node in self.fleet.nodes.items():
