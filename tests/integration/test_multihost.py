@@ -271,3 +271,54 @@ def test_a_node_back_with_the_same_name_and_a_new_inventory(cluster):
         assert list(cluster_work.work.map(range(n), [0.01] * n)) == [
             cluster_work.expected(x) for x in range(n)
         ]
+
+
+@pytest.mark.postgres
+def test_production_shape_control_plane_on_postgresql(hosts):
+    """The control plane on PostgreSQL, agents on other hosts: a map across them survives
+    one of them SIGKILLed."""
+    import secrets as _secrets
+
+    import psycopg
+    from cluster_nodes import start_control_plane
+
+    admin_dsn = os.environ.get(
+        "STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    )
+    name = "strato_multihost_" + _secrets.token_hex(4)
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {admin_dsn}: {e}")
+    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
+    handle = start_control_plane(
+        {
+            "STRATO_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+            "STRATO_WORKER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
+        },
+        host="0.0.0.0",
+    )
+    agents = {}
+    try:
+        token, port = join_token(handle), agent_port(handle)
+        for i, h in enumerate(hosts[:2]):
+            url = f"http://{h.gateway}:{handle.port}"
+            agents[f"pg{i}"] = start_agent(url, port, token, f"pg{i}", netns=h.ns, env=NODE_ENV)
+        wait_nodes(set(agents))
+        n = 1500
+        with cluster_work.app.run(quiet=True):
+            t, box = _map_in_thread(n, 0.004)
+            wait_until(lambda: box["done"] >= n // 5 or "out" in box, 120, "a fifth of the map")
+            agents["pg0"].kill_node()
+            t.join(300)
+            assert not t.is_alive() and "error" not in box, box.get("error")
+            assert box["out"] == [cluster_work.expected(x) for x in range(n)]
+    finally:
+        for a in agents.values():
+            a.stop()
+        stop_control_plane(handle)
+        restore_env(saved)
+        session.reset()
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
