@@ -234,6 +234,20 @@ def test_gpu_fallbacks_in_order_within_the_region(broker_app):
     assert mine and mine[0].provider == "aws" and mine[0].region.startswith("us-")
 
 
+def test_a_warm_pool_gets_a_node_without_a_call(broker_app):
+    from apps import broker_warm
+
+    write(broker_app, config("[providers.aws]\n"))
+    with broker_warm.app.run(quiet=True):
+
+        def bought() -> list[m.InstanceInfo]:
+            return [i for i in held() if i.gpu == "L4" and i.state == "running"]
+
+        wait_until(bought, 60, "a node bought for the warm pool")
+        assert broker_warm.warm.remote() == "0"
+    quiet()  # the app stopped: its container ended, the node is given back
+
+
 def test_idle_nodes_are_given_back(broker_app):
     quiet()
     bought = {i.node_name for i in status().instances}

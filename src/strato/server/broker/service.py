@@ -2,8 +2,9 @@
 
 On each scaling tick it reads the providers file again if it changed, then:
 
-- demand: each function with queued inputs that no live node can place (its GPU type,
-  CPU, memory, ``region=``, ``cloud=``) wants containers for its queue (up to
+- demand: each function with queued inputs (or a warm pool, ``min_containers``, short of
+  containers) that no live node can place (its GPU type, CPU, memory, ``region=``,
+  ``cloud=``) wants containers for its queue and its warm pool (up to
   ``max_containers``), less those the nodes it is already provisioning will hold;
 - it chooses offers (``decide.choose``) within ``max_nodes`` (the broker's and each
   provider's) and the budget per hour, and provisions them; a provisioning that fails
@@ -240,8 +241,12 @@ class Broker:
                     pending[fn_id] = pending.get(fn_id, 0) + k
         out = []
         for fn in list(self.calls.functions.values()):
-            if not fn.queue or fn.app_state == AppState.STOPPED or fn.spec.sandbox is not None:
+            if fn.app_state == AppState.STOPPED or fn.spec.sandbox is not None:
                 continue
+            if not fn.queue and fn.spec.scaling.min_containers <= len(
+                self.fleet.registry.live_of(fn.function_id)
+            ):
+                continue  # no work waits, its warm pool is whole
             request = self.fleet.request_for(fn.spec)
             if place(request, views) is not None:
                 continue  # a node can take it now: the fleet places it
@@ -255,6 +260,7 @@ class Broker:
         want = math.ceil(len(fn.queue) / per)
         cap = fn.spec.scaling.max_containers
         live = len(self.fleet.registry.live_of(fn.function_id))
+        want = max(want, fn.spec.scaling.min_containers - live)  # its warm pool
         if cap is not None:
             want = min(want, cap - live)
         return max(0, want)
