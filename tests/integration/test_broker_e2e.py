@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from apps import broker_gpu as bg
-from conftest import dedicated_server, wait_until
+from conftest import dedicated_server, live_containers, wait_until
 
 from strato.client import session
 from strato.protocol import messages as m
@@ -185,6 +185,24 @@ def test_a_preempted_spot_node_gives_its_input_back(broker_app, tmp_path):
     assert st.preemptions == before + 1
     assert any(i.state == "preempted" for i in st.instances)
     assert any("preempted" in t for t in logs())
+    quiet()
+
+
+def test_nonpreemptible_work_never_lands_on_a_spot_node(broker_app, tmp_path):
+    write(broker_app, config("[providers.aws]\n").replace("keep_alive_s = 1", "keep_alive_s = 60"))
+    assert bg.on_aws_v100.remote(str(tmp_path / "m"), 0.0)["devices"] == "0"
+    spot = [i for i in held() if i.gpu == "V100" and i.spot]
+    assert spot  # still held (keep-alive), its GPU free once the container scaled down
+    wait_until(lambda: not live_containers(bg.app.app_id), 30, "the spot container gone")
+    bg.on_aws_v100_on_demand.remote()
+    mine = [i for i in status().instances if i.for_function and i.gpu == "V100" and not i.spot]
+    assert mine and all(i.state in ("provisioning", "running") for i in mine)
+    listing = session.api().call(
+        "GET", "/containers", None, m.ContainerList, params={"app": bg.app.app_id}
+    )
+    ran = {c.node_id for c in listing.containers if c.function_name == "on_aws_v100_on_demand"}
+    assert ran and ran <= {i.node_id for i in mine}  # never on the spot node
+    write(broker_app, config("[providers.aws]\n"))
     quiet()
 
 

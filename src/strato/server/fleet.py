@@ -169,6 +169,11 @@ class Fleet:
         ``ContainerRegistry.stats`` for ``load``)."""
         return self.registry.stats(function_id, load)
 
+    def is_spot(self, node_id: str) -> bool:
+        """--- broker: a spot node (its provider may take it back; label ``spot=1``)."""
+        node = self.nodes.get(node_id)
+        return node is not None and node.info.labels.get("spot") == "1"
+
     def live_views(self) -> list[NodeView]:
         """The nodes whose worker agent is connected."""
         return [n.view for n in self.nodes.values() if n.peer is not None]
@@ -364,6 +369,8 @@ class Fleet:
             fn, request, self.registry.values(), views
         ):
             return None
+        if fn.spec.nonpreemptible:  # --- broker: never on a spot node
+            views = [v for v in views if not self.is_spot(v.node_id)]
         placement = self.placement_index.place(
             request, [v for v in views if v.node_id not in self.cordoned]
         )

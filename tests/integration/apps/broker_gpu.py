@@ -54,3 +54,8 @@ def preempted_often(counter: str, runs_to_survive: int) -> int:
     if runs < runs_to_survive:
         time.sleep(300)
     return runs
+
+
+@app.function(gpu="V100", cpu=1, memory=256, cloud="aws", nonpreemptible=True, scaledown_window=2)
+def on_aws_v100_on_demand() -> dict:
+    return _where()

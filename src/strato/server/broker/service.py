@@ -248,7 +248,10 @@ class Broker:
             ):
                 continue  # no work waits, its warm pool is whole
             request = self.fleet.request_for(fn.spec)
-            if place(request, views) is not None:
+            mine = views
+            if fn.spec.nonpreemptible:  # spot nodes are not for it
+                mine = [v for v in views if not self.fleet.is_spot(v.node_id)]
+            if place(request, mine) is not None:
                 continue  # a node can take it now: the fleet places it
             want = self._wanted(fn) - pending.get(fn.function_id, 0)
             if want > 0:
