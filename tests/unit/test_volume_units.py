@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import msgspec
 import pytest
 
 from strato import exceptions as exc
@@ -106,3 +107,33 @@ def test_reload_applies_others_changes_and_keeps_local_ones(tmp_path):
     assert new.version == 2
     puts, deletes, _ = cv.scan(str(root), new.files)
     assert [f.path for f in puts] == ["mine"] and deletes == []  # still to commit
+
+
+class OldVolumeFile(msgspec.Struct):
+    """A volume's file as the control plane knew it before inline files."""
+
+    path: str
+    size: int
+    blocks: list[str] = []
+
+
+class OldVolumeCommit(msgspec.Struct):
+    puts: list[OldVolumeFile] = []
+
+
+def test_a_commit_field_the_control_plane_does_not_know_is_refused_not_dropped():
+    # the cause of "b.txt: its blocks hold 0 bytes, not the 1 it claims" in one full
+    # run: containers started with the inline-files client while the control plane still
+    # ran the code from before it, which dropped ``data`` and saw a file without blocks
+    f = cv.LocalFile("b.txt", "/nonexistent", 1, 0o644, 0.0, [hashlib.sha256(b"x").hexdigest()])
+    f.data = b"x"
+    wire = msgspec.msgpack.encode(m.VolumeCommit([f.entry()]))
+    old = msgspec.msgpack.decode(wire, type=OldVolumeCommit).puts[0]
+    assert (old.size, old.blocks) == (1, [])
+    # now such a field is refused by name, before anything is checked or merged
+    assert msgspec.msgpack.decode(wire, type=m.VolumeCommit).puts[0].data == b"x"
+    newer = {"puts": [{"path": "b.txt", "size": 1, "chunks": ["k"]}]}
+    with pytest.raises(msgspec.ValidationError, match="unknown field `chunks`"):
+        msgspec.msgpack.decode(msgspec.msgpack.encode(newer), type=m.VolumeCommit)
+    with pytest.raises(msgspec.ValidationError, match="unknown field `puts_v2`"):
+        msgspec.msgpack.decode(msgspec.msgpack.encode({"puts_v2": []}), type=m.VolumeCommit)

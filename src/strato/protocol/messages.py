@@ -678,7 +678,9 @@ VOLUME_BLOCK = 8 << 20
 VOLUME_INLINE = 4096  # a file up to this size travels and is stored inline, not as a blob
 
 
-class VolumeFile(msgspec.Struct, frozen=True):
+class VolumeFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # a field this side does not know is refused, never dropped: a control plane older
+    # than its client once read inline files (``data``) as files without blocks
     path: VolumePath
     size: Annotated[int, Meta(ge=0, le=1 << 50)]
     mode: Annotated[int, Meta(ge=0, le=0o7777)] = 0o644
@@ -712,7 +714,7 @@ class VolumeManifest(msgspec.Struct):
     files: list[VolumeFile]
 
 
-class VolumeCommit(msgspec.Struct):
+class VolumeCommit(msgspec.Struct, forbid_unknown_fields=True):
     """Changes merged into the latest version: per file, the last commit wins."""
 
     puts: Annotated[list[VolumeFile], Meta(max_length=1 << 22)] = []
