@@ -15,8 +15,13 @@ container in one run, the baselines right beside what they compare with:
   mount and commits them (``vol.commit()``: hash, upload of the blocks the control plane
   lacks, one merge); the baseline writes the same files with plain Python into a local
   folder. Target: the commit < 5 s. Also the client's ``batch_upload`` of those files.
+- ``volume_container_start``: a new container of a new version of the volume (its blocks
+  on the node) vs one without a volume, under ``process``, ``bwrap`` and ``gvisor``.
+- ``volume_writable_mount_node``: on this node, without containers, a new version's
+  writable mount for the isolating runtimes' user as an overlay over that user's tree of
+  hard links vs as a full copy (what those runtimes did before), taking turns.
 
-    .venv/bin/python benchmarks/volumes.py [--size-mib 1024] [--files 10000]
+    .venv/bin/python benchmarks/volumes.py [--size-mib 1024] [--files 10000] [--node-only]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from _common import emit, note, strato_env
 
 import strato
 
+ISOLATING = ("bwrap", "gvisor")
 MOUNT = "/srv"  # a folder that exists on the host (the process runtime binds over it)
 app = strato.App("bench-volumes")
 vol = strato.Volume.from_name("bench-volume", create_if_missing=True)
@@ -119,15 +125,112 @@ def no_volume() -> int:
     return 0
 
 
+def _count_and_write(tag: str) -> int:
+    """Write into the mount as the container's user (in place into a small file it holds,
+    and a new file); how many files it holds."""
+    with open(f"{MOUNT}/many-a/00000.txt", "r+b") as f:
+        f.write(tag.encode())
+    with open(f"{MOUNT}/{tag}.txt", "w") as f:
+        f.write(tag)
+    return sum(len(files) for _, _, files in os.walk(MOUNT))
+
+
+def _nothing() -> int:
+    return 0
+
+
+# the isolating runtimes run the container as an unprivileged user: their writable mount
+iso_count = {
+    rt: app.function(runtime=rt, volumes={MOUNT: vol}, timeout=1800, name=f"count_{rt}")(
+        _count_and_write
+    )
+    for rt in ISOLATING
+}
+iso_first = app.function(runtime="bwrap", volumes={MOUNT: vol}, timeout=1800)(_nothing)
+iso_plain = {
+    rt: app.function(runtime=rt, timeout=1800, name=f"plain_{rt}")(_nothing) for rt in ISOLATING
+}
+
+
+def node_writable_mount(n_files: int, file_bytes: int, size_mib: int, rounds: int) -> None:
+    """On this node, without containers: a writable mount of a new version for the
+    isolating runtimes' user, made as an overlay over that user's tree of hard links vs
+    as a full copy (the baseline), taking turns; best round of each."""
+    import hashlib
+    from pathlib import Path
+
+    from strato.protocol import messages as m
+    from strato.worker import volumes as wv
+    from strato.worker.mounts import blob_path
+
+    owner = (65534, 65534)
+    cache = Path(tempfile.mkdtemp(prefix="strato-bench-node-"))
+    try:
+        files, fetched = [], {}
+        for i in range(n_files):
+            data = f"{i}:".encode().ljust(file_bytes, b"x")
+            files.append(m.VolumeFile(f"many/{i:05d}.txt", len(data), 0o644, 0.0, [], data))
+        keys = []
+        for i in range(size_mib // 8 or 1):
+            block = i.to_bytes(8, "little") + os.urandom((8 << 20) - 8)
+            key = hashlib.sha256(block).hexdigest()
+            path = Path(blob_path(str(cache), key))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(block)
+            os.chmod(path, 0o444)
+            fetched[key] = str(path)
+            keys.append(key)
+        files.append(m.VolumeFile("big.bin", len(keys) << 23, 0o644, 0.0, keys))
+        best = {"copy": float("inf"), "overlay": float("inf")}
+        version = 0
+        for r in range(rounds + 1):  # round 0 makes the node's files for the user: not timed
+            for kind in ("copy", "overlay") if r % 2 else ("overlay", "copy"):
+                version += 1
+                man = m.VolumeManifest("bench", version, files)
+                cid = f"bench-{version}"
+                mine = wv.container_dir(cache, cid)
+                mine.mkdir(parents=True)
+                t0 = time.perf_counter()
+                if kind == "copy":
+                    wv._own_tree(cache, None, man, fetched, mine / "0", owner)  # type: ignore[arg-type]
+                else:
+                    got = wv._overlay(cache, None, man, fetched, mine, 0, wv.Prepared(), owner)  # type: ignore[arg-type]
+                    if got is None:
+                        raise SystemExit("no overlay mounts here")
+                took = time.perf_counter() - t0
+                if r:
+                    best[kind] = min(best[kind], took)
+                wv._remove(cache, cid)
+        emit(
+            {
+                "benchmark": "volume_writable_mount_node",
+                "files": n_files + 1,
+                "bytes": n_files * file_bytes + (len(keys) << 23),
+                "overlay_s": round(best["overlay"], 3),
+                "copy_s": round(best["copy"], 3),
+                "ratio_to_copy": round(best["overlay"] / best["copy"], 3),
+                "note": "a new version's writable mount for the isolating runtimes' user: "
+                "overlay over the user's tree of hard links vs a full copy (the node's "
+                "blocks already there); best of the rounds",
+            }
+        )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--file-bytes", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--node-only", action="store_true", help="only the node-level figure")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the process runtime mounts volumes as root: run this as root")
+    node_writable_mount(args.files, args.file_bytes, args.size_mib, args.rounds)
+    if args.node_only:
+        return
     with strato_env():
         try:
             strato.Volume.delete("bench-volume")
@@ -192,6 +295,39 @@ def main() -> None:
                     "the node already): the version's tree is built, an overlay mounted",
                 }
             )
+            # the first isolating container of the volume on this node: the node's files
+            # are copied once for the containers' user (what later versions link to)
+            t0 = time.perf_counter()
+            iso_first.remote()
+            emit(
+                {
+                    "benchmark": "volume_container_start_first_isolated",
+                    "runtime": "bwrap",
+                    "first_call_s": round(time.perf_counter() - t0, 3),
+                    "note": "the first container of an isolating runtime on the node",
+                }
+            )
+            for rt in ISOLATING:
+                commit_bench.remote(10, 10, f"v-{rt}")  # a new version: its tree is new
+                t0 = time.perf_counter()
+                iso_plain[rt].remote()
+                plain_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                n = iso_count[rt].remote(rt)
+                start_s = time.perf_counter() - t0
+                emit(
+                    {
+                        "benchmark": "volume_container_start",
+                        "runtime": rt,
+                        "files": n,
+                        "bytes": size + args.files * args.file_bytes,
+                        "first_call_s": round(start_s, 3),
+                        "without_volume_s": round(plain_s, 3),
+                        "ratio_to_without": round(start_s / plain_s, 1),
+                        "note": "a new container of a new version of the volume (its blocks "
+                        "on the node), writing a file in place and a new one",
+                    }
+                )
             emit(
                 {
                     "benchmark": "volume_commit",

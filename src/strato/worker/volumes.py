@@ -4,14 +4,24 @@ Layout under the worker's cache::
 
     blobs/ab/<sha256>                    blocks, fetched once per node (shared with code mounts)
     volumes/files/ab/<id>                a file of several blocks, put together once per node
-    volumes/trees/<volume_id>/<version>  a version's tree of hard links (read-only mounts)
-    volumes/containers/<cid>/<i>         a container's own writable copy of mount i
+    volumes/trees/<volume_id>/<version>  a version's tree of hard links (read-only mounts,
+                                         and the lower layer of the process runtime's
+                                         writable ones)
+    volumes/owned/<uid>.<gid>/           (root only) copies of the node's files owned by
+                                         the isolating runtimes' user, made once per node,
+                                         and each version's tree of hard links to them:
+                                         the lower layer of those runtimes' writable mounts
+    volumes/containers/<cid>/<i>         a container's writable mount i (an overlay, or a
+                                         copy where no overlay mounts)
     volumes/containers/<cid>/state/      its VolumeState files (the container rewrites them)
 
-A writable mount is a copy (the container may write its files in place, which must never
-reach the node's shared blocks); a read-only mount binds the shared tree read-only. When
-the container exits, the worker commits what changed in its writable copies (against the
-state the container last committed or reloaded) and removes them.
+A writable mount is an overlay over the version's tree (a write, in place too, copies the
+file up into the container's own layer: the node's files are never written); under the
+isolating runtimes the tree below and the upper layer belong to the container's
+unprivileged user, so it may write what it copies up. Where no overlay mounts (a worker
+not running as root), it is a copy. A read-only mount binds the shared tree read-only.
+When the container exits, the worker commits what changed in its writable mounts (against
+the state the container last committed or reloaded) and removes them.
 
 The ``process`` runtime has no mount namespace of its own: there the container is started
 under ``unshare --mount`` with the volumes bound at their paths in that namespace only
@@ -115,6 +125,40 @@ def _node_file(cache: Path, api: ApiBase, f: m.VolumeFile, fetched: dict[str, st
     return path
 
 
+def _owned_root(cache: Path, owner: tuple[int, int]) -> Path:
+    """Where the files and trees of ``owner`` lie: a folder only root may enter (its files
+    are the user's, but no process of that user, in a container or on this machine, may
+    reach them other than through an overlay's copy-up)."""
+    root = _root(cache) / "owned" / f"{owner[0]}.{owner[1]}"
+    if not root.is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(root.parent, 0o700)
+        root.mkdir(mode=0o700, exist_ok=True)
+    return root
+
+
+def _owned_file(
+    cache: Path, api: ApiBase, f: m.VolumeFile, fetched: dict[str, str], owner: tuple[int, int]
+) -> str:
+    """A node-cached copy of ``f``'s content with its mode, owned by ``owner`` (the
+    isolating runtimes' container user), made once per node and shared by that user's
+    trees of every version that holds it. Only ever the lower layer of overlays: never
+    written after it is made, and never bound into a container by itself."""
+    src = _file_source(cache, api, f, fetched)
+    mode = f.mode & 0o777
+    fid = os.path.basename(src)
+    path = _owned_root(cache, owner) / "files" / fid[:2] / f"{fid}.{mode:o}"
+    if path.exists():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, mode)
+    os.chown(tmp, *owner)
+    os.replace(tmp, path)
+    return str(path)
+
+
 def _fetch_missing(cache: Path, api: ApiBase, files: list[m.VolumeFile]) -> dict[str, str]:
     """Every block of ``files`` in the node's blob cache (fetched once); key -> path."""
     sizes = cv.block_sizes(files)
@@ -145,10 +189,20 @@ def _fetch_missing(cache: Path, api: ApiBase, files: list[m.VolumeFile]) -> dict
     return out
 
 
-def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict[str, str]) -> str:
+def _shared_tree(
+    cache: Path,
+    api: ApiBase,
+    man: m.VolumeManifest,
+    fetched: dict[str, str],
+    owner: tuple[int, int] | None = None,
+) -> str:
     """The version's tree of hard links, built once per node: what a read-only mount binds,
-    and the lower layer of a writable one where it is an overlay."""
+    and the lower layer of a writable one where it is an overlay. With ``owner``: a tree
+    of that user's own files and folders (the lower layer of the isolating runtimes'
+    writable mounts, whose unprivileged user must be able to write what it copies up)."""
     final = _root(cache) / "trees" / man.volume_id / str(man.version)
+    if owner is not None:
+        final = _owned_root(cache, owner) / man.volume_id / str(man.version)
     if final.is_dir():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -169,10 +223,15 @@ def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict
                     while view:
                         view = view[os.write(fd, view) :]
                     os.fchmod(fd, mode)
+                    if owner is not None:
+                        os.fchown(fd, *owner)
                 finally:
                     os.close(fd)
                 continue
-            src = _node_file(cache, api, f, fetched)
+            if owner is not None:
+                src = _owned_file(cache, api, f, fetched, owner)
+            else:
+                src = _node_file(cache, api, f, fetched)
             try:
                 os.link(src, dest)  # shares the node's file (never written)
                 continue
@@ -180,8 +239,12 @@ def _shared_tree(cache: Path, api: ApiBase, man: m.VolumeManifest, fetched: dict
                 pass
             shutil.copyfile(src, dest)
             os.chmod(dest, mode)
+            if owner is not None:
+                os.chown(dest, *owner)
         for d, _, _ in os.walk(tmp):
             os.chmod(d, 0o755)
+            if owner is not None:
+                os.chown(d, *owner)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -299,8 +362,8 @@ def prepare(
         else:
             tree = mine / str(i)
             state = None
-            if not isolated:  # the container is root here: an overlay over the shared tree
-                state = _overlay(cache, api, man, fetched, mine, i, out)
+            if os.geteuid() == 0:  # an overlay over the version's tree (of owner's files)
+                state = _overlay(cache, api, man, fetched, mine, i, out, owner)
             if state is None:
                 state = _own_tree(cache, api, man, fetched, tree, owner)
             cv.write_state(str(state_dir / f"{i}.msgpack"), state)
@@ -334,16 +397,22 @@ def _overlay(
     mine: Path,
     i: int,
     out: Prepared,
+    owner: tuple[int, int] | None = None,
 ) -> cv.VolumeState | None:
     """Mount ``mine/i`` as an overlay: the version's shared tree below, the container's
-    own upper layer above (a write copies a file up: the shared tree is never changed);
-    its state. None where the overlay cannot be mounted (then the tree is copied)."""
+    own upper layer above (a write copies a file up: the tree below is never changed);
+    its state. None where the overlay cannot be mounted (then the tree is copied).
+    With ``owner`` (the isolating runtimes' unprivileged user), the tree below and the
+    upper layer are that user's, so what it copies up stays writable by it."""
     with _trees_lock:
-        lower = _shared_tree(cache, api, man, fetched)
+        lower = _shared_tree(cache, api, man, fetched, owner)
         _tree_users[lower] = _tree_users.get(lower, 0) + 1
     merged, upper, work = (str(mine / f"{i}{x}") for x in ("", ".upper", ".work"))
     for d in (merged, upper, work):
         os.makedirs(d)
+    if owner is not None:
+        os.chown(upper, *owner)
+        os.chmod(upper, 0o755)
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     done = None
     if not any(c in d for d in (lower, upper, work) for c in ",:\\\n"):  # unquotable
