@@ -367,6 +367,13 @@ SERVER_URL = text(
     (CLIENT,),
     kind="url",
 )
+CLIENT_HTTP = flag(
+    "STRATO_CLIENT_HTTP",
+    False,
+    "Send API requests over HTTP even where the control plane is on this machine (by "
+    "default a client there uses its channel socket, which answers with less overhead).",
+    (CLIENT,),
+)
 TOKEN = text(
     "STRATO_TOKEN",
     "",

@@ -133,3 +133,22 @@ def test_a_forked_child_is_refused_before_it_writes(monkeypatch):
     with pytest.raises(exc.ExecutionError, match="forked"):
         cp.client.request_raw("GET", "/health")
     assert cp.frames == []  # nothing reached the shared socket
+
+
+def test_api_request_frames_are_bounded():
+    from strato.protocol import frames
+
+    def decode(req: m.ApiRequest) -> object:
+        return frames.decode(frames.encode(req)[4:])
+
+    assert decode(m.ApiRequest(1, "GET", "/x", {str(i): "v" for i in range(32)}))
+    for bad in (
+        m.ApiRequest(1, "GET", "/x", {str(i): "v" for i in range(33)}),  # too many params
+        m.ApiRequest(1, "GET", "/" + "x" * 2048),  # path too long
+        m.ApiRequest(1, "GET", "/x", input_id=-1),  # out of range
+    ):
+        with pytest.raises(frames.FrameError):
+            decode(bad)
+    raw = msgspec.msgpack.encode({"t": "api", "req_id": 1, "method": "PATCH", "path": "/x"})
+    with pytest.raises(frames.FrameError):
+        frames.decode(raw)  # a method no route has

@@ -3,17 +3,20 @@ upload, app creation, live logs, heartbeats)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 from strato import exceptions as exc
+from strato import settings
 from strato.protocol import messages as m
 
 from . import channel_api, console
-from .config import ensure_server
+from .config import ensure_server, strato_home
 from .http import ApiBase, ApiClient
+from .local_channel import LocalChannelClient
 from .mounts import LocalMount
 
 HEARTBEAT_S = 5.0
@@ -36,8 +39,23 @@ def api(progress_cb: Callable[[str], None] | None = progress) -> ApiBase:
     with _lock:
         if _session is None:
             url, token = ensure_server(progress_cb)  # refuses inside a container
-            _session = ApiClient(url, token)
+            _session = _local_channel(url, token) or ApiClient(url, token)
         return _session
+
+
+def _local_channel(url: str, token: str) -> LocalChannelClient | None:
+    """A client over the control plane's channel socket, when the control plane at ``url``
+    runs on this machine with its state in our ``STRATO_HOME`` (it says where its socket
+    is in ``server.json``); None otherwise (HTTP then)."""
+    if settings.CLIENT_HTTP.get():
+        return None
+    try:
+        info = json.loads((strato_home() / "server.json").read_text())
+        if info.get("url") != url or not info.get("channel"):
+            return None
+        return LocalChannelClient(url, token, info["channel"])
+    except (OSError, ValueError):
+        return None
 
 
 def reset() -> None:

@@ -652,6 +652,13 @@ class ApiRequest(ChannelMsg, tag="api"):
     input_id: Index | None = None  # the input the calling code runs (the call's parent)
 
 
+class ClientHello(ChannelMsg, tag="chello"):
+    """First frame of a client on the control plane's machine that sends its API
+    requests over the channel socket instead of HTTP (``client/local_channel.py``)."""
+
+    token: Annotated[str, Meta(max_length=512)]
+
+
 class ApiResponse(ChannelMsg, tag="apiresp"):
     req_id: Index
     status: Annotated[int, Meta(ge=100, le=599)]
@@ -1148,6 +1155,7 @@ ChannelMessage = (
     | Heartbeat
     | ApiRequest
     | ApiResponse
+    | ClientHello
     | SbExec  # --- sandboxes
     | SbStdin
     | SbFlow

@@ -22,7 +22,7 @@ from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
 
-from .api.channel import ContainerRequests
+from .api.channel import ChannelRequests
 from .apps import Apps
 from .calls.manager import CallManager
 from .calls.uploads import Uploads
@@ -235,6 +235,11 @@ class ControlPlane:
                 await self._worker_loop(first, peer, reader)
             elif isinstance(first, m.ContainerHello):
                 await self._container_loop(first, peer, reader, via_node)
+            elif isinstance(first, m.ClientHello):  # a local client's API requests
+                if not hmac.compare_digest(first.token.encode(), self.token.encode()):
+                    log.warning("channel: a client hello with a wrong token; closed")
+                    return
+                await self._client_loop(peer, reader)
             elif isinstance(first, m.WebTunnelHello):  # a web endpoint's tunnel: raw HTTP now
                 adopted = self.gateway.adopt_tunnel(first, writer)
             elif first is not None:
@@ -288,6 +293,22 @@ class ControlPlane:
             if hub is not None:
                 await hub.close()
 
+    async def _client_loop(self, peer: Peer, reader) -> None:
+        """A client on this machine that showed the API token: its API requests, as over
+        HTTP (bodies as large as HTTP's), and nothing else."""
+        assert self.api is not None, "build_app(cp) wires the API before clients dial"
+        requests = ChannelRequests(self.api, peer)
+        try:
+            limit = self.api.max_body + (1 << 16)
+            while (msg := await frames.read_frame(reader, limit)) is not None:
+                if not isinstance(msg, m.ApiRequest):
+                    raise frames.FrameError(f"a client may not send {type(msg).__name__}")
+                await requests.take(msg)
+        except frames.FrameError as e:
+            log.warning("channel: dropped a client: %s", e)
+        finally:
+            requests.close()
+
     def _route_logs(self, lines: list[m.LogLine]) -> None:
         by_app: dict[str, list[m.LogLine]] = {}
         for line in lines:
@@ -333,7 +354,7 @@ class ControlPlane:
             return
         uploads = Uploads(self.blobs, self.config.max_payload)
         assert self.api is not None, "build_app(cp) wires the API before containers dial"
-        requests = ContainerRequests(self.api, s, peer, uploads)  # its own API calls
+        requests = ChannelRequests(self.api, peer, s, uploads)  # its own API calls
         # --- sandboxes: a sandbox's agent may send only its own frames (no API requests)
         sandbox = self.sandboxes if self.sandboxes and self.sandboxes.owns(s) else None
         try:

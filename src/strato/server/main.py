@@ -136,6 +136,8 @@ async def serve(config: ServerConfig) -> None:
                 "pid": os.getpid(),
                 "port": port,
                 "gateway_url": cp.gateway.url,
+                # clients on this machine send their API requests here (local_channel.py)
+                "channel": str(config.channel_socket),
                 "agent_port": cp.agents.port if cp.agents is not None else None,  # --- cluster
             }
         )

@@ -1,11 +1,16 @@
-"""API requests that code in a container sends over its channel (``ApiRequest`` frames).
+"""API requests over the channel (``ApiRequest`` frames), from containers and local clients.
 
 A container holds no API token: its channel connection, opened with its own secret, is its
 credential, valid while the container lives. Each request runs the route it names, as
 ``Principal(container, app, function, input)``, through ``Router.dispatch_for``: only
-routes open to containers, each scoped to the container's app (``scope.py``). Requests run
-as tasks, so a long-poll does not hold up the container's outputs; at most
-``MAX_INFLIGHT`` at once per container (more are refused at once), and all of them end
+routes open to containers, each scoped to the container's app (``scope.py``).
+
+A client on this machine may send its requests over the channel socket too (a
+``ClientHello`` with the API token first): the same routes as HTTP, without HTTP's parsing
+on either side (``client/local_channel.py``).
+
+Requests run as tasks, so a long-poll does not hold up a container's outputs; at most
+``MAX_INFLIGHT`` at once per connection (more are refused at once), and all of them end
 with the connection.
 """
 
@@ -30,53 +35,64 @@ if TYPE_CHECKING:
 log = logging.getLogger("strato.api.channel")
 
 MAX_INFLIGHT = 256  # requests of one container at once (each a task, maybe a long-poll)
+CLIENT_MAX_INFLIGHT = 8192  # of a local client (which HTTP would let open as many sockets)
 _BLOBS = "/blobs/"
 
 
-class ContainerRequests:
-    """The API requests of one container connection."""
+class ChannelRequests:
+    """The API requests of one channel connection: a container's (``container`` and
+    ``uploads`` given) or a local client's that showed the API token (neither)."""
 
-    def __init__(self, router: Router, container: Container, peer: Peer, uploads: Uploads) -> None:
+    def __init__(
+        self,
+        router: Router,
+        peer: Peer,
+        container: Container | None = None,
+        uploads: Uploads | None = None,
+    ) -> None:
         self.router = router
         self.container = container
         self.peer = peer
         self.uploads = uploads
         self.tasks: set[asyncio.Task] = set()
+        self.limit = MAX_INFLIGHT if container is not None else CLIENT_MAX_INFLIGHT
 
     async def take(self, req: m.ApiRequest) -> None:
         """Start one request (called by the connection's reader, in frame order)."""
-        if req.method == "PUT" and req.query.get("chunked") == "1":
+        if req.method == "PUT" and req.query.get("chunked") == "1" and self.uploads is not None:
             # a large blob sent as BlobChunk frames just ahead: claimed here, in order
             self._answer(req.req_id, await self._chunked_blob(req))
             return
-        if len(self.tasks) >= MAX_INFLIGHT:
+        if len(self.tasks) >= self.limit:
             self._answer(
                 req.req_id,
                 error_reply(
                     exc.ExecutionError(
-                        f"over {MAX_INFLIGHT} API requests of this container at once: "
+                        f"over {self.limit} API requests of this connection at once: "
                         "wait for some of its calls to finish"
                     )
                 ),
             )
             return
-        task = asyncio.create_task(self._run(req), name=f"api-{self.container.container_id}")
+        task = asyncio.create_task(self._run(req), name="api-request")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _run(self, req: m.ApiRequest) -> None:
         s = self.container
-        # the calling code's input, only when this container holds it
-        input_id = req.input_id if req.input_id in s.inflight else None
-        who = Principal(s.container_id, s.app_id, s.function_id, input_id)
+        who = None  # a local client with the API token
+        if s is not None:  # the calling code's input, only when this container holds it
+            input_id = req.input_id if req.input_id in s.inflight else None
+            who = Principal(s.container_id, s.app_id, s.function_id, input_id)
         try:
             out = await self.router.dispatch_for(who, req.method, req.path, req.query, req.body)
-        except Exception:  # a bug must answer, not leave the container waiting
-            log.exception("container %s: %s %s failed", s.container_id, req.method, req.path)
+        except Exception:  # a bug must answer, not leave the caller waiting
+            log.exception("channel request %s %s failed", req.method, req.path)
             out = error_reply(exc.InternalError(f"{req.method} {req.path} failed"))
         self._answer(req.req_id, out)
 
     async def _chunked_blob(self, req: m.ApiRequest) -> Reply:
+        assert self.uploads is not None
         if not req.path.startswith(_BLOBS):
             raise exc.InvalidError(f"only a blob upload may be chunked, not {req.path}")
         key, size = await self.uploads.take_async(check_key(req.path[len(_BLOBS) :]))

@@ -194,16 +194,25 @@ class Router:
         return error_reply(exc.NotFoundError(f"no route {method} {path}"))
 
     async def dispatch_for(
-        self, principal: Principal, method: str, path: str, query: dict[str, str], body: bytes
+        self,
+        principal: Principal | None,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        body: bytes,
     ) -> Reply:
-        """A request a container sent over its channel, on behalf of ``principal``: only
-        routes marked ``container=True``; the same handlers, errors and replies as HTTP."""
+        """A request that came over the channel: a container's on behalf of ``principal``
+        (only routes marked ``container=True``), or with ``None`` a local client's that
+        showed the API token when it connected (every route). The same handlers, errors
+        and replies as HTTP."""
         try:
+            if principal is None and method == "GET" and path == "/openapi.json":
+                return Reply(self.openapi(), content_type="application/json")
             found = self._match(method, path)
             if isinstance(found, Reply):
                 return found
             route, params = found
-            if not route.container:
+            if principal is not None and not route.container:
                 raise exc.AuthError(
                     f"{method} {route.path} is not open to code in a container: its "
                     "credential may call functions and read its own calls, never the admin API"

@@ -1,0 +1,98 @@
+"""The local client's API requests over the control plane's channel socket: hello with the
+token, answers by request id, and dialling again (and resending) when the connection drops."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from strato import exceptions as exc
+from strato.client.local_channel import LocalChannelClient
+from strato.protocol import frames
+from strato.protocol import messages as m
+
+
+class FakeChannel:
+    """A Unix-socket server speaking the channel: checks the hello, answers each request
+    with its path; ``drop_next`` closes the connection instead of answering once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(8)
+        self.hellos: list[str] = []
+        self.requests: list[m.ApiRequest] = []
+        self.drop_next = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = frames.SocketReader(conn)
+        try:
+            hello = reader.read()
+            assert isinstance(hello, m.ClientHello)
+            self.hellos.append(hello.token)
+            while (req := reader.read()) is not None:
+                assert isinstance(req, m.ApiRequest)
+                self.requests.append(req)
+                if self.drop_next:
+                    self.drop_next = False
+                    conn.close()
+                    return
+                body = msgspec.msgpack.encode({"path": req.path, "n": len(self.requests)})
+                conn.sendall(frames.encode(m.ApiResponse(req.req_id, 200, body)))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def channel(tmp_path):
+    ch = FakeChannel(tmp_path / "channel.sock")
+    yield ch
+    ch.close()
+
+
+def test_requests_go_over_the_socket_after_a_hello(channel):
+    client = LocalChannelClient("http://127.0.0.1:1", "tok-1", channel.path)
+    got = msgspec.msgpack.decode(client.request_raw("GET", "/health", params={"a": 1}))
+    assert got == {"path": "/health", "n": 1}
+    assert channel.hellos == ["tok-1"]
+    assert channel.requests[0].query == {"a": "1"}
+    client.close()
+
+
+def test_a_dropped_connection_is_dialled_again_and_the_request_resent(channel):
+    client = LocalChannelClient("http://127.0.0.1:1", "tok-1", channel.path)
+    client.request_raw("GET", "/first")
+    channel.drop_next = True
+    got = msgspec.msgpack.decode(client.request_raw("POST", "/calls", b"x"))
+    assert got["path"] == "/calls"
+    assert [r.path for r in channel.requests] == ["/first", "/calls", "/calls"]
+    assert channel.hellos == ["tok-1", "tok-1"]  # a second connection
+    client.close()
+
+
+def test_no_socket_fails_at_once_and_a_lost_one_within_the_reconnect_timeout(channel, tmp_path):
+    with pytest.raises(OSError):
+        LocalChannelClient("http://127.0.0.1:1", "t", str(tmp_path / "nothing.sock"))
+    client = LocalChannelClient("http://127.0.0.1:1", "t", channel.path, reconnect_timeout=0.3)
+    channel.close()
+    Path(channel.path).unlink()
+    client.close()  # the server is gone: dialling fails until the reconnect timeout
+    with pytest.raises(exc.ConnectionError, match="cannot reach"):
+        client.request_raw("GET", "/health")
