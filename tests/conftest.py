@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,8 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 INTEGRATION_DIR = TESTS_DIR / "integration"
 STOP_TIMEOUT_S = 30.0
+# the local PostgreSQL server's admin connection (tests make and drop databases there)
+PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -39,6 +42,31 @@ def pytest_configure(config: pytest.Config) -> None:
     # a run stopped with SIGTERM (`timeout`, a CI runner) stops like one stopped with ^C:
     # fixtures tear down, so control planes stop and their homes under /tmp are removed
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server (its SQLAlchemy URL), dropped after."""
+    import psycopg
+
+    name = "strato_test_" + secrets.token_hex(4)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> Iterator[str]:
+    """The store's database URL: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    with postgres_database() as url:
+        yield url
 
 
 def free_port() -> int:

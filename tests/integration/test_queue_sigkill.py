@@ -8,17 +8,15 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import secrets
 import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import dedicated_server, restore_env, wait_until
+from conftest import dedicated_server, postgres_database, restore_env, wait_until
 
 import strato
 
 pytestmark = pytest.mark.slow
-PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 @contextlib.contextmanager
@@ -27,16 +25,8 @@ def _database(kind: str) -> Iterator[dict[str, str]]:
     if kind == "sqlite":
         yield {}
         return
-    import psycopg
-
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield {"STRATO_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with postgres_database() as url:
+        yield {"STRATO_DATABASE_URL": url}
 
 
 def _restart(srv, env: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import time
 
 import pytest
-import test_queue_store
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
@@ -17,8 +16,6 @@ from strato.server.state.db import StateDb
 from strato.server.state.dicts import key_hash
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
-
-db_url = test_queue_store.db_url  # the fixture: SQLite, and PostgreSQL
 
 
 def run(url: str, tmp_path, body, ttl_s: float = 3600.0) -> None:

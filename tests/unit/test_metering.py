@@ -86,33 +86,14 @@ def test_dominant_share():
 
 # --------------------------------------------------------------------------- durable rows
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request, tmp_path):
-    import os
-    import secrets
-
+@pytest.fixture
+def store(db_url):
     from strato.server.store import Store
 
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'state.db'}")
-        yield s
-        s.close()
-        return
-    psycopg = pytest.importorskip("psycopg")
-    admin_dsn = os.environ.get("STRATO_TEST_PG", PG_ADMIN)
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        s = Store(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-        yield s
-        s.close()
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    s = Store(db_url)
+    yield s
+    s.close()
 
 
 def _container(cid: str, gpus: list[int]):

@@ -5,11 +5,8 @@ TTLs, and a store reopened (as after a SIGKILL) keeps every committed change."""
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import time
 
-import psycopg
 import pytest
 
 from strato import exceptions as exc
@@ -17,23 +14,6 @@ from strato.protocol import messages as m
 from strato.server.state import Queues
 from strato.server.state.db import StateDb
 from strato.server.store import Store
-
-PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
-        return
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def _queues(url: str) -> tuple[Store, Queues]:

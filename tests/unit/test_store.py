@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 
-import psycopg
 import pytest
 
 from strato.server.store import Store
 from strato.server.store.migrations import LATEST, current_version
 
-PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'state.db'}")
-        yield s
-        s.close()
-        return
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        s = Store(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-        yield s
-        s.close()
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+@pytest.fixture
+def store(db_url):
+    s = Store(db_url)
+    yield s
+    s.close()
 
 
 def _call(store: Store, call_id: str, n: int, first_id: int, expires_at: float | None = None):

@@ -4,36 +4,22 @@ and a record cut short by the crash is ignored. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import os
-import secrets
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from strato.server.store import CallRow, FinalRow, InputRow, Store
 
-PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
+@pytest.fixture
+def db(db_url, tmp_path):
     """(url, journal path): SQLite's journal is the default one beside its file."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}", tmp_path / "state.db.intake"
-        return
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", tmp_path / "pg.intake"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    sqlite = db_url.startswith("sqlite")
+    return db_url, tmp_path / ("state.db.intake" if sqlite else "pg.intake")
 
 
 def _open(url: str, journal: Path) -> Store:

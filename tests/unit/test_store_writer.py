@@ -5,35 +5,16 @@ commits what is queued; a failed batch loses only the write that failed, and say
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import threading
 import time
 
-import psycopg
 import pytest
+from conftest import postgres_database
 from sqlalchemy import text
 
 from strato.server.store import Store, StoreClosed, StoreTimeout, WriteFailed
 from strato.server.store import store as store_module
 from strato.server.store.writer import Write
-
-PG_ADMIN = os.environ.get("STRATO_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
-        return
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -215,14 +196,8 @@ def test_a_retried_call_in_a_batch_is_not_created_twice(open_store):
 
 @pytest.fixture
 def pg_url():
-    name = "strato_test_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with postgres_database() as url:
+        yield url
 
 
 def test_a_write_survives_a_lost_connection(pg_url):
