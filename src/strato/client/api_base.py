@@ -5,12 +5,36 @@ container's start path."""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from strato import exceptions as exc
 from strato.protocol.messages import ErrorBody
 
 MSGPACK = "application/msgpack"
+
+
+class Reconnects:
+    """The waits between attempts to reach a control plane that does not answer (one that
+    restarts is waited for): 50 ms doubling to 1 s, until ``timeout`` seconds are up."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.deadline = time.monotonic() + timeout
+        self.delay = 0.05
+
+    def wait(self, failure: BaseException) -> None:
+        """Sleep before the next attempt; ``ConnectionError`` once the time is up."""
+        if time.monotonic() + self.delay > self.deadline:
+            raise exc.ConnectionError(
+                f"cannot reach the strato control plane at {self.url} ({failure}); "
+                "start it with `strato server start` or set STRATO_SERVER_URL"
+            ) from None
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 1.0)
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoders: dict[type, msgspec.msgpack.Decoder] = {}
 _error_decoder = msgspec.msgpack.Decoder(ErrorBody)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
-import time
 from urllib.parse import urlencode, urlsplit
 
 from strato import exceptions as exc
 
-from .api_base import MSGPACK, ApiBase
+from .api_base import MSGPACK, ApiBase, Reconnects
 
 __all__ = ["MSGPACK", "ApiBase", "ApiClient"]
 
@@ -83,8 +82,7 @@ class ApiClient(ApiBase):
             if content_type == MSGPACK
             else {**self._headers, "Content-Type": content_type}
         )
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay = 0.05
+        reconnects = Reconnects(self.url, self.reconnect_timeout)
         while True:
             try:
                 conn = self._conn(timeout)
@@ -103,13 +101,7 @@ class ApiClient(ApiBase):
                 ) from None
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
-                if time.monotonic() + delay > deadline:
-                    raise exc.ConnectionError(
-                        f"cannot reach the strato control plane at {self.url} ({e}); "
-                        "start it with `strato server start` or set STRATO_SERVER_URL"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                reconnects.wait(e)
         if status >= 400:
             raise self._error(status, data)
         return data

@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 from strato import exceptions as exc
 from strato.protocol import frames
 from strato.protocol import messages as m
 
-from .api_base import MSGPACK, ApiBase
+from .api_base import MSGPACK, ApiBase, Reconnects
 from .channel_api import ChannelApiClient
 
 
@@ -127,8 +126,7 @@ class LocalChannelClient(ApiBase):
         timeout: float | None = None,
         content_type: str = MSGPACK,
     ) -> bytes:
-        deadline = time.monotonic() + self.reconnect_timeout
-        delay = 0.05
+        reconnects = Reconnects(self.url, self.reconnect_timeout)
         while True:
             try:
                 conn = self._current()
@@ -140,10 +138,4 @@ class LocalChannelClient(ApiBase):
                 except exc.ConnectionError as e:  # the connection dropped: dial again
                     self._drop(conn)
                     failure = e
-            if time.monotonic() + delay > deadline:
-                raise exc.ConnectionError(
-                    f"cannot reach the strato control plane at {self.url} ({failure}); "
-                    "start it with `strato server start` or set STRATO_SERVER_URL"
-                ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            reconnects.wait(failure)
