@@ -70,14 +70,14 @@ class ContainerRunner:
     def _send(self, msg: object) -> None:
         # large values go ahead of their outputs in chunks: the control plane refuses
         # large frames
-        parts = frames.split_outputs(msg) if isinstance(msg, m.TaskOutputs) else [msg]
-        with self._send_lock:  # the main thread and the flusher both write
-            for part in parts:
-                self.sock.sendall(frames.encode(part))
+        self._send_frames(frames.split_outputs(msg) if isinstance(msg, m.TaskOutputs) else [msg])
 
     def _send_frames(self, msgs: list[object]) -> None:
-        with self._send_lock:  # in order, nothing of another sender between them
-            self.sock.sendall(b"".join(frames.encode(msg) for msg in msgs))
+        # the main thread, the flusher and code making API requests all write: each
+        # message's frames go in order, with nothing of another sender between them
+        with self._send_lock:
+            for msg in msgs:
+                self.sock.sendall(frames.encode(msg))
 
     # ------------------------------------------------------------------ reader thread
 
