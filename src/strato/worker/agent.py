@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -173,6 +174,18 @@ class WorkerAgent:
         elif not isinstance(msg, (m.Logs, m.RelayOpen, m.RelayData, m.RelayClose)):
             self._outbox.append(msg)  # (a relayed stream ends with its session: not kept)
 
+    def _sweep_leftovers(self) -> None:
+        """Volume overlays an earlier agent on this cache left mounted (it was killed):
+        unmounted, but only while this agent holds the cache's lock, so that an agent still
+        running on the same cache keeps its containers' mounts."""
+        self._cache_lock = open(self.cache / "agent.lock", "a+b")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._cache_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("another agent uses %s: leaving its volume mounts alone", self.cache)
+            return
+        volumes.sweep_leftovers(self.cache)
+
     def _private_dirs(self) -> None:
         """This node's cache and (under STRATO_HOME) image cache: folders only this user
         enters (their files keep the modes containers need to read them)."""
@@ -189,6 +202,7 @@ class WorkerAgent:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._private_dirs()
+        self._sweep_leftovers()
         inv = self.inventory or detect_inventory()
         node = m.NodeInfo(
             name=self.name,

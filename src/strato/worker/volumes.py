@@ -452,6 +452,32 @@ def _remove(cache: Path, cid: str) -> None:
         shutil.rmtree(container_dir(cache, cid), ignore_errors=True)
 
 
+def sweep_leftovers(cache: Path) -> int:
+    """Unmount and remove the writable mounts an earlier agent on this cache left behind
+    (it was killed before its containers' exits were handled). Call it once at agent start,
+    holding ``agent_lock``: no container of this cache runs yet. The number unmounted."""
+    root = _root(cache) / "containers"
+    if not root.is_dir():
+        return 0
+    prefix = f"{root}/"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            points = [ln.split()[4] for ln in f if len(ln.split()) > 4]
+    except OSError:
+        points = []
+    # mountinfo escapes blanks as octal (\040); our paths have none (see _overlay)
+    stale = sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+    for merged in stale:
+        done = subprocess.run(["umount", "-l", merged], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("cannot unmount the leftover %s: %s", merged, done.stderr.strip())
+    if stale:
+        log.info("unmounted %d volume overlays an earlier agent left behind", len(stale))
+    for d in root.iterdir():
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
+
+
 MAX_STATE_BYTES = 1 << 30
 
 
