@@ -16,26 +16,21 @@ strings) are sent as generated.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import secrets
-import shutil
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import msgspec
 import pytest
 import requests
 import schemathesis
-from conftest import ServerHandle, free_port, restore_env
+from fuzzing import agentless_control_plane, msgpack_body
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 
-from strato.client.config import start_server
 from strato.protocol import messages as m
 
 pytestmark = pytest.mark.slow
@@ -44,44 +39,13 @@ MIN_CASES = 10_000  # spread over every operation and both modes (>= 40 each)
 LONG_POLL_CAP_S = 0.05
 
 
-def _fit(value):
-    """msgpack carries ints from -2^63 to 2^64-1: clamp bigger ones to those ends."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return max(-(1 << 63), min(value, (1 << 64) - 1))
-    if isinstance(value, list):
-        return [_fit(v) for v in value]
-    if isinstance(value, dict):
-        return {_fit(k): _fit(v) for k, v in value.items()}
-    return value
-
-
-@schemathesis.serializer("application/msgpack")
-def _msgpack(ctx, value) -> bytes:
-    return msgspec.msgpack.encode(_fit(value))
+schemathesis.serializer("application/msgpack")(msgpack_body)
 
 
 @pytest.fixture(scope="module")
 def control_plane():
-    home = Path(tempfile.mkdtemp(prefix="strato-fuzz-"))
-    port = free_port()
-    handle = ServerHandle(home, f"http://127.0.0.1:{port}", port)
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("STRATO_LOCAL_WORKER", "STRATO_TOKEN")}
-    os.environ["STRATO_LOCAL_WORKER"] = "0"
-    os.environ.pop("STRATO_TOKEN", None)
-    try:
-        try:
-            start_server(handle.url, home, None, 60.0)
-        finally:
-            restore_env(saved)
+    with agentless_control_plane("strato-fuzz-") as handle:
         yield handle
-    finally:  # also when the start failed: its home is removed
-        try:
-            handle.stop()
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
 
 
 def _seed(http: requests.Session, url: str) -> dict[str, list[str]]:

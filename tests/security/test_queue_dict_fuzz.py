@@ -6,60 +6,27 @@ control plane still works afterwards. Long-poll waits are cut to 10 ms."""
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
-from pathlib import Path
 
 import msgspec
 import pytest
 import requests
 import schemathesis
-from conftest import ServerHandle, free_port, restore_env
+from fuzzing import agentless_control_plane, msgpack_body
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from strato.client.config import start_server
 from strato.protocol import messages as m
 
 pytestmark = pytest.mark.slow
 EXAMPLES = 60  # per operation and mode: x 24 operations x 2 ~ 3,000 cases
 
 
-def _fit(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return max(-(1 << 63), min(value, (1 << 64) - 1))
-    if isinstance(value, list):
-        return [_fit(v) for v in value]
-    if isinstance(value, dict):
-        return {_fit(k): _fit(v) for k, v in value.items()}
-    return value
-
-
 @pytest.fixture(scope="module")
 def control_plane():
-    home = Path(tempfile.mkdtemp(prefix="strato-fuzz-state-"))
-    port = free_port()
-    handle = ServerHandle(home, f"http://127.0.0.1:{port}", port)
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("STRATO_LOCAL_WORKER", "STRATO_TOKEN")}
-    os.environ["STRATO_LOCAL_WORKER"] = "0"
-    os.environ.pop("STRATO_TOKEN", None)
-    try:
-        try:
-            start_server(handle.url, home, None, 60.0)
-        finally:
-            restore_env(saved)
+    with agentless_control_plane("strato-fuzz-state-") as handle:
         yield handle
-    finally:
-        try:
-            handle.stop()
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
 
 
 def _cap(case) -> None:
@@ -76,10 +43,7 @@ def _cap(case) -> None:
 
 
 def test_fuzz_the_state_routes(control_plane):
-    @schemathesis.serializer("application/msgpack")
-    def _msgpack(ctx, value) -> bytes:
-        return msgspec.msgpack.encode(_fit(value))
-
+    schemathesis.serializer("application/msgpack")(msgpack_body)
     url = control_plane.url
     token = (control_plane.home / "token").read_text().strip()
     auth = {"Authorization": f"Bearer {token}"}
