@@ -483,6 +483,26 @@ SANDBOX_WARM_POOL = integer(
     (SERVER,),
     within=Range(0, 64),
 )
+SANDBOX_CPU = number(
+    "STRATO_SANDBOX_CPU",
+    1 / 64,
+    "The CPU a sandbox created without `cpu=` reserves, in cores: small, so that many idle "
+    "ones fit on a node. It has no limit: it bursts to idle cores, and under contention "
+    "gets CPU in proportion to what it reserved (its cgroup's weight).",
+    (SERVER,),
+    unit="number",
+    within=Range(1 / 1024, 64.0),
+)
+SANDBOX_DISK_MB = integer(
+    "STRATO_SANDBOX_DISK_MB",
+    4096,
+    "The size of each writable folder of a sandbox created without `ephemeral_disk=`, in "
+    "MiB (its image's writable layer, `/tmp`, `/dev/shm`...): writes past it fail with "
+    "ENOSPC. These folders are in memory (tmpfs), counted against the sandbox's memory.",
+    (SERVER,),
+    unit="MiB",
+    within=Range(1, 1 << 20),
+)
 LOCAL_WORKER = flag(
     "STRATO_LOCAL_WORKER",
     True,

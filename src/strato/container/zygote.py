@@ -313,7 +313,8 @@ def _sandbox(req: zp.ForkRequest, ctl: socket.socket, ns_fds: list[int]) -> str:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # the binds, from the zygote's view
     sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in req.binds]
-    _fresh("/tmp")
+    size = f",size={req.disk_mb}m" if req.disk_mb is not None else ""
+    _fresh("/tmp", size)
     root = ""
     layers = req.layers
     if layers:  # the image with a writable layer of its own (in memory), like any container
@@ -325,7 +326,7 @@ def _sandbox(req: zp.ForkRequest, ctl: socket.socket, ns_fds: list[int]) -> str:
         _mount("overlay", root, "overlay", 0, options + ",userxattr")
         _mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
         _mount("/sys", root + "/sys", None, MS_BIND | MS_REC)
-        _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
         for d in req.owned:  # its home and workdir: the container user's
             os.makedirs(root + d, exist_ok=True)
             if user:
@@ -333,11 +334,11 @@ def _sandbox(req: zp.ForkRequest, ctl: socket.socket, ns_fds: list[int]) -> str:
     else:  # fresh homes of its own (as a bwrap container's minimal root has them)
         for d in ("/root", "/home"):
             if os.path.isdir(d):
-                _fresh(d)
+                _fresh(d, size)
     if os.path.isdir(root + "/dev/shm"):
-        _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
     # a /run of its own hides the zygote's (its code mounts, the empty proc)
-    _mount("tmpfs", root + "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    _mount("tmpfs", root + "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755" + size)
     for fd, dst in sources:
         target = root + dst
         if os.path.isdir(f"/proc/self/fd/{fd}"):
@@ -359,10 +360,11 @@ def _sandbox(req: zp.ForkRequest, ctl: socket.socket, ns_fds: list[int]) -> str:
     return root
 
 
-def _fresh(path: str) -> None:
-    """A new, empty tmpfs (``1777``) of its own at ``path`` (the zygote's is shared by every
-    container forked from it), with what the zygote has mounted below it bound back (the
-    interpreter may live under ``/root`` or ``/tmp``)."""
+def _fresh(path: str, size: str = "") -> None:
+    """A new, empty tmpfs (``1777``; ``size``: ``",size=Nm"`` or ``""``) of its own at
+    ``path`` (the zygote's is shared by every container forked from it), with what the
+    zygote has mounted below it bound back (the interpreter may live under ``/root`` or
+    ``/tmp``)."""
     below = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -370,7 +372,7 @@ def _fresh(path: str) -> None:
             if point.startswith(path + "/") and point not in below:
                 below.append(point)  # parents before children, as the table lists them
     held = [(os.open(p, os.O_PATH | os.O_CLOEXEC), p) for p in below]
-    _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
     for fd, point in held:
         if os.path.isdir(f"/proc/self/fd/{fd}"):
             os.makedirs(point, exist_ok=True)

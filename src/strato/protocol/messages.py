@@ -43,6 +43,9 @@ Containers = Annotated[int, Meta(ge=0, le=MAX_CONTAINERS)]
 PositiveContainers = Annotated[int, Meta(ge=1, le=MAX_CONTAINERS)]
 ScaledownWindow = Annotated[float, Meta(ge=2.0, le=3600.0)]
 GpuList = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=MAX_GPU_FALLBACKS)]
+# each writable folder of a container (tmpfs), MiB; ranges it may reach (checked by the runtime)
+DiskMb = Annotated[int, Meta(ge=1, le=1 << 20)]
+CidrList = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=256)]
 
 # --------------------------------------------------------------------------- states
 
@@ -258,6 +261,8 @@ class FunctionSpec(msgspec.Struct, frozen=True):
     # where it runs
     image: ImageSpec | None = None
     block_network: bool = False
+    ephemeral_disk_mb: DiskMb | None = None  # each writable folder's size; None: unlimited
+    cidr_allowlist: CidrList | None = None  # the only ranges it may reach; None: any
     runtime: str | None = None  # bwrap | gvisor | process; None = the worker's default
     volumes: Annotated[list[VolumeMount], Meta(max_length=32)] = []  # --- volumes
     secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []  # --- secrets (ids, no values)
@@ -942,6 +947,8 @@ class CreateSandbox(msgspec.Struct):
     memory_mb: MemoryMb | None = None
     gpu: GpuList = []
     block_network: bool = False
+    ephemeral_disk_mb: DiskMb | None = None  # None: the control plane's default
+    cidr_allowlist: CidrList | None = None
     env: SandboxEnv = {}
     name: SandboxName | None = None
     runtime: Literal["gvisor", "bwrap", "process"] | None = None

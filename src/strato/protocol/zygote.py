@@ -63,6 +63,9 @@ class ForkRequest(_Message, tag="fork"):
     """An image's layers as the zygote sees them, top first: a root of its own."""
     owned: list[str] = []
     """Folders of that root its user gets to write (its home, its workdir)."""
+    disk_mb: int | None = None
+    """Size in MiB of each of its writable tmpfs folders (its image's writable layer with
+    ``/tmp``); ``None``: unlimited."""
     spec_path: str | None = None
     spec: bytes | None = None
     """Written at ``spec_path`` inside the container."""

@@ -80,6 +80,16 @@ class ContainerLaunch:
     """Hard memory limit in MiB (no swap beyond it)."""
     pids_max: int | None = None
     """Most processes and threads the container may hold at once."""
+    cpu_request: float | None = None
+    """CPU share in cores: the cgroup's weight (``cpu.shares`` 1024 per core on v1,
+    ``cpu.weight`` 100 per core on v2), so a busy neighbour cannot starve it; the limit is
+    ``cpu``."""
+    disk_mb: int | None = None
+    """Size of each writable folder in MiB (the writable layer over an image, ``/tmp``,
+    ``/root``, ``/home``, ``/run``, ``/dev/shm``): past it writes fail with ``ENOSPC``.
+    They are in memory (tmpfs), counted against ``memory_mb``. ``None``: unlimited."""
+    cidr_allowlist: list[str] | None = None
+    """The only address ranges the container may reach (besides DNS); ``None``: any."""
     gpu_indices: list[int] = field(default_factory=list)
     block_network: bool = False
     rootfs_layers: list[str] = field(default_factory=list)

@@ -136,14 +136,21 @@ def user_argv(user: tuple[int, int], setpriv: list[str] | None = None) -> list[s
     ]
 
 
-def root_args(entries: Iterable[RootEntry]) -> list[str]:
-    """bwrap arguments that build a :func:`~strato.runtime.isolation.minimal_root`."""
+def tmpfs_args(dst: str, disk_mb: int | None, perms: str = "01777") -> list[str]:
+    """A fresh tmpfs at ``dst`` (of ``disk_mb`` MiB at most where given)."""
+    size = ["--size", str(disk_mb << 20)] if disk_mb is not None else []
+    return ["--perms", perms, *size, "--tmpfs", dst]
+
+
+def root_args(entries: Iterable[RootEntry], disk_mb: int | None = None) -> list[str]:
+    """bwrap arguments that build a :func:`~strato.runtime.isolation.minimal_root` (its
+    fresh folders of ``disk_mb`` MiB each where given)."""
     args: list[str] = []
     for e in entries:
         if e.kind == "symlink":
             args += ["--symlink", e.src, e.dst]
         elif e.kind == "tmpfs":
-            args += ["--perms", "01777", "--tmpfs", e.dst]
+            args += tmpfs_args(e.dst, disk_mb)
         else:
             args += ["--ro-bind", e.src, e.dst]
     return args
@@ -229,9 +236,10 @@ def build_args(
     if block_fd is not None:
         args += ["--block-fd", str(block_fd)]
     args += ["--hostname", launch.hostname or launch.container_id[:63]]
+    disk = launch.disk_mb
     if rootfs is not None:
         args += ["--bind", rootfs, "/", "--ro-bind", "/sys", "/sys"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--tmpfs", "/tmp"]
+        args += ["--proc", "/proc", "--dev", "/dev", *tmpfs_args("/tmp", disk)]
         mounts = bind_args(launch.binds)
         if launch.channel_socket is not None:
             mounts += ["--bind", launch.channel_socket, CHANNEL_PATH]
@@ -239,13 +247,13 @@ def build_args(
     else:
         if root is None:
             root = minimal_root(launch.argv[0], sanitized_etc(default_state_dir()))
-        mounts = root_args(root)
-        mounts += ["--tmpfs", "/run", "--proc", "/proc", "--dev", "/dev"]
+        mounts = root_args(root, disk)
+        mounts += [*tmpfs_args("/run", disk, "0755"), "--proc", "/proc", "--dev", "/dev"]
         mounts += bind_args(launch.binds)
         if launch.channel_socket is not None:
             mounts += ["--bind", launch.channel_socket, CHANNEL_PATH]
         args += _with_parents(mounts)
-    args += ["--perms", "01777", "--tmpfs", "/dev/shm"]
+    args += tmpfs_args("/dev/shm", disk)
     for node in gpu_nodes:
         args += ["--dev-bind", node, node]
     if workdir != "/":
@@ -398,7 +406,7 @@ class BwrapRuntime(IsolatingRuntime[BwrapContainer]):
             st.hold(st.container_dir.remove)
             owned = owned_dirs(launch, workdir)
             mounted = await asyncio.to_thread(
-                st.container_dir.mount, launch.rootfs_layers, owned, self.user
+                st.container_dir.mount, launch.rootfs_layers, owned, self.user, launch.disk_mb
             )
             rootfs = str(mounted)
             find_executable(rootfs, launch.argv[0], st.env, workdir)
@@ -409,7 +417,7 @@ class BwrapRuntime(IsolatingRuntime[BwrapContainer]):
         seccomp_fd = filter_fd()
         st.own_fds.append(seccomp_fd)
         if not launch.block_network:
-            st.egress = await asyncio.to_thread(self.egress_pool.take)
+            st.egress = await asyncio.to_thread(self.take_egress, launch)
             st.hold(st.egress.close)
         args = build_args(
             launch,

@@ -88,6 +88,8 @@ class SandboxForking(Forking):
     # ------------------------------------------------------------------ checks
 
     def unforkable(self, launch: ContainerLaunch) -> str | None:
+        if launch.cidr_allowlist is not None:
+            return "a container with a cidr_allowlist starts normally"
         return self.check_empty_proc()
 
     def check_empty_proc(self) -> str | None:
@@ -225,6 +227,7 @@ class SandboxForking(Forking):
             seccomp=bpf,
             binds=list(binds),
             spec_path=settings.CONTAINER_SPEC.get(env) or None,
+            disk_mb=launch.disk_mb,
         )
         if launch.channel_socket is not None:
             made.binds.append((CHANNEL_PATH, CHANNEL_PATH))

@@ -386,10 +386,14 @@ class CgroupManager:
         cpu: float | None = None,
         memory_mb: int | None = None,
         pids_max: int | None = None,
+        cpu_request: float | None = None,
     ) -> ContainerCgroup:
-        """Create the container's cgroup with these limits; an old one of that id is removed."""
+        """Create the container's cgroup with these limits (``cpu_request``: its CPU weight,
+        see :func:`cpu_weight`); an old one of that id is removed."""
         _check_id(container_id)
         validate_limits(cpu, memory_mb, pids_max)
+        if cpu_request is not None and not cpu_request > 0:
+            raise InvalidError(f"cpu_request={cpu_request!r}: give a number of cores above 0.")
         dirs = {name: parent / container_id for name, parent in self.parents.items()}
         group = ContainerCgroup(self.version, dirs)
         if any(d.exists() for d in dirs.values()):
@@ -401,6 +405,8 @@ class CgroupManager:
             for d in group._unique_dirs():
                 d.mkdir()
             self._configure(group, cpu, memory_mb, pids_max)
+            if cpu_request is not None:
+                self._weigh(group, cpu_request)
         except (OSError, CgroupError) as exc:
             group.remove(timeout_s=0.5)
             if isinstance(exc, CgroupError):
@@ -412,6 +418,18 @@ class CgroupManager:
         self, group: ContainerCgroup, cpu: float | None, memory_mb: int | None, pids: int | None
     ) -> None:
         raise NotImplementedError
+
+    def _weigh(self, group: ContainerCgroup, cores: float) -> None:
+        raise NotImplementedError
+
+
+def cpu_weight(cores: float, version: int) -> int:
+    """The CPU weight of a share of ``cores``: v1 ``cpu.shares`` (1024 per core, at least
+    2), v2 ``cpu.weight`` (100 per core, 1 to 10000). Siblings under contention get CPU in
+    proportion to it, whatever their number of threads."""
+    if version == 1:
+        return max(2, round(cores * 1024))
+    return min(10_000, max(1, round(cores * 100)))
 
 
 def _cpu_quota(cpu: float) -> int:
@@ -456,6 +474,10 @@ class CgroupV1Manager(CgroupManager):
             else:
                 _warn_missing("pids")
 
+    def _weigh(self, group: ContainerCgroup, cores: float) -> None:
+        if "cpu" in group.dirs:
+            _write(group.dirs["cpu"] / "cpu.shares", str(cpu_weight(cores, 1)))
+
 
 class CgroupV2Manager(CgroupManager):
     version = 2
@@ -484,6 +506,10 @@ class CgroupV2Manager(CgroupManager):
                 _write(d / "pids.max", str(pids))
             else:
                 _warn_missing("pids")
+
+    def _weigh(self, group: ContainerCgroup, cores: float) -> None:
+        if "cpu" in self.controllers:
+            _write(group.path / "cpu.weight", str(cpu_weight(cores, 2)))
 
 
 def _make_dir(path: Path) -> None:

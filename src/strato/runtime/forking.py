@@ -61,6 +61,8 @@ class ForkSandbox:
     """An image's layers as the zygote sees them, top first: a root of its own."""
     owned: list[str] = field(default_factory=list)
     spec_path: str | None = None
+    disk_mb: int | None = None
+    """Size of each of its writable folders (tmpfs) in MiB; ``None``: unlimited."""
 
 
 @dataclass(eq=False)
@@ -147,7 +149,9 @@ class Forking(ABC):
         if manager is None:
             return None
         pids = None if launch.pids_max is None else launch.pids_max + 1
-        return manager.create(launch.container_id, launch.cpu, launch.memory_mb, pids)
+        return manager.create(
+            launch.container_id, launch.cpu, launch.memory_mb, pids, launch.cpu_request
+        )
 
     def prewarm(self) -> None:  # noqa: B027 - most runtimes make nothing ahead
         """Start making what forks will need ahead (in the event loop; never blocks)."""

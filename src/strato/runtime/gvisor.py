@@ -82,6 +82,10 @@ SANDBOX_PIDS = 512
 _KILL_TIMEOUT_S = 10.0
 
 
+def _tmpfs(destination: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": destination, "type": "tmpfs", "source": "tmpfs", "options": options}
+
+
 def build_spec(
     launch: ContainerLaunch,
     *,
@@ -102,6 +106,7 @@ def build_spec(
     if launch.pids_max is not None:
         rlimits.append({"type": "RLIMIT_NPROC", "soft": launch.pids_max, "hard": launch.pids_max})
     caps = list(DEFAULT_CAPS) if user[0] == 0 else []
+    size = [f"size={launch.disk_mb}m"] if launch.disk_mb is not None else []  # each fresh one
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
@@ -111,15 +116,10 @@ def build_spec(
             "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
     ]
-    for d in fresh:
-        if d != "/tmp":
-            mounts.append(
-                {"destination": d, "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]}
-            )
+    mounts += [_tmpfs(d, ["mode=1777", *size]) for d in dict.fromkeys(("/tmp", "/dev/shm", *fresh))]
     if readonly_root:
-        mounts.append({"destination": "/run", "type": "tmpfs", "source": "tmpfs"})
+        mounts.append({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": size})
         mounts += [{"destination": p, "type": "tmpfs", "source": "tmpfs"} for p in hidden]
     for b in launch.binds:
         options = ["rbind", "ro" if b.readonly else "rw"]
@@ -300,7 +300,7 @@ class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
             if launch.rootfs_layers:
                 workdir = launch.workdir or "/"
                 owned = [d for d in (env.get("HOME") or "/root", workdir) if d != "/"]
-                rootfs = container_dir.mount(launch.rootfs_layers, owned, self.user)
+                rootfs = container_dir.mount(launch.rootfs_layers, owned, self.user, launch.disk_mb)
                 (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
                 find_executable(str(rootfs), launch.argv[0], env, workdir)
             else:
@@ -331,7 +331,7 @@ class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
     async def prepare(self, launch: ContainerLaunch, st: Launching) -> None:
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not launch.block_network:
-            st.egress = await asyncio.to_thread(self.egress_pool.take)
+            st.egress = await asyncio.to_thread(self.take_egress, launch)
             st.hold(st.egress.close)
         st.container_dir = await asyncio.to_thread(self._bundle, launch, st.env)
         st.hold(st.container_dir.remove)

@@ -29,12 +29,17 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from strato import settings
+from strato.cidr import parse_allowlist
 from strato.exceptions import InvalidError
 from strato.runtime.base import Bind, Capabilities, ContainerLaunch
 from strato.runtime.cgroups import validate_limits
 from strato.runtime.supervise import C, SupervisedRuntime, open_cgroups
+
+if TYPE_CHECKING:
+    from strato.runtime.network import Egress
 
 DEFAULT_CAPS = (
     "CAP_CHOWN",
@@ -268,6 +273,10 @@ def check_launch(launch: ContainerLaunch) -> None:
     if not launch.argv:
         raise InvalidError(f"container {launch.container_id}: argv is empty.")
     validate_limits(launch.cpu, launch.memory_mb, launch.pids_max)
+    if launch.disk_mb is not None and (not isinstance(launch.disk_mb, int) or launch.disk_mb < 1):
+        raise InvalidError(f"disk_mb={launch.disk_mb!r} is not valid: give a whole number >= 1.")
+    if launch.cidr_allowlist is not None:
+        parse_allowlist(launch.cidr_allowlist, launch.block_network)
     for b in launch.binds:
         if not os.path.isabs(b.dst) or not os.path.isabs(b.src):
             raise InvalidError(f"bind {b.src} -> {b.dst}: both paths must be absolute.")
@@ -386,6 +395,20 @@ class IsolatingRuntime(SupervisedRuntime[C]):
 
     def check(self, launch: ContainerLaunch) -> None:
         check_launch(launch)
+
+    def take_egress(self, launch: ContainerLaunch) -> Egress:
+        """A network namespace with egress for ``launch``, restricted to its
+        ``cidr_allowlist`` where it has one. Blocking."""
+        from strato.runtime.network import restrict
+
+        egress = self.egress_pool.take()
+        if launch.cidr_allowlist is not None:
+            try:
+                restrict(egress.path, launch.cidr_allowlist)
+            except BaseException:
+                egress.close()
+                raise
+        return egress
 
     def in_egress_netns(self, egress: object | None, argv: list[str]) -> list[str]:
         """``argv`` started in the network namespace of ``egress`` (``None``: as it is)."""

@@ -46,6 +46,7 @@ import time
 from functools import cache
 
 from strato import settings
+from strato.cidr import parse_allowlist
 from strato.exceptions import InvalidError
 
 log = logging.getLogger("strato.runtime")
@@ -245,9 +246,7 @@ def fence(netns_path: str) -> None:
     to link-local ranges (see the module's docstring). Without nftables installed this says
     so once and leaves the namespace unfenced."""
     global _warned_no_nft
-    nft = nft_path()
-    nsenter = shutil.which("nsenter")
-    if nft is None or nsenter is None:
+    if nft_path() is None or shutil.which("nsenter") is None:
         if not _warned_no_nft:
             _warned_no_nft = True
             log.warning(
@@ -255,7 +254,47 @@ def fence(netns_path: str) -> None:
                 "the host's non-loopback addresses and link-local metadata services"
             )
         return
-    rules = fence_ruleset(*host_addresses())
+    _nft(netns_path, fence_ruleset(*host_addresses()), "fence")
+
+
+def allow_ruleset(v4: list[str], v6: list[str]) -> str:
+    """nftables rules for a container's namespace that reject whatever it sends anywhere
+    but to ``v4``/``v6``, its own loopback and the DNS forwarder. (The fence's table still
+    rejects the host's addresses inside an allowed range: a packet must pass both.)"""
+    allow = [
+        f"    ip daddr {{ {', '.join(v4)} }} accept" if v4 else "",
+        f"    ip6 daddr {{ {', '.join(v6)} }} accept" if v6 else "",
+    ]
+    lines = [
+        "table inet strato_allow {",
+        "  chain out {",
+        "    type filter hook output priority 1; policy accept;",
+        '    oifname "lo" accept',
+        f"    ip daddr {DNS} udp dport 53 accept",
+        f"    ip daddr {DNS} tcp dport 53 accept",
+        *[a for a in allow if a],
+        "    reject with icmpx admin-prohibited",
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def restrict(netns_path: str, cidrs: list[str]) -> None:
+    """Let the namespace at ``netns_path`` reach only ``cidrs`` (see :func:`allow_ruleset`);
+    raises :class:`NetworkUnavailable` where nftables is missing (an allowlist that cannot
+    be enforced is refused, never ignored). Blocking."""
+    _nft(netns_path, allow_ruleset(*parse_allowlist(cidrs)), "restrict")
+
+
+def _nft(netns_path: str, rules: str, what: str) -> None:
+    nft = nft_path()
+    nsenter = shutil.which("nsenter")
+    if nft is None or nsenter is None:
+        raise NetworkUnavailable(
+            f"nftables is not installed (apt-get install nftables): cannot {what} the "
+            "container's network"
+        )
     done = subprocess.run(
         [nsenter, f"--net={netns_path}", nft, "-f", "-"],
         input=rules.encode(),
@@ -265,7 +304,7 @@ def fence(netns_path: str) -> None:
     )
     if done.returncode != 0:
         why = done.stderr.decode(errors="replace").strip().splitlines()
-        raise NetworkUnavailable(f"could not fence the container's network: {why[-1:]}")
+        raise NetworkUnavailable(f"could not {what} the container's network: {why[-1:]}")
 
 
 class NetnsHolder:
@@ -444,4 +483,5 @@ __all__ = [
     "fence_ruleset",
     "host_addresses",
     "new_egress",
+    "restrict",
 ]

@@ -109,6 +109,11 @@ class ProcessRuntime(SupervisedRuntime[ProcessContainer]):
                 "The 'process' runtime cannot block a container's network; run functions "
                 "with block_network=True on the 'bwrap' or 'gvisor' runtime."
             )
+        if launch.cidr_allowlist is not None:
+            raise InvalidError(
+                "The 'process' runtime cannot restrict a container's network; use "
+                "cidr_allowlist on the 'bwrap' or 'gvisor' runtime."
+            )
         if launch.rootfs_layers:
             raise InvalidError(
                 "The 'process' runtime cannot run a container image; use the 'bwrap' or "

@@ -243,6 +243,7 @@ class ContainerDir:
         layers: list[str],
         owned: Iterable[str] = (),
         owner: tuple[int, int] | None = None,
+        disk_mb: int | None = None,
     ) -> Path:
         """Mount ``layers`` with a fresh writable layer on :attr:`rootfs`; returns it.
 
@@ -250,7 +251,12 @@ class ContainerDir:
         (uid, gid: the unprivileged user the container runs as) gets to write: they are made
         in the writable layer before mounting, owned by it, so they merge with the image's
         (whose files stay root's, readable as the image made them); their parents are made
-        as the image has them."""
+        as the image has them. ``disk_mb``: the container's directory (the writable layer
+        with it) is first made a tmpfs of that size, so writes past it fail with ``ENOSPC``
+        and never reach the host's disk."""
+        if disk_mb is not None:
+            opts = f"mode=0700,size={disk_mb}m"
+            _mount("tmpfs", self.path, "tmpfs", _MS_NOSUID | _MS_NODEV, opts)
         for made in (self.upper, self.work, self.rootfs):
             made.mkdir(exist_ok=True)
         self.upper.chmod(0o755)  # the root directory of the container
@@ -297,6 +303,8 @@ class ContainerDir:
         """Unmount and delete everything (the writable layer too). Never raises."""
         if self.rootfs.exists() and not unmount(self.rootfs):
             return  # never delete through a mount: that would delete in the layers
+        if self.path.exists() and not unmount(self.path):  # a size-limited one: a tmpfs
+            return
         try:
             shutil.rmtree(self.path)
         except FileNotFoundError:

@@ -285,7 +285,7 @@ class SupervisedRuntime(Runtime, Generic[C]):
                 await prepare
             if self.cgroups is not None:
                 st.cgroup = self.cgroups.create(
-                    launch.container_id, launch.cpu, launch.memory_mb, pids_max
+                    launch.container_id, launch.cpu, launch.memory_mb, pids_max, launch.cpu_request
                 )
             argv = cgroup_join_argv(st.cgroup, st.argv)
             fds = (*st.pass_fds, *st.own_fds)

@@ -111,6 +111,8 @@ class Sandbox:
         memory: int | None = None,
         gpu: str | None = None,
         block_network: bool = False,
+        ephemeral_disk: int | None = None,
+        cidr_allowlist: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
         name: str | None = None,
         runtime: str | None = None,
@@ -120,7 +122,10 @@ class Sandbox:
     ) -> Sandbox:
         """Start a sandbox. With an ``entrypoint`` it runs that and ends when it exits;
         without one it stays up until ``terminate()``, ``timeout`` (seconds from its
-        start) or ``idle_timeout`` (seconds with no process running and no I/O)."""
+        start) or ``idle_timeout`` (seconds with no process running and no I/O).
+        ``ephemeral_disk``: MiB each writable folder may hold (the image's writable layer,
+        ``/tmp``...; in memory, counted against ``memory``), else the control plane's
+        default. ``cidr_allowlist``: the only address ranges it may reach (DNS aside)."""
         if runtime is not None and runtime not in RUNTIMES:
             raise exc.InvalidError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
         if image is not None:
@@ -142,6 +147,18 @@ class Sandbox:
             mounts = resolve_mounts(client, volume_mounts(volumes))
         if workdir is not None and not workdir.startswith("/"):
             raise exc.InvalidError(f"workdir={workdir!r}: give an absolute path")
+        if ephemeral_disk is not None and (
+            isinstance(ephemeral_disk, bool) or not isinstance(ephemeral_disk, int)
+            or ephemeral_disk < 1
+        ):  # fmt: skip
+            raise exc.InvalidError(
+                f"ephemeral_disk={ephemeral_disk!r}: give a whole number of MiB >= 1"
+            )
+        allow = list(cidr_allowlist) if cidr_allowlist is not None else None
+        if allow is not None:
+            from strato.cidr import parse_allowlist
+
+            parse_allowlist(allow, block_network)
         body = m.CreateSandbox(
             app_id=_app_id(app),
             entrypoint=_args("entrypoint", entrypoint),
@@ -153,6 +170,8 @@ class Sandbox:
             memory_mb=int(memory) if memory is not None else None,
             gpu=[gpu] if gpu else [],
             block_network=bool(block_network),
+            ephemeral_disk_mb=ephemeral_disk,
+            cidr_allowlist=allow,
             env=dict(env or {}),
             name=name,
             runtime=runtime,  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, select, update
 
 from strato import exceptions as exc
 from strato import settings
+from strato.cidr import parse_allowlist
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.protocol.gpu import parse_gpu
@@ -275,7 +276,10 @@ class Sandboxes:
                 "the 'process' runtime cannot run an image: use runtime='bwrap' or 'gvisor'"
             )
         sid = "sb-" + secrets.token_hex(8)
-        res = m.Resources()
+        res = m.Resources(cpu=settings.SANDBOX_CPU.get())  # burstable: no limit
+        if req.cidr_allowlist is not None:  # a clear error now, not at its container's start
+            parse_allowlist(req.cidr_allowlist, req.block_network)
+        disk = req.ephemeral_disk_mb or settings.SANDBOX_DISK_MB.get()
         if req.cpu is not None:
             res = msgspec.structs.replace(res, cpu=req.cpu, cpu_limit=max(req.cpu, 0.125))
         if req.memory_mb is not None:
@@ -297,6 +301,8 @@ class Sandboxes:
             env=dict(req.env),
             image=req.image,
             block_network=req.block_network,
+            ephemeral_disk_mb=disk,
+            cidr_allowlist=req.cidr_allowlist,
             runtime=runtime,
             volumes=list(req.volumes),
             secrets=list(req.secrets),
@@ -348,6 +354,8 @@ class Sandboxes:
             and req.memory_mb is None
             and not req.gpu
             and not req.block_network
+            and req.ephemeral_disk_mb is None
+            and req.cidr_allowlist is None
             and req.mount_id is None
             and not req.volumes
             and not req.secrets
