@@ -28,6 +28,7 @@ class FakeChannel:
         self.hellos: list[str] = []
         self.requests: list[m.ApiRequest] = []
         self.drop_next = False
+        self.slow_s = 0.0  # answer "/slow" this much later, others at once
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -40,6 +41,7 @@ class FakeChannel:
 
     def _serve(self, conn: socket.socket) -> None:
         reader = frames.SocketReader(conn)
+        lock = threading.Lock()
         try:
             hello = reader.read()
             assert isinstance(hello, m.ClientHello)
@@ -52,9 +54,21 @@ class FakeChannel:
                     conn.close()
                     return
                 body = msgspec.msgpack.encode({"path": req.path, "n": len(self.requests)})
-                conn.sendall(frames.encode(m.ApiResponse(req.req_id, 200, body)))
+                frame = frames.encode(m.ApiResponse(req.req_id, 200, body))
+                if req.path == "/slow":
+                    threading.Timer(self.slow_s, self._send, (conn, lock, frame)).start()
+                else:
+                    self._send(conn, lock, frame)
         except OSError:
             pass
+
+    @staticmethod
+    def _send(conn: socket.socket, lock: threading.Lock, frame: bytes) -> None:
+        with lock:
+            try:
+                conn.sendall(frame)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.server.close()
@@ -96,3 +110,48 @@ def test_no_socket_fails_at_once_and_a_lost_one_within_the_reconnect_timeout(cha
     client.close()  # the server is gone: dialling fails until the reconnect timeout
     with pytest.raises(exc.ConnectionError, match="cannot reach"):
         client.request_raw("GET", "/health")
+
+
+def test_threads_share_one_connection_and_each_gets_its_own_answer(channel):
+    """The thread that reads the socket hands the others their answers: a quick request
+    made while a slow one waits (and reads) is answered without waiting for the slow one."""
+    channel.slow_s = 1.0
+    client = LocalChannelClient("http://127.0.0.1:1", "tok-1", channel.path)
+    slow: list[dict] = []
+    reader = threading.Thread(
+        target=lambda: slow.append(msgspec.msgpack.decode(client.request_raw("GET", "/slow")))
+    )
+    reader.start()
+    while not channel.requests:  # the slow request is in
+        threading.Event().wait(0.01)
+    errors: list[BaseException] = []
+
+    def many(k: int) -> None:
+        try:
+            for i in range(50):
+                got = msgspec.msgpack.decode(client.request_raw("GET", f"/t{k}/{i}"))
+                assert got["path"] == f"/t{k}/{i}"
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=many, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert not slow, "the server holds /slow back for 1 s; 300 quick requests took longer"
+    reader.join(30)
+    assert slow and slow[0]["path"] == "/slow"
+    assert channel.hellos == ["tok-1"]  # all on one connection
+    client.close()
+
+
+def test_an_unanswered_request_times_out(channel, monkeypatch):
+    monkeypatch.setattr("strato.client.local_channel.ANSWER_MARGIN_S", 0.0)
+    channel.slow_s = 5.0
+    client = LocalChannelClient("http://127.0.0.1:1", "t", channel.path)
+    with pytest.raises(exc.TimeoutError, match="did not answer GET /slow"):
+        client.request_raw("GET", "/slow", timeout=0.2)
+    assert msgspec.msgpack.decode(client.request_raw("GET", "/after"))["path"] == "/after"
+    client.close()

@@ -9,6 +9,12 @@ restarts), the requests waiting on it and later ones dial again with backoff unt
 ``reconnect_timeout``, and are sent again, as ``ApiClient`` does after a connection error
 (every request of the SDK is safe to repeat: a call's id is the client's own).
 
+No reader thread: a caller reads the socket itself (as redis-py does), so a request made
+one at a time costs a ``sendall`` and a ``recv`` on the caller's thread and no hand-over
+between threads. With several threads waiting, one of them reads (the *reader*) and hands
+the others their answers; when it has its own answer (or gives up) it passes the reading
+on to one still waiting.
+
 ``session.api()`` uses it when the control plane it found wrote its socket's path into
 ``$STRATO_HOME/server.json`` for the same URL (the embedded default); ``STRATO_CLIENT_HTTP=1``
 keeps HTTP.
@@ -16,16 +22,125 @@ keeps HTTP.
 
 from __future__ import annotations
 
+import itertools
 import os
+import select
 import socket
 import threading
+import time
 
 from strato import exceptions as exc
 from strato.protocol import frames
 from strato.protocol import messages as m
 
 from .api_base import MSGPACK, ApiBase, Reconnects
-from .channel_api import ChannelApiClient
+from .channel_api import ANSWER_MARGIN_S
+
+
+class _Waiter:
+    __slots__ = ("response", "wake")
+
+    def __init__(self) -> None:
+        self.response: m.ApiResponse | None = None
+        self.wake = threading.Event()  # answered, the connection closed, or: read now
+
+
+class _Connection:
+    """One connection's requests; whoever waits for an answer may read for everyone."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.frames = frames.SocketReader(sock)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards what follows
+        self._waiting: dict[int, _Waiter] = {}
+        self._reading = False  # a waiter reads the socket
+        self.closed: str | None = None  # why the connection is gone
+        self._ids = itertools.count(1)
+
+    def request(
+        self, method: str, path: str, query: dict[str, str], body: bytes, timeout: float
+    ) -> m.ApiResponse:
+        req_id = next(self._ids)
+        me = _Waiter()
+        with self._lock:
+            if self.closed is not None:
+                raise exc.ConnectionError(self.closed)
+            self._waiting[req_id] = me
+        deadline = time.monotonic() + timeout + ANSWER_MARGIN_S
+        try:
+            data = frames.encode(m.ApiRequest(req_id, method, path, query, body))  # type: ignore[arg-type]
+            try:
+                with self._send_lock:
+                    self.sock.sendall(data)
+            except OSError as e:
+                self.close(f"the connection to the strato control plane failed: {e}")
+            while True:
+                with self._lock:
+                    if me.response is not None:
+                        return me.response
+                    if self.closed is not None:
+                        raise exc.ConnectionError(self.closed)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise exc.TimeoutError(
+                            f"the control plane did not answer {method} {path} within "
+                            f"{timeout + ANSWER_MARGIN_S:g}s"
+                        )
+                    me.wake.clear()
+                    read = not self._reading
+                    self._reading = True
+                if read:
+                    self._read_until(me, deadline)
+                else:
+                    me.wake.wait(left)
+        finally:
+            with self._lock:
+                self._waiting.pop(req_id, None)
+
+    def _read_until(self, me: _Waiter, deadline: float) -> None:
+        """Read answers (handing the others theirs) until ours came, the deadline passed
+        or the connection closed; then let another waiter read."""
+        try:
+            while me.response is None:
+                if not self.frames.has_frame():
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                        return
+                msg = self.frames.read()
+                if msg is None:
+                    self.close("the connection to the strato control plane closed")
+                    return
+                if isinstance(msg, m.ApiResponse):
+                    with self._lock:
+                        waiter = self._waiting.get(msg.req_id)
+                        if waiter is not None:  # else: its caller gave up waiting
+                            waiter.response = msg
+                            waiter.wake.set()
+        except (OSError, ValueError, frames.FrameError) as e:
+            self.close(f"the connection to the strato control plane failed: {e}")
+        finally:
+            with self._lock:
+                self._reading = False
+                for waiter in self._waiting.values():
+                    if waiter is not me and waiter.response is None:
+                        waiter.wake.set()  # it reads from now on
+                        break
+
+    def close(self, why: str) -> None:
+        """The connection is gone: every waiting request and every later one fails with
+        ``why`` (and is sent again on a new connection by ``LocalChannelClient``)."""
+        with self._lock:
+            if self.closed is not None:
+                return
+            self.closed = why
+            for waiter in self._waiting.values():
+                waiter.wake.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 class LocalChannelClient(ApiBase):
@@ -45,14 +160,13 @@ class LocalChannelClient(ApiBase):
         self.reconnect_timeout = reconnect_timeout
         self.health = None
         self._lock = threading.Lock()
-        self._conn: ChannelApiClient | None = None
-        self._sock: socket.socket | None = None
+        self._conn: _Connection | None = None
         self._pid = os.getpid()
         self._connect()  # fails at once if the socket does not answer (the caller falls back)
 
     # ------------------------------------------------------------------ connection
 
-    def _connect(self) -> ChannelApiClient:
+    def _connect(self) -> _Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(5.0)
@@ -62,57 +176,22 @@ class LocalChannelClient(ApiBase):
         except OSError:
             sock.close()
             raise
-        send_lock = threading.Lock()
+        self._conn = _Connection(sock)
+        return self._conn
 
-        def send(msgs: list[object]) -> None:
-            with send_lock:
-                sock.sendall(b"".join(frames.encode(msg) for msg in msgs))
-
-        conn = ChannelApiClient(send, lambda: None, timeout=self.timeout, chunked_uploads=False)
-        threading.Thread(
-            target=self._read, args=(sock, conn), name="strato-api-channel", daemon=True
-        ).start()
-        self._conn, self._sock = conn, sock
-        return conn
-
-    @staticmethod
-    def _read(sock: socket.socket, conn: ChannelApiClient) -> None:
-        reader = frames.SocketReader(sock)
-        try:
-            while (msg := reader.read()) is not None:
-                if isinstance(msg, m.ApiResponse):
-                    conn.deliver(msg)
-        except (OSError, frames.FrameError):
-            pass
-        conn.close_channel("the connection to the strato control plane closed")
-        try:
-            sock.close()
-        except OSError:
-            pass
-
-    def _current(self) -> ChannelApiClient:
+    def _current(self) -> _Connection:
         with self._lock:
             if os.getpid() != self._pid:  # a forked child: its own connection
-                self._pid, self._conn, self._sock = os.getpid(), None, None
-            if self._conn is None:
+                self._pid, self._conn = os.getpid(), None
+            if self._conn is None or self._conn.closed is not None:
                 return self._connect()
             return self._conn
 
-    def _drop(self, conn: ChannelApiClient) -> None:
-        with self._lock:
-            if self._conn is conn:
-                sock, self._conn, self._sock = self._sock, None, None
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
     def close(self) -> None:
         with self._lock:
-            conn = self._conn
+            conn, self._conn = self._conn, None
         if conn is not None:
-            self._drop(conn)
+            conn.close("the client was closed")
 
     # ------------------------------------------------------------------ requests
 
@@ -126,6 +205,10 @@ class LocalChannelClient(ApiBase):
         timeout: float | None = None,
         content_type: str = MSGPACK,
     ) -> bytes:
+        if "?" in path:
+            raise exc.InvalidError(f"pass query parameters as params, not in the path: {path}")
+        query = {str(k): str(v) for k, v in params.items()} if params else {}
+        timeout = self.timeout if timeout is None else timeout
         reconnects = Reconnects(self.url, self.reconnect_timeout)
         while True:
             try:
@@ -134,8 +217,11 @@ class LocalChannelClient(ApiBase):
                 failure: BaseException = e
             else:
                 try:
-                    return conn.request_raw(method, path, body, params=params, timeout=timeout)
+                    resp = conn.request(method, path, query, body or b"", timeout)
                 except exc.ConnectionError as e:  # the connection dropped: dial again
-                    self._drop(conn)
                     failure = e
+                else:
+                    if resp.status >= 400:
+                        raise self._error(resp.status, resp.body)
+                    return resp.body
             reconnects.wait(failure)

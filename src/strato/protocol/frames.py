@@ -101,6 +101,11 @@ class SocketReader:
         self._buf = bytearray()
         self.limit = limit
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame is buffered already (``read`` will not touch the socket)."""
+        buf = self._buf
+        return len(buf) >= 4 and len(buf) >= 4 + _LEN.unpack_from(buf)[0]
+
     def read(self) -> object | None:
         """The next message, or None at end of stream."""
         buf = self._buf
