@@ -927,10 +927,12 @@ SandboxEnv = Annotated[
     ],
     Meta(max_length=1000),
 ]
-FileOp = Literal["read", "write", "stat", "ls", "mkdir", "rm"]
+FileOp = Literal["read", "write", "stat", "ls", "mkdir", "rm", "sync"]  # sync: flush writes
 FileErrorKind = Literal[
     "not_found", "exists", "is_dir", "not_dir", "permission", "not_empty", "other"
 ]
+TunnelPort = Annotated[int, Meta(ge=1, le=65535)]
+TunnelPorts = Annotated[list[TunnelPort], Meta(max_length=64)]
 
 
 class CreateSandbox(msgspec.Struct):
@@ -956,6 +958,8 @@ class CreateSandbox(msgspec.Struct):
     mount_id: Annotated[str, Meta(max_length=64)] | None = None
     volumes: Annotated[list[VolumeMount], Meta(max_length=32)] = []  # ids filled in
     secrets: Annotated[list[SecretRef], Meta(max_length=64)] = []
+    encrypted_ports: TunnelPorts = []  # --- sandbox tunnels: ports reachable from outside
+    unencrypted_ports: TunnelPorts = []
 
 
 class SandboxInfo(msgspec.Struct):
@@ -1051,6 +1055,30 @@ class FileResult(msgspec.Struct):
     error_kind: FileErrorKind | None = None
 
 
+class TunnelInfo(msgspec.Struct):
+    """One port of a sandbox reachable from outside (``sb.tunnels()``): connections to
+    ``host:tunnel_port`` (the web gateway's host) reach ``port`` in the sandbox.
+    ``tls``: the listener speaks TLS; ``unencrypted``: the port was in
+    ``unencrypted_ports`` (plain TCP)."""
+
+    port: TunnelPort
+    host: str
+    tunnel_port: TunnelPort
+    tls: bool
+    unencrypted: bool
+
+
+class SandboxTunnels(msgspec.Struct):
+    tunnels: list[TunnelInfo]
+
+
+class SnapshotImage(msgspec.Struct):
+    """``sb.snapshot_filesystem()``: the sandbox's image with its writable layer on top."""
+
+    image: ImageSpec
+    image_id: str
+
+
 # control plane -> sandbox agent
 
 
@@ -1098,7 +1126,26 @@ class SbFlow(ChannelMsg, tag="sbflow"):
     paused: bool
 
 
+class SbTunnelOpen(ChannelMsg, tag="sbtunopen"):
+    """A client connected to a tunnel of ``port``: connect to it inside the sandbox and
+    dial the channel again with an ``SbTunnelHello`` of ``conn_id``, then pipe bytes."""
+
+    conn_id: Index
+    port: TunnelPort
+
+
 # sandbox agent -> control plane
+
+
+class SbTunnelHello(ChannelMsg, tag="sbtunnel"):
+    """First frame of a connection a sandbox's agent dials for a tunnel connection
+    (``SbTunnelOpen``); raw bytes of the sandbox's port follow. ``error``: the port could
+    not be reached (nothing follows)."""
+
+    container_id: Annotated[str, Meta(max_length=64)]
+    token: Annotated[str, Meta(max_length=512)]
+    conn_id: Index
+    error: Annotated[str, Meta(max_length=1024)] = ""
 
 
 class SbChunk(msgspec.Struct, array_like=True):
@@ -1134,6 +1181,22 @@ class SbOomQuery(ChannelMsg, tag="sboomq"):
 class SbOomCount(ChannelMsg, tag="sboomc"):
     container_id: Annotated[str, Meta(max_length=64)]
     count: Count
+
+
+# control plane <-> worker agent: the writable layer of a sandbox's container, as a blob
+
+
+class SbSnapshot(ChannelMsg, tag="sbsnap"):
+    container_id: Annotated[str, Meta(max_length=64)]
+    req_id: Index
+
+
+class SbSnapshotDone(ChannelMsg, tag="sbsnapdone"):
+    container_id: Annotated[str, Meta(max_length=64)]
+    req_id: Index
+    sha256: Annotated[str, Meta(max_length=64)] = ""
+    size: Count = 0
+    error: Annotated[str, Meta(max_length=4096)] = ""
 
 
 SANDBOX_SENDS = (SbOutput, SbExit, SbFileResult)  # what a sandbox's agent may send
@@ -1174,6 +1237,10 @@ ChannelMessage = (
     | SbFileResult
     | SbOomQuery
     | SbOomCount
+    | SbTunnelOpen
+    | SbTunnelHello
+    | SbSnapshot
+    | SbSnapshotDone
     | RelayOpen  # --- cluster
     | RelayData
     | RelayClose
