@@ -33,7 +33,8 @@ DISK_MB = 32
 
 @pytest.fixture(scope="module")
 def cluster(strato_server):
-    with dedicated_server({}) as handle:
+    cache = os.environ.get("STRATO_TEST_IMAGE_CACHE", "/tmp/strato-test-image-cache")
+    with dedicated_server({"STRATO_IMAGE_CACHE": cache}) as handle:
         app = strato.App.lookup(f"limits-{uuid.uuid4().hex[:8]}", create_if_missing=True)
         yield handle, app
 
@@ -102,6 +103,17 @@ def test_disk_fill_stops_at_the_limit(make, folder):
     assert run(sb, "sh", "-c", f"echo again > {folder}/small && cat {folder}/small")[1] == (
         "again\n"
     )
+
+
+def test_disk_fill_of_an_images_writable_layer_stops_at_the_limit(make):
+    image = strato.Image.debian_slim().pip_install("humanize")  # (the isolation tests')
+    sb = make(image=image, ephemeral_disk=DISK_MB)
+    code, out, err = run(sb, "python3", "-c", FILL, "/root/fill")  # its home: in the layer
+    assert code == 0, err
+    kind, mib = out.split()
+    assert kind == "ENOSPC" and int(mib) <= DISK_MB, (out, err)
+    assert run(sb, "rm", "/root/fill")[0] == 0
+    assert run(sb, "python3", "-c", "import humanize")[0] == 0  # the image is intact
 
 
 def test_default_disk_limit_applies(make):

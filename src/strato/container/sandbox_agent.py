@@ -26,6 +26,7 @@ import queue
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -40,6 +41,7 @@ FRAME_BYTES = 1 << 20  # an output frame carries at most about this much
 EXIT_AFTER_EOF_S = 1.0  # a process's exit waits this long for its streams' end
 PR_SET_DUMPABLE = 4
 SHELL = "/bin/sh"
+TUNNEL_CONNECT_S = 5.0  # a tunnel's connection to its port inside the sandbox
 
 
 def _returncode(code: int) -> tuple[int, str]:
@@ -70,6 +72,7 @@ class SandboxAgent:
         assert spec.sandbox is not None
         self.config = spec.sandbox
         self.sock = frames.connect(channel)
+        self._tunnel_dial = (channel, container_id, token)  # tunnels dial the channel again
         self._send_lock = threading.Lock()
         self._send(m.ContainerHello(container_id, token))
         self.procs: dict[int, Proc] = {}
@@ -119,6 +122,8 @@ class SandboxAgent:
                         self._exec(m.SbExec(pid=1, argv=list(msg.entrypoint)), entrypoint=True)
                 elif isinstance(msg, m.SbResize):
                     self._resize(msg)
+                elif isinstance(msg, m.SbTunnelOpen):  # a client of a port: a pipe to it
+                    threading.Thread(target=self._tunnel, args=(msg,), daemon=True).start()
                 elif isinstance(msg, m.SbFlow):
                     self._commands.put(("flow", msg.pid, msg.stream, msg.paused))
                     os.write(self._wake_w, b"x")
@@ -344,6 +349,37 @@ class SandboxAgent:
         except OSError:
             pass
 
+    # ------------------------------------------------------------------ tunnels
+
+    def _tunnel(self, msg: m.SbTunnelOpen) -> None:
+        """Connect to the port inside the sandbox and dial the channel for the client the
+        control plane holds (``SbTunnelHello``), then pipe bytes both ways."""
+        channel, container_id, token = self._tunnel_dial
+        port, error = None, ""
+        for host in ("127.0.0.1", "::1"):
+            try:
+                port = socket.create_connection((host, msg.port), timeout=TUNNEL_CONNECT_S)
+                break
+            except OSError as e:
+                error = f"nothing accepts connections on port {msg.port} in the sandbox ({e})"
+        try:
+            ch = frames.connect(channel)
+            ch.sendall(frames.encode(m.SbTunnelHello(container_id, token, msg.conn_id, error)))
+        except OSError:
+            if port is not None:
+                port.close()
+            return
+        if port is None:
+            ch.close()
+            return
+        port.settimeout(None)
+        back = threading.Thread(target=_pipe, args=(ch, port), daemon=True)
+        back.start()
+        _pipe(port, ch)
+        back.join()
+        port.close()
+        ch.close()
+
     # ------------------------------------------------------------------ output
 
     def _pump(self) -> None:
@@ -463,6 +499,9 @@ def file_op(req: m.FileRequest, workdir: str) -> m.FileResult:
             return m.FileResult(size=os.fstat(fd).st_size)
         finally:
             os.close(fd)
+    if req.op == "sync":  # before a snapshot: writes reach the writable layer
+        os.sync()
+        return m.FileResult()
     if req.op == "stat":
         st = os.stat(path)
         return m.FileResult(size=st.st_size, is_dir=stat.S_ISDIR(st.st_mode))
@@ -484,6 +523,21 @@ def file_op(req: m.FileRequest, workdir: str) -> m.FileResult:
             os.unlink(path)
         return m.FileResult()
     raise OSError(errno.EINVAL, f"unknown file operation {req.op}")
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Bytes from ``src`` to ``dst`` until ``src`` ends (then half-close ``dst``); on an
+    error both are shut down, which ends the other direction too."""
+    try:
+        while data := src.recv(READ_SIZE):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _not_dumpable() -> None:

@@ -8,6 +8,7 @@ that its layer directories exist: no subprocess, no network.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from strato.images.cache import BuildCache, ImageManifest, remove_tree, tree_siz
 from strato.images.errors import ImageBuildError
 from strato.images.hostconf import Bind, PackageSources, debian_mirror, package_sources
 from strato.images.sandbox import RunResult, run_in_layers
+from strato.images.snapshot import unpack_layer
 from strato.images.steps import STAGE, TOOLS, build_env, plan_step
 from strato.protocol.images import (
     DEFAULT_PATH,
@@ -27,6 +29,7 @@ from strato.protocol.images import (
     Env,
     ImageSpec,
     ImageStep,
+    SnapshotLayer,
     Workdir,
     describe_step,
     layer_keys,
@@ -188,6 +191,8 @@ class _Build:
                     timeout=self.step_timeout,
                 )
                 return root
+            if isinstance(step, SnapshotLayer):  # a sandbox's writable layer, as it was
+                return self._snapshot_layer(step, temp)
             stage = temp / "stage"
             stage.mkdir()
             plan = plan_step(step, stage, self.fetch_blob)
@@ -200,6 +205,16 @@ class _Build:
 
         self._with_layer(key, make)
         self.layers.append(key)
+
+    def _snapshot_layer(self, step: SnapshotLayer, temp: Path) -> Path:
+        data = self.fetch_blob(step.sha256)
+        if hashlib.sha256(data).hexdigest() != step.sha256:
+            raise ImageBuildError(f"snapshot layer: blob {step.sha256} does not match its sha256")
+        tar = temp / "layer.tar"
+        tar.write_bytes(data)
+        del data
+        unpack_layer(tar, temp / "root")
+        return temp / "root"
 
     def _ensure_deps(self, key: str) -> None:
         base_key = self.keys[0]

@@ -103,6 +103,14 @@ class AddFiles(_Step, frozen=True, tag="add_files"):
     files: list[tuple[str, str, int]]
 
 
+class SnapshotLayer(_Step, frozen=True, tag="snapshot_layer"):
+    """A sandbox's writable layer (``sb.snapshot_filesystem()``): a tar of an overlay
+    upper directory, whiteouts included, stored as the blob ``sha256``."""
+
+    sha256: str
+    size: int
+
+
 ImageStep = (
     DebianSlim
     | PipInstall
@@ -113,6 +121,7 @@ ImageStep = (
     | Env
     | Workdir
     | AddFiles
+    | SnapshotLayer
 )
 
 METADATA_STEPS: tuple[type, ...] = (Env,)
@@ -189,6 +198,8 @@ def describe_step(step: ImageStep, width: int = 100) -> str:
             text = f"{tag} " + " ".join(f"{k}=..." for k in sorted(step.vars))
         case Workdir():
             text = f"{tag} {step.path}"
+        case SnapshotLayer():
+            text = f"{tag} {step.sha256[:12]} ({step.size} bytes)"
         case AddFiles():
             text = f"{tag} {len(step.files)} file(s)"
             if len(step.files) == 1:
@@ -372,6 +383,9 @@ def validate_step(step: ImageStep) -> None:
                 _check_text("run_commands command", c)
                 if not c.strip():
                     raise InvalidError("run_commands: a command is empty")
+        case SnapshotLayer():
+            if not _SHA256_RE.fullmatch(step.sha256) or step.size < 0:
+                raise InvalidError(f"snapshot_layer: bad blob {step.sha256!r}")
         case RunFunction():
             if not step.pickled:
                 raise InvalidError("run_function: the function's pickle is empty")

@@ -11,6 +11,7 @@ import asyncio
 import signal as _signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -166,6 +167,12 @@ class RunningContainer(ABC):
     @abstractmethod
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the container's processes; no error if they are gone."""
+
+    def writable_layer(self) -> Path | None:
+        """The host folder of what the container wrote over its image (an overlayfs upper
+        directory, whiteouts included), or None where the host has none to read (no
+        image; a container forked from a zygote keeps it in its own mount namespace)."""
+        return None
 
     async def stop(self, grace_s: float) -> ExitStatus:
         """Send SIGTERM, then SIGKILL if still running after ``grace_s`` seconds."""

@@ -305,6 +305,9 @@ class BwrapContainer(SupervisedContainer):
         """The container's user-mode network stack (none with ``block_network``)."""
         self._program_pid: int | None = None
 
+    def writable_layer(self) -> Path | None:
+        return self.container_dir.writable_layer() if self.container_dir else None
+
     def program_pid(self) -> int | None:
         """Host pid of the program (pid 2 of the container's PID namespace), once started."""
         if self._program_pid is None and self.running:

@@ -160,6 +160,9 @@ class GvisorContainer(SupervisedContainer):
         self.egress: Egress | None = st.egress
         """The container's network namespace with egress (none with ``block_network``)."""
 
+    def writable_layer(self) -> Path | None:
+        return self.container_dir.writable_layer()
+
     def signal(self, sig: int) -> None:
         if sig == _signal.SIGKILL:
             if self.running:

@@ -223,6 +223,10 @@ class ContainerDir:
     def upper(self) -> Path:
         return self.path / "upper"
 
+    def writable_layer(self) -> Path | None:
+        """The writable layer over an image, if one was mounted (not a minimal root)."""
+        return self.upper if self.upper.is_dir() else None
+
     @property
     def work(self) -> Path:
         return self.path / "work"

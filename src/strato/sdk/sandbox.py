@@ -14,7 +14,7 @@ import builtins
 import json
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,6 +24,10 @@ from strato.client import session
 from strato.protocol import messages as m
 
 from .aio import with_aio
+from .tunnel import Tunnel, check_ports
+
+if TYPE_CHECKING:
+    from .image import Image
 from .container_process import POLL_S, ContainerProcess, StreamReader, StreamWriter, new_exec_id
 
 RUNTIMES = ("gvisor", "bwrap", "process")
@@ -119,6 +123,8 @@ class Sandbox:
         tags: dict[str, str] | None = None,
         secrets: Sequence[Any] | None = None,
         volumes: dict[str, Any] | None = None,
+        encrypted_ports: Sequence[int] = (),
+        unencrypted_ports: Sequence[int] = (),
     ) -> Sandbox:
         """Start a sandbox. With an ``entrypoint`` it runs that and ends when it exits;
         without one it stays up until ``terminate()``, ``timeout`` (seconds from its
@@ -178,6 +184,8 @@ class Sandbox:
             tags=dict(tags or {}),
             volumes=mounts,
             secrets=refs,
+            encrypted_ports=check_ports("encrypted_ports", encrypted_ports),
+            unencrypted_ports=check_ports("unencrypted_ports", unencrypted_ports),
         )
         return Sandbox(client.call("POST", "/sandboxes", body, m.SandboxInfo))
 
@@ -322,6 +330,34 @@ class Sandbox:
                 return ContainerProcess(self.object_id, got.pid, text)
             if time.monotonic() > deadline:  # (every ask waits 30 s on the server)
                 raise exc.SandboxTimeoutError(f"sandbox {self.object_id} did not start in 1 h")
+
+    # ------------------------------------------------------------------ tunnels, snapshots
+
+    @with_aio
+    def tunnels(self, timeout: float = 50.0) -> dict[int, Tunnel]:
+        """Each port of ``encrypted_ports``/``unencrypted_ports`` (of ``create``) -> how
+        to reach it from outside (``Tunnel.url``), with ``block_network`` too. They are
+        closed when the sandbox ends."""
+        got = session.api().call(
+            "GET", f"/sandboxes/{self.object_id}/tunnels", None, m.SandboxTunnels, timeout=timeout
+        )
+        return {t.port: Tunnel.from_info(t) for t in got.tunnels}
+
+    @with_aio
+    def snapshot_filesystem(self, timeout: float = 600.0) -> Image:
+        """The sandbox's files as a new ``Image`` (its image plus what it wrote), for
+        ``Sandbox.create(image=...)`` and ``@app.function(image=...)``. The sandbox must
+        have been created with an image."""
+        from .image import Image
+
+        got = session.api().call(
+            "POST",
+            f"/sandboxes/{self.object_id}/snapshot",
+            None,
+            m.SnapshotImage,
+            timeout=timeout + 30.0,
+        )
+        return Image(list(got.image.steps))
 
     # ------------------------------------------------------------------ files
 

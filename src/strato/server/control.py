@@ -57,6 +57,7 @@ WORKER_SENDS = (
     m.SbOomCount,  # --- sandboxes
 )
 EXPIRY_EVERY_S = 60.0
+    m.SbSnapshotDone,
 
 
 class ControlPlane:
@@ -253,9 +254,11 @@ class ControlPlane:
                 peer.close()
 
     def _relayed_hello(self, first: object, via_node: str) -> bool:
+            elif isinstance(first, m.SbTunnelHello) and self.sandboxes is not None:
+                await self.sandboxes.tunnels.on_hello(first, reader, writer)  # sandbox port
         if isinstance(first, m.ContainerHello):
             return True  # (_container_loop checks its node)
-        if isinstance(first, m.WebTunnelHello):
+        if isinstance(first, (m.WebTunnelHello, m.SbTunnelHello)):
             s = self.fleet.container(first.container_id)
             return s is not None and s.node_id == via_node
         return False

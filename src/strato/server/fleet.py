@@ -344,6 +344,9 @@ class Fleet:
                 self.store.set_container_state(s.container_id, "starting")
 
     # ------------------------------------------------------------------ containers
+        elif isinstance(msg, m.SbSnapshotDone):  # --- sandboxes: a snapshot's layer
+            if self.sandbox_watch is not None:
+                self.sandbox_watch.snapshots.done(node_id, msg)
 
     def request_for(self, spec: m.FunctionSpec) -> ContainerRequest:
         res = spec.resources

@@ -32,7 +32,7 @@ from strato.protocol import messages as m
 from strato.runtime import get_runtime
 from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
-from . import volumes
+from . import snapshots, volumes
 from .coldstart import ZygotePool
 from .launch import prepare_launch
 from .lines import REDRAW, LineSplitter
@@ -306,6 +306,9 @@ class WorkerAgent:
         finally:
             beat.cancel()
             self._writer = None
+                elif isinstance(msg, m.SbSnapshot) and self._http is not None:
+                    rc = self.containers.get(msg.container_id)  # its writable layer, a blob
+                    snapshots.take(msg, rc, self.cache / "snapshots", self._http, self.send)
             if self.relay is not None:
                 self.relay.detach()
             writer.close()

@@ -17,6 +17,7 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 
 from ..sandboxes import Sandbox, Sandboxes
+from ..sandboxes.tunnels import check_ports
 from .router import Reply, Request, reply
 from .scope import Scope
 
@@ -82,7 +83,14 @@ def register(api: Router, cp: ControlPlane) -> None:
     async def create(req: Request) -> Reply:
         body = req.decode(m.CreateSandbox)
         row = await visible(req, body.app_id)
-        return reply(sandboxes.create(body, row["state"]).info())
+        ports = check_ports(body)
+        sb = sandboxes.create(body, row["state"])
+        try:
+            await sandboxes.tunnels.open(sb, ports)
+        except exc.Error:
+            sandboxes.terminate(sb, "terminated", 137, "its tunnels could not be opened")
+            raise
+        return reply(sb.info())
 
     @route(
         "GET",
@@ -169,6 +177,32 @@ def register(api: Router, cp: ControlPlane) -> None:
     )
     async def set_tags(req: Request) -> Reply:
         sb = await sandbox(req)
+    @route(
+        "GET",
+        "/sandboxes/{sandbox_id}/tunnels",
+        "The sandbox's ports reachable from outside (encrypted_ports, unencrypted_ports)",
+        response=m.SandboxTunnels,
+        container=True,
+    )
+    async def tunnels(req: Request) -> Reply:
+        sb = await sandbox(req)
+        if sb.ended:
+            raise exc.SandboxTerminatedError(
+                f"sandbox {sb.sandbox_id} has ended ({sb.status}: {sb.reason}): its tunnels "
+                "are closed"
+            )
+        return reply(m.SandboxTunnels(sandboxes.tunnels.infos(sb)))
+
+    @route(
+        "POST",
+        "/sandboxes/{sandbox_id}/snapshot",
+        "Snapshot a sandbox's files as a new image (its image plus its writable layer)",
+        response=m.SnapshotImage,
+        container=True,
+    )
+    async def snapshot(req: Request) -> Reply:
+        return reply(await sandboxes.snapshots.take(await sandbox(req)))
+
         sb.tags = dict(req.decode(m.SandboxTags).tags)
         sandboxes._save(sb)
         return reply(sb.info())

@@ -68,6 +68,18 @@ class RelayStream:
             self._drained.set()
         return data
 
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes as soon as there are any; b"" at the end (a sandbox tunnel's
+        byte pipe)."""
+        while not self._buf and not self._eof:
+            self._more.clear()
+            await self._more.wait()
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        if len(self._buf) <= HIGH_WATER:
+            self._drained.set()
+        return data
+
     async def drained(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._drained.wait(), timeout)
@@ -142,6 +154,12 @@ class RelayWriter:
         view = memoryview(data)
         for i in range(0, len(view), m.RELAY_CHUNK):
             self.hub.send(m.RelayData(self.conn, bytes(view[i : i + m.RELAY_CHUNK])))
+
+    async def drain(self) -> None:  # the agent's connection is drained by the hub
+        pass
+
+    def can_write_eof(self) -> bool:  # a relayed stream ends whole (RelayClose)
+        return False
 
     def close(self) -> None:
         if self.closed:

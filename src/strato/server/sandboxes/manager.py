@@ -42,6 +42,8 @@ from ..containers import Container
 from ..scheduler import place
 from ..store import tables_sandboxes as t
 from .buffers import StreamBuffer as StreamBufferT
+from .snapshots import Snapshots
+from .tunnels import Tunnels
 
 if TYPE_CHECKING:
     from ..control import ControlPlane
@@ -148,6 +150,8 @@ class Sandboxes:
         log.info("sandboxes run under %s by default (%s)", self.runtime, why)
         self.pool_size = settings.SANDBOX_WARM_POOL.get()
         self.pool: list[Sandbox] = []  # pre-started (default runtime, no image)
+        self.tunnels = Tunnels(self)  # ports reachable from outside (tunnels.py)
+        self.snapshots = Snapshots(self)  # snapshot_filesystem() (snapshots.py)
 
     # ------------------------------------------------------------------ store
 
@@ -468,6 +472,7 @@ class Sandboxes:
         self._end(sb)
 
     def _end(self, sb: Sandbox) -> None:
+        self.tunnels.close(sb.sandbox_id)
         if sb.app_id == POOL_APP:
             if sb in self.pool:
                 self.pool.remove(sb)

@@ -95,6 +95,8 @@ class ZygotePool:
     ) -> RunningContainer | None:
         """Fork the container from a template or zygote; ``None``: start it normally."""
         snap = msg.spec.enable_memory_snapshot
+        if msg.spec.sandbox is not None and launch.rootfs_layers:
+            return None  # its writable layer stays where the node reads it (a snapshot)
         if not self.enabled:
             if snap:
                 self.tell_once(msg, "memory snapshots are off on this worker (STRATO_ZYGOTE=0)")
