@@ -190,6 +190,7 @@ def test_the_read_cache_never_serves_a_changed_entry(db_url, tmp_path):
         assert not (await d.get(did, b"j")).found
         # a read in flight while a change is queued does not fill the cache
         await put(d, did, {b"r": b"old"})
+        d.cache.forget_dicts([did])  # (the put filled it)
         reading = asyncio.ensure_future(d.get(did, b"r"))
         await asyncio.sleep(0)  # the read is queued
         await put(d, did, {b"r": b"newer"})
@@ -200,6 +201,26 @@ def test_the_read_cache_never_serves_a_changed_entry(db_url, tmp_path):
         await d.objects.delete_name("cached")
         with pytest.raises(exc.NotFoundError):
             await d.get(did, b"r")
+
+    run(db_url, tmp_path, body)
+
+
+def test_a_committed_put_fills_the_cache_unless_another_change_came_between(db_url, tmp_path):
+    async def body(d: Dicts):
+        did = (await d.objects.lookup("written", True)).object_id
+        kh = key_hash(b"w")
+        await put(d, did, {b"w": b"1"})
+        cached = d.cache.get(did, kh)
+        assert cached is not None and cached.value == b"1"
+        first = asyncio.ensure_future(put(d, did, {b"w": b"2"}))
+        await asyncio.sleep(0)  # queued
+        await put(d, did, {b"w": b"3"})
+        await first
+        cached = d.cache.get(did, kh)
+        assert cached is not None and cached.value == b"3"
+        assert (await d.get(did, b"w")).value == b"3"
+        await put(d, did, {b"w": b"4"}, skip=True)  # skipped: the entry stays
+        assert (await d.get(did, b"w")).value == b"3"
 
     run(db_url, tmp_path, body)
 

@@ -1,11 +1,13 @@
-"""Recently read Dict entries, kept in the control plane's memory (on its event loop),
-so that a read of a hot key answers without a trip to the store's writer thread.
+"""Recently read or written Dict entries, kept in the control plane's memory (on its
+event loop), so that a read of a hot key, or of one just written, answers without a trip
+to the store's writer thread.
 
 Every change of a Dict goes through this control plane, so the cache stays exact: a
-change forgets the keys it touches when it is queued, and a read fills the cache only if
-no change of any Dict was queued between its own queueing and its answer (``writes``
-counts them). Entries past the TTL are never served (the expiry loop deletes exactly
-those). Small values only, least recently used dropped first.
+change forgets the keys it touches when it is queued, and a read (or a put, once
+committed) fills the cache only if no other change of any Dict was queued between its
+own queueing and its answer (``writes`` counts them). Entries past the TTL are never
+served (the expiry loop deletes exactly those). Small values only, least recently used
+dropped first.
 """
 
 from __future__ import annotations

@@ -143,10 +143,11 @@ class Dicts:
             rows.append((kh, entry.key, value, blob))
         skip = body.skip_if_exists
         self.cache.changing(object_id, [r[0] for r in rows])
+        writes = self.cache.writes
+        now = time.time()
 
         def run(c: Connection) -> int:
             self.objects.exists(c, object_id)
-            now = time.time()
             stored = 0
             for kh, key, value, blob in rows:
                 where = {"d": object_id, "h": kh}
@@ -171,7 +172,11 @@ class Dicts:
                 stored += 1
             return stored
 
-        return await self.db.run("Dict put", run)
+        stored = await self.db.run("Dict put", run)
+        if not skip:  # committed: what a read would find now (unless a change came between)
+            for kh, _, value, blob in rows:
+                self.cache.fill(object_id, kh, writes, value, blob, now)
+        return stored
 
     async def pop(self, object_id: str, key: bytes) -> m.DictValue:
         check_id("Dict", object_id)

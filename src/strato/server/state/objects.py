@@ -22,6 +22,8 @@ class NamedObjects:
     ``created_at`` and ``heartbeat_at``; ``children`` are the tables of its contents,
     each with ``<id_col>``."""
 
+    KNOWN_MAX = 100_000  # ids remembered as existing (forgotten all at once past this)
+
     def __init__(self, kind: str, db: StateDb, table: Table, children: list[Table]) -> None:
         self.kind = kind
         self.db = db
@@ -29,6 +31,9 @@ class NamedObjects:
         self.children = children
         self.id_col = table.c[table.primary_key.columns.keys()[0]]
         self._exists = select(self.id_col).where(self.id_col == bindparam("object_id"))
+        # ids found in the store, so that a hot operation does not look again (writer
+        # thread only: every deletion runs there too, in ``_drop``, which forgets them)
+        self._known: set[str] = set()
         # told when a deletion is queued, and which objects it deleted (the Dict cache)
         self.changing: Callable[[], None] = lambda: None
         self.deleted: Callable[[list[str]], None] = lambda ids: None
@@ -37,13 +42,19 @@ class NamedObjects:
 
     def exists(self, c: Connection, object_id: str) -> None:
         """Raise `NotFoundError` unless the object exists (run inside an operation)."""
+        if object_id in self._known:
+            return
         if c.execute(self._exists, {"object_id": object_id}).first() is None:
             raise exc.NotFoundError(
                 f"{self.kind} {object_id} does not exist (it was deleted, or it was "
                 "ephemeral and its owner stopped)"
             )
+        if len(self._known) >= self.KNOWN_MAX:
+            self._known.clear()
+        self._known.add(object_id)
 
     def _drop(self, c: Connection, ids: list[str]) -> None:
+        self._known.difference_update(ids)
         for child in self.children:
             c.execute(delete(child).where(child.c[self.id_col.name].in_(ids)))
         c.execute(delete(self.table).where(self.id_col.in_(ids)))
