@@ -122,3 +122,25 @@ def test_every_container_is_placed_once(n):
     idx = OfferIndex(OFFERS, None)
     d = choose([Demand("f", req("H100"), n)], idx)
     assert sum(c.containers for c in d.choices) == n
+
+
+def test_cheaper_option_moves_a_node_bought_dear_only_past_the_margin():
+    from strato.server.broker.decide import cheaper_option
+
+    idx = OfferIndex(OFFERS, None)
+    held = next(op for op in idx.buckets["H100"] if op.offer.provider == "aws" and not op.spot)
+    d = Demand("f", req("H100"), 1)
+    # aws on demand at 4.0 while aws spot sells at 1.0: moved there
+    better = cheaper_option(held, d, idx, margin=0.02)
+    assert better is not None and (better.offer.provider, better.spot) == ("aws", True)
+    # while aws H100 is out of capacity, lambda at 2.5 is the best: 4.0 is still dearer
+    blocked = {block_key(held.offer)}
+    assert cheaper_option(held, d, idx, margin=0.02, blocked=blocked).offer.provider == "lambda"
+    # a node within the margin of the best stays
+    lam = next(op for op in idx.buckets["H100"] if op.offer.provider == "lambda")
+    assert cheaper_option(lam, d, idx, margin=0.02, blocked=blocked) is None
+    assert cheaper_option(lam, d, idx, margin=2.0) is None  # 2.5 vs 1.0: within 200%
+    # 8 containers on runpod's 8-GPU node (2.0 each) vs aws spot at 1.0 each
+    runpod = next(op for op in idx.buckets["H100"] if op.offer.provider == "runpod")
+    assert cheaper_option(runpod, Demand("f", req("H100"), 8), idx, margin=0.5) is not None
+    assert cheaper_option(runpod, Demand("f", req("H100"), 8), idx, margin=1.5) is None

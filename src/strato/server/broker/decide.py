@@ -285,3 +285,28 @@ def _why_not(
                 )
             return
     out.infeasible[d.key] = "no offer of the enabled providers fits it"
+
+
+def cheaper_option(
+    held: Option,
+    demand: Demand,
+    index: OfferIndex,
+    *,
+    margin: float,
+    blocked: set[BlockKey] | frozenset[BlockKey] = frozenset(),
+    providers: set[str] | None = None,
+) -> Option | None:
+    """The option to move a node's work to: ``held`` is a node holding ``demand.count``
+    containers of ``demand``; when the best option for them now costs less per container
+    than ``held`` by more than ``margin`` (a share: 0.02 is 2%; it pays for the move), that
+    option, else None. A node bought in a shortage, or as a replacement while the cheapest
+    places were out of capacity, is moved back this way once they are sold again."""
+    if demand.count <= 0:
+        return None
+    decision = choose([demand], index, blocked=blocked, providers=providers)
+    if not decision.choices:
+        return None
+    best = decision.choices[0]
+    if held.hourly / demand.count > best.option.hourly / best.containers * (1.0 + margin):
+        return best.option
+    return None
