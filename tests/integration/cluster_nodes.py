@@ -11,14 +11,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import INTEGRATION_DIR, ServerHandle, free_port, pid_alive, wait_until
 
 from strato.client import config as client_config
-from strato.client import session
+from strato.client import serialization, session
 from strato.protocol import messages as m
 
 
@@ -53,7 +55,8 @@ def start_control_plane(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    handle = ServerHandle(home, f"http://127.0.0.1:{port}", port)
+    scheme = "https" if "STRATO_TLS_CERT" in env else "http"  # (the client: STRATO_TLS_CA)
+    handle = ServerHandle(home, f"{scheme}://127.0.0.1:{port}", port)
     wait_until(lambda: client_config.ping(handle.url), 60, "the control plane to answer")
     handle.activate()
     return handle
@@ -142,6 +145,7 @@ def start_agent(
         **(env or {}),
     )
     full.pop("STRATO_SERVER_URL", None)
+    full.pop("STRATO_TLS_CA", None)  # (this process's, as a client): agents take --tls-ca
     argv = [
         sys.executable,
         "-m",
@@ -210,3 +214,85 @@ def stop_control_plane(handle: ServerHandle) -> None:
 def wait_gone(pid: int, timeout: float = 30.0) -> None:
     wait_until(lambda: not pid_alive(pid), timeout, f"process {pid} to exit")
     time.sleep(0)
+
+
+class CallOutputs:
+    """Every final output of one call as the control plane hands them out: a thread
+    long-polls ``GET /calls/{id}/outputs`` by sequence number, as ``.map`` does, but keeps
+    every output it is given, de-duplicating nothing (``.map`` drops an index it has seen),
+    so that a test counts each input's outputs."""
+
+    def __init__(self, call_id: str, n: int) -> None:
+        self.call_id = call_id
+        self.n = n
+        self.followed: dict[int, list[m.OutputItem]] = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> int:
+        return len(self.followed)
+
+    def _poll(self, after: int, timeout: float) -> m.Outputs:
+        return session.api().call(
+            "GET",
+            f"/calls/{self.call_id}/outputs",
+            None,
+            m.Outputs,
+            params={"after": after, "timeout": timeout},
+            timeout=timeout + 30,
+        )
+
+    def _follow(self) -> None:
+        after = 0
+        try:
+            while len(self.followed) < self.n:
+                out = self._poll(after, 5.0)
+                after = out.last_seq
+                for o in out.outputs:
+                    if o.gen_index is None:
+                        self.followed.setdefault(o.idx, []).append(o)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), (
+            f"only {self.done} of {self.n} inputs have an output after {timeout}s"
+        )
+        assert self.error is None, self.error
+
+    def history(self) -> dict[int, list[m.OutputItem]]:
+        """The call's final outputs read again from sequence 0, all of them."""
+        out: dict[int, list[m.OutputItem]] = {}
+        after = 0
+        while True:
+            page = self._poll(after, 0.0)
+            for o in page.outputs:
+                if o.gen_index is None:
+                    out.setdefault(o.idx, []).append(o)
+            if not page.outputs:
+                return out
+            after = page.last_seq
+
+    def assert_each_once(self, expected: Callable[[int], object]) -> None:
+        """Each input has exactly one output, with its value: as they were handed out
+        while the call ran, and as the control plane has them afterwards."""
+        for what, got in (("handed out", self.followed), ("stored", self.history())):
+            missing = [i for i in range(self.n) if i not in got]
+            extra = sorted(set(got) - set(range(self.n)))
+            twice = {i: len(v) for i, v in got.items() if len(v) != 1}
+            assert not (missing or extra or twice), (
+                f"outputs {what}: {len(missing)} inputs without one (first {missing[:5]}), "
+                f"{len(twice)} with more than one (first {list(twice.items())[:5]}), "
+                f"indices out of range {extra[:5]}"
+            )
+            wrong = [
+                i
+                for i, (o,) in got.items()
+                if o.status != "success"
+                or o.data is None
+                or serialization.deserialize(o.data, "a result") != expected(i)
+            ]
+            assert not wrong, f"outputs {what}: wrong or failed for inputs {wrong[:5]}"
