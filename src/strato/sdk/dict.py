@@ -53,7 +53,34 @@ def check_name(kind: str, name: object) -> str:
     return name
 
 
+_ATOMS = frozenset((str, bytes, int, float, bool, type(None)))
+_PLAIN_MAX = 64  # items of one container checked for the fast path (else: cloudpickle)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is built of atoms, tuples, lists and dicts only (small ones): plain
+    ``pickle`` writes the same bytes for it as cloudpickle, several times faster."""
+    t = type(value)
+    if t in _ATOMS:
+        return True
+    if depth >= 4 or (t is not dict and t is not list and t is not tuple):
+        return False
+    if len(value) > _PLAIN_MAX:
+        return False
+    if t is dict:
+        for k in value:
+            if type(k) not in _ATOMS:
+                return False
+        value = value.values()
+    for v in value:
+        if type(v) not in _ATOMS and not _plain(v, depth + 1):
+            return False
+    return True
+
+
 def dumps(value: object, what: str, protocol: int | None = None) -> bytes:
+    if _plain(value):  # the same bytes as cloudpickle's (a Dict key must pickle the same)
+        return pickle.dumps(value, cloudpickle.DEFAULT_PROTOCOL if protocol is None else protocol)
     try:
         return cloudpickle.dumps(value, protocol=protocol)
     except Exception as e:  # noqa: BLE001 - any failure to pickle is the value's

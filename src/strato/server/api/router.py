@@ -13,22 +13,31 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import msgspec
 
 from strato import exceptions as exc
 from strato.protocol.messages import ErrorBody
+from strato.server.workspaces import ACTING, INSTALLATION, Caller
+
+if TYPE_CHECKING:
+    from strato.server.workspaces import Workspaces
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 MAX_QUERY_INT = (1 << 62) - 1  # sequence numbers and limits: inside SQL's BIGINT
+# routes of the installation, not of a workspace: only the installation's token
+OPERATOR_PREFIXES = ("/nodes", "/cluster", "/broker", "/providers", "/workspaces", "/join")
+ACCESS = ("read", "write", "admin", "operator")
 _encoder = msgspec.msgpack.Encoder()
 _STATUS = [
     (exc.RequestSizeError, 413),
     (exc.AppStoppedError, 409),
     (exc.InvalidError, 400),
     (exc.NotFoundError, 404),
+    (exc.PermissionDeniedError, 403),
     (exc.AuthError, 401),
     (exc.AlreadyExistsError, 409),
 ]
@@ -70,6 +79,7 @@ class Request:
     body: bytes
     content_type: str = MSGPACK
     principal: Principal | None = None
+    caller: Caller = INSTALLATION  # its workspace and role (a container's: its app's)
 
     def param(self, name: str, cast: type = str, default=None):
         """A query parameter; numbers must be finite and from 0 to 2^62 (HTTP 400 else)."""
@@ -100,6 +110,17 @@ class Request:
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
+Guard = Callable[[Request, str], Awaitable[None]]
+
+
+def check_access(caller: Caller, route: Route) -> None:
+    """Refuse (HTTP 403) a route that the caller's role may not use."""
+    if not caller.may(route.access):
+        who = "the installation's token" if route.access == "operator" else f"{route.access} access"
+        raise exc.PermissionDeniedError(
+            f"{route.method} {route.path} needs {who}; this token is {caller.role!r} "
+            f"in workspace {caller.workspace!r}"
+        )
 
 
 @dataclass
@@ -114,10 +135,21 @@ class Route:
     raw_body: bool = False
     auth: bool = True
     container: bool = False  # a container may use it (over its channel), scoped to its app
+    # who may use it: read (any role), write (developer, admin), admin (a workspace's
+    # admin), operator (the installation's token); default: GET reads, the rest write,
+    # paths under OPERATOR_PREFIXES are the operator's
+    access: str = ""
     regex: re.Pattern = field(init=False)
     params: list[str] = field(init=False)
+    guards: list[tuple[str, Guard]] | None = field(default=None, init=False)  # (Router.guard)
 
     def __post_init__(self) -> None:
+        if not self.access:
+            self.access = "read" if self.method == "GET" else "write"
+            if self.path.startswith(OPERATOR_PREFIXES):
+                self.access = "operator"
+        if self.access not in ACCESS:
+            raise ValueError(f"route {self.method} {self.path}: access {self.access!r}")
         self.params = re.findall(r"{(\w+)}", self.path)
         self.regex = re.compile("^" + re.sub(r"{(\w+)}", r"(?P<\1>[^/]+)", self.path) + "$")
 
@@ -129,6 +161,8 @@ class Router:
         self.routes: list[Route] = []
         self._by_method: dict[str, list[Route]] = {}
         self._auth = f"Bearer {token}".encode()
+        self.workspaces: Workspaces | None = None  # workspace tokens (set by build_app)
+        self._guards: list[tuple[str, str, Guard]] = []
         self.max_body = max_body
         self._openapi: bytes | None = None
 
@@ -170,10 +204,18 @@ class Router:
         if isinstance(found, Reply):
             return found
         route, params = found
-        if route.auth and not self._authorized(scope):
-            return error_reply(
-                exc.AuthError("missing or wrong token: set STRATO_TOKEN or use $STRATO_HOME/token")
-            )
+        caller = INSTALLATION
+        if route.auth:
+            found_caller = await self._caller(scope)
+            if found_caller is None:
+                return error_reply(
+                    exc.AuthError(
+                        "missing, wrong or revoked token: set STRATO_TOKEN or use "
+                        "$STRATO_HOME/token"
+                    )
+                )
+            caller = found_caller
+            check_access(caller, route)
         body = await self._read_body(receive)
         qs = scope.get("query_string") or b""
         query = dict(parse_qsl(qs.decode("latin-1"))) if qs else {}
@@ -182,7 +224,7 @@ class Router:
             if k == b"content-type":
                 ctype = v.decode("latin-1").lower()
                 break
-        return await route.handler(Request(params, query, body, ctype))
+        return await self._run(route, Request(params, query, body, ctype, None, caller))
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | Reply:
         for route in self._by_method.get(method, ()):
@@ -200,11 +242,12 @@ class Router:
         path: str,
         query: dict[str, str],
         body: bytes,
+        caller: Caller = INSTALLATION,
     ) -> Reply:
         """A request that came over the channel: a container's on behalf of ``principal``
         (only routes marked ``container=True``), or with ``None`` a local client's that
-        showed the API token when it connected (every route). The same handlers, errors
-        and replies as HTTP."""
+        showed a token when it connected (``caller``: that token's workspace and role;
+        every route its role may use). The same handlers, errors and replies as HTTP."""
         try:
             if principal is None and method == "GET" and path == "/openapi.json":
                 return Reply(self.openapi(), content_type="application/json")
@@ -217,19 +260,52 @@ class Router:
                     f"{method} {route.path} is not open to code in a container: its "
                     "credential may call functions and read its own calls, never the admin API"
                 )
+            check_access(caller, route)
             if len(body) > self.max_body:
                 raise exc.RequestSizeError(
                     f"request body over {self.max_body} bytes (STRATO_MAX_PAYLOAD)"
                 )
-            return await route.handler(Request(params, query, body, MSGPACK, principal))
+            return await self._run(route, Request(params, query, body, MSGPACK, principal, caller))
         except exc.Error as e:
             return error_reply(e)
 
-    def _authorized(self, scope) -> bool:
+    def guard(self, prefix: str, param: str, check: Guard) -> None:
+        """Check path parameter ``param`` of every route under ``prefix`` before its
+        handler runs: ``check(req, value)`` raises ``NotFoundError`` for an object that
+        the requester's workspace does not own (the same answer as for a missing one)."""
+        self._guards.append((prefix, param, check))
+        for route in self.routes:
+            route.guards = None
+
+    async def _run(self, route: Route, req: Request) -> Reply:
+        guards = route.guards
+        if guards is None:
+            guards = route.guards = [
+                (param, check)
+                for prefix, param, check in self._guards
+                if param in route.params and route.path.startswith(prefix)
+            ]
+        ACTING.set(req.caller.workspace)  # (this request's task's own context)
+        for param, check in guards:
+            await check(req, req.path_params[param])
+        return await route.handler(req)
+
+    async def _caller(self, scope) -> Caller | None:
+        """Who the request's bearer token makes it (``None``: no valid token), acting in
+        the workspace its ``strato-workspace`` header names, if any."""
+        auth = workspace = None
         for k, v in scope["headers"]:
             if k == b"authorization":
-                return hmac.compare_digest(v, self._auth)
-        return False
+                auth = v
+            elif k == b"strato-workspace":
+                workspace = v.decode("latin-1")
+        if auth is None:
+            return None
+        if self.workspaces is None:  # a bare router (tests): the installation token only
+            return INSTALLATION if hmac.compare_digest(auth, self._auth) else None
+        if not auth.startswith(b"Bearer "):
+            return None
+        return await self.workspaces.authenticate(auth[7:], workspace)
 
     async def _read_body(self, receive) -> bytes:
         chunks: list[bytes] = []
@@ -264,6 +340,7 @@ class Router:
         paths: dict = {}
         for r in self.routes:
             op: dict = {"summary": r.summary, "operationId": r.handler.__name__}
+            op["x-strato-access"] = r.access  # read | write | admin | operator
             params = [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                 for p in r.params
