@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import dedicated_server
@@ -21,6 +22,9 @@ import strato
 from strato import exceptions as exc
 from strato.client import session
 from strato.protocol import messages as m
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import limits_apps as apps  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +120,12 @@ def test_disk_fill_of_an_images_writable_layer_stops_at_the_limit(make):
     assert run(sb, "python3", "-c", "import humanize")[0] == 0  # the image is intact
 
 
+def test_disk_fill_in_a_function_stops_at_its_ephemeral_disk(strato_server, runtime):
+    with apps.app.run(quiet=True):
+        kind, mib = apps.fill[runtime].remote("/tmp/fill")
+    assert kind == "ENOSPC" and apps.DISK_MB - 4 <= mib <= apps.DISK_MB, (kind, mib)
+
+
 def test_default_disk_limit_applies(make):
     sb = make()
     code, out, _ = py(sb, "import os; s = os.statvfs('/tmp'); print(s.f_blocks * s.f_frsize)")
@@ -170,7 +180,7 @@ def test_cpu_hog_leaves_the_neighbour_its_share(make):
 
 # --------------------------------------------------------------------------- cidr_allowlist
 
-NET = "10.213.77"
+NET = "10.231.77"  # (test_network takes 10.213.x.y)
 ALLOWED, DENIED, PORT = f"{NET}.2", f"{NET}.3", 18777
 
 

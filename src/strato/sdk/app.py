@@ -58,6 +58,7 @@ SHARED_OPTIONS = (
     "scaledown_window",
     "enable_memory_snapshot",
     "block_network",
+    "ephemeral_disk",
     "runtime",
     "volumes",
     "region",  # --- broker: where its nodes may be bought
@@ -149,6 +150,7 @@ class App:
         block_network,
         runtime,
         volumes,
+        ephemeral_disk=None,
         region=None,  # --- broker
         cloud=None,
         nonpreemptible=False,
@@ -178,6 +180,7 @@ class App:
             enable_memory_snapshot=enable_memory_snapshot,
             image=image.spec if image is not None else None,
             block_network=block_network,
+            ephemeral_disk_mb=options.ephemeral_disk(ephemeral_disk),
             runtime=runtime,
             volumes=volume_mounts({**self.volumes, **(volumes or {})}),
             **options.placement(region, cloud, nonpreemptible),  # --- broker
@@ -206,6 +209,7 @@ class App:
         scaledown_window: float | None = None,
         enable_memory_snapshot: bool = False,
         block_network: bool = False,
+        ephemeral_disk: int | None = None,
         runtime: str | None = None,
         volumes: dict[str, Volume] | None = None,
         secrets: list[Secret] | None = None,
@@ -298,6 +302,7 @@ class App:
         scaledown_window: float | None = None,
         enable_memory_snapshot: bool = False,
         block_network: bool = False,
+        ephemeral_disk: int | None = None,
         runtime: str | None = None,
         volumes: dict[str, Volume] | None = None,
         secrets: list[Secret] | None = None,

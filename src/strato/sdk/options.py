@@ -96,6 +96,20 @@ def timeout(value) -> float:
     return float(value)
 
 
+MAX_DISK_MB = 1 << 20
+
+
+def ephemeral_disk(value) -> int | None:
+    """``ephemeral_disk=`` (MiB each writable folder of a container may hold), checked."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DISK_MB:
+        raise InvalidError(
+            f"ephemeral_disk={value!r}: give a whole number of MiB from 1 to {MAX_DISK_MB}"
+        )
+    return value
+
+
 def scaling(min_containers, max_containers, buffer_containers, scaledown_window) -> m.ScalingConfig:
     for name, v, lo in (
         ("min_containers", min_containers, 0),

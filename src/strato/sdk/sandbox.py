@@ -153,13 +153,9 @@ class Sandbox:
             mounts = resolve_mounts(client, volume_mounts(volumes))
         if workdir is not None and not workdir.startswith("/"):
             raise exc.InvalidError(f"workdir={workdir!r}: give an absolute path")
-        if ephemeral_disk is not None and (
-            isinstance(ephemeral_disk, bool) or not isinstance(ephemeral_disk, int)
-            or ephemeral_disk < 1
-        ):  # fmt: skip
-            raise exc.InvalidError(
-                f"ephemeral_disk={ephemeral_disk!r}: give a whole number of MiB >= 1"
-            )
+        from .options import ephemeral_disk as check_disk
+
+        disk = check_disk(ephemeral_disk)
         allow = list(cidr_allowlist) if cidr_allowlist is not None else None
         if allow is not None:
             from strato.cidr import parse_allowlist
@@ -176,7 +172,7 @@ class Sandbox:
             memory_mb=int(memory) if memory is not None else None,
             gpu=[gpu] if gpu else [],
             block_network=bool(block_network),
-            ephemeral_disk_mb=ephemeral_disk,
+            ephemeral_disk_mb=disk,
             cidr_allowlist=allow,
             env=dict(env or {}),
             name=name,
