@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +209,27 @@ def containers_by_node(app_id: str) -> dict[str, int]:
 def stop_control_plane(handle: ServerHandle) -> None:
     session.reset()
     handle.stop()
+
+
+@contextlib.contextmanager
+def one_joined_node(name: str, env: dict[str, str] | None = None) -> Iterator[ServerHandle]:
+    """A control plane without a local worker and one agent ``name`` that joined it over
+    TCP on this machine (its containers' channels go through the relay); the client of
+    this process points at it inside the block and back where it was after."""
+    from conftest import restore_env
+
+    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
+    handle = start_control_plane({})
+    agent = None
+    try:
+        agent = start_agent(handle.url, agent_port(handle), join_token(handle), name, env=env)
+        wait_nodes({name})
+        yield handle
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop_control_plane(handle)
+        restore_env(saved)
 
 
 def wait_gone(pid: int, timeout: float = 30.0) -> None:

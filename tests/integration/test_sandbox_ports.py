@@ -214,3 +214,44 @@ def test_tunnels_from_inside_a_container(server):
 
     with app.run(quiet=True):
         assert through_a_tunnel.remote() == "from inside"
+
+
+@pytest.fixture
+def joined_node():
+    from cluster_nodes import one_joined_node
+
+    with one_joined_node("sbports-node") as handle:
+        yield handle
+
+
+def test_tunnels_of_a_sandbox_on_a_joined_node_go_through_the_relay(joined_node):
+    from websockets.sync.client import connect
+
+    app = strato.App.lookup("sbports-joined", create_if_missing=True)
+    sb = strato.Sandbox.create(
+        app=app, runtime="bwrap", block_network=True, unencrypted_ports=[8000, 8765]
+    )
+    try:
+        big = os.urandom(3 << 20)  # several relay frames each way
+        with sb.open("/tmp/big.bin", "wb") as f:
+            f.write(big)
+        with sb.open("/tmp/ws.py", "w") as f:
+            f.write(WS_ECHO)
+        sb.exec("python3", "-m", "http.server", "8000", "--bind", "127.0.0.1", "-d", "/tmp")
+        sb.exec("python3", "/tmp/ws.py", "8765")
+        tunnels = sb.tunnels()
+        body = wait_until(lambda: _get(tunnels[8000].url + "/big.bin"), 60, "the server")
+        assert body == big
+
+        def echo() -> bool:
+            try:
+                with connect(tunnels[8765].url.replace("http", "ws"), open_timeout=10) as c:
+                    c.send("over the relay")
+                    return c.recv(timeout=10) == "over the relay"
+            except (OSError, EOFError) as e:
+                print("websocket not yet:", e)
+                return False
+
+        wait_until(echo, 60, "a WebSocket echo through the relay")
+    finally:
+        sb.terminate()

@@ -92,3 +92,24 @@ def test_a_snapshot_needs_a_running_sandbox_with_an_image(server):
     sb.wait(raise_on_termination=False)
     with pytest.raises(exc.SandboxTerminatedError, match="has ended"):
         sb.snapshot_filesystem()
+
+
+def test_a_snapshot_on_a_joined_node(strato_server):
+    """The node that runs the sandbox uploads the layer over the HTTP API (its own
+    credential); a new sandbox of the snapshot, on that node, sees the file."""
+    from cluster_nodes import one_joined_node
+
+    with one_joined_node("sbsnap-node", env={"STRATO_IMAGE_CACHE": IMAGE_CACHE}):
+        app = strato.App.lookup("sbsnap-joined", create_if_missing=True)
+        image = strato.Image.debian_slim()
+        sb = strato.Sandbox.create(app=app, image=image, runtime="bwrap", timeout=600)
+        try:
+            _run(sb, "echo joined > /root/mark.txt")
+            snap = sb.snapshot_filesystem()
+        finally:
+            sb.terminate()
+        sb2 = strato.Sandbox.create(app=app, image=snap, runtime="bwrap", timeout=600)
+        try:
+            assert _run(sb2, "cat /root/mark.txt") == "joined\n"
+        finally:
+            sb2.terminate()
