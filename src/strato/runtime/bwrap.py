@@ -29,6 +29,12 @@ with ``no_new_privs``.
 with slirp4netns attached (egress only: no host loopback, no other container), which bwrap
 is started in (``nsenter --net=``) and shares.
 
+**Disk.** With ``disk_mb`` each writable folder is a tmpfs of that size: the image's
+writable layer (the container's directory is mounted as one before the overlay), ``/tmp``,
+``/dev/shm`` and, without an image, ``/root``, ``/home`` and ``/run`` (bwrap's ``--size``).
+A write past it fails with ``ENOSPC``; the host's disk is never written; the pages count
+against the container's memory cgroup.
+
 The main process is ``sh`` (joining the cgroup) ``exec``ing (``nsenter``, then) ``bwrap``,
 which stays outside the namespaces as a monitor; in the new PID namespace bwrap's init is
 pid 1 and the program pid 2. When the program exits, the monitor exits with its code and

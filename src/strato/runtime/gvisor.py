@@ -40,6 +40,10 @@ inside: the minimal root binds none). Signals go through ``runsc kill --all``; S
 ``runsc run`` itself, which takes the sandbox with it. runsc reports death by signal N as
 code 128+N.
 
+Disk: with ``disk_mb`` the writable layer over an image is a host tmpfs of that size (as
+under bwrap: the gofer gets ``ENOSPC`` past it), and gVisor's own tmpfs folders (``/tmp``,
+``/dev/shm``, ``/run`` and a minimal root's ``/root`` and ``/home``) get ``size=``.
+
 Platform: ``$STRATO_GVISOR_PLATFORM``, else ``ptrace``. (``kvm`` hangs at start on a VM
 without usable nested virtualisation, so it is not tried by default; this runsc has no
 ``systrap``.) GPUs are refused: this runsc has no GPU proxy.

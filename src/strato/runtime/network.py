@@ -27,6 +27,13 @@ pipe closes: also when the worker dies) or, at the latest, when its namespace is
 
 With ``block_network`` nothing is attached: the namespace holds only ``lo``.
 
+A ``cidr_allowlist`` adds a second table (:func:`restrict`, as root, when the runtime takes
+the namespace for that container): whatever the container sends that is not for one of
+those ranges, its own loopback or the DNS forwarder is rejected (the sender sees an
+error at once, never a hang). The fence still applies inside an allowed range: a packet
+must pass both tables. Such a container is never forked from a zygote (it starts
+normally), and without nftables it does not start at all.
+
 Runtimes take namespaces from an :class:`EgressPool`: made ahead (a holder process and its
 slirp4netns), so the few milliseconds they take are off a container's start; the runtime
 runs the container's first process in it (``nsenter --net=``). :func:`attach_egress` also
