@@ -44,6 +44,11 @@ class AuthError(Error):
     """The control plane refused the token."""
 
 
+class PermissionDeniedError(AuthError):
+    """The token is valid, but its role may not do this (a read-only token that tries to
+    change something, a workspace token on an operator route)."""
+
+
 class ConnectionError(Error):  # noqa: A001 - Modal's name
     """The control plane cannot be reached."""
 

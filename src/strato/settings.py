@@ -381,6 +381,14 @@ TOKEN = text(
     (CLIENT, SERVER, WORKER),
     shown_default="`$STRATO_HOME/token`, made on the control plane's first start",
 )
+WORKSPACE = text(
+    "STRATO_WORKSPACE",
+    "",
+    "The workspace to act in. The installation's token may act in any workspace (default "
+    "`main`); a workspace token only in its own (another is refused).",
+    (CLIENT,),
+    shown_default="the token's workspace",
+)
 LOG_LEVEL = text(
     "STRATO_LOG_LEVEL",
     "INFO",

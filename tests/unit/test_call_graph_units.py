@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -413,6 +414,7 @@ def test_the_graph_says_when_it_was_cut(mgr, monkeypatch):
 class _Cp:
     def __init__(self, calls: CallManager) -> None:
         self.calls = calls
+        self.workspaces = SimpleNamespace(app_ws={})  # every app in the default workspace
 
 
 def test_a_container_sees_the_graphs_of_its_own_apps_calls_only(mgr):

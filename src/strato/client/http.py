@@ -14,6 +14,7 @@ import threading
 from urllib.parse import urlencode, urlsplit
 
 from strato import exceptions as exc
+from strato import settings
 
 from .api_base import MSGPACK, ApiBase, Reconnects
 
@@ -41,6 +42,8 @@ class ApiClient(ApiBase):
         self._local = threading.local()
         self.health: dict | None = None  # the control plane's /health, once fetched
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": MSGPACK}
+        if workspace := settings.WORKSPACE.get():
+            self._headers["Strato-Workspace"] = workspace
 
     # ------------------------------------------------------------------ plumbing
 

@@ -30,6 +30,7 @@ import threading
 import time
 
 from strato import exceptions as exc
+from strato import settings
 from strato.protocol import frames
 from strato.protocol import messages as m
 
@@ -172,7 +173,7 @@ class LocalChannelClient(ApiBase):
             sock.settimeout(5.0)
             sock.connect(self.socket_path)
             sock.settimeout(None)
-            sock.sendall(frames.encode(m.ClientHello(self.token)))
+            sock.sendall(frames.encode(m.ClientHello(self.token, settings.WORKSPACE.get())))
         except OSError:
             sock.close()
             raise

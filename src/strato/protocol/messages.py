@@ -158,6 +158,9 @@ class SecretRef(msgspec.Struct, frozen=True):
 
     secret_id: SecretId = ""
     name: SecretName | None = None
+    # the workspace whose secret it is: set by the control plane with the id (the client's
+    # value is replaced), so that a container's start finds it by name in that workspace
+    workspace: Annotated[str, Meta(max_length=48)] = ""
     required_keys: Annotated[list[EnvName], Meta(max_length=SECRET_MAX_KEYS)] = []
 
 
@@ -662,6 +665,7 @@ class ClientHello(ChannelMsg, tag="chello"):
     requests over the channel socket instead of HTTP (``client/local_channel.py``)."""
 
     token: Annotated[str, Meta(max_length=512)]
+    workspace: Annotated[str, Meta(max_length=48)] = ""  # STRATO_WORKSPACE, if set
 
 
 class ApiResponse(ChannelMsg, tag="apiresp"):
@@ -1307,3 +1311,55 @@ class UsageReport(msgspec.Struct):
 
 
 # --- broker: end
+
+
+# --- workspaces: workspaces and their API tokens
+
+WorkspaceName = Annotated[str, Meta(min_length=1, max_length=48)]
+TokenRole = Annotated[str, Meta(max_length=16)]
+
+
+class CreateWorkspace(msgspec.Struct):
+    name: WorkspaceName
+
+
+class WorkspaceInfo(msgspec.Struct):
+    name: str
+    created_at: float
+
+
+class WorkspaceList(msgspec.Struct):
+    workspaces: list[WorkspaceInfo]
+
+
+class CreateToken(msgspec.Struct):
+    role: TokenRole = "developer"  # admin | developer | read-only
+    name: Annotated[str, Meta(max_length=64)] = ""
+
+
+class TokenInfo(msgspec.Struct):
+    token_id: str
+    workspace: str
+    role: str
+    name: str
+    created_at: float
+    revoked: bool
+
+
+class TokenList(msgspec.Struct):
+    tokens: list[TokenInfo]
+
+
+class NewToken(msgspec.Struct):
+    info: TokenInfo
+    token: str  # shown once: only its hash is kept
+
+
+class WhoAmI(msgspec.Struct):
+    workspace: str
+    role: str
+    operator: bool
+    token_id: str | None
+
+
+# --- workspaces: end

@@ -22,11 +22,13 @@ from .calls.specs import check_spec
 from .calls.state import AppState
 from .fleet import Fleet
 from .gateway import Gateway
+from .gateway.routes import web_name
 from .logs import LogHub
 from .scaling import Scaler
 from .scheduler.quota import AppQuota
 from .store import Store
 from .store.blobs import BlobStore
+from .store.tables_workspaces import DEFAULT_WORKSPACE
 
 log = logging.getLogger("strato.control")
 
@@ -61,6 +63,7 @@ class Apps:
         quota: AppQuota,
         logs: LogHub,
         wake: Callable[[], None],
+        app_ws: dict[str, str] | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -71,6 +74,7 @@ class Apps:
         self.quota = quota
         self.logs = logs
         self._wake = wake
+        self.app_ws = app_ws if app_ws is not None else {}  # app id -> its workspace
         self.heartbeats: dict[str, float] = {}  # ephemeral app -> when its client last said so
         # features that complete or check a function's spec when an app is created (secrets:
         # names to ids), and are told of apps created and stopped (schedules); each one's
@@ -95,7 +99,7 @@ class Apps:
                 )
                 self.stop(app_id)
 
-    def create(self, req: m.CreateApp) -> m.AppInfo:
+    def create(self, req: m.CreateApp, workspace: str = DEFAULT_WORKSPACE) -> m.AppInfo:
         mount = None
         if req.mount is not None:
             validate_manifest(req.mount)
@@ -115,7 +119,8 @@ class Apps:
             check_spec(spec)
             self.quota.check_spec(spec)
         # web endpoints: one label each, URLs unique across apps
-        self.gateway.check_app(req.functions, req.name, req.deployed)
+        web = web_name(workspace, req.name)
+        self.gateway.check_app(req.functions, web, req.deployed)
         if req.deployed and not req.name:
             raise InvalidError("a deployed app needs a name: strato.App('my-app')")
         for hook in self.spec_hooks:  # secrets, schedules: checked before anything is made
@@ -128,9 +133,16 @@ class Apps:
             fns.append(("fu-" + secrets.token_hex(8), spec.name, msgspec.msgpack.encode(spec)))
         state = AppState.DEPLOYED if req.deployed else AppState.EPHEMERAL
         replaced = self.store.create_app(
-            app_id, req.name, state.value, fns, mount, replace_deployed=req.deployed
+            app_id,
+            req.name,
+            state.value,
+            fns,
+            mount,
+            replace_deployed=req.deployed,
+            workspace=workspace,
         )
-        self.gateway.app_created(app_id, req.name, req.deployed)  # before the old stop
+        self.app_ws[app_id] = workspace
+        self.gateway.app_created(app_id, web, req.deployed)  # before the old stop
         for old in replaced:
             self._stop_in_memory(old)
         if not req.deployed and not req.detached:
@@ -147,7 +159,7 @@ class Apps:
         specs = {s.name: s for s in req.functions}
         refs = [
             m.FunctionRef(
-                fid, name, self.gateway.web_url(app_id, req.name, req.deployed, specs.get(name))
+                fid, name, self.gateway.web_url(app_id, web, req.deployed, specs.get(name))
             )
             for fid, name, _ in fns
         ]
@@ -163,17 +175,22 @@ class Apps:
         for f in fns:
             spec = msgspec.msgpack.decode(f["spec"], type=m.FunctionSpec) if f["spec"] else None
             url = self.gateway.web_url(
-                row["app_id"], row["name"], row["state"] == AppState.DEPLOYED, spec
+                row["app_id"],
+                web_name(row["workspace"], row["name"]),
+                row["state"] == AppState.DEPLOYED,
+                spec,
             )
             refs.append(m.FunctionRef(f["function_id"], f["name"], url))
         return m.AppInfo(row["app_id"], row["name"], row["state"], row["created_at"], refs, n)
 
-    async def find(self, ref: str) -> dict:
+    async def find(self, ref: str, workspace: str = DEFAULT_WORKSPACE) -> dict:
         """The app of that id, else the deployed app of that name, else the newest running
-        one (reads on the store's thread)."""
+        one, in ``workspace`` (reads on the store's thread): another workspace's answers
+        as a missing one."""
         store = self.store
         rows = await store.aread(store.apps, [ref]) if ref.startswith("ap-") else []
-        row = rows[0] if rows else await store.aread(store.find_app, ref)
+        rows = [r for r in rows if r["workspace"] == workspace]
+        row = rows[0] if rows else await store.aread(store.find_app, ref, workspace)
         if row is None:
             raise NotFoundError(
                 f"no running or deployed app named {ref!r}; deploy it with `strato deploy FILE`"

@@ -67,7 +67,8 @@ class ServerConfig:
 
     def load_or_create_token(self) -> str:
         """The API token: ``STRATO_TOKEN`` or ``$STRATO_HOME/token``, created on first start."""
-        if given := settings.TOKEN.get():
+        given = settings.TOKEN.get()
+        if given and not given.startswith("st_"):  # (a workspace token is a client's)
             return given
         path = self.home / "token"
         if path.exists():

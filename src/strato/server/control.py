@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from strato import exceptions as exc
 from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
@@ -36,6 +37,7 @@ from .scaling import Scaler
 from .scheduler.quota import AppQuota, QuotaGate
 from .store import Store
 from .store.blobs import BlobStore
+from .workspaces import INSTALLATION, Caller, Workspaces
 
 if TYPE_CHECKING:
     from .api.router import Router
@@ -55,9 +57,9 @@ WORKER_SENDS = (
     m.ContainerStarted,
     m.Heartbeat,
     m.SbOomCount,  # --- sandboxes
+    m.SbSnapshotDone,
 )
 EXPIRY_EVERY_S = 60.0
-    m.SbSnapshotDone,
 
 
 class ControlPlane:
@@ -73,6 +75,7 @@ class ControlPlane:
         self.store = Store(
             url, journal=True if url.startswith("sqlite") else config.home / "store.intake"
         )
+        self.workspaces = Workspaces(self.store, self.token)  # tokens, app -> workspace
         self.blobs = BlobStore(config.home / "blobs")
         self.logs = LogHub(self.store)
         self._wake = asyncio.Event()
@@ -151,6 +154,7 @@ class ControlPlane:
             self.quota,
             self.logs,
             self._wake.set,
+            app_ws=self.workspaces.app_ws,
         )
         self.api: Router | None = None  # set by api.routes.build_app
         self.sandboxes: Sandboxes | None = None  # set by api/routes_sandboxes.py
@@ -237,12 +241,21 @@ class ControlPlane:
             elif isinstance(first, m.ContainerHello):
                 await self._container_loop(first, peer, reader, via_node)
             elif isinstance(first, m.ClientHello):  # a local client's API requests
-                if not hmac.compare_digest(first.token.encode(), self.token.encode()):
+                try:
+                    caller = await self.workspaces.authenticate(
+                        first.token.encode(), first.workspace or None
+                    )
+                    refusal = None
+                except exc.AuthError as e:  # a valid token, a workspace it may not act in
+                    caller, refusal = INSTALLATION, e
+                if caller is None:
                     log.warning("channel: a client hello with a wrong token; closed")
                     return
-                await self._client_loop(peer, reader)
+                await self._client_loop(peer, reader, caller, refusal)
             elif isinstance(first, m.WebTunnelHello):  # a web endpoint's tunnel: raw HTTP now
                 adopted = self.gateway.adopt_tunnel(first, writer)
+            elif isinstance(first, m.SbTunnelHello) and self.sandboxes is not None:
+                await self.sandboxes.tunnels.on_hello(first, reader, writer)  # sandbox port
             elif first is not None:
                 log.warning("channel: first frame %s is not a hello; closed", type(first).__name__)
         except frames.FrameError as e:
@@ -254,8 +267,6 @@ class ControlPlane:
                 peer.close()
 
     def _relayed_hello(self, first: object, via_node: str) -> bool:
-            elif isinstance(first, m.SbTunnelHello) and self.sandboxes is not None:
-                await self.sandboxes.tunnels.on_hello(first, reader, writer)  # sandbox port
         if isinstance(first, m.ContainerHello):
             return True  # (_container_loop checks its node)
         if isinstance(first, (m.WebTunnelHello, m.SbTunnelHello)):
@@ -296,11 +307,14 @@ class ControlPlane:
             if hub is not None:
                 await hub.close()
 
-    async def _client_loop(self, peer: Peer, reader) -> None:
-        """A client on this machine that showed the API token: its API requests, as over
-        HTTP (bodies as large as HTTP's), and nothing else."""
+    async def _client_loop(
+        self, peer: Peer, reader, caller: Caller, refusal: exc.AuthError | None
+    ) -> None:
+        """A client on this machine that showed a token: its API requests, as over HTTP
+        (bodies as large as HTTP's) as ``caller``, and nothing else (each refused with
+        ``refusal`` if given)."""
         assert self.api is not None, "build_app(cp) wires the API before clients dial"
-        requests = ChannelRequests(self.api, peer)
+        requests = ChannelRequests(self.api, peer, caller=caller, refusal=refusal)
         try:
             limit = self.api.max_body + (1 << 16)
             while (msg := await frames.read_frame(reader, limit)) is not None:

@@ -42,6 +42,8 @@ from strato.protocol import messages as m
 
 from .store import Store
 from .store.tables_secrets import secrets as secrets_table
+from .store.tables_workspaces import DEFAULT_WORKSPACE
+from .workspaces import ACTING
 
 log = logging.getLogger("strato.secrets")
 
@@ -134,6 +136,7 @@ class _Row:
     key_id: str
     data: bytes
     app_id: str | None = None  # an anonymous secret's app, once it is created
+    workspace: str = DEFAULT_WORKSPACE
 
     def info(self, n_keys: int = 0) -> m.SecretInfo:
         return m.SecretInfo(self.secret_id, self.name, self.created_at, self.updated_at, n_keys)
@@ -164,12 +167,12 @@ class Secrets:
         self.store = store
         self.cipher = cipher
         self._rows: dict[str, _Row] = {}
-        self._by_name: dict[str, str] = {}
+        self._by_name: dict[tuple[str, str], str] = {}  # (workspace, name) -> id
         for r in store._read(lambda c: c.execute(select(secrets_table)).all()):
             row = _Row(**dict(r._mapping))
             self._rows[row.secret_id] = row
             if row.name is not None:
-                self._by_name[row.name] = row.secret_id
+                self._by_name[row.workspace, row.name] = row.secret_id
         # anonymous secrets of apps stopped while their delete was not yet written
         live = {a["app_id"] for a in store.apps() if a["state"] != "stopped"}
         self._drop(
@@ -183,14 +186,14 @@ class Secrets:
 
     # ------------------------------------------------------------------ API
 
-    async def create(self, req: m.CreateSecret) -> m.SecretInfo:
-        """A named secret (``strato secret create``; replaced with ``overwrite``) or an
-        anonymous one. Durable when it returns."""
+    async def create(self, req: m.CreateSecret, workspace: str = DEFAULT_WORKSPACE) -> m.SecretInfo:
+        """A named secret of ``workspace`` (``strato secret create``; replaced with
+        ``overwrite``) or an anonymous one. Durable when it returns."""
         check_values(req.values)
         now = time.time()
         if req.name is None:
             self._drop_orphans(now)
-        old = self._rows.get(self._by_name.get(req.name, "")) if req.name else None
+        old = self._rows.get(self._by_name.get((workspace, req.name), "")) if req.name else None
         if old is not None and not req.overwrite:
             raise exc.AlreadyExistsError(
                 f"secret {req.name!r} exists already: pass --force (overwrite=True) to "
@@ -200,12 +203,14 @@ class Secrets:
             row = _Row(old.secret_id, old.name, old.created_at, now, self.cipher.key_id, b"")
         else:
             row = _Row("st-" + pysecrets.token_hex(8), req.name, now, now, self.cipher.key_id, b"")
+        row.workspace = workspace
         row.data = self.cipher.seal(row.secret_id, dict(req.values))
         values = {
             "name": row.name,
             "updated_at": row.updated_at,
             "key_id": row.key_id,
             "data": row.data,
+            "workspace": row.workspace,
         }
         t = secrets_table
 
@@ -221,7 +226,7 @@ class Secrets:
         # create of the name cannot pass the check above before this one is written
         self._rows[row.secret_id] = row
         if row.name is not None:
-            self._by_name[row.name] = row.secret_id
+            self._by_name[workspace, row.name] = row.secret_id
         try:
             await self.store._write("secret_create", run)
         except Exception:
@@ -230,7 +235,7 @@ class Secrets:
             else:
                 self._rows.pop(row.secret_id, None)
                 if row.name is not None:
-                    self._by_name.pop(row.name, None)
+                    self._by_name.pop((workspace, row.name), None)
             raise exc.ExecutionError(
                 f"secret {row.label} could not be stored; see the control plane's log"
             ) from None
@@ -239,16 +244,17 @@ class Secrets:
         )
         return row.info(len(req.values))
 
-    def named(self) -> list[m.SecretInfo]:
-        """The named secrets, by name (anonymous ones belong to their apps)."""
+    def named(self, workspace: str = DEFAULT_WORKSPACE) -> list[m.SecretInfo]:
+        """The named secrets of ``workspace``, by name (anonymous ones belong to their
+        apps)."""
         return [
             self._rows[sid].info()
-            for name, sid in sorted(self._by_name.items())
-            if sid in self._rows
+            for (ws, _), sid in sorted(self._by_name.items())
+            if ws == workspace and sid in self._rows
         ]
 
-    async def delete(self, name: str) -> None:
-        sid = self._by_name.get(name)
+    async def delete(self, name: str, workspace: str = DEFAULT_WORKSPACE) -> None:
+        sid = self._by_name.get((workspace, name))
         if sid is None:
             raise exc.NotFoundError(f"no secret named {name!r}; `strato secret list` lists them")
         t = secrets_table
@@ -256,7 +262,7 @@ class Secrets:
             "secret_delete", lambda c: c.execute(delete(t).where(t.c.secret_id == sid))
         )
         self._rows.pop(sid, None)
-        self._by_name.pop(name, None)
+        self._by_name.pop((workspace, name), None)
         log.info("secret %r deleted", name)
 
     # ------------------------------------------------------------------ anonymous ones
@@ -310,20 +316,24 @@ class Secrets:
 
     # ------------------------------------------------------------------ functions
 
-    def _row_of(self, ref: m.SecretRef) -> _Row | None:
+    def _row_of(self, ref: m.SecretRef, workspace: str) -> _Row | None:
+        """The secret ``ref`` names in ``workspace`` (another workspace's: ``None``)."""
         if ref.name is not None:  # by name first: a secret made again under its name counts
-            sid = self._by_name.get(ref.name)
+            sid = self._by_name.get((workspace, ref.name))
             if sid is not None:
                 return self._rows.get(sid)
-        return self._rows.get(ref.secret_id) if ref.secret_id else None
+        row = self._rows.get(ref.secret_id) if ref.secret_id else None
+        return row if row is not None and row.workspace == workspace else None
 
     def resolve(self, refs: list[m.SecretRef], owner: str) -> list[m.SecretRef]:
-        """``refs`` with the ids of named secrets filled in; ``NotFoundError`` for a name
-        or id that does not exist, ``InvalidError`` for a missing required key.
-        ``owner`` names the function in errors. Changes nothing."""
+        """``refs`` with the ids of named secrets filled in, in the workspace of the
+        request being served (``ACTING``); ``NotFoundError`` for a name or id that does
+        not exist there, ``InvalidError`` for a missing required key. ``owner`` names the
+        function in errors. Changes nothing."""
+        workspace = ACTING.get()
         out = []
         for ref in refs:
-            row = self._row_of(ref)
+            row = self._row_of(ref, workspace)
             if row is None:
                 if ref.name is not None:
                     raise exc.NotFoundError(
@@ -341,7 +351,8 @@ class Secrets:
                     raise exc.InvalidError(
                         f"{owner}: secret {row.label} lacks the required keys {missing}"
                     )
-            out.append(msgspec.structs.replace(ref, secret_id=row.secret_id))
+            ws = "" if workspace == DEFAULT_WORKSPACE else workspace  # ("": the default)
+            out.append(msgspec.structs.replace(ref, secret_id=row.secret_id, workspace=ws))
         return out
 
     def env_for(self, spec: m.FunctionSpec) -> dict[str, str]:
@@ -354,7 +365,7 @@ class Secrets:
         ``ExecutionError`` for one this key cannot open (never with values)."""
         env: dict[str, str] = {}
         for ref in refs:
-            row = self._row_of(ref)
+            row = self._row_of(ref, ref.workspace or DEFAULT_WORKSPACE)
             if row is None:
                 label = repr(ref.name) if ref.name else ref.secret_id
                 raise exc.NotFoundError(

@@ -27,6 +27,7 @@ from strato.protocol.volumes import check_name, norm_path, under
 from .store import Store
 from .store.blobs import BlobStore
 from .store.tables_volumes import volume_files, volumes
+from .store.tables_workspaces import DEFAULT_WORKSPACE
 from .store.writer import Write, _Op
 
 T = TypeVar("T")
@@ -76,11 +77,15 @@ class VolumeService:
     # ------------------------------------------------------------------ volumes
 
     @staticmethod
-    def _find(conn: Connection, ref: str) -> Any:
-        q = select(volumes).where(
-            volumes.c.volume_id == ref if ref.startswith(ID_PREFIX) else volumes.c.name == ref
-        )
-        row = conn.execute(q).first()
+    def _find(conn: Connection, ref: str, workspace: str | None = None) -> Any:
+        """The volume ``ref`` (an id or a name) names in ``workspace``; ``None``: an id
+        in any workspace (the API routes resolve every ref in the caller's workspace
+        first), a name in the default one."""
+        by_id = ref.startswith(ID_PREFIX)
+        where = volumes.c.volume_id == ref if by_id else volumes.c.name == ref
+        if workspace is not None or not by_id:
+            where = where & (volumes.c.workspace == (workspace or DEFAULT_WORKSPACE))
+        row = conn.execute(select(volumes).where(where)).first()
         if row is None:
             if ref.startswith(ID_PREFIX):
                 raise exc.NotFoundError(f"volume {ref} does not exist (deleted?)")
@@ -90,20 +95,29 @@ class VolumeService:
             )
         return row
 
-    async def create(self, req: m.CreateVolume) -> m.VolumeInfo:
+    async def resolve(self, ref: str, workspace: str | None) -> str:
+        """The id of the volume ``ref`` names in ``workspace`` (see ``_find``)."""
+        return await self._tx("volume", lambda c: self._find(c, ref, workspace).volume_id)
+
+    def resolve_now(self, ref: str, workspace: str) -> str:
+        """``resolve``, blocking (an app's specs, checked as it is created)."""
+        return self.store._read(lambda c: self._find(c, ref, workspace).volume_id)
+
+    async def create(self, req: m.CreateVolume, workspace: str = DEFAULT_WORKSPACE) -> m.VolumeInfo:
         name = check_name(req.name) if req.name is not None else None
 
         def run(conn: Connection) -> m.VolumeInfo:
             if name is not None:
-                row = conn.execute(select(volumes).where(volumes.c.name == name)).first()
+                where = (volumes.c.name == name) & (volumes.c.workspace == workspace)
+                row = conn.execute(select(volumes).where(where)).first()
                 if row is not None:
                     if not req.exists_ok:
                         raise exc.AlreadyExistsError(f"a volume named {name!r} exists already")
                     return _info(row)
                 if not req.create_if_missing and req.exists_ok:
-                    self._find(conn, name)  # raises NotFoundError
+                    self._find(conn, name, workspace)  # raises NotFoundError
             vid = ID_PREFIX + secrets.token_hex(8)
-            values = dict(volume_id=vid, name=name, created_at=time.time())
+            values = dict(volume_id=vid, name=name, created_at=time.time(), workspace=workspace)
             conn.execute(insert(volumes).values(version=0, size=0, n_files=0, **values))
             return m.VolumeInfo(vid, name, values["created_at"])  # type: ignore[arg-type]
 
@@ -112,9 +126,10 @@ class VolumeService:
     async def info(self, ref: str) -> m.VolumeInfo:
         return await self._tx("volume", lambda c: _info(self._find(c, ref)))
 
-    async def named(self) -> m.VolumeList:
+    async def named(self, workspace: str = DEFAULT_WORKSPACE) -> m.VolumeList:
         def run(conn: Connection) -> m.VolumeList:
-            q = select(volumes).where(volumes.c.name.is_not(None)).order_by(volumes.c.name)
+            where = volumes.c.name.is_not(None) & (volumes.c.workspace == workspace)
+            q = select(volumes).where(where).order_by(volumes.c.name)
             return m.VolumeList([_info(r) for r in conn.execute(q)])
 
         return await self._tx("list_volumes", run)

@@ -6,8 +6,10 @@ credential, valid while the container lives. Each request runs the route it name
 routes open to containers, each scoped to the container's app (``scope.py``).
 
 A client on this machine may send its requests over the channel socket too (a
-``ClientHello`` with the API token first): the same routes as HTTP, without HTTP's parsing
-on either side (``client/local_channel.py``).
+``ClientHello`` with a token first): the same routes as HTTP, without HTTP's parsing on
+either side (``client/local_channel.py``), as that token's workspace and role; a workspace
+token is checked again on each request, so revoking it ends its connections' requests at
+once. A container acts in its app's workspace, as a developer.
 
 Requests run as tasks, so a long-poll does not hold up a container's outputs; at most
 ``MAX_INFLIGHT`` at once per connection (more are refused at once), and all of them end
@@ -24,6 +26,8 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store.blobs import check_key
 
+from ..store.tables_workspaces import DEFAULT_WORKSPACE
+from ..workspaces import INSTALLATION, Caller
 from .router import Principal, Reply, error_reply, reply
 
 if TYPE_CHECKING:
@@ -41,7 +45,9 @@ _BLOBS = "/blobs/"
 
 class ChannelRequests:
     """The API requests of one channel connection: a container's (``container`` and
-    ``uploads`` given) or a local client's that showed the API token (neither)."""
+    ``uploads`` given) or a local client's that showed a token (``caller``: who that token
+    makes it; ``refusal``: why each of its requests is refused, for a valid token that
+    named a workspace it may not act in)."""
 
     def __init__(
         self,
@@ -49,9 +55,16 @@ class ChannelRequests:
         peer: Peer,
         container: Container | None = None,
         uploads: Uploads | None = None,
+        caller: Caller = INSTALLATION,
+        refusal: exc.Error | None = None,
     ) -> None:
         self.router = router
         self.container = container
+        self.caller = caller
+        self.refusal = refusal
+        if container is not None:  # code in a container acts in its app's workspace
+            ws = router.workspaces.app_ws if router.workspaces is not None else {}
+            self.caller = Caller(ws.get(container.app_id, DEFAULT_WORKSPACE), "developer")
         self.peer = peer
         self.uploads = uploads
         self.tasks: set[asyncio.Task] = set()
@@ -85,7 +98,16 @@ class ChannelRequests:
             input_id = req.input_id if req.input_id in s.inflight else None
             who = Principal(s.container_id, s.app_id, s.function_id, input_id)
         try:
-            out = await self.router.dispatch_for(who, req.method, req.path, req.query, req.body)
+            if self.refusal is not None:
+                raise self.refusal
+            spaces = self.router.workspaces
+            if spaces is not None and not spaces.still_valid(self.caller):
+                raise exc.AuthError("this connection's token was revoked")
+            out = await self.router.dispatch_for(
+                who, req.method, req.path, req.query, req.body, self.caller
+            )
+        except exc.Error as e:
+            out = error_reply(e)
         except Exception:  # a bug must answer, not leave the caller waiting
             log.exception("channel request %s %s failed", req.method, req.path)
             out = error_reply(exc.InternalError(f"{req.method} {req.path} failed"))

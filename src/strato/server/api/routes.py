@@ -25,6 +25,7 @@ from . import (
     routes_state,
     routes_usage,
     routes_volumes,
+    routes_workspaces,
 )
 from .router import Reply, Request, Router, reply
 from .scope import Scope
@@ -35,6 +36,7 @@ VERSION = "0.1.0"
 
 def build_app(cp: ControlPlane) -> Router:
     api = Router("strato control plane", VERSION, cp.token, cp.config.max_payload + (1 << 20))
+    api.workspaces = cp.workspaces  # workspace tokens beside the installation's
     route = api.add
     empty = reply({})
     scope = Scope(cp)  # what a container's requests may reach (container=True routes)
@@ -50,11 +52,12 @@ def build_app(cp: ControlPlane) -> Router:
 
     @route("POST", "/apps", "Create (run or deploy) an app", body=m.CreateApp, response=m.AppInfo)
     async def create_app(req: Request) -> Reply:
-        return reply(cp.apps.create(req.decode(m.CreateApp)))
+        return reply(cp.apps.create(req.decode(m.CreateApp), req.caller.workspace))
 
     @route("GET", "/apps", "List apps", response=m.AppList)
-    async def list_apps(_: Request) -> Reply:
-        return reply(m.AppList([cp.apps.info(r) for r in cp.store.apps()]))
+    async def list_apps(req: Request) -> Reply:
+        ws = req.caller.workspace
+        return reply(m.AppList([cp.apps.info(r) for r in cp.store.apps() if r["workspace"] == ws]))
 
     @route("GET", "/apps/{ref}", "An app by id or name", response=m.AppInfo, container=True)
     async def get_app(req: Request) -> Reply:
@@ -62,12 +65,13 @@ def build_app(cp: ControlPlane) -> Router:
 
     @route("POST", "/apps/{ref}/stop", "Stop an app")
     async def stop_app(req: Request) -> Reply:
-        cp.apps.stop((await cp.apps.find(req.path_params["ref"]))["app_id"])
+        cp.apps.stop((await cp.apps.find(req.path_params["ref"], req.caller.workspace))["app_id"])
         return empty
 
     @route("POST", "/apps/{app_id}/heartbeat", "Keep an ephemeral app alive")
     async def heartbeat(req: Request) -> Reply:
-        cp.apps.heartbeat(req.path_params["app_id"])
+        if scope.mine(req, req.path_params["app_id"]):  # another's: as an unknown app's
+            cp.apps.heartbeat(req.path_params["app_id"])
         return empty
 
     @route(
@@ -80,9 +84,9 @@ def build_app(cp: ControlPlane) -> Router:
     async def app_logs(req: Request) -> Reply:
         ref = req.path_params["ref"]
         try:
-            app_id = (await cp.apps.find(ref))["app_id"]
+            app_id = (await cp.apps.find(ref, req.caller.workspace))["app_id"]
         except exc.NotFoundError:  # a stopped app: the most recent of that name
-            named = await _apps_named(ref)
+            named = await _apps_named(ref, req.caller.workspace)
             if not named:
                 raise exc.NotFoundError(
                     f"no app named {ref!r} (running, deployed or stopped); "
@@ -96,11 +100,13 @@ def build_app(cp: ControlPlane) -> Router:
         batch.app_state = rows[0]["state"] if rows else "stopped"
         return reply(batch)
 
-    async def _apps_named(name: str) -> list[dict]:
-        """Every app of that name, stopped ones too, newest first."""
+    async def _apps_named(name: str, workspace: str) -> list[dict]:
+        """Every app of that name in ``workspace``, stopped ones too, newest first."""
         rows = await cp.store.aread(cp.store.apps)
         return sorted(
-            (r for r in rows if r["name"] == name), key=lambda r: r["created_at"], reverse=True
+            (r for r in rows if r["name"] == name and r["workspace"] == workspace),
+            key=lambda r: r["created_at"],
+            reverse=True,
         )
 
     @route(
@@ -111,7 +117,7 @@ def build_app(cp: ControlPlane) -> Router:
     )
     async def app_history(req: Request) -> Reply:
         ref = req.path_params["ref"]
-        named = await _apps_named(ref)
+        named = await _apps_named(ref, req.caller.workspace)
         if not named:
             raise exc.NotFoundError(f"no app named {ref!r} was ever run or deployed")
         return reply(m.AppList([cp.apps.info(r) for r in named]))
@@ -140,7 +146,8 @@ def build_app(cp: ControlPlane) -> Router:
         body=m.UpdateAutoscaler,
     )
     async def update_autoscaler(req: Request) -> Reply:
-        cp.apps.update_autoscaler(req.path_params["function_id"], req.decode(m.UpdateAutoscaler))
+        fn = scope.function(req, req.path_params["function_id"])
+        cp.apps.update_autoscaler(fn.function_id, req.decode(m.UpdateAutoscaler))
         return empty
 
     @route(
@@ -214,10 +221,10 @@ def build_app(cp: ControlPlane) -> Router:
     async def create_call(req: Request) -> Reply:
         call = req.decode(m.CreateCall)
         who = req.principal
+        scope.function(req, call.function_id)  # of the caller's workspace (and app's reach)
         if who is None:
             await cp.calls.create_call(call)
-        else:  # a nested call: the container's app may call it; its input is the parent
-            scope.function(req, call.function_id)
+        else:  # a nested call: its input is the parent
             await cp.calls.create_call(call, parent_input_id=who.input_id, caller_app_id=who.app_id)
         if call.wait > 0:
             return reply(
@@ -287,9 +294,11 @@ def build_app(cp: ControlPlane) -> Router:
     @route("GET", "/containers", "Running containers", response=m.ContainerList, query={"app": str})
     async def containers(req: Request) -> Reply:
         app = req.param("app")
-        app_id = (await cp.apps.find(app))["app_id"] if app else None
+        app_id = (await cp.apps.find(app, req.caller.workspace))["app_id"] if app else None
         out = []
         for r in await cp.store.aread(cp.store.containers, app_id):
+            if not scope.mine(req, r["app_id"]):
+                continue
             try:
                 fn = cp.calls.function(r["function_id"])
                 name, spec = fn.name, fn.spec
@@ -338,6 +347,7 @@ def build_app(cp: ControlPlane) -> Router:
         routes_schedules,
         routes_sandboxes,
         routes_usage,  # --- broker: GET /broker, GET /usage
+        routes_workspaces,  # --- workspaces: workspaces and tokens
     ):
         feature.register(api, cp)
     __import__("strato.server.cluster.routes", fromlist=["x"]).register(api, cp)  # --- cluster

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from strato import exceptions as exc
 from strato.protocol import messages as m
 
 from .router import Reply, Request, reply
+from .scope import Scope
 
 if TYPE_CHECKING:
     from ..control import ControlPlane
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def register(api: Router, cp: ControlPlane) -> None:
     """Add this feature's routes to ``api`` (and its background loops to ``cp``)."""
+    scope = Scope(cp)
 
     @api.add(
         "GET",
@@ -26,9 +27,5 @@ def register(api: Router, cp: ControlPlane) -> None:
     )
     async def call_graph(req: Request) -> Reply:
         call_id = req.path_params["call_id"]
-        who = req.principal
-        if who is not None:  # a container: calls of its app's functions, or made by its app
-            owners = await cp.calls.call_owner(call_id)
-            if owners is None or who.app_id not in owners:
-                raise exc.NotFoundError(f"call {call_id} does not exist (or has expired)")
+        await scope.call(req, call_id)  # of its workspace (a container's: of its app)
         return reply(await cp.calls.call_graph(call_id))

@@ -19,7 +19,7 @@ from strato.protocol import messages as m
 from ..sandboxes import Sandbox, Sandboxes
 from ..sandboxes.tunnels import check_ports
 from .router import Reply, Request, reply
-from .scope import Scope
+from .scope import Scope, guard_by_app
 
 if TYPE_CHECKING:
     from ..control import ControlPlane
@@ -38,6 +38,15 @@ def register(api: Router, cp: ControlPlane) -> None:
     cp.fleet.sandbox_watch = sandboxes
     scope = Scope(cp)
     route = api.add
+
+    async def app_of(sandbox_id: str) -> str | None:
+        try:
+            return (await sandboxes.info(sandbox_id)).app_id
+        except exc.NotFoundError:
+            return None
+
+    # --- workspaces: a sandbox of another workspace answers as a missing one
+    api.guard("/sandboxes/", "sandbox_id", guard_by_app(scope, app_of, "sandbox {} does not exist"))
 
     async def tick_loop() -> None:
         while True:
@@ -113,7 +122,8 @@ def register(api: Router, cp: ControlPlane) -> None:
             isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
         ):
             raise exc.InvalidError("tags: give a JSON object of strings")
-        return reply(m.SandboxList(sandboxes.list(app_id, tags)))
+        found = sandboxes.list(app_id, tags)
+        return reply(m.SandboxList([s for s in found if scope.mine(req, s.app_id)]))
 
     async def get(req: Request) -> m.SandboxInfo:
         sid = req.path_params["sandbox_id"]

@@ -35,5 +35,8 @@ def register(api: Router, cp: ControlPlane) -> None:
     )
     async def list_schedules(req: Request) -> Reply:
         ref = req.param("app")
-        app_id = (await cp.apps.find(ref))["app_id"] if ref else None
-        return reply(m.ScheduleList(scheduler.listing(app_id)))
+        ws = req.caller.workspace
+        app_id = (await cp.apps.find(ref, ws))["app_id"] if ref else None
+        mine = cp.workspaces.app_ws  # --- workspaces: only the caller's workspace's
+        listing = scheduler.listing(app_id)
+        return reply(m.ScheduleList([s for s in listing if mine.get(s.app_id, "main") == ws]))

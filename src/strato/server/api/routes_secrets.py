@@ -45,7 +45,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         response=m.SecretInfo,
     )
     async def create_secret(req: Request) -> Reply:
-        return reply(await secrets.create(req.decode(m.CreateSecret)))
+        return reply(await secrets.create(req.decode(m.CreateSecret), req.caller.workspace))
 
     @route(
         "GET",
@@ -53,10 +53,10 @@ def register(api: Router, cp: ControlPlane) -> None:
         "The named secrets (names and dates, never values)",
         response=m.SecretList,
     )
-    async def list_secrets(_: Request) -> Reply:
-        return reply(m.SecretList(secrets.named()))
+    async def list_secrets(req: Request) -> Reply:
+        return reply(m.SecretList(secrets.named(req.caller.workspace)))
 
     @route("DELETE", "/secrets/{name}", "Delete a named secret")
     async def delete_secret(req: Request) -> Reply:
-        await secrets.delete(req.path_params["name"])
+        await secrets.delete(req.path_params["name"], req.caller.workspace)
         return reply({})

@@ -60,6 +60,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         body=m.DictKey,
         response=m.DictValue,
         container=True,
+        access="read",  # a POST that changes nothing
     )
     async def dict_get(req: Request) -> Reply:
         key = req.decode(m.DictKey).key
@@ -72,6 +73,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         body=m.DictKey,
         response=m.DictValue,
         container=True,
+        access="read",  # a POST that changes nothing
     )
     async def dict_contains(req: Request) -> Reply:
         found = await dicts.get(req.path_params["object_id"], req.decode(m.DictKey).key)
@@ -213,10 +215,10 @@ def _register_objects(api: Router, kind: str, objects, base: str, queues: Queues
 
     async def lookup(req: Request) -> Reply:
         body = req.decode(m.StateLookup)
-        return reply(await objects.lookup(body.name, body.create_if_missing))
+        return reply(await objects.lookup(body.name, body.create_if_missing, req.caller.workspace))
 
-    async def ephemeral(_: Request) -> Reply:
-        return reply(await objects.ephemeral())
+    async def ephemeral(req: Request) -> Reply:
+        return reply(await objects.ephemeral(req.caller.workspace))
 
     async def heartbeat(req: Request) -> Reply:
         await objects.heartbeat(req.path_params["object_id"])
@@ -230,13 +232,18 @@ def _register_objects(api: Router, kind: str, objects, base: str, queues: Queues
         return empty
 
     async def delete_name(req: Request) -> Reply:
-        object_id = await objects.delete_name(req.decode(m.StateLookup).name)
+        object_id = await objects.delete_name(req.decode(m.StateLookup).name, req.caller.workspace)
         if queues is not None:
             queues.deleted(object_id)
         return empty
 
-    async def list_all(_: Request) -> Reply:
-        return reply(await objects.list_all())
+    async def list_all(req: Request) -> Reply:
+        return reply(await objects.list_all(req.caller.workspace))
+
+    async def owned(req: Request, object_id: str) -> None:  # --- workspaces
+        await objects.check_workspace(req.caller.workspace, object_id)
+
+    api.guard(f"{base}/", "object_id", owned)  # another workspace's: as a missing one
 
     for fn in (lookup, ephemeral, heartbeat, delete_id, delete_name, list_all):
         fn.__name__ = f"{noun}_{fn.__name__}"

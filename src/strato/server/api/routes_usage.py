@@ -11,6 +11,7 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 
 from ..metering import BY
+from ..store.tables_workspaces import DEFAULT_WORKSPACE
 from .router import Reply, Request, reply
 
 if TYPE_CHECKING:
@@ -64,8 +65,11 @@ def register(api: Router, cp: ControlPlane) -> None:
             raise exc.InvalidError(f"by={by!r}: use one of {', '.join(BY)}")
         since = parse_since(req.param("since") or "", time.time())
         app = req.param("app")
-        app_id = (await cp.apps.find(app))["app_id"] if app else None
+        ws = req.caller.workspace
+        app_id = (await cp.apps.find(app, ws))["app_id"] if app else None
         records = await cp.store.aread(cp.meter.records, since, app_id)
+        owner = cp.workspaces.app_ws
+        records = [r for r in records if owner.get(r.app_id, DEFAULT_WORKSPACE) == ws]
         from ..metering import account
 
         return reply(account(records, by, since, time.time()))

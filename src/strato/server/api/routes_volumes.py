@@ -12,11 +12,14 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store.blobs import check_key
 
-from ..volumes import VolumeService
+from ..volumes import ID_PREFIX, VolumeService
+from ..workspaces import ACTING
 from .router import Reply, Request, reply
 
 if TYPE_CHECKING:
@@ -62,6 +65,29 @@ def register(api: Router, cp: ControlPlane) -> None:
     route = api.add
     empty = reply({})
 
+    # --- workspaces: a route's {ref} becomes the id of that volume in the caller's
+    # workspace (another workspace's answers as a missing one). An installation's token
+    # (worker agents fetching mounts) may name any volume by id: an app's mounts are ids
+    # of its own workspace's volumes, checked as it is created (below).
+    async def owned(req: Request, ref: str) -> None:
+        anywhere = req.caller.operator
+        ws = None if anywhere and ref.startswith(ID_PREFIX) else req.caller.workspace
+        req.path_params["ref"] = await svc.resolve(ref, ws)
+
+    api.guard("/volumes/", "ref", owned)
+
+    def mounts_of_workspace(spec: m.FunctionSpec, deployed: bool) -> m.FunctionSpec:
+        if not spec.volumes:
+            return spec
+        ws = ACTING.get()
+        vols = [
+            msgspec.structs.replace(v, volume_id=svc.resolve_now(v.volume_id or v.name or "", ws))
+            for v in spec.volumes
+        ]
+        return msgspec.structs.replace(spec, volumes=vols)
+
+    cp.apps.spec_hooks.append(mounts_of_workspace)
+
     def mounted(req: Request, ref: str, *, write: bool) -> None:
         """A container may reach only the volumes its function mounts."""
         who = req.principal
@@ -88,11 +114,11 @@ def register(api: Router, cp: ControlPlane) -> None:
         response=m.VolumeInfo,
     )
     async def create_volume(req: Request) -> Reply:
-        return reply(await svc.create(req.decode(m.CreateVolume)))
+        return reply(await svc.create(req.decode(m.CreateVolume), req.caller.workspace))
 
     @route("GET", "/volumes", "Named volumes", response=m.VolumeList)
-    async def list_volumes(_: Request) -> Reply:
-        return reply(await svc.named())
+    async def list_volumes(req: Request) -> Reply:
+        return reply(await svc.named(req.caller.workspace))
 
     @route("GET", "/volumes/{ref}", "A volume by id or name", response=m.VolumeInfo, container=True)
     async def volume_info(req: Request) -> Reply:

@@ -56,7 +56,7 @@ from .endpoint import CallsView, ContainerView, Endpoint, FleetView, FunctionVie
 from .exchange import Exchange, Phase
 from .proxy import ClientConn
 from .results import DeferredResult, ResultStore
-from .routes import RouteTable, route_name
+from .routes import RouteTable, route_name, web_name
 from .upstream import adopt
 from .wire import error_body, simple_response
 
@@ -114,7 +114,8 @@ class Gateway:
         """Listen, and route the web endpoints of every live app in the store."""
         for row in self.store.apps():
             if row["state"] != "stopped":
-                self._register(row["app_id"], row["name"], row["state"] == "deployed")
+                name = web_name(row["workspace"], row["name"])
+                self._register(row["app_id"], name, row["state"] == "deployed")
         if not self.config.enabled:
             return
         sock = self._bind()

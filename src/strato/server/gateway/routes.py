@@ -23,6 +23,15 @@ from dataclasses import dataclass, field
 from strato.protocol import messages as m
 
 
+def web_name(workspace: str, name: str | None) -> str | None:
+    """The name an app's URLs use: its own in the default workspace, else
+    ``<workspace>--<name>`` (as Modal's), so that apps of one name in two workspaces never
+    share a URL (a default-workspace app that takes such a name meets the conflict check)."""
+    if not name or workspace == "main":
+        return name
+    return f"{workspace}--{name}"
+
+
 def route_name(app_id: str, name: str | None, deployed: bool) -> str:
     if not name:
         return app_id

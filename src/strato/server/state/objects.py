@@ -11,10 +11,12 @@ from sqlalchemy import Connection, Table, bindparam, delete, select, update
 from strato import exceptions as exc
 from strato.protocol import messages as m
 
+from ..store.tables_workspaces import DEFAULT_WORKSPACE
 from .db import StateDb
 from .names import check_id, check_name, new_id
 
 EPHEMERAL_TIMEOUT_S = 300.0  # an ephemeral object without a heartbeat this long is deleted
+OWNERS_KEPT = 100_000  # workspaces of objects remembered (then forgotten all at once)
 
 
 class NamedObjects:
@@ -37,6 +39,8 @@ class NamedObjects:
         # told when a deletion is queued, and which objects it deleted (the Dict cache)
         self.changing: Callable[[], None] = lambda: None
         self.deleted: Callable[[list[str]], None] = lambda ids: None
+        self._owner = select(table.c.workspace).where(self.id_col == bindparam("object_id"))
+        self._owners: dict[str, str] = {}  # object id -> workspace (it never changes)
 
     # ------------------------------------------------------------------ writer-thread parts
 
@@ -61,12 +65,35 @@ class NamedObjects:
 
     # ------------------------------------------------------------------ operations
 
-    async def lookup(self, name: str, create_if_missing: bool) -> m.StateRef:
+    async def check_workspace(self, workspace: str, object_id: str) -> None:
+        """Raise `NotFoundError` unless the object belongs to ``workspace``: the same
+        answer as for a missing one. Kept once read, so a hot Dict or Queue costs one
+        dict lookup."""
+        ws = self._owners.get(object_id)
+        if ws is None:
+            row = await self.db.read(
+                f"{self.kind} owner",
+                lambda c: c.execute(self._owner, {"object_id": object_id}).first(),
+            )
+            if row is not None:
+                if len(self._owners) >= OWNERS_KEPT:
+                    self._owners.clear()
+                ws = self._owners[object_id] = row[0]
+        if ws != workspace:
+            raise exc.NotFoundError(
+                f"{self.kind} {object_id} does not exist (it was deleted, or it was "
+                "ephemeral and its owner stopped)"
+            )
+
+    async def lookup(
+        self, name: str, create_if_missing: bool, workspace: str = DEFAULT_WORKSPACE
+    ) -> m.StateRef:
         name = check_name(self.kind, name)
         t = self.table
 
         def run(c: Connection) -> str:
-            row = c.execute(select(self.id_col).where(t.c.name == name)).first()
+            where = (t.c.name == name) & (t.c.workspace == workspace)
+            row = c.execute(select(self.id_col).where(where)).first()
             if row is not None:
                 return row[0]
             if not create_if_missing:
@@ -77,17 +104,28 @@ class NamedObjects:
             object_id = new_id(self.kind)
             c.execute(
                 t.insert().values(
-                    {self.id_col.name: object_id, "name": name, "created_at": time.time()}
+                    {
+                        self.id_col.name: object_id,
+                        "name": name,
+                        "created_at": time.time(),
+                        "workspace": workspace,
+                    }
                 )
             )
             return object_id
 
         return m.StateRef(await self.db.run(f"{self.kind} lookup", run), name)
 
-    async def ephemeral(self) -> m.StateRef:
+    async def ephemeral(self, workspace: str = DEFAULT_WORKSPACE) -> m.StateRef:
         object_id = new_id(self.kind)
         now = time.time()
-        row = {self.id_col.name: object_id, "name": None, "created_at": now, "heartbeat_at": now}
+        row = {
+            self.id_col.name: object_id,
+            "name": None,
+            "created_at": now,
+            "heartbeat_at": now,
+            "workspace": workspace,
+        }
         await self.db.run(f"{self.kind} ephemeral", lambda c: c.execute(self.table.insert(), row))
         return m.StateRef(object_id, None)
 
@@ -123,12 +161,14 @@ class NamedObjects:
         await self.db.run(f"{self.kind} delete", run)
         self.deleted([object_id])
 
-    async def delete_name(self, name: str) -> str:
-        """Delete a named object and its contents; returns its id."""
+    async def delete_name(self, name: str, workspace: str = DEFAULT_WORKSPACE) -> str:
+        """Delete a named object of ``workspace`` and its contents; returns its id."""
         name = check_name(self.kind, name)
+        t = self.table
 
         def run(c: Connection) -> str:
-            row = c.execute(select(self.id_col).where(self.table.c.name == name)).first()
+            where = (t.c.name == name) & (t.c.workspace == workspace)
+            row = c.execute(select(self.id_col).where(where)).first()
             if row is None:
                 raise exc.NotFoundError(f"no {self.kind} named {name!r}")
             self._drop(c, [row[0]])
@@ -139,11 +179,12 @@ class NamedObjects:
         self.deleted([object_id])
         return object_id
 
-    async def list_all(self) -> m.StateList:
+    async def list_all(self, workspace: str = DEFAULT_WORKSPACE) -> m.StateList:
         t = self.table
 
         def run(c: Connection) -> list[m.StateRef]:
-            rows = c.execute(select(self.id_col, t.c.name).order_by(t.c.created_at)).all()
+            q = select(self.id_col, t.c.name).where(t.c.workspace == workspace)
+            rows = c.execute(q.order_by(t.c.created_at)).all()
             return [m.StateRef(r[0], r[1]) for r in rows]
 
         return m.StateList(await self.db.read(f"{self.kind} list", run))

@@ -6,6 +6,7 @@ transaction and must work on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from sqlalchemy import Connection, inspect, select, text
@@ -47,12 +48,52 @@ def _v5_shared_state(conn: Connection) -> None:
     schema.metadata.create_all(conn, checkfirst=True)
 
 
+# tables whose names were unique across the installation and are now unique per workspace
+_NAMED = ("dicts", "queues", "volumes", "secrets")
+
+
+def _v6_workspaces(conn: Connection) -> None:
+    """Workspaces: every existing app, Dict, Queue, Volume and Secret moves to the
+    default workspace ``main``, and those names become unique per workspace."""
+    from .tables_workspaces import DEFAULT_WORKSPACE, workspaces
+
+    schema.metadata.create_all(conn, tables=[workspaces, schema.metadata.tables["api_tokens"]])
+    if conn.execute(select(workspaces.c.name)).first() is None:
+        conn.execute(workspaces.insert().values(name=DEFAULT_WORKSPACE, created_at=time.time()))
+    add = "ADD COLUMN workspace VARCHAR(64) NOT NULL DEFAULT 'main'"
+    if "workspace" not in {c["name"] for c in inspect(conn).get_columns("apps")}:
+        conn.execute(text(f"ALTER TABLE apps {add}"))
+    for name in _NAMED:
+        if "workspace" in {c["name"] for c in inspect(conn).get_columns(name)}:
+            continue  # made with the column (and its per-workspace index) from the start
+        table = schema.metadata.tables[name]
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"ALTER TABLE {name} {add}"))
+            for uc in inspect(conn).get_unique_constraints(name):
+                if uc["column_names"] == ["name"]:
+                    conn.execute(text(f'ALTER TABLE {name} DROP CONSTRAINT "{uc["name"]}"'))
+            for index in table.indexes:
+                if index.unique:
+                    index.create(conn)
+        else:  # SQLite cannot drop a column's UNIQUE: the table is made again
+            cols = ", ".join(c.name for c in table.columns if c.name != "workspace")
+            conn.execute(text(f"ALTER TABLE {name} RENAME TO {name}_v5"))
+            for index in inspect(conn).get_indexes(f"{name}_v5"):
+                conn.execute(text(f'DROP INDEX "{index["name"]}"'))
+            table.create(conn)
+            conn.execute(
+                text(f"INSERT INTO {name} ({cols}, workspace) SELECT {cols}, 'main' FROM {name}_v5")
+            )
+            conn.execute(text(f"DROP TABLE {name}_v5"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _v2_error_type,
     _v3_journal_applied,
     _v4_call_parents,
     _v5_shared_state,
+    _v6_workspaces,
 ]
 LATEST = len(MIGRATIONS)
 

@@ -33,6 +33,7 @@ apps = Table(
     Column("state", String(16), nullable=False),  # ephemeral | deployed | stopped
     Column("created_at", Float, nullable=False),
     Column("stopped_at", Float, nullable=True),
+    Column("workspace", String(64), nullable=False, server_default="main"),
     Index("ix_apps_name_state", "name", "state"),
 )
 
@@ -157,4 +158,5 @@ from . import (  # noqa: E402,F401
     tables_state,
     tables_usage,
     tables_volumes,
+    tables_workspaces,
 )

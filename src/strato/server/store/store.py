@@ -578,11 +578,15 @@ class Store:
         functions: Sequence[tuple[str, str, bytes]],
         mount: tuple[str, bytes] | None,
         replace_deployed: bool,
+        workspace: str = "main",
     ) -> list[str]:
         """Insert an app and its functions. With ``replace_deployed``, an earlier deployed
-        app of the same name is stopped in the same transaction; returns the ids of the
-        apps it stopped. Blocks until committed (`queue_create_app` does not)."""
-        return self.queue_create_app(app_id, name, state, functions, mount, replace_deployed).wait()
+        app of the same name (in its workspace) is stopped in the same transaction; returns
+        the ids of the apps it stopped. Blocks until committed (`queue_create_app` does
+        not)."""
+        return self.queue_create_app(
+            app_id, name, state, functions, mount, replace_deployed, workspace
+        ).wait()
 
     def queue_create_app(
         self,
@@ -592,6 +596,7 @@ class Store:
         functions: Sequence[tuple[str, str, bytes]],
         mount: tuple[str, bytes] | None,
         replace_deployed: bool,
+        workspace: str = "main",
     ) -> Write[list[str]]:
         now = time.time()
         functions = list(functions)
@@ -601,7 +606,11 @@ class Store:
             if replace_deployed and name:
                 rows = c.execute(
                     select(t.apps.c.app_id).where(
-                        and_(t.apps.c.name == name, t.apps.c.state == "deployed")
+                        and_(
+                            t.apps.c.name == name,
+                            t.apps.c.state == "deployed",
+                            t.apps.c.workspace == workspace,
+                        )
                     )
                 ).all()
                 stopped = [r[0] for r in rows]
@@ -611,7 +620,11 @@ class Store:
                         .where(t.apps.c.app_id.in_(stopped))
                         .values(state="stopped", stopped_at=now)
                     )
-            c.execute(t.apps.insert().values(app_id=app_id, name=name, state=state, created_at=now))
+            c.execute(
+                t.apps.insert().values(
+                    app_id=app_id, name=name, state=state, created_at=now, workspace=workspace
+                )
+            )
             if functions:
                 c.execute(
                     t.functions.insert(),
@@ -657,11 +670,18 @@ class Store:
             q = q.where(t.apps.c.app_id.in_(list(app_ids)))
         return self._read(lambda c: [dict(r._mapping) for r in c.execute(q)])
 
-    def find_app(self, name: str) -> dict | None:
-        """The deployed app of that name, else the newest running ephemeral one."""
+    def find_app(self, name: str, workspace: str = "main") -> dict | None:
+        """The deployed app of that name in ``workspace``, else the newest running
+        ephemeral one."""
         q = (
             select(t.apps)
-            .where(and_(t.apps.c.name == name, t.apps.c.state != "stopped"))
+            .where(
+                and_(
+                    t.apps.c.name == name,
+                    t.apps.c.state != "stopped",
+                    t.apps.c.workspace == workspace,
+                )
+            )
             .order_by(t.apps.c.created_at.desc())
         )
         rows = [dict(r._mapping) for r in self._read(lambda c: c.execute(q).all())]

@@ -10,7 +10,7 @@ a key name in the clear.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, LargeBinary, String, Table
+from sqlalchemy import Column, Float, Index, LargeBinary, String, Table
 
 from .schema import metadata
 
@@ -18,10 +18,13 @@ secrets = Table(
     "secrets",
     metadata,
     Column("secret_id", String(64), primary_key=True),
-    Column("name", String(64), nullable=True, unique=True),
+    Column("name", String(64), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("key_id", String(32), nullable=False),  # a fingerprint of the key that encrypted it
     Column("data", LargeBinary, nullable=False),  # version byte + nonce + AES-GCM ciphertext
     Column("app_id", String(64), nullable=True, index=True),  # an anonymous one's app
+    # a name is unique within its workspace (NULLs never collide)
+    Column("workspace", String(64), nullable=False, server_default="main"),
+    Index("uq_secrets_workspace_name", "workspace", "name", unique=True),
 )

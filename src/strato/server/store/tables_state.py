@@ -18,9 +18,12 @@ dicts = Table(
     "dicts",
     metadata,
     Column("dict_id", String(64), primary_key=True),
-    Column("name", String(64), nullable=True, unique=True),  # NULL: ephemeral
+    Column("name", String(64), nullable=True),  # NULL: ephemeral
     Column("created_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=True),  # ephemeral ones: the last heartbeat
+    # a name is unique within its workspace (NULLs never collide)
+    Column("workspace", String(64), nullable=False, server_default="main"),
+    Index("uq_dicts_workspace_name", "workspace", "name", unique=True),
 )
 
 dict_entries = Table(
@@ -41,9 +44,12 @@ queues = Table(
     "queues",
     metadata,
     Column("queue_id", String(64), primary_key=True),
-    Column("name", String(64), nullable=True, unique=True),  # NULL: ephemeral
+    Column("name", String(64), nullable=True),  # NULL: ephemeral
     Column("created_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=True),
+    # a name is unique within its workspace (NULLs never collide)
+    Column("workspace", String(64), nullable=False, server_default="main"),
+    Index("uq_queues_workspace_name", "workspace", "name", unique=True),
 )
 
 queue_partitions = Table(

@@ -10,7 +10,7 @@ transaction.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Integer, LargeBinary, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, LargeBinary, String, Table, Text
 
 from .schema import metadata
 
@@ -18,11 +18,14 @@ volumes = Table(
     "volumes",
     metadata,
     Column("volume_id", String(64), primary_key=True),
-    Column("name", String(64), nullable=True, unique=True),
+    Column("name", String(64), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("version", BigInteger, nullable=False, default=0),
     Column("size", BigInteger, nullable=False, default=0),
     Column("n_files", BigInteger, nullable=False, default=0),
+    # a name is unique within its workspace (NULLs never collide)
+    Column("workspace", String(64), nullable=False, server_default="main"),
+    Index("uq_volumes_workspace_name", "workspace", "name", unique=True),
 )
 
 volume_files = Table(
