@@ -5,6 +5,7 @@ at terminate, out of reach of another app's containers, and from inside a contai
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -102,9 +103,8 @@ def test_http_and_a_websocket_through_the_tunnels_of_a_sandbox_without_network(a
             f.write(WS_ECHO)
         sb.exec("python3", "-m", "http.server", "8000", "--bind", "127.0.0.1", "-d", "/tmp/www")
         sb.exec("python3", "/tmp/ws.py", "8765")
-        tunnels = sb.tunnels.aio  # (the .aio twin exists; the blocking call is used below)
-        assert callable(tunnels)
-        tunnels = sb.tunnels()
+        tunnels = asyncio.run(sb.tunnels.aio())  # (the .aio twin)
+        assert tunnels == sb.tunnels()
         assert set(tunnels) == {8000, 8765}
         web, ws = tunnels[8000], tunnels[8765]
         assert web.url == f"http://{web.host}:{web.port}"

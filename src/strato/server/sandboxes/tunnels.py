@@ -141,7 +141,7 @@ class Tunnels:
             if sb.sandbox_id == sandbox_id:
                 del self.pending[cid]
                 if not fut.done():
-                    fut.cancel()
+                    fut.set_exception(exc.SandboxTerminatedError(f"sandbox {sandbox_id} ended"))
 
     # ------------------------------------------------------------------ connections
 
@@ -164,7 +164,7 @@ class Tunnels:
             self.pending[conn_id] = (sb, fut)
             s.send(m.SbTunnelOpen(conn_id, port))
             up_reader, up_writer, hello, done = await asyncio.wait_for(fut, OPEN_TIMEOUT_S)
-        except (exc.Error, TimeoutError, asyncio.CancelledError, ConnectionError) as e:
+        except (exc.Error, TimeoutError, ConnectionError) as e:
             log.info("tunnel to port %s of sandbox %s: not opened (%s)", port, sb.sandbox_id, e)
             self.pending.pop(conn_id, None)
             t.writers.discard(writer)
