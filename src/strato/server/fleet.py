@@ -336,6 +336,9 @@ class Fleet:
         elif isinstance(msg, m.SbOomCount):  # --- sandboxes
             if self.sandbox_watch is not None:
                 self.sandbox_watch.oom_count(msg.container_id, msg.count)
+        elif isinstance(msg, m.SbSnapshotDone):  # --- sandboxes: a snapshot's layer
+            if self.sandbox_watch is not None:
+                self.sandbox_watch.snapshots.done(node_id, msg)
         elif isinstance(msg, m.ContainerStarted):
             s = self.registry.get(msg.container_id)
             # its "ready" comes over its own channel and may be handled first: a record
@@ -344,9 +347,6 @@ class Fleet:
                 self.store.set_container_state(s.container_id, "starting")
 
     # ------------------------------------------------------------------ containers
-        elif isinstance(msg, m.SbSnapshotDone):  # --- sandboxes: a snapshot's layer
-            if self.sandbox_watch is not None:
-                self.sandbox_watch.snapshots.done(node_id, msg)
 
     def request_for(self, spec: m.FunctionSpec) -> ContainerRequest:
         res = spec.resources
