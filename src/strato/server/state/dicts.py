@@ -16,7 +16,7 @@ from strato.server.store import tables_state as ts
 from strato.server.store.blobs import BlobStore
 
 from .cache import DictCache
-from .db import StateDb, fitting
+from .db import Hot, StateDb, fitting
 from .names import check_id
 from .objects import NamedObjects
 
@@ -54,16 +54,16 @@ class Dicts:
         e = ts.dict_entries.c
         where = and_(e.dict_id == bindparam("d"), e.key_hash == bindparam("h"))
         # the hot statements, built once (building one costs more than running it)
-        self._entry = select(e.value, e.value_blob, e.accessed_at).where(where)
-        self._has = select(e.accessed_at).where(where)
-        self._touch = update(ts.dict_entries).where(where).values(accessed_at=bindparam("now"))
-        self._set = (
+        self._entry = Hot(select(e.value, e.value_blob, e.accessed_at).where(where))
+        self._has = Hot(select(e.accessed_at).where(where))
+        self._touch = Hot(update(ts.dict_entries).where(where).values(accessed_at=bindparam("now")))
+        self._set = Hot(
             update(ts.dict_entries)
             .where(where)
             .values(value=bindparam("v"), value_blob=bindparam("b"), accessed_at=bindparam("now"))
         )
-        self._insert = ts.dict_entries.insert()
-        self._delete = delete(ts.dict_entries).where(where)
+        self._insert = Hot(ts.dict_entries.insert())
+        self._delete = Hot(delete(ts.dict_entries).where(where))
 
     # ------------------------------------------------------------------ helpers
 
@@ -92,22 +92,20 @@ class Dicts:
         if cached is not None and cached.accessed_at >= now - self.ttl_s:
             if touch and cached.accessed_at < now - self.touch_after_s:
                 cached.accessed_at = now  # refreshed in the store too (not waited for)
-                self.db.submit(
-                    "Dict touch", lambda c: c.execute(self._touch, {**where, "now": now})
-                )
+                self.db.submit("Dict touch", lambda c: self._touch(c, {**where, "now": now}))
             return m.DictValue(True, cached.value, cached.blob)
 
         def run(c: Connection) -> tuple[m.DictValue, float]:
-            row = c.execute(self._entry, where).first()
+            row = self._entry(c, where).fetchone()
             if row is None:
                 self.objects.exists(c, object_id)
                 return m.DictValue(False), 0.0
             now = time.time()
             if row[2] < now - self.ttl_s:  # expired; the expiry loop has not got to it
-                c.execute(self._delete, where)
+                self._delete(c, where)
                 return m.DictValue(False), 0.0
             if touch and row[2] < now - self.touch_after_s:
-                c.execute(self._touch, {**where, "now": now})
+                self._touch(c, {**where, "now": now})
                 return m.DictValue(True, row[0], row[1]), now
             return m.DictValue(True, row[0], row[1]), row[2]
 
@@ -151,14 +149,14 @@ class Dicts:
             stored = 0
             for kh, key, value, blob in rows:
                 where = {"d": object_id, "h": kh}
-                had = c.execute(self._has, where).first()
+                had = self._has(c, where).fetchone()
                 if had is not None:
                     if skip and had[0] >= now - self.ttl_s:  # (an expired one is not there)
                         continue
-                    c.execute(self._set, {**where, "v": value, "b": blob, "now": now})
+                    self._set(c, {**where, "v": value, "b": blob, "now": now})
                 else:
-                    c.execute(
-                        self._insert,
+                    self._insert(
+                        c,
                         {
                             "dict_id": object_id,
                             "key_hash": kh,
@@ -183,11 +181,11 @@ class Dicts:
         where = {"d": object_id, "h": self._check_key(key)}
 
         def run(c: Connection) -> m.DictValue:
-            row = c.execute(self._entry, where).first()
+            row = self._entry(c, where).fetchone()
             if row is None:
                 self.objects.exists(c, object_id)
                 return m.DictValue(False)
-            c.execute(self._delete, where)
+            self._delete(c, where)
             if row[2] < time.time() - self.ttl_s:  # expired
                 return m.DictValue(False)
             return m.DictValue(True, row[0], row[1])

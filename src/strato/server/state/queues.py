@@ -22,7 +22,7 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store import tables_state as ts
 
-from .db import RESPONSE_BYTES, StateDb, fitting
+from .db import RESPONSE_BYTES, Hot, StateDb, fitting
 from .names import check_id, check_partition
 from .objects import NamedObjects
 from .signals import Key, Signals
@@ -42,40 +42,46 @@ class _Sql:
         q, p = bindparam("q", type_=String), bindparam("p", type_=String)
         part = and_(qp.c.queue_id == q, qp.c.partition == p)
         items = and_(qi.c.queue_id == q, qi.c.partition == p)
-        self.partition = select(qp.c.n_items, qp.c.expires_at).where(part)
-        self.receipt = select(qr.c.taken, qr.c.queue_id).where(qr.c.request_id == bindparam("r"))
-        self.insert_receipt = qr.insert()
-        self.insert_items = qi.insert()
-        self.insert_partition = qp.insert()
-        self.set_partition = (
+        self.partition = Hot(select(qp.c.n_items, qp.c.expires_at).where(part))
+        self.receipt = Hot(
+            select(qr.c.taken, qr.c.queue_id).where(qr.c.request_id == bindparam("r"))
+        )
+        self.insert_receipt = Hot(qr.insert())
+        self.insert_items = Hot(qi.insert())
+        self.insert_partition = Hot(qp.insert())
+        self.set_partition = Hot(
             update(qp)
             .where(part)
             .values(n_items=bindparam("n"), expires_at=bindparam("expires_at"))
         )
-        self.set_count = update(qp).where(part).values(n_items=bindparam("n"))
-        self.first_items = (
+        self.set_count = Hot(update(qp).where(part).values(n_items=bindparam("n")))
+        self.first_items = Hot(
             select(qi.c.seq, qi.c.data).where(items).order_by(qi.c.seq).limit(bindparam("n"))
         )
-        self.take_items = delete(qi).where(and_(items, qi.c.seq <= bindparam("last")))
-        self.items_after = (
+        self.take_items = Hot(delete(qi).where(and_(items, qi.c.seq <= bindparam("last"))))
+        self.items_after = Hot(
             select(qi.c.seq, qi.c.data)
             .where(and_(items, qi.c.seq > bindparam("after")))
             .order_by(qi.c.seq)
             .limit(bindparam("n"))
         )
         size = func.length(qi.c.data)
-        self.sizes = select(qi.c.seq, size).where(items).order_by(qi.c.seq).limit(bindparam("n"))
-        self.sizes_after = (
+        self.sizes = Hot(
+            select(qi.c.seq, size).where(items).order_by(qi.c.seq).limit(bindparam("n"))
+        )
+        self.sizes_after = Hot(
             select(qi.c.seq, size)
             .where(and_(items, qi.c.seq > bindparam("after")))
             .order_by(qi.c.seq)
             .limit(ITERATE_PAGE)
         )
-        self.drop_items = delete(qi).where(items)
-        self.drop_partition = delete(qp).where(part)
-        self.n_partitions = select(func.count()).select_from(qp).where(qp.c.queue_id == q)
-        self.total = select(func.sum(qp.c.n_items)).where(
-            and_(qp.c.queue_id == q, qp.c.expires_at >= bindparam("now"))
+        self.drop_items = Hot(delete(qi).where(items))
+        self.drop_partition = Hot(delete(qp).where(part))
+        self.n_partitions = Hot(select(func.count()).select_from(qp).where(qp.c.queue_id == q))
+        self.total = Hot(
+            select(func.sum(qp.c.n_items)).where(
+                and_(qp.c.queue_id == q, qp.c.expires_at >= bindparam("now"))
+            )
         )
 
 
@@ -104,7 +110,7 @@ class Queues:
     def _partition(self, c: Connection, key: dict, now: float) -> int | None:
         """The partition's item count, None when it is empty or gone (an expired partition
         is deleted here, before its expiry loop gets to it). ``key``: ``q`` and ``p``."""
-        row = c.execute(self.sql.partition, key).first()
+        row = self.sql.partition(c, key).fetchone()
         if row is None:
             return None
         if row[1] < now:
@@ -116,7 +122,7 @@ class Queues:
         """Whether a request with this id was carried out already, and a get's items."""
         if not request_id:
             return False, None
-        row = c.execute(self.sql.receipt, {"r": request_id}).first()
+        row = self.sql.receipt(c, {"r": request_id}).fetchone()
         if row is None:
             return False, None
         if row[1] != qid:
@@ -127,8 +133,8 @@ class Queues:
 
     def _keep_receipt(self, c: Connection, qid: str, request_id: str, items: bytes | None) -> None:
         if request_id:
-            c.execute(
-                self.sql.insert_receipt,
+            self.sql.insert_receipt(
+                c,
                 {
                     "request_id": request_id,
                     "queue_id": qid,
@@ -138,8 +144,8 @@ class Queues:
             )
 
     def _drop_partition(self, c: Connection, key: dict) -> None:
-        c.execute(self.sql.drop_items, key)
-        c.execute(self.sql.drop_partition, key)
+        self.sql.drop_items(c, key)
+        self.sql.drop_partition(c, key)
 
     # ------------------------------------------------------------------ put / get
 
@@ -167,7 +173,7 @@ class Queues:
             have = self._partition(c, key, now)
             if have is None:
                 self.objects.exists(c, qid)
-                n_parts = c.execute(self.sql.n_partitions, key).scalar() or 0
+                n_parts = self.sql.n_partitions(c, {"q": qid}).fetchone()[0] or 0
                 if n_parts >= m.QUEUE_MAX_PARTITIONS:
                     raise exc.InvalidError(
                         f"Queue {qid} has {n_parts} partitions, the limit of "
@@ -180,16 +186,16 @@ class Queues:
                     f"would pass the limit of {m.QUEUE_PARTITION_MAX_ITEMS:,} items per partition"
                 )
             first = self._next_seqs(c, len(items))
-            c.execute(
-                self.sql.insert_items,
+            self.sql.insert_items(
+                c,
                 [
                     {"seq": first + i, "queue_id": qid, "partition": part, "data": data}
                     for i, data in enumerate(items)
                 ],
             )
             if have is None:
-                c.execute(
-                    self.sql.insert_partition,
+                self.sql.insert_partition(
+                    c,
                     {
                         "queue_id": qid,
                         "partition": part,
@@ -198,9 +204,7 @@ class Queues:
                     },
                 )
             else:
-                c.execute(
-                    self.sql.set_partition, {**key, "n": have + len(items), "expires_at": now + ttl}
-                )
+                self.sql.set_partition(c, {**key, "n": have + len(items), "expires_at": now + ttl})
             self._keep_receipt(c, qid, rid, None)
             return None
 
@@ -231,15 +235,15 @@ class Queues:
                 return [], 0
             take = n
             if take * m.QUEUE_ITEM_MAX_BYTES > RESPONSE_BYTES:  # may not fit in one answer
-                take = fitting(c.execute(self.sql.sizes, {**key, "n": n}).all())
-            rows = c.execute(self.sql.first_items, {**key, "n": take}).all()
+                take = fitting(self.sql.sizes(c, {**key, "n": n}).fetchall())
+            rows = self.sql.first_items(c, {**key, "n": take}).fetchall()
             if rows:
-                c.execute(self.sql.take_items, {**key, "last": rows[-1][0]})
+                self.sql.take_items(c, {**key, "last": rows[-1][0]})
             left = have - len(rows)
             if left <= 0:
-                c.execute(self.sql.drop_partition, key)
+                self.sql.drop_partition(c, key)
             else:
-                c.execute(self.sql.set_count, {**key, "n": left})
+                self.sql.set_count(c, {**key, "n": left})
             items = [r[1] for r in rows]
             if items:
                 self._keep_receipt(c, qid, rid, msgspec.msgpack.encode(items))
@@ -291,7 +295,7 @@ class Queues:
             self.objects.exists(c, qid)
             now = time.time()
             if total:
-                return int(c.execute(self.sql.total, {"q": qid, "now": now}).scalar() or 0)
+                return int(self.sql.total(c, {"q": qid, "now": now}).fetchone()[0] or 0)
             return self._partition(c, {"q": qid, "p": part}, now) or 0
 
         return await self.db.run("Queue len", run)
@@ -322,9 +326,9 @@ class Queues:
             if self._partition(c, key, time.time()) is None:
                 self.objects.exists(c, qid)
                 return [], after
-            sizes = c.execute(self.sql.sizes_after, {**key, "after": after}).all()
+            sizes = self.sql.sizes_after(c, {**key, "after": after}).fetchall()
             take = fitting(sizes)
-            rows = c.execute(self.sql.items_after, {**key, "after": after, "n": take}).all()
+            rows = self.sql.items_after(c, {**key, "after": after, "n": take}).fetchall()
             return [r[1] for r in rows], (rows[-1][0] if rows else after)
 
         items, cursor = await self._until(
