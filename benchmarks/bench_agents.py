@@ -186,7 +186,12 @@ class Cluster:
         self.home = Path(tempfile.mkdtemp(prefix="strato-bench-map-nodes-"))
         port, agent_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = start_control_plane(self.home, port, agent_port)
+        try:
+            self.proc = start_control_plane(self.home, port, agent_port)
+        except SystemExit:
+            print((self.home / "server.log").read_text()[-2000:], file=sys.stderr)
+            shutil.rmtree(self.home, ignore_errors=True)
+            raise
         self.agents: list[tuple[subprocess.Popen, Path]] = []
         self.driver: subprocess.Popen | None = None
         _, token = JoinTokens(self.home).create("bench")
@@ -334,6 +339,7 @@ def bench_map(args: argparse.Namespace) -> None:
         return {p: round(statistics.median(c[p] for c in cpu[k]), 1) for p in cpu[k][0]}
 
     many = args.nodes
+    total = {k: sum(cpu_us(k).values()) for k in sizes}
     best = {k: max(v) for k, v in rates.items()}
     median = {k: statistics.median(v) for k, v in rates.items()}
     emit(
@@ -347,6 +353,10 @@ def bench_map(args: argparse.Namespace) -> None:
             f"inputs_per_s_{many}_nodes": round(best[many]),
             "ratio_many_to_one": round(best[many] / best[1], 2),
             "ratio_of_medians": round(median[many] / median[1], 2),
+            # what the ratio is on a machine the map has to itself (all of it CPU-bound):
+            # the CPU one input costs on 1 node over what it costs on many
+            "cpu_ratio_one_to_many": round(total[1] / total[many], 2),
+            "load_average": os.getloadavg()[0],
             "cpu_us_per_input_1_node": cpu_us(1),
             f"cpu_us_per_input_{many}_nodes": cpu_us(many),
             "containers_per_node_1_node": containers[1],
