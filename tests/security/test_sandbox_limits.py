@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
-from conftest import dedicated_server
+from conftest import dedicated_server, wait_until
 
 import strato
 from strato import exceptions as exc
@@ -133,6 +134,37 @@ def test_default_disk_limit_applies(make):
     from strato import settings
 
     assert int(out) <= settings.SANDBOX_DISK_MB.get() << 20
+
+
+def test_a_warm_pool_sandbox_has_the_default_limits(strato_server, runtime):
+    env = {
+        "STRATO_SANDBOX_WARM_POOL": "1",
+        "STRATO_SANDBOX_RUNTIME": runtime,
+        "STRATO_SANDBOX_DISK_MB": "24",
+    }
+    with dedicated_server(env):
+        app = strato.App.lookup("pool-limits", create_if_missing=True)
+        pooled: list[str] = []
+
+        def pool_ready() -> bool:
+            raw = session.api().request_raw("GET", "/containers")
+            found = msgspec.msgpack.decode(raw)["containers"]
+            pooled[:] = [
+                c["container_id"]
+                for c in found
+                if c["function_id"].startswith("fn-sb-") and c["state"] == "ready"
+            ]
+            return bool(pooled)
+
+        wait_until(pool_ready, 90, "the warm pool to fill")
+        shares = Path(f"/sys/fs/cgroup/cpu/strato/{pooled[0]}/cpu.shares")
+        if shares.parent.parent.exists():  # cgroup v1 here (v2: cpu.weight)
+            assert int(shares.read_text()) == 16  # 1/64 core
+        sb = strato.Sandbox.create(app=app)
+        code, out, err = py(sb, "import os; s = os.statvfs('/tmp'); print(s.f_blocks * s.f_frsize)")
+        assert code == 0, err
+        assert int(out) == 24 << 20
+        sb.terminate()
 
 
 def test_bad_ephemeral_disk_is_refused(cluster):

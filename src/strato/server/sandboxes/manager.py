@@ -407,6 +407,8 @@ class Sandboxes:
                 module="",
                 qualname="",
                 timeout=float(m.MAX_TIMEOUT_S),
+                resources=m.Resources(cpu=settings.SANDBOX_CPU.get()),  # as create()'s
+                ephemeral_disk_mb=settings.SANDBOX_DISK_MB.get(),
                 runtime=self.runtime,
                 sandbox=m.SandboxConfig(sandbox_id=sid),
             )
