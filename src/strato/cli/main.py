@@ -434,6 +434,8 @@ main.add_command(__import__("strato.cli.provider", fromlist=["x"]).provider_grou
 main.add_command(__import__("strato.cli.usage", fromlist=["x"]).usage)  # metering
 server_group.add_command(__import__("strato.cli.node", fromlist=["x"]).join_token_group)
 main.add_command(__import__("strato.cli.node", fromlist=["x"]).node_group)  # cluster
+main.add_command(__import__("strato.cli.workspace", fromlist=["x"]).workspace_group)  # issue 13
+main.add_command(__import__("strato.cli.workspace", fromlist=["x"]).token_group)  # issue 13
 
 if __name__ == "__main__":  # pragma: no cover
     main()

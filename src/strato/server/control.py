@@ -248,9 +248,12 @@ class ControlPlane:
                     refusal = None
                 except exc.AuthError as e:  # a valid token, a workspace it may not act in
                     caller, refusal = INSTALLATION, e
-                if caller is None:
+                if caller is None and not first.token.startswith("st_"):
                     log.warning("channel: a client hello with a wrong token; closed")
                     return
+                if caller is None:  # a workspace token, revoked or wrong: told, as HTTP's 401
+                    refusal = exc.AuthError("wrong or revoked token: set STRATO_TOKEN to another")
+                    caller = INSTALLATION  # (every request is refused)
                 await self._client_loop(peer, reader, caller, refusal)
             elif isinstance(first, m.WebTunnelHello):  # a web endpoint's tunnel: raw HTTP now
                 adopted = self.gateway.adopt_tunnel(first, writer)
