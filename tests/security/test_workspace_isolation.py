@@ -362,3 +362,32 @@ def test_a_workspace_token_may_not_name_another_workspace(world, server):
     got = b("GET", "/apps")
     assert got.status_code == 401
     assert "STRATO_WORKSPACE" in _error(got) and world["ws_b"] in _error(got)
+
+
+def test_one_app_name_in_two_workspaces_gets_two_urls_each_serving_its_own(world, server):
+    """Web URLs carry the workspace (``<ws>--<app>``) outside the default one, and a
+    function's secrets are found by name in its own workspace."""
+    import httpx
+
+    from strato.client import session
+
+    apps = world["apps"]
+    tokens = {world["ws_a"]: world["a"], world["ws_b"]: world["b"]}
+    urls = {}
+    saved = os.environ.get("STRATO_TOKEN")
+    try:
+        for ws, client in tokens.items():
+            client.ok("POST", "/secrets", {"name": "ws-iso-who", "values": {"WHO": ws}})
+            os.environ["STRATO_TOKEN"] = client.headers["Authorization"][7:]
+            session.reset()
+            apps.web_app.deploy()
+            urls[ws] = apps.who.get_web_url()
+            assert f"/{ws}--ws-iso-web/" in urls[ws], urls[ws]
+    finally:
+        os.environ.pop("STRATO_TOKEN", None)
+        if saved is not None:
+            os.environ["STRATO_TOKEN"] = saved
+        session.reset()
+    for ws, url in urls.items():
+        got = httpx.get(url, timeout=60)
+        assert got.status_code == 200 and got.json() == {"who": ws}, (url, got.text)

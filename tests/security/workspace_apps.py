@@ -30,3 +30,14 @@ def probe(requests: list[tuple[str, str, dict | None]]) -> list[str]:
         except strato.exceptions.Error as e:
             out.append(type(e).__name__)
     return out
+
+
+web_app = strato.App("ws-iso-web")  # deployed under one name in two workspaces
+
+
+@web_app.function(runtime="process", secrets=[strato.Secret.from_name("ws-iso-who")])
+@strato.fastapi_endpoint()
+def who() -> dict:
+    import os
+
+    return {"who": os.environ["WHO"]}  # its workspace's secret of that name
