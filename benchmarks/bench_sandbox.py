@@ -29,10 +29,13 @@ bwrap, to bare bwrap's).
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -63,6 +66,35 @@ def bare_bwrap() -> float:
     t0 = time.perf_counter()
     subprocess.run(BWRAP, check=True, capture_output=True)
     return time.perf_counter() - t0
+
+
+def runsc_bundle() -> list[str]:
+    """``runsc run`` of ``echo hi`` over the host's root, read-only (no network, no
+    cgroup, no mounts of strato's), on the gvisor runtime's platform: gVisor's own start
+    and exit, the floor under a gVisor sandbox's time-to-interactive."""
+    tmp = tempfile.mkdtemp(prefix="bench-runsc-")
+    atexit.register(shutil.rmtree, tmp, True)  # (the bundle and runsc's state)
+    spec = {
+        "ociVersion": "1.0.0",
+        "process": {"args": ["echo", "hi"], "env": ["PATH=/usr/bin:/bin"], "cwd": "/",
+                    "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "/", "readonly": True},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]},
+    }  # fmt: skip
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(spec, f)
+    platform = os.environ.get("STRATO_GVISOR_PLATFORM") or "ptrace"
+    return ["runsc", f"--root={tmp}/state", f"--platform={platform}", "--network=none",
+            "--ignore-cgroups", "run", f"--bundle={tmp}"]  # fmt: skip
+
+
+def bare_runsc(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run([*argv, f"bench-{uuid.uuid4().hex[:12]}"], check=True, capture_output=True)
+    elapsed = time.perf_counter() - t0
+    assert out.stdout == b"hi\n", out
+    return elapsed
 
 
 def time_to_interactive(app: strato.App, runtime: str) -> float:
@@ -172,12 +204,17 @@ def main() -> None:
     samples: dict[str, list[float]] = {"bare": [], "bare_bwrap": []}
     samples.update({f"tti_{n}": [] for n in names})
     samples.update({f"exec_{n}": [] for n in names})
+    runsc = runsc_bundle() if "gvisor" in names else None
+    if runsc is not None:
+        samples["bare_runsc"] = []
     with strato_env():
         app = strato.App.lookup(f"bench-sandbox-{uuid.uuid4().hex[:6]}", create_if_missing=True)
         live = {n: strato.Sandbox.create(app=app, runtime=n, timeout=3600) for n in names}
         try:
             for i in range(args.warmup + args.runs):
                 row = {"bare": bare(), "bare_bwrap": bare_bwrap()}
+                if runsc is not None:
+                    row["bare_runsc"] = bare_runsc(runsc)
                 for n in names:
                     row[f"tti_{n}"] = time_to_interactive(app, n)
                     row[f"exec_{n}"] = exec_round_trip(live[n])
@@ -205,6 +242,10 @@ def main() -> None:
     emit({"bench": "sandbox", "what": "bare subprocess.run(['echo'])", **base})
     emit({"bench": "sandbox", "what": "bare bwrap ... echo", **base_bwrap,
           "ratio_to_bare": round(base_bwrap["p50_ms"] / base["p50_ms"], 2)})  # fmt: skip
+    if runsc is not None:
+        base_runsc = latency_summary(samples["bare_runsc"])
+        emit({"bench": "sandbox", "what": "bare runsc run ... echo", **base_runsc,
+              "ratio_to_bare": round(base_runsc["p50_ms"] / base["p50_ms"], 2)})  # fmt: skip
     for n in names:
         tti = latency_summary(samples[f"tti_{n}"])
         result = {
@@ -217,6 +258,8 @@ def main() -> None:
         }
         if n == "bwrap":
             result["ratio_to_bare_bwrap"] = round(tti["p50_ms"] / base_bwrap["p50_ms"], 1)
+        if n == "gvisor":
+            result["ratio_to_bare_runsc"] = round(tti["p50_ms"] / base_runsc["p50_ms"], 2)
         emit(result)
         ex = latency_summary(samples[f"exec_{n}"])
         emit(

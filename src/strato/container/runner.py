@@ -21,7 +21,6 @@ import time
 from collections import deque
 
 import cloudpickle
-import msgspec
 
 from strato import settings
 from strato.client import channel_api
@@ -31,6 +30,7 @@ from strato.protocol import messages as m
 
 from . import current
 from .failure import describe_failure
+from .spec_file import load_spec
 from .target import Target
 
 FLUSH_EVERY = 128
@@ -466,8 +466,7 @@ class ContainerRunner:
 
 
 def main() -> None:
-    with open(settings.CONTAINER_SPEC.required(), "rb") as f:
-        spec = msgspec.msgpack.decode(f.read(), type=m.FunctionSpec)
+    spec = load_spec()
     sys.path[:0] = settings.MOUNT_PATHS.get()
     os.environ[settings.IN_CONTAINER.name] = "1"
     if spec.sandbox is not None:  # --- sandboxes: the agent runs the driver's processes

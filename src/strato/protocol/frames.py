@@ -13,7 +13,6 @@ to a well-formed message or raises :class:`FrameError`.
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import struct
 
@@ -56,6 +55,8 @@ def split_outputs(msg: TaskOutputs) -> list[object]:
     ``BlobChunk`` frames and the output names it by sha256, so no frame is large."""
     if not any(o.data is not None and len(o.data) > CHUNK for o in msg.outputs):
         return [msg]
+    import hashlib  # (here: a sandbox agent imports this module, and never needs it)
+
     out: list[object] = []
     outputs = []
     for o in msg.outputs:

@@ -34,7 +34,7 @@ from strato.runtime.base import ContainerLaunch, RunningContainer, Runtime
 
 from . import snapshots, volumes
 from .coldstart import ZygotePool
-from .launch import prepare_launch
+from .launch import compile_strato, prepare_launch
 from .lines import REDRAW, LineSplitter
 from .relay import Relay
 from .resources import NodeInventory, detect_inventory
@@ -203,6 +203,7 @@ class WorkerAgent:
         self._loop = asyncio.get_running_loop()
         self._private_dirs()
         self._sweep_leftovers()
+        self._loop.run_in_executor(None, compile_strato)  # (for containers; once)
         inv = self.inventory or detect_inventory()
         node = m.NodeInfo(
             name=self.name,

@@ -24,8 +24,12 @@ IN_CONTAINER = "/run/strato"  # inside isolating runtimes: /run is the container
 STRATO_SRC = IN_CONTAINER + "/src"  # strato's own package, bound read-only
 MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
 IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
+FUNCTION_ARGS = ["-m", "strato.container"]
+SANDBOX_ARGS = ["-S", "-m", "strato.container.sandbox_agent"]  # a sandbox's agent only
+ENTRY_ARGS = (FUNCTION_ARGS, SANDBOX_ARGS)  # the interpreter's arguments of a container
 
 _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
+_MSGSPEC_DIR = os.path.dirname(os.path.dirname(msgspec.__file__))  # (a sandbox agent's path)
 
 
 def image_cache(home: Path) -> Path:
@@ -101,10 +105,17 @@ def prepare_launch(
         workdir = image.workdir or "/root"
     env.update(spec.env)
     env.update(msg.secret_env)  # --- secrets: in this container's environment only
+    argv = [python, *FUNCTION_ARGS]
+    if spec.sandbox is not None:  # --- sandboxes: the agent, without site (-S): it needs
+        # only strato and msgspec, and its start skips site-packages and their .pth files
+        argv = [python, *SANDBOX_ARGS]
+        deps = image.strato_deps if image is not None else _MSGSPEC_DIR
+        strato_dir = STRATO_SRC if isolated else str(_STRATO_PACKAGE.parent)
+        env["PYTHONPATH"] = os.pathsep.join([strato_dir, deps])
     res = spec.resources
     return ContainerLaunch(
         container_id=msg.container_id,
-        argv=[python, "-m", "strato.container"],
+        argv=argv,
         env=env,
         cwd=str(host_dir),
         cpu=res.cpu_limit,
@@ -120,3 +131,17 @@ def prepare_launch(
         channel_socket=str(channel_path) if family == "unix" and isolated else None,
         workdir=workdir,
     )
+
+
+def compile_strato() -> None:
+    """Write the bytecode of strato's own package (``__pycache__``, as ``pip install``
+    does), so a container does not compile the modules it imports at every start: they
+    run with ``PYTHONDONTWRITEBYTECODE`` from a read-only bind, and under gVisor compiling
+    the sandbox agent's modules took longer than the sandbox's boot. Files already
+    compiled are skipped; a package this user may not write to is left as it is."""
+    import compileall
+
+    try:
+        compileall.compile_dir(_STRATO_PACKAGE, quiet=2)
+    except OSError:
+        pass

@@ -22,7 +22,7 @@ from strato.protocol import zygote as zp
 from strato.runtime.base import Bind, ContainerLaunch, RunningContainer, Runtime
 from strato.runtime.forking import Forking
 
-from ..launch import IN_CONTAINER, MOUNTS, STRATO_SRC
+from ..launch import ENTRY_ARGS, IN_CONTAINER, MOUNTS, STRATO_SRC
 from . import criu, templates
 from .channel import Channel, socketpair
 from .forked import ForkedContainer, fork
@@ -153,7 +153,7 @@ class ZygotePool:
             return f"the {runtime.name} runtime cannot snapshot memory"
         if launch.gpu_indices:
             return "containers with GPUs are not forked"
-        if launch.argv[1:] != ["-m", "strato.container"]:
+        if launch.argv[1:] not in ENTRY_ARGS:  # (a fork runs runner.main: it runs either)
             return "the container does not run strato's entrypoint"
         if forking.isolates:
             # (a web server on a port below 1024 binds it: its network namespace is its own)
