@@ -391,3 +391,37 @@ def test_one_app_name_in_two_workspaces_gets_two_urls_each_serving_its_own(world
     for ws, url in urls.items():
         got = httpx.get(url, timeout=60)
         assert got.status_code == 200 and got.json() == {"who": ws}, (url, got.text)
+
+
+def test_the_dashboard_shows_a_workspace_token_its_own_workspace_only(world, server):
+    """Log in with a workspace's token: its apps, calls and objects, nothing of another
+    workspace (as missing), no node page; a read-only token stops nothing; a revoked
+    token's session ends at once."""
+    import httpx
+
+    o = world["objects"]
+    app_id, call_id = o["app"]["app_id"], o["call_id"]
+    b_token = world["b_token"]
+    with httpx.Client(base_url=server.url, timeout=30) as ui:
+        r = ui.post("/ui/login", data={"token": b_token, "next": "/ui"})
+        assert r.status_code == 303, r.text
+        assert app_id not in ui.get("/ui").text
+        for page in (f"/ui/apps/{app_id}", f"/ui/calls/{call_id}"):
+            assert ui.get(page).status_code == 404, page
+        missing = ui.get("/ui/apps/ap-0000000000000000")
+        assert missing.status_code == 404
+        assert ui.get(f"/ui/sse/logs?app={app_id}").status_code == 404
+        assert ui.get("/ui/nodes").status_code == 403
+        assert o["dict"]["object_id"] not in ui.get("/ui/objects/dicts").text
+    read_only = {"Authorization": world["a_read"].headers["Authorization"]}
+    with httpx.Client(base_url=server.url, timeout=30, headers=read_only) as ui:
+        assert o["app"]["name"] in ui.get("/ui").text  # its own workspace's app
+        assert o["dict"]["object_id"] in ui.get("/ui/objects/dicts").text
+        assert ui.post(f"/ui/apps/{app_id}/stop").status_code == 403
+    assert world["a"].ok("GET", f"/apps/{app_id}")["state"] == "deployed"
+    new = world["a"].ok("POST", "/tokens", {"role": "developer"})
+    with httpx.Client(base_url=server.url, timeout=30) as ui:
+        assert ui.post("/ui/login", data={"token": new["token"]}).status_code == 303
+        assert ui.get(f"/ui/apps/{app_id}").status_code == 200
+        world["a"].ok("DELETE", f"/tokens/{new['info']['token_id']}")
+        assert ui.get(f"/ui/apps/{app_id}").status_code == 303  # back to the login page

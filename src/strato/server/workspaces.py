@@ -151,6 +151,14 @@ class Workspaces:
         row = self._tokens.get(caller.token_id)
         return row is not None and not row.revoked
 
+    def cached(self, token_id: str) -> Caller | None:
+        """The caller of a token seen valid since this process started (a dashboard
+        session's), unless it was revoked since (``None``: log in again)."""
+        row = self._tokens.get(token_id)
+        if row is None or row.revoked:
+            return None
+        return Caller(row.workspace, row.role, token_id=token_id)
+
     # ------------------------------------------------------------------ workspaces
 
     def check_exists(self, name: str) -> None:

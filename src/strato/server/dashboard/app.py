@@ -26,9 +26,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from strato import settings
-from strato.exceptions import Error, NotFoundError
+from strato.exceptions import Error, NotFoundError, PermissionDeniedError
 
 from .. import metrics
+from ..store.tables_workspaces import DEFAULT_WORKSPACE
+from ..workspaces import Caller
 from . import views
 from .auth import Auth
 from .http import (
@@ -65,7 +67,7 @@ class Ops:
         self.cp = cp
         self.metrics = metrics.install(cp)
         self.open_loopback = settings.METRICS_OPEN_LOOPBACK.get()
-        self.auth = Auth(cp.token)
+        self.auth = Auth(cp.token, cp.workspaces)
         # the server says when it shuts down (server/main.py): streams end then
         self.stopping: Callable[[], bool] = lambda: cp._closing
         self.sampler = Sampler(cp)
@@ -111,7 +113,7 @@ class Ops:
     async def _metrics(self, req: Request, send: Send) -> None:
         if req.method != "GET":
             return await text("use GET /metrics", 405).send(send)
-        if not (self.open_loopback and req.client_host in LOOPBACK) and not self.auth.allowed(req):
+        if not (self.open_loopback and req.client_host in LOOPBACK) and not self.auth.operator(req):
             return await text(
                 "missing or wrong token: send Authorization: Bearer <token> "
                 "($STRATO_HOME/token), or set STRATO_METRICS_OPEN_LOOPBACK=1 for a "
@@ -134,7 +136,8 @@ class Ops:
                     continue
                 if method != req.method:
                     continue
-                if auth and not self.auth.allowed(req):
+                caller = await self.auth.caller(req) if auth else None
+                if auth and caller is None:
                     if method == "GET" and not path.startswith("/ui/sse/"):
                         return await redirect("/ui/login?next=" + quote(path)).send(send)
                     return await text("log in first: /ui/login", 401).send(send)
@@ -144,6 +147,9 @@ class Ops:
                     )
                 self.sampler.viewed()
                 req.path_params = match.groupdict()
+                if caller is not None:
+                    req.caller = caller
+                    await self._may(req, handler)
                 out = await handler(req, send)
                 if out is not None:
                     await out.send(send)
@@ -151,10 +157,42 @@ class Ops:
             await self._page(req, "error.html", status=404, message=f"no page {path}").send(send)
         except NotFoundError as e:
             await self._page(req, "error.html", status=404, message=str(e)).send(send)
+        except PermissionDeniedError as e:
+            await self._page(req, "error.html", status=403, message=str(e)).send(send)
         except BodyTooLarge as e:
             await text(str(e), 413).send(send)
         except Error as e:
             await self._page(req, "error.html", status=400, message=str(e)).send(send)
+
+    async def _may(self, req: Request, handler: Handler) -> None:
+        """Refuse what the logged-in token may not see or do: a workspace's token sees
+        only its workspace's apps, calls and containers (another's answer as missing
+        ones), never the nodes; a read-only one stops nothing."""
+        who, cp = req.caller, self.cp
+        if who.operator:
+            return
+        view, ident = req.query.get("view", ""), req.query.get("id", "")
+        if handler == self.page_nodes or view == "nodes":
+            raise PermissionDeniedError(
+                "the nodes are the installation's: log in with its token ($STRATO_HOME/token)"
+            )
+        if req.method == "POST" and not who.may("write"):
+            raise PermissionDeniedError(f"a {who.role} token changes nothing")
+        p = {**req.query, **req.path_params}
+        mine = cp.workspaces.app_ws
+        app_id = ident if view == "app" else p.get("app_id") or p.get("app")
+        if app_id and mine.get(app_id, DEFAULT_WORKSPACE) != who.workspace:
+            raise NotFoundError(f"no app {app_id}")
+        cid = ident if view == "container" else p.get("container_id") or p.get("container")
+        if cid:
+            c = await views.container(cp, cid)
+            if mine.get(c["app_id"], DEFAULT_WORKSPACE) != who.workspace:
+                raise NotFoundError(f"no container {cid}")
+        call_id = ident if view == "call" else p.get("call_id")
+        if call_id:
+            owners = await cp.calls.call_owner(call_id)
+            if owners is None or mine.get(owners[0], DEFAULT_WORKSPACE) != who.workspace:
+                raise NotFoundError(f"call {call_id} does not exist (or has expired)")
 
     def _static(self, name: str) -> Response:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?", name) or ".." in name:
@@ -192,16 +230,18 @@ class Ops:
         nxt = form.get("next", nxt)
         if not nxt.startswith("/ui") or "//" in nxt or "\\" in nxt:
             nxt = "/ui"
-        if not self.auth.token_ok(form.get("token", "")):
+        caller = await self.auth.login(form.get("token", ""))
+        if caller is None:
             await asyncio.sleep(0.2)  # a guess costs time
             return self._page(
                 req,
                 "login.html",
                 status=401,
                 next=nxt,
-                error="That is not this control plane's token ($STRATO_HOME/token).",
+                error="That is not this control plane's token ($STRATO_HOME/token), nor "
+                "one from `strato token create`.",
             )
-        cookie = self.auth.cookie(self.auth.new_session(), req.secure)
+        cookie = self.auth.cookie(self.auth.new_session(caller), req.secure)
         return redirect(nxt, headers=[cookie])
 
     async def logout(self, req: Request, send: Send) -> Response:
@@ -214,7 +254,7 @@ class Ops:
     ) -> Response:
         """A page whose live part (``view``'s fragment) the state stream keeps current:
         the stream is told the fragment's hash, and sends nothing until it differs."""
-        live = await self._state_fragment(view, ident)
+        live = await self._state_fragment(view, ident, req.caller)
         return self._page(
             req, template, live=Markup(live), live_hash=_digest(live), ident=ident, **ctx
         )
@@ -248,14 +288,15 @@ class Ops:
         known = dict(views.object_routes(self.cp))
         if path not in known:
             raise NotFoundError(f"this control plane serves no {path} (not built yet)")
-        items = await views.objects(self.cp, path)
+        items = await views.objects(self.cp, path, req.caller)
         return self._page(req, "objects.html", title=known[path], items=items)
 
     # ------------------------------------------------------------------ actions
 
     async def stop_app(self, req: Request, send: Send) -> Response:
         app_id = req.path_params["app_id"]
-        self.cp.apps.stop((await self.cp.apps.find(app_id))["app_id"])
+        ws = self.cp.workspaces.app_ws.get(app_id, DEFAULT_WORKSPACE)  # (_may checked it)
+        self.cp.apps.stop((await self.cp.apps.find(app_id, ws))["app_id"])
         log.info("dashboard: app %s stopped", app_id)
         return Response(b"stopped", headers=[(b"hx-refresh", b"true")])
 
@@ -268,16 +309,23 @@ class Ops:
 
     # ------------------------------------------------------------------ live streams
 
-    async def _state_fragment(self, view: str, ident: str) -> str:
+    async def _state_fragment(self, view: str, ident: str, who: Caller) -> str:
         cp = self.cp
+
+        def mine(rows: list[dict]) -> list[dict]:  # a workspace's token: its own only
+            ws = cp.workspaces.app_ws
+            if who.operator:  # the installation's: every workspace's
+                return rows
+            return [r for r in rows if ws.get(r["app_id"], DEFAULT_WORKSPACE) == who.workspace]
+
         if view == "apps":
-            return self._fragment("_apps_rows.html", apps=await views.apps(cp), csrf="")
+            return self._fragment("_apps_rows.html", apps=mine(await views.apps(cp)), csrf="")
         if view == "app":
             a = await views.app(cp, ident)
             calls = await views.recent_calls(cp, [f.function_id for f in a["functions"]])
             return self._fragment("_app_live.html", app=a, calls=calls)
         if view == "containers":
-            return self._fragment("_containers_rows.html", containers=views.containers(cp))
+            return self._fragment("_containers_rows.html", containers=mine(views.containers(cp)))
         if view == "container":
             return self._fragment("_container_state.html", c=await views.container(cp, ident))
         if view == "nodes":
@@ -328,7 +376,7 @@ class Ops:
                 now = self._version(view, ident)
                 if now is None or now != seen:  # else nothing it shows can have changed
                     seen = now
-                    frag = await self._state_fragment(view, ident)
+                    frag = await self._state_fragment(view, ident, req.caller)
                     digest = _digest(frag)
                     if digest != shown:
                         shown = digest

@@ -16,6 +16,7 @@ from strato.exceptions import NotFoundError
 from .. import metrics
 from ..api.router import Request as ApiRequest
 from ..store import schema as t
+from ..workspaces import Caller
 
 if TYPE_CHECKING:
     from ..control import ControlPlane
@@ -399,11 +400,12 @@ def object_routes(cp: ControlPlane) -> list[tuple[str, str]]:
     return [(p, title) for p, (title, _) in OBJECT_LISTS.items() if p in have]
 
 
-async def objects(cp: ControlPlane, path: str) -> list[dict]:
-    """Another feature's list (its own GET route, answered by its own handler)."""
+async def objects(cp: ControlPlane, path: str, caller: Caller) -> list[dict]:
+    """Another feature's list (its own GET route, answered by its own handler for
+    ``caller``: its workspace's)."""
     assert cp.api is not None
     route = next(r for r in cp.api.routes if r.method == "GET" and r.path == path)
-    reply = await route.handler(ApiRequest({}, {}, b""))
+    reply = await route.handler(ApiRequest({}, {}, b"", caller=caller))
     data = msgspec.msgpack.decode(reply.body)
     items = data.get(OBJECT_LISTS[path][1], []) if isinstance(data, dict) else []
     out = []
