@@ -545,8 +545,9 @@ AGENT_PORT = optional_integer(
 )
 TLS_CERT = path(
     "STRATO_TLS_CERT",
-    "none: plain TCP",
-    "A PEM certificate (chain) the agent listener speaks TLS with.",
+    "none: plain HTTP and TCP",
+    "A PEM certificate (chain): the HTTP API serves HTTPS and the agent listener speaks TLS "
+    "with it (clients then use an `https://` `STRATO_SERVER_URL`).",
     (SERVER,),
 )
 TLS_KEY = path(
@@ -557,10 +558,11 @@ TLS_KEY = path(
 )
 TLS_CA = path(
     "STRATO_TLS_CA",
-    "none: plain TCP",
-    "A joining worker agent speaks TLS to the control plane, trusting this CA bundle "
-    "(PEM); `strato worker start --tls-ca`.",
-    (WORKER,),
+    "none: the system's trust store for `https://` URLs; an agent of an `http://` control "
+    "plane joins over plain TCP",
+    "The CA bundle (PEM) clients and worker agents verify the control plane's certificate "
+    "with (HTTPS and the agents' TLS; never skipped); `strato worker start --tls-ca`.",
+    (CLIENT, WORKER),
 )
 JOIN_TOKEN = text(
     "STRATO_JOIN_TOKEN",

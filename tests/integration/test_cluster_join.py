@@ -261,17 +261,20 @@ def test_agents_join_over_tls(tmp_path):
         check=True,
         capture_output=True,
     )
-    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
+    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL", "STRATO_TLS_CA")}
+    os.environ["STRATO_TLS_CA"] = str(cert)  # this client verifies the API's HTTPS with it
     handle = start_control_plane({"STRATO_TLS_CERT": str(cert), "STRATO_TLS_KEY": str(key)})
     agents = []
     try:
+        assert handle.url.startswith("https://")
         token, port = join_token(handle), agent_port(handle)
         agents.append(
             start_agent(
                 handle.url, port, token, "secure", env=NODE_ENV, extra=("--tls-ca", str(cert))
             )
         )
-        agents.append(start_agent(handle.url, port, token, "plain", env=NODE_ENV))
+        plain = handle.url.replace("https://", "http://")
+        agents.append(start_agent(plain, port, token, "plain", env=NODE_ENV))
         wait_nodes({"secure"})
         with cluster_work.app.run(quiet=True):
             assert list(cluster_work.work.map(range(20))) == [

@@ -181,6 +181,68 @@ def test_a_map_spreads_over_ray_nodes(ray_strato):
         assert dialled.endswith("/run/relay.sock")
 
 
+def requested_from_ray_autoscaler() -> list[dict[str, float]]:
+    """The bundles Ray's autoscaler was asked for (``request_resources``), read back from
+    the GCS where Ray keeps them: the autoscaler v2's cluster resource constraints, or
+    the v1 autoscaler's key in the GCS key-value store."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get, internal_kv_get_gcs_client
+
+    gcs = internal_kv_get_gcs_client()
+    if is_autoscaler_v2(fetch_from_server=True, gcs_client=gcs):
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        out = []
+        for c in get_cluster_resource_state(gcs).cluster_resource_constraints:
+            for r in c.resource_requests:
+                out += [dict(r.request.resources_bundle)] * r.count
+        return out
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def test_work_no_node_can_place_is_asked_of_rays_autoscaler(ray_strato):
+    """Containers that do not fit the nodes' shares are requested from Ray's autoscaler
+    (``request_resources``) as bundles of their shape over the share, beside the nodes
+    strato holds; the request is cleared once no work waits. Read back from Ray's GCS."""
+    from apps import clustersec_demand as demand
+
+    ready = wait_until(lambda: len(r := ray_ready_nodes()) == 3 and r, 90, "3 Ray nodes")
+    assert requested_from_ray_autoscaler() == []  # no work waits
+
+    def in_order(bundles: list[dict]) -> list[dict]:
+        return sorted(bundles, key=lambda b: json.dumps(b, sort_keys=True))
+
+    held = [
+        {k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU", "memory")}
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+    assert len(held) == len(ready)
+    container = {"CPU": demand.CPU / SHARE, "memory": float(demand.MEMORY_MB * (1 << 20) / SHARE)}
+    with demand.app.run(quiet=True):
+        # each node's share (0.5 CPU) holds one container: 3 run, 2 more are wanted
+        calls = [demand.hold.spawn(i, 4.0) for i in range(10)]
+        want = in_order([*held, container, container])
+        seen: list[list] = []
+
+        def asked() -> bool:
+            seen.append(in_order(requested_from_ray_autoscaler()))
+            return seen[-1] == want
+
+        try:
+            wait_until(asked, 60, f"Ray's autoscaler to be asked for {want}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; asked: {seen[-1]}") from None
+        assert sorted(c.get(timeout=120) for c in calls) == list(range(10))
+        wait_until(
+            lambda: requested_from_ray_autoscaler() == [],
+            30,
+            "strato's request to Ray's autoscaler to be cleared once no work waits",
+        )
+
+
 def _agent_pid(agents_home: Path, name: str) -> int:
     """The worker agent process of strato node ``name`` (not its containers)."""
     pids = []

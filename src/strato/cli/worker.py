@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
@@ -81,6 +81,7 @@ def worker_start(
 
     State (code, images, containers) is kept under STRATO_HOME on this machine."""
     from strato.client.config import strato_home
+    from strato.client.tls import client_context
     from strato.worker.agent import WorkerAgent
 
     logging.basicConfig(
@@ -94,7 +95,8 @@ def worker_start(
     except exc.Error as e:
         raise click.ClickException(str(e)) from None
     ca = tls_ca or settings.TLS_CA.get()
-    tls = ssl.create_default_context(cafile=str(ca)) if ca else None
+    # TLS with --tls-ca, or towards an https:// --server (the system's CAs then): verified
+    tls = client_context(ca) if ca or http_url.startswith("https:") else None
     home = strato_home()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     agent = WorkerAgent(
@@ -116,6 +118,15 @@ def worker_start(
         await agent.run()
 
     asyncio.run(run())
+
+
+def _started_by(home: Path, pid: int) -> bool:
+    import json
+
+    try:
+        return json.loads((home / "server.json").read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False
 
 
 def start_exposed(host: str, timeout: float = 60.0) -> str:
@@ -147,7 +158,9 @@ def start_exposed(host: str, timeout: float = 60.0) -> str:
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if config.ping(url, timeout=0.5) is not None:
+        # it answers once it wrote server.json (its listeners bound): read there, not over
+        # HTTP, which may be HTTPS with a certificate for another name than loopback's
+        if _started_by(home, proc.pid):
             return f"control plane listening on {host}:{port} (state in {home}); see {log_path}"
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]

@@ -50,10 +50,13 @@ def read_token(home: Path | None = None) -> str:
 
 def ping(url: str, timeout: float = 1.0) -> dict | None:
     """The control plane's /health answer, or None when nothing answers."""
+    from . import tls
+
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
+        context = tls.client_context() if url.startswith("https:") else None
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout, context=context) as resp:
             return json.loads(resp.read())
-    except (OSError, urllib.error.URLError, ValueError):
+    except (OSError, urllib.error.URLError, ValueError, exc.InvalidError):
         return None
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import threading
 from urllib.parse import urlencode, urlsplit
 
 from strato import exceptions as exc
 from strato import settings
 
+from . import tls
 from .api_base import MSGPACK, ApiBase, Reconnects
 
 __all__ = ["MSGPACK", "ApiBase", "ApiClient"]
@@ -29,13 +31,21 @@ class ApiClient(ApiBase):
         *,
         timeout: float = 60.0,
         reconnect_timeout: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise exc.InvalidError(f"bad server URL {url!r}: expected http://host:port")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise exc.InvalidError(
+                f"bad server URL {url!r}: expected http://host:port or https://host:port"
+            )
         self.url = url.rstrip("/")
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # https: verified against tls_context (default: STRATO_TLS_CA, else the system's CAs)
+        self.tls: ssl.SSLContext | None = None
+        self._tls_given = tls_context is not None
+        if parts.scheme == "https":
+            self.tls = tls_context or tls.client_context()
         self.token = token
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
@@ -50,7 +60,12 @@ class ApiClient(ApiBase):
     def _conn(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            if self.tls is not None:
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=timeout, context=self.tls
+                )
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
@@ -102,8 +117,20 @@ class ApiClient(ApiBase):
                     f"the control plane at {self.url} did not answer {method} {path} "
                     f"within {timeout:g}s"
                 ) from None
+            except ssl.SSLCertVerificationError as e:  # (an OSError: never retried)
+                self._drop()
+                raise tls.verify_failed(self.url, e, given=self._tls_given) from None
+            except ssl.SSLError as e:
+                self._drop()
+                raise tls.not_tls(self.url, e) from None
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
+                if (
+                    self.tls is None
+                    and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError))
+                    and tls.speaks_tls(self.host, self.port)
+                ):  # plain HTTP to an HTTPS port: the server closed it
+                    raise tls.plain_http_to_tls(self.url) from None
                 reconnects.wait(e)
         if status >= 400:
             raise self._error(status, data)

@@ -588,7 +588,8 @@ class WorkerWelcome(ChannelMsg, tag="welcome"):
     epoch: str
     http_url: str
     kill: list[str] = []  # containers from an earlier epoch to kill
-    # --- cluster: the API token a joined (remote) agent fetches code and blobs with
+    # --- cluster: the node credential a joined (remote) agent fetches code, blobs and
+    # volumes with (server/cluster/node_credentials.py); never the installation's API token
     api_token: str = ""
 
 

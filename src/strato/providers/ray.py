@@ -16,6 +16,12 @@ dead and the inputs they held go back to the queue), without waiting for the hea
 timeout; an actor that died on a live node is created again after a backoff. Containers
 still run under strato's runtimes on those nodes: Ray owns the machines, strato schedules
 its containers on what it reserved.
+
+Work that no node can place now (the broker's demand: queued inputs, warm pools, the
+autoscaler's wanted containers) is reported to Ray's autoscaler at each poll where it
+changed, with ``ray.autoscaler.sdk.request_resources(bundles=...)`` (``demand_bundles``),
+and cleared (an empty request) when it goes away and when the provider closes, so that an
+autoscaling Ray cluster grows for strato's containers and may shrink again.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +48,9 @@ log = logging.getLogger("strato.providers.ray")
 POLL_S = 1.0
 PROBE_TIMEOUT_S = 5.0
 PENDING_WARN_S = 30.0  # an actor not started by then: say what it waits for
-JOIN_TOKEN_NAME = "ray provider"
+JOIN_TOKEN_NAME = "ray provider"  # (server/cluster/join_tokens.py: RAY_PROVIDER_TOKEN)
 MIB = 1024 * 1024
+MAX_DEMAND_BUNDLES = 1000  # waiting containers reported to Ray's autoscaler at once
 ACCELERATOR = "accelerator_type:"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 # worker settings that are each node's own (from Ray), or the control plane's alone
@@ -96,6 +103,56 @@ class RayNodeShape:
         if self.accelerator and self.gpu_count:
             opts["accelerator_type"] = self.accelerator
         return opts
+
+
+@dataclass(frozen=True)
+class Pending:
+    """``count`` containers of one shape that no node can place now."""
+
+    cpu: float
+    memory_mb: int
+    gpu_count: int = 0
+    gpu_type: str | None = None
+    count: int = 1
+
+
+def demand_bundles(
+    pending: Iterable[Pending],
+    held: Iterable[Mapping[str, float]],
+    share: float,
+    required: str = "",
+) -> list[dict[str, float]]:
+    """What to ask Ray's autoscaler for: nothing while no work waits; else one bundle per
+    Ray node strato holds (its total CPU, GPU and memory: Ray fits requested bundles into
+    nodes' totals, not into what is free, so the nodes strato fills must be in the
+    request) and one per waiting container, divided by ``share`` so that strato's share
+    of a new node holds it (with its accelerator type and ``required``, the resource a
+    node needs to get an agent). At most ``MAX_DEMAND_BUNDLES`` containers."""
+    waiting = [p for p in pending if p.count > 0]
+    if not waiting:
+        return []
+    out = [
+        {k: float(v) for k, v in totals.items() if k in ("CPU", "GPU", "memory") and v > 0}
+        for totals in held
+    ]
+    left = MAX_DEMAND_BUNDLES
+    for p in waiting:
+        bundle = {
+            "CPU": math.ceil(p.cpu / share * 1000) / 1000,
+            "memory": float(math.ceil(p.memory_mb * MIB / share)),
+        }
+        if p.gpu_count:
+            bundle["GPU"] = float(math.ceil(p.gpu_count / share))
+            if p.gpu_type:
+                bundle[ACCELERATOR + p.gpu_type] = 0.001
+        if required:
+            bundle[required] = 0.001
+        n = min(p.count, left)
+        out += [dict(bundle) for _ in range(n)]
+        left -= n
+        if left <= 0:
+            break
+    return out
 
 
 def node_name(ray_node_id: str) -> str:
@@ -183,6 +240,7 @@ class RayProvider:
         agent_home: str = "",
         env: Mapping[str, str] | None = None,
         poll_s: float = POLL_S,
+        demand: Callable[[], list[Pending]] = list,
     ) -> None:
         self.channel = channel
         self.server_url = server_url
@@ -193,6 +251,9 @@ class RayProvider:
         self.agent_home = agent_home
         self.env = dict(env or {})
         self.poll_s = poll_s
+        self.demand = demand  # (on the control plane's loop) what no node can place
+        self.requested: list[dict[str, float]] = []  # what Ray's autoscaler was asked for
+        self.totals: dict[str, Mapping[str, float]] = {}  # Ray node id -> its resources
         self.agents: dict[str, _Agent] = {}  # Ray node id -> its actor
         self.dead: set[str] = set()  # Ray node ids seen dead
         self._retry_at: dict[str, float] = {}
@@ -212,9 +273,29 @@ class RayProvider:
         while not self._closed:
             try:
                 await asyncio.to_thread(self.reconcile)
+                held = [self.totals[nid] for nid in self.agents if nid in self.totals]
+                bundles = demand_bundles(self.demand(), held, self.share, self.required_resource)
+                if bundles != self.requested:
+                    await asyncio.to_thread(self.request, bundles, len(held))
             except Exception:  # noqa: BLE001 - Ray hiccups: try again at the next poll
                 log.exception("reading the Ray cluster failed; trying again")
             await asyncio.sleep(self.poll_s)
+
+    def request(self, bundles: list[dict[str, float]], held: int = 0) -> None:
+        """Ask Ray's autoscaler for ``bundles`` (``[]``: clear strato's request)."""
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        self.requested = bundles
+        if bundles:
+            log.info(
+                "asked Ray's autoscaler for %d containers no node can place (with the "
+                "%d Ray nodes strato holds)",
+                len(bundles) - held,
+                held,
+            )
+        else:
+            log.info("cleared strato's request to Ray's autoscaler: no work waits")
 
     def reconcile(self) -> None:
         """One look at ``ray.nodes()``: start, check and forget agents to match it."""
@@ -223,6 +304,7 @@ class RayProvider:
 
         nodes = ray.nodes()
         alive = {n["NodeID"]: n for n in nodes if n.get("Alive")}
+        self.totals = {nid: n.get("Resources") or {} for nid, n in alive.items()}
         for n in nodes:
             nid = n.get("NodeID")
             if nid and not n.get("Alive") and nid not in self.dead:
@@ -341,6 +423,11 @@ class RayProvider:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
+        if self.requested:  # strato's demand leaves with it
+            try:
+                self.request([])
+            except Exception:  # noqa: BLE001 - Ray gone already
+                log.exception("clearing strato's request to Ray's autoscaler")
         agents = list(self.agents.values())
         self.agents.clear()
         refs = []
@@ -410,12 +497,13 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
     """Connect the control plane ``cp`` to Ray and start following the cluster's nodes:
     opens the agent listener if none is configured, and makes the provider's join token
     (the one of an earlier run is revoked)."""
-    from strato.server.cluster.agents import AgentListener
+    from strato.server.cluster.agents import AgentListener, server_ssl
     from strato.server.cluster.join_tokens import JoinTokens
 
     driver_ip = await asyncio.to_thread(connect, address)
     if cp.agents is None:  # agents dial the control plane's host, on a port of its own
-        cp.agents = AgentListener(cp, cp.config.host, 0, None)
+        tls = server_ssl(settings.TLS_CERT.get(env), settings.TLS_KEY.get(env))
+        cp.agents = AgentListener(cp, cp.config.host, 0, tls)
         await cp.agents.start()
     tokens = JoinTokens(cp.config.home)
     for t in tokens.list():
@@ -425,7 +513,7 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
     host = advertised_host(cp.config.host, driver_ip)
     port = cp.agents.port
     http_port = int(cp.http_url.rsplit(":", 1)[1]) if ":" in cp.http_url else cp.config.port
-    scheme = "https" if cp.agents.tls is not None else "http"
+    scheme = "https" if cp.http_url.startswith("https:") else "http"  # (STRATO_TLS_CERT)
     loop = asyncio.get_running_loop()
 
     def lost(name: str, why: str) -> None:
@@ -433,19 +521,38 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
 
     provider = RayProvider(
         channel=f"tcp:{host}:{port}",
-        server_url=f"http://{host}:{http_port}",
+        server_url=f"{scheme}://{host}:{http_port}",
         join_token=join_token,
         on_node_lost=lost,
         share=settings.RAY_SHARE.get(env),
         required_resource=settings.RAY_NODE_RESOURCE.get(env),
         agent_home=str(settings.RAY_AGENT_HOME.get(env) or ""),
         env=forwarded_env(env),
+        demand=lambda: pending_of(cp),
     )
     log.info(
         "Ray provider: agents of the Ray cluster's nodes join at %s:%d (%s)", host, port, scheme
     )
     provider.follow()
     return provider
+
+
+def pending_of(cp: ControlPlane) -> list[Pending]:
+    """On the control plane's loop: the containers no node can place now (the broker's
+    demand), by shape (the first of a GPU request's fallbacks)."""
+    out = []
+    for d in cp.broker.demands(time.monotonic()):
+        gpu = d.request.gpu[0] if d.request.gpu else None
+        out.append(
+            Pending(
+                cpu=d.request.cpu,
+                memory_mb=d.request.memory_mb,
+                gpu_count=gpu.count if gpu is not None else 0,
+                gpu_type=gpu.type if gpu is not None else None,
+                count=d.count,
+            )
+        )
+    return out
 
 
 def _lose_node(cp: ControlPlane, name: str, why: str) -> None:

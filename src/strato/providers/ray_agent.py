@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -212,6 +211,7 @@ class NodeAgent:
 def main(argv: list[str] | None = None) -> None:
     """``python -m strato.providers.ray_agent SPEC_JSON``: run one Ray node's agent."""
     from strato import settings
+    from strato.client.tls import client_context
     from strato.worker.agent import WorkerAgent
     from strato.worker.resources import NodeInventory
 
@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     inventory = NodeInventory(
         cpu=spec.cpu, memory_mb=spec.memory_mb, gpus=gpus, labels=dict(spec.labels)
     )
-    ca = settings.TLS_CA.get()  # the control plane's listener speaks TLS
-    tls = ssl.create_default_context(cafile=str(ca)) if ca else None
+    ca = settings.TLS_CA.get()  # the control plane speaks TLS (verified: its CA, else the system's)
+    tls = client_context(ca) if ca or spec.server_url.startswith("https:") else None
     agent = WorkerAgent(
         spec.channel,
         spec.join_token,

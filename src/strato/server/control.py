@@ -277,17 +277,28 @@ class ControlPlane:
             return s is not None and s.node_id == via_node
         return False
 
-    async def agent_session(self, hello: m.WorkerHello, peer: Peer, reader) -> None:
-        """--- cluster: a worker agent that joined over TCP (``cluster/agents.py``): a
-        local agent's messages plus the relay of its containers' channel connections."""
+    async def agent_session(
+        self, hello: m.WorkerHello, peer: Peer, reader, join_token_id: str
+    ) -> None:
+        """--- cluster: a worker agent that joined over TCP (``cluster/agents.py``) with
+        the join token ``join_token_id``: a local agent's messages plus the relay of its
+        containers' channel connections; its welcome carries its node's credential."""
         from .cluster.relay import RelayHub
 
-        await self._worker_loop(hello, peer, reader, joined=True, relay=RelayHub)
+        assert self.agents is not None  # (its listener called)
+        credentials = self.agents.credentials
+        await self._worker_loop(
+            hello,
+            peer,
+            reader,
+            credential=lambda node_id: credentials.issue(node_id, join_token_id),
+            relay=RelayHub,
+        )
 
     async def _worker_loop(
-        self, hello: m.WorkerHello, peer: Peer, reader, joined: bool = False, relay=None
+        self, hello: m.WorkerHello, peer: Peer, reader, credential=None, relay=None
     ) -> None:
-        node_id = self.fleet.worker_hello(hello, peer, api_token=self.token if joined else "")
+        node_id = self.fleet.worker_hello(hello, peer, credential=credential)
         hub = None
         if relay is not None:  # --- cluster: its containers' connections, relayed
             hub = relay(node_id, peer.send, lambda r, w: self._on_channel(r, w, via_node=node_id))

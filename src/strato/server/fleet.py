@@ -180,7 +180,14 @@ class Fleet:
 
     # ------------------------------------------------------------------ workers
 
-    def worker_hello(self, hello: m.WorkerHello, peer: Peer, api_token: str = "") -> str:
+    def worker_hello(
+        self,
+        hello: m.WorkerHello,
+        peer: Peer,
+        credential: Callable[[str], str] | None = None,
+    ) -> str:
+        """Register the node of ``hello``; ``credential(node_id)``: a joined agent's node
+        credential, sent in its welcome (--- cluster)."""
         info = hello.node
         node_id = "node-" + msgspec.msgpack.encode([info.provider, info.name]).hex()[-12:]
         old = self.nodes.get(node_id)
@@ -219,7 +226,8 @@ class Fleet:
                 epoch=self.epoch,
                 http_url=self.http_url,
                 kill=kill,
-                api_token=api_token,  # --- cluster: for a joined agent's code and blobs
+                # --- cluster: a joined agent's node credential, for its code and blobs
+                api_token=credential(node_id) if credential is not None else "",
             )
         )
         log.info(

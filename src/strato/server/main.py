@@ -93,13 +93,15 @@ async def serve(config: ServerConfig) -> None:
     os.umask(0o077)  # the state, blobs, tokens and logs are this user's alone
     config.ensure_dirs()
     secure_home(config.home)
-    from .cluster.agents import check_exposure  # --- cluster: beyond loopback
+    from .cluster.agents import api_tls_options, check_exposure  # --- cluster
 
     for warning in check_exposure(config.host, config.load_or_create_token()):
         log.warning("%s", warning)
+    # HTTPS where STRATO_TLS_CERT is set (a bad certificate or key stops the start here)
+    tls_options = api_tls_options(settings.TLS_CERT.get(), settings.TLS_KEY.get())
     sock = _bind(config.host, config.port)
     port = sock.getsockname()[1]
-    url = f"http://{config.host}:{port}"
+    url = f"{'https' if tls_options else 'http'}://{config.host}:{port}"
     cp = ControlPlane(config, url)
     await cp.start()
     app = with_ops(build_app(cp), cp)  # /metrics and the dashboard (/ui) in front
@@ -110,6 +112,7 @@ async def serve(config: ServerConfig) -> None:
             log_level="warning",
             access_log=False,
             **api_uvicorn_options(),  # listener limits (listeners.py)
+            **tls_options,
             proxy_headers=False,
             server_header=False,
             date_header=False,

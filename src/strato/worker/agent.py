@@ -26,7 +26,8 @@ import msgspec
 
 from strato import settings
 from strato.client.config import strato_home
-from strato.client.http import ApiClient
+from strato.client.http import ApiBase, ApiClient
+from strato.client.local_channel import LocalChannelClient
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.runtime import get_runtime
@@ -156,7 +157,7 @@ class WorkerAgent:
         self._log_buf: list[m.LogLine] = []
         self._log_flush: asyncio.TimerHandle | None = None
         self._outbox: list[object] = []  # what could not be sent while disconnected
-        self._http: ApiClient | None = None
+        self._http: ApiBase | None = None
         self._stop = asyncio.Event()
         self.log_quota = LogQuota(log_quota_from_env())
         # cold starts: containers forked from zygotes and memory-snapshot templates
@@ -276,7 +277,9 @@ class WorkerAgent:
             writer.close()
             raise frames.FrameError("the control plane refused this worker (bad token?)")
         self._writer = writer
-        self._http = ApiClient(self.server_url or welcome.http_url, welcome.api_token or self.token)
+        if self._http is not None:
+            self._http.close()  # (the earlier session's)
+        self._http = self._api_client(family, addr, welcome)
         if self.relay is not None:  # --- cluster
             self.relay.attach(self.send, writer.drain)
         log.info("registered as %s with control plane epoch %s", welcome.node_id, welcome.epoch)
@@ -313,6 +316,18 @@ class WorkerAgent:
             if self.relay is not None:
                 self.relay.detach()
             writer.close()
+
+    def _api_client(self, family: str, addr: object, welcome: m.WorkerWelcome) -> ApiBase:
+        """What this agent fetches code, blobs and volumes with: on the control plane's
+        machine its channel socket (as a local client: no TLS to configure); a joined
+        agent the HTTP(S) API with its node's credential, verifying a certificate against
+        its ``--tls-ca`` (else the system's CAs)."""
+        if family == "unix" and self.server_url is None:
+            assert isinstance(addr, str)
+            return LocalChannelClient(welcome.http_url, self.token, addr)
+        url = self.server_url or welcome.http_url
+        context = self.tls if url.startswith("https:") else None
+        return ApiClient(url, welcome.api_token or self.token, tls_context=context)
 
     async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
         while not writer.is_closing():

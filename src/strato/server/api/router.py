@@ -72,6 +72,15 @@ class Principal:
     input_id: int | None = None  # the input the calling code runs, held by that container
 
 
+@dataclass(frozen=True)
+class NodePrincipal:
+    """--- cluster: a joined worker agent that showed its node's credential (never the API
+    token; ``server/cluster/node_credentials.py``). It may use only the routes marked
+    ``node=True`` (blobs, and the volumes mounted by containers placed on its node)."""
+
+    node_id: str
+
+
 @dataclass
 class Request:
     path_params: dict[str, str]
@@ -80,6 +89,9 @@ class Request:
     content_type: str = MSGPACK
     principal: Principal | None = None
     caller: Caller = INSTALLATION  # its workspace and role (a container's: its app's)
+    # --- cluster: a joined agent's request (only on ``node=True`` routes, whose handlers
+    # check it before ``principal``: None there does not mean the API token's holder)
+    agent: NodePrincipal | None = None
 
     def param(self, name: str, cast: type = str, default=None):
         """A query parameter; numbers must be finite and from 0 to 2^62 (HTTP 400 else)."""
@@ -135,6 +147,9 @@ class Route:
     raw_body: bool = False
     auth: bool = True
     container: bool = False  # a container may use it (over its channel), scoped to its app
+    # --- cluster: a joined agent may use it with its node credential (``Request.agent``;
+    # the handler checks what it names against the agent's node)
+    node: bool = False
     # who may use it: read (any role), write (developer, admin), admin (a workspace's
     # admin), operator (the installation's token); default: GET reads, the rest write,
     # paths under OPERATOR_PREFIXES are the operator's
@@ -165,6 +180,8 @@ class Router:
         self._guards: list[tuple[str, str, Guard]] = []
         self.max_body = max_body
         self._openapi: bytes | None = None
+        # --- cluster: the node a joined agent's credential belongs to (None: not one)
+        self.node_of: Callable[[str], str | None] = lambda credential: None
 
     def add(self, method: str, path: str, summary: str, **kw) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
@@ -205,17 +222,14 @@ class Router:
             return found
         route, params = found
         caller = INSTALLATION
+        agent = None
         if route.auth:
             found_caller = await self._caller(scope)
-            if found_caller is None:
-                return error_reply(
-                    exc.AuthError(
-                        "missing, wrong or revoked token: set STRATO_TOKEN or use "
-                        "$STRATO_HOME/token"
-                    )
-                )
-            caller = found_caller
-            check_access(caller, route)
+            if found_caller is None:  # --- cluster: a joined agent's node credential?
+                agent = self._node_principal(scope, route)  # (or AuthError)
+            else:
+                caller = found_caller
+                check_access(caller, route)
         body = await self._read_body(receive)
         qs = scope.get("query_string") or b""
         query = dict(parse_qsl(qs.decode("latin-1"))) if qs else {}
@@ -224,7 +238,7 @@ class Router:
             if k == b"content-type":
                 ctype = v.decode("latin-1").lower()
                 break
-        return await self._run(route, Request(params, query, body, ctype, None, caller))
+        return await self._run(route, Request(params, query, body, ctype, None, caller, agent))
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | Reply:
         for route in self._by_method.get(method, ()):
@@ -306,6 +320,29 @@ class Router:
         if not auth.startswith(b"Bearer "):
             return None
         return await self.workspaces.authenticate(auth[7:], workspace)
+
+    def _node_principal(self, scope, route: Route) -> NodePrincipal:
+        """--- cluster: the joined agent whose node credential the request shows, if
+        ``route`` is open to it; else ``AuthError``."""
+        shown = b""
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                shown = v
+                break
+        node_id = None
+        if shown.startswith(b"Bearer "):
+            node_id = self.node_of(shown[7:].decode("latin-1"))
+        if node_id is None:
+            raise exc.AuthError(
+                "missing, wrong or revoked token: set STRATO_TOKEN or use $STRATO_HOME/token"
+            )
+        if not route.node:
+            raise exc.PermissionDeniedError(
+                f"{scope['method']} {route.path} is not open to a worker agent's node "
+                "credential: it may fetch blobs and its containers' volumes, never the "
+                "admin API"
+            )
+        return NodePrincipal(node_id)
 
     async def _read_body(self, receive) -> bytes:
         chunks: list[bytes] = []

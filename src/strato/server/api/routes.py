@@ -37,6 +37,8 @@ VERSION = "0.1.0"
 def build_app(cp: ControlPlane) -> Router:
     api = Router("strato control plane", VERSION, cp.token, cp.config.max_payload + (1 << 20))
     api.workspaces = cp.workspaces  # workspace tokens beside the installation's
+    # --- cluster: joined agents' node credentials (once an agent listener exists)
+    api.node_of = lambda cred: cp.agents.credentials.node_of(cred) if cp.agents else None
     route = api.add
     empty = reply({})
     scope = Scope(cp)  # what a container's requests may reach (container=True routes)
@@ -182,6 +184,7 @@ def build_app(cp: ControlPlane) -> Router:
         body=m.BlobCheck,
         response=m.MissingBlobs,
         container=True,
+        node=True,
     )
     async def check_blobs(req: Request) -> Reply:
         keys = req.decode(m.BlobCheck).sha256s
@@ -193,6 +196,7 @@ def build_app(cp: ControlPlane) -> Router:
         "Upload a blob (its key is its sha256)",
         raw_body=True,
         container=True,
+        node=True,
     )
     async def put_blob(req: Request) -> Reply:
         if len(req.body) > cp.config.max_payload:
@@ -203,7 +207,7 @@ def build_app(cp: ControlPlane) -> Router:
         await cp.blobs.aput(req.body, check_key(req.path_params["key"]))
         return empty
 
-    @route("GET", "/blobs/{key}", "Download a blob", container=True)
+    @route("GET", "/blobs/{key}", "Download a blob", container=True, node=True)
     async def get_blob(req: Request) -> Reply:
         data = await cp.blobs.aget(req.path_params["key"])
         return Reply(data, content_type="application/octet-stream")

@@ -89,22 +89,28 @@ def register(api: Router, cp: ControlPlane) -> None:
     cp.apps.spec_hooks.append(mounts_of_workspace)
 
     def mounted(req: Request, ref: str, *, write: bool) -> None:
-        """A container may reach only the volumes its function mounts."""
-        who = req.principal
-        if who is None:
+        """A container may reach only the volumes its function mounts; a joined agent
+        (--- cluster) only those of the containers placed on its node."""
+        if req.agent is not None:
+            fids = {c.function_id for c in cp.fleet.registry.on_node(req.agent.node_id)}
+        elif req.principal is not None:
+            fids = {req.principal.function_id}
+        else:
             return
-        try:
-            spec = cp.calls.function(who.function_id).spec
-        except exc.NotFoundError:
-            spec = None
-        for v in spec.volumes if spec is not None else ():
-            if ref in (v.volume_id, v.name):
-                if write and v.read_only:
-                    raise exc.InvalidError(
-                        f"volume {ref} is mounted read-only in this function: it cannot commit"
-                    )
-                return
-        raise exc.NotFoundError(f"volume {ref} is not mounted in this container")
+        mounts = []
+        for fid in fids:
+            try:
+                mounts += cp.calls.function(fid).spec.volumes
+            except exc.NotFoundError:
+                pass
+        named = [v for v in mounts if ref in (v.volume_id, v.name)]
+        if not named:
+            where = "on this node" if req.agent is not None else "in this container"
+            raise exc.NotFoundError(f"volume {ref} is not mounted {where}")
+        if write and all(v.read_only for v in named):
+            raise exc.InvalidError(
+                f"volume {ref} is mounted read-only in this function: it cannot commit"
+            )
 
     @route(
         "POST",
@@ -138,6 +144,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         response=m.VolumeManifest,
         query={"prefix": str, "data": int},
         container=True,
+        node=True,
     )
     async def volume_manifest(req: Request) -> Reply:
         ref = req.path_params["ref"]
@@ -165,6 +172,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         body=m.VolumeCommit,
         response=m.VolumeVersion,
         container=True,
+        node=True,
     )
     async def commit_volume(req: Request) -> Reply:
         ref = req.path_params["ref"]
@@ -188,6 +196,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         body=m.BlobBatch,
         response=m.BlobKeys,
         container=True,
+        node=True,
     )
     async def put_blobs(req: Request) -> Reply:
         blobs = req.decode(m.BlobBatch).blobs
@@ -205,6 +214,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         body=m.BlobKeys,
         response=m.BlobBatch,
         container=True,
+        node=True,
     )
     async def get_blobs(req: Request) -> Reply:
         keys = [check_key(k) for k in req.decode(m.BlobKeys).keys]

@@ -230,7 +230,9 @@ class Broker:
                 return node_id
         return None
 
-    def _demands(self, now: float) -> list[Demand]:
+    def demands(self, now: float) -> list[Demand]:
+        """Containers that no live node can place now, per function (what to buy nodes
+        for; the ``ray`` provider asks Ray's autoscaler for them)."""
         views = self.fleet.live_views()
         pending: dict[str, int] = {}
         for h in self.held.values():
@@ -285,7 +287,7 @@ class Broker:
 
     def _buy(self, now: float) -> bool:
         """One round of choices; True when a provisioning failed at once (try again)."""
-        demands = self._demands(now)
+        demands = self.demands(now)
         if not demands:
             return False
         nodes_left, budget_left, usable = self._limits()

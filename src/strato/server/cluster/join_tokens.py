@@ -26,6 +26,9 @@ from strato.exceptions import InvalidError, NotFoundError
 
 PREFIX = "stj_"
 FILE = "join-tokens.json"
+# the name of the token the ``ray`` provider makes for its agents (its JOIN_TOKEN_NAME):
+# only nodes joined with it are of provider ``ray``
+RAY_PROVIDER_TOKEN = "ray provider"
 
 
 @dataclass
@@ -45,6 +48,7 @@ class JoinTokens:
 
     def __init__(self, home: Path) -> None:
         self.path = home / FILE
+        self._ids: tuple[tuple[int, int, int] | None, frozenset[str]] = (None, frozenset())
 
     def _load(self) -> list[JoinToken]:
         try:
@@ -88,8 +92,28 @@ class JoinTokens:
         self._save(keep)
         return next(t for t in tokens if t.id == tid)
 
+    def ids(self) -> frozenset[str]:
+        """The ids of the tokens now valid; the file is read again only when it changed
+        (its inode, size or mtime), so asking at every request costs one ``stat``."""
+        try:
+            st = self.path.stat()
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._ids[0] or stamp is None:
+            try:
+                self._ids = (stamp, frozenset(t.id for t in self._load()))
+            except InvalidError:
+                self._ids = (stamp, frozenset())
+        return self._ids[1]
+
     def verify(self, token: str) -> str | None:
         """The id of the token ``token`` is, or None (unknown, revoked, malformed)."""
+        rec = self.find(token)
+        return rec.id if rec is not None else None
+
+    def find(self, token: str) -> JoinToken | None:
+        """The record of the token ``token`` is, or None (unknown, revoked, malformed)."""
         if not token.startswith(PREFIX) or len(token) > 200:
             return None
         tid, _, secret = token[len(PREFIX) :].partition("_")
@@ -101,5 +125,5 @@ class JoinTokens:
             return None
         for t in tokens:
             if t.id == tid and hmac.compare_digest(t.sha256, _hash(secret)):
-                return t.id
+                return t
         return None

@@ -5,7 +5,8 @@
   inputs it is running (within ``grace`` seconds, then it is killed) and takes no more;
   queued inputs go to other nodes. ``wait`` (seconds) answers once the node is empty.
 - remove: the node is forgotten; its containers count as lost with it (their inputs go
-  back to the queue) and its agent's connection is closed. An agent that still runs
+  back to the queue), its agent's connection is closed and its node credential revoked
+  (``node_credentials.py``). An agent that still runs
   joins again as a new node: stop it first, or revoke its join token.
 """
 
@@ -141,6 +142,8 @@ def register(api: Router, cp: ControlPlane) -> None:
         for s in list(fleet.registry.on_node(nid)):
             fleet.kill(s.container_id, "its node was removed")
         fleet.nodes.pop(nid, None)
+        if cp.agents is not None:  # its agent's node credential stops working now
+            cp.agents.credentials.revoke_node(nid)
         fleet.cordoned.discard(nid)
         draining.discard(nid)
         cp.store.set_node_state(nid, "lost")
