@@ -12,7 +12,7 @@ import strato.container.sandbox_agent as sandbox_agent
 from strato.protocol import messages as m
 from strato.worker.launch import compile_strato, prepare_launch
 
-HEAVY = ("strato.container.runner", "cloudpickle", "asyncio", "shutil", "strato.client")
+HEAVY = ("strato.container.runner", "cloudpickle", "asyncio", "shutil", "hashlib", "strato.client")
 
 
 def _launch(tmp_path: Path, sandbox: m.SandboxConfig | None, isolated: bool):

@@ -11,10 +11,8 @@ Local files (``add_local_file``/``add_local_dir``/``add_local_python_source``) b
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
-import shlex
 import sys
 from typing import Any
 
@@ -158,6 +156,8 @@ def step_encoding(step: ImageStep) -> bytes:
 
 def layer_keys(spec: ImageSpec) -> list[str]:
     """The key of every step: sha256(previous key, canonical encoding of the step)."""
+    import hashlib  # (here: a sandbox agent imports this module, and never needs it)
+
     keys: list[str] = []
     previous = KEY_VERSION.encode()
     for step in spec.steps:
@@ -267,6 +267,8 @@ def pip_options(
         args += ["--extra-index-url", extra_index_url]
     if pre:
         args.append("--pre")
+    import shlex  # (here, as hashlib above)
+
     return args + shlex.split(extra_options)
 
 

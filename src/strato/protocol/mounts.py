@@ -7,7 +7,6 @@ separately, content-addressed by their sha256, so an unchanged file is never sen
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import msgspec
@@ -43,6 +42,8 @@ def mount_id(manifest: MountManifest) -> str:
         [[f.path, f.sha256, f.size, f.mode] for f in sorted(root, key=lambda f: f.path)]
         for root in manifest.roots
     ]
+    import hashlib  # (here: a sandbox agent imports this module, and never needs it)
+
     data = msgspec.msgpack.encode([_MOUNT_ID_VERSION, canonical])
     return "mnt-" + hashlib.sha256(data).hexdigest()
 
