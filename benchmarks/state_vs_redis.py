@@ -1,7 +1,9 @@
 """strato.Dict and strato.Queue against Redis, both measured in one run on this machine.
 
-Starts Debian's ``redis-server`` itself (default persistence: no AOF), on a free port,
-and an embedded strato control plane (SQLite, every change committed before it answers).
+Starts Debian's ``redis-server`` itself on a free port (no persistence by default;
+``--redis-appendfsync everysec`` or ``always`` turns its append-only file on, Redis's own
+durable settings), and an embedded strato control plane (SQLite, every change committed
+before it answers: it survives a SIGKILL of the control plane, not a power loss).
 Measures, from a client, one operation at a time after a warm-up:
 
 - ``dict_put`` / ``dict_get``: ``d[k] = v`` / ``d[k]`` vs ``SET`` / ``GET`` (p50, p90, p99),
@@ -57,7 +59,7 @@ def consume(queue_name: str, n: int, batch: int) -> dict:
 
 
 @contextlib.contextmanager
-def redis_server():
+def redis_server(appendfsync: str = "no-aof"):
     import redis
 
     exe = shutil.which("redis-server")
@@ -65,8 +67,9 @@ def redis_server():
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="bench-redis-")
+    aof = [] if appendfsync == "no-aof" else ["--appendonly", "yes", "--appendfsync", appendfsync]
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", ""],
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "", *aof],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -237,8 +240,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--consumer-items", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--redis-appendfsync",
+        choices=["no-aof", "everysec", "always"],
+        default="no-aof",
+        help="Redis's persistence: none (default), or its append-only file synced so",
+    )
     args = ap.parse_args()
-    with redis_server() as r, strato_env():
+    with redis_server(args.redis_appendfsync) as r, strato_env():
         redis_side, strato_side = RedisSide(r, args.warmup), StratoSide(args.warmup)
         their_rounds, our_rounds = [], []
         for i in range(args.rounds):  # alternating, one side at a time
@@ -259,6 +268,7 @@ def main() -> None:
                 "redis_ms": theirs[op][f"{q}_ms"],
                 "ratio": ratio,
                 "ops": args.ops,
+                "redis_appendfsync": args.redis_appendfsync,
             }
             if q == "p50" and op != "http_floor":
                 line.update(target="<= 2", **{"pass": ratio <= 2})
@@ -276,6 +286,7 @@ def main() -> None:
                 "ratio": ratio,
                 "target": "<= 2",
                 "pass": ratio <= 2,
+                "redis_appendfsync": args.redis_appendfsync,
             }
         )
     op = "queue_consumer_container"
