@@ -45,6 +45,7 @@ EXIT_AFTER_EOF_S = 1.0  # a process's exit waits this long for its streams' end
 PR_SET_DUMPABLE = 4
 SHELL = "/bin/sh"
 TUNNEL_CONNECT_S = 5.0  # a tunnel's connection to its port inside the sandbox
+TUNNEL_READ = 256 << 10  # one read of a tunnel's bytes
 
 
 def _returncode(code: int) -> tuple[int, str]:
@@ -376,6 +377,7 @@ class SandboxAgent:
             ch.close()
             return
         port.settimeout(None)
+        port.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (asyncio's side has it)
         back = threading.Thread(target=_pipe, args=(ch, port), daemon=True)
         back.start()
         _pipe(port, ch)
@@ -534,7 +536,7 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
     """Bytes from ``src`` to ``dst`` until ``src`` ends (then half-close ``dst``); on an
     error both are shut down, which ends the other direction too."""
     try:
-        while data := src.recv(READ_SIZE):
+        while data := src.recv(TUNNEL_READ):
             dst.sendall(data)
         dst.shutdown(socket.SHUT_WR)
     except OSError:

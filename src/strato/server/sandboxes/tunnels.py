@@ -41,7 +41,7 @@ log = logging.getLogger("strato.sandboxes")
 
 OPEN_TIMEOUT_S = 10.0  # the agent's connection for a client, after SbTunnelOpen
 START_WAIT_S = 60.0  # a client that connects while its sandbox still starts waits this long
-READ_SIZE = 64 << 10
+READ_SIZE = 256 << 10
 MAX_CONNECTIONS = 256  # client connections one sandbox's tunnels carry at once
 
 
