@@ -19,12 +19,13 @@ def provider_list() -> None:
     """Enabled providers, the nodes bought from them, and the broker's limits."""
     st = session.api(progress_cb=None).call("GET", "/broker", None, m.BrokerStatus)
     if not st.configured:
-        click.echo(f"no providers file at {st.config_path}: the local node only")
-        return
-    click.echo(
-        f"max_nodes {st.max_nodes}, budget ${st.budget_per_hour:.2f}/h, spending "
-        f"${st.spend_per_hour:.2f}/h; {st.failovers} failovers, {st.preemptions} preemptions"
-    )
+        click.echo(f"no providers file at {st.config_path}: nothing is bought")
+    else:
+        click.echo(
+            f"max_nodes {st.max_nodes}, budget ${st.budget_per_hour:.2f}/h, spending "
+            f"${st.spend_per_hour:.2f}/h; {st.failovers} failovers, {st.preemptions} "
+            f"preemptions, {st.moves} moved to a cheaper node"
+        )
     click.echo(f"{'PROVIDER':<16}{'ENABLED':<9}{'KIND':<6}{'OFFERS':>7}{'SPOT':>6}{'NODES':>7}")
     for p in st.providers:
         nodes = f"{p.nodes}/{p.max_nodes}" if p.max_nodes is not None else str(p.nodes)
@@ -46,6 +47,9 @@ def provider_list() -> None:
         click.echo(f"cooling down: {b}")
 
 
+FIXED = ("hosts", "ray")  # providers of nodes already there: their offers come from the server
+
+
 @provider_group.command("offers")
 @click.option("--gpu", help="Only offers of this GPU type (H100, A100-80GB, L4...).")
 @click.option("--count", type=int, default=None, help="With at least this many GPUs.")
@@ -61,17 +65,26 @@ def provider_offers(
     spot: bool,
     limit: int,
 ) -> None:
-    """The catalog's offers, cheapest first (STRATO_SIM_OFFERS)."""
+    """The catalog's offers (STRATO_SIM_OFFERS), and the idle joined hosts and Ray nodes
+    at their declared prices (from the control plane), cheapest first."""
     from strato.protocol.gpu import parse_gpu
+    from strato.providers.base import Offer
     from strato.providers.catalog import PROVIDERS, CatalogMissing, load_offers
 
     want = parse_gpu(gpu)[0].type if gpu else None
-    if provider is not None and provider not in PROVIDERS:
-        raise exc.InvalidError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
-    try:
-        offers = load_offers()
-    except CatalogMissing as e:
-        raise exc.NotFoundError(str(e)) from None
+    if provider is not None and provider not in (*PROVIDERS, *FIXED):
+        names = ", ".join((*PROVIDERS, *FIXED))
+        raise exc.InvalidError(f"unknown provider {provider!r}: use one of {names}")
+    offers: list[Offer] = []
+    if provider is None or provider in FIXED:
+        offers += _fixed_offers(spot)
+    if provider not in FIXED:
+        try:
+            offers += load_offers()
+        except CatalogMissing as e:
+            if provider is not None:
+                raise exc.NotFoundError(str(e)) from None
+            click.echo(f"(no catalog: {e})", err=True)
     rows = []
     for o in offers:
         if want is not None and o.gpu != want:
@@ -94,3 +107,31 @@ def provider_offers(
         click.echo(f"{price:>9.3f}  {gpus:<14}{o.cpu:>5g}{o.memory_gib:>9g}  {o.offer_id}")
     if len(rows) > limit:
         click.echo(f"... {len(rows) - limit} more (--limit)")
+
+
+def _fixed_offers(spot: bool) -> list:
+    """The offers of the control plane's joined hosts and Ray nodes (none as spot)."""
+    from strato.providers.base import Offer
+
+    if spot:
+        return []
+    try:
+        st = session.api(progress_cb=None).call("GET", "/broker", None, m.BrokerStatus)
+    except exc.ConnectionError as e:
+        click.echo(f"(joined hosts and Ray nodes not listed: {e})", err=True)
+        return []
+    return [
+        Offer(
+            o.provider,
+            o.instance_type,
+            o.gpu,
+            o.gpu_count,
+            o.cpu,
+            o.memory_gib,
+            o.price_per_hour,
+            None,
+            o.region,
+            o.offer_id.rsplit("/", 1)[-1],
+        )
+        for o in st.offers
+    ]

@@ -1281,6 +1281,21 @@ class InstanceInfo(msgspec.Struct):
     region: str = ""
 
 
+class OfferInfo(msgspec.Struct):
+    """An offer of a provider that sells nothing (joined hosts, Ray's nodes): capacity that
+    is already there, at its declared price."""
+
+    provider: str
+    offer_id: str
+    instance_type: str
+    gpu: str | None
+    gpu_count: int
+    cpu: float
+    memory_gib: float
+    price_per_hour: float
+    region: str = ""
+
+
 class BrokerStatus(msgspec.Struct):
     configured: bool
     config_path: str
@@ -1292,6 +1307,8 @@ class BrokerStatus(msgspec.Struct):
     spend_per_hour: float
     failovers: int
     preemptions: int
+    moves: int = 0  # nodes cordoned for a cheaper option (rebalance_margin)
+    offers: list[OfferInfo] = []  # of the providers that sell nothing (hosts, ray)
 
 
 class UsageRow(msgspec.Struct):

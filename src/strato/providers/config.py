@@ -7,6 +7,7 @@ budget_per_hour = 40.0     # USD per hour for all of them together
 keep_alive_s = 120         # an idle node is given back after this long
 cooldown_s = 300           # a failed (provider, region, GPU type) is not tried again for this long
 preemption_loss_h = 0.25   # hours of work one spot preemption costs (the cost model)
+rebalance_margin = 0.02    # a node dearer per container than the best option by more: cordoned
 spot = true                # buy spot where its expected cost is lower
 
 [providers.aws]            # one table per provider (the 13 of the catalog)
@@ -99,6 +100,7 @@ class BrokerConfig:
     keep_alive_s: float = 120.0
     cooldown_s: float = 300.0
     preemption_loss_h: float = 0.25
+    rebalance_margin: float = 0.02
     spot: bool = True
     provisioning_delay_s: float = 1.0
     faults: list[Fault] = field(default_factory=list)
@@ -135,6 +137,7 @@ def load_config(path: Path) -> BrokerConfig | None:
         ("keep_alive_s", float),
         ("cooldown_s", float),
         ("preemption_loss_h", float),
+        ("rebalance_margin", float),
     ):
         if key in b:
             value = b[key]

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from strato import settings
 from strato.exceptions import InvalidError
 
+from .base import Capabilities, Instance, InstanceState, Offer, ProvisionError
 from .ray_agent import AgentSpec
 
 if TYPE_CHECKING:
@@ -227,6 +228,9 @@ class RayProvider:
     """The Ray cluster's nodes as strato nodes (see the module's doc)."""
 
     name = "ray"
+    # behind the Provider interface (base.py): its nodes are there already; Ray's
+    # autoscaler grows the cluster from the demand reported to it, not offer by offer
+    capabilities = Capabilities(provisions=False, spot=False)
 
     def __init__(
         self,
@@ -260,6 +264,7 @@ class RayProvider:
         self._failures: dict[str, int] = {}
         self._task: asyncio.Task | None = None
         self._closed = False
+        self.released: set[str] = set()  # Ray node ids given back (``terminate``): no agent
 
     # ------------------------------------------------------------------ the loop
 
@@ -317,6 +322,8 @@ class RayProvider:
         now = time.monotonic()
         for nid, node in alive.items():
             if nid in self.agents or self._closed or self._retry_at.get(nid, 0) > now:
+                continue
+            if nid in self.released:
                 continue
             shape = shape_of(node, self.share, self.required_resource)
             if shape is None:
@@ -447,6 +454,57 @@ class RayProvider:
             except Exception:  # noqa: BLE001
                 pass
         ray.shutdown()
+
+    # ------------------------------------------------------------------ the Provider interface
+
+    def offers(self) -> list[Offer]:
+        """Its nodes whose agent is up, each as what strato reserves there (price 0: the
+        Ray cluster's own)."""
+        return [offer_of(a.shape) for a in self.agents.values() if a.info]
+
+    def provision(self, offer: Offer, *, spot: bool) -> Instance:
+        raise ProvisionError(
+            "the ray provider buys nothing: Ray's autoscaler adds nodes for the work no node "
+            "can place (it is asked at each poll), or add one with `ray start --address ...`"
+        )
+
+    def terminate(self, instance_id: str, reason: str = "released") -> None:
+        """Stop strato's agent on the Ray node ``instance_id`` and start none there again
+        (the node stays Ray's); its strato node is lost (its inputs go back to the queue)."""
+        self.released.add(instance_id)
+        agent = self.agents.pop(instance_id, None)
+        if agent is None:
+            return
+        log.info("Ray node %s given back (%s): its strato agent stops", instance_id[:12], reason)
+        try:
+            agent.actor.stop.remote()
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+        self.on_node_lost(agent.shape.name, reason)
+
+    def instances(self) -> list[Instance]:
+        """Its nodes: running once their agent answered, provisioning before."""
+        out = []
+        for nid, a in self.agents.items():
+            state = InstanceState.RUNNING if a.info else InstanceState.PROVISIONING
+            inst = Instance(nid, offer_of(a.shape), False, state, node_name=a.shape.name)
+            out.append(inst)
+        return out
+
+
+def offer_of(shape: RayNodeShape) -> Offer:
+    return Offer(
+        provider="ray",
+        instance_type=shape.name,
+        gpu=gpu_type(shape.accelerator),
+        gpu_count=shape.gpu_count,
+        cpu=shape.cpu,
+        memory_gib=shape.memory_mb / 1024,
+        price=0.0,
+        spot_price=None,
+        region=shape.labels.get("region", ""),
+        zone=shape.ray_node_id[:12],
+    )
 
 
 def connect(address: str | None) -> str:

@@ -138,6 +138,7 @@ class ControlPlane:
             channel=f"unix:{config.channel_socket}",
             token=self.token,
             tell=lambda app_id, text: self.logs.system(app_id, text),
+            unmet=self.scaler.unmet,  # containers the autoscaler wants and no node took
         )
         self.fleet.supply = self.broker.can_supply
         from .metering import Meter

@@ -130,6 +130,7 @@ async def serve(config: ServerConfig) -> None:
         except BaseException:
             await cp.close()
             raise
+        cp.broker.attach(ray_provider)  # --- broker: listed behind the Provider interface
     info = server_info_path(config.home)
     tmp = info.with_suffix(".tmp")
     tmp.write_text(

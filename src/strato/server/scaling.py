@@ -61,6 +61,9 @@ class Scaler:
         self.states: dict[str, ScaleState] = {}
         self._warm_capped: set[str] = set()  # functions told their warm pool is capped
         self._failed: set[str] = set()  # functions whose scaling raised (logged once)
+        # --- broker: containers each function should have and no node took this tick
+        # (its queue, buffer_containers, min_containers, a web endpoint's requests)
+        self.unmet: dict[str, int] = {}
 
     # ------------------------------------------------------------------ events
 
@@ -91,6 +94,7 @@ class Scaler:
                 and fn.spec.scaling.min_containers == 0
             )
             if idle and not due and not arrived:
+                self.unmet.pop(fn.function_id, None)
                 continue
             try:
                 self._scale_function(fn, now)
@@ -160,9 +164,15 @@ class Scaler:
         )
         result = scale(stats, config, state)
         st.policy, st.recheck_at = result.state, result.recheck_at
+        started = 0
         for _ in range(result.decision.start):
             if self.fleet.start_container(fn) is None:
                 break
+            started += 1
+        if started < result.decision.start:  # --- broker: what it may buy nodes for
+            self.unmet[fn.function_id] = result.decision.start - started
+        else:
+            self.unmet.pop(fn.function_id, None)
         for cid in result.decision.stop:
             self.fleet.stop(cid)
 

@@ -2,15 +2,21 @@
 
 On each scaling tick it reads the providers file again if it changed, then:
 
-- demand: each function with queued inputs (or a warm pool, ``min_containers``, short of
-  containers) that no live node can place (its GPU type, CPU, memory, ``region=``,
-  ``cloud=``) wants containers for its queue and its warm pool (up to
-  ``max_containers``), less those the nodes it is already provisioning will hold;
+- demand: each function with queued inputs, a warm pool (``min_containers``) short of
+  containers, or containers the autoscaler wanted this tick and no node took
+  (``buffer_containers``, a web endpoint's requests: ``Scaler.unmet``) that no live node
+  can place (its GPU type, CPU, memory, ``region=``, ``cloud=``) wants containers for
+  them (up to ``max_containers``), less those the nodes it is already provisioning will
+  hold;
 - it chooses offers (``decide.choose``) within ``max_nodes`` (the broker's and each
   provider's) and the budget per hour, and provisions them; a provisioning that fails
   blocks its (provider, region, GPU type) for ``cooldown_s`` and the next choice is
   provisioned at once (no wait but the scheduler's);
 - a node the broker bought that has held no container for ``keep_alive_s`` is given back;
+- a node it bought that costs more per container than the best option now by over
+  ``rebalance_margin`` (bought in a shortage, or as a replacement while the cheapest
+  places were out of capacity: ``decide.cheaper_option``) is cordoned: its containers
+  finish there, new ones go to a cheaper node, and it is given back once idle;
 - a preempted node: its agent is gone, so the fleet counts its node lost and the inputs
   its containers held go back to the front of the queue (``Fleet.worker_gone``); the next
   tick buys the capacity again;
@@ -23,7 +29,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,12 +38,21 @@ from strato.protocol import messages as m
 from strato.providers.base import FINAL, Instance, InstanceState, Offer, Provider, StateChange
 from strato.providers.catalog import load_offers
 from strato.providers.config import BrokerConfig, ConfigWatch
+from strato.providers.hosts import JOINED, HostNode, HostsProvider
 from strato.providers.sim import SimProvider
 from strato.providers.traces import PreemptionModel, load_traces
 
 from ..calls.state import AppState
 from ..scheduler import ContainerRequest, place
-from .decide import BlockKey, Demand, OfferIndex, block_key, choose
+from .decide import (
+    BlockKey,
+    Demand,
+    OfferIndex,
+    Option,
+    block_key,
+    cheaper_option,
+    choose,
+)
 
 if TYPE_CHECKING:
     from ..calls.manager import CallManager, FunctionQueue
@@ -47,6 +62,7 @@ log = logging.getLogger("strato.broker")
 
 WAIT_REPORT_EVERY_S = 30.0
 MAX_FAILOVERS_PER_TICK = 16
+DRAIN_GRACE_S = 300.0  # a drained node's containers: time to finish their running inputs
 
 
 @dataclass
@@ -58,6 +74,7 @@ class Held:
     earmark: dict[str, int] = field(default_factory=dict)  # function id -> containers
     idle_since: float | None = None
     bought_for: str | None = None
+    option: Option | None = None  # as chosen: its expected cost per hour
 
 
 class Broker:
@@ -72,6 +89,7 @@ class Broker:
         token: str,
         tell: Callable[[str, str], None],
         offers: list[Offer] | None = None,
+        unmet: Mapping[str, int] | None = None,
     ) -> None:
         self.watch = watch
         self.fleet = fleet
@@ -79,6 +97,7 @@ class Broker:
         self.home, self.channel, self.token = home, channel, token
         self._tell = tell
         self._catalog = offers
+        self.unmet: Mapping[str, int] = unmet if unmet is not None else {}
         self.config = BrokerConfig()
         self.providers: dict[str, Provider] = {}
         self.index = OfferIndex([])
@@ -88,6 +107,12 @@ class Broker:
         self._told: dict[str, tuple[str, float]] = {}  # function id -> (why, when)
         self.failovers = 0
         self.preemptions = 0
+        self.moves = 0  # nodes cordoned for a cheaper option
+        # providers that sell nothing, their nodes already there: the joined machines, and
+        # the Ray cluster's nodes where the control plane runs on Ray (``attach``)
+        self.fixed: dict[str, Provider] = {
+            "hosts": HostsProvider(self._joined, self._drain, self._on_fixed_change)
+        }
         self.history: collections.deque[Held] = collections.deque(maxlen=200)
         self._ended_nodes: set[str] = set()  # nodes of ended instances, until their agent is gone
 
@@ -140,6 +165,31 @@ class Broker:
         except Exception as e:  # noqa: BLE001 - a bad file: keep the last good one
             log.error("broker: the providers file is not valid (%s); keeping the last one", e)
 
+    # ------------------------------------------------------------------ nodes already there
+
+    def attach(self, provider: Provider) -> None:
+        """A provider whose nodes are already there (``ray``): listed, never bought from."""
+        self.fixed[provider.name] = provider
+
+    def _joined(self) -> list[HostNode]:
+        return [
+            HostNode(nid, n.info, not self.fleet.registry.on_node(nid))
+            for nid, n in self.fleet.nodes.items()
+            if n.peer is not None and n.info.provider == JOINED
+        ]
+
+    def _drain(self, node_id: str, reason: str) -> None:
+        """No new containers on the node; its containers stop once their inputs finish."""
+        log.info("broker: draining node %s (%s)", node_id, reason)
+        self.fleet.cordoned.add(node_id)
+        for s in self.fleet.registry.on_node(node_id):
+            self.fleet.stop(s.container_id, DRAIN_GRACE_S)
+
+    def _on_fixed_change(self, ev: StateChange) -> None:
+        log.info(
+            "broker: %s node %s %s", ev.instance.offer.provider, ev.instance.node_name, ev.state
+        )
+
     # ------------------------------------------------------------------ what the fleet asks
 
     def can_supply(self, request: ContainerRequest, spec_nonpreemptible: bool = False) -> bool:
@@ -163,6 +213,7 @@ class Broker:
         if not self.providers:
             return
         self.blocked = {k: u for k, u in self.blocked.items() if u > now}
+        self._move_dear()
         for _ in range(MAX_FAILOVERS_PER_TICK):
             if not self._buy(now):
                 break
@@ -222,6 +273,7 @@ class Broker:
             if node is None or node.peer is None:
                 self.fleet.nodes.pop(node_id, None)
                 self.fleet.preempted.discard(node_id)
+                self.fleet.cordoned.discard(node_id)
                 self._ended_nodes.discard(node_id)
 
     def node_of(self, h: Held) -> str | None:
@@ -245,24 +297,31 @@ class Broker:
         for fn in list(self.calls.functions.values()):
             if fn.app_state == AppState.STOPPED or fn.spec.sandbox is not None:
                 continue
-            if not fn.queue and fn.spec.scaling.min_containers <= len(
-                self.fleet.registry.live_of(fn.function_id)
+            unmet = self.unmet.get(fn.function_id, 0)
+            if (
+                not fn.queue
+                and not unmet
+                and fn.spec.scaling.min_containers
+                <= len(self.fleet.registry.live_of(fn.function_id))
             ):
-                continue  # no work waits, its warm pool is whole
+                continue  # no work waits, its warm pool is whole, the autoscaler has all
             request = self.fleet.request_for(fn.spec)
-            mine = views
+            mine = [v for v in views if v.node_id not in self.fleet.cordoned]  # as the fleet
             if fn.spec.nonpreemptible:  # spot nodes are not for it
                 mine = [v for v in views if not self.fleet.is_spot(v.node_id)]
             if place(request, mine) is not None:
                 continue  # a node can take it now: the fleet places it
-            want = self._wanted(fn) - pending.get(fn.function_id, 0)
+            want = self._wanted(fn, unmet) - pending.get(fn.function_id, 0)
             if want > 0:
                 out.append(Demand(fn.function_id, request, want, _nonpreemptible(fn)))
         return out
 
-    def _wanted(self, fn: FunctionQueue) -> int:
+    def _wanted(self, fn: FunctionQueue, unmet: int = 0) -> int:
+        """Containers to buy nodes for: its queued inputs, its warm pool, and what the
+        autoscaler wanted this tick and no node took (``unmet``: ``buffer_containers``, a
+        web endpoint's requests)."""
         per = max(1, self.calls.target_inputs(fn))
-        want = math.ceil(len(fn.queue) / per)
+        want = max(math.ceil(len(fn.queue) / per), unmet)
         cap = fn.spec.scaling.max_containers
         live = len(self.fleet.registry.live_of(fn.function_id))
         want = max(want, fn.spec.scaling.min_containers - live)  # its warm pool
@@ -313,7 +372,7 @@ class Broker:
                 failed = True
                 break
             self.held[inst.instance_id] = Held(
-                inst, provider.name, {c.key: c.containers}, bought_for=c.key
+                inst, provider.name, {c.key: c.containers}, bought_for=c.key, option=c.option
             )
             log.info(
                 "broker: provisioning %s for %d container(s) of %s",
@@ -328,6 +387,52 @@ class Broker:
                 force=True,
             )
         return failed
+
+    def _move_dear(self) -> None:
+        """Cordon the running nodes it bought whose containers (of one function) a cheaper
+        option would hold for less per container by over ``rebalance_margin``."""
+        _, _, usable = self._limits()
+        for h in self.held.values():
+            if h.instance.state != InstanceState.RUNNING:
+                continue
+            node_id = self.node_of(h)
+            if node_id is None or node_id in self.fleet.cordoned:
+                continue
+            residents = self.fleet.registry.on_node(node_id)
+            fns = {c.function_id for c in residents}
+            fn = self.calls.functions.get(next(iter(fns))) if len(fns) == 1 else None
+            held = h.option
+            if fn is None or held is None:
+                continue
+            demand = Demand(
+                fn.function_id, self.fleet.request_for(fn.spec), len(residents), _nonpreemptible(fn)
+            )
+            better = cheaper_option(
+                held,
+                demand,
+                self.index,
+                margin=self.config.rebalance_margin,
+                blocked=set(self.blocked),
+                providers=usable,
+            )
+            if better is not None:
+                self.fleet.cordoned.add(node_id)
+                self.moves += 1
+                log.info(
+                    "broker: cordoning %s (%s): %s holds its %d container(s) for less; "
+                    "given back once idle",
+                    node_id,
+                    held.label,
+                    better.label,
+                    len(residents),
+                )
+                self._say(
+                    fn.function_id,
+                    f"{held.label} costs more than {better.label}: new containers go to a "
+                    "cheaper node",
+                    time.monotonic(),
+                    force=True,
+                )
 
     def _release_idle(self, now: float) -> None:
         for iid, h in list(self.held.items()):
@@ -399,6 +504,21 @@ class Broker:
                     max_nodes=pc.max_nodes,
                 )
             )
+        fixed_offers = []
+        for name, p in self.fixed.items():
+            offers = p.offers()
+            fixed_offers += [_offer_info(o) for o in offers]
+            providers.append(
+                m.ProviderInfo(
+                    name=name,
+                    enabled=True,
+                    kind=name,
+                    offers=len(offers),
+                    spot=p.capabilities.spot,
+                    regions=sorted({o.region for o in offers if o.region}),
+                    nodes=len(p.instances()),
+                )
+            )
         return m.BrokerStatus(
             configured=self.watch.config is not None,
             config_path=str(self.watch.path),
@@ -412,6 +532,8 @@ class Broker:
             spend_per_hour=sum(h.instance.price_per_hour for h in live),
             failovers=self.failovers,
             preemptions=self.preemptions,
+            moves=self.moves,
+            offers=fixed_offers,
         )
 
     def _info(self, h: Held) -> m.InstanceInfo:
@@ -432,6 +554,20 @@ class Broker:
             for_function=h.bought_for,
             region=o.region,
         )
+
+
+def _offer_info(o: Offer) -> m.OfferInfo:
+    return m.OfferInfo(
+        provider=o.provider,
+        offer_id=o.offer_id,
+        instance_type=o.instance_type,
+        gpu=o.gpu,
+        gpu_count=o.gpu_count,
+        cpu=o.cpu,
+        memory_gib=o.memory_gib,
+        price_per_hour=o.price or 0.0,
+        region=o.region,
+    )
 
 
 def _nonpreemptible(fn: FunctionQueue) -> bool:
