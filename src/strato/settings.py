@@ -496,7 +496,7 @@ SANDBOX_CPU = number(
     1 / 64,
     "The CPU a sandbox created without `cpu=` reserves, in cores: small, so that many idle "
     "ones fit on a node. It has no limit: it bursts to idle cores, and under contention "
-    "gets CPU in proportion to what it reserved (its cgroup's weight).",
+    "gets as much CPU as any container that reserved up to a core (its cgroup's weight).",
     (SERVER,),
     unit="number",
     within=Range(1 / 1024, 64.0),

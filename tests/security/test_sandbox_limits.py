@@ -159,7 +159,7 @@ def test_a_warm_pool_sandbox_has_the_default_limits(strato_server, runtime):
         wait_until(pool_ready, 90, "the warm pool to fill")
         shares = Path(f"/sys/fs/cgroup/cpu/strato/{pooled[0]}/cpu.shares")
         if shares.parent.parent.exists():  # cgroup v1 here (v2: cpu.weight)
-            assert int(shares.read_text()) == 16  # 1/64 core
+            assert int(shares.read_text()) == 1024  # 1/64 core: the default weight
         sb = strato.Sandbox.create(app=app)
         code, out, err = py(sb, "import os; s = os.statvfs('/tmp'); print(s.f_blocks * s.f_frsize)")
         assert code == 0, err

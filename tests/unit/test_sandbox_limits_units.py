@@ -17,9 +17,10 @@ from strato.runtime.network import allow_ruleset
 
 def test_cpu_weight_follows_the_request():
     assert cpu_weight(1.0, 1) == 1024 and cpu_weight(1.0, 2) == 100
-    assert cpu_weight(1 / 64, 1) == 16 and cpu_weight(1 / 64, 2) == 2
-    assert cpu_weight(0.0001, 1) == 2 and cpu_weight(0.0001, 2) == 1  # the kernels' minimum
-    assert cpu_weight(4096, 2) == 10_000  # v2's maximum
+    assert cpu_weight(2.5, 1) == 2560 and cpu_weight(2.5, 2) == 250
+    # never below the default: what reserved little gets as much as what reserved nothing
+    assert cpu_weight(1 / 64, 1) == 1024 and cpu_weight(1 / 64, 2) == 100
+    assert cpu_weight(4096, 1) == 262_144 and cpu_weight(4096, 2) == 10_000  # the maxima
 
 
 def test_allowlist_parsing():

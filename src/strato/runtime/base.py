@@ -82,9 +82,10 @@ class ContainerLaunch:
     pids_max: int | None = None
     """Most processes and threads the container may hold at once."""
     cpu_request: float | None = None
-    """CPU share in cores: the cgroup's weight (``cpu.shares`` 1024 per core on v1,
-    ``cpu.weight`` 100 per core on v2), so a busy neighbour cannot starve it; the limit is
-    ``cpu``."""
+    """CPU reserved in cores: the cgroup's weight (``cpu.shares`` 1024 per core on v1,
+    ``cpu.weight`` 100 per core on v2, never below the default; see
+    :func:`~strato.runtime.cgroups.cpu_weight`), so a busy neighbour cannot starve it; the
+    limit is ``cpu``."""
     disk_mb: int | None = None
     """Size of each writable folder in MiB (the writable layer over an image, ``/tmp``,
     ``/root``, ``/home``, ``/run``, ``/dev/shm``): past it writes fail with ``ENOSPC``.

@@ -424,12 +424,16 @@ class CgroupManager:
 
 
 def cpu_weight(cores: float, version: int) -> int:
-    """The CPU weight of a share of ``cores``: v1 ``cpu.shares`` (1024 per core, at least
-    2), v2 ``cpu.weight`` (100 per core, 1 to 10000). Siblings under contention get CPU in
-    proportion to it, whatever their number of threads."""
+    """The CPU weight of a container that reserved ``cores``: the kernel's default weight
+    (v1 ``cpu.shares`` 1024, v2 ``cpu.weight`` 100) per core, never below that default
+    (a container that reserved little, like an idle sandbox's 1/64 core, gets as much as
+    one that reserved nothing, like a zygote), at most the kernel's maximum. Siblings under
+    contention get CPU in proportion to it, whatever their number of threads: a container
+    spinning on every core cannot starve its neighbours."""
+    cores = max(cores, 1.0)
     if version == 1:
-        return max(2, round(cores * 1024))
-    return min(10_000, max(1, round(cores * 100)))
+        return min(262_144, round(cores * 1024))
+    return min(10_000, round(cores * 100))
 
 
 def _cpu_quota(cpu: float) -> int:
