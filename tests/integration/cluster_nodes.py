@@ -212,17 +212,24 @@ def stop_control_plane(handle: ServerHandle) -> None:
 
 
 @contextlib.contextmanager
-def one_joined_node(name: str, env: dict[str, str] | None = None) -> Iterator[ServerHandle]:
-    """A control plane without a local worker and one agent ``name`` that joined it over
-    TCP on this machine (its containers' channels go through the relay); the client of
-    this process points at it inside the block and back where it was after."""
+def one_joined_node(
+    name: str,
+    env: dict[str, str] | None = None,
+    server_env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> Iterator[ServerHandle]:
+    """A control plane (``server_env``) without a local worker and one agent ``name``
+    (``env``, ``extra`` arguments) that joined it over TCP on this machine (its
+    containers' channels go through the relay); the client of this process points at it
+    inside the block and back where it was after."""
     from conftest import restore_env
 
     saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
-    handle = start_control_plane({})
+    handle = start_control_plane(server_env or {})
     agent = None
     try:
-        agent = start_agent(handle.url, agent_port(handle), join_token(handle), name, env=env)
+        token = join_token(handle)
+        agent = start_agent(handle.url, agent_port(handle), token, name, env=env, extra=extra)
         wait_nodes({name})
         yield handle
     finally:

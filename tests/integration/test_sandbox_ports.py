@@ -255,3 +255,59 @@ def test_tunnels_of_a_sandbox_on_a_joined_node_go_through_the_relay(joined_node)
         wait_until(echo, 60, "a WebSocket echo through the relay")
     finally:
         sb.terminate()
+
+
+def test_encrypted_ports_speak_tls_where_the_control_plane_has_a_certificate(tmp_path):
+    import ssl
+    import subprocess
+
+    from cluster_nodes import one_joined_node
+    from conftest import restore_env
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=strato-test"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    saved = {"STRATO_TLS_CA": os.environ.get("STRATO_TLS_CA")}
+    os.environ["STRATO_TLS_CA"] = str(cert)  # this client verifies the API's HTTPS with it
+    tls = {"STRATO_TLS_CERT": str(cert), "STRATO_TLS_KEY": str(key)}
+    try:
+        with one_joined_node("sbports-tls", server_env=tls, extra=("--tls-ca", str(cert))):
+            app = strato.App.lookup("sbports-tls", create_if_missing=True)
+            sb = strato.Sandbox.create(
+                app=app, runtime="bwrap", encrypted_ports=[8000], unencrypted_ports=[8001]
+            )
+            try:
+                with sb.open("/tmp/index.html", "w") as f:
+                    f.write("over tls")
+                for port in ("8000", "8001"):
+                    sb.exec(
+                        "python3", "-m", "http.server", port, "--bind", "127.0.0.1", "-d", "/tmp"
+                    )
+                tunnels = sb.tunnels()
+                secure, plain = tunnels[8000], tunnels[8001]
+                assert secure.tls and secure.url.startswith("https://")
+                assert not plain.tls and plain.url.startswith("http://")
+                ctx = ssl.create_default_context(cafile=str(cert))
+
+                def get_tls() -> bytes | None:
+                    try:
+                        url = secure.url + "/index.html"
+                        with urllib.request.urlopen(url, timeout=10, context=ctx) as r:
+                            return r.read()
+                    except OSError:
+                        return None  # (its server may not listen yet)
+
+                assert wait_until(get_tls, 60, "a GET over TLS") == b"over tls"
+                assert wait_until(lambda: _get(plain.url + "/index.html"), 60, "plain") == (
+                    b"over tls"
+                )
+                assert _get(secure.url.replace("https", "http") + "/index.html") is None
+            finally:
+                sb.terminate()
+    finally:
+        restore_env(saved)
