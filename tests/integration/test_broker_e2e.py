@@ -346,3 +346,43 @@ def test_buffer_containers_and_a_gpu_web_endpoint_buy_nodes(broker_app):
         assert r.json() == {"devices": "0"}
         assert any(i.for_function and i.gpu == "L4" for i in status().instances)
     quiet()
+
+
+def test_a_node_far_dearer_than_what_is_sold_now_is_cordoned_then_given_back(broker_app, tmp_path):
+    quiet()
+    # spot off: the V100 is bought on demand (~8x AWS's spot price)
+    write(broker_app, config("[providers.aws]\n").replace("[broker]\n", "[broker]\nspot = false\n"))
+    call = bg.on_aws_v100.spawn(str(tmp_path / "m"), 20.0)
+
+    def on_demand() -> list[m.InstanceInfo]:
+        return [i for i in held() if i.gpu == "V100" and not i.spot and i.node_id]
+
+    [node] = wait_until(on_demand, 60, "an on-demand V100 node running")
+    wait_until(
+        lambda: any(c.node_id == node.node_id for c in containers_of(bg.app.app_id)),
+        60,
+        "the call's container on it",
+    )
+    before = status().moves
+    write(broker_app, config("[providers.aws]\n"))  # spot is sold again: far cheaper
+    wait_until(lambda: status().moves > before, 30, "the dear node cordoned")
+    detail = session.api().call("GET", f"/cluster/nodes/{node.node_id}", None, m.NodeDetail)
+    assert detail.state == "cordoned"
+    assert any("costs more than" in t for t in logs())
+    assert call.get(timeout=90)["first"] is True  # its input finished there
+    wait_until(
+        lambda: any(
+            i.instance_id == node.instance_id and i.reason == "idle past the keep-alive"
+            for i in status().instances
+        ),
+        60,
+        "the cordoned node given back once idle",
+    )
+    quiet()
+
+
+def containers_of(app_id: str) -> list[m.ContainerInfo]:
+    listing = session.api().call(
+        "GET", "/containers", None, m.ContainerList, params={"app": app_id}
+    )
+    return [c for c in listing.containers if c.state in ("starting", "ready")]
