@@ -178,16 +178,6 @@ def register(api: Router, cp: ControlPlane) -> None:
         return reply(sb.info())
 
     @route(
-        "PUT",
-        "/sandboxes/{sandbox_id}/tags",
-        "Set a sandbox's tags",
-        body=m.SandboxTags,
-        response=m.SandboxInfo,
-        container=True,
-    )
-    async def set_tags(req: Request) -> Reply:
-        sb = await sandbox(req)
-    @route(
         "GET",
         "/sandboxes/{sandbox_id}/tunnels",
         "The sandbox's ports reachable from outside (encrypted_ports, unencrypted_ports)",
@@ -213,6 +203,16 @@ def register(api: Router, cp: ControlPlane) -> None:
     async def snapshot(req: Request) -> Reply:
         return reply(await sandboxes.snapshots.take(await sandbox(req)))
 
+    @route(
+        "PUT",
+        "/sandboxes/{sandbox_id}/tags",
+        "Set a sandbox's tags",
+        body=m.SandboxTags,
+        response=m.SandboxInfo,
+        container=True,
+    )
+    async def set_tags(req: Request) -> Reply:
+        sb = await sandbox(req)
         sb.tags = dict(req.decode(m.SandboxTags).tags)
         sandboxes._save(sb)
         return reply(sb.info())
