@@ -307,12 +307,12 @@ class WorkerAgent:
                     rc = self.containers.get(msg.container_id)
                     count = oom_kills(getattr(rc, "cgroup", None))
                     self.send(m.SbOomCount(msg.container_id, count))
-        finally:
-            beat.cancel()
-            self._writer = None
                 elif isinstance(msg, m.SbSnapshot) and self._http is not None:
                     rc = self.containers.get(msg.container_id)  # its writable layer, a blob
                     snapshots.take(msg, rc, self.cache / "snapshots", self._http, self.send)
+        finally:
+            beat.cancel()
+            self._writer = None
             if self.relay is not None:
                 self.relay.detach()
             writer.close()
