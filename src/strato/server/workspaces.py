@@ -27,6 +27,7 @@ import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cached_property
 
 from sqlalchemy import Connection, select, update
 
@@ -92,6 +93,10 @@ class _Token:
     created_at: float
     revoked: bool
 
+    @cached_property
+    def caller(self) -> Caller:  # (made once: a frozen dataclass costs ~2 us to build)
+        return Caller(self.workspace, self.role, token_id=self.token_id)
+
 
 class Workspaces:
     """The workspaces, their tokens (cached), and which workspace each app belongs to."""
@@ -141,7 +146,7 @@ class Workspaces:
         ok = hmac.compare_digest(_digest(secret), row.digest if row is not None else _DUMMY)
         if row is None or row.revoked or not ok:
             return None
-        return Caller(row.workspace, row.role, token_id=token_id)
+        return row.caller
 
     def still_valid(self, caller: Caller) -> bool:
         """Whether the token ``caller`` came with is still valid (not revoked): checked on
@@ -157,7 +162,7 @@ class Workspaces:
         row = self._tokens.get(token_id)
         if row is None or row.revoked:
             return None
-        return Caller(row.workspace, row.role, token_id=token_id)
+        return row.caller
 
     # ------------------------------------------------------------------ workspaces
 
