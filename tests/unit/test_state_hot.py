@@ -1,4 +1,4 @@
-"""Hot statements of Dict and Queue (``state/db.py``'s ``Hot``): on SQLite they run on the
+"""Hot statements of Dict and Queue (``store/hot.py``): on SQLite they run on the
 DB-API cursor, inside the same transaction as the rest (a rollback takes them back), with
 the values a statement holds (a LIMIT) and with many rows at once."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from sqlalchemy import and_, bindparam, select
 
-from strato.server.state.db import Hot
 from strato.server.store import Store
 from strato.server.store import tables_state as ts
+from strato.server.store.hot import Hot
 
 
 def test_hot_statements_run_in_the_transaction(db_url):

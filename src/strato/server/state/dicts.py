@@ -1,6 +1,7 @@
-"""Dict: entries keyed by the sha256 of their pickled key, committed before the API
-answers, large values in the blob store, paged iteration, and expiry of entries not
-accessed for ``STRATO_DICT_TTL``."""
+"""Dict: entries keyed by the sha256 of their pickled key, durable before the API answers
+(committed; or, for a put into a Dict an operation has found, in the store's journal, the
+writer storing it behind: ``Store.accept_dict_put``), large values in the blob store,
+paged iteration, and expiry of entries not accessed for ``STRATO_DICT_TTL``."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store import tables_state as ts
 from strato.server.store.blobs import BlobStore
+from strato.server.store.hot import Hot
 
 from .cache import DictCache
-from .db import Hot, StateDb, fitting
+from .db import StateDb, fitting
 from .names import check_id
 from .objects import NamedObjects
 
 PAGE_MAX = 1000
+LIVE_MAX = 100_000  # Dicts remembered as found (forgotten all at once past this)
 What = Literal["keys", "values", "items"]
 
 
@@ -48,30 +51,34 @@ class Dicts:
         self.touch_after_s = min(ttl_s / 100.0, 3600.0)
         self.objects = NamedObjects("Dict", db, ts.dicts, [ts.dict_entries])
         self.cache = DictCache()
-        self.objects.changing = lambda: self.cache.changing()
+        self.objects.changing = self._deleting
         self.objects.deleted = self.cache.forget_dicts
-        self._seq: int | None = None  # the last entry seq given (writer thread only)
+        self.entries = db.store.dict_entries
+        # Dicts an operation found, with no deletion queued since: a put into one of them
+        # is journaled and answered at once (``Store.accept_dict_put``)
+        self._live: set[str] = set()
+        self._deletions = 0  # deletions queued so far
         e = ts.dict_entries.c
         where = and_(e.dict_id == bindparam("d"), e.key_hash == bindparam("h"))
         # the hot statements, built once (building one costs more than running it)
         self._entry = Hot(select(e.value, e.value_blob, e.accessed_at).where(where))
-        self._has = Hot(select(e.accessed_at).where(where))
         self._touch = Hot(update(ts.dict_entries).where(where).values(accessed_at=bindparam("now")))
-        self._set = Hot(
-            update(ts.dict_entries)
-            .where(where)
-            .values(value=bindparam("v"), value_blob=bindparam("b"), accessed_at=bindparam("now"))
-        )
-        self._insert = Hot(ts.dict_entries.insert())
         self._delete = Hot(delete(ts.dict_entries).where(where))
 
     # ------------------------------------------------------------------ helpers
 
-    def _next_seq(self, c: Connection) -> int:
-        if self._seq is None:
-            self._seq = c.execute(select(func.max(ts.dict_entries.c.seq))).scalar() or 0
-        self._seq += 1
-        return self._seq
+    def _deleting(self) -> None:
+        """A deletion of Dicts is being queued: no put skips the check that its Dict is
+        there until an operation has found it again."""
+        self._deletions += 1
+        self._live.clear()
+        self.cache.changing()
+
+    def _found(self, object_id: str, deletions_then: int) -> None:
+        if deletions_then == self._deletions:
+            if len(self._live) >= LIVE_MAX:
+                self._live.clear()
+            self._live.add(object_id)
 
     def _check_key(self, key: bytes) -> str:
         if len(key) > m.DICT_KEY_MAX_BYTES:
@@ -143,34 +150,22 @@ class Dicts:
         self.cache.changing(object_id, [r[0] for r in rows])
         writes = self.cache.writes
         now = time.time()
+        store = self.db.store
+        if not skip and object_id in self._live and store.journaled:
+            # durable in the store's journal when this returns; the writer stores the
+            # entries behind it, in queue order (a read queued later sees them)
+            store.accept_dict_put(object_id, [list(r) for r in rows], now)
+            stored = len(rows)
+        else:
+            since = now - self.ttl_s if skip else None  # (an expired entry is not there)
 
-        def run(c: Connection) -> int:
-            self.objects.exists(c, object_id)
-            stored = 0
-            for kh, key, value, blob in rows:
-                where = {"d": object_id, "h": kh}
-                had = self._has(c, where).fetchone()
-                if had is not None:
-                    if skip and had[0] >= now - self.ttl_s:  # (an expired one is not there)
-                        continue
-                    self._set(c, {**where, "v": value, "b": blob, "now": now})
-                else:
-                    self._insert(
-                        c,
-                        {
-                            "dict_id": object_id,
-                            "key_hash": kh,
-                            "seq": self._next_seq(c),
-                            "key": key,
-                            "value": value,
-                            "value_blob": blob,
-                            "accessed_at": now,
-                        },
-                    )
-                stored += 1
-            return stored
+            def run(c: Connection) -> int:
+                self.objects.exists(c, object_id)
+                return self.entries.put(c, object_id, rows, now, since)
 
-        stored = await self.db.run("Dict put", run)
+            deletions = self._deletions
+            stored = await self.db.run("Dict put", run)
+            self._found(object_id, deletions)
         if not skip:  # committed: what a read would find now (unless a change came between)
             for kh, _, value, blob in rows:
                 self.cache.fill(object_id, kh, writes, value, blob, now)

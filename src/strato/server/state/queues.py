@@ -21,8 +21,9 @@ from sqlalchemy import Connection, String, and_, bindparam, delete, func, select
 from strato import exceptions as exc
 from strato.protocol import messages as m
 from strato.server.store import tables_state as ts
+from strato.server.store.hot import Hot
 
-from .db import RESPONSE_BYTES, Hot, StateDb, fitting
+from .db import RESPONSE_BYTES, StateDb, fitting
 from .names import check_id, check_partition
 from .objects import NamedObjects
 from .signals import Key, Signals

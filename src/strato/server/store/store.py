@@ -50,6 +50,7 @@ from sqlalchemy.pool import StaticPool
 from strato import settings
 
 from . import schema as t
+from .dict_entries import DictEntries
 from .journal import Journal
 from .migrations import migrate
 from .rows import (
@@ -339,6 +340,7 @@ class Store:
         with self.conn.begin():
             migrate(self.conn)
         self.q = _Statements()
+        self.dict_entries = DictEntries()  # (the writer thread's)
         self._owner = threading.get_ident()
         self._memory = _memory_db(url)  # one shared connection: reads go to the writer
         db = self.engine.url.database
@@ -380,6 +382,8 @@ class Store:
                 self._add_inputs(payload[0], payload[1], payload[2], payload[3], seq)
             elif kind == "outputs":
                 self._outputs(payload[0], payload[1], seq)
+            elif kind == "dict_put":
+                self._dict_put(payload[0], payload[1], payload[2], seq)
             else:
                 log.error("store: journal entry %d of unknown kind %r skipped", seq, kind)
         if todo:
@@ -415,6 +419,26 @@ class Store:
         with self._accept_lock:
             seq = self._journal.append("add_inputs", [call_id, rows, closed, n_inputs])
             return self._add_inputs(call_id, rows, closed, n_inputs, seq)
+
+    def accept_dict_put(self, dict_id: str, rows: list[list], now: float) -> Write[int]:
+        """Dict entries (``[key_hash, key, value, blob]`` each; a later one of a key wins)
+        durable when it returns: journaled as `accept_call` is (only when `journaled`),
+        then stored by the writer behind it, in queue order, unless the Dict is gone by
+        then. The `Write` says how many entries were stored."""
+        assert self._journal is not None, "accept_dict_put needs the journal"
+        with self._accept_lock:
+            seq = self._journal.append("dict_put", [dict_id, rows, now])
+            return self._dict_put(dict_id, rows, now, seq)
+
+    def _dict_put(self, dict_id: str, rows: list[list], now: float, journal_seq: int) -> Write[int]:
+        entries = self.dict_entries
+
+        def run(c: Connection) -> int:
+            if not entries.dict_exists(c, dict_id):
+                return 0  # deleted after the put was accepted
+            return entries.put(c, dict_id, rows, now)
+
+        return self._write("dict_put", run, None, journal_seq)
 
     @property
     def journaled(self) -> bool:

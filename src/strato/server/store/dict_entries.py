@@ -1,0 +1,74 @@
+"""Storing Dict entries: shared by the Dict's operations (``server/state/dicts.py``) and
+by the store's journaled puts (``Store.accept_dict_put``, written again from the journal
+after a crash), so both give new keys their ``seq`` from one counter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, func, select, update
+
+from . import tables_state as ts
+from .hot import Hot
+
+
+class DictEntries:
+    """Writer-thread only."""
+
+    def __init__(self) -> None:
+        e = ts.dict_entries.c
+        where = and_(e.dict_id == bindparam("d"), e.key_hash == bindparam("h"))
+        self._dict = Hot(select(ts.dicts.c.dict_id).where(ts.dicts.c.dict_id == bindparam("d")))
+        self._has = Hot(select(e.accessed_at).where(where))
+        self._set = Hot(
+            update(ts.dict_entries)
+            .where(where)
+            .values(value=bindparam("v"), value_blob=bindparam("b"), accessed_at=bindparam("now"))
+        )
+        self._insert = Hot(ts.dict_entries.insert())
+        self._seq: int | None = None  # the last entry seq given
+
+    def _next_seq(self, c: Connection) -> int:
+        if self._seq is None:
+            self._seq = c.execute(select(func.max(ts.dict_entries.c.seq))).scalar() or 0
+        self._seq += 1
+        return self._seq
+
+    def dict_exists(self, c: Connection, dict_id: str) -> bool:
+        return self._dict(c, {"d": dict_id}).fetchone() is not None
+
+    def put(
+        self,
+        c: Connection,
+        dict_id: str,
+        rows: list[Any],
+        now: float,
+        skip_fresh_since: float | None = None,
+    ) -> int:
+        """Store ``rows`` (``(key_hash, key, value, blob)`` each, in order: a later one of
+        the same key wins); returns how many were stored. With ``skip_fresh_since``, a key
+        whose entry was accessed since then is skipped (``skip_if_exists``: an older one
+        has expired, so it is not there)."""
+        stored = 0
+        for kh, key, value, blob in rows:
+            where = {"d": dict_id, "h": kh}
+            had = self._has(c, where).fetchone()
+            if had is not None:
+                if skip_fresh_since is not None and had[0] >= skip_fresh_since:
+                    continue
+                self._set(c, {**where, "v": value, "b": blob, "now": now})
+            else:
+                self._insert(
+                    c,
+                    {
+                        "dict_id": dict_id,
+                        "key_hash": kh,
+                        "seq": self._next_seq(c),
+                        "key": key,
+                        "value": value,
+                        "value_blob": blob,
+                        "accessed_at": now,
+                    },
+                )
+            stored += 1
+        return stored
