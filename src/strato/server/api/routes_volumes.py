@@ -67,10 +67,10 @@ def register(api: Router, cp: ControlPlane) -> None:
 
     # --- workspaces: a route's {ref} becomes the id of that volume in the caller's
     # workspace (another workspace's answers as a missing one). An installation's token
-    # (worker agents fetching mounts) may name any volume by id: an app's mounts are ids
-    # of its own workspace's volumes, checked as it is created (below).
+    # (worker agents fetching mounts) or a joined agent may name any volume by id: an app's
+    # mounts are ids of its own workspace's volumes, checked as it is created (below).
     async def owned(req: Request, ref: str) -> None:
-        anywhere = req.caller.operator
+        anywhere = req.agent is not None or req.caller.operator
         ws = None if anywhere and ref.startswith(ID_PREFIX) else req.caller.workspace
         req.path_params["ref"] = await svc.resolve(ref, ws)
 
@@ -215,6 +215,7 @@ def register(api: Router, cp: ControlPlane) -> None:
         response=m.BlobBatch,
         container=True,
         node=True,
+        access="read",  # a POST that changes nothing
     )
     async def get_blobs(req: Request) -> Reply:
         keys = [check_key(k) for k in req.decode(m.BlobKeys).keys]
