@@ -69,6 +69,7 @@ class ApiClient(ApiBase):
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
+            self._local.fresh = True  # no answer read on it yet
         elif conn.sock is not None:
             conn.sock.settimeout(timeout)
         return conn
@@ -108,6 +109,7 @@ class ApiClient(ApiBase):
                 resp = conn.getresponse()
                 data = resp.read()
                 status = resp.status
+                self._local.fresh = False
                 if resp.will_close:
                     self._drop()
                 break
@@ -127,9 +129,10 @@ class ApiClient(ApiBase):
                 self._drop()
                 if (
                     self.tls is None
+                    and getattr(self._local, "fresh", False)
                     and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError))
                     and tls.speaks_tls(self.host, self.port)
-                ):  # plain HTTP to an HTTPS port: the server closed it
+                ):  # plain HTTP to an HTTPS port: it closed a new connection unanswered
                     raise tls.plain_http_to_tls(self.url) from None
                 reconnects.wait(e)
         if status >= 400:
