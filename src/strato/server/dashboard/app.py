@@ -176,7 +176,7 @@ class Ops:
             raise PermissionDeniedError(
                 "the nodes are the installation's: log in with its token ($STRATO_HOME/token)"
             )
-        if req.method == "POST" and not who.may("write"):
+        if req.method == "POST" and handler != self.logout and not who.may("write"):
             raise PermissionDeniedError(f"a {who.role} token changes nothing")
         p = {**req.query, **req.path_params}
         mine = cp.workspaces.app_ws
