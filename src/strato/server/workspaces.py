@@ -66,6 +66,7 @@ class Caller:
 
 
 INSTALLATION = Caller(DEFAULT_WORKSPACE, "admin", operator=True)
+ANONYMOUS = Caller(DEFAULT_WORKSPACE, "none")  # may use no route that needs a token
 # the workspace the current API request acts in (set by the router for each request), for
 # the hooks that run inside it without a request of their own (an app's specs' secrets)
 ACTING: ContextVar[str] = ContextVar("strato_workspace", default=DEFAULT_WORKSPACE)

@@ -20,7 +20,7 @@ import msgspec
 
 from strato import exceptions as exc
 from strato.protocol.messages import ErrorBody
-from strato.server.workspaces import ACTING, INSTALLATION, Caller
+from strato.server.workspaces import ACTING, ANONYMOUS, INSTALLATION, Caller
 
 if TYPE_CHECKING:
     from strato.server.workspaces import Workspaces
@@ -221,7 +221,7 @@ class Router:
         if isinstance(found, Reply):
             return found
         route, params = found
-        caller = INSTALLATION
+        caller = ANONYMOUS  # (a route without auth, or a joined agent's: no workspace role)
         agent = None
         if route.auth:
             found_caller = await self._caller(scope)
