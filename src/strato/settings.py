@@ -381,13 +381,26 @@ TOKEN = text(
     (CLIENT, SERVER, WORKER),
     shown_default="`$STRATO_HOME/token`, made on the control plane's first start",
 )
-WORKSPACE = text(
-    "STRATO_WORKSPACE",
-    "",
-    "The workspace to act in. The installation's token may act in any workspace (default "
-    "`main`); a workspace token only in its own (another is refused).",
-    (CLIENT,),
-    shown_default="the token's workspace",
+
+
+def _workspace_name(value: str) -> str:
+    if not (len(value) <= 48 and value.replace("-", "").isalnum() and value.islower()):
+        raise ValueError(value)
+    return value
+
+
+WORKSPACE = _declare(
+    Setting(
+        "STRATO_WORKSPACE",
+        "str",
+        _workspace_name,
+        "a workspace name: at most 48 lowercase letters, digits and '-'",
+        _const(""),
+        "the token's workspace",
+        "The workspace to act in. The installation's token may act in any workspace (default "
+        "`main`); a workspace token only in its own (another is refused).",
+        (CLIENT,),
+    )
 )
 LOG_LEVEL = text(
     "STRATO_LOG_LEVEL",
