@@ -78,8 +78,8 @@ def _v6_workspaces(conn: Connection) -> None:
         else:  # SQLite cannot drop a column's UNIQUE: the table is made again
             cols = ", ".join(c.name for c in table.columns if c.name != "workspace")
             conn.execute(text(f"ALTER TABLE {name} RENAME TO {name}_v5"))
-            for index in inspect(conn).get_indexes(f"{name}_v5"):
-                conn.execute(text(f'DROP INDEX "{index["name"]}"'))
+            for old in inspect(conn).get_indexes(f"{name}_v5"):
+                conn.execute(text(f'DROP INDEX "{old["name"]}"'))
             table.create(conn)
             conn.execute(
                 text(f"INSERT INTO {name} ({cols}, workspace) SELECT {cols}, 'main' FROM {name}_v5")
