@@ -405,7 +405,8 @@ def test_the_dashboard_shows_a_workspace_token_its_own_workspace_only(world, ser
     with httpx.Client(base_url=server.url, timeout=30) as ui:
         r = ui.post("/ui/login", data={"token": b_token, "next": "/ui"})
         assert r.status_code == 303, r.text
-        assert app_id not in ui.get("/ui").text
+        home = ui.get("/ui").text
+        assert app_id not in home and world["ws_b"] in home and "/ui/nodes" not in home
         for page in (f"/ui/apps/{app_id}", f"/ui/calls/{call_id}"):
             assert ui.get(page).status_code == 404, page
         missing = ui.get("/ui/apps/ap-0000000000000000")

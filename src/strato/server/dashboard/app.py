@@ -209,7 +209,7 @@ class Ops:
 
     def _page(self, req: Request, template: str, status: int = 200, **ctx: Any) -> Response:
         body = self.env.get_template(template).render(
-            csrf=self.auth.csrf(req), path=req.path, **ctx
+            csrf=self.auth.csrf(req), path=req.path, who=req.caller, **ctx
         )
         return Response(body.encode(), status)
 
