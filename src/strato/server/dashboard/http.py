@@ -15,7 +15,7 @@ from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ..workspaces import INSTALLATION, Caller
+from ..workspaces import ANONYMOUS, Caller
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -53,7 +53,7 @@ class Request:
     cookies: dict[str, str]
     path_params: dict[str, str] = field(default_factory=dict)
     _form: dict[str, str] | None = None
-    caller: Caller = INSTALLATION  # who is logged in (``auth.py``), once checked
+    caller: Caller = ANONYMOUS  # who is logged in (``auth.py``), once checked
 
     @classmethod
     def of(cls, scope: Scope, receive: Receive) -> Request:
