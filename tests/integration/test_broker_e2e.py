@@ -309,42 +309,40 @@ def test_usage_totals_agree_with_container_lifetimes(broker_app):
     assert by_provider.total.cost > 0
 
 
-def test_buffer_containers_and_a_gpu_web_endpoint_buy_nodes(broker_app):
+def test_buffer_containers_and_a_gpu_web_endpoint_buy_nodes(broker_app, tmp_path):
     import httpx
     from apps import broker_demand as bd
 
-    quiet()
+    quiet()  # no bought node is left for these to use
     write(broker_app, config("[providers.aws]\n", max_nodes=6))
     with bd.app.run(quiet=True):
-        # one call in flight: the autoscaler wants it a container and one more (its buffer);
-        # no local node has an L4, so the broker buys for both
-        call = bd.buffered.spawn(20.0)
-
-        def buffered() -> list[m.ContainerInfo]:
-            listing = session.api().call(
-                "GET", "/containers", None, m.ContainerList, params={"app": bd.app.app_id}
-            )
-            return [
-                c
-                for c in listing.containers
-                if c.function_name == "buffered" and c.state == "ready"
-            ]
-
-        wait_until(
-            lambda: len(buffered()) >= 2,
-            90,
-            "two containers for one call (buffer_containers=1) on bought nodes",
-        )
-        on_l4 = {i.node_name for i in held() if i.gpu == "L4"}
-        nodes = session.api().call("GET", "/nodes", None, m.NodeList).nodes
-        by_id = {n.node_id: n.info.name for n in nodes}
-        assert {by_id.get(c.node_id) for c in buffered()} <= on_l4
-        assert call.get(timeout=90) == "0"
-        # a web endpoint's request (no queued input) makes the broker buy a node for it
+        # a web endpoint's request (no input is queued: the gateway holds it) buys a node
         r = httpx.get(bd.gpu_web.get_web_url(), timeout=httpx.Timeout(90.0), follow_redirects=True)
         assert r.status_code == 200, r.text
         assert r.json() == {"devices": "0"}
         assert any(i.for_function and i.gpu == "L4" for i in status().instances)
+        quiet()
+
+        # one call running, nothing queued, one L4 node held; then buffer_containers=1:
+        # the autoscaler wants one more container and no node can take it
+        marker = tmp_path / "running"
+        call = bd.buffered.spawn(str(marker), 60.0)
+        wait_until(marker.exists, 90, "the call running on a bought node")
+
+        def l4() -> list[m.InstanceInfo]:
+            return [i for i in held() if i.gpu == "L4"]
+
+        wait_until(lambda: len(l4()) == 1, 30, "one L4 node held (an extra one given back)")
+        bd.buffered.update_autoscaler(buffer_containers=1)
+        wait_until(
+            lambda: len([c for c in containers_of(bd.app.app_id) if c.state == "ready"]) >= 2,
+            90,
+            "a second container (the buffer) on a node bought for it",
+        )
+        assert len(l4()) == 2
+        on_l4 = {i.node_id for i in l4()}
+        assert {c.node_id for c in containers_of(bd.app.app_id)} <= on_l4
+        assert call.get(timeout=90) == "0"
     quiet()
 
 

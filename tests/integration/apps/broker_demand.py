@@ -9,10 +9,11 @@ import strato
 app = strato.App("broker-demand")
 
 
-@app.function(
-    gpu="L4", cpu=1, memory=256, buffer_containers=1, max_containers=3, scaledown_window=2
-)
-def buffered(seconds: float) -> str | None:
+@app.function(gpu="L4", cpu=1, memory=256, max_containers=3, scaledown_window=2)
+def buffered(marker: str, seconds: float) -> str | None:
+    """Writes ``marker`` when it starts, then sleeps ``seconds``."""
+    with open(marker, "w") as f:
+        f.write("running")
     time.sleep(seconds)
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 

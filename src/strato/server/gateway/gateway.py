@@ -468,13 +468,17 @@ class Gateway:
 
     def never_placeable(self, ep: Endpoint) -> str | None:
         """Why no node of the cluster could ever run a container of ``ep`` (not even one
-        with nothing on it: a GPU type or a size no node has), or None. Asked only while
+        with nothing on it: a GPU type or a size no node has, and none the broker could
+        buy), or None. Asked only while
         the endpoint has no container, so it costs nothing on the warm path."""
         nodes = [v.emptied() for v in self.fleet.live_views()]
         if not nodes:  # no worker agent yet (or none connected): it may come
             return None
         request = self.fleet.request_for(ep.fn.spec)
         if place(request, nodes) is not None:
+            return None
+        supply = self.fleet.supply  # --- broker: a node can be bought for it (then it waits)
+        if supply is not None and supply(request, ep.fn.spec.nonpreemptible):
             return None
         why = explain_unplaceable(request, nodes)
         return f"no node of this cluster can run {ep.fn.spec.name}: {why}"
