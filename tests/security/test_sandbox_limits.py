@@ -171,6 +171,9 @@ def test_bad_ephemeral_disk_is_refused(cluster):
     for bad in (0, -5, 1.5, "10"):
         with pytest.raises(exc.InvalidError, match="ephemeral_disk"):
             strato.Sandbox.create(app=cluster[1], ephemeral_disk=bad)
+    for limit in ({"ephemeral_disk": 64}, {"cidr_allowlist": ["10.0.0.0/8"]}):
+        with pytest.raises(exc.InvalidError, match="'process' runtime cannot limit"):
+            strato.Sandbox.create(app=cluster[1], runtime="process", **limit)
 
 
 # --------------------------------------------------------------------------- CPU hog

@@ -279,6 +279,11 @@ class Sandboxes:
             raise exc.InvalidError(
                 "the 'process' runtime cannot run an image: use runtime='bwrap' or 'gvisor'"
             )
+        if runtime == "process" and (req.ephemeral_disk_mb or req.cidr_allowlist is not None):
+            raise exc.InvalidError(
+                "the 'process' runtime cannot limit a sandbox's disk (ephemeral_disk) or "
+                "network (cidr_allowlist): use runtime='bwrap' or 'gvisor'"
+            )
         sid = "sb-" + secrets.token_hex(8)
         res = m.Resources(cpu=settings.SANDBOX_CPU.get())  # burstable: no limit
         if req.cidr_allowlist is not None:  # a clear error now, not at its container's start
