@@ -177,11 +177,20 @@ def shell(command: tuple[str, ...], app_name: str, runtime: str | None,
             saved = termios.tcgetattr(0)
             tty.setraw(0)
 
-            def on_resize(*_: object) -> None:
-                now = os.get_terminal_size(0)
-                p.resize(now.columns, now.lines)
+            resized = threading.Event()
 
-            signal.signal(signal.SIGWINCH, on_resize)
+            def resizing() -> None:  # a request from the signal handler itself could wait
+                while True:  # on the main thread, which is reading the output
+                    resized.wait()
+                    resized.clear()
+                    now = os.get_terminal_size(0)
+                    try:
+                        p.resize(now.columns, now.lines)
+                    except exc.Error:  # the shell has ended: nothing to resize
+                        return
+
+            threading.Thread(target=resizing, daemon=True).start()
+            signal.signal(signal.SIGWINCH, lambda *_: resized.set())
 
         def typing() -> None:
             while data := os.read(0, 4096):
