@@ -51,6 +51,7 @@ from strato import settings
 
 from . import schema as t
 from .dict_entries import DictEntries
+from .hot import Hot
 from .journal import Journal
 from .migrations import migrate
 from .rows import (
@@ -341,6 +342,7 @@ class Store:
             migrate(self.conn)
         self.q = _Statements()
         self.dict_entries = DictEntries()  # (the writer thread's)
+        self._journal_mark = Hot(update(t.journal_applied).values(seq=bindparam("seq")))
         self._owner = threading.get_ident()
         self._memory = _memory_db(url)  # one shared connection: reads go to the writer
         db = self.engine.url.database
@@ -367,7 +369,7 @@ class Store:
     # ------------------------------------------------------------------ the intake journal
 
     def _mark_journal(self, conn: Connection, seq: int) -> None:
-        conn.execute(update(t.journal_applied).values(seq=seq))
+        self._journal_mark(conn, {"seq": seq})
 
     def _replay(self, journal: Journal) -> None:
         """Write again what the journal holds past what the database has, then empty it."""
