@@ -155,3 +155,31 @@ def test_an_unanswered_request_times_out(channel, monkeypatch):
         client.request_raw("GET", "/slow", timeout=0.2)
     assert msgspec.msgpack.decode(client.request_raw("GET", "/after"))["path"] == "/after"
     client.close()
+
+
+def test_a_signal_handler_calling_while_its_thread_reads_gets_a_clear_error(channel):
+    """A request from a signal handler that interrupted the thread reading for everyone
+    would wait on that very read: it is refused at once (it used to hang until its timeout)."""
+    import signal
+
+    channel.slow_s = 0.5
+    client = LocalChannelClient("http://127.0.0.1:1", "t", channel.path)
+    seen: list[BaseException] = []
+
+    def handler(*_: object) -> None:
+        try:
+            client.request_raw("GET", "/from-handler", timeout=5)
+        except exc.ExecutionError as e:
+            seen.append(e)
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # fires while the main thread waits on /slow
+        got = msgspec.msgpack.decode(client.request_raw("GET", "/slow"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert got["path"] == "/slow"
+    assert len(seen) == 1 and "signal handler" in str(seen[0])
+    assert msgspec.msgpack.decode(client.request_raw("GET", "/after"))["path"] == "/after"
+    client.close()

@@ -56,6 +56,7 @@ class _Connection:
         self._lock = threading.Lock()  # guards what follows
         self._waiting: dict[int, _Waiter] = {}
         self._reading = False  # a waiter reads the socket
+        self._reader: int | None = None  # the thread that reads it
         self.closed: str | None = None  # why the connection is gone
         self._ids = itertools.count(1)
 
@@ -67,6 +68,13 @@ class _Connection:
         with self._lock:
             if self.closed is not None:
                 raise exc.ConnectionError(self.closed)
+            if self._reader == threading.get_ident():
+                # a signal handler interrupted this thread while it reads for everyone:
+                # its answer would wait on the very read it interrupted
+                raise exc.ExecutionError(
+                    f"{method} {path} was called from code that interrupted a strato call on "
+                    "the same thread (a signal handler?): make it from another thread"
+                )
             self._waiting[req_id] = me
         deadline = time.monotonic() + timeout + ANSWER_MARGIN_S
         try:
@@ -90,7 +98,8 @@ class _Connection:
                         )
                     me.wake.clear()
                     read = not self._reading
-                    self._reading = True
+                    if read:
+                        self._reading, self._reader = True, threading.get_ident()
                 if read:
                     self._read_until(me, deadline)
                 else:
@@ -122,7 +131,7 @@ class _Connection:
             self.close(f"the connection to the strato control plane failed: {e}")
         finally:
             with self._lock:
-                self._reading = False
+                self._reading, self._reader = False, None
                 for waiter in self._waiting.values():
                     if waiter is not me and waiter.response is None:
                         waiter.wake.set()  # it reads from now on
