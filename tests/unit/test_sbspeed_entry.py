@@ -1,5 +1,5 @@
 """A sandbox's container starts the sandbox agent alone (``python -S -m
-strato.container.sandbox_agent``): under gVisor every module imported costs its start a
+strato.container.sandbox_entry``): under gVisor every module imported costs its start a
 few milliseconds, so the agent must not pull in the function runner's imports."""
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ import strato.container.sandbox_agent as sandbox_agent
 from strato.protocol import messages as m
 from strato.worker.launch import compile_strato, prepare_launch
 
-HEAVY = ("strato.container.runner", "cloudpickle", "asyncio", "shutil", "hashlib", "strato.client")
+HEAVY = (
+    "strato.container.runner",
+    "cloudpickle",
+    "asyncio",
+    "shutil",
+    "hashlib",
+    "strato.client",
+    "typing_extensions",
+)
 
 
 def _launch(tmp_path: Path, sandbox: m.SandboxConfig | None, isolated: bool):
@@ -25,18 +33,23 @@ def _launch(tmp_path: Path, sandbox: m.SandboxConfig | None, isolated: bool):
 
 def test_a_sandbox_runs_the_agent_without_the_runners_imports(tmp_path: Path) -> None:
     launch = _launch(tmp_path, m.SandboxConfig("sb-0123456789abcdef"), isolated=False)
-    assert launch.argv[1:] == ["-S", "-m", "strato.container.sandbox_agent"]
-    # what the agent imports, with the interpreter, flags and path of its launch
+    assert launch.argv[1:] == ["-S", "-m", "strato.container.sandbox_entry"]
+    # the real entry (as -m runs it), with the interpreter, flags and path of its launch:
+    # it imports the agent, then stops at its spec (a file that is not there); at exit
+    # the process lists the modules it loaded
+    env = {**launch.env, "STRATO_CONTAINER_SPEC": str(tmp_path / "no-spec")}
     code = (
-        "import sys; import strato.container.sandbox_agent, strato.container.spec_file; "
-        "print(' '.join(sys.modules))"
+        "import atexit, runpy, sys; "
+        "atexit.register(lambda: print('LOADED', *(k for k, v in sys.modules.items() if v), "
+        "file=sys.stderr)); "
+        f"runpy.run_module({launch.argv[-1]!r}, run_name='__main__', alter_sys=True)"
     )
     out = subprocess.run(
-        [*launch.argv[:2], "-c", code], env=launch.env, capture_output=True, text=True, timeout=60
+        [*launch.argv[:-2], "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
-    assert out.returncode == 0, out.stderr
-    loaded = set(out.stdout.split())
-    assert "msgspec" in loaded
+    assert "no-spec" in out.stderr and "LOADED" in out.stderr, out.stderr[-2000:]
+    loaded = set(out.stderr.split("LOADED", 1)[1].split())
+    assert {"msgspec", "strato.container.sandbox_agent"} <= loaded
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 

@@ -16,8 +16,8 @@ own ``STRATO_*`` variables on. The control plane trusts none of its frames anywa
 
 With an entrypoint the agent starts it as process 1 and exits with its code when it ends.
 
-A sandbox's container runs this module (``python -m strato.container.sandbox_agent``), not
-the function runner: under gVisor every module imported costs a few milliseconds of the
+A sandbox's container runs it alone (:mod:`strato.container.sandbox_entry`), not the
+function runner: under gVisor every module imported costs a few milliseconds of the
 sandbox's start, so it imports only what it uses.
 """
 
@@ -589,9 +589,3 @@ def main(spec: m.FunctionSpec) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     sys.exit(agent.serve())
-
-
-if __name__ == "__main__":
-    from .spec_file import load_spec
-
-    main(load_spec())

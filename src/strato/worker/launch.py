@@ -25,7 +25,7 @@ STRATO_SRC = IN_CONTAINER + "/src"  # strato's own package, bound read-only
 MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
 IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
 FUNCTION_ARGS = ["-m", "strato.container"]
-SANDBOX_ARGS = ["-S", "-m", "strato.container.sandbox_agent"]  # a sandbox's agent only
+SANDBOX_ARGS = ["-S", "-m", "strato.container.sandbox_entry"]  # a sandbox's agent only
 ENTRY_ARGS = (FUNCTION_ARGS, SANDBOX_ARGS)  # the interpreter's arguments of a container
 
 _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
