@@ -70,7 +70,7 @@ class Store:
         self.spec = spec
 
     def apps(self) -> list[dict]:
-        return [{"app_id": APP_ID, "name": "app", "state": "deployed"}]
+        return [{"app_id": APP_ID, "name": "app", "state": "deployed", "workspace": "main"}]
 
     def functions_of(self, app_id: str) -> list[dict]:
         return [{"function_id": FUNCTION_ID, "spec": msgspec.msgpack.encode(self.spec)}]
