@@ -95,6 +95,7 @@ class Fleet:
         self.boxes: dict[str, Box] = {}
         self.stopped: list[str] = []
         self.nodes: list[NodeView] = []  # connected nodes (none: placement is not judged)
+        self.supply = None  # no broker: nothing can be bought
 
     def container(self, container_id: str) -> Box | None:
         return self.boxes.get(container_id)
