@@ -54,6 +54,7 @@ from .dict_entries import DictEntries
 from .hot import Hot
 from .journal import Journal
 from .migrations import migrate
+from .queue_entries import QueueEntries
 from .rows import (
     CallGraphRows,
     CallRow,
@@ -342,6 +343,7 @@ class Store:
             migrate(self.conn)
         self.q = _Statements()
         self.dict_entries = DictEntries()  # (the writer thread's)
+        self.queue_entries = QueueEntries()  # (the writer thread's)
         self._journal_mark = Hot(update(t.journal_applied).values(seq=bindparam("seq")))
         self._owner = threading.get_ident()
         self._memory = _memory_db(url)  # one shared connection: reads go to the writer
@@ -386,6 +388,10 @@ class Store:
                 self._outputs(payload[0], payload[1], seq)
             elif kind == "dict_put":
                 self._dict_put(payload[0], payload[1], payload[2], seq)
+            elif kind == "queue_put":
+                self._queue_put(*payload, journal_seq=seq)
+            elif kind == "queue_take":
+                self._queue_take(*payload, journal_seq=seq)
             else:
                 log.error("store: journal entry %d of unknown kind %r skipped", seq, kind)
         if todo:
@@ -441,6 +447,62 @@ class Store:
             return entries.put(c, dict_id, rows, now)
 
         return self._write("dict_put", run, None, journal_seq)
+
+    def accept_queue_put(
+        self,
+        qid: str,
+        partition: str,
+        items: list[bytes],
+        now: float,
+        expires_at: float,
+        request_id: str,
+    ) -> Write[None]:
+        """Queue items put at ``now``, durable when it returns (journaled as
+        `accept_dict_put` is), appended by the writer behind it unless the Queue is gone or
+        the request id was used already (`QueueEntries.apply_put`)."""
+        assert self._journal is not None, "accept_queue_put needs the journal"
+        payload = [qid, partition, items, now, expires_at, request_id]
+        with self._accept_lock:
+            seq = self._journal.append("queue_put", payload)
+            return self._queue_put(
+                qid, partition, items, now, expires_at, request_id, journal_seq=seq
+            )
+
+    def _queue_put(
+        self,
+        qid: str,
+        partition: str,
+        items: list[bytes],
+        now: float,
+        expires_at: float,
+        request_id: str,
+        *,
+        journal_seq: int,
+    ) -> Write[None]:
+        key = {"q": qid, "p": partition}
+
+        def run(c: Connection) -> None:
+            self.queue_entries.apply_put(c, key, items, now, expires_at, request_id)
+
+        return self._write("queue_put", run, None, journal_seq)
+
+    def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> Write[None]:
+        """A get that handed out the first ``n`` items of a partition, durable when it
+        returns; the writer deletes them behind it (`QueueEntries.apply_take`)."""
+        assert self._journal is not None, "accept_queue_take needs the journal"
+        with self._accept_lock:
+            seq = self._journal.append("queue_take", [qid, partition, n, request_id])
+            return self._queue_take(qid, partition, n, request_id, journal_seq=seq)
+
+    def _queue_take(
+        self, qid: str, partition: str, n: int, request_id: str, *, journal_seq: int
+    ) -> Write[None]:
+        key = {"q": qid, "p": partition}
+
+        def run(c: Connection) -> None:
+            self.queue_entries.apply_take(c, key, n, request_id)
+
+        return self._write("queue_take", run, None, journal_seq)
 
     @property
     def journaled(self) -> bool:
