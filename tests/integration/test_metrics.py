@@ -157,3 +157,42 @@ def test_open_to_loopback_when_set():
         assert value(samples, "strato_node_up") >= 1
         # the rest of the API still needs the token
         assert httpx.get(f"{other.url}/apps", timeout=30).status_code == 401
+
+
+def test_apps_of_one_name_in_two_workspaces_keep_apart_series(server, ops_app):
+    """An app outside the default workspace is labelled ``<workspace>--<name>`` (as its
+    URLs are), so it never adds to the series of the default workspace's app of that name."""
+    import os
+    import secrets
+
+    from apps import ops_other_ws
+
+    from strato.client import session
+
+    ws = f"metrics-{secrets.token_hex(3)}"
+    token = (server.home / "token").read_text().strip()
+    r = httpx.post(
+        f"{server.url}/workspaces",
+        json={"name": ws},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    before = scrape(server)
+    saved = os.environ.get("STRATO_WORKSPACE")
+    os.environ["STRATO_WORKSPACE"] = ws
+    session.reset()
+    try:
+        with ops_other_ws.app.run(quiet=True):
+            assert ops_other_ws.triple.remote(2) == 6
+    finally:
+        if saved is None:
+            os.environ.pop("STRATO_WORKSPACE", None)
+        else:
+            os.environ["STRATO_WORKSPACE"] = saved
+        session.reset()
+    after = scrape(server)
+    mine = {"app": f"{ws}--{APP}", "function": "triple"}
+    assert value(after, "strato_inputs_total", status="success", **mine) == 1
+    assert value(after, "strato_inputs_total", app=APP, function="triple") == 0
+    assert value(before, "strato_inputs_total", **mine) == 0

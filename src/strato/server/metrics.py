@@ -31,6 +31,9 @@ from prometheus_client.registry import Collector
 
 from strato import settings
 
+from .gateway.routes import web_name
+from .store.tables_workspaces import DEFAULT_WORKSPACE
+
 if TYPE_CHECKING:
     from .control import ControlPlane
 
@@ -376,12 +379,15 @@ def install(cp: ControlPlane) -> Metrics:
     try:
         for row in cp.store.apps():
             if row["state"] != "stopped":
-                names[row["app_id"]] = row["name"] or row["app_id"]
+                names[row["app_id"]] = web_name(row["workspace"], row["name"]) or row["app_id"]
     except Exception:
         log.exception("metrics: could not read the apps' names")
 
     def created(info: Any, _specs: Any) -> None:
-        names[info.app_id] = info.name or info.app_id
+        # apps outside the default workspace as <workspace>--<name>, as their URLs: two
+        # workspaces' apps of one name never share a series
+        workspace = cp.apps.app_ws.get(info.app_id, DEFAULT_WORKSPACE)
+        names[info.app_id] = web_name(workspace, info.name) or info.app_id
 
     cp.apps.on_created.append(created)
 
