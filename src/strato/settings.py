@@ -619,6 +619,17 @@ RAY_AGENT_HOME = path(
     "keeps its state (code, images, containers), one subfolder per node.",
     (SERVER,),
 )
+RAY_AUTOSCALER_WAIT_S = number(
+    "STRATO_RAY_AUTOSCALER_WAIT_S",
+    0.0,
+    "With `STRATO_PROVIDER=ray` on an autoscaling Ray cluster: how long work that fits no "
+    "current Ray node (a GPU type, or more than any node's share) waits for Ray's "
+    "autoscaler to add a node that fits, asked for it with `request_resources`, before it "
+    "fails with ResourceUnavailableError (at once where Ray's autoscaler reports the "
+    "request infeasible); 0: it fails at once.",
+    (SERVER,),
+    within=Range(0),
+)
 # --- ray: end
 WORKER_RESTART_BACKOFF = _declare(
     Setting(

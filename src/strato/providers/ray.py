@@ -21,7 +21,9 @@ Work that no node can place now (the broker's demand: queued inputs, warm pools,
 autoscaler's wanted containers) is reported to Ray's autoscaler at each poll where it
 changed, with ``ray.autoscaler.sdk.request_resources(bundles=...)`` (``demand_bundles``),
 and cleared (an empty request) when it goes away and when the provider closes, so that an
-autoscaling Ray cluster grows for strato's containers and may shrink again.
+autoscaling Ray cluster grows for strato's containers and may shrink again. Work that fits
+no Ray node at all waits for such a node up to ``STRATO_RAY_AUTOSCALER_WAIT_S``
+(``ray_wait.py``; 0, the default: it fails at once).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from strato import settings
@@ -43,6 +45,9 @@ from .ray_agent import AgentSpec
 
 if TYPE_CHECKING:
     from strato.server.control import ControlPlane
+    from strato.server.scheduler import ContainerRequest
+
+    from .ray_wait import AutoscalerWait
 
 log = logging.getLogger("strato.providers.ray")
 
@@ -245,6 +250,7 @@ class RayProvider:
         env: Mapping[str, str] | None = None,
         poll_s: float = POLL_S,
         demand: Callable[[], list[Pending]] = list,
+        wait: AutoscalerWait | None = None,
     ) -> None:
         self.channel = channel
         self.server_url = server_url
@@ -256,6 +262,8 @@ class RayProvider:
         self.env = dict(env or {})
         self.poll_s = poll_s
         self.demand = demand  # (on the control plane's loop) what no node can place
+        self.wait = wait  # work no Ray node fits waits for Ray's autoscaler (ray_wait.py)
+        self.shapes: list[RayNodeShape] = []  # what strato may take of each live Ray node
         self.requested: list[dict[str, float]] = []  # what Ray's autoscaler was asked for
         self.totals: dict[str, Mapping[str, float]] = {}  # Ray node id -> its resources
         self.agents: dict[str, _Agent] = {}  # Ray node id -> its actor
@@ -279,7 +287,14 @@ class RayProvider:
             try:
                 await asyncio.to_thread(self.reconcile)
                 held = [self.totals[nid] for nid in self.agents if nid in self.totals]
-                bundles = demand_bundles(self.demand(), held, self.share, self.required_resource)
+                pending = self.demand()
+                if self.wait is not None:
+                    self.wait.keep(replace(p, count=1) for p in pending)
+                    if self.wait.since:  # Ray's autoscaler may find them infeasible
+                        from .ray_wait import infeasible_bundles
+
+                        self.wait.saw_infeasible(await asyncio.to_thread(infeasible_bundles))
+                bundles = demand_bundles(pending, held, self.share, self.required_resource)
                 if bundles != self.requested:
                     await asyncio.to_thread(self.request, bundles, len(held))
             except Exception:  # noqa: BLE001 - Ray hiccups: try again at the next poll
@@ -310,6 +325,8 @@ class RayProvider:
         nodes = ray.nodes()
         alive = {n["NodeID"]: n for n in nodes if n.get("Alive")}
         self.totals = {nid: n.get("Resources") or {} for nid, n in alive.items()}
+        shapes = (shape_of(n, self.share, self.required_resource) for n in alive.values())
+        self.shapes = [sh for sh in shapes if sh is not None]
         for n in nodes:
             nid = n.get("NodeID")
             if nid and not n.get("Alive") and nid not in self.dead:
@@ -573,6 +590,11 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
     http_port = int(cp.http_url.rsplit(":", 1)[1]) if ":" in cp.http_url else cp.config.port
     scheme = "https" if cp.http_url.startswith("https:") else "http"  # (STRATO_TLS_CERT)
     loop = asyncio.get_running_loop()
+    from .ray_wait import AutoscalerWait
+
+    share = settings.RAY_SHARE.get(env)
+    required = settings.RAY_NODE_RESOURCE.get(env)
+    wait = AutoscalerWait(settings.RAY_AUTOSCALER_WAIT_S.get(env), share, required)
 
     def lost(name: str, why: str) -> None:
         loop.call_soon_threadsafe(_lose_node, cp, name, why)
@@ -582,12 +604,24 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
         server_url=f"{scheme}://{host}:{http_port}",
         join_token=join_token,
         on_node_lost=lost,
-        share=settings.RAY_SHARE.get(env),
-        required_resource=settings.RAY_NODE_RESOURCE.get(env),
+        share=share,
+        required_resource=required,
         agent_home=str(settings.RAY_AGENT_HOME.get(env) or ""),
         env=forwarded_env(env),
-        demand=lambda: pending_of(cp),
+        demand=lambda: pending_of(cp, wait),
+        wait=wait,
     )
+    bought = cp.fleet.supply  # the broker's: a node bought from a provider
+
+    def supply(request: ContainerRequest, nonpreemptible: bool) -> bool:
+        if bought is not None and bought(request, nonpreemptible):
+            return True
+        if request.provider not in (None, "ray"):
+            return False
+        return wait.waits(shape_of_request(request), provider.shapes)
+
+    cp.fleet.supply = supply
+    cp.fleet.supply_note = lambda request: wait.why_not(shape_of_request(request))
     log.info(
         "Ray provider: agents of the Ray cluster's nodes join at %s:%d (%s)", host, port, scheme
     )
@@ -595,21 +629,33 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
     return provider
 
 
-def pending_of(cp: ControlPlane) -> list[Pending]:
+def shape_of_request(request: ContainerRequest) -> Pending:
+    """One container of ``request`` (the first of its GPU fallbacks)."""
+    gpu = request.gpu[0] if request.gpu else None
+    return Pending(
+        cpu=request.cpu,
+        memory_mb=request.memory_mb,
+        gpu_count=gpu.count if gpu is not None else 0,
+        gpu_type=gpu.type if gpu is not None else None,
+    )
+
+
+def pending_of(cp: ControlPlane, wait: AutoscalerWait | None = None) -> list[Pending]:
     """On the control plane's loop: the containers no node can place now (the broker's
-    demand), by shape (the first of a GPU request's fallbacks)."""
+    demand), by shape; the apps of those that wait for Ray's autoscaler to add a node
+    (``wait``) are told so, once per wait."""
     out = []
     for d in cp.broker.demands(time.monotonic()):
-        gpu = d.request.gpu[0] if d.request.gpu else None
-        out.append(
-            Pending(
-                cpu=d.request.cpu,
-                memory_mb=d.request.memory_mb,
-                gpu_count=gpu.count if gpu is not None else 0,
-                gpu_type=gpu.type if gpu is not None else None,
-                count=d.count,
-            )
-        )
+        shape = shape_of_request(d.request)
+        out.append(replace(shape, count=d.count))
+        fn = cp.calls.functions.get(d.key)
+        told = (d.key, shape)
+        if wait is None or fn is None or shape not in wait.since or told in wait.told:
+            continue
+        wait.told.add(told)
+        text = wait.waiting_text(fn.name, shape)
+        log.info("%s", text)
+        cp.logs.system(fn.app_id, text)
     return out
 
 

@@ -132,6 +132,9 @@ class Fleet:
         self.sandbox_watch: SandboxWatch | None = None
         # --- broker: can it buy a node for this request (then the work waits for it)
         self.supply: Callable[[ContainerRequest, bool], bool] | None = None
+        # --- ray: why a supplier that had such work wait gives up on it (Ray's autoscaler
+        # added no node in STRATO_RAY_AUTOSCALER_WAIT_S, or found it infeasible), or None
+        self.supply_note: Callable[[ContainerRequest], str | None] | None = None
         self.meter: Meter | None = None  # --- broker: usage per container (metering.py)
         # --- broker: nodes whose provider took them back (spot preemption): losing one is
         # never its inputs' fault, so it never counts toward MAX_NODE_LOSSES
@@ -498,6 +501,9 @@ class Fleet:
         if empty and place(request, empty) is None:
             # No node could ever run it: fail its inputs rather than let them wait forever.
             why = explain_unplaceable(request, empty)
+            note = self.supply_note(request) if self.supply_note is not None else None
+            if note:  # --- ray
+                why = f"{why}; {note}"
             self.calls.fail_queued(
                 fn.function_id,
                 f"no node of this cluster can run {fn.name}: {why}",
