@@ -529,3 +529,20 @@ def test_a_sandbox_in_an_image(strato_server, runtime):
         assert p.stdout.read() == "2.0 MB\n", p.stderr.read()
         assert sb.exec("cat", "/etc/debian_version").wait() == 0
         sb.terminate()
+
+
+def test_a_missing_workdir_is_made_for_the_sandbox_and_refused_for_an_exec(app, runtime):
+    """A sandbox's own ``workdir`` that its root lacks is made (as Docker's WORKDIR); an
+    exec's ``workdir`` that does not exist ends that exec with 127 and the reason, and the
+    sandbox carries on (its agent used to die of the FileNotFoundError)."""
+    sandbox = strato.Sandbox.create(app=app, runtime=runtime, timeout=120, workdir="/tmp/w/x")
+    try:
+        p = sandbox.exec("pwd")
+        assert p.wait() == 0 and p.stdout.read().strip() == "/tmp/w/x"
+        p = sandbox.exec("pwd", workdir="/no/such/dir")
+        assert p.wait() == 127
+        assert "/no/such/dir" in p.stderr.read()
+        p = sandbox.exec("echo", "alive")
+        assert p.wait() == 0 and p.stdout.read().strip() == "alive"
+    finally:
+        sandbox.terminate()

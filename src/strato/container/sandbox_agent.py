@@ -97,6 +97,11 @@ class SandboxAgent:
         }
         self.env.update(spec.env)
         self.workdir = self.config.workdir or os.getcwd()
+        if not os.path.isdir(self.workdir):  # made as Docker's WORKDIR is (where it may)
+            try:
+                os.makedirs(self.workdir, exist_ok=True)
+            except OSError:
+                pass  # each exec then fails with the reason (exit code 127)
 
     # ------------------------------------------------------------------ channel
 
@@ -148,18 +153,18 @@ class SandboxAgent:
         if msg.pty:
             self._exec_pty(msg, env, cwd)
             return
+        if not os.path.isdir(cwd):
+            self._fail_start(msg.pid, f"cd: {cwd}: No such directory\n", 127)
+            return
         try:
-            popen = self._popen(list(msg.argv), env, cwd)
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-            if (
-                isinstance(e, NotADirectoryError)
-                or not os.path.exists(SHELL)
-                or (msg.workdir is not None and not os.path.isdir(msg.workdir))
-            ):
-                self._fail_start(msg.pid, f"{msg.argv[0]}: {e.strerror or e}\n", 127)
-                return
-            # the shell says what is wrong with the program, and exits 127 (or 126)
-            popen = self._popen([SHELL, "-c", 'exec "$0" "$@"', *msg.argv], env, cwd)
+            try:
+                popen = self._popen(list(msg.argv), env, cwd)
+            except (FileNotFoundError, PermissionError) as e:
+                if not os.path.exists(SHELL):
+                    self._fail_start(msg.pid, f"{msg.argv[0]}: {e.strerror or e}\n", 127)
+                    return
+                # the shell says what is wrong with the program, and exits 127 (or 126)
+                popen = self._popen([SHELL, "-c", 'exec "$0" "$@"', *msg.argv], env, cwd)
         except OSError as e:
             self._fail_start(msg.pid, f"{msg.argv[0]}: {e}\n", 126)
             return
