@@ -442,6 +442,23 @@ BLOB_THRESHOLD = integer(
     (SERVER,),
     unit="bytes",
 )
+BLOB_GC_INTERVAL_S = number(
+    "STRATO_BLOB_GC_INTERVAL_S",
+    3600.0,
+    "How often the control plane deletes blobs no row names any more (calls' payloads, "
+    "Dict values, volume blocks, code, image files); 0: never (`strato server gc-blobs` "
+    "still does on demand).",
+    (SERVER,),
+    within=Range(0),
+)
+BLOB_GC_GRACE_S = number(
+    "STRATO_BLOB_GC_GRACE_S",
+    86400.0,
+    "How old an unreferenced blob must be before the blob collector deletes it (an "
+    "upload in flight, or a key a client has not yet named in a row, is younger).",
+    (SERVER,),
+    within=Range(0),
+)
 MAX_PAYLOAD = integer(
     "STRATO_MAX_PAYLOAD",
     256 << 20,

@@ -399,6 +399,21 @@ def server_stop(timeout: float) -> None:
     click.echo(f"the control plane (pid {pid}) did not stop in {timeout:g}s; killed it")
 
 
+@server_group.command("gc-blobs")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+def server_gc_blobs(dry_run: bool) -> None:
+    """Delete the blobs no row names any more, older than STRATO_BLOB_GC_GRACE_S (the
+    installation's operator: its own token)."""
+    r = session.api(progress_cb=None).call(
+        "POST", "/blobs/gc", m.BlobGc(dry_run), m.BlobGcReport, timeout=3600.0
+    )
+    verb = "would delete" if r.dry_run else "deleted"
+    click.echo(
+        f"{verb} {r.deleted} blobs ({_mb(r.bytes_freed)}); kept {r.kept} "
+        f"({r.kept_young} unreferenced but within the grace period)"
+    )
+
+
 @server_group.command("status")
 def server_status() -> None:
     """Say whether the control plane answers, and what it runs."""

@@ -318,6 +318,21 @@ class BlobCheck(msgspec.Struct):
     sha256s: list[str]
 
 
+class BlobGc(msgspec.Struct):
+    """``POST /blobs/gc`` (the installation's operator): delete the blobs no row names."""
+
+    dry_run: bool = False  # count what would go; delete nothing
+
+
+class BlobGcReport(msgspec.Struct):
+    kept: int  # blobs kept: named by a row, or younger than the grace period
+    kept_young: int  # of them, named by no row but younger than STRATO_BLOB_GC_GRACE_S
+    deleted: int  # (would be, on a dry run)
+    bytes_freed: int
+    marked: int  # distinct keys the rows name
+    dry_run: bool
+
+
 # --------------------------------------------------------------------------- calls (HTTP)
 
 
@@ -1064,13 +1079,16 @@ class TunnelInfo(msgspec.Struct):
     """One port of a sandbox reachable from outside (``sb.tunnels()``): connections to
     ``host:tunnel_port`` (the web gateway's host) reach ``port`` in the sandbox.
     ``tls``: the listener speaks TLS; ``unencrypted``: the port was in
-    ``unencrypted_ports`` (plain TCP)."""
+    ``unencrypted_ports`` (plain TCP). ``url``: the port through the web gateway's own
+    port (``http://<sandbox-id>-<port>.tunnel.localhost:<gateway port>``, HTTP and
+    WebSockets); empty where the gateway is off."""
 
     port: TunnelPort
     host: str
     tunnel_port: TunnelPort
     tls: bool
     unencrypted: bool
+    url: str = ""
 
 
 class SandboxTunnels(msgspec.Struct):

@@ -12,7 +12,6 @@ wins. A commit whose blocks are not all stored, or that would take the volume ov
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -196,7 +195,7 @@ class VolumeService:
             for b in f.blocks:
                 if b not in sizes:
                     try:
-                        sizes[b] = os.stat(self.blobs.path(b)).st_size
+                        sizes[b] = self.blobs.size(b)  # (kept young for the collector)
                     except FileNotFoundError:
                         raise exc.InvalidError(
                             f"{p}: its block {b} is not uploaded; upload it to /blobs first "

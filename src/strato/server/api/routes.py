@@ -18,6 +18,7 @@ from strato.server.store.blobs import check_key
 
 from ..control import ControlPlane
 from . import (
+    routes_blob_gc,
     routes_graph,
     routes_sandboxes,
     routes_schedules,
@@ -352,6 +353,7 @@ def build_app(cp: ControlPlane) -> Router:
         routes_sandboxes,
         routes_usage,  # --- broker: GET /broker, GET /usage
         routes_workspaces,  # --- workspaces: workspaces and tokens
+        routes_blob_gc,  # --- blob collector: POST /blobs/gc and its loop
     ):
         feature.register(api, cp)
     __import__("strato.server.cluster.routes", fromlist=["x"]).register(api, cp)  # --- cluster

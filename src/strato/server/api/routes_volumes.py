@@ -16,7 +16,7 @@ import msgspec
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
-from strato.server.store.blobs import check_key
+from strato.server.store.blobs import check_key, refresh
 
 from ..volumes import ID_PREFIX, VolumeService
 from ..workspaces import ACTING
@@ -39,7 +39,7 @@ def put_small(root: str, blobs: list[bytes]) -> list[str]:
         keys.append(key)
         folder = f"{root}/{key[:2]}"
         path = f"{folder}/{key}"
-        if os.path.exists(path):
+        if refresh(path):  # stored already (made young again for the blob collector)
             continue
         if folder not in made:
             os.makedirs(folder, mode=0o700, exist_ok=True)

@@ -5,6 +5,11 @@ hashed as it goes, and moved under its sha256 when complete, so that no more tha
 is held in memory. Hashing and writing block, so the event loop hands them to a thread:
 `BlobStore.aput` and `BlobStore.aput_stream` (``await``) do, and `calls.uploads` queues
 a container's chunks on `BLOB_POOL` itself.
+
+Blobs no row names any more are deleted by the collector (``server/blob_gc.py``) once
+older than its grace period. So that a key about to be named in a row is never taken for
+garbage, storing content that is already here and asking whether a key is here (`has`,
+`size`) make the blob young again (its mtime is set to now).
 """
 
 from __future__ import annotations
@@ -26,6 +31,16 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 # the threads that hash and write blobs for the event loop (hashlib and file writes let
 # go of the GIL, so two threads use both cores of a small machine)
 BLOB_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="strato-blobs")
+
+
+def refresh(path: Path | str) -> bool:
+    """Whether the blob at ``path`` exists, made young again for the collector's grace
+    period if so (a key someone is about to name in a row)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def check_key(key: str) -> str:
@@ -62,7 +77,7 @@ class BlobWriter:
             raise InvalidError(f"blob content does not match its key {key}: got {actual}")
         path = self.store.path(actual)
         assert self._tmp is not None
-        if path.exists():  # stored already: same content
+        if refresh(path):  # stored already: same content
             self.abort()
         else:
             path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -88,7 +103,16 @@ class BlobStore:
         return self.root / key[:2] / key
 
     def has(self, key: str) -> bool:
-        return self.path(key).exists()
+        """Whether ``key`` is stored (made young again: see the module's text)."""
+        return refresh(self.path(key))
+
+    def size(self, key: str) -> int:
+        """The stored blob's size (made young again, as `has` does); `FileNotFoundError`
+        when it is not stored."""
+        path = self.path(key)
+        if not refresh(path):
+            raise FileNotFoundError(path)
+        return os.stat(path).st_size
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)
@@ -99,7 +123,7 @@ class BlobStore:
         if key is not None and key != actual:
             raise InvalidError(f"blob content does not match its key {key}: got {actual}")
         path = self.path(actual)
-        if not path.exists():
+        if not refresh(path):
             path.parent.mkdir(mode=0o700, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}-{secrets.token_hex(4)}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private
