@@ -176,10 +176,11 @@ def test_slow_provisioning_is_waited_for(broker_app):
 def test_a_preempted_spot_node_gives_its_input_back(broker_app, tmp_path):
     first = first_choice(["aws"], bg.on_aws_v100)
     assert first.spot  # a V100 on AWS spot is far cheaper, preemptions counted in
-    fault = '[[sim.faults]]\nkind = "preempt"\nprovider = "aws"\nafter_s = 4\ntimes = 1\n'
-    write(broker_app, config("[providers.aws]\n", fault))
+    marker = str(tmp_path / "marker")
+    fault = f'[[sim.faults]]\nkind = "preempt"\nprovider = "aws"\nwhen_file = "{marker}.cue"\n'
+    write(broker_app, config("[providers.aws]\n", fault + "times = 1\n"))
     before = status().preemptions
-    out = bg.on_aws_v100.remote(str(tmp_path / "marker"), 120.0)
+    out = bg.on_aws_v100.remote(marker, 120.0)
     assert out["first"] is False  # the first run was on the preempted node; not run twice
     st = status()
     assert st.preemptions == before + 1
@@ -209,10 +210,11 @@ def test_nonpreemptible_work_never_lands_on_a_spot_node(broker_app, tmp_path):
 def test_preemptions_never_count_as_the_inputs_failure(broker_app, tmp_path):
     # an input lost with 3 nodes counts a failed attempt (an input that kills its agent
     # must not loop forever), but not when the provider took the nodes back
-    fault = '[[sim.faults]]\nkind = "preempt"\nprovider = "aws"\nafter_s = 3\ntimes = 3\n'
-    write(broker_app, config("[providers.aws]\n", fault))
+    runs = str(tmp_path / "runs")
+    fault = f'[[sim.faults]]\nkind = "preempt"\nprovider = "aws"\nwhen_file = "{runs}.cue"\n'
+    write(broker_app, config("[providers.aws]\n", fault + "times = 3\n"))
     before = status().preemptions
-    assert bg.preempted_often.remote(str(tmp_path / "runs"), 4) == 4
+    assert bg.preempted_often.remote(runs, 4) == 4
     assert status().preemptions == before + 3
     quiet()
 

@@ -167,3 +167,41 @@ def test_local_is_a_provider_with_one_fixed_node(tmp_path):
     assert not local.capabilities.provisions and local.offers() == []
     with pytest.raises(ProvisionError):
         local.provision(load_offers(CATALOG)[0] if CATALOG.is_file() else None, spot=False)  # type: ignore[arg-type]
+
+
+@needs_catalog
+def test_preemption_faults_by_time_and_by_cue_file(tmp_path):
+    """``after_s`` takes a spot instance back that long after it runs; ``when_file`` once
+    the file exists (and removes it), however long the instance has run."""
+    from strato.providers.base import Instance, InstanceState
+
+    offers = [o for o in load_offers(CATALOG) if o.provider == "aws" and o.spot_price]
+    cue = tmp_path / "cue"
+    faults = [
+        Fault("preempt", provider="aws", after_s=10.0, times=1),
+        Fault("preempt", provider="aws", when_file=str(cue), times=1),
+    ]
+    p = SimProvider(
+        "aws", offers, home=tmp_path, channel="unix:/x", token="t",
+        on_change=lambda ev: None, faults=lambda: faults,
+    )  # fmt: skip
+
+    def running(at: float) -> Instance:
+        inst = Instance("i-" + str(len(p._instances)), offers[0], spot=True)
+        inst.state, inst.running_at = InstanceState.RUNNING, at
+        p._instances[inst.instance_id] = inst
+        return inst
+
+    a = running(100.0)
+    p.check(105.0)  # 5 s: neither fault is due
+    assert a.state == InstanceState.RUNNING
+    cue.touch()
+    p.check(106.0)  # the cue: taken back at once, the cue consumed
+    assert a.state == InstanceState.PREEMPTED and not cue.exists()
+    b = running(200.0)
+    p.check(211.0)  # 11 s after it ran: the timed fault
+    assert b.state == InstanceState.PREEMPTED
+    c = running(300.0)
+    cue.touch()
+    p.check(400.0)  # both faults used up
+    assert c.state == InstanceState.RUNNING and cue.exists()

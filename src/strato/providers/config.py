@@ -28,6 +28,7 @@ gpu = "V100"
 times = 1                  # applies this many times (default: always)
 delay_s = 30               # slow: provisioning takes this much longer
 after_s = 10               # preempt: spot instances are taken back this long after start
+when_file = "/tmp/cue"     # preempt: ... once this file exists (removed as it fires: a test's cue)
 trace = "AWS3/us-east-1a_v100_1.json"  # preempt: replay this availability trace instead
 trace_speed = 600          # trace seconds per real second
 ```
@@ -60,6 +61,7 @@ class Fault:
     times: int | None = None
     delay_s: float = 0.0
     after_s: float | None = None
+    when_file: str | None = None
     trace: str | None = None
     trace_speed: float = 1.0
 

@@ -279,6 +279,14 @@ class SimProvider:
                 excess = len(held) - avail
                 for inst in sorted(held, key=lambda i: -(i.running_at or 0))[: max(0, excess)]:
                     self.preempt(inst.instance_id, f"spot capacity taken back (trace {f.trace})")
+            elif f.when_file is not None:
+                # a cue, not a clock: the preemption lands while the input surely runs, however
+                # slowly a busy machine started it (every matching instance: tests hold one)
+                if os.path.exists(f.when_file) and f.take():
+                    with contextlib.suppress(OSError):
+                        os.unlink(f.when_file)
+                    for inst in held:
+                        self.preempt(inst.instance_id)
             elif f.after_s is not None:
                 for inst in held:
                     if now - (inst.running_at or now) >= f.after_s and f.take():

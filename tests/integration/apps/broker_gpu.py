@@ -22,11 +22,13 @@ def on_h100() -> dict:
 
 @app.function(gpu="V100", cpu=1, memory=256, cloud="aws", max_containers=1, scaledown_window=2)
 def on_aws_v100(marker: str, seconds: float) -> dict:
-    """Sleeps ``seconds`` the first time (a preemption lands then), returns at once after."""
+    """Sleeps ``seconds`` the first time (a preemption lands then: ``marker.cue`` tells the
+    sim provider it runs), returns at once after."""
     first = not os.path.exists(marker)
     if first:
         with open(marker, "w") as f:
             f.write("1")
+        open(marker + ".cue", "w").close()
         time.sleep(seconds)
     return {**_where(), "first": first}
 
@@ -52,6 +54,7 @@ def preempted_often(counter: str, runs_to_survive: int) -> int:
     with open(counter, "w") as f:
         f.write(str(runs))
     if runs < runs_to_survive:
+        open(counter + ".cue", "w").close()  # the sim provider's cue to preempt this node
         time.sleep(300)
     return runs
 
