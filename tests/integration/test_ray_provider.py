@@ -27,11 +27,13 @@ from cluster_nodes import containers_by_node, nodes, ready_nodes
 from conftest import INTEGRATION_DIR, ServerHandle, free_port, pid_alive, restore_env, wait_until
 
 from strato.client import session
+from strato.protocol import messages as m
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 
 SHARE = 0.5
+AUTOSCALER_WAIT_S = 300  # work no node fits waits this long for a node (test_raywait_...)
 
 
 def ray_ready_nodes() -> dict[str, object]:
@@ -98,6 +100,7 @@ def ray_strato():
         STRATO_RAY_SHARE=str(SHARE),
         STRATO_RAY_AGENT_HOME=str(agents_home),
         STRATO_WORKER_HEARTBEAT_S="0.5",
+        STRATO_RAY_AUTOSCALER_WAIT_S=str(AUTOSCALER_WAIT_S),
         RAY_ADDRESS=cluster.address,
     )
     env.pop("STRATO_PROVIDER", None)
@@ -343,6 +346,59 @@ def test_server_status_names_ray_nodes(ray_strato):
     assert out.stdout.count(", ray): ready") == 2, out.stdout
     info = json.loads((handle.home / "server.json").read_text())
     assert info["agent_port"]  # the provider opened the agent listener
+
+
+def _app_logs(app_id: str) -> list[m.LogLine]:
+    batch = session.api().call(
+        "GET", f"/apps/{app_id}/logs", None, m.LogBatch, params={"after": 0, "timeout": 0}
+    )
+    return batch.lines
+
+
+def test_raywait_work_bigger_than_any_ray_node_waits_for_a_node_that_fits(ray_strato):
+    """A function needing more than any Ray node's share (1 CPU; the nodes' shares are 0.5)
+    waits (STRATO_RAY_AUTOSCALER_WAIT_S) instead of failing: the app's logs say so and its
+    shape is asked of Ray's autoscaler (read back from the GCS). Ray's autoscaler's part is
+    played by hand: a 2-CPU raylet joins the cluster, its agent comes up and the call runs
+    there. (The wait's end and Ray's "infeasible" are in tests/unit/test_raywait_decision.py:
+    no Ray autoscaler runs on this machine.)"""
+    from apps import raywait_big as big
+
+    cluster, _, raylets, *_ = ray_strato
+    wait_until(lambda: len(ray_ready_nodes()) == 2, 90, "2 Ray nodes")
+    want = {"CPU": big.CPU / SHARE, "memory": float(big.MEMORY_MB * (1 << 20) / SHARE)}
+    with big.app.run(quiet=True) as app:
+        call = big.double.spawn(21)
+
+        def told() -> bool:
+            return any(
+                "waiting up to" in line.text
+                and "for Ray's autoscaler to add a node with 1 CPU and 200 MiB for strato"
+                in line.text
+                for line in _app_logs(app.app_id)
+            )
+
+        wait_until(told, 60, "the app's logs to say the function waits for Ray's autoscaler")
+        wait_until(
+            lambda: want in requested_from_ray_autoscaler(),
+            30,
+            f"Ray's autoscaler to be asked for {want}",
+        )
+        # (a failed call would have ended with ResourceUnavailableError by now)
+        raylets.append(cluster.add_node(num_cpus=2, resources={"extra": 1}))
+        big_node = "ray-" + raylets[-1].node_id[:12]
+        try:
+            assert call.get(timeout=AUTOSCALER_WAIT_S) == 42
+            ran_on = {ready.node_id: name for name, ready in ray_ready_nodes().items()}
+            assert {ran_on.get(nid) for nid in containers_by_node(app.app_id)} == {big_node}
+        finally:
+            cluster.remove_node(raylets.pop())
+    wait_until(
+        lambda: big_node not in ray_ready_nodes() and len(ray_ready_nodes()) == 2,
+        60,
+        "the added Ray node to be lost",
+    )
+    wait_until(lambda: requested_from_ray_autoscaler() == [], 30, "the request to be cleared")
 
 
 def test_a_control_plane_killed_takes_its_agents_with_it_and_a_new_one_starts_them(ray_strato):

@@ -263,7 +263,7 @@ class RayProvider:
         self.poll_s = poll_s
         self.demand = demand  # (on the control plane's loop) what no node can place
         self.wait = wait  # work no Ray node fits waits for Ray's autoscaler (ray_wait.py)
-        self.shapes: list[RayNodeShape] = []  # what strato may take of each live Ray node
+        self.shapes: list[RayNodeShape] = []  # strato's share of each node whose agent is up
         self.requested: list[dict[str, float]] = []  # what Ray's autoscaler was asked for
         self.totals: dict[str, Mapping[str, float]] = {}  # Ray node id -> its resources
         self.agents: dict[str, _Agent] = {}  # Ray node id -> its actor
@@ -325,8 +325,6 @@ class RayProvider:
         nodes = ray.nodes()
         alive = {n["NodeID"]: n for n in nodes if n.get("Alive")}
         self.totals = {nid: n.get("Resources") or {} for nid, n in alive.items()}
-        shapes = (shape_of(n, self.share, self.required_resource) for n in alive.values())
-        self.shapes = [sh for sh in shapes if sh is not None]
         for n in nodes:
             nid = n.get("NodeID")
             if nid and not n.get("Alive") and nid not in self.dead:
@@ -382,6 +380,7 @@ class RayProvider:
                 shape.gpu_count,
                 shape.accelerator or "",
             )
+        self.shapes = [a.shape for a in self.agents.values() if a.info]
 
     def _check_actors(self, alive: Mapping[str, Any]) -> None:
         """Read the answers of the actors' last ``info()``; ask again; a dead actor on a
@@ -492,6 +491,7 @@ class RayProvider:
         agent = self.agents.pop(instance_id, None)
         if agent is None:
             return
+        self.shapes = [a.shape for a in self.agents.values() if a.info]
         log.info("Ray node %s given back (%s): its strato agent stops", instance_id[:12], reason)
         try:
             agent.actor.stop.remote()
@@ -618,7 +618,13 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
             return True
         if request.provider not in (None, "ray"):
             return False
-        return wait.waits(shape_of_request(request), provider.shapes)
+        joined = {  # a Ray node's agent answers its actor before it joins the fleet
+            n.info.name
+            for n in cp.fleet.nodes.values()
+            if n.peer is not None and n.info.provider == "ray"
+        }
+        nodes = [sh for sh in provider.shapes if sh.name in joined]
+        return wait.waits(shape_of_request(request), nodes)
 
     cp.fleet.supply = supply
     cp.fleet.supply_note = lambda request: wait.why_not(shape_of_request(request))
