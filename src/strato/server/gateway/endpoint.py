@@ -68,6 +68,9 @@ class FleetView(Protocol):
     def live_views(self) -> list[NodeView]: ...
     def request_for(self, spec: m.FunctionSpec) -> ContainerRequest: ...
 
+    # the broker's "can a node be bought for this request" (None: no broker)
+    supply: Callable[[ContainerRequest, bool], bool] | None
+
 
 class FunctionView(Protocol):
     """What the gateway reads of a function (``calls.FunctionQueue``)."""
