@@ -13,16 +13,15 @@ against its hash in constant time.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from strato.exceptions import InvalidError, NotFoundError
+
+from . import bearer
 
 PREFIX = "stj_"
 FILE = "join-tokens.json"
@@ -37,10 +36,6 @@ class JoinToken:
     name: str
     sha256: str
     created_at: float
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class JoinTokens:
@@ -72,12 +67,11 @@ class JoinTokens:
     def create(self, name: str = "") -> tuple[JoinToken, str]:
         """A new token: its record and the token itself (shown once, never stored)."""
         tokens = self._load()
-        tid = secrets.token_hex(4)
-        secret = secrets.token_urlsafe(24)
-        rec = JoinToken(id=tid, name=name, sha256=_hash(secret), created_at=time.time())
+        tid, token, sha256 = bearer.new(PREFIX, 4)
+        rec = JoinToken(id=tid, name=name, sha256=sha256, created_at=time.time())
         tokens.append(rec)
         self._save(tokens)
-        return rec, f"{PREFIX}{tid}_{secret}"
+        return rec, token
 
     def list(self) -> list[JoinToken]:
         return self._load()
@@ -114,16 +108,15 @@ class JoinTokens:
 
     def find(self, token: str) -> JoinToken | None:
         """The record of the token ``token`` is, or None (unknown, revoked, malformed)."""
-        if not token.startswith(PREFIX) or len(token) > 200:
+        parts = bearer.split(PREFIX, token)
+        if parts is None:
             return None
-        tid, _, secret = token[len(PREFIX) :].partition("_")
-        if not tid or not secret:
-            return None
+        tid, secret = parts
         try:
             tokens = self._load()
         except InvalidError:
             return None
         for t in tokens:
-            if t.id == tid and hmac.compare_digest(t.sha256, _hash(secret)):
+            if t.id == tid and bearer.same(t.sha256, secret):
                 return t
         return None

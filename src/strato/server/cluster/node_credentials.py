@@ -12,11 +12,9 @@ containers placed on its node.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 from dataclasses import dataclass
 
+from . import bearer
 from .join_tokens import JoinTokens
 
 PREFIX = "stn_"
@@ -27,10 +25,6 @@ class _Credential:
     node_id: str
     join_token_id: str
     sha256: str
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class NodeCredentials:
@@ -44,20 +38,17 @@ class NodeCredentials:
     def issue(self, node_id: str, join_token_id: str) -> str:
         """A new credential for ``node_id`` (its earlier one is revoked)."""
         self.revoke_node(node_id)
-        cid = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(24)
-        self._by_id[cid] = _Credential(node_id, join_token_id, _hash(secret))
+        cid, token, sha256 = bearer.new(PREFIX, 6)
+        self._by_id[cid] = _Credential(node_id, join_token_id, sha256)
         self._id_of_node[node_id] = cid
-        return f"{PREFIX}{cid}_{secret}"
+        return token
 
     def node_of(self, token: str) -> str | None:
         """The node ``token`` is the credential of, or None (unknown, revoked, malformed,
         or its join token revoked)."""
-        if not token.startswith(PREFIX) or len(token) > 200:
-            return None
-        cid, _, secret = token[len(PREFIX) :].partition("_")
-        cred = self._by_id.get(cid)
-        if cred is None or not hmac.compare_digest(cred.sha256, _hash(secret)):
+        parts = bearer.split(PREFIX, token)
+        cred = self._by_id.get(parts[0]) if parts is not None else None
+        if parts is None or cred is None or not bearer.same(cred.sha256, parts[1]):
             return None
         if cred.join_token_id not in self.join_tokens.ids():
             return None  # (``revoked_join_tokens`` forgets it and cuts its agent off)
