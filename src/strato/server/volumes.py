@@ -334,6 +334,9 @@ class VolumeService:
                     e = _entry(rows[q])
                     t = f"{target}/{q[len(src) + 1 :]}".lstrip("/")
                     puts[t] = m.VolumeFile(t, e.size, e.mode, time.time(), e.blocks, e.data)
+            for f in puts.values():  # named again: young for the blob collector (blob_gc.py)
+                for b in f.blocks:
+                    self.blobs.has(b)
             return self._apply(conn, ref, puts, [], [], True)
 
         return await self._tx("copy_volume_files", run)
