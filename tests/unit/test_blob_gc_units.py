@@ -21,6 +21,7 @@ from strato.server import blob_gc
 from strato.server.blob_gc import Collector
 from strato.server.store import Store
 from strato.server.store import schema as t
+from strato.server.store import tables_sandboxes as tsb
 from strato.server.store import tables_state as ts
 from strato.server.store import tables_volumes as tv
 from strato.server.store.blobs import BlobStore
@@ -153,11 +154,13 @@ def test_marks_every_table_and_sweeps_the_rest(db_url, tmp_path: Path, small_pag
                 .values(created_at=OLD)
             ),
         ).wait()
+        # a sandbox snapshot's layer: its image is the client's, kept while recorded
+        insert_rows(store, tsb.snapshot_layers, [{"sha256": k[21], "size": 1, "created_at": OLD}])
         # a sandbox's spec in memory only
         sandbox = m.FunctionSpec(
             "sb", "", "", image=images.ImageSpec([images.SnapshotLayer(sha256=k[20], size=1)])
         )
-        referenced = {*k[0:11], *k[11:18], k[20]}
+        referenced = {*k[0:11], *k[11:18], k[20], k[21]}
         age(blobs, *k)
         gc = Collector(store, blobs, grace_s=3600.0, live_specs=lambda: [sandbox])
 
@@ -221,3 +224,23 @@ def test_a_blob_named_during_the_sweep_is_put_back(tmp_path: Path):
     assert blob_gc._delete(str(blobs.path(key)), aside, cutoff=time.time() - 60) == 5
     assert not blobs.has(key)
     assert blob_gc._delete(str(blobs.path(key)), aside, cutoff=time.time()) == -1
+
+
+def test_a_version_6_database_gains_snapshot_layers(tmp_path: Path):
+    from sqlalchemy import inspect, text
+
+    from strato.server.store.migrations import LATEST, current_version
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = Store(url, journal=False)
+    with store.conn.begin():
+        store.conn.execute(text("DROP TABLE snapshot_layers"))
+        store.conn.execute(text("UPDATE schema_version SET version = 6"))
+    store.close()
+    again = Store(url, journal=False)
+    try:
+        with again.conn.begin():
+            assert current_version(again.conn) == LATEST
+            assert inspect(again.conn).has_table("snapshot_layers")
+    finally:
+        again.close()

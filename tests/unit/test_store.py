@@ -177,7 +177,7 @@ def test_a_version_1_database_gains_error_type(store):
     try:
         with again.conn.begin():
             cols = {c["name"] for c in inspect(again.conn).get_columns("inputs")}
-            assert current_version(again.conn) == LATEST == 6
+            assert current_version(again.conn) == LATEST == 7
         assert "error_type" in cols
     finally:
         again.close()

@@ -11,7 +11,9 @@ waits), plus the live sandboxes' specs held in memory:
 - the specs of functions whose app runs, or stopped less than the grace period ago: their
   code mount's files (``mounts.manifest``), their image's ``add_local_*`` files and
   ``SnapshotLayer`` blobs; and every mount made less than the grace period ago;
-- the sandboxes this process runs (their spec is in memory only).
+- the sandboxes this process runs (their spec is in memory only);
+- every sandbox snapshot's layer (``snapshot_layers``): its image is held by the client,
+  which may start sandboxes from it at any time (no API deletes a snapshot yet).
 
 Queue items never name blobs: an item is at most ``QUEUE_ITEM_MAX_BYTES`` (1 MiB) and is
 kept inline (``queue_items.data``, or in memory: ``state/queue_memory.py``).
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from sqlalchemy import or_, select, tuple_
+from sqlalchemy import or_, select, true, tuple_
 from sqlalchemy.engine import Connection
 
 from strato.protocol import images
@@ -52,6 +54,7 @@ from strato.protocol import messages as m
 from strato.protocol.mounts import decode_manifest
 
 from .store import schema as t
+from .store import tables_sandboxes as tsb
 from .store import tables_state as ts
 from .store import tables_volumes as tv
 from .store.blobs import BlobStore
@@ -153,6 +156,9 @@ class Collector:
         live_apps = select(a.app_id).where(
             or_(a.state != "stopped", a.stopped_at.is_(None), a.stopped_at >= cutoff)
         )
+        sl = tsb.snapshot_layers.c  # a snapshot's image is the client's: kept for it
+        async for (sha,) in self._rows([sl.sha256], [sl.sha256], true()):
+            keys.add(sha)
         mount_ids: set[str] = set()
         async for (spec,) in self._rows([f.function_id], [f.spec], f.app_id.in_(live_apps)):
             self._mark_spec(_SPEC.decode(spec), keys, mount_ids)

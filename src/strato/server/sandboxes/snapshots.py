@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection, insert, select
 
 from strato import exceptions as exc
 from strato.protocol import images
 from strato.protocol import messages as m
+
+from ..store.tables_sandboxes import snapshot_layers
 
 if TYPE_CHECKING:
     from .manager import Sandbox, Sandboxes
@@ -68,9 +73,26 @@ class Snapshots:
             raise exc.ExecutionError(
                 f"snapshot of sandbox {sb.sandbox_id}: its node did not upload the layer"
             )
+        await self._record(done)
         layer = images.SnapshotLayer(sha256=done.sha256, size=done.size)
         spec = images.ImageSpec([*base.steps, layer])
         return m.SnapshotImage(spec, images.image_id(spec))
+
+    async def _record(self, done: m.SbSnapshotDone) -> None:
+        """Record the layer (before the client gets its image): the blob collector keeps
+        every recorded layer, as the image may be used at any time later."""
+        layers = snapshot_layers.c
+
+        def run(c: Connection) -> None:
+            known = select(layers.sha256).where(layers.sha256 == done.sha256)
+            if c.execute(known).first() is None:
+                c.execute(
+                    insert(snapshot_layers).values(
+                        sha256=done.sha256, size=done.size, created_at=time.time()
+                    )
+                )
+
+        await self.sandboxes.store._write("snapshot_layer", run)
 
     def done(self, node_id: str, msg: m.SbSnapshotDone) -> None:
         """A node's answer; one to a question not asked of it (for that container) is

@@ -87,6 +87,13 @@ def _v6_workspaces(conn: Connection) -> None:
             conn.execute(text(f"DROP TABLE {name}_v5"))
 
 
+def _v7_snapshot_layers(conn: Connection) -> None:
+    """Sandbox snapshots' layers, kept by the blob collector (databases made before)."""
+    from .tables_sandboxes import snapshot_layers
+
+    snapshot_layers.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _v2_error_type,
@@ -94,6 +101,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v4_call_parents,
     _v5_shared_state,
     _v6_workspaces,
+    _v7_snapshot_layers,
 ]
 LATEST = len(MIGRATIONS)
 
