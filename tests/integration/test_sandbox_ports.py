@@ -1,7 +1,9 @@
 """Sandbox tunnels (``encrypted_ports``/``unencrypted_ports``, ``sb.tunnels()``) end to
-end: a real control plane and real sandboxes under bwrap and gVisor with
+end, through each port's own listener (``host``/``port``, ``tcp_socket``, ``tls_socket``):
+a real control plane and real sandboxes under bwrap and gVisor with
 ``block_network=True``; HTTP and a WebSocket echo through the tunnels, the tunnels gone
-at terminate, out of reach of another app's containers, and from inside a container."""
+at terminate, out of reach of another app's containers, and from inside a container.
+``Tunnel.url``, through the web gateway's port, is test_sandbox_gateway_tunnels.py's."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from conftest import wait_until
 
 import strato
 from strato import exceptions as exc
+from strato.sdk.tunnel import Tunnel
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +78,11 @@ def _get(url: str) -> bytes | None:
         return None  # (its server may not listen yet)
 
 
+def _listener(t: Tunnel) -> str:
+    """The URL of a tunnel's own listener (``Tunnel.url`` is the gateway's)."""
+    return f"{'https' if t.tls else 'http'}://{t.host}:{t.port}"
+
+
 def _refused(host: str, port: int) -> bool:
     try:
         socket.create_connection((host, port), timeout=5).close()
@@ -107,17 +115,18 @@ def test_http_and_a_websocket_through_the_tunnels_of_a_sandbox_without_network(a
         assert tunnels == sb.tunnels()
         assert set(tunnels) == {8000, 8765}
         web, ws = tunnels[8000], tunnels[8765]
-        assert web.url == f"http://{web.host}:{web.port}"
+        assert web.url == f"http://{sb.object_id}-8000.tunnel.localhost:{web.url.rsplit(':')[-1]}"
+        assert web.tls_socket == (web.host, web.port)
         assert ws.tcp_socket == (ws.unencrypted_host, ws.unencrypted_port) == (ws.host, ws.port)
         with pytest.raises(exc.InvalidError, match="unencrypted_ports"):
             web.tcp_socket  # noqa: B018 - an encrypted port has no plain TCP socket
 
-        body = wait_until(lambda: _get(web.url + "/hello.txt"), 60, "the sandbox's server")
+        body = wait_until(lambda: _get(_listener(web) + "/hello.txt"), 60, "the sandbox's server")
         assert body == b"hello through a tunnel\n"
         # several clients at once, each its own connection through the sandbox's agent
         results: list[bytes | None] = []
         threads = [
-            threading.Thread(target=lambda: results.append(_get(web.url + "/hello.txt")))
+            threading.Thread(target=lambda: results.append(_get(_listener(web) + "/hello.txt")))
             for _ in range(6)
         ]
         for t in threads:
@@ -199,7 +208,8 @@ def test_tunnels_from_inside_a_container(server):
             with sb.open("/tmp/index.html", "w") as f:
                 f.write("from inside")
             sb.exec("python3", "-m", "http.server", "8080", "--bind", "127.0.0.1", "-d", "/tmp")
-            url = sb.tunnels()[8080].url
+            host, port = sb.tunnels()[8080].tls_socket
+            url = f"http://{host}:{port}"  # its own listener (*.localhost may not resolve)
             deadline = time.monotonic() + 60
             while True:
                 try:
@@ -240,12 +250,13 @@ def test_tunnels_of_a_sandbox_on_a_joined_node_go_through_the_relay(joined_node)
         sb.exec("python3", "-m", "http.server", "8000", "--bind", "127.0.0.1", "-d", "/tmp")
         sb.exec("python3", "/tmp/ws.py", "8765")
         tunnels = sb.tunnels()
-        body = wait_until(lambda: _get(tunnels[8000].url + "/big.bin"), 60, "the server")
+        body = wait_until(lambda: _get(_listener(tunnels[8000]) + "/big.bin"), 60, "the server")
         assert body == big
 
         def echo() -> bool:
             try:
-                with connect(tunnels[8765].url.replace("http", "ws"), open_timeout=10) as c:
+                ws_url = _listener(tunnels[8765]).replace("http", "ws")
+                with connect(ws_url, open_timeout=10) as c:
                     c.send("over the relay")
                     return c.recv(timeout=10) == "over the relay"
             except (OSError, EOFError) as e:
@@ -290,23 +301,23 @@ def test_encrypted_ports_speak_tls_where_the_control_plane_has_a_certificate(tmp
                     )
                 tunnels = sb.tunnels()
                 secure, plain = tunnels[8000], tunnels[8001]
-                assert secure.tls and secure.url.startswith("https://")
-                assert not plain.tls and plain.url.startswith("http://")
+                assert secure.tls and _listener(secure).startswith("https://")
+                assert not plain.tls and _listener(plain).startswith("http://")
                 ctx = ssl.create_default_context(cafile=str(cert))
 
                 def get_tls() -> bytes | None:
                     try:
-                        url = secure.url + "/index.html"
+                        url = _listener(secure) + "/index.html"
                         with urllib.request.urlopen(url, timeout=10, context=ctx) as r:
                             return r.read()
                     except OSError:
                         return None  # (its server may not listen yet)
 
                 assert wait_until(get_tls, 60, "a GET over TLS") == b"over tls"
-                assert wait_until(lambda: _get(plain.url + "/index.html"), 60, "plain") == (
+                assert wait_until(lambda: _get(_listener(plain) + "/index.html"), 60, "plain") == (
                     b"over tls"
                 )
-                assert _get(secure.url.replace("https", "http") + "/index.html") is None
+                assert _get(_listener(secure).replace("https", "http") + "/index.html") is None
             finally:
                 sb.terminate()
     finally:

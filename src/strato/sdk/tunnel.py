@@ -1,5 +1,6 @@
 """``Tunnel``: how a port of a sandbox is reached from outside (``sb.tunnels()``), as in
-Modal: ``url``, ``host``/``port`` (TLS where the control plane has a certificate, for
+Modal: ``url`` (through the web gateway's own port, HTTP and WebSockets), ``host``/``port``
+(a listener of the port's own: TLS where the control plane has a certificate, for
 ``encrypted_ports``) and, for ``unencrypted_ports``, ``unencrypted_host``/``unencrypted_port``
 (plain TCP)."""
 
@@ -21,9 +22,16 @@ class Tunnel:
     tls: bool = False
     """Whether ``host:port`` speaks TLS (``encrypted_ports`` where the control plane has
     ``STRATO_TLS_CERT``); else it is plain TCP as well."""
+    gateway_url: str = ""
+    """The port through the web gateway (``http://<sandbox-id>-<port>.tunnel.localhost:
+    <gateway port>``); empty where the control plane runs no gateway."""
 
     @property
     def url(self) -> str:
+        """The port's URL: through the web gateway (HTTP, WebSockets), else the port's
+        own listener. Anyone with the URL may connect, as in Modal."""
+        if self.gateway_url:
+            return self.gateway_url
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.host}:{self.port}"
 
@@ -42,8 +50,10 @@ class Tunnel:
     @staticmethod
     def from_info(info: m.TunnelInfo) -> Tunnel:
         if info.unencrypted:
-            return Tunnel(info.host, info.tunnel_port, info.host, info.tunnel_port, info.tls)
-        return Tunnel(info.host, info.tunnel_port, tls=info.tls)
+            return Tunnel(
+                info.host, info.tunnel_port, info.host, info.tunnel_port, info.tls, info.url
+            )
+        return Tunnel(info.host, info.tunnel_port, tls=info.tls, gateway_url=info.url)
 
 
 def check_ports(name: str, ports: Iterable[object] | None) -> list[int]:

@@ -36,6 +36,7 @@ def register(api: Router, cp: ControlPlane) -> None:
     sandboxes.mark_earlier_ended()
     cp.sandboxes = sandboxes
     cp.fleet.sandbox_watch = sandboxes
+    cp.gateway.tunnels = sandboxes.tunnels  # <sandbox-id>-<port>.tunnel.* host names
     scope = Scope(cp)
     route = api.add
 

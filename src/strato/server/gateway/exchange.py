@@ -500,6 +500,11 @@ class Exchange:
         data = simple_response(status, body, self.rid, close=then is not KEEP)
         self._end(status, note=message, then=then, answer=data)
 
+    def spliced(self) -> None:
+        """The connection goes on as a sandbox tunnel's byte pipe (``Gateway._tunnel``),
+        this request's head included: the exchange ends here, as a switch of protocols."""
+        self._end(101, note="spliced into a sandbox tunnel", then=NONE)
+
     def respond_raw(self, status: int, data: bytes, *, close: bool = False) -> None:
         """Answer with bytes the gateway holds (a deferred result, its health)."""
         then = KEEP if self.keep_alive and not close else CLOSE

@@ -18,10 +18,12 @@ Every exchange has a request id (``x-strato-request-id`` on every response, in t
 of the gateway's own error responses, and in the access log line).
 
 The connection itself is in one ``ConnPhase``: reading requests, upgraded (every byte
-after an upgrade request's head belongs to its exchange), discarding (answered before it
-read a whole request: input is read and dropped for a while so that the client reads the
-answer, not a reset), ending (it reads no more: it answers the requests it read, then
-closes), closing, closed, or refused (over the listener's connection limit).
+after an upgrade request's head belongs to its exchange), spliced (its first request
+named a sandbox tunnel: ``splice`` hands the transport, and the bytes read so far, to a
+byte pipe), discarding (answered before it read a whole request: input is read and
+dropped for a while so that the client reads the answer, not a reset), ending (it reads
+no more: it answers the requests it read, then closes), closing, closed, or refused
+(over the listener's connection limit).
 A request head over the listener's limits gets a ``431``, a malformed request a ``400``,
 each in its turn after the requests before it.
 """
@@ -49,6 +51,7 @@ DISCARD_LIMIT = 64 << 20  # after an error answered early, read and drop this mu
 DISCARD_S = 5.0
 HEAD_DISCARD_LIMIT = 1 << 20  # after a 431
 MAX_PIPELINED = 32  # requests read ahead of the one running; then reading pauses
+SPLICE_READ = 256 << 10  # a sandbox tunnel's client stream buffers twice this, then pauses
 
 
 class ConnPhase(enum.Enum):
@@ -59,10 +62,11 @@ class ConnPhase(enum.Enum):
     CLOSING = "closing"
     CLOSED = "closed"
     REFUSED = "refused"
+    SPLICED = "spliced"
 
 
 # (as module names, for the same reason as exchange.py's)
-OPEN, UPGRADED, DISCARDING, ENDING, CLOSING, CLOSED, REFUSED = ConnPhase
+OPEN, UPGRADED, DISCARDING, ENDING, CLOSING, CLOSED, REFUSED, SPLICED = ConnPhase
 
 
 class StopParsing(Exception):
@@ -92,6 +96,9 @@ class ClientConn(asyncio.Protocol):
         self.idle_since: float | None = None
         self.head_bytes = 0
         self.overflow: str | None = None
+        # the bytes read until the first request head is routed (a sandbox tunnel's
+        # connection sends them on as they came), then None
+        self.raw: list[bytes] | None = []
 
     # ------------------------------------------------------------------ asyncio
 
@@ -126,6 +133,8 @@ class ClientConn(asyncio.Protocol):
             return
         if phase is not OPEN:
             return
+        if self.raw is not None:
+            self.raw.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -241,6 +250,9 @@ class ClientConn(asyncio.Protocol):
             self.pause_reading(Pause.PIPELINE)
         if len(self.queue) == 1:
             self._start(ex)
+        self.raw = None
+        if self.phase is SPLICED:
+            raise StopParsing  # (the rest of the data is the tunnel's)
 
     def on_body(self, body: bytes) -> None:
         assert self.cur is not None
@@ -339,6 +351,25 @@ class ClientConn(asyncio.Protocol):
                 self._start(ex)
 
     # ------------------------------------------------------------------ the transport
+
+    def splice(self) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        """While the first request's head is routed: the connection leaves HTTP for a byte
+        pipe. Returns the bytes read so far (that head and whatever followed it) and
+        streams for the rest; the connection stays in the guard's count until the pipe
+        releases it."""
+        assert self.raw is not None
+        first, self.raw = b"".join(self.raw), None
+        self.phase = SPLICED
+        self.head_since = self.idle_since = None
+        reader = asyncio.StreamReader(limit=SPLICE_READ)
+        proto = asyncio.StreamReaderProtocol(reader)
+        self.transport.set_protocol(proto)
+        proto.connection_made(self.transport)
+        writer = asyncio.StreamWriter(self.transport, proto, reader, asyncio.get_running_loop())
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()
+        return first, reader, writer
 
     def write(self, data: bytes) -> None:
         if self.phase is not CLOSED and not self.eof_sent:

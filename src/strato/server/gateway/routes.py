@@ -6,6 +6,10 @@ app (``app.run()``, ``strato serve``) takes the suffix ``-dev`` (``/shop-dev/car
 in Modal, so a test run never hijacks a deployed app's URLs; an unnamed one uses its
 app id. App names become URL-safe: lowercased, other characters as ``-``.
 
+Sandbox tunnels (``sb.tunnels()``) have host names of their own,
+``<sandbox-id>-<port>.tunnel.<domain>`` (``tunnel_host``): a host whose second label is
+``tunnel`` is never an endpoint's, whose host names have one label before the domain.
+
 Route names are unique across apps (``conflict``): a new app whose route name another
 live app of another name uses (``WEB`` and ``web``; ``shop-dev`` and the ephemeral
 ``shop``), or one of whose host names another app's endpoint has (app ``shop-cart`` label
@@ -30,6 +34,27 @@ def web_name(workspace: str, name: str | None) -> str | None:
     if not name or workspace == "main":
         return name
     return f"{workspace}--{name}"
+
+
+TUNNEL_LABEL = "tunnel"
+_TUNNEL_DOT = TUNNEL_LABEL + "."
+
+
+def tunnel_host(host: str) -> tuple[str, int] | None:
+    """(sandbox id, port) of a sandbox tunnel's host name (``<sandbox-id>-<port>.tunnel.``
+    then any domain and port; ``("", 0)`` for a malformed one), or None for a host that
+    is not a tunnel's."""
+    sub, _, rest = host.partition(".")
+    if rest[: len(_TUNNEL_DOT)].lower() != _TUNNEL_DOT:
+        return None
+    sandbox_id, _, port = sub.lower().rpartition("-")
+    if not sandbox_id or not (port.isascii() and port.isdigit()) or not 0 < int(port[:6]) < 65536:
+        return "", 0
+    return sandbox_id, int(port)
+
+
+def tunnel_hostname(sandbox_id: str, port: int, domain: str) -> str:
+    return f"{sandbox_id}-{port}.{TUNNEL_LABEL}.{domain}"
 
 
 def route_name(app_id: str, name: str | None, deployed: bool) -> str:

@@ -1,19 +1,28 @@
 """Sandbox tunnels: ports of a sandbox reachable from outside (``encrypted_ports``,
 ``unencrypted_ports``; ``sb.tunnels()``).
 
-Each port gets a TCP listener of its own on the web gateway's host (``STRATO_GATEWAY_HOST``,
-loopback by default), made when the sandbox is created and closed when it ends. A
-connection to it is a byte pipe to the port inside the sandbox, so HTTP, WebSockets and
-any other TCP protocol pass unchanged. The sandbox needs no network for it
-(``block_network=True`` works): the control plane sends its agent an ``SbTunnelOpen``;
-the agent connects to ``127.0.0.1:<port>`` inside the sandbox and dials the channel
-socket it already has (relayed by its node's agent on a joined node, like a web
-endpoint's tunnel), whose first frame, ``SbTunnelHello``, carries the container's token
-and the connection's id; raw bytes follow. A hello whose container or token is not the
-sandbox's is dropped (another app's container cannot take a connection), and another
-app's container cannot reach the listener either: containers do not reach the host's
-loopback. ``encrypted_ports`` speak TLS where the control plane has a certificate
-(``STRATO_TLS_CERT``/``STRATO_TLS_KEY``); ``unencrypted_ports`` are always plain TCP.
+Each port is reached two ways, both byte pipes to the port inside the sandbox:
+
+- **through the web gateway** (``Tunnel.url``): ``http://<sandbox-id>-<port>.tunnel.<domain>
+  :<gateway port>``. The gateway reads the head of a connection's first request, sees the
+  host name (``routes.tunnel_host``) and hands the connection, that head included, to
+  ``splice``; HTTP (keep-alive) and WebSockets pass unchanged, and no port is opened per
+  tunnel. Tunnels are public URLs, as in Modal: whoever has the URL connects (the
+  sandbox id in it is 64 random bits); an unknown or ended one is a 404.
+- **a TCP listener of its own** on the web gateway's host (``STRATO_GATEWAY_HOST``,
+  loopback by default; ``tcp_socket``/``tls_socket``), made when the sandbox is created and
+  closed when it ends, for any TCP protocol.
+
+The sandbox needs no network for either (``block_network=True`` works): the control
+plane sends its agent an ``SbTunnelOpen``; the agent connects to ``127.0.0.1:<port>``
+inside the sandbox and dials the channel socket it already has (relayed by its node's
+agent on a joined node, like a web endpoint's tunnel), whose first frame,
+``SbTunnelHello``, carries the container's token and the connection's id; raw bytes
+follow. A hello whose container or token is not the sandbox's is dropped (another app's
+container cannot take a connection), and another app's container cannot reach the
+listener either: containers do not reach the host's loopback. ``encrypted_ports`` speak
+TLS where the control plane has a certificate (``STRATO_TLS_CERT``/``STRATO_TLS_KEY``);
+``unencrypted_ports`` are always plain TCP.
 """
 
 from __future__ import annotations
@@ -102,6 +111,7 @@ class Tunnels:
         if not ports:
             return
         bind, shown = self._where()
+        gw = self.sandboxes.cp.gateway
         t = self.by_sandbox.setdefault(sb.sandbox_id, _Tunnels())
         try:
             for port, encrypted in ports:
@@ -115,7 +125,10 @@ class Tunnels:
                 )
                 t.servers.append(server)
                 bound = sock.getsockname()[1]
-                t.infos.append(m.TunnelInfo(port, shown, bound, tls is not None, not encrypted))
+                url = gw.tunnel_url(sb.sandbox_id, port) or ""
+                t.infos.append(
+                    m.TunnelInfo(port, shown, bound, tls is not None, not encrypted, url)
+                )
         except OSError as e:
             self.close(sb.sandbox_id)
             raise exc.ResourceUnavailableError(f"cannot listen for a tunnel on {bind}: {e}") from e
@@ -145,13 +158,58 @@ class Tunnels:
 
     # ------------------------------------------------------------------ connections
 
+    def refusal(self, sandbox_id: str, port: int) -> tuple[int, str] | None:
+        """Why the gateway cannot splice a connection into ``port`` of ``sandbox_id``
+        (404: no such live tunnel, whatever the workspace; 503: at its connection
+        limit), or None."""
+        t = self.by_sandbox.get(sandbox_id)
+        if t is None or t.closed or all(i.port != port for i in t.infos):
+            return 404, "no sandbox tunnel is served at this host name"
+        if len(t.writers) >= 2 * MAX_CONNECTIONS:
+            return 503, f"the sandbox's tunnels carry {MAX_CONNECTIONS} connections, their limit"
+        return None
+
+    async def splice(
+        self,
+        sandbox_id: str,
+        port: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: bytes,
+    ) -> None:
+        """A gateway connection for ``port`` of ``sandbox_id``: ``first`` (the bytes the
+        gateway read, a request head and what followed it) and then the rest of it go
+        to the port, as through the port's listener. Raises ``ConnectionError`` (the
+        reason) when the tunnel cannot be opened: nothing went through yet."""
+        sb = self.sandboxes.live.get(sandbox_id)
+        if sb is None:
+            raise ConnectionError(f"sandbox {sandbox_id} has ended")
+        await self._pipe(sb, port, reader, writer, first, raise_unopened=True)
+
     async def _client(
         self, sb: Sandbox, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """A client connected to the listener of ``port``: ask the agent for a connection
-        to it, then pipe bytes both ways until both sides end (or the sandbox does)."""
+        """A client connected to the listener of ``port``."""
+        await self._pipe(sb, port, reader, writer, b"", raise_unopened=False)
+
+    async def _pipe(
+        self,
+        sb: Sandbox,
+        port: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: bytes,
+        *,
+        raise_unopened: bool,
+    ) -> None:
+        """Ask the agent for a connection to ``port``, then pipe bytes both ways (``first``
+        up before the rest) until both sides end (or the sandbox does). A tunnel that
+        cannot be opened resets the client, or raises ``ConnectionError`` where
+        ``raise_unopened`` (the caller answers)."""
         t = self.by_sandbox.get(sb.sandbox_id)
         if t is None or t.closed or len(t.writers) >= 2 * MAX_CONNECTIONS:
+            if raise_unopened:
+                raise ConnectionError(f"sandbox {sb.sandbox_id} has no tunnel to port {port} now")
             writer.transport.abort()
             return
         t.writers.add(writer)
@@ -164,17 +222,25 @@ class Tunnels:
             self.pending[conn_id] = (sb, fut)
             s.send(m.SbTunnelOpen(conn_id, port))
             up_reader, up_writer, hello, done = await asyncio.wait_for(fut, OPEN_TIMEOUT_S)
-        except (exc.Error, TimeoutError, ConnectionError) as e:
-            log.info("tunnel to port %s of sandbox %s: not opened (%s)", port, sb.sandbox_id, e)
+            why = hello.error
+            if why:
+                done.set_result(None)  # (the caller of on_hello closes the agent's side)
+        except TimeoutError:
+            why = f"the sandbox's agent did not connect to port {port} within {OPEN_TIMEOUT_S:g}s"
+        except (exc.Error, ConnectionError) as e:
+            why = str(e) or type(e).__name__
+        if why:
+            log.info("tunnel to port %s of sandbox %s: not opened (%s)", port, sb.sandbox_id, why)
             self.pending.pop(conn_id, None)
             t.writers.discard(writer)
+            if raise_unopened:
+                raise ConnectionError(why)
             writer.transport.abort()
             return
         try:
-            if hello.error:
-                log.info("tunnel to port %s of %s: %s", port, sb.sandbox_id, hello.error)
-                return
             t.writers.add(up_writer)
+            if first:
+                up_writer.write(first)
             await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
         finally:
             t.writers.discard(writer)
