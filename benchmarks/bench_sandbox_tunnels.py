@@ -1,5 +1,8 @@
 """Sandbox tunnels: an HTTP server inside a ``block_network`` sandbox reached through
 ``sb.tunnels()``, against the same server run as a plain process on the host's loopback.
+Each sandbox is reached two ways: the port's own listener (``tls_socket``) and the web
+gateway's port (``Tunnel.url``, the tunnel's host name in ``Host``: the gateway reads the
+first head, then splices the connection into the same tunnel).
 
 - **request on a new connection**: connect, ``GET /small`` (13 bytes), read, close. Through
   a tunnel each connection is a listener accept, an ``SbTunnelOpen`` to the agent, its
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from _common import emit, free_port, latency_summary, note, strato_env
 
@@ -54,27 +58,30 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def new_connection(host: str, port: int) -> float:
+Target = tuple[str, int, dict[str, str]]  # host, port, headers (the Host of a gateway URL)
+
+
+def new_connection(t: Target) -> float:
     t0 = time.perf_counter()
-    c = http.client.HTTPConnection(host, port, timeout=30)
-    c.request("GET", "/small")
+    c = http.client.HTTPConnection(t[0], t[1], timeout=30)
+    c.request("GET", "/small", headers=t[2])
     assert c.getresponse().read() == b"hello, world\n"
     c.close()
     return time.perf_counter() - t0
 
 
-def kept_alive(c: http.client.HTTPConnection) -> float:
+def kept_alive(c: http.client.HTTPConnection, headers: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    c.request("GET", "/small")
+    c.request("GET", "/small", headers=headers)
     assert c.getresponse().read() == b"hello, world\n"
     return time.perf_counter() - t0
 
 
-def download(host: str, port: int, mib: int) -> float:
+def download(t: Target, mib: int) -> float:
     """MB/s of one ``GET /big``."""
-    c = http.client.HTTPConnection(host, port, timeout=60)
+    c = http.client.HTTPConnection(t[0], t[1], timeout=60)
     t0 = time.perf_counter()
-    c.request("GET", "/big")
+    c.request("GET", "/big", headers=t[2])
     r = c.getresponse()
     n = 0
     while chunk := r.read(1 << 20):
@@ -85,11 +92,11 @@ def download(host: str, port: int, mib: int) -> float:
     return n / took / 1e6
 
 
-def wait_up(host: str, port: int) -> None:
+def wait_up(t: Target) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
-            new_connection(host, port)
+            new_connection(t)
             return
         except (OSError, http.client.HTTPException, AssertionError):
             if time.monotonic() > deadline:
@@ -115,7 +122,7 @@ def main() -> None:
         f.write(SERVER)
     base_port = free_port()
     base = subprocess.Popen([sys.executable, script, str(base_port), str(args.mib)])
-    targets: dict[str, tuple[str, int]] = {"direct": ("127.0.0.1", base_port)}
+    targets: dict[str, Target] = {"direct": ("127.0.0.1", base_port, {})}
     try:
         with strato_env():
             app = strato.App.lookup(f"bench-tunnels-{uuid.uuid4().hex[:6]}", create_if_missing=True)
@@ -129,10 +136,13 @@ def main() -> None:
                     f.write(SERVER)
                 sb.exec("python3", "/tmp/server.py", "8000", str(args.mib))
                 t = sb.tunnels()[8000]
-                targets[n] = (t.host, t.port)
+                targets[n] = (t.host, t.port, {})
+                gw = urlsplit(t.url)
+                assert gw.port is not None, t.url
+                targets[f"{n} via gateway"] = ("127.0.0.1", gw.port, {"Host": gw.netloc})
             try:
-                for host, port in targets.values():
-                    wait_up(host, port)
+                for target in targets.values():
+                    wait_up(target)
                 measure(targets, args)
             finally:
                 for sb in live:
@@ -143,20 +153,20 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(targets: dict[str, tuple[str, int]], args: argparse.Namespace) -> None:
+def measure(targets: dict[str, Target], args: argparse.Namespace) -> None:
     fresh: dict[str, list[float]] = {k: [] for k in targets}
     alive: dict[str, list[float]] = {k: [] for k in targets}
-    conns = {k: http.client.HTTPConnection(*hp, timeout=30) for k, hp in targets.items()}
+    conns = {k: http.client.HTTPConnection(t[0], t[1], timeout=30) for k, t in targets.items()}
     for i in range(args.warmup + args.runs):
-        for k, (host, port) in targets.items():  # interleaved: the machine's load is shared
-            a, b = new_connection(host, port), kept_alive(conns[k])
+        for k, t in targets.items():  # interleaved: the machine's load is shared
+            a, b = new_connection(t), kept_alive(conns[k], t[2])
             if i >= args.warmup:
                 fresh[k].append(a)
                 alive[k].append(b)
     rates: dict[str, list[float]] = {k: [] for k in targets}
     for _ in range(args.downloads):
-        for k, (host, port) in targets.items():
-            rates[k].append(download(host, port, args.mib))
+        for k, t in targets.items():
+            rates[k].append(download(t, args.mib))
     note(f"{args.runs} runs per target; {args.downloads} downloads of {args.mib} MiB")
     for what, samples in (("new connection + GET", fresh), ("kept-alive GET", alive)):
         direct = latency_summary(samples["direct"])
