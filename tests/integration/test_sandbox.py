@@ -509,10 +509,22 @@ def test_strato_shell_on_a_real_terminal_under_tmux(server):
         wait_until(lambda: size in screen(), 30, f"the terminal's size ({size}): {screen()}")
         assert "/dev/pts/" in screen()
         tmux("resize-window", "-t", "t", "-x", "90", "-y", "20")
-        tmux("send-keys", "-t", "t", "clear; stty size", "Enter")
         size = tmux("display", "-p", "-t", "t", "#{pane_height} #{pane_width}").strip()
         assert size != "30 100"
-        wait_until(lambda: size in screen(), 30, f"the new size ({size}) to reach the sandbox")
+        asked = [0.0]
+
+        def new_size_shown() -> bool:
+            # the resize travels to the sandbox on its own (SIGWINCH, then a request): a
+            # `stty size` typed before it lands prints the old size, so ask again until
+            # the new one shows (on a busy machine the first answer may be the old size)
+            if size in screen():
+                return True
+            if time.monotonic() - asked[0] > 2.0:
+                tmux("send-keys", "-t", "t", "clear; stty size", "Enter")
+                asked[0] = time.monotonic()
+            return False
+
+        wait_until(new_size_shown, 30, f"the new size ({size}) to reach the sandbox")
         tmux("send-keys", "-t", "t", "exit 3", "Enter")
         wait_until(lambda: "SHELL-EXITED=3" in screen(), 30, "the shell to end with its code")
     finally:
