@@ -20,14 +20,19 @@ from strato.server.state.db import StateDb
 from strato.server.store import Store
 
 
-def _store(path) -> tuple[Store, Queues]:
-    store = Store(f"sqlite:///{path}/db.sqlite")
+def _store(path, url: str | None = None) -> tuple[Store, Queues]:
+    """A journaled store: a SQLite file (its journal beside it) or ``url`` (PostgreSQL:
+    its journal in ``path``, as the control plane keeps it in STRATO_HOME)."""
+    if url is None:
+        store = Store(f"sqlite:///{path}/db.sqlite")
+    else:
+        store = Store(url, journal=path / "store.intake")
     assert store.journaled
     return store, Queues(StateDb(store))
 
 
-def _run(tmp_path, body):
-    store, q = _store(tmp_path)
+def _run(tmp_path, body, url: str | None = None):
+    store, q = _store(tmp_path, url)
     try:
         return asyncio.run(body(q))
     finally:
@@ -91,7 +96,7 @@ def test_put_and_get_answered_while_the_writer_is_held_and_replayed_after_a_cras
     _run(copy, after_crash)
 
 
-def test_journaled_limits_are_refused(tmp_path, monkeypatch):
+def test_journaled_limits_are_refused(tmp_path, db_url, monkeypatch):
     monkeypatch.setattr(m, "QUEUE_MAX_PARTITIONS", 2)
 
     async def body(q: Queues) -> None:
@@ -111,10 +116,10 @@ def test_journaled_limits_are_refused(tmp_path, monkeypatch):
             await q.put(other, m.QueuePut([b"z"], request_id="r"))
         assert await q.length(qid, "", True) == m.QUEUE_PARTITION_MAX_ITEMS + 2
 
-    _run(tmp_path, body)
+    _run(tmp_path, body, None if db_url.startswith("sqlite") else db_url)
 
 
-def test_consumers_get_each_item_once_and_a_put_wakes_a_waiting_get(tmp_path):
+def test_consumers_get_each_item_once_and_a_put_wakes_a_waiting_get(tmp_path, db_url):
     async def body(q: Queues) -> None:
         qid = (await q.objects.lookup("work", True)).object_id
         await q.put(qid, m.QueuePut([b"first"]))
@@ -145,10 +150,10 @@ def test_consumers_get_each_item_once_and_a_put_wakes_a_waiting_get(tmp_path):
         await q.db.store.aflush()
         assert await q.length(qid, "", True) == 0
 
-    _run(tmp_path, body)
+    _run(tmp_path, body, None if db_url.startswith("sqlite") else db_url)
 
 
-def test_past_the_memory_budget_the_store_serves_in_the_same_order(tmp_path):
+def test_past_the_memory_budget_the_store_serves_in_the_same_order(tmp_path, db_url):
     async def body(q: Queues) -> None:
         qid = (await q.objects.lookup("big", True)).object_id
         q.memory.budget = 2000
@@ -164,10 +169,10 @@ def test_past_the_memory_budget_the_store_serves_in_the_same_order(tmp_path):
         await q.put(qid, m.QueuePut([b"last"]))
         assert await _get(q, qid, 10) == [*items[6:], b"last"]
 
-    _run(tmp_path, body)
+    _run(tmp_path, body, None if db_url.startswith("sqlite") else db_url)
 
 
-def test_clear_and_delete_unload_the_queue(tmp_path):
+def test_clear_and_delete_unload_the_queue(tmp_path, db_url):
     async def body(q: Queues) -> None:
         qid = (await q.objects.lookup("gone", True)).object_id
         await q.put(qid, m.QueuePut([b"a", b"b"]))
@@ -181,10 +186,10 @@ def test_clear_and_delete_unload_the_queue(tmp_path):
         with pytest.raises(exc.NotFoundError):
             await q.put(qid, m.QueuePut([b"d"]))
 
-    _run(tmp_path, body)
+    _run(tmp_path, body, None if db_url.startswith("sqlite") else db_url)
 
 
-def test_an_expired_partition_is_dropped_in_memory_and_store(tmp_path):
+def test_an_expired_partition_is_dropped_in_memory_and_store(tmp_path, db_url):
     async def body(q: Queues) -> None:
         qid = (await q.objects.lookup("ttl", True)).object_id
         await q.put(qid, m.QueuePut([b"x"], "short", partition_ttl=0.2))
@@ -196,4 +201,4 @@ def test_an_expired_partition_is_dropped_in_memory_and_store(tmp_path):
         await q.put(qid, m.QueuePut([b"z"], "short"))
         assert await _get(q, qid, 5, "short") == [b"z"]
 
-    _run(tmp_path, body)
+    _run(tmp_path, body, None if db_url.startswith("sqlite") else db_url)
