@@ -263,7 +263,7 @@ class RayProvider:
         self.poll_s = poll_s
         self.demand = demand  # (on the control plane's loop) what no node can place
         self.wait = wait  # work no Ray node fits waits for Ray's autoscaler (ray_wait.py)
-        self.shapes: list[RayNodeShape] = []  # strato's share of each node whose agent is up
+        self.shapes: list[RayNodeShape] = []  # strato's share of each node with an agent
         self.requested: list[dict[str, float]] = []  # what Ray's autoscaler was asked for
         self.totals: dict[str, Mapping[str, float]] = {}  # Ray node id -> its resources
         self.agents: dict[str, _Agent] = {}  # Ray node id -> its actor
@@ -380,7 +380,7 @@ class RayProvider:
                 shape.gpu_count,
                 shape.accelerator or "",
             )
-        self.shapes = [a.shape for a in self.agents.values() if a.info]
+        self.shapes = [a.shape for a in self.agents.values()]
 
     def _check_actors(self, alive: Mapping[str, Any]) -> None:
         """Read the answers of the actors' last ``info()``; ask again; a dead actor on a
@@ -491,7 +491,7 @@ class RayProvider:
         agent = self.agents.pop(instance_id, None)
         if agent is None:
             return
-        self.shapes = [a.shape for a in self.agents.values() if a.info]
+        self.shapes = [a.shape for a in self.agents.values()]
         log.info("Ray node %s given back (%s): its strato agent stops", instance_id[:12], reason)
         try:
             agent.actor.stop.remote()
@@ -624,7 +624,8 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
             if n.peer is not None and n.info.provider == "ray"
         }
         nodes = [sh for sh in provider.shapes if sh.name in joined]
-        return wait.waits(shape_of_request(request), nodes)
+        # none joined yet: the fleet says it waits for a worker agent
+        return bool(nodes) and wait.waits(shape_of_request(request), nodes)
 
     cp.fleet.supply = supply
     cp.fleet.supply_note = lambda request: wait.why_not(shape_of_request(request))
