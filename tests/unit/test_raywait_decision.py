@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from strato.protocol.gpu import parse_gpu
 from strato.providers.ray import Pending, RayNodeShape, demand_bundles, shape_of_request
-from strato.providers.ray_wait import AutoscalerWait, fits, what_fits
+from strato.providers.ray_wait import AutoscalerWait, fits, infeasible_in, what_fits
 from strato.server.scheduler import ContainerRequest
 
 CPU_NODE = RayNodeShape(
@@ -94,3 +94,22 @@ def test_infeasible_per_rays_autoscaler_ends_the_wait_of_that_shape_only():
     wait.keep([big])  # the H100 work failed: its next wait starts afresh
     assert H100 not in wait.infeasible
     assert wait.waits(H100, [CPU_NODE])
+
+
+def test_the_infeasible_requests_are_read_from_rays_cluster_status_reply():
+    """What the GCS answers to GetClusterStatus (Ray's own message type) where the v2
+    autoscaler found strato's request infeasible."""
+    from ray.core.generated import autoscaler_pb2 as pb
+
+    h100 = demand_bundles([H100], [], 0.5)[0]
+    reply = pb.GetClusterStatusReply()
+    constraint = reply.autoscaling_state.infeasible_cluster_resource_constraints.add()
+    for bundle, count in (({"CPU": 4.0}, 1), (h100, 2)):
+        req = constraint.resource_requests.add(count=count)
+        req.request.resources_bundle.update(bundle)
+    assert infeasible_in(reply.SerializeToString()) == [{"CPU": 4.0}, h100]
+    assert infeasible_in(pb.GetClusterStatusReply().SerializeToString()) == []
+    wait = AutoscalerWait(600.0, share=0.5)
+    assert wait.waits(H100, [CPU_NODE])
+    wait.saw_infeasible(infeasible_in(reply.SerializeToString()))
+    assert not wait.waits(H100, [CPU_NODE])

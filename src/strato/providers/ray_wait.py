@@ -129,13 +129,19 @@ def infeasible_bundles() -> list[dict[str, float]]:
     """The bundles of the cluster resource requests (``request_resources``) Ray's
     autoscaler reported infeasible to the GCS (autoscaler v2; none where no v2 autoscaler
     runs). Call where this process is a Ray driver."""
+    from ray.experimental.internal_kv import internal_kv_get_gcs_client
+
+    return infeasible_in(internal_kv_get_gcs_client().get_cluster_status(timeout_s=GCS_TIMEOUT_S))
+
+
+def infeasible_in(cluster_status: bytes) -> list[dict[str, float]]:
+    """The infeasible cluster resource requests' bundles in a ``GetClusterStatusReply``."""
     from ray.core.generated.autoscaler_pb2 import (  # type: ignore[attr-defined]
         GetClusterStatusReply,
     )
-    from ray.experimental.internal_kv import internal_kv_get_gcs_client
 
     reply = GetClusterStatusReply()
-    reply.ParseFromString(internal_kv_get_gcs_client().get_cluster_status(timeout_s=GCS_TIMEOUT_S))
+    reply.ParseFromString(cluster_status)
     return [
         dict(r.request.resources_bundle)
         for c in reply.autoscaling_state.infeasible_cluster_resource_constraints
