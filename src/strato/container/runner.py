@@ -471,8 +471,10 @@ def main() -> None:
     os.environ[settings.IN_CONTAINER.name] = "1"
     if spec.sandbox is not None:  # --- sandboxes: the agent runs the driver's processes
         from .sandbox_agent import main as sandbox_main
+        from .sandbox_wire import SandboxSpec
 
-        sandbox_main(spec)
+        sb = spec.sandbox
+        sandbox_main(SandboxSpec(dict(spec.env), list(sb.entrypoint), sb.workdir))
         return
     if spec.web is not None:  # a web endpoint serves HTTP, not inputs
         from .web import serve_web

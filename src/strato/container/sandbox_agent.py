@@ -18,7 +18,8 @@ With an entrypoint the agent starts it as process 1 and exits with its code when
 
 A sandbox's container runs it alone (:mod:`strato.container.sandbox_entry`), not the
 function runner: under gVisor every module imported costs a few milliseconds of the
-sandbox's start, so it imports only what it uses.
+sandbox's start, so it imports only what it uses - no msgspec: its frames go through
+:mod:`strato.container.sandbox_wire`, byte for byte msgspec's encoding of the same messages.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import sys
 import threading
 
 from strato import settings
-from strato.protocol import frames
-from strato.protocol import messages as m
+from strato.container import sandbox_wire as m
+from strato.protocol import framing
 
 READ_SIZE = 64 << 10
 FRAME_BYTES = 1 << 20  # an output frame carries at most about this much
@@ -72,10 +73,9 @@ class Proc:
 
 
 class SandboxAgent:
-    def __init__(self, container_id: str, channel: str, token: str, spec: m.FunctionSpec) -> None:
-        assert spec.sandbox is not None
-        self.config = spec.sandbox
-        self.sock = frames.connect(channel)
+    def __init__(self, container_id: str, channel: str, token: str, spec: m.SandboxSpec) -> None:
+        self.config = spec
+        self.sock = framing.connect(channel)
         self._tunnel_dial = (channel, container_id, token)  # tunnels dial the channel again
         self._send_lock = threading.Lock()
         self._send(m.ContainerHello(container_id, token))
@@ -105,8 +105,8 @@ class SandboxAgent:
 
     # ------------------------------------------------------------------ channel
 
-    def _send(self, msg: object) -> None:
-        data = frames.encode(msg)
+    def _send(self, msg: m.Struct) -> None:
+        data = m.encode(msg)
         with self._send_lock:
             self.sock.sendall(data)
 
@@ -115,7 +115,7 @@ class SandboxAgent:
         if self.config.entrypoint:
             self._exec(m.SbExec(pid=1, argv=list(self.config.entrypoint)), entrypoint=True)
         self._send(m.ContainerReady())
-        reader = frames.SocketReader(self.sock)
+        reader = framing.SocketReader(self.sock, m.decode)
         try:
             while (msg := reader.read()) is not None:
                 if isinstance(msg, m.SbExec):
@@ -138,7 +138,7 @@ class SandboxAgent:
                     os.write(self._wake_w, b"x")
                 elif isinstance(msg, m.StopContainer):
                     break
-        except (OSError, frames.FrameError):
+        except (OSError, framing.FrameError):
             pass
         self.stopping.set()
         self._kill_all()
@@ -372,8 +372,8 @@ class SandboxAgent:
             except OSError as e:
                 error = f"nothing accepts connections on port {msg.port} in the sandbox ({e})"
         try:
-            ch = frames.connect(channel)
-            ch.sendall(frames.encode(m.SbTunnelHello(container_id, token, msg.conn_id, error)))
+            ch = framing.connect(channel)
+            ch.sendall(m.encode(m.SbTunnelHello(container_id, token, msg.conn_id, error)))
         except OSError:
             if port is not None:
                 port.close()
@@ -472,7 +472,7 @@ class SandboxAgent:
                 p.streams_done.set()
 
 
-_ERRNO_KINDS: dict[int, m.FileErrorKind] = {
+_ERRNO_KINDS: dict[int, str] = {
     errno.ENOENT: "not_found",
     errno.EEXIST: "exists",
     errno.EISDIR: "is_dir",
@@ -581,7 +581,7 @@ def _erase_environ(name: str) -> None:
     os.environ.pop(name, None)
 
 
-def main(spec: m.FunctionSpec) -> None:
+def main(spec: m.SandboxSpec) -> None:
     _not_dumpable()
     token = settings.CONTAINER_TOKEN.required()
     _erase_environ(settings.CONTAINER_TOKEN.name)

@@ -1,16 +1,11 @@
 """The entrypoint of a sandbox's container: ``python -S -m strato.container.sandbox_entry``
-runs the sandbox agent (:mod:`strato.container.sandbox_agent`) and nothing else.
+runs the sandbox agent (:mod:`strato.container.sandbox_agent`) and nothing else. It reads
+its spec with the agent's own codec (:mod:`strato.container.sandbox_wire`): no msgspec,
+whose imports took about 100 ms of a gVisor sandbox's start."""
 
-msgspec imports ``typing_extensions`` where it is installed, only to understand the
-types that module defines; the agent's messages use none of them, and under gVisor that
-import (with ``inspect``, ``ast``, ``dis``, ``tokenize``...) took a sixth of the agent's
-start here (36 of 211 ms). This process runs only the agent, so it goes without."""
+from strato import settings
+from strato.container.sandbox_agent import main
+from strato.container.sandbox_wire import load_sandbox_spec
 
-import sys
-
-sys.modules.setdefault("typing_extensions", None)  # type: ignore[arg-type]
-
-from strato.container.sandbox_agent import main  # noqa: E402
-from strato.container.spec_file import load_spec  # noqa: E402
-
-main(load_spec())
+with open(settings.CONTAINER_SPEC.required(), "rb") as f:
+    main(load_sandbox_spec(f.read()))
