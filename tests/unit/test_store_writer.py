@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from strato.server.store import Store, StoreClosed, StoreTimeout, WriteFailed
 from strato.server.store import store as store_module
+from strato.server.store import writer as writer_module
 from strato.server.store.writer import Write
 
 
@@ -267,3 +268,38 @@ def test_an_in_memory_database_serves_reads_and_writes_through_the_writer():
         assert asyncio.run(store.aread(store.logs_after, "ap-1", 2))[0]["seq"] == 3
     finally:
         store.close()
+
+
+def _lingering(store: Store, name: str, done: list[str]) -> Write:
+    """A journaled write nobody waits for (as a Dict put or a Queue put/take)."""
+    return store._write(name, lambda _c: done.append(name), linger=True)
+
+
+def test_lingering_writes_share_a_commit_until_one_is_waited_for(open_store, monkeypatch):
+    monkeypatch.setattr(writer_module, "LINGER_S", 30.0)
+    store = open_store()
+    done: list[str] = []
+    before = store.batches
+    w1 = _lingering(store, "first", done)
+    time.sleep(0.1)
+    _lingering(store, "second", done)
+    # a write someone waits for ends the batch at once (not after LINGER_S)
+    store.set_node_state("no-1", "ready").wait(10)
+    assert w1.wait(1) is None and done == ["first", "second"]
+    assert store.batches - before == 1, "all three in one transaction"
+    _lingering(store, "third", done)
+    # a read on the writer thread ends it too, and sees the lingering write (a read on
+    # the caller's thread waits for it: at most LINGER_S)
+    assert asyncio.run(store.aread(store.logs_after, "ap-1", 0)) == []
+    assert done[-1] == "third"
+    _lingering(store, "fourth", done)
+    store.flush(10)  # so does a caller waiting for the writer on its own thread
+    assert done[-1] == "fourth"
+
+
+def test_lingering_writes_are_committed_within_linger_s(open_store, monkeypatch):
+    monkeypatch.setattr(writer_module, "LINGER_S", 0.05)
+    store = open_store()
+    done: list[str] = []
+    _lingering(store, "alone", done).wait(10)
+    assert done == ["alone"]

@@ -446,7 +446,7 @@ class Store:
                 return 0  # deleted after the put was accepted
             return entries.put(c, dict_id, rows, now)
 
-        return self._write("dict_put", run, None, journal_seq)
+        return self._write("dict_put", run, None, journal_seq, linger=True)
 
     def accept_queue_put(
         self,
@@ -484,7 +484,7 @@ class Store:
         def run(c: Connection) -> None:
             self.queue_entries.apply_put(c, key, items, now, expires_at, request_id)
 
-        return self._write("queue_put", run, None, journal_seq)
+        return self._write("queue_put", run, None, journal_seq, linger=True)
 
     def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> Write[None]:
         """A get that handed out the first ``n`` items of a partition, durable when it
@@ -502,7 +502,7 @@ class Store:
         def run(c: Connection) -> None:
             self.queue_entries.apply_take(c, key, n, request_id)
 
-        return self._write("queue_take", run, None, journal_seq)
+        return self._write("queue_take", run, None, journal_seq, linger=True)
 
     @property
     def journaled(self) -> bool:
@@ -557,8 +557,17 @@ class Store:
         run: Callable[[Connection], T],
         recover: Callable[[Connection, BaseException], T] | None = None,
         journal_seq: int = 0,
+        linger: bool = False,
     ) -> Write[T]:
-        op = _Op(name, run, Write(name, self.wait_s), recover=recover, journal_seq=journal_seq)
+        """``linger``: a journaled write nobody waits for (see `_Op.linger`)."""
+        op = _Op(
+            name,
+            run,
+            Write(name, self.wait_s),
+            recover=recover,
+            journal_seq=journal_seq,
+            linger=linger,
+        )
         return self._writer.submit(op)
 
     def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]:

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 WAIT_S = 30.0  # the longest any caller waits for the writer, unless it says otherwise
 MAX_BATCH = 512  # writes per transaction
+LINGER_S = 0.002  # how long a batch of lingering writes waits for more (see _Op.linger)
 RETRIES = 4  # tries of one write whose connection was lost or whose database was busy
 
 
@@ -94,6 +95,9 @@ class _Op:
     # result from a fresh transaction (or raises): create_call's "exists already"
     recover: Callable[[Connection, BaseException], Any] | None = None
     journal_seq: int = 0  # its entry in the intake journal (0: not journaled)
+    # a journaled write nobody waits for (a Dict put, a Queue put or take): a batch made
+    # only of such writes waits up to LINGER_S for more, to share one commit
+    linger: bool = False
 
 
 def _transient(e: BaseException) -> bool:
@@ -130,6 +134,8 @@ class _Writer:
         self.failures: list[tuple[int, str, BaseException]] = []
         self.batches = 0  # transactions committed (for tests and stats)
         self.closed = False
+        self.lingering = False  # a batch of lingering writes waits for more (_linger)
+        self._waiting = 0  # callers blocked in wait_done
         self.conn: Connection | None = None
         # told (on this thread) how long each read and each committed batch took (metrics)
         self.on_op: Callable[[str, float], None] | None = None
@@ -159,11 +165,20 @@ class _Writer:
             raise RuntimeError("the store's writer cannot wait for its own queue")
         limit = self.wait_s if timeout is None else timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: self.done >= seq, limit):
-                raise StoreTimeout(
-                    f"the store's writer did not reach the writes queued before this within "
-                    f"{limit:g}s ({seq - self.done} still queued)"
-                )
+            self._waiting += 1  # (a batch of lingering writes starting now does not wait)
+        try:
+            if self.lingering and not self.closed:  # one waits for more: end it now
+                nudge = _Op("nudge", lambda _c: None, Write("nudge", self.wait_s), read=True)
+                self.submit(nudge)
+            with self._cond:
+                if not self._cond.wait_for(lambda: self.done >= seq, limit):
+                    raise StoreTimeout(
+                        f"the store's writer did not reach the writes queued before this "
+                        f"within {limit:g}s ({seq - self.done} still queued)"
+                    )
+        finally:
+            with self._cond:
+                self._waiting -= 1
 
     def take_failures(self, upto: int) -> list[tuple[int, str, BaseException]]:
         with self._cond:
@@ -218,6 +233,8 @@ class _Writer:
                         carry = nxt
                         break
                     batch.append(nxt)
+                if not stop and carry is None and all(o.linger for o in batch):
+                    stop, carry = self._linger(batch)
                 t0 = time.perf_counter()
                 self._commit(batch)
                 self._timed("write_batch", t0)
@@ -226,6 +243,32 @@ class _Writer:
                     break
         finally:
             self.conn.close()
+
+    def _linger(self, batch: list[_Op]) -> tuple[bool, _Op | None]:
+        """Add to a batch of lingering writes what comes within LINGER_S, until a write
+        someone waits for, or a read (returned, to run after the batch); returns whether
+        the writer is to stop, and that read."""
+        deadline = time.monotonic() + LINGER_S
+        self.lingering = True
+        try:
+            while len(batch) < self.max_batch and not self._waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    nxt = self._q.get(timeout=left)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    return True, None
+                if nxt.read:
+                    return False, nxt
+                batch.append(nxt)
+                if not nxt.linger:
+                    break
+            return False, None
+        finally:
+            self.lingering = False
 
     def _timed(self, kind: str, t0: float) -> None:
         if self.on_op is not None:
