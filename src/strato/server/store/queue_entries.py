@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, String, and_, bindparam, delete, func, select, update
+from sqlalchemy import Connection, String, and_, bindparam, delete, exists, func, select, update
 
 from . import tables_state as ts
 from .hot import Hot
@@ -28,7 +28,13 @@ class QueueEntries:
         q, p = bindparam("q", type_=String), bindparam("p", type_=String)
         part = and_(qp.c.queue_id == q, qp.c.partition == p)
         items = and_(qi.c.queue_id == q, qi.c.partition == p)
-        self._queue = Hot(select(ts.queues.c.queue_id).where(ts.queues.c.queue_id == q))
+        # a journaled operation's two checks in one statement (see _fresh)
+        self._checks = Hot(
+            select(
+                exists().where(ts.queues.c.queue_id == q),
+                exists().where(qr.c.request_id == bindparam("r")),
+            )
+        )
         self._partition = Hot(select(qp.c.n_items, qp.c.expires_at).where(part))
         self._receipt = Hot(
             select(qr.c.taken, qr.c.queue_id).where(qr.c.request_id == bindparam("r"))
@@ -42,10 +48,13 @@ class QueueEntries:
             .values(n_items=bindparam("n"), expires_at=bindparam("expires_at"))
         )
         self._set_count = Hot(update(qp).where(part).values(n_items=bindparam("n")))
-        self._first_items = Hot(
-            select(qi.c.seq, qi.c.data).where(items).order_by(qi.c.seq).limit(bindparam("n"))
+        first = select(qi.c.seq).where(items).order_by(qi.c.seq).limit(bindparam("n"))
+        self._take_items = Hot(
+            delete(qi).where(qi.c.seq.in_(first.scalar_subquery())).returning(qi.c.seq, qi.c.data)
         )
-        self._take_items = Hot(delete(qi).where(and_(items, qi.c.seq <= bindparam("last"))))
+        # a take's count: the partition goes when it is left with none, else counts less
+        self._drop_emptied = Hot(delete(qp).where(and_(part, qp.c.n_items <= bindparam("k"))))
+        self._count_less = Hot(update(qp).where(part).values(n_items=qp.c.n_items - bindparam("k")))
         self._drop_items = Hot(delete(qi).where(items))
         self._drop_partition = Hot(delete(qp).where(part))
         self._seq: int | None = None  # the last item seq given
@@ -103,12 +112,14 @@ class QueueEntries:
         else:
             self._set_partition(c, {**key, "n": have + len(items), "expires_at": expires_at})
 
+    def _taken(self, c: Connection, key: dict, n: int) -> list[Any]:
+        """Delete the first ``n`` items of a partition; returns their ``(seq, data)``."""
+        return sorted(self._take_items(c, {**key, "n": n}).fetchall(), key=lambda r: r[0])
+
     def take(self, c: Connection, key: dict, n: int, have: int) -> tuple[list[bytes], int]:
         """Remove the first ``n`` items of a partition holding ``have``; returns them and
         how many are left."""
-        rows = self._first_items(c, {**key, "n": n}).fetchall()
-        if rows:
-            self._take_items(c, {**key, "last": rows[-1][0]})
+        rows = self._taken(c, key, n)
         left = have - len(rows)
         if left <= 0:
             self._drop_partition(c, key)
@@ -122,9 +133,8 @@ class QueueEntries:
         """Whether a journaled operation is to be applied: its Queue is still there (it
         may have been deleted after the operation was accepted) and its request id was
         not used before (by a request to another Queue, from before a restart)."""
-        if self._queue(c, {"q": qid}).fetchone() is None:
-            return False
-        return not request_id or self.receipt(c, request_id) is None
+        queue_there, used = self._checks(c, {"q": qid, "r": request_id}).fetchone()
+        return bool(queue_there) and not used
 
     def apply_put(
         self,
@@ -146,7 +156,10 @@ class QueueEntries:
         """A get that handed out the first ``n`` items of the partition."""
         if not self._fresh(c, key["q"], request_id):
             return
-        row = self._partition(c, key).fetchone()
-        items, _ = self.take(c, key, n, row[0] if row else 0)
-        if items:
+        rows = self._taken(c, key, n)
+        k = len(rows)  # (as `take`: the partition goes when it has none left)
+        if not self._drop_emptied(c, {**key, "k": k}).rowcount and k:
+            self._count_less(c, {**key, "k": k})
+        if rows:
+            items = [r[1] for r in rows]
             self.keep_receipt(c, key["q"], request_id, msgspec.msgpack.encode(items))
