@@ -127,6 +127,9 @@ class _Writer:
         self.wait_s = wait_s
         self.max_batch = max_batch
         self._q: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # set by a queued write that ends a linger (see _linger): lingering writes do not
+        # wake the thread, so that it does not take the GIL from the event loop per write
+        self._wake = threading.Event()
         self._lock = threading.Lock()  # seq order == queue order
         self._cond = threading.Condition()
         self.queued = 0  # seq of the last op queued
@@ -156,6 +159,8 @@ class _Writer:
             self.queued += 1
             op.future.seq = self.queued
             self._q.put(op)
+        if not op.linger:
+            self._wake.set()
         return op.future
 
     def wait_done(self, seq: int, timeout: float | None = None) -> None:
@@ -193,6 +198,7 @@ class _Writer:
                 return True
             self.closed = True
             self._q.put(None)
+        self._wake.set()
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
@@ -247,26 +253,29 @@ class _Writer:
     def _linger(self, batch: list[_Op]) -> tuple[bool, _Op | None]:
         """Add to a batch of lingering writes what comes within LINGER_S, until a write
         someone waits for, or a read (returned, to run after the batch); returns whether
-        the writer is to stop, and that read."""
+        the writer is to stop, and that read. Sleeps until then or until `submit` wakes
+        it (for anything but a lingering write), then takes what was queued meanwhile."""
         deadline = time.monotonic() + LINGER_S
         self.lingering = True
         try:
-            while len(batch) < self.max_batch and not self._waiting:
+            while True:
+                self._wake.clear()  # (before the queue is read: no wake-up is missed)
+                while len(batch) < self.max_batch:
+                    try:
+                        nxt = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        return True, None
+                    if nxt.read:
+                        return False, nxt
+                    batch.append(nxt)
+                    if not nxt.linger:
+                        return False, None
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    nxt = self._q.get(timeout=left)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    return True, None
-                if nxt.read:
-                    return False, nxt
-                batch.append(nxt)
-                if not nxt.linger:
-                    break
-            return False, None
+                if len(batch) >= self.max_batch or self._waiting or left <= 0:
+                    return False, None
+                self._wake.wait(left)
         finally:
             self.lingering = False
 
