@@ -43,7 +43,13 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.response: m.ApiResponse | None = None
-        self.wake = threading.Event()  # answered, the connection closed, or: read now
+        # answered, the connection closed, or: read now. Made (under the connection's
+        # lock) only once its caller is to wait while another thread reads: most never do
+        self.wake: threading.Event | None = None
+
+    def set(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
 
 class _Connection:
@@ -96,14 +102,18 @@ class _Connection:
                             f"the control plane did not answer {method} {path} within "
                             f"{timeout + ANSWER_MARGIN_S:g}s"
                         )
-                    me.wake.clear()
                     read = not self._reading
                     if read:
                         self._reading, self._reader = True, threading.get_ident()
+                    elif me.wake is None:
+                        wake = me.wake = threading.Event()
+                    else:
+                        wake = me.wake
+                        wake.clear()
                 if read:
                     self._read_until(me, deadline)
                 else:
-                    me.wake.wait(left)
+                    wake.wait(left)
         finally:
             with self._lock:
                 self._waiting.pop(req_id, None)
@@ -126,7 +136,7 @@ class _Connection:
                         waiter = self._waiting.get(msg.req_id)
                         if waiter is not None:  # else: its caller gave up waiting
                             waiter.response = msg
-                            waiter.wake.set()
+                            waiter.set()
         except (OSError, ValueError, frames.FrameError) as e:
             self.close(f"the connection to the strato control plane failed: {e}")
         finally:
@@ -134,7 +144,7 @@ class _Connection:
                 self._reading, self._reader = False, None
                 for waiter in self._waiting.values():
                     if waiter is not me and waiter.response is None:
-                        waiter.wake.set()  # it reads from now on
+                        waiter.set()  # it reads from now on
                         break
 
     def close(self, why: str) -> None:
@@ -145,7 +155,7 @@ class _Connection:
                 return
             self.closed = why
             for waiter in self._waiting.values():
-                waiter.wake.set()
+                waiter.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
