@@ -10,12 +10,19 @@ import inspect
 _DONE = object()
 
 
+def _wrapper_attrs(fn) -> dict:
+    """What `functools.update_wrapper` would set on a wrapper of ``fn``, worked out once
+    per method rather than on every access to it."""
+    attrs = {a: getattr(fn, a) for a in functools.WRAPPER_ASSIGNMENTS if hasattr(fn, a)}
+    return {**attrs, **getattr(fn, "__dict__", {}), "__wrapped__": fn}
+
+
 class _Bound:
-    def __init__(self, fn, instance, iterates: bool) -> None:
+    def __init__(self, fn, instance, iterates: bool, attrs: dict) -> None:
         self._fn = fn
         self._instance = instance
         self._iterates = iterates
-        functools.update_wrapper(self, fn)
+        self.__dict__.update(attrs)  # (as functools.update_wrapper does)
 
     def __call__(self, *args, **kwargs):
         return self._fn(self._instance, *args, **kwargs)
@@ -56,6 +63,7 @@ class with_aio:  # noqa: N801 - used as a decorator
         if fn is not None:
             self._iterates = iterates or inspect.isgeneratorfunction(fn)
             functools.update_wrapper(self, fn)
+            self._attrs = _wrapper_attrs(fn)
 
     def __call__(self, *args, **kwargs):
         if self._fn is None:  # as @with_aio(iterates=True)
@@ -66,4 +74,4 @@ class with_aio:  # noqa: N801 - used as a decorator
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        return _Bound(self._fn, instance, self._iterates)
+        return _Bound(self._fn, instance, self._iterates, self._attrs)
