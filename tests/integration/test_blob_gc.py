@@ -17,7 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from conftest import dedicated_server, wait_until
 
