@@ -6,24 +6,11 @@ that says the wait ended. Everything is torn down at the end."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import tempfile
-from pathlib import Path
-
 import pytest
-from conftest import INTEGRATION_DIR, ServerHandle, free_port, pid_alive, restore_env, wait_until
-from test_ray_provider import (
-    _app_logs,
-    _pids_mentioning,
-    ray_ready_nodes,
-    requested_from_ray_autoscaler,
-    start_server,
-)
+from conftest import wait_until
+from ray_strato import strato_on_ray
+from test_ray_provider import _app_logs, ray_ready_nodes, requested_from_ray_autoscaler
 
-from strato.client import session
 from strato.exceptions import ResourceUnavailableError
 
 pytestmark = pytest.mark.slow
@@ -35,64 +22,9 @@ WAIT_S = 8
 
 @pytest.fixture(scope="module")
 def short_wait():
-    from ray.cluster_utils import Cluster
-
-    keys = ("STRATO_HOME", "STRATO_SERVER_URL", "PYTHONPATH", "STRATO_RUNTIME", "RAY_ADDRESS")
-    saved = {k: os.environ.get(k) for k in keys}
-    work = Path(tempfile.mkdtemp(prefix="strato-raywait-"))
-    agents_home = work / "agents"
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(INTEGRATION_DIR), *([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])]
-    )
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
-    cluster.wait_for_nodes()
-    port = free_port()
-    handle = ServerHandle(work / "cp", f"http://127.0.0.1:{port}", port)
-    env = dict(
-        os.environ,
-        STRATO_HOME=str(handle.home),
-        STRATO_SERVER_URL=handle.url,
-        STRATO_RUNTIME=os.environ.get("STRATO_RUNTIME", "process"),
-        STRATO_RAY_SHARE=str(SHARE),
-        STRATO_RAY_AGENT_HOME=str(agents_home),
-        STRATO_RAY_AUTOSCALER_WAIT_S=str(WAIT_S),
-        RAY_ADDRESS=cluster.address,
-    )
-    env.pop("STRATO_PROVIDER", None)
-    try:
-        start_server(env)
-        handle.activate()
-        ray.init(address=cluster.address, log_to_driver=False)  # this test reads Ray too
+    env = {"STRATO_RAY_SHARE": str(SHARE), "STRATO_RAY_AUTOSCALER_WAIT_S": str(WAIT_S)}
+    with strato_on_ray("strato-raywait-", [], env) as (_, handle, *_rest):
         yield handle
-    finally:
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        session.reset()
-        try:
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(handle.pid, signal.SIGTERM)
-                wait_until(lambda: not pid_alive(handle.pid), 60, "the control plane to stop")
-            wait_until(lambda: not _pids_mentioning(str(agents_home)), 60, "agents to exit")
-        finally:
-            raylet_pids = [
-                p.process.pid
-                for node in cluster.list_all_nodes()
-                for procs in node.all_processes.values()
-                for p in procs
-            ]
-            cluster.shutdown()
-            left = [p for p in raylet_pids if pid_alive(p)]
-            strays = _pids_mentioning(str(agents_home))
-            for pid in strays:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(work, ignore_errors=True)
-            restore_env(saved)
-            session.reset()
-        assert not left, f"Ray processes left behind: {left}"
-        assert not strays, f"strato agents or containers left behind: {strays}"
 
 
 def test_raywait_a_gpu_function_waits_for_rays_autoscaler_then_fails_clearly(short_wait):
