@@ -211,6 +211,44 @@ def stop_control_plane(handle: ServerHandle) -> None:
     handle.stop()
 
 
+@dataclass
+class Joined:
+    handle: ServerHandle
+    token: str  # the join token the agents used
+    port: int  # the control plane's agent port
+    agents: list
+
+
+@contextlib.contextmanager
+def joined_nodes(
+    names: tuple[str, ...],
+    env: dict[str, str] | None = None,
+    server_env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> Iterator[Joined]:
+    """A control plane (``server_env``) without a local worker and one agent per name
+    (``env``, ``extra`` arguments) that joined it over TCP on this machine (their
+    containers' channels go through the relay); the client of this process points at it
+    inside the block and back where it was after."""
+    from conftest import restore_env
+
+    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
+    handle = start_control_plane(server_env or {})
+    agents: list = []
+    try:
+        token, port = join_token(handle), agent_port(handle)
+        for name in names:
+            agents.append(start_agent(handle.url, port, token, name, env=env, extra=extra))
+        wait_nodes(set(names))
+        yield Joined(handle, token, port, agents)
+    finally:
+        for a in agents:
+            a.stop()
+        stop_control_plane(handle)
+        restore_env(saved)
+        session.reset()
+
+
 @contextlib.contextmanager
 def one_joined_node(
     name: str,
@@ -218,25 +256,9 @@ def one_joined_node(
     server_env: dict[str, str] | None = None,
     extra: tuple[str, ...] = (),
 ) -> Iterator[ServerHandle]:
-    """A control plane (``server_env``) without a local worker and one agent ``name``
-    (``env``, ``extra`` arguments) that joined it over TCP on this machine (its
-    containers' channels go through the relay); the client of this process points at it
-    inside the block and back where it was after."""
-    from conftest import restore_env
-
-    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
-    handle = start_control_plane(server_env or {})
-    agent = None
-    try:
-        token = join_token(handle)
-        agent = start_agent(handle.url, agent_port(handle), token, name, env=env, extra=extra)
-        wait_nodes({name})
-        yield handle
-    finally:
-        if agent is not None:
-            agent.stop()
-        stop_control_plane(handle)
-        restore_env(saved)
+    """``joined_nodes`` of one agent ``name``: its control plane's handle."""
+    with joined_nodes((name,), env, server_env, extra) as joined:
+        yield joined.handle
 
 
 def wait_gone(pid: int, timeout: float = 30.0) -> None:

@@ -14,6 +14,7 @@ from cluster_nodes import (
     agent_port,
     containers_by_node,
     join_token,
+    joined_nodes,
     ready_nodes,
     start_agent,
     start_control_plane,
@@ -30,24 +31,9 @@ NODE_ENV = {"STRATO_NODE_CPU": "0.5", "STRATO_NODE_MEMORY_MB": "4096"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    saved = {k: __import__("os").environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
-    handle = start_control_plane({"STRATO_WORKER_HEARTBEAT_TIMEOUT": "5"})
-    agents = []
-    try:
-        token = join_token(handle)
-        port = agent_port(handle)
-        for name in ("alpha", "beta"):
-            agents.append(start_agent(handle.url, port, token, name, env=NODE_ENV))
-        wait_nodes({"alpha", "beta"})
-        yield handle, token, port, agents
-    finally:
-        for a in agents:
-            a.stop()
-        stop_control_plane(handle)
-        from conftest import restore_env
-
-        restore_env(saved)
-        session.reset()
+    server_env = {"STRATO_WORKER_HEARTBEAT_TIMEOUT": "5"}
+    with joined_nodes(("alpha", "beta"), env=NODE_ENV, server_env=server_env) as joined:
+        yield joined.handle, joined.token, joined.port, joined.agents
 
 
 def test_joined_nodes_run_a_map_spread_over_them(cluster):

@@ -13,15 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from cluster_nodes import (
-    agent_port,
-    join_token,
-    start_agent,
-    start_control_plane,
-    stop_control_plane,
-    wait_nodes,
-)
-from conftest import restore_env, wait_until
+from cluster_nodes import joined_nodes
+from conftest import wait_until
 
 from strato import exceptions as exc
 from strato.client import session
@@ -36,21 +29,10 @@ NODE_ENV = {"STRATO_NODE_CPU": "0.5", "STRATO_NODE_MEMORY_MB": "4096"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    saved = {k: os.environ.get(k) for k in ("STRATO_HOME", "STRATO_SERVER_URL")}
     # the protocol-level agents send no heartbeats: they must not be lost for it mid-test
-    handle = start_control_plane({"STRATO_WORKER_HEARTBEAT_TIMEOUT": "300"})
-    agents = []
-    try:
-        token, port = join_token(handle), agent_port(handle)
-        agents.append(start_agent(handle.url, port, token, "beta", env=NODE_ENV))
-        wait_nodes({"beta"})
-        yield handle, token, port
-    finally:
-        for a in agents:
-            a.stop()
-        stop_control_plane(handle)
-        restore_env(saved)
-        session.reset()
+    server_env = {"STRATO_WORKER_HEARTBEAT_TIMEOUT": "300"}
+    with joined_nodes(("beta",), env=NODE_ENV, server_env=server_env) as joined:
+        yield joined.handle, joined.token, joined.port
 
 
 class ProtocolAgent:
