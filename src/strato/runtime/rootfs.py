@@ -270,16 +270,21 @@ class ContainerDir:
         mount_overlay(layers, self.upper, self.work, self.rootfs)
         return self.rootfs
 
-    def mount_minimal_root(self, entries: Iterable[RootEntryLike]) -> Path:
+    def mount_minimal_root(
+        self, entries: Iterable[RootEntryLike], bind: Iterable[str] = ()
+    ) -> Path:
         """A small tmpfs on :attr:`rootfs` holding the symlinks and empty mount points of
         ``entries`` (:func:`strato.runtime.isolation.minimal_root`): the runtime mounts the
-        rest over it (gVisor's binds). Returns it."""
+        rest over it (gVisor's binds). ``bind``: the destinations of read-only entries
+        bound here instead, recursively and read-only (all of the tree), private. Removed
+        with the rest by :meth:`remove` (one lazy unmount). Returns it."""
         self.rootfs.mkdir(exist_ok=True)
         target = self.rootfs
+        bound = set(bind)
         _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
         try:
             _mount(None, target, None, _MS_PRIVATE, None)
-            for e in entries:
+            for e in sorted(entries, key=lambda e: e.dst in bound):  # (binds last)
                 inside = target / e.dst.lstrip("/")
                 inside.parent.mkdir(parents=True, exist_ok=True)
                 if e.kind == "symlink":
@@ -288,6 +293,11 @@ class ContainerDir:
                     inside.mkdir(exist_ok=True)
                 else:
                     inside.touch()
+                if e.dst in bound:
+                    if e.kind != "ro":
+                        raise RootfsError(f"{e.dst} is not a read-only entry to bind")
+                    _mount(e.src, inside, None, _MS_BIND | _MS_REC, None)
+                    _make_readonly(inside)
             for name in HOST_VIEW_OWN:
                 (target / name).mkdir(exist_ok=True)
         except BaseException:
