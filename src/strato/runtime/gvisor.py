@@ -8,9 +8,16 @@ root filesystem mounted at ``<dir>/rootfs``:
   (:mod:`strato.runtime.rootfs`), its home and working directory the container user's;
 - without: a minimal root (:func:`strato.runtime.isolation.minimal_root`): a small tmpfs
   with the links and mount points, and the system folders, the interpreter's folders and
-  a prepared ``/etc`` bound read-only (OCI mounts), fresh ``/tmp``, ``/root``, ``/home``
-  and ``/run``. runsc creates mount points inside the root it is given, never in the
-  host's own directories.
+  a prepared ``/etc`` bound read-only, fresh ``/tmp``, ``/root``, ``/home`` and ``/run``.
+  The read-only folders are bound on the host, inside that tmpfs (recursively read-only,
+  private), so gVisor serves them with the root through one gofer mount
+  (:func:`served_with_root`; each OCI bind mount is a gofer mount of its own, a few ms of
+  the sandbox's start); those the sentry would cover with a folder of its own (an
+  interpreter under a fresh ``/root``) stay OCI bind mounts. runsc creates mount points
+  inside the root it is given, never in the host's own directories.
+
+A start makes the bundle and (with network) takes the network namespace at once, each in
+a thread; what either made is freed if the other fails or the start is cancelled.
 
 It runs ``runsc --rootless=false --ignore-cgroups --network=none|host --host-uds=open run``
 in the container's cgroup (joined by ``sh`` as in every runtime), so the memory, CPU and
@@ -59,6 +66,7 @@ import os
 import resource
 import signal as _signal
 import subprocess
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -75,7 +83,7 @@ from strato.runtime.isolation import (
     sanitized_etc,
 )
 from strato.runtime.network import Egress
-from strato.runtime.rootfs import ContainerDir, find_executable
+from strato.runtime.rootfs import ContainerDir, RootEntryLike, find_executable
 from strato.runtime.supervise import Launching, SupervisedContainer, resolve_executable
 
 log = logging.getLogger("strato.runtime")
@@ -152,6 +160,52 @@ def build_spec(
         "mounts": mounts,
         "linux": {"namespaces": namespaces},
     }
+
+
+SENTRY_OWN = ("/proc", "/dev", "/sys", "/tmp", "/run")
+"""Where the sentry mounts folders of its own over the root (see :func:`build_spec`)."""
+
+
+def _under(path: str, dirs: Iterable[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def served_with_root(root: Iterable[RootEntryLike], fresh: Iterable[str]) -> list[str]:
+    """The read-only folders of a minimal root that are bound on the host, inside the
+    root's tmpfs, rather than as OCI bind mounts: gVisor then serves them with the root
+    (one gofer mount; each OCI bind is a gofer mount of its own, about 5 ms of the
+    sandbox's start here), read-only all the same (the root is, and so is each host
+    bind). Left as OCI binds: those the sentry would hide under a folder of its own
+    (``/tmp``, ``/run``, a fresh ``/root``...: an interpreter under ``/root/.pyenv``)
+    and those inside another one bound here."""
+    own = [*SENTRY_OWN, *fresh]
+    served: list[str] = []
+    for e in sorted(root, key=lambda e: e.dst):
+        if e.kind == "ro" and not _under(e.dst, own) and not _under(e.dst, served):
+            served.append(e.dst)
+    return served
+
+
+def _hold_when_made(st: Launching, fut: asyncio.Future[Any], free: str) -> None:
+    """Hold what ``fut`` makes in ``st`` (``free``: the name of its method that frees it,
+    a blocking one) so that a failed start frees it; if it is still being made (the start
+    was cancelled meanwhile), free it once it is made, in a thread."""
+    if fut.done():
+        if not fut.cancelled() and fut.exception() is None:
+            st.hold(getattr(fut.result(), free))
+        return
+
+    def release(made: object) -> None:
+        try:
+            getattr(made, free)()
+        except Exception:  # noqa: BLE001 - nothing waits for it
+            log.exception("freeing what a cancelled start made failed")
+
+    def when_made(f: asyncio.Future[Any]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            threading.Thread(target=release, args=(f.result(),), daemon=True).start()
+
+    fut.add_done_callback(when_made)
 
 
 class GvisorContainer(SupervisedContainer):
@@ -312,9 +366,10 @@ class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
                 find_executable(str(rootfs), launch.argv[0], env, workdir)
             else:
                 root = minimal_root(launch.argv[0], sanitized_etc(self.state_dir))
-                rootfs = container_dir.mount_minimal_root(root)
-                extra = [Bind(e.src, e.dst) for e in root if e.kind == "ro"]
                 fresh = [e.dst for e in root if e.kind == "tmpfs"]
+                served = served_with_root(root, fresh)
+                rootfs = container_dir.mount_minimal_root(root, bind=served)
+                extra = [Bind(e.src, e.dst) for e in root if e.kind == "ro" and e.dst not in served]
                 launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
                 workdir = minimal_workdir(launch, root)
                 resolve_executable(launch.argv[0], env, workdir)  # the host's, bound in
@@ -337,11 +392,24 @@ class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
 
     async def prepare(self, launch: ContainerLaunch, st: Launching) -> None:
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # the network namespace and the bundle do not depend on each other: both are
+        # made at once (each in a thread), and whatever of them was made is freed if the
+        # start fails, even when it is cancelled meanwhile
+        egress = None
         if not launch.block_network:
-            st.egress = await asyncio.to_thread(self.take_egress, launch)
-            st.hold(st.egress.close)
-        st.container_dir = await asyncio.to_thread(self._bundle, launch, st.env)
-        st.hold(st.container_dir.remove)
+            egress = asyncio.ensure_future(asyncio.to_thread(self.take_egress, launch))
+        bundle = asyncio.ensure_future(asyncio.to_thread(self._bundle, launch, st.env))
+        made: list[tuple[asyncio.Future[Any], str]] = [(bundle, "remove")]
+        if egress is not None:
+            made.insert(0, (egress, "close"))  # (freed last, as it was made first before)
+        try:
+            await asyncio.wait([f for f, _ in made])
+        finally:
+            for fut, free in made:
+                _hold_when_made(st, fut, free)
+        if egress is not None:
+            st.egress = egress.result()  # (its error first, as when it was made first)
+        st.container_dir = bundle.result()
         network = "none" if launch.block_network else "host"
         argv = self._runsc(
             "run", f"--bundle={st.container_dir.path}", launch.container_id, network=network
