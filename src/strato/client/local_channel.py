@@ -10,7 +10,8 @@ restarts), the requests waiting on it and later ones dial again with backoff unt
 (every request of the SDK is safe to repeat: a call's id is the client's own).
 
 No reader thread: a caller reads the socket itself (as redis-py does), so a request made
-one at a time costs a ``sendall`` and a ``recv`` on the caller's thread and no hand-over
+one at a time costs a ``sendall`` and a ``recv`` on the caller's thread (a blocking one,
+with ``SO_RCVTIMEO`` bounding each wait: no ``select`` before it) and no hand-over
 between threads. With several threads waiting, one of them reads (the *reader*) and hands
 the others their answers; when it has its own answer (or gives up) it passes the reading
 on to one still waiting.
@@ -24,8 +25,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import select
 import socket
+import struct
 import threading
 import time
 
@@ -36,6 +37,8 @@ from strato.protocol import messages as m
 
 from .api_base import MSGPACK, ApiBase, Reconnects
 from .channel_api import ANSWER_MARGIN_S
+
+RECV_SLICE_S = 0.25  # the longest one recv blocks before the reader checks its deadline
 
 
 class _Waiter:
@@ -57,6 +60,11 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # a blocking recv that gives up after a slice (the reader checks its deadline
+        # between slices): one syscall per answer read, no select() before it
+        sec = int(RECV_SLICE_S)
+        usec = int((RECV_SLICE_S - sec) * 1e6)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
         self.frames = frames.SocketReader(sock)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards what follows
@@ -123,11 +131,12 @@ class _Connection:
         or the connection closed; then let another waiter read."""
         try:
             while me.response is None:
-                if not self.frames.has_frame():
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                        return
-                msg = self.frames.read()
+                if not self.frames.has_frame() and time.monotonic() >= deadline:
+                    return
+                try:
+                    msg = self.frames.read()
+                except BlockingIOError:  # no byte for RECV_SLICE_S (SO_RCVTIMEO)
+                    continue
                 if msg is None:
                     self.close("the connection to the strato control plane closed")
                     return
