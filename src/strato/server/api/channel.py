@@ -11,16 +11,20 @@ either side (``client/local_channel.py``), as that token's workspace and role; a
 token is checked again on each request, so revoking it ends its connections' requests at
 once. A container acts in its app's workspace, as a developer.
 
-Requests run as tasks, so a long-poll does not hold up a container's outputs; at most
-``MAX_INFLIGHT`` at once per connection (more are refused at once), and all of them end
-with the connection.
+A request runs at once up to its first wait (most of a Dict's and a Queue's answer
+without one), then as a task, so a long-poll does not hold up a container's outputs; at
+most ``MAX_INFLIGHT`` at once per connection (more are refused at once), and all of them
+end with the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from typing import TYPE_CHECKING
+import types
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any
 
 from strato import exceptions as exc
 from strato.protocol import messages as m
@@ -87,7 +91,18 @@ class ChannelRequests:
                 ),
             )
             return
-        task = asyncio.create_task(self._run(req), name="api-request")
+        # run at once, up to its first wait: a request that does not wait (a Dict read
+        # from the cache, a Queue op served from memory) is answered here, without a task
+        # and a turn of the loop; one that waits goes on as a task from there
+        ctx = contextvars.copy_context()
+        coro = self._run(req)
+        try:
+            awaiting = ctx.run(coro.send, None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(
+            _go_on(coro, awaiting), name="api-request", context=ctx
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -133,3 +148,25 @@ class ChannelRequests:
     def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+
+
+@types.coroutine
+def _go_on(coro: Coroutine[Any, Any, None], awaiting: Any) -> Generator[Any, Any, None]:
+    """The rest of a coroutine whose first step ran already and stopped at ``awaiting``
+    (what it awaits, handed to the task that runs this): drives it on as a task would."""
+    while True:
+        try:
+            sent = yield awaiting
+        except GeneratorExit:  # this one is closed unfinished: so is the coroutine
+            coro.close()
+            raise
+        except BaseException as e:  # a cancellation: into the coroutine, as a task would
+            try:
+                awaiting = coro.throw(e)
+            except StopIteration:
+                return
+        else:
+            try:
+                awaiting = coro.send(sent)
+            except StopIteration:
+                return

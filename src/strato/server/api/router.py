@@ -31,6 +31,8 @@ MAX_QUERY_INT = (1 << 62) - 1  # sequence numbers and limits: inside SQL's BIGIN
 # routes of the installation, not of a workspace: only the installation's token
 OPERATOR_PREFIXES = ("/nodes", "/cluster", "/broker", "/providers", "/workspaces", "/join")
 ACCESS = ("read", "write", "admin", "operator")
+MATCHED_KEPT = 4096  # paths remembered with their route (forgotten all at once past this)
+MATCHED_PATH_MAX = 256
 _encoder = msgspec.msgpack.Encoder()
 _STATUS = [
     (exc.RequestSizeError, 413),
@@ -175,6 +177,9 @@ class Router:
         self.version = version
         self.routes: list[Route] = []
         self._by_method: dict[str, list[Route]] = {}
+        # (method, path) -> its route and path parameters: a hot Dict's or Queue's paths
+        # are matched once, not against each route's regex per request
+        self._matched: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
         self._auth = f"Bearer {token}".encode()
         self.workspaces: Workspaces | None = None  # workspace tokens (set by build_app)
         self._guards: list[tuple[str, str, Guard]] = []
@@ -188,6 +193,7 @@ class Router:
             route = Route(method, path, fn, summary, **kw)
             self.routes.append(route)
             self._by_method.setdefault(method, []).append(route)
+            self._matched.clear()
             return fn
 
         return register
@@ -241,10 +247,18 @@ class Router:
         return await self._run(route, Request(params, query, body, ctype, None, caller, agent))
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | Reply:
+        hit = self._matched.get((method, path))
+        if hit is not None:
+            return hit[0], dict(hit[1])  # (a handler may change its copy)
         for route in self._by_method.get(method, ()):
             match = route.regex.match(path)
             if match is not None:
-                return route, match.groupdict()
+                params = match.groupdict()
+                if len(path) <= MATCHED_PATH_MAX:
+                    if len(self._matched) >= MATCHED_KEPT:
+                        self._matched.clear()
+                    self._matched[method, path] = (route, dict(params))
+                return route, params
         if any(r.regex.match(path) for rs in self._by_method.values() for r in rs):
             return error_reply(exc.InvalidError(f"{method} is not allowed on {path}"))
         return error_reply(exc.NotFoundError(f"no route {method} {path}"))
