@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import tables_state as ts
 from .hot import Hot
@@ -26,6 +28,7 @@ class DictEntries:
             .values(value=bindparam("v"), value_blob=bindparam("b"), accessed_at=bindparam("now"))
         )
         self._insert = Hot(ts.dict_entries.insert())
+        self._upserts: dict[str, Hot] = {}  # per dialect (see put_run)
         self._seq: int | None = None  # the last entry seq given
 
     def _next_seq(self, c: Connection) -> int:
@@ -71,4 +74,50 @@ class DictEntries:
                     },
                 )
             stored += 1
+        return stored
+
+    def _upsert(self, c: Connection) -> Hot:
+        """An entry written whether its key is there or not (a new key gets its seq; a
+        key there keeps its own, the seq given to it goes unused)."""
+        name = c.dialect.name
+        hot = self._upserts.get(name)
+        if hot is None:
+            insert = sqlite_insert if name == "sqlite" else pg_insert
+            stmt = insert(ts.dict_entries)
+            ex = stmt.excluded
+            changed = {col: ex[col] for col in ("value", "value_blob", "accessed_at")}
+            stmt = stmt.on_conflict_do_update(index_elements=["dict_id", "key_hash"], set_=changed)
+            hot = self._upserts[name] = Hot(stmt)
+        return hot
+
+    def put_run(self, c: Connection, puts: list[tuple[str, list[Any], float]]) -> list[int]:
+        """Journaled puts ``(dict_id, rows, now)``, in order, as `put` one after the other
+        would store them (each into a Dict still there; a later entry of a key wins);
+        returns how many entries each stored. One check per Dict and one statement for
+        all the entries."""
+        there: dict[str, bool] = {}
+        params: list[dict] = []
+        stored: list[int] = []
+        for dict_id, rows, now in puts:
+            ok = there.get(dict_id)
+            if ok is None:
+                ok = there[dict_id] = self.dict_exists(c, dict_id)
+            if not ok:  # deleted after the put was accepted
+                stored.append(0)
+                continue
+            for kh, key, value, blob in rows:
+                params.append(
+                    {
+                        "dict_id": dict_id,
+                        "key_hash": kh,
+                        "seq": self._next_seq(c),
+                        "key": key,
+                        "value": value,
+                        "value_blob": blob,
+                        "accessed_at": now,
+                    }
+                )
+            stored.append(len(rows))
+        if params:
+            self._upsert(c)(c, params)
         return stored

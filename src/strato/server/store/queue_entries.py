@@ -10,6 +10,7 @@ items it finds are the ones the control plane handed out."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -19,6 +20,21 @@ from . import tables_state as ts
 from .hot import Hot
 
 qp, qi, qr = ts.queue_partitions, ts.queue_items, ts.queue_receipts
+
+
+class _Part:
+    """A partition as a run of journaled operations leaves it (`QueueEntries.apply_run`)."""
+
+    __slots__ = ("db_left", "db_taken", "drop_rest", "expires_at", "had_row", "n", "new")
+
+    def __init__(self, row: Any) -> None:
+        self.had_row = row is not None
+        self.n: int | None = row[0] if row is not None else None  # its row's count
+        self.expires_at: float = row[1] if row is not None else 0.0
+        self.db_left = self.n or 0  # items in the table before the run, not taken yet
+        self.db_taken = 0  # items of those taken from the head (in order)
+        self.drop_rest = False  # the rest of those are deleted (the partition expired)
+        self.new: deque[tuple[int, bytes]] = deque()  # (seq, data) put in the run, left
 
 
 class QueueEntries:
@@ -36,6 +52,11 @@ class QueueEntries:
             )
         )
         self._partition = Hot(select(qp.c.n_items, qp.c.expires_at).where(part))
+        self._queue_there = Hot(select(ts.queues.c.queue_id).where(ts.queues.c.queue_id == q))
+        # (built once: SQLAlchemy expands the list of ids when it runs)
+        self._used_of = select(qr.c.request_id).where(
+            qr.c.request_id.in_(bindparam("rids", expanding=True))
+        )
         self._receipt = Hot(
             select(qr.c.taken, qr.c.queue_id).where(qr.c.request_id == bindparam("r"))
         )
@@ -163,3 +184,102 @@ class QueueEntries:
         if rows:
             items = [r[1] for r in rows]
             self.keep_receipt(c, key["q"], request_id, msgspec.msgpack.encode(items))
+
+    def _used(self, c: Connection, request_ids: list[str]) -> set[str]:
+        """Those of the request ids a receipt holds already."""
+        if not request_ids:
+            return set()
+        return {r[0] for r in c.execute(self._used_of, {"rids": request_ids})}
+
+    def apply_run(self, c: Connection, ops: list[tuple]) -> list[None]:
+        """Journaled puts (``("put", key, items, now, expires_at, request_id)``) and takes
+        (``("take", key, n, request_id)``), in the order accepted: the tables end as
+        `apply_put` and `apply_take` one after the other leave them, with one check of
+        each Queue and of all the request ids, one read of each partition, and then one
+        statement of each kind (a take of items put in the same run never writes
+        them). Only consecutive operations of one batch come here: nothing else (a
+        deletion, a clear) changes a Queue between them."""
+        if len(ops) == 1:
+            op = ops[0]
+            if op[0] == "put":
+                self.apply_put(c, *op[1:])
+            else:
+                self.apply_take(c, *op[1:])
+            return [None]
+        used = self._used(c, sorted({op[-1] for op in ops if op[-1]}))
+        there: dict[str, bool] = {}
+        parts: dict[tuple[str, str], _Part] = {}
+        # (request id, queue id, the partition of a take or None, its head items taken
+        # from the table: first and count, the items put in the run it took)
+        receipts: list[tuple[str, str, _Part | None, int, int, list[bytes]]] = []
+        for op in ops:
+            key, rid = op[1], op[-1]
+            qid = key["q"]
+            ok = there.get(qid)
+            if ok is None:
+                ok = there[qid] = self._queue_there(c, {"q": qid}).fetchone() is not None
+            if not ok or (rid and rid in used):  # (as `_fresh`)
+                continue
+            p = parts.get((qid, key["p"]))
+            if p is None:
+                p = parts[qid, key["p"]] = _Part(self._partition(c, key).fetchone())
+            if op[0] == "put":
+                _, _, items, now, expires_at, _ = op
+                if p.n is not None and p.expires_at < now:  # expired: dropped (`partition`)
+                    p.n, p.db_left, p.drop_rest = None, 0, True
+                    p.new.clear()
+                first = self._next_seqs(c, len(items))
+                p.new.extend((first + i, data) for i, data in enumerate(items))
+                p.n = (p.n or 0) + len(items)
+                p.expires_at = expires_at
+                if rid:
+                    used.add(rid)
+                    receipts.append((rid, qid, None, 0, 0, []))
+                continue
+            n = op[2]
+            from_db = min(n, p.db_left)
+            start = p.db_taken
+            p.db_left -= from_db
+            p.db_taken += from_db
+            from_new = [p.new.popleft()[1] for _ in range(min(n - from_db, len(p.new)))]
+            k = from_db + len(from_new)
+            if p.n is not None and p.n <= k:  # (as `_drop_emptied`, `_count_less`)
+                p.n = None
+            elif p.n is not None and k:
+                p.n -= k
+            if k and rid:
+                used.add(rid)
+                receipts.append((rid, qid, p, start, from_db, from_new))
+        taken: dict[int, list[bytes]] = {}  # id(partition) -> its head items taken
+        inserts: list[dict] = []
+        for (qid, name), p in parts.items():
+            key = {"q": qid, "p": name}
+            if p.db_taken:
+                taken[id(p)] = [r[1] for r in self._taken(c, key, p.db_taken)]
+            if p.drop_rest:
+                self._drop_items(c, key)
+            inserts += [
+                {"seq": seq, "queue_id": qid, "partition": name, "data": data}
+                for seq, data in p.new
+            ]
+            if p.n is None:
+                if p.had_row:
+                    self._drop_partition(c, key)
+            elif p.had_row:
+                self._set_partition(c, {**key, "n": p.n, "expires_at": p.expires_at})
+            else:
+                row = {"queue_id": qid, "partition": name, "n_items": p.n}
+                self._insert_partition(c, {**row, "expires_at": p.expires_at})
+        if inserts:
+            self._insert_items(c, inserts)
+        if receipts:
+            now = time.time()
+            rows = []
+            for rid, qid, tp, start, count, from_new in receipts:
+                data = None
+                if tp is not None:
+                    items = taken.get(id(tp), [])[start : start + count] + from_new
+                    data = msgspec.msgpack.encode(items)
+                rows.append({"request_id": rid, "queue_id": qid, "taken": data, "created_at": now})
+            self._insert_receipt(c, rows)
+        return [None] * len(ops)

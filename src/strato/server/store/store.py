@@ -344,6 +344,9 @@ class Store:
         self.q = _Statements()
         self.dict_entries = DictEntries()  # (the writer thread's)
         self.queue_entries = QueueEntries()  # (the writer thread's)
+        # the journaled writes' merged forms (one object each: `_Op.merge` is compared)
+        self._dict_run = self.dict_entries.put_run
+        self._queue_run = self.queue_entries.apply_run
         self._journal_mark = Hot(update(t.journal_applied).values(seq=bindparam("seq")))
         self._owner = threading.get_ident()
         self._memory = _memory_db(url)  # one shared connection: reads go to the writer
@@ -439,14 +442,9 @@ class Store:
             return self._dict_put(dict_id, rows, now, seq)
 
     def _dict_put(self, dict_id: str, rows: list[list], now: float, journal_seq: int) -> Write[int]:
-        entries = self.dict_entries
-
-        def run(c: Connection) -> int:
-            if not entries.dict_exists(c, dict_id):
-                return 0  # deleted after the put was accepted
-            return entries.put(c, dict_id, rows, now)
-
-        return self._write("dict_put", run, None, journal_seq, linger=True)
+        # (stored unless the Dict was deleted after the put was accepted; consecutive
+        # puts share their statements: `DictEntries.put_run`)
+        return self._merged("dict_put", self._dict_run, (dict_id, rows, now), journal_seq)
 
     def accept_queue_put(
         self,
@@ -480,11 +478,8 @@ class Store:
         journal_seq: int,
     ) -> Write[None]:
         key = {"q": qid, "p": partition}
-
-        def run(c: Connection) -> None:
-            self.queue_entries.apply_put(c, key, items, now, expires_at, request_id)
-
-        return self._write("queue_put", run, None, journal_seq, linger=True)
+        args = ("put", key, items, now, expires_at, request_id)
+        return self._merged("queue_put", self._queue_run, args, journal_seq)
 
     def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> Write[None]:
         """A get that handed out the first ``n`` items of a partition, durable when it
@@ -498,11 +493,8 @@ class Store:
         self, qid: str, partition: str, n: int, request_id: str, *, journal_seq: int
     ) -> Write[None]:
         key = {"q": qid, "p": partition}
-
-        def run(c: Connection) -> None:
-            self.queue_entries.apply_take(c, key, n, request_id)
-
-        return self._write("queue_take", run, None, journal_seq, linger=True)
+        args = ("take", key, n, request_id)
+        return self._merged("queue_take", self._queue_run, args, journal_seq)
 
     @property
     def journaled(self) -> bool:
@@ -568,6 +560,15 @@ class Store:
             journal_seq=journal_seq,
             linger=linger,
         )
+        return self._writer.submit(op)
+
+    def _merged(
+        self, name: str, merge: Callable[[Connection, list[Any]], list[Any]], args: Any, seq: int
+    ) -> Write[Any]:
+        """A journaled write nobody waits for, run with the consecutive ones of the same
+        ``merge`` in its batch (see `_Op.merge`)."""
+        op = _Op(name, None, Write(name, self.wait_s), journal_seq=seq, linger=True)
+        op.merge, op.args = merge, args
         return self._writer.submit(op)
 
     def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]:

@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 WAIT_S = 30.0  # the longest any caller waits for the writer, unless it says otherwise
 MAX_BATCH = 512  # writes per transaction
-LINGER_S = 0.002  # how long a batch of lingering writes waits for more (see _Op.linger)
+LINGER_S = 0.010  # how long a batch of lingering writes waits for more (see _Op.linger)
 RETRIES = 4  # tries of one write whose connection was lost or whose database was busy
 
 
@@ -98,6 +98,12 @@ class _Op:
     # a journaled write nobody waits for (a Dict put, a Queue put or take): a batch made
     # only of such writes waits up to LINGER_S for more, to share one commit
     linger: bool = False
+    # consecutive writes of a batch with the same ``merge`` run as one call (instead of
+    # ``run``): ``merge(conn, [their args, in order])`` returns their results, in order.
+    # Journaled Queue puts and takes, Dict puts: one check and one statement of each
+    # kind for the whole run instead of several per write
+    merge: Callable[[Connection, list[Any]], list[Any]] | None = None
+    args: Any = None
 
 
 def _transient(e: BaseException) -> bool:
@@ -307,6 +313,13 @@ class _Writer:
         i = 0
         while i < len(batch):
             op = batch[i]
+            if op.merge is not None:
+                j = i + 1
+                while j < len(batch) and batch[j].merge is op.merge:
+                    j += 1
+                results += op.merge(conn, [o.args for o in batch[i:j]])
+                i = j
+                continue
             if op.run is not None:
                 results.append(op.run(conn))
                 i += 1
