@@ -531,6 +531,16 @@ SANDBOX_CPU = number(
     unit="number",
     within=Range(1 / 1024, 64.0),
 )
+SANDBOX_AGENT = text(
+    "STRATO_SANDBOX_AGENT",
+    "",
+    "The agent inside sandboxes of the isolating runtimes: `native` (a static C binary the "
+    "worker compiles with `cc` on first use; a sandbox starts without an interpreter) or "
+    "`python`.",
+    (WORKER,),
+    shown_default="`native` where it builds (a C compiler and a static libc), else `python`",
+    choices=("native", "python"),
+)
 SANDBOX_DISK_MB = integer(
     "STRATO_SANDBOX_DISK_MB",
     4096,

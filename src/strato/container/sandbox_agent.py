@@ -306,6 +306,9 @@ class SandboxAgent:
             p.timed_out = True
             self._kill_group(p)
             code = p.popen.wait()
+        if p.master is not None and not _group_alive(p.popen.pid):
+            self._commands.put(("endpty", p.pid, 0, False))  # (gVisor says no EIO)
+            os.write(self._wake_w, b"x")
         p.streams_done.wait(EXIT_AFTER_EOF_S)
         rc, reason = _returncode(code)
         if p.timed_out:
@@ -403,7 +406,7 @@ class SandboxAgent:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
-                    self._apply_commands()
+                    chunks += self._apply_commands()
                     continue
                 pid, stream = key.data
                 for _ in range(2):  # and at once its end, if it has come (one frame)
@@ -429,13 +432,16 @@ class SandboxAgent:
                 except OSError:
                     return
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> list[m.SbChunk]:
+        out: list[m.SbChunk] = []
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
-            if cmd[0] == "add1":  # a terminal: one stream
+                return out
+            if cmd[0] == "endpty":  # its process and group are gone: what is left, its end
+                self._end_terminal(cmd[1], out)
+            elif cmd[0] == "add1":  # a terminal: one stream
                 _, pid, fd = cmd
                 os.set_blocking(fd, False)
                 self._fds[(pid, 1)] = fd
@@ -458,6 +464,23 @@ class SandboxAgent:
                     self._paused.discard(key)
                     if fd is not None:
                         self.sel.register(fd, selectors.EVENT_READ, key)
+
+    def _end_terminal(self, pid: int, out: list[m.SbChunk]) -> None:
+        """A terminal whose process group is gone ends once read dry: Linux says EIO
+        when the last holder of its other side is gone, gVisor never does."""
+        fd = self._fds.get((pid, 1))
+        if fd is None or (pid, 1) in self._paused:
+            return
+        for _ in range(64):
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError:  # (BlockingIOError: nothing left)
+                data = b""
+            if not data:
+                self._close_stream(pid, 1)
+                out.append(m.SbChunk(pid, 1, b"", eof=True))
+                return
+            out.append(m.SbChunk(pid, 1, data))
 
     def _close_stream(self, pid: int, stream: int) -> None:
         fd = self._fds.pop((pid, stream), None)
@@ -535,6 +558,16 @@ def file_op(req: m.FileRequest, workdir: str) -> m.FileResult:
             os.unlink(path)
         return m.FileResult()
     raise OSError(errno.EINVAL, f"unknown file operation {req.op}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

@@ -63,6 +63,7 @@ from strato.runtime.isolation import (
     OWN_DIRS,
     IsolatingRuntime,
     RootEntry,
+    bound_program,
     find_tool,
     minimal_root,
     minimal_workdir,
@@ -418,11 +419,13 @@ class BwrapRuntime(IsolatingRuntime[BwrapContainer]):
                 st.container_dir.mount, launch.rootfs_layers, owned, self.user, launch.disk_mb
             )
             rootfs = str(mounted)
-            find_executable(rootfs, launch.argv[0], st.env, workdir)
+            if not bound_program(launch):
+                find_executable(rootfs, launch.argv[0], st.env, workdir)
         else:
             root = minimal_root(launch.argv[0], sanitized_etc(self.state_dir))
             workdir = minimal_workdir(launch, root)
-            resolve_executable(launch.argv[0], st.env, workdir)
+            if not bound_program(launch):
+                resolve_executable(launch.argv[0], st.env, workdir)
         seccomp_fd = filter_fd()
         st.own_fds.append(seccomp_fd)
         if not launch.block_network:

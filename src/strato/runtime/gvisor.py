@@ -77,6 +77,7 @@ from strato.runtime.base import CHANNEL_PATH, Bind, ContainerLaunch
 from strato.runtime.isolation import (
     DEFAULT_CAPS,
     IsolatingRuntime,
+    bound_program,
     find_tool,
     minimal_root,
     minimal_workdir,
@@ -363,7 +364,8 @@ class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
                 owned = [d for d in (env.get("HOME") or "/root", workdir) if d != "/"]
                 rootfs = container_dir.mount(launch.rootfs_layers, owned, self.user, launch.disk_mb)
                 (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
-                find_executable(str(rootfs), launch.argv[0], env, workdir)
+                if not bound_program(launch):
+                    find_executable(str(rootfs), launch.argv[0], env, workdir)
             else:
                 root = minimal_root(launch.argv[0], sanitized_etc(self.state_dir))
                 fresh = [e.dst for e in root if e.kind == "tmpfs"]
@@ -372,7 +374,8 @@ class GvisorRuntime(IsolatingRuntime[GvisorContainer]):
                 extra = [Bind(e.src, e.dst) for e in root if e.kind == "ro" and e.dst not in served]
                 launch = dataclasses.replace(launch, binds=[*extra, *launch.binds])
                 workdir = minimal_workdir(launch, root)
-                resolve_executable(launch.argv[0], env, workdir)  # the host's, bound in
+                if not bound_program(launch):
+                    resolve_executable(launch.argv[0], env, workdir)  # the host's, bound in
             spec = build_spec(
                 launch,
                 env=env,

@@ -19,6 +19,7 @@ the host: no checkouts, no homes, no ``/var``, ``/srv``, ``/opt``, ``/mnt``...""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -265,6 +266,17 @@ def minimal_root(argv0: str, etc_dir: str | os.PathLike[str]) -> list[RootEntry]
     entries += [RootEntry("tmpfs", "", d) for d in FRESH_DIRS]
     entries += [RootEntry("ro", d, d) for d in interpreter_dirs(argv0)]
     return entries
+
+
+def bound_program(launch: ContainerLaunch) -> bool:
+    """Whether the launch's program is a host file bound into the container (the native
+    sandbox agent): its host file is checked here, and the root need not have it."""
+    for b in launch.binds:
+        if b.dst == launch.argv[0]:
+            if not (os.path.isfile(b.src) and os.access(b.src, os.X_OK)):
+                raise FileNotFoundError(errno.ENOENT, "No such executable file", b.src)
+            return True
+    return False
 
 
 def check_launch(launch: ContainerLaunch) -> None:

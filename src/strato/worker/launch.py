@@ -26,6 +26,7 @@ MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
 IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
 FUNCTION_ARGS = ["-m", "strato.container"]
 SANDBOX_ARGS = ["-S", "-m", "strato.container.sandbox_entry"]  # a sandbox's agent only
+NATIVE_AGENT = IN_CONTAINER + "/sandbox-agent"  # the native sandbox agent, bound read-only
 ENTRY_ARGS = (FUNCTION_ARGS, SANDBOX_ARGS)  # the interpreter's arguments of a container
 
 _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
@@ -65,6 +66,12 @@ def prepare_launch(
         image = build(spec.image, image_cache(cache.parent), fetch_blob=fetch_blob, log=log)
     family, channel_path = frames.parse_address(msg.channel)
     binds: list[Bind] = []
+    native = None  # a sandbox's native agent (isolating runtimes), or its Python one
+    if spec.sandbox is not None and isolated:
+        from .native_agent import agent_binary, channel_supported
+
+        if channel_supported(msg.channel):
+            native = agent_binary(image_cache(cache.parent))
     if isolated:
         # the container runs as an unprivileged user: it must read its spec (the folders
         # above stay private to the worker's user; bwrap binds them as root)
@@ -95,7 +102,7 @@ def prepare_launch(
     }
     python = sys.executable
     workdir = None
-    if isolated:  # the container's minimal root has the interpreter, not the checkout
+    if isolated and native is None:  # the minimal root has the interpreter, not the checkout
         binds.append(Bind(str(_STRATO_PACKAGE), f"{STRATO_SRC}/strato", readonly=True))
         env["PYTHONPATH"] = STRATO_SRC
     if image is not None:
@@ -106,7 +113,11 @@ def prepare_launch(
     env.update(spec.env)
     env.update(msg.secret_env)  # --- secrets: in this container's environment only
     argv = [python, *FUNCTION_ARGS]
-    if spec.sandbox is not None:  # --- sandboxes: the agent, without site (-S): it needs
+    if native is not None:  # --- sandboxes: the native agent (no interpreter starts)
+        binds.append(Bind(str(native), NATIVE_AGENT, readonly=True))
+        argv = [NATIVE_AGENT]
+        env.pop("PYTHONPATH", None)
+    elif spec.sandbox is not None:  # --- sandboxes: the agent, without site (-S): it needs
         # only strato and msgspec, and its start skips site-packages and their .pth files
         argv = [python, *SANDBOX_ARGS]
         deps = image.strato_deps if image is not None else _MSGSPEC_DIR
