@@ -1195,20 +1195,20 @@ static int serve(void) {
             if (p->fds[streams[i]] == fds[i].fd)
                 size += read_stream(p, streams[i], chunk);
         }
-        reap();
+        if (r > 0 && fds[1].revents) { /* signals: SIGCHLD (reap), SIGTERM (stop) */
+            char sigs[64];
+            ssize_t got = read(wake_r, sigs, sizeof sigs);
+            for (ssize_t i = 0; i < got; i++)
+                if (sigs[i] == SIGTERM)
+                    stop(0);
+            reap(); /* (only then: under gVisor's ptrace each system call counts) */
+        }
         end_terminals(chunk);
         if (!out_flush())
             break;
         for (size_t i = 2; r > 0 && i < n; i++)
             if (fds[i].revents && streams[i] == 0 && owners[i]->stdin_fd == fds[i].fd)
                 stdin_write(owners[i]);
-        if (r > 0 && fds[1].revents) {
-            char sigs[64];
-            ssize_t got = read(wake_r, sigs, sizeof sigs);
-            for (ssize_t i = 0; i < got; i++)
-                if (sigs[i] == SIGTERM)
-                    stop(0);
-        }
         now = now_ms();
         for (struct proc *p = procs; p; p = p->next) {
             if (p->deadline && !p->exited && !p->timed_out && now >= p->deadline) {
