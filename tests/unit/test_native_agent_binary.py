@@ -416,13 +416,13 @@ def _launch(tmp_path: Path, isolated: bool = True, channel: str = "unix:/nowhere
 
 
 def test_an_isolated_sandbox_runs_the_native_agent(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("STRATO_IMAGE_CACHE", str(tmp_path / "images"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     native_agent.forget_builds()
     launch = _launch(tmp_path)
     assert launch.argv == [NATIVE_AGENT]
     (bind,) = [b for b in launch.binds if b.dst == NATIVE_AGENT]
     assert bind.readonly and os.access(bind.src, os.X_OK)
-    assert bind.src.startswith(str(tmp_path / "images" / "sandbox-agent"))
+    assert bind.src.startswith(str(tmp_path / "xdg" / "strato" / "sandbox-agent"))
     assert "PYTHONPATH" not in launch.env
     # the process runtime, a channel whose host is a name, or the setting: the Python one
     assert _launch(tmp_path, isolated=False).argv[1:] == SANDBOX_ARGS
@@ -435,7 +435,7 @@ def test_an_isolated_sandbox_runs_the_native_agent(tmp_path: Path, monkeypatch) 
 def test_without_a_compiler_sandboxes_run_the_python_agent(
     tmp_path: Path, monkeypatch, caplog
 ) -> None:
-    monkeypatch.setenv("STRATO_IMAGE_CACHE", str(tmp_path / "images"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     native_agent.forget_builds()
     try:

@@ -204,7 +204,7 @@ class WorkerAgent:
         self._loop = asyncio.get_running_loop()
         self._private_dirs()
         self._sweep_leftovers()
-        self._loop.run_in_executor(None, compile_strato)  # (for containers; once)
+        self._loop.run_in_executor(None, compile_strato, True)  # (for containers; once)
         inv = self.inventory or detect_inventory()
         node = m.NodeInfo(
             name=self.name,

@@ -71,7 +71,7 @@ def prepare_launch(
         from .native_agent import agent_binary, channel_supported
 
         if channel_supported(msg.channel):
-            native = agent_binary(image_cache(cache.parent))
+            native = agent_binary()
     if isolated:
         # the container runs as an unprivileged user: it must read its spec (the folders
         # above stay private to the worker's user; bwrap binds them as root)
@@ -144,15 +144,25 @@ def prepare_launch(
     )
 
 
-def compile_strato() -> None:
+def compile_strato(native: bool = False) -> None:
     """Write the bytecode of strato's own package (``__pycache__``, as ``pip install``
     does), so a container does not compile the modules it imports at every start: they
     run with ``PYTHONDONTWRITEBYTECODE`` from a read-only bind, and under gVisor compiling
     the sandbox agent's modules took longer than the sandbox's boot. Files already
-    compiled are skipped; a package this user may not write to is left as it is."""
+    compiled are skipped; a package this user may not write to is left as it is.
+    ``native``: the native sandbox agent is built too (else the first sandbox waits)."""
     import compileall
 
     try:
         compileall.compile_dir(_STRATO_PACKAGE, quiet=2)
     except OSError:
         pass
+    if native:
+        from strato.exceptions import InvalidError
+
+        from .native_agent import agent_binary
+
+        try:
+            agent_binary()
+        except InvalidError:
+            pass  # (STRATO_SANDBOX_AGENT=native: each sandbox's start says why)

@@ -2,13 +2,14 @@
 same frames as the Python agent (:mod:`strato.container.sandbox_agent`), as one static
 binary. Under gVisor's ptrace platform every system call of a sandbox's start costs tens
 of microseconds, and an interpreter's start with the agent's imports was most of a
-sandbox's time to its first output; the binary starts in a few hundred system calls.
+sandbox's time to its first output; the binary starts in about 40 system calls.
 
 The worker compiles it on first use with ``$CC`` (default ``cc``; ``-O2 -static``) into
-the machine's cache (``<image cache>/sandbox-agent/<sha256 of the sources>/``), under a
-file lock and with an atomic rename, so every worker agent of the machine shares one
-build. Where it does not build (no compiler, no static libc) the worker logs why once and
-sandboxes run the Python agent. ``STRATO_SANDBOX_AGENT`` forces one or the other.
+the machine's cache (``${XDG_CACHE_HOME:-~/.cache}/strato/sandbox-agent/<sha256 of the
+sources, compiler and flags>/``), under a file lock and with an atomic rename, so every
+worker agent of the machine (whatever its ``STRATO_HOME``) shares one build. Where it
+does not build (no compiler, no static libc) the worker logs why once and sandboxes run
+the Python agent. ``STRATO_SANDBOX_AGENT`` forces one or the other.
 """
 
 from __future__ import annotations
@@ -99,7 +100,13 @@ def channel_supported(address: str) -> bool:
     return True
 
 
-def agent_binary(cache: Path) -> Path | None:
+def machine_cache() -> Path:
+    """``$XDG_CACHE_HOME/strato``, else ``~/.cache/strato``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "strato"
+
+
+def agent_binary(cache: Path | None = None) -> Path | None:
     """The native agent's binary for this machine, or ``None``: the Python agent (asked for
     with ``STRATO_SANDBOX_AGENT=python``, or the binary does not build here: logged once).
     With ``STRATO_SANDBOX_AGENT=native`` a binary that does not build raises
@@ -108,6 +115,7 @@ def agent_binary(cache: Path) -> Path | None:
     if wanted == "python":
         return None
     cc = compiler()
+    cache = cache or machine_cache()
     key = (str(cache), " ".join(cc))
     with _lock:
         got = _built.get(key)
