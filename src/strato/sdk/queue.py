@@ -11,9 +11,11 @@ answers as soon as an item (or room) comes. Every method has an ``.aio`` twin.
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue as _stdlib_queue
+import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +30,25 @@ from .dict import StateObject, _Ephemeral, dumps, limits
 __all__ = ["Queue"]
 
 POLL_S = 50.0  # the longest one request waits on the control plane (it allows 55 s)
+
+
+class _RequestIds:
+    """Request ids unique to this process (a random prefix, a counter): no syscall each,
+    as ``uuid4`` costs one; a forked child draws its own prefix."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(10)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):012x}"
+
+
+_request_id = _RequestIds()
 
 
 def _partition(partition: object) -> str:
@@ -135,7 +156,7 @@ class Queue(StateObject):
             )
         path = self._path("put")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request_id = uuid.uuid4().hex  # sent again after a lost answer: put only once
+        request_id = _request_id()  # sent again after a lost answer: put only once
         while True:
             wait = 0.0 if not block else _left(deadline)
             body = m.QueuePut(items, part, float(partition_ttl), wait, request_id)
@@ -156,7 +177,7 @@ class Queue(StateObject):
         client = session.api()
         path = self._path("get")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request_id = uuid.uuid4().hex  # sent again after a lost answer: the same items
+        request_id = _request_id()  # sent again after a lost answer: the same items
         while True:
             wait = 0.0 if not block else _left(deadline)
             body = m.QueueGet(n, part, wait, request_id)

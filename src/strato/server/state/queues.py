@@ -222,6 +222,13 @@ class Queues:
         p = self._live(q, qid, part, time.time())
         if p is None:
             return [], 0
+        return self._take_memory(q, qid, part, p, n, rid)
+
+    def _take_memory(
+        self, q: Loaded, qid: str, part: str, p: Part, n: int, rid: str
+    ) -> tuple[list[bytes], int]:
+        """Take up to ``n`` items of a live partition in memory (journaled)."""
+        mem = self.memory
         k = total = 0
         for data in p.items:  # what fits in one answer (at least one item)
             total += len(data)
@@ -269,6 +276,15 @@ class Queues:
             entries.keep_receipt(c, qid, rid, None)
             return None
 
+        q = self.memory.queues.get(qid)
+        if q is not None:  # loaded: decided here at once unless it must wait for room
+            got = self._put_memory(q, qid, part, items, ttl, rid)
+            if got is None:
+                self._put_made(qid, part, len(items))
+                return m.QueuePutResult(True)
+            if not isinstance(got, _Store) and body.timeout <= 0:
+                return m.QueuePutResult(False, got)
+
         async def attempt() -> str | None:
             q = await self._hot(qid)
             got = self._put_memory(q, qid, part, items, ttl, rid) if q is not None else _STORE
@@ -312,9 +328,17 @@ class Queues:
                 return await self._get_memory(q, qid, part, n, rid)
             return await self.db.submit("Queue get", run)
 
-        items, left = await self._until(
-            ("items", qid, part), body.timeout, attempt, lambda r: bool(r[0])
-        )
+        q = self.memory.queues.get(qid)
+        p = None
+        if q is not None and not (rid and self.memory.receipt(rid)):
+            p = self._live(q, qid, part, time.time())
+        if q is not None and p is not None and p.items:
+            # loaded, with items (and not sent before): taken here at once, no wait
+            items, left = self._take_memory(q, qid, part, p, n, rid)
+        else:
+            items, left = await self._until(
+                ("items", qid, part), body.timeout, attempt, lambda r: bool(r[0])
+            )
         if items:
             self.signals.pulse(("room", qid, part))
             if left:
