@@ -23,7 +23,7 @@ from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
 
-from .api.channel import ChannelRequests
+from .api.channel import ChannelRequests, ClientFrames
 from .apps import Apps
 from .calls.manager import CallManager
 from .calls.uploads import Uploads
@@ -330,8 +330,27 @@ class ControlPlane:
         ``refusal`` if given)."""
         assert self.api is not None, "build_app(cp) wires the API before clients dial"
         requests = ChannelRequests(self.api, peer, caller=caller, refusal=refusal)
+        limit = self.api.max_body + (1 << 16)
+        transport: Any = getattr(peer.writer, "transport", None)
+        pending: bytearray | None = getattr(reader, "_buffer", None)  # (what came with the hello)
+        if pending is not None and hasattr(transport, "set_protocol"):
+            # from here on its frames are parsed as they arrive (no reader task per frame)
+            frames_in = ClientFrames(requests, limit, transport)
+            buffered = bytes(pending)
+            pending.clear()
+            transport.set_protocol(frames_in)
+            if getattr(reader, "_paused", False):  # (its buffer was full)
+                transport.resume_reading()
+            try:
+                if buffered:
+                    frames_in.data_received(buffered)
+                if reader.at_eof() or transport.is_closing():
+                    return
+                await frames_in.done
+            finally:
+                requests.close()
+            return
         try:
-            limit = self.api.max_body + (1 << 16)
             while (msg := await frames.read_frame(reader, limit)) is not None:
                 if not isinstance(msg, m.ApiRequest):
                     raise frames.FrameError(f"a client may not send {type(msg).__name__}")

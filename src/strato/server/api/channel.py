@@ -27,7 +27,9 @@ from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from strato import exceptions as exc
+from strato.protocol import frames
 from strato.protocol import messages as m
+from strato.protocol.framing import LEN as _LEN
 from strato.server.store.blobs import check_key
 
 from ..store.tables_workspaces import DEFAULT_WORKSPACE
@@ -80,6 +82,10 @@ class ChannelRequests:
             # a large blob sent as BlobChunk frames just ahead: claimed here, in order
             self._answer(req.req_id, await self._chunked_blob(req))
             return
+        self.start(req)
+
+    def start(self, req: m.ApiRequest) -> None:
+        """Start one request that is not a chunked upload (in frame order)."""
         if len(self.tasks) >= self.limit:
             self._answer(
                 req.req_id,
@@ -170,3 +176,48 @@ def _go_on(coro: Coroutine[Any, Any, None], awaiting: Any) -> Generator[Any, Any
                 awaiting = coro.send(sent)
             except StopIteration:
                 return
+
+
+class ClientFrames(asyncio.Protocol):
+    """A local client's connection once its hello is read: each frame is parsed as its
+    bytes arrive and its request started at once (`ChannelRequests.start`), with no
+    reader task woken per frame. ``done`` resolves when the connection ends."""
+
+    def __init__(self, requests: ChannelRequests, limit: int, transport: Any) -> None:
+        self.requests = requests
+        self.limit = limit  # the largest frame
+        self.transport = transport
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        at = 0
+        try:
+            while len(buf) - at >= 4:
+                (n,) = _LEN.unpack_from(buf, at)
+                if n > self.limit:
+                    raise frames.FrameTooLarge(
+                        f"frame of {n} bytes is over the limit of {self.limit}"
+                    )
+                if len(buf) - at - 4 < n:
+                    break
+                msg = frames.decode(memoryview(buf)[at + 4 : at + 4 + n])
+                at += 4 + n
+                if not isinstance(msg, m.ApiRequest):
+                    raise frames.FrameError(f"a client may not send {type(msg).__name__}")
+                self.requests.start(msg)
+        except frames.FrameError as e:
+            log.warning("channel: dropped a client: %s", e)
+            buf.clear()
+            self.transport.close()
+            return
+        del buf[:at]
+
+    def eof_received(self) -> bool:
+        return False  # (the transport closes)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
