@@ -93,9 +93,14 @@ static int op_read(const char *path, const struct file_req *q, struct result *re
         return e;
     }
     size_t want = q->length > 0 ? (size_t)q->length : 0, got = 0;
-    res->data = xmalloc(want ? want : 1);
+    size_t cap = want < (64u << 10) ? want : (64u << 10); /* (grown as it reads) */
+    res->data = xmalloc(cap ? cap : 1);
     while (got < want) {
-        ssize_t n = read(fd, res->data + got, want - got);
+        if (got == cap) {
+            cap = cap * 2 < want ? cap * 2 : want;
+            res->data = xrealloc(res->data, cap);
+        }
+        ssize_t n = read(fd, res->data + got, cap - got);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
