@@ -15,7 +15,8 @@ from strato.protocol import messages as m
 from strato.server import fleet as fleet_module
 from strato.server.calls.manager import CallManager
 from strato.server.containers import Container, ContainerRegistry, ContainerState
-from strato.server.fleet import Fleet, Peer
+from strato.server.fleet import Fleet
+from strato.server.fleet_nodes import Peer
 from strato.server.store import Store
 
 

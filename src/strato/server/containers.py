@@ -23,7 +23,7 @@ from .calls.state import ContainerRef, Lease
 from .scheduler import ContainerRequest, Placement
 
 if TYPE_CHECKING:
-    from .fleet import Peer
+    from .fleet_nodes import Peer
 
 
 class ContainerState(enum.StrEnum):

@@ -26,7 +26,7 @@ from strato.exceptions import InvalidError
 from strato.protocol import frames
 from strato.protocol import messages as m
 
-from ..fleet import Peer
+from ..fleet_nodes import Peer
 from .join_tokens import RAY_PROVIDER_TOKEN, JoinToken, JoinTokens
 from .node_credentials import NodeCredentials
 

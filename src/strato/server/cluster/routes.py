@@ -24,7 +24,7 @@ from ..api.router import Reply, Request, reply
 if TYPE_CHECKING:
     from ..api.router import Router
     from ..control import ControlPlane
-    from ..fleet import Node
+    from ..fleet_nodes import Node
 
 MAX_WAIT_S = 600.0
 MAX_GRACE_S = 3600.0
