@@ -89,6 +89,7 @@ class SandboxAgent:
         # (pid, stream) -> fd, for the streams still open
         self._fds: dict[tuple[int, int], int] = {}
         self._paused: set[tuple[int, int]] = set()
+        self._ended: list[Proc] = []  # (the output thread's) streams ended, not yet sent
         self.stopping = threading.Event()
         self.env = {
             k: v
@@ -431,6 +432,9 @@ class SandboxAgent:
                     self._send(m.SbOutput(chunks))
                 except OSError:
                     return
+            for p in self._ended:  # their SbExit may go now: after their output's end
+                p.streams_done.set()
+            self._ended.clear()
 
     def _apply_commands(self) -> list[m.SbChunk]:
         out: list[m.SbChunk] = []
@@ -492,7 +496,7 @@ class SandboxAgent:
         if p is not None:
             p.open_streams -= 1
             if p.open_streams == 0:
-                p.streams_done.set()
+                self._ended.append(p)  # (its end is sent first: see _pump)
 
 
 _ERRNO_KINDS: dict[int, str] = {
