@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strato.providers.ray import MAX_DEMAND_BUNDLES, MIB, Pending, demand_bundles
+from strato.providers.ray_demand import MAX_DEMAND_BUNDLES, MIB, Pending, demand_bundles
 
 NODE = {"CPU": 4.0, "memory": 8.0 * (1 << 30), "GPU": 0.0, "object_store_memory": 1e9}
 

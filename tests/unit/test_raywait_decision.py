@@ -6,7 +6,8 @@ fleet waits for room)."""
 from __future__ import annotations
 
 from strato.protocol.gpu import parse_gpu
-from strato.providers.ray import Pending, RayNodeShape, demand_bundles, shape_of_request
+from strato.providers.ray import RayNodeShape
+from strato.providers.ray_demand import Pending, demand_bundles, shape_of_request
 from strato.providers.ray_wait import AutoscalerWait, fits, infeasible_in, what_fits
 from strato.server.scheduler import ContainerRequest
 

@@ -23,7 +23,8 @@ changed, with ``ray.autoscaler.sdk.request_resources(bundles=...)`` (``demand_bu
 and cleared (an empty request) when it goes away and when the provider closes, so that an
 autoscaling Ray cluster grows for strato's containers and may shrink again. Work that fits
 no Ray node at all waits for such a node up to ``STRATO_RAY_AUTOSCALER_WAIT_S``
-(``ray_wait.py``; 0, the default: it fails at once).
+(``ray_wait.py``; 0, the default: it fails at once). The demand, by shape, and its
+bundles are ``ray_demand.py``'s.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from strato.exceptions import InvalidError
 
 from .base import Capabilities, Instance, InstanceState, Offer, ProvisionError
 from .ray_agent import AgentSpec
+from .ray_demand import ACCELERATOR, MIB, Pending, demand_bundles, pending_of, shape_of_request
 
 if TYPE_CHECKING:
     from strato.server.control import ControlPlane
@@ -55,9 +57,6 @@ POLL_S = 1.0
 PROBE_TIMEOUT_S = 5.0
 PENDING_WARN_S = 30.0  # an actor not started by then: say what it waits for
 JOIN_TOKEN_NAME = "ray provider"  # (server/cluster/join_tokens.py: RAY_PROVIDER_TOKEN)
-MIB = 1024 * 1024
-MAX_DEMAND_BUNDLES = 1000  # waiting containers reported to Ray's autoscaler at once
-ACCELERATOR = "accelerator_type:"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 # worker settings that are each node's own (from Ray), or the control plane's alone
 NOT_FORWARDED = frozenset(
@@ -109,56 +108,6 @@ class RayNodeShape:
         if self.accelerator and self.gpu_count:
             opts["accelerator_type"] = self.accelerator
         return opts
-
-
-@dataclass(frozen=True)
-class Pending:
-    """``count`` containers of one shape that no node can place now."""
-
-    cpu: float
-    memory_mb: int
-    gpu_count: int = 0
-    gpu_type: str | None = None
-    count: int = 1
-
-
-def demand_bundles(
-    pending: Iterable[Pending],
-    held: Iterable[Mapping[str, float]],
-    share: float,
-    required: str = "",
-) -> list[dict[str, float]]:
-    """What to ask Ray's autoscaler for: nothing while no work waits; else one bundle per
-    Ray node strato holds (its total CPU, GPU and memory: Ray fits requested bundles into
-    nodes' totals, not into what is free, so the nodes strato fills must be in the
-    request) and one per waiting container, divided by ``share`` so that strato's share
-    of a new node holds it (with its accelerator type and ``required``, the resource a
-    node needs to get an agent). At most ``MAX_DEMAND_BUNDLES`` containers."""
-    waiting = [p for p in pending if p.count > 0]
-    if not waiting:
-        return []
-    out = [
-        {k: float(v) for k, v in totals.items() if k in ("CPU", "GPU", "memory") and v > 0}
-        for totals in held
-    ]
-    left = MAX_DEMAND_BUNDLES
-    for p in waiting:
-        bundle = {
-            "CPU": math.ceil(p.cpu / share * 1000) / 1000,
-            "memory": float(math.ceil(p.memory_mb * MIB / share)),
-        }
-        if p.gpu_count:
-            bundle["GPU"] = float(math.ceil(p.gpu_count / share))
-            if p.gpu_type:
-                bundle[ACCELERATOR + p.gpu_type] = 0.001
-        if required:
-            bundle[required] = 0.001
-        n = min(p.count, left)
-        out += [dict(bundle) for _ in range(n)]
-        left -= n
-        if left <= 0:
-            break
-    return out
 
 
 def node_name(ray_node_id: str) -> str:
@@ -634,36 +583,6 @@ async def start(cp: ControlPlane, address: str | None, env: Mapping[str, str]) -
     )
     provider.follow()
     return provider
-
-
-def shape_of_request(request: ContainerRequest) -> Pending:
-    """One container of ``request`` (the first of its GPU fallbacks)."""
-    gpu = request.gpu[0] if request.gpu else None
-    return Pending(
-        cpu=request.cpu,
-        memory_mb=request.memory_mb,
-        gpu_count=gpu.count if gpu is not None else 0,
-        gpu_type=gpu.type if gpu is not None else None,
-    )
-
-
-def pending_of(cp: ControlPlane, wait: AutoscalerWait | None = None) -> list[Pending]:
-    """On the control plane's loop: the containers no node can place now (the broker's
-    demand), by shape; the apps of those that wait for Ray's autoscaler to add a node
-    (``wait``) are told so, once per wait."""
-    out = []
-    for d in cp.broker.demands(time.monotonic()):
-        shape = shape_of_request(d.request)
-        out.append(replace(shape, count=d.count))
-        fn = cp.calls.functions.get(d.key)
-        told = (d.key, shape)
-        if wait is None or fn is None or shape not in wait.since or told in wait.told:
-            continue
-        wait.told.add(told)
-        text = wait.waiting_text(fn.name, shape)
-        log.info("%s", text)
-        cp.logs.system(fn.app_id, text)
-    return out
 
 
 def _lose_node(cp: ControlPlane, name: str, why: str) -> None:

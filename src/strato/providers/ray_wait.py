@@ -17,7 +17,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from .ray import Pending, RayNodeShape, demand_bundles, gpu_type
+from .ray import RayNodeShape, gpu_type
+from .ray_demand import Pending, demand_bundles
 
 log = logging.getLogger("strato.providers.ray")
 
