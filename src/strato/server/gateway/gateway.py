@@ -26,10 +26,10 @@ to a container of its endpoint.
   serves is refused (``RouteConflictError``).
 - **Logs** (``access.py``): one access line per request in the app's logs, with the
   request id every response carries.
-- **Sandbox tunnels** (``TunnelsView``, ``server/sandboxes/tunnels.py``): a connection
-  whose first request names ``<sandbox-id>-<port>.tunnel.<domain>`` is handed, its head
-  included, to that sandbox port as raw bytes both ways (HTTP, WebSockets); the limits
-  above apply to that head, the sandbox's tunnel limits after it.
+- **Sandbox tunnels** (``sandbox_tunnels.py``, ``server/sandboxes/tunnels.py``): a
+  connection whose first request names ``<sandbox-id>-<port>.tunnel.<domain>`` is handed,
+  its head included, to that sandbox port as raw bytes both ways (HTTP, WebSockets); the
+  limits above apply to that head, the sandbox's tunnel limits after it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -58,10 +57,11 @@ from ..scheduler import explain_unplaceable, place
 from .access import AccessLog
 from .config import TOKEN_HEADER, GatewayConfig
 from .endpoint import CallsView, ContainerView, Endpoint, FleetView, FunctionView
-from .exchange import CLOSE, Exchange, Phase
+from .exchange import Exchange, Phase
 from .proxy import ClientConn
 from .results import DeferredResult, ResultStore
-from .routes import RouteTable, route_name, tunnel_host, tunnel_hostname, web_name
+from .routes import RouteTable, route_name, tunnel_host, web_name
+from .sandbox_tunnels import SandboxTunnels, TunnelsView
 from .upstream import adopt
 from .wire import error_body, simple_response
 
@@ -85,28 +85,7 @@ class LogSink(Protocol):
     def append(self, app_id: str, lines: list[m.LogLine]) -> None: ...
 
 
-class TunnelsView(Protocol):
-    """The sandboxes' tunnels (``server/sandboxes/tunnels.py``), for connections to a
-    tunnel's host name."""
-
-    def refusal(self, sandbox_id: str, port: int) -> tuple[int, str] | None:
-        """(status, why) where no connection can go to that port now, else None."""
-        ...
-
-    async def splice(
-        self,
-        sandbox_id: str,
-        port: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        first: bytes,
-    ) -> None:
-        """Pipe the connection to the port, ``first`` before the rest; raises
-        ``ConnectionError`` (why) when the tunnel cannot be opened."""
-        ...
-
-
-class Gateway:
+class Gateway(SandboxTunnels):
     def __init__(
         self,
         config: GatewayConfig,
@@ -263,19 +242,6 @@ class Gateway:
             return None
         return f"{self.url}/{route_name(app_id, name, deployed)}/{spec.web.label}"
 
-    def tunnel_url(self, sandbox_id: str, port: int) -> str | None:
-        """The URL of a sandbox port through this gateway: the gateway's URL with the
-        tunnel's host name (under the URL's host name, or ``localhost`` where that is an
-        address), or None where the gateway is off."""
-        if not self.url:
-            return None
-        parts = urlsplit(self.url)
-        domain = parts.hostname or "localhost"
-        if domain.replace(".", "").isdigit() or ":" in domain:
-            domain = "localhost"
-        host = tunnel_hostname(sandbox_id, port, domain)
-        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
     def _endpoint(self, function_id: str) -> Endpoint | None:
         ep = self.endpoints.get(function_id)
         if ep is None:
@@ -352,54 +318,6 @@ class Gateway:
             return
         ex.wait(ep, self.config.wait_timeout_s)
         self._wake()  # from zero: start a container now, not at the next tick
-
-    def _tunnel(self, ex: Exchange, sandbox_id: str, port: int) -> None:
-        """A request to a sandbox tunnel's host name: the connection becomes the tunnel's
-        (from its first request on, so that the bytes it read go up as they came)."""
-        tunnels = self.tunnels
-        refusal = tunnels.refusal(sandbox_id, port) if tunnels is not None and port else (404, "")
-        if refusal is not None:
-            status, why = refusal
-            if status == 404:  # the same whether it never was, has ended, or is another's
-                why = f"no sandbox tunnel is served at {ex.host[:200]}"
-            ex.respond(status, why)
-            return
-        conn = ex.conn
-        if conn.raw is None:
-            ex.respond(
-                421,
-                "this connection carried other requests before: a sandbox tunnel takes a "
-                "connection of its own from its first request (open a new connection)",
-                then=CLOSE,
-            )
-            return
-        ex.spliced()
-        first, reader, writer = conn.splice()
-        task = asyncio.create_task(
-            self._splice(conn, ex.rid, (sandbox_id, port), reader, writer, first)
-        )
-        self._spliced.add(task)
-        task.add_done_callback(self._spliced.discard)
-
-    async def _splice(
-        self,
-        conn: ClientConn,
-        rid: str,
-        target: tuple[str, int],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        first: bytes,
-    ) -> None:
-        assert self.tunnels is not None
-        try:
-            await self.tunnels.splice(*target, reader, writer, first)
-        except ConnectionError as e:  # nothing went through: the client gets why
-            body = error_body(502, f"the sandbox tunnel could not be opened: {e}", rid)
-            writer.write(simple_response(502, body, rid, close=True))
-        finally:
-            if not writer.is_closing():
-                writer.close()
-            self.guard.release(conn)
 
     def _authorized(self, ex: Exchange) -> bool:
         want = self.config.token.encode()
