@@ -455,3 +455,20 @@ def test_without_a_compiler_sandboxes_run_the_python_agent(
             _launch(tmp_path)
     finally:
         native_agent.forget_builds()
+
+
+def test_a_cleared_cache_is_built_again_and_old_builds_go(tmp_path: Path) -> None:
+    native_agent.forget_builds()
+    cache = tmp_path / "c"
+    stale = cache / "sandbox-agent" / "0123"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))  # built long ago, of other sources
+    recent = cache / "sandbox-agent" / "4567"
+    recent.mkdir()
+    first = native_agent.agent_binary(cache)
+    assert first is not None and first.is_file()
+    assert not stale.exists() and recent.exists()
+    shutil.rmtree(first.parent)
+    again = native_agent.agent_binary(cache)
+    assert again == first and again.is_file()
+    native_agent.forget_builds()

@@ -82,7 +82,22 @@ def _build(cache: Path, cc: list[str]) -> Path:
             os.rename(tmp, binary)
         finally:
             tmp.unlink(missing_ok=True)
+        _prune(folder.parent, keep=folder)
     return binary
+
+
+def _prune(parent: Path, keep: Path, min_age_s: float = 7 * 86400.0) -> None:
+    """Builds of other sources (earlier versions) made over a week ago: a sandbox that
+    runs one has it bound (its file lives on while bound)."""
+    import shutil
+    import time
+
+    for old in parent.iterdir():
+        try:
+            if old != keep and old.is_dir() and time.time() - old.stat().st_mtime > min_age_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def channel_supported(address: str) -> bool:
@@ -119,6 +134,8 @@ def agent_binary(cache: Path | None = None) -> Path | None:
     key = (str(cache), " ".join(cc))
     with _lock:
         got = _built.get(key)
+        if isinstance(got, Path) and not got.is_file():  # (the cache was cleared)
+            got = None
         if got is None:
             try:
                 got = _build(cache, cc)
