@@ -56,7 +56,7 @@ log = logging.getLogger("strato.runtime")
 IN_ZYGOTE = "/run/strato"
 LAYERS = IN_ZYGOTE + "/layers"
 """Where an image's zygote sees the image's layers (the lower layers of each child)."""
-PROC_SOURCE = IN_ZYGOTE + "/.proc"  # = strato.container.zygote.PROC_SOURCE
+PROC_SOURCE = IN_ZYGOTE + "/.proc"  # = strato.container.zygote_isolation.PROC_SOURCE
 ZYGOTE_CAPS: tuple[str, ...] = ()
 """What a zygote or template keeps of root's capabilities: none. It runs user code (a
 template's ``@enter(snap=True)`` hooks, an image's imports) as uid 0 of the host, so
