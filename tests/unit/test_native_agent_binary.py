@@ -217,6 +217,25 @@ def test_frames_are_msgspecs_encoding_byte_for_byte(agent: Agent, tmp_path: Path
         assert msgspec.msgpack.encode(frames.decode(body)) == body
 
 
+def test_a_fifo_or_a_process_that_reads_no_stdin_never_stalls_it(
+    agent: Agent, tmp_path: Path
+) -> None:
+    _started(agent)
+    os.mkfifo(tmp_path / "fifo")
+    agent.send(m.SbFile(0, m.FileRequest("read", str(tmp_path / "fifo"), length=10)))
+    agent.send(m.SbExec(2, ["sleep", "100"]))  # reads no stdin: 4 MiB fill its pipe
+    for _ in range(4):
+        agent.send(m.SbStdin(2, b"x" * (1 << 20)))
+    agent.send(m.SbExec(3, ["echo", "still here"]))
+    out, exits = agent.collect({3})
+    assert out[(3, 1)] == [b"still here\n", True] and exits[3].returncode == 0
+    fd = os.open(tmp_path / "fifo", os.O_WRONLY)  # its open ends: the read gets its answer
+    os.close(fd)
+    while not isinstance(msg := agent.read(), m.SbFileResult):
+        pass
+    assert msg.req_id == 0 and msg.result.error_kind == "other"  # (a FIFO cannot seek)
+
+
 def test_a_tunnel_pipes_bytes_to_a_port(agent: Agent) -> None:
     _started(agent)
     port_srv = socket.socket()
