@@ -110,8 +110,9 @@ def _state(store: Store, pre: str) -> tuple:
     return store._write("read", read).wait()
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_a_merged_run_leaves_the_queue_tables_as_one_by_one(db_url, seed):
+@pytest.mark.parametrize(("seed", "n"), [*((s, 60) for s in range(12)), (99, 1500)])
+def test_a_merged_run_leaves_the_queue_tables_as_one_by_one(db_url, seed, n):
+    """(1,500 operations: runs longer than a batch; most end with their Queues drained.)"""
     rng = random.Random(seed)
     store = Store(db_url, journal=False)
     entries = store.queue_entries
@@ -125,7 +126,7 @@ def test_a_merged_run_leaves_the_queue_tables_as_one_by_one(db_url, seed):
         store._write("setup", setup).wait()
         rids: list[str] = []
         before = _ops(rng, 20, 1000.0, rids)  # items in the tables before the run
-        run = _ops(rng, 60, 1100.0, rids)
+        run = _ops(rng, n, 1100.0, rids)
         for pre in ("a-", "b-"):
             ops = _prefixed(before, pre)
             store._write("before", lambda c, ops=ops: _one_by_one(entries, c, ops)).wait()
@@ -133,7 +134,7 @@ def test_a_merged_run_leaves_the_queue_tables_as_one_by_one(db_url, seed):
         store._write("one by one", lambda c: _one_by_one(entries, c, a)).wait()
         assert store._write("merged", lambda c: entries.apply_run(c, b)).wait() == [None] * len(b)
         expected = _state(store, "a-")
-        assert expected[0] and expected[2]  # (the run left items and receipts to compare)
+        assert expected[2] and (expected[0] or n > 100)  # (there is something to compare)
         assert _state(store, "b-") == expected
     finally:
         store.close()
