@@ -38,7 +38,8 @@ def sb(request, agent):
 
 def test_the_agent_asked_for_runs(sb):
     kind, sandbox = sb
-    script = "test -x /run/strato/sandbox-agent && echo native; test -d /run/strato/src && echo py"
+    script = "test -x /run/strato/container/sandbox-agent && echo native; "
+    script += "test -d /run/strato/src && echo py"
     found = sandbox.exec("sh", "-c", script).stdout.read().split()
     assert found == (["native"] if kind == "native" else ["py"])
 

@@ -439,10 +439,14 @@ def test_an_isolated_sandbox_runs_the_native_agent(tmp_path: Path, monkeypatch) 
     native_agent.forget_builds()
     launch = _launch(tmp_path)
     assert launch.argv == [NATIVE_AGENT]
-    (bind,) = [b for b in launch.binds if b.dst == NATIVE_AGENT]
-    assert bind.readonly and os.access(bind.src, os.X_OK)
-    assert bind.src.startswith(str(tmp_path / "xdg" / "strato" / "sandbox-agent"))
+    # in the container's folder (bound read-only), a link to the machine's build
+    (bind,) = [b for b in launch.binds if NATIVE_AGENT.startswith(b.dst + "/")]
+    assert bind.readonly
+    placed = Path(bind.src) / os.path.basename(NATIVE_AGENT)
+    built = next((tmp_path / "xdg" / "strato" / "sandbox-agent").glob("*/strato-sandbox-agent"))
+    assert os.access(placed, os.X_OK) and os.path.samefile(placed, built)
     assert "PYTHONPATH" not in launch.env
+    assert not [b for b in launch.binds if b.dst.endswith("/src/strato")]
     # the process runtime, a channel whose host is a name, or the setting: the Python one
     assert _launch(tmp_path, isolated=False).argv[1:] == SANDBOX_ARGS
     assert _launch(tmp_path, channel="tcp:cp.example:7000").argv[1:] == SANDBOX_ARGS

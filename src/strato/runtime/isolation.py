@@ -270,11 +270,15 @@ def minimal_root(argv0: str, etc_dir: str | os.PathLike[str]) -> list[RootEntry]
 
 def bound_program(launch: ContainerLaunch) -> bool:
     """Whether the launch's program is a host file bound into the container (the native
-    sandbox agent): its host file is checked here, and the root need not have it."""
+    sandbox agent, in the container's folder): its host file is checked here, and the
+    root need not have it."""
+    argv0 = launch.argv[0]
     for b in launch.binds:
-        if b.dst == launch.argv[0]:
-            if not (os.path.isfile(b.src) and os.access(b.src, os.X_OK)):
-                raise FileNotFoundError(errno.ENOENT, "No such executable file", b.src)
+        dst = b.dst.rstrip("/")
+        if argv0 == dst or argv0.startswith(dst + "/"):
+            src = os.path.join(b.src, argv0[len(dst) + 1 :]) if argv0 != dst else b.src
+            if not (os.path.isfile(src) and os.access(src, os.X_OK)):
+                raise FileNotFoundError(errno.ENOENT, "No such executable file", src)
             return True
     return False
 

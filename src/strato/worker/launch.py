@@ -26,7 +26,7 @@ MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
 IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
 FUNCTION_ARGS = ["-m", "strato.container"]
 SANDBOX_ARGS = ["-S", "-m", "strato.container.sandbox_entry"]  # a sandbox's agent only
-NATIVE_AGENT = IN_CONTAINER + "/sandbox-agent"  # the native sandbox agent, bound read-only
+NATIVE_AGENT = IN_CONTAINER + "/container/sandbox-agent"  # the native sandbox agent
 ENTRY_ARGS = (FUNCTION_ARGS, SANDBOX_ARGS)  # the interpreter's arguments of a container
 
 _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
@@ -113,8 +113,10 @@ def prepare_launch(
     env.update(spec.env)
     env.update(msg.secret_env)  # --- secrets: in this container's environment only
     argv = [python, *FUNCTION_ARGS]
-    if native is not None:  # --- sandboxes: the native agent (no interpreter starts)
-        binds.append(Bind(str(native), NATIVE_AGENT, readonly=True))
+    if native is not None:  # --- sandboxes: the native agent (no interpreter starts), in
+        # the container's folder (bound read-only): no bind of its own (each is a gofer
+        # mount of gVisor's start)
+        _place_agent(native, host_dir / "sandbox-agent")
         argv = [NATIVE_AGENT]
         env.pop("PYTHONPATH", None)
     elif spec.sandbox is not None:  # --- sandboxes: the agent, without site (-S): it needs
@@ -142,6 +144,19 @@ def prepare_launch(
         channel_socket=str(channel_path) if family == "unix" and isolated else None,
         workdir=workdir,
     )
+
+
+def _place_agent(binary: Path, at: Path) -> None:
+    """A hard link to the machine's build (a copy across filesystems)."""
+    try:
+        os.link(binary, at)
+    except FileExistsError:
+        pass
+    except OSError:
+        import shutil
+
+        shutil.copyfile(binary, at)
+        os.chmod(at, 0o755)
 
 
 def compile_strato(native: bool = False) -> None:

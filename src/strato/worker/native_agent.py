@@ -29,7 +29,7 @@ from strato.exceptions import InvalidError
 log = logging.getLogger("strato.worker")
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "container" / "native"
-FLAGS = ["-O2", "-static", "-pthread", "-Wall", "-Wextra", "-Werror"]
+FLAGS = ["-O2", "-static", "-pthread", "-Wall", "-Wextra", "-Werror", "-s"]
 BINARY = "strato-sandbox-agent"
 BUILD_TIMEOUT_S = 120.0
 
