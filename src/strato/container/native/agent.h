@@ -73,6 +73,82 @@ void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 void die_oom(void);
 
+extern int g_chan;
+int64_t now_ms(void); /* monotonic */
+
+/* ---------------------------------------------------------------- proc.c */
+
+#define READ_SIZE (64 << 10)
+#define FRAME_BYTES (1 << 20)  /* an output frame carries at most about this much */
+#define EXIT_AFTER_EOF_MS 1000 /* a process's exit waits this long for its streams' end */
+
+struct env {
+    char **items; /* "NAME=value", owned */
+    size_t n, cap;
+};
+
+extern struct env base_env; /* what every process gets (then its exec's own) */
+void env_set(struct env *e, const char *name, size_t name_len, const char *value);
+const char *env_get(const struct env *e, const char *name);
+bool env_is_map(const struct val *map);
+bool env_apply(struct env *e, const struct val *map);
+
+struct chunk {
+    struct chunk *next;
+    size_t len, off;
+    bool eof;
+    uint8_t data[];
+};
+
+struct proc {
+    struct proc *next;
+    int64_t id;            /* the control plane's pid */
+    pid_t pid;             /* 0 once reaped */
+    int fds[3];            /* [1], [2]: its output streams' read ends (-1: ended) */
+    bool paused[3];
+    int stdin_fd;          /* -1: closed (or never had one) */
+    bool stdin_done;       /* eof written, or writing failed: nothing more is written */
+    bool is_pty;
+    struct chunk *in_head, *in_tail;
+    int64_t deadline;      /* its timeout (0: none) */
+    double timeout;
+    bool timed_out;
+    bool exited;           /* reaped, its code in status */
+    int status;
+    int64_t exited_at;
+    bool exit_sent;
+    bool entrypoint;
+};
+
+extern struct proc *procs;
+struct proc *find_proc(int64_t id);
+void kill_group(struct proc *p);
+void kill_all(void);
+void free_strv(char **v);
+
+struct exec_req {
+    int64_t id;
+    char **argv; /* NULL-terminated */
+    size_t argc;
+    char *workdir; /* NULL: the sandbox's */
+    const struct val *env;
+    double timeout; /* 0: none */
+    bool pty;
+    bool has_size;
+    int64_t rows, cols;
+    bool bad; /* a NUL byte or a bad variable name: it cannot start */
+};
+
+void do_exec(struct exec_req *q, bool entrypoint);
+void stdin_queue(struct proc *p, const uint8_t *data, size_t n, bool eof);
+void stdin_write(struct proc *p);
+/* read one ready stream into the output frame; the bytes taken */
+size_t read_stream(struct proc *p, int stream, uint8_t *chunk);
+bool out_flush(void);
+void end_terminals(uint8_t *chunk);
+void report_exits(void);
+void reap(void);
+
 /* ---------------------------------------------------------------- files.c */
 
 struct file_req {
@@ -92,7 +168,6 @@ void file_start(struct file_req *req);
 
 /* connect to a channel address (unix:/path or tcp:host:port), -1 with errno */
 int dial_channel(const char *address, int timeout_ms);
-bool channel_address_ok(const char *address);
 void tunnel_start(int64_t conn_id, int64_t port);
 
 #endif

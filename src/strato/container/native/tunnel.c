@@ -98,14 +98,6 @@ static bool tcp_address(const char *rest, struct sockaddr_storage *ss, socklen_t
     return false;
 }
 
-bool channel_address_ok(const char *address) {
-    struct sockaddr_storage ss;
-    socklen_t len;
-    if (!strncmp(address, "unix:", 5))
-        return strlen(address + 5) < sizeof(((struct sockaddr_un *)0)->sun_path);
-    return !strncmp(address, "tcp:", 4) && tcp_address(address + 4, &ss, &len);
-}
-
 int dial_channel(const char *address, int timeout_ms) {
     if (!strncmp(address, "unix:", 5)) {
         struct sockaddr_un un = {0};
