@@ -11,6 +11,7 @@ import pytest
 from strato.protocol import frames
 from strato.protocol import messages as m
 from strato.server.sandboxes import manager as mg
+from strato.server.sandboxes import processes as pr
 from strato.server.sandboxes.buffers import StreamBuffer
 
 
@@ -51,7 +52,7 @@ def make_manager() -> tuple[mg.Sandboxes, mg.Sandbox, FakeContainer]:
     s = FakeContainer()
     sb.container = s  # type: ignore[assignment]
     sb.status = "running"
-    sb.processes[2] = mg.Process(2, "ab" * 8, StreamBuffer(), StreamBuffer())
+    sb.processes[2] = pr.Process(2, "ab" * 8, StreamBuffer(), StreamBuffer())
     sandboxes.live[sb.sandbox_id] = sb
     sandboxes._by_container[s.container_id] = sb
     return sandboxes, sb, s
@@ -104,7 +105,7 @@ def test_flow_control_pauses_resumes_and_refuses_an_agent_that_ignores_it():
     async def main():
         sandboxes, sb, s = make_manager()
         chunk = b"x" * m.SANDBOX_CHUNK
-        n = mg.FLOW_LIMIT // len(chunk) + 1
+        n = pr.FLOW_LIMIT // len(chunk) + 1
         for _ in range(n):
             sandboxes.on_frame(s, m.SbOutput([m.SbChunk(2, 1, chunk)]))
         assert s.sent == [m.SbFlow(2, 1, paused=True)]
@@ -117,7 +118,7 @@ def test_flow_control_pauses_resumes_and_refuses_an_agent_that_ignores_it():
         assert s.sent[-1] == m.SbFlow(2, 1, paused=False)
         # an agent that keeps sending past the limit and its slack is dropped
         with pytest.raises(frames.FrameError, match="flow limit"):
-            for _ in range((mg.FLOW_LIMIT + mg.FLOW_SLACK) // len(chunk) + 2):
+            for _ in range((pr.FLOW_LIMIT + pr.FLOW_SLACK) // len(chunk) + 2):
                 sandboxes.on_frame(s, m.SbOutput([m.SbChunk(2, 1, chunk)]))
 
     asyncio.run(main())
