@@ -26,9 +26,10 @@
     limits and tmpfs folders, without network) running ``echo hi``, to its first output:
     what strato's bundle adds to gVisor's start;
   - inside one live gVisor sandbox (``runsc run`` of a small Python loop over the host's
-    root), ``posix_spawn`` + read to EOF + ``waitpid`` of ``/bin/echo hi``: what an exec
-    costs gVisor itself, the floor under an exec round trip (its ratio is
-    ``ratio_to_bare_spawn_in_gvisor``); and of ``python3 -S -c "print('hi')"``, the
+    root), ``posix_spawn`` + read to EOF + ``waitpid`` of ``/bin/echo hi``, with the locale
+    every sandbox process has (``LANG=C.UTF-8``: echo reads the locale's files, a few ms
+    under gVisor): what an exec costs gVisor itself, the floor under an exec round trip
+    (its ratio is ``ratio_to_bare_spawn_in_gvisor``); and of ``python3 -S -c "print('hi')"``, the
     interpreter's start inside gVisor (what a Python sandbox agent pays at start).
 
 One JSON line per result, with the ratio of its p50 to the bare subprocess's (and, for
@@ -174,7 +175,7 @@ import os, sys, time
 def spawn(argv, want):
     r, w = os.pipe()
     t0 = time.perf_counter()
-    pid = os.posix_spawn(argv[0], argv, {"PATH": "/usr/bin:/bin"},
+    pid = os.posix_spawn(argv[0], argv, {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                          file_actions=[(os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_CLOSE, r)])
     os.close(w)
     out = b""
