@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import dedicated_server
 
 import strato
 from strato import exceptions as exc
+from strato.protocol.images import DEFAULT_PATH
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +64,17 @@ def test_exec_output_codes_stdin_and_timeout(sb):
     assert sandbox.exec("sleep", "100", timeout=1).wait() == 124
     p = sandbox.exec("env")
     assert "STRATO_" not in p.stdout.read() and p.wait() == 0
+
+
+def test_path_is_the_interpreters_and_the_standard_one(sb):
+    # an image-less sandbox's root has the host's /usr and the interpreter's folders, not
+    # the worker's other PATH entries (its own environment would leak into the sandbox)
+    _, sandbox = sb
+    p = sandbox.exec("sh", "-c", 'echo "$PATH"; python -c "import sys; print(sys.prefix)"')
+    assert p.wait() == 0, p.stderr.read()
+    path, prefix = p.stdout.read().split()
+    assert path == os.pathsep.join([os.path.dirname(sys.executable), DEFAULT_PATH])
+    assert prefix == sys.prefix  # `python` is strato's interpreter, as on the worker
 
 
 def test_a_terminal_and_files(sb):
