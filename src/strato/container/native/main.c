@@ -171,6 +171,16 @@ static void apply_flow(int64_t id, int64_t stream, bool paused) {
 }
 
 /* false: malformed (the agent ends) */
+/* the sandbox's entrypoint (a list of strings, checked): process 1, which the sandbox
+   ends with */
+static void start_entrypoint(const struct val *entry) {
+    struct exec_req q = {0};
+    q.id = 1;
+    q.argv = str_list(entry, &q.argc, &q.bad);
+    do_exec(&q, true);
+    free_strv(q.argv);
+}
+
 static bool handle(const struct val *msg, bool *stopping) {
     const struct val *tag = mp_get(msg, "t");
     if (!msg || msg->t != V_MAP || !tag || tag->t != V_STR)
@@ -254,18 +264,8 @@ static bool handle(const struct val *msg, bool *stopping) {
             if (w)
                 set_workdir(w);
         }
-        if (entry && entry->n) {
-            size_t argc;
-            bool bad = false;
-            char **argv = str_list(entry, &argc, &bad);
-            struct exec_req q = {0};
-            q.id = 1;
-            q.argv = argv;
-            q.argc = argc;
-            q.bad = bad;
-            do_exec(&q, true);
-            free_strv(argv);
-        }
+        if (entry && entry->n)
+            start_entrypoint(entry);
     } else if (mp_is_str(tag, "sbresize")) {
         int64_t id, rows, cols;
         if (!as_int(mp_get(msg, "pid"), &id) ||
@@ -622,18 +622,8 @@ int main(void) {
         makedirs_quiet(w); /* (where it may: else each exec fails with the reason) */
         free(w);
     }
-    if (entry && entry->n) {
-        size_t argc;
-        bool bad = false;
-        char **argv = str_list(entry, &argc, &bad);
-        struct exec_req q = {0};
-        q.id = 1;
-        q.argv = argv;
-        q.argc = argc;
-        q.bad = bad;
-        do_exec(&q, true);
-        free_strv(argv);
-    }
+    if (entry && entry->n)
+        start_entrypoint(entry);
     mp_free(spec);
     free(spec_data);
     send_ready();

@@ -161,15 +161,20 @@ static void send_exit(int64_t id, int64_t code, const char *reason) {
     buf_free(&b);
 }
 
+/* an SbOutput frame's head, before its `chunks` chunks (each an array of 4) */
+static void sbout_begin(struct buf *b, size_t chunks) {
+    frame_begin(b);
+    mp_map(b, 2);
+    mp_cstr(b, "t");
+    mp_cstr(b, "sbout");
+    mp_cstr(b, "chunks");
+    mp_array(b, chunks);
+}
+
 /* the start failed: its stdout ends, stderr says why, and it exits with `code` */
 static void fail_start(int64_t id, const char *message, int code) {
     struct buf b = {0};
-    frame_begin(&b);
-    mp_map(&b, 2);
-    mp_cstr(&b, "t");
-    mp_cstr(&b, "sbout");
-    mp_cstr(&b, "chunks");
-    mp_array(&b, 2);
+    sbout_begin(&b, 2);
     mp_array(&b, 4);
     mp_int(&b, id);
     mp_int(&b, 1);
@@ -341,12 +346,7 @@ static struct proc *new_proc(int64_t id, double timeout, bool entrypoint) {
 
 static void send_pty_stderr_eof(int64_t id) {
     struct buf b = {0};
-    frame_begin(&b);
-    mp_map(&b, 2);
-    mp_cstr(&b, "t");
-    mp_cstr(&b, "sbout");
-    mp_cstr(&b, "chunks");
-    mp_array(&b, 1);
+    sbout_begin(&b, 1);
     mp_array(&b, 4);
     mp_int(&b, id);
     mp_int(&b, 2);
@@ -610,12 +610,7 @@ static void out_add(int64_t id, int stream, const uint8_t *data, size_t n, bool 
 bool out_flush(void) {
     if (!out_chunks)
         return true;
-    frame_begin(&out_frame);
-    mp_map(&out_frame, 2);
-    mp_cstr(&out_frame, "t");
-    mp_cstr(&out_frame, "sbout");
-    mp_cstr(&out_frame, "chunks");
-    mp_array(&out_frame, out_chunks);
+    sbout_begin(&out_frame, out_chunks);
     buf_put(&out_frame, out_body.p, out_body.len);
     frame_end(&out_frame);
     bool ok = chan_send(&out_frame);
