@@ -61,20 +61,23 @@ class DictEntries:
                     continue
                 self._set(c, {**where, "v": value, "b": blob, "now": now})
             else:
-                self._insert(
-                    c,
-                    {
-                        "dict_id": dict_id,
-                        "key_hash": kh,
-                        "seq": self._next_seq(c),
-                        "key": key,
-                        "value": value,
-                        "value_blob": blob,
-                        "accessed_at": now,
-                    },
-                )
+                self._insert(c, self._row(c, dict_id, kh, key, value, blob, now))
             stored += 1
         return stored
+
+    def _row(
+        self, c: Connection, dict_id: str, kh: bytes, key: bytes, value: Any, blob: Any, now: float
+    ) -> dict[str, Any]:
+        """A new entry's row (with the next seq)."""
+        return {
+            "dict_id": dict_id,
+            "key_hash": kh,
+            "seq": self._next_seq(c),
+            "key": key,
+            "value": value,
+            "value_blob": blob,
+            "accessed_at": now,
+        }
 
     def _upsert(self, c: Connection) -> Hot:
         """An entry written whether its key is there or not (a new key gets its seq; a
@@ -105,18 +108,7 @@ class DictEntries:
             if not ok:  # deleted after the put was accepted
                 stored.append(0)
                 continue
-            for kh, key, value, blob in rows:
-                params.append(
-                    {
-                        "dict_id": dict_id,
-                        "key_hash": kh,
-                        "seq": self._next_seq(c),
-                        "key": key,
-                        "value": value,
-                        "value_blob": blob,
-                        "accessed_at": now,
-                    }
-                )
+            params.extend(self._row(c, dict_id, kh, k, v, b, now) for kh, k, v, b in rows)
             stored.append(len(rows))
         if params:
             self._upsert(c)(c, params)
