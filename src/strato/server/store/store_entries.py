@@ -1,0 +1,102 @@
+"""The journaled Dict and Queue entry points of `Store`: `accept_dict_put`,
+`accept_queue_put` and `accept_queue_take` append to the intake journal and queue a merged
+write (consecutive ones share their statements: `DictEntries.put_run`,
+`QueueEntries.apply_run`). :class:`JournaledEntries` is a base of
+:class:`~strato.server.store.store.Store`, which sets up the state declared here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+
+from .journal import Journal
+from .writer import Write
+
+
+class JournaledEntries:
+    """The Dict and Queue writes durable through the journal (a base of ``Store``)."""
+
+    # set up by Store.__init__
+    _journal: Journal | None
+    _accept_lock: threading.Lock
+    _dict_run: Callable[[Connection, list[Any]], list[Any]]
+    _queue_run: Callable[[Connection, list[Any]], list[Any]]
+
+    if TYPE_CHECKING:  # Store's writer plumbing
+
+        def _merged(
+            self,
+            name: str,
+            merge: Callable[[Connection, list[Any]], list[Any]],
+            args: Any,
+            seq: int,
+        ) -> Write[Any]: ...
+
+    def accept_dict_put(self, dict_id: str, rows: list[list], now: float) -> Write[int]:
+        """Dict entries (``[key_hash, key, value, blob]`` each; a later one of a key wins)
+        durable when it returns: journaled as `accept_call` is (only when `journaled`),
+        then stored by the writer behind it, in queue order, unless the Dict is gone by
+        then. The `Write` says how many entries were stored."""
+        assert self._journal is not None, "accept_dict_put needs the journal"
+        with self._accept_lock:
+            seq = self._journal.append("dict_put", [dict_id, rows, now])
+            return self._dict_put(dict_id, rows, now, seq)
+
+    def _dict_put(self, dict_id: str, rows: list[list], now: float, journal_seq: int) -> Write[int]:
+        # (stored unless the Dict was deleted after the put was accepted; consecutive
+        # puts share their statements: `DictEntries.put_run`)
+        return self._merged("dict_put", self._dict_run, (dict_id, rows, now), journal_seq)
+
+    def accept_queue_put(
+        self,
+        qid: str,
+        partition: str,
+        items: list[bytes],
+        now: float,
+        expires_at: float,
+        request_id: str,
+    ) -> Write[None]:
+        """Queue items put at ``now``, durable when it returns (journaled as
+        `accept_dict_put` is), appended by the writer behind it unless the Queue is gone or
+        the request id was used already (`QueueEntries.apply_put`)."""
+        assert self._journal is not None, "accept_queue_put needs the journal"
+        payload = [qid, partition, items, now, expires_at, request_id]
+        with self._accept_lock:
+            seq = self._journal.append("queue_put", payload)
+            return self._queue_put(
+                qid, partition, items, now, expires_at, request_id, journal_seq=seq
+            )
+
+    def _queue_put(
+        self,
+        qid: str,
+        partition: str,
+        items: list[bytes],
+        now: float,
+        expires_at: float,
+        request_id: str,
+        *,
+        journal_seq: int,
+    ) -> Write[None]:
+        key = {"q": qid, "p": partition}
+        args = ("put", key, items, now, expires_at, request_id)
+        return self._merged("queue_put", self._queue_run, args, journal_seq)
+
+    def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> Write[None]:
+        """A get that handed out the first ``n`` items of a partition, durable when it
+        returns; the writer deletes them behind it (`QueueEntries.apply_take`)."""
+        assert self._journal is not None, "accept_queue_take needs the journal"
+        with self._accept_lock:
+            seq = self._journal.append("queue_take", [qid, partition, n, request_id])
+            return self._queue_take(qid, partition, n, request_id, journal_seq=seq)
+
+    def _queue_take(
+        self, qid: str, partition: str, n: int, request_id: str, *, journal_seq: int
+    ) -> Write[None]:
+        key = {"q": qid, "p": partition}
+        args = ("take", key, n, request_id)
+        return self._merged("queue_take", self._queue_run, args, journal_seq)
