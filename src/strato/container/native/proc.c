@@ -171,20 +171,22 @@ static void sbout_begin(struct buf *b, size_t chunks) {
     mp_array(b, chunks);
 }
 
+/* one SbChunk (array_like: pid, stream, data, eof) */
+static void sbout_chunk(struct buf *b, int64_t id, int stream, const void *data, size_t n,
+                        bool eof) {
+    mp_array(b, 4);
+    mp_int(b, id);
+    mp_int(b, stream);
+    mp_bin(b, data, n);
+    mp_bool(b, eof);
+}
+
 /* the start failed: its stdout ends, stderr says why, and it exits with `code` */
 static void fail_start(int64_t id, const char *message, int code) {
     struct buf b = {0};
     sbout_begin(&b, 2);
-    mp_array(&b, 4);
-    mp_int(&b, id);
-    mp_int(&b, 1);
-    mp_bin(&b, NULL, 0);
-    mp_bool(&b, true);
-    mp_array(&b, 4);
-    mp_int(&b, id);
-    mp_int(&b, 2);
-    mp_bin(&b, message, strlen(message));
-    mp_bool(&b, true);
+    sbout_chunk(&b, id, 1, NULL, 0, true);
+    sbout_chunk(&b, id, 2, message, strlen(message), true);
     frame_end(&b);
     chan_send(&b);
     buf_free(&b);
@@ -347,11 +349,7 @@ static struct proc *new_proc(int64_t id, double timeout, bool entrypoint) {
 static void send_pty_stderr_eof(int64_t id) {
     struct buf b = {0};
     sbout_begin(&b, 1);
-    mp_array(&b, 4);
-    mp_int(&b, id);
-    mp_int(&b, 2);
-    mp_bin(&b, NULL, 0);
-    mp_bool(&b, true);
+    sbout_chunk(&b, id, 2, NULL, 0, true);
     frame_end(&b);
     chan_send(&b);
     buf_free(&b);
@@ -599,11 +597,7 @@ static void out_reset(void) {
 }
 
 static void out_add(int64_t id, int stream, const uint8_t *data, size_t n, bool eof) {
-    mp_array(&out_body, 4);
-    mp_int(&out_body, id);
-    mp_int(&out_body, stream);
-    mp_bin(&out_body, data, n);
-    mp_bool(&out_body, eof);
+    sbout_chunk(&out_body, id, stream, data, n, eof);
     out_chunks++;
 }
 
