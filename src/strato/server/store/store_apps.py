@@ -1,48 +1,22 @@
 """The apps, functions and mounts, and the nodes, containers and logs, of `Store`: the
 control plane's fleet tables. :class:`StoreApps` is a base of
-:class:`~strato.server.store.store.Store`, which sets up the state declared here.
+:class:`~strato.server.store.store.Store`; its state is declared in `store_tables.py`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, and_, select, update
 
 from . import schema as t
-from .store_calls import _run
+from .store_tables import StoreTables, run_statement
 from .writer import Write
 
-if TYPE_CHECKING:
-    from .store import _Statements
 
-T = TypeVar("T")
-
-
-class StoreApps:
+class StoreApps(StoreTables):
     """The apps' and the fleet's tables' methods (a base of ``Store``)."""
-
-    # set up by Store.__init__
-    q: _Statements
-
-    if TYPE_CHECKING:  # Store's writer plumbing
-
-        def _write(
-            self,
-            name: str,
-            run: Callable[[Connection], T],
-            recover: Callable[[Connection, BaseException], T] | None = None,
-            journal_seq: int = 0,
-            linger: bool = False,
-        ) -> Write[T]: ...
-
-        def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]: ...
-
-        def _done(self, name: str) -> Write[None]: ...
-
-        def _read(self, run: Callable[[Connection], T]) -> T: ...
 
     # ------------------------------------------------------------------ apps
 
@@ -181,11 +155,11 @@ class StoreApps:
         stmt = t.functions.insert().values(
             function_id=function_id, app_id=app_id, name=name, spec=spec, created_at=time.time()
         )
-        return self._write("add_function", _run(stmt))
+        return self._write("add_function", run_statement(stmt))
 
     def update_function_spec(self, function_id: str, spec: bytes) -> Write[None]:
         stmt = update(t.functions).where(t.functions.c.function_id == function_id).values(spec=spec)
-        return self._write("update_function_spec", _run(stmt))
+        return self._write("update_function_spec", run_statement(stmt))
 
     def mount(self, mount_id: str) -> bytes | None:
         q = select(t.mounts.c.manifest).where(t.mounts.c.mount_id == mount_id)
@@ -213,11 +187,11 @@ class StoreApps:
 
     def set_node_state(self, node_id: str, state: str) -> Write[None]:
         stmt = update(t.nodes).where(t.nodes.c.node_id == node_id).values(state=state)
-        return self._write("set_node_state", _run(stmt))
+        return self._write("set_node_state", run_statement(stmt))
 
     def insert_container(self, row: dict) -> Write[None]:
         stmt = t.containers.insert().values(**row)
-        return self._write("insert_container", _run(stmt))
+        return self._write("insert_container", run_statement(stmt))
 
     def set_container_state(
         self, container_id: str, state: str, exit_reason: str | None = None
@@ -230,7 +204,7 @@ class StoreApps:
         stmt = (
             update(t.containers).where(t.containers.c.container_id == container_id).values(**values)
         )
-        return self._write("set_container_state", _run(stmt))
+        return self._write("set_container_state", run_statement(stmt))
 
     def stop_live_containers(self, reason: str) -> list[str]:
         """Mark every container not yet stopped as stopped (at start: an earlier epoch's).

@@ -1,12 +1,12 @@
 """The call tables' methods of `Store`: calls, their inputs, outputs and generator
 items, cancellation, the call graph, recovery and expiry, with the typed forms of the rows
 (`rows.py`) and their bind parameters. :class:`StoreCalls` is a base of
-:class:`~strato.server.store.store.Store`, which sets up the state declared here.
+:class:`~strato.server.store.store.Store`; its state is declared in `store_tables.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, and_, delete, select, update
@@ -25,10 +25,8 @@ from .rows import (
     OutputRow,
     PendingRow,
 )
+from .store_tables import StoreTables, run_statement
 from .writer import Write
-
-if TYPE_CHECKING:
-    from .store import _Statements
 
 T = TypeVar("T")
 
@@ -108,35 +106,10 @@ def _chunks(items: Sequence[T], size: int = 500) -> Iterable[Sequence[T]]:
         yield items[at : at + size]
 
 
-def _run(stmt: Any) -> Callable[[Connection], None]:
-    def run(c: Connection) -> None:
-        c.execute(stmt)
-
-    return run
-
-
-class StoreCalls:
+class StoreCalls(StoreTables):
     """The call tables' methods (a base of ``Store``)."""
 
-    # set up by Store.__init__
-    q: _Statements
-
-    if TYPE_CHECKING:  # Store's writer plumbing
-
-        def _write(
-            self,
-            name: str,
-            run: Callable[[Connection], T],
-            recover: Callable[[Connection, BaseException], T] | None = None,
-            journal_seq: int = 0,
-            linger: bool = False,
-        ) -> Write[T]: ...
-
-        def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]: ...
-
-        def _done(self, name: str) -> Write[None]: ...
-
-        def _read(self, run: Callable[[Connection], T]) -> T: ...
+    if TYPE_CHECKING:  # Store's own
 
         def function(self, function_id: str) -> dict | None: ...
 
@@ -285,7 +258,7 @@ class StoreCalls:
 
     def cancel_call(self, call_id: str) -> Write[None]:
         stmt = update(t.calls).where(t.calls.c.call_id == call_id).values(cancelled=True)
-        return self._write("cancel_call", _run(stmt))
+        return self._write("cancel_call", run_statement(stmt))
 
     def cancel_calls(self, call_ids: Sequence[str]) -> Write[None]:
         """Mark calls cancelled (the descendants of a cancelled call)."""
