@@ -9,10 +9,13 @@ import asyncio
 import shutil
 import threading
 
+from sqlalchemy import select
+
 from strato.protocol import messages as m
 from strato.server.state import Dicts
 from strato.server.state.db import StateDb
 from strato.server.store import Store
+from strato.server.store import tables_state as ts
 from strato.server.store.blobs import BlobStore
 
 
@@ -24,6 +27,11 @@ def _dicts(store: Store, tmp_path) -> Dicts:
         max_payload=1 << 20,
         ttl_s=3600.0,
     )
+
+
+def _keys(c, did: str) -> list[bytes]:
+    e = ts.dict_entries.c
+    return [r[0] for r in c.execute(select(e.key).where(e.dict_id == did).order_by(e.seq))]
 
 
 def _put(d: Dicts, did: str, pairs: dict[bytes, bytes]):
@@ -86,12 +94,17 @@ def test_a_put_into_a_dict_deleted_meanwhile_stores_nothing(tmp_path):
         did = (await d.objects.lookup("gone", True)).object_id
         await _put(d, did, {b"a": b"1"})
         assert did in d._live
-        entries = store.accept_dict_put(did, [["h", b"k", b"v", None]], 0.0)
+        batches = store._writer.batches
+        store.accept_dict_put(did, [["h", b"k", b"v", None]], 0.0)
+        stored = await d.db.read("entries", lambda c: _keys(c, did))
+        assert stored == [b"a", b"k"]  # (queued before the deletion)
         await d.objects.delete_name("gone")
         assert did not in d._live  # the next put checks again
-        assert await entries == 1  # (queued before the deletion)
-        late = store.accept_dict_put(did, [["h2", b"k2", b"v", None]], 0.0)
-        assert await late == 0
+        store.accept_dict_put(did, [["h2", b"k2", b"v", None]], 0.0)
+        store.flush()
+        assert store._writer.batches > batches
+        assert await d.db.read("entries", lambda c: _keys(c, did)) == []
+        assert not store._writer.failures  # nothing to store: not a failure
 
     try:
         asyncio.run(body())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from strato.server.store import CallRow, FinalRow, InputRow, Store
+from strato.server.store.journal import Journal
 
 
 @pytest.fixture
@@ -20,6 +21,14 @@ def db(db_url, tmp_path):
     """(url, journal path): SQLite's journal is the default one beside its file."""
     sqlite = db_url.startswith("sqlite")
     return db_url, tmp_path / ("state.db.intake" if sqlite else "pg.intake")
+
+
+def _journal_entries(path: Path) -> list:
+    j = Journal(path)
+    try:
+        return j.entries()
+    finally:
+        j.close()
 
 
 def _open(url: str, journal: Path) -> Store:
@@ -69,7 +78,7 @@ def test_accepted_writes_survive_a_crash_before_the_database_has_them(db):
         assert store.max_ids()[0] == 3
     finally:
         store.close()
-    assert journal.stat().st_size == 0  # all in the database: emptied
+    assert _journal_entries(journal) == []  # all in the database: emptied
     again = _open(url, journal)  # nothing left to write again
     try:
         assert len(again.pending_inputs()) == 3
@@ -80,13 +89,14 @@ def test_accepted_writes_survive_a_crash_before_the_database_has_them(db):
 def test_journal_entries_the_database_has_are_not_written_twice(db, caplog):
     url, journal = db
     store = _open(url, journal)
+    store._writer.journal_done = None  # a crash comes before the journal hears it is applied
     assert store.accept_call(_call("fc-1", 1), [InputRow(1, "fc-1", 0, b"a", None)]).wait()
     assert store.accept_call(_call("fc-1"), []).wait() is False  # a retried request
     store.accept_inputs("fc-1", [InputRow(2, "fc-1", 1, b"b", None)], None, 2).wait()
     store.flush()
     # a crash now: the journal still holds all three, the database has them
     store._writer.close(30)
-    assert journal.stat().st_size > 0
+    assert [e[1] for e in _journal_entries(journal)] == ["create_call", "create_call", "add_inputs"]
     again = _open(url, journal)
     try:
         assert [p.input_id for p in again.pending_inputs()] == [1, 2]
@@ -128,8 +138,6 @@ def test_without_a_journal_accepting_waits_for_the_database(db):
 
 
 def test_records_written_after_a_cut_short_one_are_read_back(tmp_path):
-    from strato.server.store.journal import Journal
-
     path = tmp_path / "j.intake"
     j = Journal(path)
     j.append("create_call", [{"call_id": "fc-1"}, []])
@@ -210,17 +218,17 @@ def test_a_journal_that_never_catches_up_drops_what_the_database_has(tmp_path, m
     opened on it reads back exactly the others."""
     from strato.server.store import journal as jmod
 
-    monkeypatch.setattr(jmod, "TRUNCATE_BYTES", 4096)
+    monkeypatch.setattr(jmod, "COMPACT_BYTES", 4096)
     path = tmp_path / "j"
-    j = jmod.Journal(path)
+    j = jmod.Journal(path, capacity=4096)
     for i in range(100):
         j.append("add_inputs", ["fc-1", [{"idx": i, "args": b"x" * 64}], None, i])
-    size = path.stat().st_size
+    size = j.written
     assert size > 4096
     j.applied(30)  # under half of the file: kept as is
-    assert path.stat().st_size == size
+    assert j.written == size
     j.applied(80)
-    assert path.stat().st_size < size // 2
+    assert j.written < size // 2
     j.append("add_inputs", ["fc-1", [], True, 100])  # appends go on in the new file
     j.close()
     again = jmod.Journal(path)
@@ -231,3 +239,101 @@ def test_a_journal_that_never_catches_up_drops_what_the_database_has(tmp_path, m
     finally:
         again.close()
     assert not (tmp_path / "j.tmp").exists()
+
+
+def test_once_all_is_applied_the_journal_starts_over_and_never_reads_older_records(tmp_path):
+    """Writing starts again at the file's beginning when the database has every entry;
+    the longer records written there before are never read back (nor past a crash)."""
+    path = tmp_path / "j"
+    j = Journal(path)
+    for i in range(10):
+        j.append("add_inputs", ["fc-1", [{"idx": i, "args": b"x" * 200}], None, i])
+    j.applied(10)
+    assert j.written == 0
+    j.append("add_inputs", ["fc-2", [], True, 0])
+    j.append("add_inputs", ["fc-3", [], True, 0])
+    # a crash now: the process ends without closing anything
+    again = Journal(path)
+    try:
+        assert [(seq, p[0]) for seq, _, p in again.entries()] == [(11, "fc-2"), (12, "fc-3")]
+    finally:
+        again.close()
+        j.close()
+
+
+def test_a_record_whose_length_was_not_stored_yet_is_not_read(tmp_path):
+    """A crash in the middle of an append leaves the body without its length (stored
+    last): the journal ends before it, and the next record takes its place."""
+    import msgspec
+
+    path = tmp_path / "j"
+    j = Journal(path)
+    j.append("add_inputs", ["fc-1", [], True, 0])
+    end = j.written
+    j.close()
+    with open(path, "r+b") as f:  # what the crash left: a body, the length still zero
+        f.seek(end + 4)
+        f.write(msgspec.msgpack.encode([2, "add_inputs", ["fc-2", [], True, 0]]))
+    j = Journal(path)
+    try:
+        assert [seq for seq, _, _ in j.entries()] == [1]
+        assert j.append("add_inputs", ["fc-3", [], True, 0]) == 2
+    finally:
+        j.close()
+    again = Journal(path)
+    try:
+        assert [p[0] for _, _, p in again.entries()] == ["fc-1", "fc-3"]
+    finally:
+        again.close()
+
+
+def test_the_journal_grows_past_its_capacity_and_shrinks_back_once_applied(tmp_path):
+    path = tmp_path / "j"
+    j = Journal(path, capacity=4096)
+    for i in range(200):  # ~20 KB of records
+        j.append("add_inputs", ["fc-1", [{"idx": i, "args": b"y" * 64}], None, i])
+    assert path.stat().st_size >= j.written > 4 * 4096
+    again = Journal(path)
+    try:
+        assert [seq for seq, _, _ in again.entries()] == list(range(1, 201))
+    finally:
+        again.close()
+    j.applied(200)
+    assert path.stat().st_size == 4096  # (grown over 4x its capacity: shrunk back)
+    j.append("add_inputs", ["fc-2", [], True, 0])
+    j.close()
+    last = Journal(path)
+    try:
+        assert [seq for seq, _, _ in last.entries()] == [201]
+    finally:
+        last.close()
+
+
+SIGKILLED = """
+import os, signal, sys
+from pathlib import Path
+from strato.server.store.journal import Journal
+j = Journal(Path(sys.argv[1]))
+for i in range(500):
+    j.append("queue_put", ["qu-1", "", [b"item-%d" % i], 0.0, 1.0, "rq-%d" % i])
+print("appended", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # nothing is closed, unmapped or synced
+"""
+
+
+def test_records_copied_into_the_mapped_file_survive_a_sigkill(tmp_path):
+    path = tmp_path / "j"
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SIGKILLED), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == -9 and out.stdout.strip() == "appended", out.stderr
+    j = Journal(path)
+    try:
+        entries = j.entries()
+        assert [seq for seq, _, _ in entries] == list(range(1, 501))
+        assert entries[-1][2][2] == [b"item-499"]
+    finally:
+        j.close()

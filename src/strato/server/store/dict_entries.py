@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import tables_state as ts
-from .hot import Hot
+from .hot import Hot, insert_rows
 
 
 class DictEntries:
@@ -110,6 +110,14 @@ class DictEntries:
                 continue
             params.extend(self._row(c, dict_id, kh, k, v, b, now) for kh, k, v, b in rows)
             stored.append(len(rows))
-        if params:
+        if c.dialect.name == "sqlite":  # (as `_upsert`, in statements of many entries)
+            insert_rows(c, ts.dict_entries, params, _SQLITE_UPSERT)
+        elif params:
             self._upsert(c)(c, params)
         return stored
+
+
+_SQLITE_UPSERT = (
+    "ON CONFLICT (dict_id, key_hash) DO UPDATE SET value = excluded.value, "
+    "value_blob = excluded.value_blob, accessed_at = excluded.accessed_at"
+)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table
 from sqlalchemy.sql.expression import Executable
 
 
@@ -35,10 +37,56 @@ class Hot:
             held = {k: v for k, v in comp.params.items() if k not in names}  # (a limit)
             compiled = self._compiled[names] = (str(comp), order, held)
         sql, order, held = compiled
-        cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur = dbapi_cursor(c)
         if rows is not None:
-            cur.executemany(sql, [[{**held, **p}[k] for k in order] for p in rows])
+            if held:
+                rows = [{**held, **p} for p in rows]
+            cur.executemany(sql, [[p[k] for k in order] for p in rows])
         else:
             values = {**held, **first} if held else first
             cur.execute(sql, [values[k] for k in order])
         return cur
+
+
+CHUNKS = (128, 32, 8, 1)  # rows per multi-row statement (SQLite allows 32766 parameters)
+
+
+def chunks(n: int) -> Iterator[tuple[int, int]]:
+    """``(start, size)`` of the pieces ``n`` rows go in, for statements of many rows each
+    on SQLite: few distinct sizes, so that each text is compiled once and then found in
+    the driver's statement cache. A statement with many rows rather than one statement per
+    row: the driver lets go of the GIL and takes it back around each statement it runs,
+    and the event loop wants the GIL meanwhile."""
+    at = 0
+    for size in CHUNKS:
+        while n - at >= size:
+            yield at, size
+            at += size
+
+
+def dbapi_cursor(c: Connection) -> Any:
+    return c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+def insert_rows(c: Connection, table: Table, rows: list[dict], suffix: str = "") -> None:
+    """Insert ``rows`` (dicts with the same keys) into ``table``: on SQLite in a few
+    statements of many rows each (`chunks`), with ``suffix`` (an ``ON CONFLICT`` clause)
+    after the rows; elsewhere as one executemany of ``table.insert()`` (no suffix: pass an
+    upsert of the dialect's own there)."""
+    if not rows:
+        return
+    if c.dialect.name != "sqlite":
+        assert not suffix, "a suffix is SQLite's text"
+        c.execute(table.insert(), rows)
+        return
+    cols = tuple(rows[0])
+    cur = dbapi_cursor(c)
+    for at, size in chunks(len(rows)):
+        flat = [r[k] for r in rows[at : at + size] for k in cols]
+        cur.execute(_insert_sql(table.name, cols, size, suffix), flat)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(table: str, cols: tuple[str, ...], rows: int, suffix: str) -> str:
+    one = "(" + ", ".join("?" * len(cols)) + ")"
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * rows)} {suffix}"

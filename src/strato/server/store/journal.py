@@ -1,23 +1,32 @@
-"""The store's intake journal: accepted calls, inputs and outputs, on local disk before
-the database has them.
+"""The store's intake journal: accepted calls, inputs and outputs, Dict and Queue changes,
+on local disk before the database has them.
 
 The event loop must not wait for the database, an accepted input must never be lost, and
 an output a client has seen must never be produced again. So `Store.accept_call`,
-`Store.accept_inputs` and `Store.accept_outputs` append the write to this journal (one
-``write`` to a file opened for appending: it survives a crash of the control plane, as a
-SQLite commit with ``synchronous=NORMAL`` does) and queue it for the writer, which records
-the journal sequence number it reached in the same transaction as the rows
-(``journal_applied``). When the store opens, entries past that number are written again.
-The file is emptied once the database has every entry in it, and under a steady load
-(when it never catches up completely) rewritten without the entries the database has, once
-they are at least half of it.
+`Store.accept_inputs`, `Store.accept_outputs` and the journaled Dict and Queue writes
+append the write to this journal and queue it for the writer, which records the journal
+sequence number it reached in the same transaction as the rows (``journal_applied``).
+When the store opens, entries past that number are written again.
 
-Records: a 4-byte little-endian length, then msgpack ``[seq, kind, payload]``. A record
-cut short by a crash is ignored (it was never acknowledged).
+The file is mapped into memory (``MAP_SHARED``) and a record is copied into the map: no
+system call per record. The kernel's page cache holds the file's pages whatever becomes
+of the process, so a record survives a crash (a SIGKILL) of the control plane, as a
+``write`` to the file would and as a SQLite commit with ``synchronous=NORMAL`` does; not a
+power loss. The file is allocated ahead (``CAPACITY``, doubled when full); once the
+database has every entry, writing starts again at its beginning, and under a steady load
+(when it never catches up completely) the file is rewritten without the entries the
+database has, once they are at least half of what is written.
+
+Records: a 4-byte little-endian length, then msgpack ``[seq, kind, payload]``, each seq
+one more than the one before. A record's length is stored last, after its body and after
+a zero length behind it: a length of zero ends the journal, so a record cut short by a
+crash (never acknowledged) and whatever an earlier use of the file left behind are never
+read.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
@@ -28,21 +37,33 @@ from typing import Any
 import msgspec
 
 _LEN = struct.Struct("<I")
-TRUNCATE_BYTES = 1 << 20  # empty the file once it is this big and fully applied
+CAPACITY = 1 << 20  # bytes the file is allocated with, and shrinks back to when emptied
+COMPACT_BYTES = 1 << 20  # under a steady load, rewrite once this much is written
+
+
+class JournalFull(OSError):
+    """The journal's file could not grow (a full disk): the write is refused, not
+    acknowledged."""
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, capacity: int = CAPACITY) -> None:
         self.path = path
+        self.capacity = capacity
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         # (seq, end offset) of each record in the file, oldest first
         self._ends: deque[tuple[int, int]] = deque()
         self._entries, end = self._read()
-        if end < os.fstat(self._fd).st_size:  # drop a record cut short, so that new ones
-            os.ftruncate(self._fd, end)  # are not written behind it
-        self._size = end
+        self._size = end  # where the next record goes
+        self._map = self._mapped(max(os.fstat(self._fd).st_size, end + _LEN.size, capacity))
+        self._map[end : end + _LEN.size] = bytes(_LEN.size)  # (a record cut short ends here)
         self.seq = self._entries[-1][0] if self._entries else 0  # last sequence number
+
+    @property
+    def written(self) -> int:
+        """Bytes of records in the file (where the next one goes)."""
+        return self._size
 
     def entries(self) -> list[tuple[int, str, Any]]:
         """The whole records the file held when opened, in order."""
@@ -55,41 +76,66 @@ class Journal:
         while at + _LEN.size <= len(data):
             (n,) = _LEN.unpack_from(data, at)
             end = at + _LEN.size + n
-            if end > len(data):
-                break  # cut short by a crash
+            if n == 0 or end > len(data):
+                break  # the end, or cut short by a crash
             try:
                 seq, kind, payload = msgspec.msgpack.decode(data[at + _LEN.size : end])
-            except (msgspec.DecodeError, ValueError):
+            except (msgspec.DecodeError, ValueError, TypeError):
                 break
+            if out and seq != out[-1][0] + 1:
+                break  # (left behind by an earlier use of the file)
             out.append((seq, kind, payload))
             self._ends.append((seq, end))
             at = end
         return out, at
 
+    def _mapped(self, size: int) -> mmap.mmap:
+        """The file, grown to ``size`` bytes when smaller, mapped whole."""
+        if os.fstat(self._fd).st_size < size:
+            try:
+                os.posix_fallocate(self._fd, 0, size)  # (the disk space, now: not on a write)
+            except OSError as e:
+                raise JournalFull(f"the store's journal {self.path} cannot grow: {e}") from e
+        return mmap.mmap(self._fd, size)
+
     def append(self, kind: str, payload: Any) -> int:
         with self._lock:
-            self.seq += 1
-            body = msgspec.msgpack.encode([self.seq, kind, payload])
-            record = _LEN.pack(len(body)) + body
-            written = os.write(self._fd, record)
-            if written != len(record):  # a full disk: refuse the write, do not ack it
-                os.ftruncate(self._fd, self._size)
-                self.seq -= 1
-                raise OSError(f"the store's journal {self.path} is full")
-            self._size += written
-            self._ends.append((self.seq, self._size))
-            return self.seq
+            if self._fd < 0:
+                raise ValueError(f"the store's journal {self.path} is closed")
+            seq = self.seq + 1
+            body = msgspec.msgpack.encode([seq, kind, payload])
+            at, n = self._size, len(body)
+            end = at + _LEN.size + n
+            if end + _LEN.size > len(self._map):
+                self._grow(end + _LEN.size)
+            m = self._map
+            m[at + _LEN.size : end] = body
+            m[end : end + _LEN.size] = bytes(_LEN.size)  # the end, until the next record
+            _LEN.pack_into(m, at, n)  # last: the record is whole
+            self.seq = seq
+            self._size = end
+            self._ends.append((seq, end))
+            return seq
+
+    def _grow(self, needed: int) -> None:
+        size = len(self._map)
+        while size < needed:
+            size *= 2
+        old = self._map
+        self._map = self._mapped(size)  # (raises JournalFull: nothing was written)
+        old.close()
 
     def applied(self, seq: int) -> None:
-        """The database has every entry up to ``seq``: once the file has grown, empty it
-        when it holds nothing else, or drop those entries when they are half of it."""
+        """The database has every entry up to ``seq``: when that is all of them, start
+        again at the beginning of the file; else, once the file has grown, drop those
+        entries when they are half of what is written."""
         with self._lock:
-            if self._size < TRUNCATE_BYTES:
+            if self._fd < 0:
                 return
             if seq >= self.seq:
-                os.ftruncate(self._fd, 0)
-                self._size = 0
-                self._ends.clear()
+                self._restart()
+                return
+            if self._size < COMPACT_BYTES:
                 return
             cut = 0
             for s, end in self._ends:
@@ -99,36 +145,48 @@ class Journal:
             if cut * 2 >= self._size:
                 self._compact(cut)
 
+    def _restart(self) -> None:
+        """Every entry is applied: the next record goes at the start (a zero length
+        there ends the journal), and a file grown under a burst shrinks back."""
+        self._map[0 : _LEN.size] = bytes(_LEN.size)
+        self._size = 0
+        self._ends.clear()
+        if len(self._map) > 4 * self.capacity:
+            self._map.close()
+            os.ftruncate(self._fd, self.capacity)
+            self._map = mmap.mmap(self._fd, self.capacity)
+
     def _compact(self, cut: int) -> None:
         """Rewrite the file from offset ``cut`` (a record boundary) on; the new file
         replaces the old one at once (a crash leaves one or the other, whole)."""
-        with open(self.path, "rb") as f:
-            f.seek(cut)
-            tail = f.read(self._size - cut)
+        tail = bytes(self._map[cut : self._size])
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            if os.write(fd, tail) != len(tail):
+            if os.write(fd, tail + bytes(_LEN.size)) != len(tail) + _LEN.size:
                 raise OSError(f"the store's journal {tmp} is full")
+            os.posix_fallocate(fd, 0, max(len(self._map), len(tail) + _LEN.size))
             os.replace(tmp, self.path)
         except OSError:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             return  # keep the old file: it is still whole
+        self._map.close()
         os.close(self._fd)
         self._fd = fd
+        self._map = mmap.mmap(fd, os.fstat(fd).st_size)
         self._size = len(tail)
         self._ends = deque((s, end - cut) for s, end in self._ends if end > cut)
 
     def clear(self) -> None:
         with self._lock:
-            os.ftruncate(self._fd, 0)
-            self._size = 0
+            if self._fd >= 0:
+                self._restart()
             self._entries = []
-            self._ends.clear()
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                self._map.close()
                 os.close(self._fd)
                 self._fd = -1

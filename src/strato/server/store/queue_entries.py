@@ -9,6 +9,7 @@ items it finds are the ones the control plane handed out."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from typing import Any
@@ -17,7 +18,7 @@ import msgspec
 from sqlalchemy import Connection, String, and_, bindparam, delete, exists, func, select, update
 
 from . import tables_state as ts
-from .hot import Hot
+from .hot import Hot, chunks, dbapi_cursor, insert_rows
 
 qp, qi, qr = ts.queue_partitions, ts.queue_items, ts.queue_receipts
 
@@ -189,7 +190,12 @@ class QueueEntries:
         """Those of the request ids a receipt holds already."""
         if not request_ids:
             return set()
-        return {r[0] for r in c.execute(self._used_of, {"rids": request_ids})}
+        if c.dialect.name != "sqlite":
+            return {r[0] for r in c.execute(self._used_of, {"rids": request_ids})}
+        cur, used = dbapi_cursor(c), set[str]()
+        for at, size in chunks(len(request_ids)):
+            used.update(r[0] for r in cur.execute(_used_sql(size), request_ids[at : at + size]))
+        return used
 
     def apply_run(self, c: Connection, ops: list[tuple]) -> list[None]:
         """Journaled puts (``("put", key, items, now, expires_at, request_id)``) and takes
@@ -270,8 +276,7 @@ class QueueEntries:
             else:
                 row = {"queue_id": qid, "partition": name, "n_items": p.n}
                 self._insert_partition(c, {**row, "expires_at": p.expires_at})
-        if inserts:
-            self._insert_items(c, inserts)
+        insert_rows(c, qi, inserts)
         if receipts:
             now = time.time()
             rows = []
@@ -281,5 +286,11 @@ class QueueEntries:
                     items = taken.get(id(tp), [])[start : start + count] + from_new
                     data = msgspec.msgpack.encode(items)
                 rows.append({"request_id": rid, "queue_id": qid, "taken": data, "created_at": now})
-            self._insert_receipt(c, rows)
+            insert_rows(c, qr, rows)
         return [None] * len(ops)
+
+
+@functools.cache
+def _used_sql(n: int) -> str:
+    """`QueueEntries._used` for ``n`` request ids on SQLite (its text compiled once)."""
+    return f"SELECT request_id FROM {qr.name} WHERE request_id IN ({', '.join('?' * n)})"

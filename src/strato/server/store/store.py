@@ -421,12 +421,12 @@ class Store(StoreApps, StoreCalls, JournaledEntries):
 
     def _merged(
         self, name: str, merge: Callable[[Connection, list[Any]], list[Any]], args: Any, seq: int
-    ) -> Write[Any]:
-        """A journaled write nobody waits for, run with the consecutive ones of the same
-        ``merge`` in its batch (see `_Op.merge`)."""
-        op = _Op(name, None, Write(name, self.wait_s), journal_seq=seq, linger=True)
+    ) -> None:
+        """A journaled write nobody waits for (it has no future), run with the
+        consecutive ones of the same ``merge`` in its batch (see `_Op.merge`)."""
+        op = _Op(name, None, None, journal_seq=seq, linger=True)
         op.merge, op.args = merge, args
-        return self._writer.submit(op)
+        self._writer.enqueue(op)
 
     def _write_many(self, name: str, stmt: Any, params: list[dict]) -> Write[None]:
         """A plain executemany: consecutive ones of one statement share a round trip."""

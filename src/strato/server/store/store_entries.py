@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection
 
 from .journal import Journal
-from .writer import Write
 
 
 class JournaledEntries:
@@ -34,22 +33,23 @@ class JournaledEntries:
             merge: Callable[[Connection, list[Any]], list[Any]],
             args: Any,
             seq: int,
-        ) -> Write[Any]: ...
+        ) -> None: ...
 
-    def accept_dict_put(self, dict_id: str, rows: list[list], now: float) -> Write[int]:
+    def accept_dict_put(self, dict_id: str, rows: list[list], now: float) -> None:
         """Dict entries (``[key_hash, key, value, blob]`` each; a later one of a key wins)
         durable when it returns: journaled as `accept_call` is (only when `journaled`),
         then stored by the writer behind it, in queue order, unless the Dict is gone by
-        then. The `Write` says how many entries were stored."""
+        then (nobody waits for that: a failure is logged and raised by the next
+        ``flush``)."""
         assert self._journal is not None, "accept_dict_put needs the journal"
         with self._accept_lock:
             seq = self._journal.append("dict_put", [dict_id, rows, now])
-            return self._dict_put(dict_id, rows, now, seq)
+            self._dict_put(dict_id, rows, now, seq)
 
-    def _dict_put(self, dict_id: str, rows: list[list], now: float, journal_seq: int) -> Write[int]:
+    def _dict_put(self, dict_id: str, rows: list[list], now: float, journal_seq: int) -> None:
         # (stored unless the Dict was deleted after the put was accepted; consecutive
         # puts share their statements: `DictEntries.put_run`)
-        return self._merged("dict_put", self._dict_run, (dict_id, rows, now), journal_seq)
+        self._merged("dict_put", self._dict_run, (dict_id, rows, now), journal_seq)
 
     def accept_queue_put(
         self,
@@ -59,7 +59,7 @@ class JournaledEntries:
         now: float,
         expires_at: float,
         request_id: str,
-    ) -> Write[None]:
+    ) -> None:
         """Queue items put at ``now``, durable when it returns (journaled as
         `accept_dict_put` is), appended by the writer behind it unless the Queue is gone or
         the request id was used already (`QueueEntries.apply_put`)."""
@@ -67,9 +67,7 @@ class JournaledEntries:
         payload = [qid, partition, items, now, expires_at, request_id]
         with self._accept_lock:
             seq = self._journal.append("queue_put", payload)
-            return self._queue_put(
-                qid, partition, items, now, expires_at, request_id, journal_seq=seq
-            )
+            self._queue_put(qid, partition, items, now, expires_at, request_id, journal_seq=seq)
 
     def _queue_put(
         self,
@@ -81,22 +79,22 @@ class JournaledEntries:
         request_id: str,
         *,
         journal_seq: int,
-    ) -> Write[None]:
+    ) -> None:
         key = {"q": qid, "p": partition}
         args = ("put", key, items, now, expires_at, request_id)
-        return self._merged("queue_put", self._queue_run, args, journal_seq)
+        self._merged("queue_put", self._queue_run, args, journal_seq)
 
-    def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> Write[None]:
+    def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> None:
         """A get that handed out the first ``n`` items of a partition, durable when it
         returns; the writer deletes them behind it (`QueueEntries.apply_take`)."""
         assert self._journal is not None, "accept_queue_take needs the journal"
         with self._accept_lock:
             seq = self._journal.append("queue_take", [qid, partition, n, request_id])
-            return self._queue_take(qid, partition, n, request_id, journal_seq=seq)
+            self._queue_take(qid, partition, n, request_id, journal_seq=seq)
 
     def _queue_take(
         self, qid: str, partition: str, n: int, request_id: str, *, journal_seq: int
-    ) -> Write[None]:
+    ) -> None:
         key = {"q": qid, "p": partition}
         args = ("take", key, n, request_id)
-        return self._merged("queue_take", self._queue_run, args, journal_seq)
+        self._merged("queue_take", self._queue_run, args, journal_seq)

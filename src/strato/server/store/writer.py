@@ -87,7 +87,9 @@ class Write(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
 class _Op:
     name: str
     run: Callable[[Connection], Any] | None  # None: a plain executemany of ``stmt``
-    future: Write
+    # its result once committed; None for a journaled write nobody waits for (a Dict put,
+    # a Queue put or take: durable already, the writer only stores it behind)
+    future: Write | None
     read: bool = False
     stmt: Any = None
     params: list[dict] | None = None
@@ -104,6 +106,11 @@ class _Op:
     # kind for the whole run instead of several per write
     merge: Callable[[Connection, list[Any]], list[Any]] | None = None
     args: Any = None
+    seq: int = 0  # its place in the queue (set when queued)
+
+    def resolve(self, result: Any) -> None:
+        if self.future is not None:
+            self.future.set_result(result)
 
 
 def _transient(e: BaseException) -> bool:
@@ -159,15 +166,24 @@ class _Writer:
     # ------------------------------------------------------------------ callers' side
 
     def submit(self, op: _Op) -> Write:
+        """Queue a write someone may wait for; returns its future."""
+        assert op.future is not None
+        self.enqueue(op)
+        return op.future
+
+    def enqueue(self, op: _Op) -> None:
+        """Queue a write (one without a future: nobody learns its result, a failure is
+        still logged and kept for the next ``flush``)."""
         with self._lock:
             if self.closed:
                 raise StoreClosed(f"the store is closed: {op.name} was not queued")
             self.queued += 1
-            op.future.seq = self.queued
+            op.seq = self.queued
+            if op.future is not None:
+                op.future.seq = op.seq
             self._q.put(op)
         if not op.linger:
             self._wake.set()
-        return op.future
 
     def wait_done(self, seq: int, timeout: float | None = None) -> None:
         if self.done >= seq:
@@ -229,7 +245,7 @@ class _Writer:
                     t0 = time.perf_counter()
                     self._read(op)
                     self._timed("read", t0)
-                    self._processed(op.future.seq)
+                    self._processed(op.seq)
                     continue
                 batch = [op]
                 stop = False
@@ -250,7 +266,7 @@ class _Writer:
                 t0 = time.perf_counter()
                 self._commit(batch)
                 self._timed("write_batch", t0)
-                self._processed(batch[-1].future.seq)
+                self._processed(batch[-1].seq)
                 if stop:
                     break
         finally:
@@ -298,7 +314,7 @@ class _Writer:
             self._cond.notify_all()
 
     def _read(self, op: _Op) -> None:
-        assert op.run is not None and self.conn is not None
+        assert op.run is not None and op.future is not None and self.conn is not None
         try:
             result = op.run(self.conn)
         except BaseException as e:
@@ -364,7 +380,7 @@ class _Writer:
         else:
             self.batches += 1
             for op, r in zip(batch, results, strict=True):
-                op.future.set_result(r)
+                op.resolve(r)
         self._journal_done(batch)
 
     def _one(self, op: _Op) -> None:
@@ -384,7 +400,7 @@ class _Writer:
                     except Exception as e2:
                         self._failed(op, e2)
                     else:
-                        op.future.set_result(result)
+                        op.resolve(result)
                     return
                 if _transient(e) and attempt < RETRIES:
                     time.sleep(delay)
@@ -394,12 +410,13 @@ class _Writer:
                 return
             else:
                 self.batches += 1
-                op.future.set_result(result)
+                op.resolve(result)
                 return
 
     def _failed(self, op: _Op, e: BaseException) -> None:
         log.error("store: %s failed and was not applied: %s", op.name, e)
         with self._cond:
-            self.failures.append((op.future.seq, op.name, e))
+            self.failures.append((op.seq, op.name, e))
             del self.failures[:-1000]
-        op.future.set_exception(e)
+        if op.future is not None:
+            op.future.set_exception(e)
