@@ -337,3 +337,35 @@ def test_records_copied_into_the_mapped_file_survive_a_sigkill(tmp_path):
         assert entries[-1][2][2] == [b"item-499"]
     finally:
         j.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB file system (tmpfs; the tests run as root)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_journal_that_cannot_grow_refuses_the_write_and_keeps_the_others(small_disk):
+    from strato.server.store.journal import JournalFull
+
+    path = small_disk / "j"
+    j = Journal(path, capacity=16 << 10)
+    appended = 0
+    with pytest.raises(JournalFull, match="cannot grow"):
+        for i in range(10_000):  # ~1 MB of records: past what the disk holds
+            j.append("add_inputs", ["fc-1", [{"idx": i, "args": b"z" * 100}], None, i])
+            appended += 1
+    assert 0 < appended < 10_000
+    assert j.seq == appended  # the refused record took no sequence number
+    j.close()
+    again = Journal(path)
+    try:
+        assert [seq for seq, _, _ in again.entries()] == list(range(1, appended + 1))
+    finally:
+        again.close()

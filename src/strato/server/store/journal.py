@@ -26,6 +26,7 @@ read.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -56,7 +57,11 @@ class Journal:
         self._ends: deque[tuple[int, int]] = deque()
         self._entries, end = self._read()
         self._size = end  # where the next record goes
-        self._map = self._mapped(max(os.fstat(self._fd).st_size, end + _LEN.size, capacity))
+        held = max(os.fstat(self._fd).st_size, end + _LEN.size)
+        try:
+            self._map = self._mapped(max(held, capacity))
+        except JournalFull:  # a full disk: what the file holds (an append tries to grow it)
+            self._map = self._mapped(held)
         self._map[end : end + _LEN.size] = bytes(_LEN.size)  # (a record cut short ends here)
         self.seq = self._entries[-1][0] if self._entries else 0  # last sequence number
 
@@ -92,10 +97,7 @@ class Journal:
     def _mapped(self, size: int) -> mmap.mmap:
         """The file, grown to ``size`` bytes when smaller, mapped whole."""
         if os.fstat(self._fd).st_size < size:
-            try:
-                os.posix_fallocate(self._fd, 0, size)  # (the disk space, now: not on a write)
-            except OSError as e:
-                raise JournalFull(f"the store's journal {self.path} cannot grow: {e}") from e
+            _allocate(self._fd, size, self.path)
         return mmap.mmap(self._fd, size)
 
     def append(self, kind: str, payload: Any) -> int:
@@ -165,7 +167,7 @@ class Journal:
         try:
             if os.write(fd, tail + bytes(_LEN.size)) != len(tail) + _LEN.size:
                 raise OSError(f"the store's journal {tmp} is full")
-            os.posix_fallocate(fd, 0, max(len(self._map), len(tail) + _LEN.size))
+            _allocate(fd, max(len(self._map), len(tail) + _LEN.size), tmp)
             os.replace(tmp, self.path)
         except OSError:
             os.close(fd)
@@ -190,3 +192,19 @@ class Journal:
                 self._map.close()
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _allocate(fd: int, size: int, path: Path) -> None:
+    """Grow the file to ``size`` bytes with its disk space taken now: a store into a
+    mapped page the disk has no room for would kill the process (SIGBUS), a failed
+    allocation here only refuses the write. Where the file system cannot allocate ahead,
+    the file only grows."""
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)
+    except OSError as e:
+        raise JournalFull(f"the store's journal {path} cannot grow: {e}") from e
