@@ -25,6 +25,7 @@ IN_CONTAINER = "/run/strato"  # inside isolating runtimes: /run is the container
 STRATO_SRC = IN_CONTAINER + "/src"  # strato's own package, bound read-only
 MOUNTS = IN_CONTAINER + "/mounts"  # the app's shipped code, one dir per root
 IMAGE_PYTHONPATH = "/root"  # where add_local_python_source puts modules (as Modal)
+
 FUNCTION_ARGS = ["-m", "strato.container"]
 SANDBOX_ARGS = ["-S", "-m", "strato.container.sandbox_entry"]  # a sandbox's agent only
 NATIVE_AGENT = IN_CONTAINER + "/container/sandbox-agent"  # the native sandbox agent
@@ -32,6 +33,12 @@ ENTRY_ARGS = (FUNCTION_ARGS, SANDBOX_ARGS)  # the interpreter's arguments of a c
 
 _STRATO_PACKAGE = Path(strato.__file__).resolve().parent
 _MSGSPEC_DIR = os.path.dirname(os.path.dirname(msgspec.__file__))  # (a sandbox agent's path)
+
+
+def isolated_path() -> str:
+    """``PATH`` in an image-less isolated container (a minimal root: the host's ``/usr``
+    and the interpreter's folders): the interpreter's folder, then the default one."""
+    return os.pathsep.join([os.path.dirname(sys.executable), DEFAULT_PATH])
 
 
 def image_cache(home: Path) -> Path:
@@ -111,10 +118,10 @@ def prepare_launch(
         env["PYTHONPATH"] = os.pathsep.join([STRATO_SRC, image.strato_deps, IMAGE_PYTHONPATH])
         python = image.python
         workdir = image.workdir or "/root"
-    elif isolated and spec.sandbox is not None:  # a sandbox's minimal root has the host's
-        # /usr and the interpreter's folders, not the worker's other PATH entries (each an
-        # exec of a bare name tries, a failed execve each: ~0.1 ms under gVisor)
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), DEFAULT_PATH])
+    elif isolated:  # the minimal root has the host's /usr and the interpreter's folders,
+        # not the worker's other PATH entries (each an exec of a bare name would try, a
+        # failed execve each: ~0.1 ms under gVisor; and they name the worker's folders)
+        env["PATH"] = isolated_path()
     env.update(spec.env)
     env.update(msg.secret_env)  # --- secrets: in this container's environment only
     argv = [python, *FUNCTION_ARGS]

@@ -22,7 +22,7 @@ from strato.protocol import zygote as zp
 from strato.runtime.base import Bind, ContainerLaunch, RunningContainer, Runtime
 from strato.runtime.forking import Forking
 
-from ..launch import ENTRY_ARGS, IN_CONTAINER, MOUNTS, STRATO_SRC
+from ..launch import ENTRY_ARGS, IN_CONTAINER, MOUNTS, STRATO_SRC, isolated_path
 from . import criu, templates
 from .channel import Channel, socketpair
 from .forked import ForkedContainer, fork
@@ -285,6 +285,7 @@ class ZygotePool:
             # strato's own package in place, as its containers have it (launch.py)
             binds.append(Bind(str(STRATO_PACKAGE), STRATO_SRC + "/strato", readonly=True))
             env["PYTHONPATH"] = STRATO_SRC
+            env["PATH"] = isolated_path()  # (as launch.py gives its containers)
         launch = ContainerLaunch(
             container_id=z.name,
             argv=[python, "-m", criu.ZYGOTE_MODULE],
