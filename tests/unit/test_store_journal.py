@@ -369,3 +369,34 @@ def test_a_journal_that_cannot_grow_refuses_the_write_and_keeps_the_others(small
         assert [seq for seq, _, _ in again.entries()] == list(range(1, appended + 1))
     finally:
         again.close()
+
+
+def test_journaled_call_writes_linger_and_the_others_do_not(tmp_path, monkeypatch):
+    """A call, inputs and outputs accepted through the journal are durable already and
+    nobody waits for their commit: they are queued as lingering writes, so that a client's
+    sequential calls share the writer's commits. Without a journal the caller waits for
+    the commit, so the write is not held back."""
+    queued = []
+    for journal in (tmp_path / "j", None):
+        store = Store(f"sqlite:///{tmp_path}/{'a' if journal else 'b'}.db", journal=journal)
+        real = store._writer.enqueue
+
+        def enqueue(op, real=real) -> None:
+            queued.append(op)
+            real(op)
+
+        monkeypatch.setattr(store._writer, "enqueue", enqueue)
+        try:
+            store.accept_call(_call("fc-1", 1), [InputRow(1, "fc-1", 0, b"a", None)])
+            store.accept_inputs("fc-1", [InputRow(2, "fc-1", 1, b"b", None)], True, 2)
+            store.accept_outputs([FinalRow(1, "success", b"o", None, None, None, 3, 2.0)], [])
+            store.flush()
+            assert len(store.pending_inputs()) == 1  # all three applied
+        finally:
+            store.close()
+        assert [(op.name, op.linger) for op in queued] == [
+            ("create_call", journal is not None),
+            ("add_inputs", journal is not None),
+            ("outputs", journal is not None),
+        ]
+        queued.clear()

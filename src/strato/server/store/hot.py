@@ -90,3 +90,14 @@ def insert_rows(c: Connection, table: Table, rows: list[dict], suffix: str = "")
 def _insert_sql(table: str, cols: tuple[str, ...], rows: int, suffix: str) -> str:
     one = "(" + ", ".join("?" * len(cols)) + ")"
     return f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * rows)} {suffix}"
+
+
+def with_defaults(table: Table) -> dict[str, Any]:
+    """The scalar Python-side defaults of ``table``'s columns (a `Hot` insert applies
+    none): a row is ``{**with_defaults(table), **row}``."""
+    out: dict[str, Any] = {}
+    for col in table.c:
+        d = col.default
+        if d is not None and d.is_scalar:  # type: ignore[attr-defined]
+            out[col.name] = d.arg  # type: ignore[attr-defined]
+    return out

@@ -158,9 +158,11 @@ class _Statements:
     def __init__(self) -> None:
         i, c, g, lg = t.inputs.c, t.calls.c, t.gen_items.c, t.logs.c
         self.call = select(t.calls).where(c.call_id == bindparam("call_id"))
-        self.insert_call = t.calls.insert()
-        self.insert_inputs = t.inputs.insert()
-        self.finish = (
+        # (Hot: compiled once, run on the driver's cursor on SQLite; the rows carry every
+        # column with a Python-side default, see `with_defaults`)
+        self.insert_call = Hot(t.calls.insert())
+        self.insert_inputs = Hot(t.inputs.insert())
+        self.finish = Hot(
             update(t.inputs)
             .where(and_(i.input_id == bindparam("b_id"), i.status == "pending"))
             .values(
@@ -216,7 +218,7 @@ class _Statements:
             .order_by(lg.seq)
             .limit(bindparam("limit"))
         )
-        self.insert_gens = t.gen_items.insert()
+        self.insert_gens = Hot(t.gen_items.insert())
 
 
 class Checkpointer:
@@ -376,11 +378,11 @@ class Store(StoreApps, StoreCalls, JournaledEntries):
 
         def run(c: Connection) -> None:
             if items:
-                c.execute(q.insert_gens, items)
+                q.insert_gens(c, items)
             if rows:
-                c.execute(q.finish, rows)
+                q.finish(c, rows)
 
-        return self._write("outputs", run, None, journal_seq)
+        return self._write("outputs", run, None, journal_seq, linger=journal_seq > 0)
 
     def close(self, timeout: float | None = None) -> None:
         """Commit every queued write, stop the writer, close the connections."""
@@ -408,7 +410,9 @@ class Store(StoreApps, StoreCalls, JournaledEntries):
         journal_seq: int = 0,
         linger: bool = False,
     ) -> Write[T]:
-        """``linger``: a journaled write nobody waits for (see `_Op.linger`)."""
+        """``linger``: a journaled write nobody waits for (see `_Op.linger`): a call,
+        inputs or outputs accepted through the journal (their callers learn the result
+        through a callback, if at all)."""
         op = _Op(
             name,
             run,

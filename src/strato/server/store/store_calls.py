@@ -6,6 +6,7 @@ items, cancellation, the call graph, recovery and expiry, with the typed forms o
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -13,6 +14,7 @@ from sqlalchemy import Connection, and_, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import schema as t
+from .hot import with_defaults
 from .rows import (
     CallGraphRows,
     CallRow,
@@ -106,6 +108,12 @@ def _chunks(items: Sequence[T], size: int = 500) -> Iterable[Sequence[T]]:
         yield items[at : at + size]
 
 
+# (a Hot statement on SQLite raises the driver's own error)
+INTEGRITY = (IntegrityError, sqlite3.IntegrityError)
+CALL_DEFAULTS = with_defaults(t.calls)
+INPUT_DEFAULTS = with_defaults(t.inputs)
+
+
 class StoreCalls(StoreTables):
     """The call tables' methods (a base of ``Store``)."""
 
@@ -131,18 +139,21 @@ class StoreCalls(StoreTables):
     def _create_call(self, row: dict, input_rows: list[dict], journal_seq: int) -> Write[bool]:
         q = self.q
 
+        call = {**CALL_DEFAULTS, **row}
+        inputs = [{**INPUT_DEFAULTS, **r} for r in input_rows]
+
         def run(c: Connection) -> bool:
-            c.execute(q.insert_call, row)
-            if input_rows:
-                c.execute(q.insert_inputs, input_rows)
+            q.insert_call(c, call)
+            if inputs:
+                q.insert_inputs(c, inputs)
             return True
 
         def recover(c: Connection, e: BaseException) -> bool:
-            if isinstance(e, IntegrityError) and c.execute(q.call, row).first() is not None:
+            if isinstance(e, INTEGRITY) and c.execute(q.call, row).first() is not None:
                 return False
             raise e
 
-        return self._write("create_call", run, recover, journal_seq)
+        return self._write("create_call", run, recover, journal_seq, linger=journal_seq > 0)
 
     # typed forms: callers that use them never name a column or a bind parameter
 
@@ -203,14 +214,15 @@ class StoreCalls(StoreTables):
         if closed is not None:
             values["closed"] = closed
         q = self.q
+        inputs = [{**INPUT_DEFAULTS, **r} for r in rows]
 
         def run(c: Connection) -> None:
-            if rows:
-                c.execute(q.insert_inputs, rows)
+            if inputs:
+                q.insert_inputs(c, inputs)
             if values:
                 c.execute(update(t.calls).where(t.calls.c.call_id == call_id).values(**values))
 
-        return self._write("add_inputs", run, None, journal_seq)
+        return self._write("add_inputs", run, None, journal_seq, linger=journal_seq > 0)
 
     def finish_inputs(self, rows: list[dict]) -> Write[None]:
         """Record final outputs: rows of b_id (the input_id), b_status, b_output, b_blob,

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -22,6 +23,8 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+
+from .hot import Hot
 
 log = logging.getLogger("strato.store")
 
@@ -114,8 +117,9 @@ class _Op:
 
 
 def _transient(e: BaseException) -> bool:
-    """A lost connection or a busy database: worth another try."""
-    return isinstance(e, OperationalError) or (
+    """A lost connection or a busy database: worth another try (a `Hot` statement on
+    SQLite raises the driver's own error)."""
+    return isinstance(e, (OperationalError, sqlite3.OperationalError)) or (
         isinstance(e, DBAPIError) and bool(e.connection_invalidated)
     )
 
@@ -345,7 +349,9 @@ class _Writer:
             while j < len(batch) and batch[j].run is None and batch[j].stmt is op.stmt:
                 params += batch[j].params or ()
                 j += 1
-            if params:
+            if params and isinstance(op.stmt, Hot):
+                op.stmt(conn, params)
+            elif params:
                 conn.execute(op.stmt, params)
             results += [None] * (j - i)
             i = j
