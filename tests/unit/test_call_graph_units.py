@@ -135,7 +135,7 @@ def test_the_journal_carries_the_parent_across_a_crash(db, tmp_path):
         timeout=120,
     )
     assert out.stdout.strip() == "accepted", out.stderr
-    (entry,) = Journal(journal).entries()  # the journal's record names the parent
+    (entry,) = Journal.read(journal)  # the journal's record names the parent
     assert entry[2][0]["parent_input_id"] == 41 and entry[2][0]["caller_app_id"] == "ap-1"
     s = _open(url, journal)
     try:

@@ -262,7 +262,7 @@ def test_an_acknowledged_call_is_in_the_journal_before_the_database(env, tmp_pat
         store._write("hold", lambda _c: release.wait(30))  # the database gets nothing
         try:
             await asyncio.wait_for(_call(mgr, "fc-1", [1]), 10)
-            entries = Journal(tmp_path / "state.db.intake").entries()
+            entries = Journal.read(tmp_path / "state.db.intake")
             assert [(kind, payload[0]["call_id"]) for _, kind, payload in entries] == [
                 ("create_call", "fc-1")
             ]
@@ -299,7 +299,7 @@ def test_outputs_are_journaled_then_served_from_memory(env, tmp_path):
             assert [pickle.loads(o.data) for o in out.outputs] == [10]
             journaled = [
                 row["b_seq"]
-                for _, kind, payload in Journal(tmp_path / "state.db.intake").entries()
+                for _, kind, payload in Journal.read(tmp_path / "state.db.intake")
                 if kind == "outputs"
                 for row in payload[0]
             ]

@@ -23,14 +23,6 @@ def db(db_url, tmp_path):
     return db_url, tmp_path / ("state.db.intake" if sqlite else "pg.intake")
 
 
-def _journal_entries(path: Path) -> list:
-    j = Journal(path)
-    try:
-        return j.entries()
-    finally:
-        j.close()
-
-
 def _open(url: str, journal: Path) -> Store:
     return Store(url) if url.startswith("sqlite") else Store(url, journal=journal)
 
@@ -78,7 +70,7 @@ def test_accepted_writes_survive_a_crash_before_the_database_has_them(db):
         assert store.max_ids()[0] == 3
     finally:
         store.close()
-    assert _journal_entries(journal) == []  # all in the database: emptied
+    assert Journal.read(journal) == []  # all in the database: emptied
     again = _open(url, journal)  # nothing left to write again
     try:
         assert len(again.pending_inputs()) == 3
@@ -96,7 +88,8 @@ def test_journal_entries_the_database_has_are_not_written_twice(db, caplog):
     store.flush()
     # a crash now: the journal still holds all three, the database has them
     store._writer.close(30)
-    assert [e[1] for e in _journal_entries(journal)] == ["create_call", "create_call", "add_inputs"]
+    store._journal.close()  # (as a crash would: the lock goes with the process)
+    assert [e[1] for e in Journal.read(journal)] == ["create_call", "create_call", "add_inputs"]
     again = _open(url, journal)
     try:
         assert [p.input_id for p in again.pending_inputs()] == [1, 2]
@@ -113,8 +106,11 @@ def test_a_record_cut_short_by_a_crash_is_ignored(db):
     store = _open(url, journal)
     store._write("hold", lambda _c: __import__("threading").Event().wait(0.5))
     store.accept_call(_call("fc-1", 1), [InputRow(1, "fc-1", 0, b"a", None)])
-    with open(journal, "ab") as f:
-        f.write(b"\x40\x00\x00\x00partial")  # a length of 64, and 7 bytes of it
+    end = store._journal.written
+    store._journal.close()  # a crash (the lock goes with the process) in an append:
+    with open(journal, "r+b") as f:  # a length of 64, and 7 bytes of the body
+        f.seek(end)
+        f.write(b"\x40\x00\x00\x00partial")
     again = _open(url, journal)
     try:
         assert [p.input_id for p in again.pending_inputs()] == [1]
@@ -141,8 +137,10 @@ def test_records_written_after_a_cut_short_one_are_read_back(tmp_path):
     path = tmp_path / "j.intake"
     j = Journal(path)
     j.append("create_call", [{"call_id": "fc-1"}, []])
+    end = j.written
     j.close()
-    with open(path, "ab") as f:
+    with open(path, "r+b") as f:  # an append cut short: a length of 64, 7 bytes of body
+        f.seek(end)
         f.write(b"\x40\x00\x00\x00partial")
     j = Journal(path)
     assert [e[0] for e in j.entries()] == [1]
@@ -252,13 +250,9 @@ def test_once_all_is_applied_the_journal_starts_over_and_never_reads_older_recor
     assert j.written == 0
     j.append("add_inputs", ["fc-2", [], True, 0])
     j.append("add_inputs", ["fc-3", [], True, 0])
-    # a crash now: the process ends without closing anything
-    again = Journal(path)
-    try:
-        assert [(seq, p[0]) for seq, _, p in again.entries()] == [(11, "fc-2"), (12, "fc-3")]
-    finally:
-        again.close()
-        j.close()
+    # a crash now (nothing written out first; the lock goes with the process)
+    assert [(seq, p[0]) for seq, _, p in Journal.read(path)] == [(11, "fc-2"), (12, "fc-3")]
+    j.close()
 
 
 def test_a_record_whose_length_was_not_stored_yet_is_not_read(tmp_path):
@@ -293,11 +287,7 @@ def test_the_journal_grows_past_its_capacity_and_shrinks_back_once_applied(tmp_p
     for i in range(200):  # ~20 KB of records
         j.append("add_inputs", ["fc-1", [{"idx": i, "args": b"y" * 64}], None, i])
     assert path.stat().st_size >= j.written > 4 * 4096
-    again = Journal(path)
-    try:
-        assert [seq for seq, _, _ in again.entries()] == list(range(1, 201))
-    finally:
-        again.close()
+    assert [seq for seq, _, _ in Journal.read(path)] == list(range(1, 201))
     j.applied(200)
     assert path.stat().st_size == 4096  # (grown over 4x its capacity: shrunk back)
     j.append("add_inputs", ["fc-2", [], True, 0])
@@ -400,3 +390,28 @@ def test_journaled_call_writes_linger_and_the_others_do_not(tmp_path, monkeypatc
             ("outputs", journal is not None),
         ]
         queued.clear()
+
+
+def test_a_journal_in_use_is_refused_with_a_clear_error(tmp_path):
+    """Two writers would copy records over each other's: a second control plane on the
+    same store is refused at start, and takes the journal once the first lets it go."""
+    from strato.server.store.journal import JournalInUse
+
+    path = tmp_path / "j"
+    first = Journal(path)
+    first.append("add_inputs", ["fc-1", [], True, 0])
+    with pytest.raises(JournalInUse, match="another control plane"):
+        Journal(path)
+    code = "import sys; from pathlib import Path; from strato.server.store.journal import "
+    code += "Journal; Journal(Path(sys.argv[1]))"
+    out = subprocess.run(  # (a process of its own, as a second server is)
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0 and "JournalInUse" in out.stderr, out.stderr[-2000:]
+    assert Journal.read(path)[0][1] == "add_inputs"  # reading needs no lock
+    first.close()
+    second = Journal(path)
+    try:
+        assert [seq for seq, _, _ in second.entries()] == [1]
+    finally:
+        second.close()

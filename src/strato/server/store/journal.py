@@ -27,6 +27,7 @@ read.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -47,23 +48,42 @@ class JournalFull(OSError):
     acknowledged."""
 
 
+class JournalInUse(RuntimeError):
+    """Another process holds the journal: two control planes on one store."""
+
+
 class Journal:
+    """The journal of one process: opening it takes an exclusive lock on the file (two
+    writers would copy records over each other's), held until `close` or the process's
+    end; `Journal.read` reads a file without it."""
+
     def __init__(self, path: Path, capacity: int = CAPACITY) -> None:
         self.path = path
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        # (seq, end offset) of each record in the file, oldest first
-        self._ends: deque[tuple[int, int]] = deque()
-        self._entries, end = self._read()
-        self._size = end  # where the next record goes
-        held = max(os.fstat(self._fd).st_size, end + _LEN.size)
+        self._fd = _locked(path, os.O_RDWR | os.O_CREAT)
         try:
-            self._map = self._mapped(max(held, capacity))
-        except JournalFull:  # a full disk: what the file holds (an append tries to grow it)
-            self._map = self._mapped(held)
+            self._entries, ends = _parse(path.read_bytes())
+            # (seq, end offset) of each record in the file, oldest first
+            self._ends: deque[tuple[int, int]] = deque(ends)
+            end = ends[-1][1] if ends else 0
+            self._size = end  # where the next record goes
+            held = max(os.fstat(self._fd).st_size, end + _LEN.size)
+            try:
+                self._map = self._mapped(max(held, capacity))
+            except JournalFull:  # a full disk: what the file holds (an append grows it)
+                self._map = self._mapped(held)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._map[end : end + _LEN.size] = bytes(_LEN.size)  # (a record cut short ends here)
         self.seq = self._entries[-1][0] if self._entries else 0  # last sequence number
+
+    @staticmethod
+    def read(path: Path) -> list[tuple[int, str, Any]]:
+        """The whole records of a journal's file, in order, without opening it for
+        writing (it may be in use)."""
+        return _parse(path.read_bytes())[0]
 
     @property
     def written(self) -> int:
@@ -73,26 +93,6 @@ class Journal:
     def entries(self) -> list[tuple[int, str, Any]]:
         """The whole records the file held when opened, in order."""
         return self._entries
-
-    def _read(self) -> tuple[list[tuple[int, str, Any]], int]:
-        data = self.path.read_bytes()
-        out: list[tuple[int, str, Any]] = []
-        at = 0
-        while at + _LEN.size <= len(data):
-            (n,) = _LEN.unpack_from(data, at)
-            end = at + _LEN.size + n
-            if n == 0 or end > len(data):
-                break  # the end, or cut short by a crash
-            try:
-                seq, kind, payload = msgspec.msgpack.decode(data[at + _LEN.size : end])
-            except (msgspec.DecodeError, ValueError, TypeError):
-                break
-            if out and seq != out[-1][0] + 1:
-                break  # (left behind by an earlier use of the file)
-            out.append((seq, kind, payload))
-            self._ends.append((seq, end))
-            at = end
-        return out, at
 
     def _mapped(self, size: int) -> mmap.mmap:
         """The file, grown to ``size`` bytes when smaller, mapped whole."""
@@ -163,7 +163,10 @@ class Journal:
         replaces the old one at once (a crash leaves one or the other, whole)."""
         tail = bytes(self._map[cut : self._size])
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = _locked(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        except (OSError, JournalInUse):
+            return  # keep the old file
         try:
             if os.write(fd, tail + bytes(_LEN.size)) != len(tail) + _LEN.size:
                 raise OSError(f"the store's journal {tmp} is full")
@@ -208,3 +211,43 @@ def _allocate(fd: int, size: int, path: Path) -> None:
             os.ftruncate(fd, size)
     except OSError as e:
         raise JournalFull(f"the store's journal {path} cannot grow: {e}") from e
+
+
+def _parse(data: bytes) -> tuple[list[tuple[int, str, Any]], list[tuple[int, int]]]:
+    """The whole records in ``data`` and the (seq, end offset) of each."""
+    out: list[tuple[int, str, Any]] = []
+    ends: list[tuple[int, int]] = []
+    at = 0
+    while at + _LEN.size <= len(data):
+        (n,) = _LEN.unpack_from(data, at)
+        end = at + _LEN.size + n
+        if n == 0 or end > len(data):
+            break  # the end, or cut short by a crash
+        try:
+            seq, kind, payload = msgspec.msgpack.decode(data[at + _LEN.size : end])
+        except (msgspec.DecodeError, ValueError, TypeError):
+            break
+        if out and seq != out[-1][0] + 1:
+            break  # (left behind by an earlier use of the file)
+        out.append((seq, kind, payload))
+        ends.append((seq, end))
+        at = end
+    return out, ends
+
+
+def _locked(path: Path, flags: int) -> int:
+    """``path`` opened with ``flags``, under an exclusive lock (``flock``: released when
+    the process ends, however it ends)."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalInUse(
+            f"the store's journal {path} is in use by another process: another control "
+            "plane runs on this STRATO_HOME (or this database); stop it first"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
