@@ -39,11 +39,26 @@ SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns' alias for the host (its loopback refu
 CONTAINER_ADDRESS = "10.0.2.100"
 
 
+def _below_ephemeral_server() -> socket.socket:
+    """A loopback server on a port below the ephemeral range. Every control plane and
+    agent of the test session listens on an ephemeral port; a process an earlier test left
+    reconnecting to one (a worker agent whose control plane is gone) would otherwise
+    reach this listener if it got that port, and count as a container getting through."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for port in random.sample(range(10_000, low), 200):
+        try:
+            return socket.create_server(("127.0.0.1", port))
+        except OSError:
+            continue
+    raise AssertionError(f"no free port from 10000 to {low}")
+
+
 class Listener:
     """A TCP server on the host's loopback that answers 'hello' and counts connections."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock = _below_ephemeral_server()
         self.port = self.sock.getsockname()[1]
         self.served = 0
         self.stop = threading.Event()
