@@ -338,9 +338,9 @@ class Store(StoreApps, StoreCalls, JournaledEntries):
             w = self._create_call(row, rows, 0)
             w.wait()
             return w
-        with self._accept_lock:
-            seq = self._journal.append("create_call", [row, rows])
-            return self._create_call(row, rows, seq)
+        return self._journaled(
+            "create_call", [row, rows], lambda seq: self._create_call(row, rows, seq)
+        )
 
     def accept_inputs(
         self, call_id: str, inputs: list[InputRow], closed: bool | None, n_inputs: int | None
@@ -351,9 +351,11 @@ class Store(StoreApps, StoreCalls, JournaledEntries):
             w = self._add_inputs(call_id, rows, closed, n_inputs, 0)
             w.wait()
             return w
-        with self._accept_lock:
-            seq = self._journal.append("add_inputs", [call_id, rows, closed, n_inputs])
-            return self._add_inputs(call_id, rows, closed, n_inputs, seq)
+        return self._journaled(
+            "add_inputs",
+            [call_id, rows, closed, n_inputs],
+            lambda seq: self._add_inputs(call_id, rows, closed, n_inputs, seq),
+        )
 
     @property
     def journaled(self) -> bool:
@@ -369,9 +371,9 @@ class Store(StoreApps, StoreCalls, JournaledEntries):
         items = [_gen_params(g) for g in gens]
         if self._journal is None:
             return self._outputs(rows, items, 0)
-        with self._accept_lock:
-            seq = self._journal.append("outputs", [rows, items])
-            return self._outputs(rows, items, seq)
+        return self._journaled(
+            "outputs", [rows, items], lambda seq: self._outputs(rows, items, seq)
+        )
 
     def _outputs(self, rows: list[dict], items: list[dict], journal_seq: int) -> Write[None]:
         q = self.q

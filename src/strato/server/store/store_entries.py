@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection
 
 from .journal import Journal
 
+W = TypeVar("W")
+
 
 class JournaledEntries:
-    """The Dict and Queue writes durable through the journal (a base of ``Store``)."""
+    """The Dict and Queue writes durable through the journal, and `_journaled`, the
+    append-then-queue every ``accept_*`` of ``Store`` goes through (a base of ``Store``)."""
 
     # set up by Store.__init__
     _journal: Journal | None
@@ -35,16 +38,23 @@ class JournaledEntries:
             seq: int,
         ) -> None: ...
 
+    def _journaled(self, kind: str, payload: Any, queue: Callable[[int], W]) -> W:
+        """Append ``payload`` to the intake journal as a ``kind`` entry and queue its write
+        (``queue(the entry's seq)``) under one lock, so that journal order is queue order;
+        returns what ``queue`` returns."""
+        assert self._journal is not None, f"a journaled {kind} needs the journal"
+        with self._accept_lock:
+            return queue(self._journal.append(kind, payload))
+
     def accept_dict_put(self, dict_id: str, rows: list[list], now: float) -> None:
         """Dict entries (``[key_hash, key, value, blob]`` each; a later one of a key wins)
         durable when it returns: journaled as `accept_call` is (only when `journaled`),
         then stored by the writer behind it, in queue order, unless the Dict is gone by
         then (nobody waits for that: a failure is logged and raised by the next
         ``flush``)."""
-        assert self._journal is not None, "accept_dict_put needs the journal"
-        with self._accept_lock:
-            seq = self._journal.append("dict_put", [dict_id, rows, now])
-            self._dict_put(dict_id, rows, now, seq)
+        self._journaled(
+            "dict_put", [dict_id, rows, now], lambda seq: self._dict_put(dict_id, rows, now, seq)
+        )
 
     def _dict_put(self, dict_id: str, rows: list[list], now: float, journal_seq: int) -> None:
         # (stored unless the Dict was deleted after the put was accepted; consecutive
@@ -63,11 +73,13 @@ class JournaledEntries:
         """Queue items put at ``now``, durable when it returns (journaled as
         `accept_dict_put` is), appended by the writer behind it unless the Queue is gone or
         the request id was used already (`QueueEntries.apply_put`)."""
-        assert self._journal is not None, "accept_queue_put needs the journal"
-        payload = [qid, partition, items, now, expires_at, request_id]
-        with self._accept_lock:
-            seq = self._journal.append("queue_put", payload)
-            self._queue_put(qid, partition, items, now, expires_at, request_id, journal_seq=seq)
+        self._journaled(
+            "queue_put",
+            [qid, partition, items, now, expires_at, request_id],
+            lambda seq: self._queue_put(
+                qid, partition, items, now, expires_at, request_id, journal_seq=seq
+            ),
+        )
 
     def _queue_put(
         self,
@@ -87,10 +99,11 @@ class JournaledEntries:
     def accept_queue_take(self, qid: str, partition: str, n: int, request_id: str) -> None:
         """A get that handed out the first ``n`` items of a partition, durable when it
         returns; the writer deletes them behind it (`QueueEntries.apply_take`)."""
-        assert self._journal is not None, "accept_queue_take needs the journal"
-        with self._accept_lock:
-            seq = self._journal.append("queue_take", [qid, partition, n, request_id])
-            self._queue_take(qid, partition, n, request_id, journal_seq=seq)
+        self._journaled(
+            "queue_take",
+            [qid, partition, n, request_id],
+            lambda seq: self._queue_take(qid, partition, n, request_id, journal_seq=seq),
+        )
 
     def _queue_take(
         self, qid: str, partition: str, n: int, request_id: str, *, journal_seq: int
