@@ -39,41 +39,113 @@ SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns' alias for the host (its loopback refu
 CONTAINER_ADDRESS = "10.0.2.100"
 
 
+# Ray's worker processes listen on 10002-19999 (its min/max_worker_port defaults), and Ray
+# processes a Ray test left behind may still dial a port one of them had
+LISTENER_PORTS_FROM = 20_000
+
+
 def _below_ephemeral_server() -> socket.socket:
-    """A loopback server on a port below the ephemeral range. Every control plane and
-    agent of the test session listens on an ephemeral port; a process an earlier test left
-    reconnecting to one (a worker agent whose control plane is gone) would otherwise
-    reach this listener if it got that port, and count as a container getting through."""
+    """A loopback server on a port below the ephemeral range and above Ray's worker ports.
+    Every control plane and agent of the test session listens on an ephemeral port; a
+    process an earlier test left reconnecting to one (a worker agent whose control plane is
+    gone) would otherwise reach this listener if it got that port."""
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         low = int(f.read().split()[0])
-    for port in random.sample(range(10_000, low), 200):
+    for port in random.sample(range(LISTENER_PORTS_FROM, low), 200):
         try:
             return socket.create_server(("127.0.0.1", port))
         except OSError:
             continue
-    raise AssertionError(f"no free port from 10000 to {low}")
+    raise AssertionError(f"no free port from {LISTENER_PORTS_FROM} to {low}")
+
+
+def _socket_inode(local: tuple[str, int]) -> int | None:
+    """The inode of the IPv4 TCP socket bound at ``local`` (a connection's client end)."""
+    want = f"{socket.inet_aton(local[0])[::-1].hex().upper()}:{local[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1] == want and int(fields[9]):
+                return int(fields[9])
+    return None
+
+
+def _owner(local: tuple[str, int]) -> int | None:
+    """The process holding the socket bound at ``local``, if it is still open."""
+    inode = _socket_inode(local)
+    if inode is None:
+        return None
+    link = f"socket:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
 
 
 class Listener:
-    """A TCP server on the host's loopback that answers 'hello' and counts connections."""
+    """A TCP server on the host's loopback that answers 'hello' and counts the connections
+    that may come from a container: all but those whose client end a process outside the
+    control plane's tree holds (a stray client of some earlier test, Ray's say); one whose
+    holder cannot be told (it closed first) counts. Strangers are kept for the record."""
 
     def __init__(self) -> None:
         self.sock = _below_ephemeral_server()
         self.port = self.sock.getsockname()[1]
         self.served = 0
+        self.strangers: list[tuple[int, str]] = []
+        self.tree_root: int | None = None  # the control plane's pid, once known
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
+
+    def _stranger(self, peer: tuple[str, int]) -> int | None:
+        pid = _owner(peer)
+        if pid is None or self.tree_root is None or self.tree_root in _ancestors(pid):
+            return None
+        return pid
 
     def _serve(self) -> None:
         self.sock.settimeout(0.2)
         while not self.stop.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except OSError:
                 continue
-            self.served += 1
             with conn:
+                stranger = self._stranger(peer)
+                if stranger is None:
+                    self.served += 1
+                else:
+                    self.strangers.append((stranger, _cmdline(stranger)))
                 conn.sendall(b"hello")
 
     def close(self) -> None:
@@ -89,8 +161,9 @@ def server(strato_server):
 
 
 @pytest.fixture(scope="module")
-def listener():
+def listener(server):
     srv = Listener()
+    srv.tree_root = server.pid
     yield srv
     srv.close()
 
@@ -166,6 +239,8 @@ def test_host_loopback_is_out_of_reach(server, listener, runtime):
         results = {k: v["result"] for k, v in seen.items()}
         assert all(r.startswith("refused") for r in results.values()), (fn, results)
     assert listener.served == served, "a container reached the host's loopback listener"
+    if listener.strangers:  # not the containers: processes outside the control plane's tree
+        print(f"connections from outside the control plane's tree: {listener.strangers}")
     # the host side answers on each of these ports: only the container cannot get there
     for port in (listener.port, *ports.values()):
         socket.create_connection(("127.0.0.1", port), timeout=3).close()

@@ -276,6 +276,9 @@ class WorkerAgent:
         if not isinstance(welcome, m.WorkerWelcome):
             writer.close()
             raise frames.FrameError("the control plane refused this worker (bad token?)")
+        if self._stop.is_set():  # told to stop while registering: never stay registered
+            writer.close()
+            return
         self._writer = writer
         if self._http is not None:
             self._http.close()  # (the earlier session's)

@@ -63,6 +63,10 @@ log = logging.getLogger("strato.broker")
 WAIT_REPORT_EVERY_S = 30.0
 MAX_FAILOVERS_PER_TICK = 16
 DRAIN_GRACE_S = 300.0  # a drained node's containers: time to finish their running inputs
+# an ended instance's node name is watched this long for an agent that registers late (one
+# that was still starting when its instance ended): a node of that name is dropped from the
+# fleet whenever it has no agent; one with an agent is watched until it has none
+ENDED_NODE_WATCH_S = 300.0
 
 
 @dataclass
@@ -114,7 +118,8 @@ class Broker:
             "hosts": HostsProvider(self._joined, self._drain, self._on_fixed_change)
         }
         self.history: collections.deque[Held] = collections.deque(maxlen=200)
-        self._ended_nodes: set[str] = set()  # nodes of ended instances, until their agent is gone
+        # node names of ended instances -> until when to watch for them (monotonic)
+        self._ended_nodes: dict[str, float] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -209,7 +214,7 @@ class Broker:
     def tick(self, now: float) -> None:
         self._reload_safely()
         self._events(now)
-        self._drop_ended_nodes()
+        self._drop_ended_nodes(now)
         if not self.providers:
             return
         self.blocked = {k: u for k, u in self.blocked.items() if u > now}
@@ -248,7 +253,7 @@ class Broker:
             elif ev.state in (InstanceState.PREEMPTED, InstanceState.TERMINATED):
                 if ev.state == InstanceState.PREEMPTED:
                     self.preemptions += 1
-                self._forget_node(h)
+                self._forget_node(h, now)
                 self.history.append(self.held.pop(ev.instance.instance_id))
 
     def _on_change(self, ev: StateChange) -> None:
@@ -259,22 +264,30 @@ class Broker:
         if h is not None and ev.state == InstanceState.PREEMPTED:
             self._tell_preempted(h)
 
-    def _forget_node(self, h: Held) -> None:
+    def _forget_node(self, h: Held, now: float) -> None:
         """A node that will not come back: dropped from the fleet once its agent is gone
-        (its agent may still be closing its channel: then at a later tick)."""
-        node_id = self.node_of(h)
-        if node_id is not None:
-            self._ended_nodes.add(node_id)
-        self._drop_ended_nodes()
+        (its agent may still be closing its channel, or, ended while it started, not have
+        registered yet: then at a later tick)."""
+        self._ended_nodes[h.instance.node_name] = now + ENDED_NODE_WATCH_S
+        self._drop_ended_nodes(now)
 
-    def _drop_ended_nodes(self) -> None:
-        for node_id in list(self._ended_nodes):
-            node = self.fleet.nodes.get(node_id)
-            if node is None or node.peer is None:
-                self.fleet.nodes.pop(node_id, None)
-                self.fleet.preempted.discard(node_id)
-                self.fleet.cordoned.discard(node_id)
-                self._ended_nodes.discard(node_id)
+    def _drop_ended_nodes(self, now: float) -> None:
+        if not self._ended_nodes:
+            return
+        named: dict[str, list[str]] = {}
+        for node_id, node in self.fleet.nodes.items():
+            if node.info.name in self._ended_nodes:
+                named.setdefault(node.info.name, []).append(node_id)
+        for name, until in list(self._ended_nodes.items()):
+            ids = named.get(name, [])
+            live = [i for i in ids if self.fleet.nodes[i].peer is not None]
+            for node_id in ids:
+                if self.fleet.nodes[node_id].peer is None:
+                    self.fleet.nodes.pop(node_id, None)
+                    self.fleet.preempted.discard(node_id)
+                    self.fleet.cordoned.discard(node_id)
+            if not live and now >= until:
+                del self._ended_nodes[name]
 
     def node_of(self, h: Held) -> str | None:
         for node_id, node in self.fleet.nodes.items():
