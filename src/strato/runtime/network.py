@@ -7,7 +7,9 @@ namespace by :func:`attach_egress`: a ``tap0`` interface inside (``10.0.2.100/24
 sockets of its own on the host. So the container can open connections out, but
 
 - not to the host's loopback: ``--disable-host-loopback`` refuses ``10.0.2.2`` (which would
-  otherwise be the host's ``127.0.0.1``), and ``127.0.0.1`` inside is the container's own;
+  otherwise be the host's ``127.0.0.1``), the fence (below) rejects slirp4netns' network
+  but the DNS forwarder's port 53 before a packet reaches it (:data:`SLIRP_NETWORK`), and
+  ``127.0.0.1`` inside is the container's own;
 - not to other containers: each has its own namespace and nothing is forwarded into one
   (no port is published), so a listener in a container is reachable from that container
   only;
@@ -64,6 +66,15 @@ TAP = "tap0"
 CONTAINER_ADDRESS = "10.0.2.100"
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
+SLIRP_NETWORK = "10.0.2.0/24"
+"""slirp4netns answers every address of its network itself: the gateway and any other as
+the host (refused by ``--disable-host-loopback``), the DNS forwarder as the host's resolver
+on any port. The refusal is not reliable: libslirp 4.7 sometimes completes the container's
+handshake for such a connection without connecting anything on the host (a stale
+``errno`` read as "connect in progress"), so a container saw "connected" where nothing
+was. The fence rejects the whole network in the namespace instead, but the container's
+own address and port 53 of the DNS forwarder: a refusal every time, and no port of the
+host's resolver but DNS's."""
 ATTACH_TIMEOUT_S = 10.0
 _PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 _ENV = {"PATH": os.defpath}  # none of the worker's environment (tokens, paths)
@@ -235,13 +246,18 @@ def host_addresses() -> tuple[list[str], list[str]]:
 
 def fence_ruleset(v4: list[str], v6: list[str]) -> str:
     """nftables rules for a container's namespace: reject what it sends to ``v4``/``v6``
-    (the host's addresses) and to link-local ranges."""
+    (the host's addresses), to link-local ranges, and to slirp4netns' own addresses but
+    its DNS forwarder's port 53 (see :data:`SLIRP_NETWORK`)."""
     lines = [
         "table inet strato_fence {",
         "  chain out {",
         "    type filter hook output priority 0; policy accept;",
         f"    ip daddr {{ {', '.join([*ALWAYS_FENCED, *v4])} }} reject with icmpx admin-prohibited",
         f"    ip6 daddr {{ {', '.join(['fe80::/10', *v6])} }} reject with icmpx admin-prohibited",
+        f"    ip daddr {DNS} udp dport 53 accept",
+        f"    ip daddr {DNS} tcp dport 53 accept",
+        f"    ip daddr {SLIRP_NETWORK} ip daddr != {CONTAINER_ADDRESS} reject with icmpx "
+        "admin-prohibited",
         "  }",
         "}",
     ]
