@@ -1,5 +1,6 @@
 """What the call manager's unit tests share: a container whose channel records what it
-is sent, in a real container registry, and a manager over a real SQLite store."""
+is sent, in a real container registry, a manager over a real SQLite store, and a fleet
+over both."""
 
 from __future__ import annotations
 
@@ -11,9 +12,41 @@ import msgspec
 from strato.protocol import messages as m
 from strato.server.calls.manager import CallManager
 from strato.server.containers import Container, ContainerRegistry, ContainerState
+from strato.server.fleet import Fleet
 from strato.server.scheduler import ContainerRequest, Placement
 from strato.server.store import Store
 from strato.server.store.blobs import BlobStore
+
+
+class RecordingPeer:
+    """A channel connection (a worker agent's or a container's) that records what it is
+    sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.closed = False
+
+    def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_fleet(store: Store, calls: CallManager, registry: ContainerRegistry) -> Fleet:
+    """A fleet over ``store`` and ``calls`` with no runtime: nodes register through
+    ``worker_hello`` with a :class:`RecordingPeer`."""
+    return Fleet(
+        store,
+        calls,
+        registry,
+        token="t",
+        epoch="e",
+        http_url="http://127.0.0.1:1",
+        channel_address=lambda node_id: "unix:/nonexistent",
+        runtime=None,
+        on_change=lambda: None,
+    )
 
 
 class RecordingContainer(Container):

@@ -14,7 +14,7 @@ import time
 from typing import cast
 
 import pytest
-from manager_helpers import make_manager
+from manager_helpers import RecordingPeer, make_fleet, make_manager
 
 from strato.protocol import frames
 from strato.protocol import messages as m
@@ -29,17 +29,6 @@ from strato.server.store import Store
 from strato.worker.agent import WorkerAgent
 
 
-class RecordingPeer:
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-
-    def send(self, msg: object) -> None:
-        self.sent.append(msg)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def world(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
@@ -50,17 +39,7 @@ def world(tmp_path):
         m.FunctionSpec(name="f", module="mod", qualname="f"),
         containers=registry,
     )
-    fleet = Fleet(
-        store,
-        calls,
-        registry,
-        token="t",
-        epoch="e",
-        http_url="http://127.0.0.1:1",
-        channel_address=lambda node_id: "unix:/nonexistent",
-        runtime=None,
-        on_change=lambda: None,
-    )
+    fleet = make_fleet(store, calls, registry)
     broker = Broker(
         ConfigWatch(tmp_path / "providers.toml"),  # absent: no providers to buy from
         fleet,

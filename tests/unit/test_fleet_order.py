@@ -9,29 +9,14 @@ import pickle
 from typing import Any, cast
 
 import pytest
-from manager_helpers import make_manager
+from manager_helpers import RecordingPeer, make_fleet, make_manager
 
 from strato.protocol import messages as m
 from strato.server import fleet as fleet_module
 from strato.server.calls.manager import CallManager
 from strato.server.containers import Container, ContainerRegistry, ContainerState
-from strato.server.fleet import Fleet
 from strato.server.fleet_nodes import Peer
 from strato.server.store import Store
-
-
-class RecordingPeer:
-    """A channel connection that records what it is sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-        self.closed = False
-
-    def send(self, msg: object) -> None:
-        self.sent.append(msg)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class World:
@@ -42,17 +27,7 @@ class World:
         self.calls: CallManager = make_manager(
             self.store, tmp_path / "blobs", spec, containers=registry
         )
-        self.fleet = Fleet(
-            self.store,
-            self.calls,
-            registry,
-            token="t",
-            epoch="e",
-            http_url="http://127.0.0.1:1",
-            channel_address=lambda node_id: "unix:/nonexistent",
-            runtime=None,
-            on_change=lambda: None,
-        )
+        self.fleet = make_fleet(self.store, self.calls, registry)
         hello = m.WorkerHello(
             token="t",
             node=m.NodeInfo(name="n1", provider="local", cpu=2.0, memory_mb=4096),
