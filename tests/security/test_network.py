@@ -121,18 +121,18 @@ class Listener:
         self.sock = _below_ephemeral_server()
         self.port = self.sock.getsockname()[1]
         self.served = 0
-        self.strangers: list[tuple[int, str]] = []
+        self.strangers: list[tuple[int | None, str]] = []  # (pid, cmdline)
         self.counted: list[tuple[object, int | None, str]] = []  # (peer, its pid, cmdline)
         self.tree_root: int | None = None  # the control plane's pid, once known
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def _stranger(self, peer: tuple[str, int]) -> int | None:
-        pid = _owner(peer)
-        if pid is None or self.tree_root is None or self.tree_root in _ancestors(pid):
-            return None
-        return pid
+    def _outside(self, pid: int | None) -> bool:
+        """True when ``pid`` is known and not in the control plane's tree."""
+        return (
+            pid is not None and self.tree_root is not None and self.tree_root not in _ancestors(pid)
+        )
 
     def _serve(self) -> None:
         self.sock.settimeout(0.2)
@@ -142,13 +142,13 @@ class Listener:
             except OSError:
                 continue
             with conn:
-                stranger = self._stranger(peer)
-                if stranger is None:
-                    self.served += 1
-                    pid = _owner(peer)
-                    self.counted.append((peer, pid, _cmdline(pid) if pid else "?"))
+                pid = _owner(peer)  # (one scan of /proc per connection)
+                holder = (pid, _cmdline(pid) if pid else "?")
+                if self._outside(pid):
+                    self.strangers.append(holder)
                 else:
-                    self.strangers.append((stranger, _cmdline(stranger)))
+                    self.served += 1
+                    self.counted.append((peer, *holder))
                 conn.sendall(b"hello")
 
     def close(self) -> None:

@@ -279,13 +279,14 @@ class Broker:
             if node.info.name in self._ended_nodes:
                 named.setdefault(node.info.name, []).append(node_id)
         for name, until in list(self._ended_nodes.items()):
-            ids = named.get(name, [])
-            live = [i for i in ids if self.fleet.nodes[i].peer is not None]
-            for node_id in ids:
-                if self.fleet.nodes[node_id].peer is None:
-                    self.fleet.nodes.pop(node_id, None)
-                    self.fleet.preempted.discard(node_id)
-                    self.fleet.cordoned.discard(node_id)
+            live = False
+            for node_id in named.get(name, []):
+                if self.fleet.nodes[node_id].peer is not None:
+                    live = True
+                    continue
+                self.fleet.nodes.pop(node_id)
+                self.fleet.preempted.discard(node_id)
+                self.fleet.cordoned.discard(node_id)
             if not live and now >= until:
                 del self._ended_nodes[name]
 
